@@ -1,0 +1,973 @@
+"""Plumbing shared by the model files: no model mathematics lives here.
+
+Sections, in order: user errors and the command line; device and seeds; torch.distributed;
+datasets (shipped, synthetic 2D, downloaded); batching; EMA; checkpoints and RNG state;
+the training loop's helpers (stop signal, non-finite check, metrics logger); pictures.
+
+A model file needs this file alone (plus `data/` for the shipped `digits`), so the pair can
+be copied into another project. Every random number the project draws comes from torch, so
+the torch generator states are all a checkpoint needs to resume bit-exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gzip
+import hashlib
+import http.client
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+import signal
+import struct
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import typing
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------------------
+# User errors and the command line
+# ----------------------------------------------------------------------------------------
+
+class UserError(Exception):
+    """A mistake of the user's: the message is one line saying what was wrong and what is accepted."""
+
+
+@contextmanager
+def user_errors():
+    """Turn a UserError into `error: <message>` on stderr and exit status 2, without a traceback."""
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def flag(default, help, choices=None):
+    """A configuration field that is also a command-line flag with a help string."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple for a sequence default")
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The flags every model file shares. A model's Config subclasses it, redeclaring a field
+    (with `flag`) where its default differs."""
+    dataset: str = flag("digits", "dataset name (see README) or a path to a .txt file")
+    steps: int = flag(2000, "training steps (optimiser updates)")
+    batch_size: int = flag(128, "global batch size, split across processes under torchrun")
+    lr: float = flag(1e-3, "learning rate")
+    seed: int = flag(0, "random seed")
+    device: str = flag("auto", "device: auto picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
+    out: typing.Optional[str] = flag(None, "run folder (default runs/<model>-<dataset>)")
+    resume: typing.Optional[str] = flag(None, "resume training from CKPT (bare --resume: <run folder>/ckpt.pt)")
+    sample: typing.Optional[str] = flag(None, "load CKPT, write samples and exit")
+    n_samples: int = flag(64, "number of samples to draw")
+    eval: typing.Optional[str] = flag(None, "load CKPT, report the test-set likelihood and exit")
+    compile: bool = flag(False, "torch.compile the network")
+    amp: bool = flag(False, "bfloat16 autocast for the network")
+    data_dir: typing.Optional[str] = flag(None, "dataset cache (default $GENMODELS_DATA or ~/.cache/genmodels)")
+    log_every: int = flag(50, "steps between lines of metrics.jsonl")
+    save_every: int = flag(500, "steps between checkpoints and sample grids")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, no usage block: the user reads what was wrong and where to look.
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _converter(tp):
+    """A function from the command-line string to the field's type (int, float, str, tuples, Optional)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        return _converter(next(a for a in args if a is not type(None)))
+    if origin is tuple:
+        item = args[0]
+
+        def parse_tuple(s):
+            return tuple(item(v) for v in s.split(",") if v.strip())
+        parse_tuple.__name__ = f"comma-separated {item.__name__}"
+        return parse_tuple
+    return tp
+
+
+def _field_default(f):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _show(v):
+    return ",".join(map(str, v)) if isinstance(v, tuple) else v
+
+
+def parse_config(cls, presets, argv=None, doc=None, kinds=("image", "points", "text")):
+    """Build the configuration: dataclass defaults, then the preset of the chosen dataset
+    (`presets[dataset]`, else `presets[kind]`), then the flags typed on the command line."""
+    epilog = "presets (applied by --dataset before the flags you type):\n" + "\n".join(
+        f"  {name}: " + " ".join(f"{k}={_show(v)}" for k, v in p.items()) for name, p in presets.items())
+    parser = _Parser(description=(doc or "").strip().split("\n\n")[0], epilog=epilog,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name, default = "--" + f.name.replace("_", "-"), _field_default(f)
+        help_text = f"{f.metadata.get('help', '')} (default: {_show(default)})"
+        if hints[f.name] is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        elif f.name == "resume":
+            parser.add_argument(name, nargs="?", const="auto", default=argparse.SUPPRESS, metavar="CKPT",
+                                help=help_text)
+        else:
+            parser.add_argument(name, type=_converter(hints[f.name]), default=argparse.SUPPRESS,
+                                choices=f.metadata.get("choices"), metavar=f.name.upper(), help=help_text)
+    typed = vars(parser.parse_args(argv))
+    dataset = typed.get("dataset", _field_default(next(f for f in dataclasses.fields(cls) if f.name == "dataset")))
+    try:
+        kind = dataset_kind(dataset)
+    except UserError as e:
+        parser.error(str(e))
+    if kind not in kinds:
+        parser.error(f"--dataset {dataset} is {kind} data; this model accepts {', '.join(kinds)} data")
+    values = dict(presets.get(dataset, presets.get(kind, {})))
+    values.update(typed)
+    cfg = cls(**values)
+    for name in ("steps", "batch_size", "n_samples", "log_every", "save_every"):
+        if getattr(cfg, name) < (0 if name == "steps" else 1):
+            parser.error(f"--{name.replace('_', '-')} {getattr(cfg, name)} is out of range; "
+                         f"it takes a whole number >= {0 if name == 'steps' else 1}")
+    if not cfg.lr > 0:
+        parser.error(f"--lr {cfg.lr} is out of range; it takes a positive number")
+    return cfg
+
+
+def run_dir(cfg, model_name):
+    """The run folder: `--out`, or runs/<model>-<dataset> (a .txt dataset contributes its stem)."""
+    path = Path(cfg.out) if cfg.out else Path("runs") / f"{model_name}-{Path(cfg.dataset).stem}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resume_path(cfg, model_name):
+    """The checkpoint `--resume` names (bare `--resume` means <run folder>/ckpt.pt), or None."""
+    if not cfg.resume:
+        return None
+    return run_dir(cfg, model_name) / "ckpt.pt" if cfg.resume == "auto" else Path(cfg.resume)
+
+
+# ----------------------------------------------------------------------------------------
+# Device and seeds
+# ----------------------------------------------------------------------------------------
+
+def get_device(name="auto"):
+    """cuda, then mps, then cpu for "auto"; a named device that is absent is a UserError."""
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = mps is not None and mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    kind = name.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device '{name}'; accepted: auto, cpu, cuda, cuda:N, mps")
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not has_mps):
+        raise UserError(f"device '{name}' is not available on this machine; accepted here: auto, cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed):
+    """Seed Python, numpy and torch (every device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------
+# torch.distributed: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; without them, one process
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Dist:
+    """Where this process stands: rank among world_size processes, and its device."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def mean(self, x):
+        """The average of a scalar over all processes, as a Python float."""
+        t = x.detach().float().reshape(()) if torch.is_tensor(x) else torch.tensor(float(x))
+        if self.world_size > 1:
+            t = t.to(self.device)
+            torch.distributed.all_reduce(t)
+            t = t / self.world_size
+        return t.item()
+
+    def any(self, flag):
+        """True on every process when `flag` is true on any of them (e.g. a stop request)."""
+        if self.world_size == 1:
+            return bool(flag)
+        t = torch.tensor(float(flag), device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return t.item() > 0
+
+    def barrier(self):
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def close(self):
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def init_distributed(device="auto"):
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA), or run alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = get_device(device)
+    if world_size == 1:
+        return Dist(device=dev)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, rank=rank, world_size=world_size)
+    return Dist(rank, world_size, local_rank, dev)
+
+
+def wrap_ddp(model, dist):
+    """DistributedDataParallel over the processes, or the model itself when there is one process."""
+    if dist.world_size == 1:
+        return model
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+# ----------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Dataset:
+    """One split of a dataset, whatever its kind.
+
+    image:  data uint8 (N, C, H, W) of integer levels 0..levels-1, labels int64 (N,).
+    points: data float32 (N, 2), a fixed seeded set; `sample(n, generator)` draws fresh points;
+            `log_prob(x)` is the exact log-density where it has a closed form; the data lies in
+            [-lim, lim]^2.
+    text:   data int64 (num_chars,), the token ids of the split; vocab the characters.
+    """
+    name: str
+    split: str
+    kind: str
+    data: torch.Tensor
+    shape: tuple
+    levels: typing.Optional[int] = None
+    labels: typing.Optional[torch.Tensor] = None
+    vocab: typing.Optional[list] = None
+    log_prob: typing.Optional[typing.Callable] = None
+    num_classes: typing.Optional[int] = None
+    sample: typing.Optional[typing.Callable] = None
+    lim: typing.Optional[float] = None
+
+
+# --- synthetic 2D sets: each a sampler drawing from a torch generator, some with an exact density
+
+def _normal(n, g, *shape):
+    return torch.randn(n, *shape, generator=g)
+
+
+def _uniform(n, g, *shape):
+    return torch.rand(n, *shape, generator=g)
+
+
+_8G_RADIUS, _8G_STD = 2.5, 0.3
+_8G_CENTRES = _8G_RADIUS * torch.stack([torch.cos(torch.arange(8) * math.pi / 4),
+                                         torch.sin(torch.arange(8) * math.pi / 4)], 1)
+
+
+def _sample_8gaussians(n, g):
+    k = torch.randint(8, (n,), generator=g)
+    return _8G_CENTRES[k] + _8G_STD * _normal(n, g, 2)
+
+
+def _log_prob_8gaussians(x):
+    """An equal mixture of 8 isotropic Gaussians (std 0.3) centred on a circle of radius 2.5."""
+    d2 = ((x[:, None, :] - _8G_CENTRES.to(x)) ** 2).sum(-1)  # (N, 8)
+    log_comp = -d2 / (2 * _8G_STD**2) - math.log(2 * math.pi * _8G_STD**2)
+    return torch.logsumexp(log_comp, 1) - math.log(8)
+
+
+def _sample_checkerboard(n, g):
+    # A 4x4 board of 2x2 cells over [-4, 4]^2; the 8 cells with (column + row) even are filled.
+    x = 8 * _uniform(n, g) - 4
+    col = torch.floor((x + 4) / 2)
+    row = 2 * torch.randint(2, (n,), generator=g) + (col % 2)
+    y = -4 + 2 * row + 2 * _uniform(n, g)
+    return torch.stack([x, y], 1)
+
+
+def _log_prob_checkerboard(x):
+    """Uniform on 8 cells of area 4: log(1/32) inside them, -inf outside."""
+    col, row = torch.floor((x[:, 0] + 4) / 2), torch.floor((x[:, 1] + 4) / 2)
+    inside = (x.abs() < 4).all(1) & ((col + row) % 2 == 0)
+    return torch.where(inside, torch.full_like(col, -math.log(32)), torch.full_like(col, -math.inf))
+
+
+_RING_RADII, _RING_STD = torch.tensor([1.0, 2.0, 3.0]), 0.1
+_RING_WEIGHTS = _RING_RADII / _RING_RADII.sum()  # as many points per unit length on every ring
+
+
+def _sample_rings(n, g):
+    k = torch.multinomial(_RING_WEIGHTS, n, replacement=True, generator=g)
+    r = _RING_RADII[k] + _RING_STD * _normal(n, g)
+    theta = 2 * math.pi * _uniform(n, g)
+    return torch.stack([r * torch.cos(theta), r * torch.sin(theta)], 1)
+
+
+def _log_prob_rings(x):
+    """Radius r ~ sum_k w_k N(r_k, 0.1^2), angle uniform. A point at distance rho comes from
+    r = rho or r = -rho (the opposite angle), so p(x) = [p_r(rho) + p_r(-rho)] / (2 pi rho)."""
+    rho = x.norm(dim=1).clamp_min(1e-30)[:, None]
+    radii, w = _RING_RADII.to(x), _RING_WEIGHTS.to(x)
+    log_n = lambda r: -((r - radii) ** 2) / (2 * _RING_STD**2) - 0.5 * math.log(2 * math.pi * _RING_STD**2)
+    log_pr = torch.logsumexp(torch.cat([log_n(rho), log_n(-rho)], 1) + w.log().repeat(2), 1)
+    return log_pr - torch.log(2 * math.pi * rho[:, 0])
+
+
+def _sample_moons(n, g):
+    upper = torch.rand(n, generator=g) < 0.5
+    t = math.pi * _uniform(n, g)
+    x = torch.where(upper, torch.cos(t), 1 - torch.cos(t))
+    y = torch.where(upper, torch.sin(t), 0.5 - torch.sin(t))
+    return 2 * (torch.stack([x, y], 1) - torch.tensor([0.5, 0.25])) + 0.1 * _normal(n, g, 2)
+
+
+def _sample_2spirals(n, g):
+    theta = 3 * math.pi * torch.sqrt(_uniform(n, g))  # sqrt: uniform density along the arm
+    r = theta / (3 * math.pi) * 3.2
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)[:, None]
+    return sign * torch.stack([r * torch.cos(theta), r * torch.sin(theta)], 1) + 0.1 * _normal(n, g, 2)
+
+
+def _sample_pinwheel(n, g):
+    arm = torch.randint(5, (n,), generator=g)
+    radial, tangential = 1.6 + 0.45 * _normal(n, g), 0.1 * _normal(n, g)
+    angle = 2 * math.pi * arm / 5 + 0.25 * radial**2  # the twist grows with the radius
+    c, s = torch.cos(angle), torch.sin(angle)
+    return torch.stack([c * radial - s * tangential, s * radial + c * tangential], 1)
+
+
+def _sample_swissroll(n, g):
+    t = 1.5 * math.pi * (1 + 2 * _uniform(n, g))
+    return torch.stack([t * torch.cos(t), t * torch.sin(t)], 1) * (3.5 / (4.5 * math.pi)) + 0.1 * _normal(n, g, 2)
+
+
+_POINT_SETS = {  # name: (sampler, exact log-density or None)
+    "8gaussians": (_sample_8gaussians, _log_prob_8gaussians),
+    "checkerboard": (_sample_checkerboard, _log_prob_checkerboard),
+    "rings": (_sample_rings, _log_prob_rings),
+    "moons": (_sample_moons, None),
+    "2spirals": (_sample_2spirals, None),
+    "pinwheel": (_sample_pinwheel, None),
+    "swissroll": (_sample_swissroll, None),
+}
+POINT_SETS = tuple(_POINT_SETS)
+POINTS_LIM = 4.0
+_POINTS_N, _POINTS_SEED = 10_000, {"train": 1, "test": 2}
+
+
+def entropy_estimate(name, n=100_000, seed=0):
+    """The true entropy H = -E[log p(x)] of a 2D set in nats, by Monte Carlo over n fresh points:
+    returns (estimate, standard error). A model's test NLL can only approach it from above."""
+    sampler, log_prob = _POINT_SETS[name]
+    if log_prob is None:
+        raise UserError(f"{name} has no closed-form density; sets with one: "
+                        + ", ".join(k for k, v in _POINT_SETS.items() if v[1] is not None))
+    lp = log_prob(sampler(n, torch.Generator().manual_seed(seed)).double())
+    return -lp.mean().item(), lp.std().item() / math.sqrt(n)
+
+
+# --- downloaded sets: official sources, pinned md5 checksums (the ones the publishers list)
+
+_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+SOURCES = {
+    "mnist": {
+        "urls": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
+        "files": dict(zip(_MNIST_FILES, ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+                                         "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"))),
+    },
+    "fashion-mnist": {
+        "urls": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+        "files": dict(zip(_MNIST_FILES, ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                                         "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"))),
+    },
+    "cifar10": {
+        "urls": ["https://www.cs.toronto.edu/~kriz/"],
+        "files": {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"},
+    },
+    "shakespeare": {
+        "urls": ["https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"],
+        "files": {"input.txt": "6fb458f1232090904fb40fe944165e91"},
+    },
+}
+IMAGE_SETS = ("digits", "digits-binary", "mnist", "fashion-mnist", "cifar10")
+SPLITS = ("train", "test")
+
+
+def dataset_kind(name):
+    """'image', 'points' or 'text' for a dataset name, without loading anything."""
+    if name in IMAGE_SETS:
+        return "image"
+    if name in _POINT_SETS:
+        return "points"
+    if name == "shakespeare" or name.endswith(".txt"):
+        return "text"
+    raise UserError(f"unknown dataset '{name}'; accepted: {', '.join(IMAGE_SETS + POINT_SETS)}, "
+                    "shakespeare, or a path to a .txt file")
+
+
+def data_root(root=None):
+    """The download cache: `root`, else $GENMODELS_DATA, else <user cache>/genmodels."""
+    if root:
+        return Path(root)
+    if os.environ.get("GENMODELS_DATA"):
+        return Path(os.environ["GENMODELS_DATA"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "genmodels"
+
+
+def _download(name, filename, folder):
+    """Fetch one file of `name` into `folder` unless it is already there, verifying its md5.
+
+    The bytes go to a temporary file that is renamed into place only once complete and
+    verified, so an interrupted or corrupt transfer never leaves a file later taken as good.
+    A file already at its final name is trusted: only this function or the user's hand put it there.
+    """
+    dest = folder / filename
+    if dest.exists():
+        return dest
+    folder.mkdir(parents=True, exist_ok=True)
+    md5, failures = SOURCES[name]["files"][filename], []
+    for base in SOURCES[name]["urls"]:
+        url = base + filename
+        fd, tmp = tempfile.mkstemp(prefix=filename + ".", suffix=".part", dir=folder)
+        try:
+            digest, size = hashlib.md5(), 0
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
+                expected = response.headers.get("Content-Length")
+                print(f"downloading {url}", file=sys.stderr)
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            if expected is not None and size != int(expected):
+                failures.append(f"{url}: transfer cut short ({size} of {expected} bytes)")
+            elif digest.hexdigest() != md5:
+                failures.append(f"{url}: md5 {digest.hexdigest()} != expected {md5}, file deleted")
+            else:
+                os.replace(tmp, dest)
+                return dest
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            failures.append(f"{url}: {getattr(e, 'reason', None) or e}")
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    raise UserError(f"could not download {name} ({'; '.join(failures)}); "
+                    f"without network, fetch {SOURCES[name]['urls'][0]}{filename} by hand and put it at {dest}")
+
+
+def _safe_extract(archive, folder):
+    """Extract a tarball into `folder`, refusing any member that would land outside it
+    (absolute paths, `..`, links, devices). Extraction happens in a temporary folder that is
+    renamed into place, so a half-extracted archive is never taken for a complete one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    root = folder.resolve()
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=folder))
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            for m in members:
+                target = (root / m.name).resolve()
+                if not (m.isfile() or m.isdir()) or not target.is_relative_to(root) or target == root:
+                    raise UserError(f"refusing to extract {archive.name}: member '{m.name}' would land outside "
+                                    f"{folder} or is not a plain file; delete the archive and download it again")
+            tar.extractall(tmp, members=members, filter="data")
+        for top in tmp.iterdir():
+            dest = folder / top.name
+            if not dest.exists():
+                os.replace(top, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_idx(path):
+    """An IDX file (LeCun's MNIST format, gzipped): magic 0x00000803 images / 0x00000801 labels,
+    big-endian int32 sizes, then unsigned bytes."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != 0x08:
+        raise UserError(f"{path} is not an IDX file of unsigned bytes; delete it and download it again")
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != math.prod(dims):
+        raise UserError(f"{path} holds {data.size} bytes for shape {dims}; delete it and download it again")
+    return torch.from_numpy(data.reshape(dims).copy())
+
+
+def _load_mnist_like(name, split, root):
+    folder = data_root(root) / name
+    prefix = "train" if split == "train" else "t10k"
+    images = _read_idx(_download(name, f"{prefix}-images-idx3-ubyte.gz", folder))
+    labels = _read_idx(_download(name, f"{prefix}-labels-idx1-ubyte.gz", folder))
+    return images[:, None], labels.long()
+
+
+def _load_cifar10(split, root):
+    folder = data_root(root) / "cifar10"
+    batches = folder / "cifar-10-batches-py"
+    if not batches.is_dir():
+        _safe_extract(_download("cifar10", "cifar-10-python.tar.gz", folder), folder)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    images, labels = [], []
+    for n in names:
+        with open(batches / n, "rb") as f:
+            d = pickle.load(f, encoding="bytes")  # the official format; the archive's md5 was verified
+        images.append(torch.from_numpy(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)))
+        labels.append(torch.tensor(d[b"labels"], dtype=torch.long))
+    return torch.cat(images), torch.cat(labels)
+
+
+def _load_digits(split):
+    path = HERE / "data" / "digits.npz"
+    if not path.exists():
+        raise UserError(f"{path} is missing: copy the data/ folder next to common.py")
+    with np.load(path) as f:
+        images, labels, test = f["images"], f["labels"], f["test_index"]
+    is_test = np.zeros(len(images), dtype=bool)
+    is_test[test] = True
+    keep = is_test if split == "test" else ~is_test
+    return torch.from_numpy(images[keep][:, None].copy()), torch.from_numpy(labels[keep].astype(np.int64))
+
+
+def _load_text(name, split, root):
+    if name == "shakespeare":
+        path = _download("shakespeare", "input.txt", data_root(root) / "shakespeare")
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"text file {name} not found; give the path of an existing UTF-8 .txt file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; accepted: a UTF-8 .txt file") from None
+    if len(text) < 100:
+        raise UserError(f"{path} holds {len(text)} characters; a text dataset needs at least 100")
+    vocab = sorted(set(text))  # both splits share the vocabulary of the whole file
+    index = {c: i for i, c in enumerate(vocab)}
+    ids = torch.tensor([index[c] for c in text], dtype=torch.long)
+    cut = int(0.9 * len(ids))  # fixed split: the first 90% trains, the last 10% tests
+    return ids[:cut] if split == "train" else ids[cut:], vocab
+
+
+def load_dataset(name, split="train", root=None):
+    """Load one split ("train" or "test") of a dataset (see `Dataset` for what each kind holds)."""
+    kind = dataset_kind(name)
+    if split not in SPLITS:
+        raise UserError(f"unknown split '{split}'; accepted: {', '.join(SPLITS)}")
+    if kind == "points":
+        sampler, log_prob = _POINT_SETS[name]
+        data = sampler(_POINTS_N, torch.Generator().manual_seed(_POINTS_SEED[split]))
+        return Dataset(name, split, kind, data, (2,), log_prob=log_prob, sample=sampler, lim=POINTS_LIM)
+    if kind == "text":
+        ids, vocab = _load_text(name, split, root)
+        return Dataset(name, split, kind, ids, (), vocab=vocab)
+    if name in ("digits", "digits-binary"):
+        images, labels = _load_digits(split)
+        levels = 17
+        if name == "digits-binary":
+            images, levels = (images >= 8).to(torch.uint8), 2
+    elif name == "cifar10":
+        (images, labels), levels = _load_cifar10(split, root), 256
+    else:
+        (images, labels), levels = _load_mnist_like(name, split, root), 256
+    return Dataset(name, split, kind, images, tuple(images.shape[1:]), levels=levels, labels=labels, num_classes=10)
+
+
+# ----------------------------------------------------------------------------------------
+# Batching: the data lives on the device; batches are random indices (no DataLoader)
+# ----------------------------------------------------------------------------------------
+
+class Batches:
+    """An endless stream of training batches on `dist.device`.
+
+    `batch_size` is the global batch: every process draws the same global batch from a
+    generator seeded alike and keeps its own slice, so N processes see together exactly what
+    one process would. Returns (x, y): images uint8 (b, C, H, W) and labels (b,); fresh 2D
+    points (b, 2) and None; text windows int64 (b, block_size + 1) and None.
+    """
+
+    def __init__(self, ds, batch_size, dist=None, seed=0, block_size=None):
+        self.dist = dist or Dist()
+        if batch_size % self.dist.world_size:
+            raise UserError(f"--batch-size {batch_size} does not split over {self.dist.world_size} processes; "
+                            f"use a multiple of {self.dist.world_size}")
+        if ds.kind == "text":
+            if block_size is None or len(ds.data) <= block_size + 1:
+                raise UserError(f"{ds.name} has {len(ds.data)} tokens in its {ds.split} split; "
+                                f"a context of {block_size} needs more")
+        self.ds, self.batch_size, self.block_size = ds, batch_size, block_size
+        self.generator = torch.Generator().manual_seed(seed)
+        device = self.dist.device
+        self.data = ds.data.to(device) if ds.kind != "points" else None
+        self.labels = ds.labels.to(device) if ds.labels is not None else None
+        self.part = slice(self.dist.rank * batch_size // self.dist.world_size,
+                          (self.dist.rank + 1) * batch_size // self.dist.world_size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        device, g, n = self.dist.device, self.generator, self.batch_size
+        if self.ds.kind == "points":
+            return self.ds.sample(n, g)[self.part].to(device), None
+        if self.ds.kind == "text":
+            start = torch.randint(len(self.data) - self.block_size - 1, (n,), generator=g)[self.part]
+            offsets = torch.arange(self.block_size + 1)
+            return self.data[(start[:, None] + offsets).to(device)], None
+        i = torch.randint(len(self.data), (n,), generator=g)[self.part].to(device)
+        return self.data[i], (self.labels[i] if self.labels is not None else None)
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
+# ----------------------------------------------------------------------------------------
+# Exponential moving average of the weights
+# ----------------------------------------------------------------------------------------
+
+class EMA:
+    """theta_ema <- d * theta_ema + (1 - d) * theta after every step, for parameters and
+    floating-point buffers (others are copied). With warm-up, d = min(decay, (1 + n) / (10 + n))
+    after n updates, so early averages are not dominated by the random initialisation."""
+
+    def __init__(self, model, decay, warmup=True):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.warmup, self.num_updates = decay, warmup, 0
+
+    def current_decay(self):
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, model):
+        d = self.current_decay()
+        self.num_updates += 1
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.lerp_(b, 1 - d) if e.is_floating_point() else e.copy_(b)
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.num_updates = state["num_updates"]
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints and RNG state
+# ----------------------------------------------------------------------------------------
+
+def save_checkpoint(path, state):
+    """Write `state` so that `path` always holds a complete checkpoint: a temporary file in the
+    same folder, flushed and fsynced, then renamed over `path` (rename is atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint with weights_only=True; a missing or unreadable file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass a ckpt.pt written by a training run")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is truncated, corrupt "
+                        "or not a checkpoint of this project") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"{path} is not a checkpoint of this project (no model weights in it)")
+    return state
+
+
+def rng_state(dist):
+    """The torch generator states (CPU, and CUDA where used) of every process, gathered."""
+    local = {"cpu": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state(dist.device) if dist.device.type == "cuda" else None}
+    if dist.world_size == 1:
+        return [local]
+    states = [None] * dist.world_size
+    torch.distributed.all_gather_object(states, local)
+    return states
+
+
+def set_rng_state(states, dist):
+    """Restore this process's generators from `rng_state`'s list. With a different number of
+    processes than were saved, the seeded generators are kept (the run goes on, not bit-exactly)."""
+    if len(states) != dist.world_size:
+        if dist.is_main:
+            print(f"note: checkpoint saved by {len(states)} process(es), resuming with {dist.world_size}: "
+                  "random streams restart from the seed", file=sys.stderr)
+        return
+    torch.set_rng_state(states[dist.rank]["cpu"])
+    if states[dist.rank]["cuda"] is not None and dist.device.type == "cuda":
+        torch.cuda.set_rng_state(states[dist.rank]["cuda"], dist.device)
+
+
+# ----------------------------------------------------------------------------------------
+# Training loop helpers: stop on a signal, stop on a non-finite loss, log metrics
+# ----------------------------------------------------------------------------------------
+
+class StopSignal:
+    """Within `with StopSignal() as stop:`, SIGINT and SIGTERM set `stop.requested` instead of
+    killing the process, so the loop can save a checkpoint and exit cleanly. A second SIGINT
+    interrupts at once."""
+
+    def __enter__(self):
+        self.requested, self._previous = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+def check_finite(value, step):
+    """Stop training on a NaN or infinite loss, naming the step; nothing is saved after it."""
+    if not math.isfinite(value):
+        raise UserError(f"loss is {value} at step {step}; training stopped and the last checkpoint on disk "
+                        "is kept (try a lower --lr)")
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class Logger:
+    """Metrics to `metrics.jsonl` (one JSON object a line) and a progress line on the terminal.
+
+    `log(step, n, **metrics)` after every step, n the examples the step used: every `every`
+    steps a line with the mean of each metric over those steps and the examples per second;
+    a progress line (step/total, metrics, examples/s, ETA) at most every `print_every` seconds.
+    `event(name, **fields)` writes and prints one line at once (evaluations, sampling).
+    """
+
+    def __init__(self, out_dir, total_steps, enabled=True, every=50, print_every=None):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.total, self.enabled, self.every = total_steps, enabled, every
+        self.print_every = print_every if print_every is not None else (1.0 if sys.stdout.isatty() else 10.0)
+        self.sums, self.count, self.examples = {}, 0, 0
+        self.t_window = self.t_start = self.t_printed = None
+        self.first_step = None
+
+    def _write(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def log(self, step, n, **metrics):
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.t_start is None:
+            self.t_start = self.t_window = self.t_printed = now
+            self.first_step = step - 1
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+        self.examples += n
+        speed = self.examples / max(now - self.t_window, 1e-9)
+        if now - self.t_printed >= self.print_every or step == self.total:
+            eta = (now - self.t_start) / (step - self.first_step) * (self.total - step)
+            shown = " | ".join(f"{k} {_fmt(s / self.count)}" for k, s in self.sums.items())
+            end = "\r" if sys.stdout.isatty() and step < self.total else "\n"
+            print(f"step {step}/{self.total} | {shown} | {speed:.0f} ex/s | ETA {eta:.0f}s", end=end, flush=True)
+            self.t_printed = now
+        if step % self.every == 0 or step == self.total:
+            self._write({"step": step, **{k: s / self.count for k, s in self.sums.items()}, "ex_per_s": speed})
+            self.sums, self.count, self.examples, self.t_window = {}, 0, 0, now
+
+    def event(self, name, **fields):
+        if not self.enabled:
+            return
+        self._write({"event": name, **fields})
+        print(f"{name}: " + " ".join(f"{k} {_fmt(v)}" for k, v in fields.items()), flush=True)
+
+    def close(self):
+        if self.enabled and self.path.exists():
+            plot_metrics(self.path, self.path.with_name("loss.png"))
+
+
+def read_metrics(path):
+    """The lines of a metrics.jsonl as dicts."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(jsonl_path, png_path, key="loss"):
+    """Draw `key` against the step from metrics.jsonl (after a resume, the latest line of a step wins)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    by_step = {r["step"]: r[key] for r in read_metrics(jsonl_path) if "step" in r and key in r}
+    if not by_step:
+        return
+    steps = sorted(by_step)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, [by_step[s] for s in steps])
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------------------
+
+def image_grid(x, levels=None, nrow=None, pad=1):
+    """Tile a batch (N, C, H, W) into one float array (rows, cols[, 3]) in [0, 1].
+
+    Integer levels in [0, levels) when `levels` is given, else floats in [0, 1] (clipped).
+    C = 1 is grey, C = 3 is RGB; any other C shows every channel as a grey tile."""
+    x = x.detach().float().cpu()
+    if levels is not None:
+        x = x / (levels - 1)
+    x = x.clamp(0, 1)
+    n, c, h, w = x.shape
+    if c not in (1, 3):
+        x, n, c = x.reshape(n * c, 1, h, w), n * c, 1
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 0.5)
+    for i in range(n):
+        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
+        grid[:, top:top + h, left:left + w] = x[i]
+    return grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
+
+
+def save_image_grid(x, path, levels=None, nrow=None):
+    """Save a batch as one PNG grid, scaled up (nearest neighbour) to at least ~256 pixels."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    grid = image_grid(x, levels, nrow)
+    scale = max(1, math.ceil(256 / max(grid.shape[:2])))
+    grid = grid.repeat(scale, 0).repeat(scale, 1)
+    plt.imsave(path, grid, cmap="gray", vmin=0.0, vmax=1.0)
+
+
+def save_scatter(points, path, lim=None, title=None):
+    """A scatter plot of 2D points (N, 2)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    p = torch.as_tensor(points).detach().float().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(p[:, 0], p[:, 1], s=1, alpha=0.5)
+    if lim:
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def density_on_grid(log_prob, lim, n=128, chunk=4096):
+    """Evaluate `log_prob` ((M, 2) float32 tensor -> (M,)) at the n x n cell centres of
+    [-lim, lim]^2; returns a numpy array (n, n), row i at y_i and column j at x_j, both
+    increasing. The callable chooses its own device and gradient mode."""
+    edges = torch.linspace(-lim, lim, n + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    yy, xx = torch.meshgrid(centres, centres, indexing="ij")
+    pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
+    out = [log_prob(c).detach().double().cpu() for c in pts.split(chunk)]
+    return torch.cat(out).reshape(n, n).numpy()
+
+
+def save_density(panels, path, lim):
+    """Heat maps side by side. Each panel is an (n, n) log-density from `density_on_grid`, or an
+    (M, 2) array of points (M != 2), drawn as a histogram on the same grid."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    for ax, (title, value) in zip(axes[0], panels.items()):
+        v = np.asarray(torch.as_tensor(value).detach().cpu().double())
+        if v.ndim == 2 and v.shape[1] == 2 and v.shape[0] != 2:
+            img, _, _ = np.histogram2d(v[:, 1], v[:, 0], bins=128, range=[[-lim, lim], [-lim, lim]], density=True)
+        else:
+            img = np.exp(v)
+        ax.imshow(img, origin="lower", extent=(-lim, lim, -lim, lim), cmap="magma")
+        ax.set_title(title)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
