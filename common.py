@@ -96,13 +96,13 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _converter(tp):
+def _converter(tp, default):
     """A function from the command-line string to the field's type (int, float, str, tuples, Optional)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]
-        return _converter(next(a for a in args if a is not type(None)))
-    if origin is tuple:
-        item = args[0]
+        return _converter(next(a for a in args if a is not type(None)), default)
+    if tp is tuple or origin is tuple:
+        item = args[0] if args else type(default[0]) if default else str
 
         def parse_tuple(s):
             return tuple(item(v) for v in s.split(",") if v.strip())
@@ -137,7 +137,7 @@ def parse_config(cls, presets, argv=None, doc=None, kinds=("image", "points", "t
             parser.add_argument(name, nargs="?", const="auto", default=argparse.SUPPRESS, metavar="CKPT",
                                 help=help_text)
         else:
-            parser.add_argument(name, type=_converter(hints[f.name]), default=argparse.SUPPRESS,
+            parser.add_argument(name, type=_converter(hints[f.name], default), default=argparse.SUPPRESS,
                                 choices=f.metadata.get("choices"), metavar=f.name.upper(), help=help_text)
     typed = vars(parser.parse_args(argv))
     dataset = typed.get("dataset", _field_default(next(f for f in dataclasses.fields(cls) if f.name == "dataset")))
