@@ -1,0 +1,116 @@
+"""Training and sampling throughput of every model file, and the FLOP/s it achieves.
+
+    python benchmarks/speed.py [--steps 100] [--models ddpm gpt ...] [--no-libraries]
+
+For each model file present, on digits at batch 64 through its command line: training
+examples/s (metrics.jsonl, the second half of the run, so start-up is excluded) and sampling
+throughput (the `sample` event of `--sample`, 64 samples). FLOPs of one training step are
+counted with torch.utils.flop_counter.FlopCounterMode (matrix products and convolutions, forward
+and backward) as the difference between in-process runs of 2k and k steps, so the sampling at
+the end of a run cancels; achieved FLOP/s is given as a fraction of this machine's measured
+float32 matrix-multiply FLOP/s. Where a well-known library implements the same network
+(diffusers' UNet2DModel for ddpm.py, transformers' GPT-2 for gpt.py), the comparison scripts
+beside this one time both in the same run.
+"""
+import argparse
+import contextlib
+import importlib
+import io
+import sys
+import tempfile
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from _runs import ROOT, RUNS, Unsupported, last_event, present_models, read_metrics, run, stamp, write_section
+
+sys.path.insert(0, str(ROOT))
+
+BATCH = 64
+
+
+def matmul_flops_per_second(n=2048, repeats=10):
+    """The best float32 matrix-multiply rate of this machine (FLOP/s), at the default threads."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def flops_per_step(model, k=2):
+    """FLOPs of one training step of `model` on digits, counted in-process."""
+    module = importlib.import_module(model)
+    totals = []
+    for steps in (k, 2 * k):
+        with tempfile.TemporaryDirectory() as out, FlopCounterMode(display=False) as counter, \
+                contextlib.redirect_stdout(io.StringIO()):
+            module.main(["--dataset", "digits", "--steps", str(steps), "--batch-size", str(BATCH), "--out", out,
+                         "--n-samples", "1", "--save-every", "1000000", "--log-every", "1000000", "--device", "cpu"])
+        totals.append(counter.get_total_flops())
+    return (totals[1] - totals[0]) / k
+
+
+def model_rows(models, steps, peak):
+    rows = []
+    for m in models:
+        print(f"{m} ...", flush=True)
+        out = RUNS / f"speed-{m}"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        try:
+            run(m, ["--dataset", "digits", "--steps", steps, "--batch-size", BATCH, "--out", out,
+                    "--log-every", steps // 2, "--save-every", steps, "--n-samples", 1], out / "log.txt")
+        except Unsupported:
+            continue
+        train_speed = [r["ex_per_s"] for r in read_metrics(out) if "step" in r][-1]
+        run(m, ["--sample", out / "ckpt.pt", "--n-samples", 64, "--out", out], out / "log.txt")
+        sample = last_event(out, "sample")
+        flops = flops_per_step(m)
+        achieved = flops * train_speed / BATCH
+        rows.append(f"| `{m}.py` | {train_speed:.0f} | {sample['samples_per_s']:.2f} | {flops / BATCH / 1e6:.1f} | "
+                    f"{achieved / 1e9:.2f} | {achieved / peak:.1%} |")
+    return rows
+
+
+def library_sections():
+    sections = []
+    for name in ("compare_diffusers", "compare_transformers"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError as e:  # the library is not installed, or the script is absent
+            print(f"skipping {name}: {e}")
+            continue
+        rows = module.rows()
+        keys = list(rows[0])
+        table = ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
+        table += ["| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
+                  for r in rows]
+        sections.append(f"{(module.__doc__ or name).strip().splitlines()[0]}\n\n" + "\n".join(table))
+    return sections
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--models", nargs="*", default=None)
+    p.add_argument("--no-libraries", action="store_true")
+    args = p.parse_args()
+    peak = matmul_flops_per_second()
+    rows = model_rows(args.models or present_models(), args.steps, peak)
+    md = (f"### Speed\n\nOn digits at batch {BATCH}, CPU. The machine's float32 matrix multiply reaches "
+          f"{peak / 1e9:.1f} GFLOP/s. Produced by {stamp('python benchmarks/speed.py')}.\n\n"
+          "| model | train examples/s | samples/s | training MFLOP per example | achieved GFLOP/s | of matmul peak |\n"
+          "|---|---|---|---|---|---|\n" + "\n".join(rows))
+    if not args.no_libraries:
+        md += "\n\n" + "\n\n".join(library_sections())
+    write_section("speed", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
