@@ -819,7 +819,7 @@ class Logger:
         self.total, self.enabled, self.every = total_steps, enabled, every
         self.print_every = print_every if print_every is not None else (1.0 if sys.stdout.isatty() else 10.0)
         self.sums, self.count, self.examples = {}, 0, 0
-        self.t_window = self.t_start = self.t_printed = None
+        self.t_start = self.t_window = self.t_printed = time.perf_counter()  # create it just before the loop
         self.first_step = None
 
     def _write(self, record):
@@ -830,8 +830,7 @@ class Logger:
         if not self.enabled:
             return
         now = time.perf_counter()
-        if self.t_start is None:
-            self.t_start = self.t_window = self.t_printed = now
+        if self.first_step is None:
             self.first_step = step - 1
         for k, v in metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
