@@ -142,7 +142,7 @@ def parse_config(cls, presets, argv=None, doc=None, kinds=("image", "points", "t
     typed = vars(parser.parse_args(argv))
     dataset = typed.get("dataset", _field_default(next(f for f in dataclasses.fields(cls) if f.name == "dataset")))
     try:
-        kind = dataset_kind(dataset)
+        kind = _dataset_kind(dataset)
     except UserError as e:
         parser.error(str(e))
     if kind not in kinds:
@@ -436,7 +436,7 @@ IMAGE_SETS = ("digits", "digits-binary", "mnist", "fashion-mnist", "cifar10")
 SPLITS = ("train", "test")
 
 
-def dataset_kind(name):
+def _dataset_kind(name):
     """'image', 'points' or 'text' for a dataset name, without loading anything."""
     if name in IMAGE_SETS:
         return "image"
@@ -448,7 +448,7 @@ def dataset_kind(name):
                     "shakespeare, or a path to a .txt file")
 
 
-def data_root(root=None):
+def _data_root(root=None):
     """The download cache: `root`, else $GENMODELS_DATA, else <user cache>/genmodels."""
     if root:
         return Path(root)
@@ -540,7 +540,7 @@ def _read_idx(path):
 
 
 def _load_mnist_like(name, split, root):
-    folder = data_root(root) / name
+    folder = _data_root(root) / name
     prefix = "train" if split == "train" else "t10k"
     images = _read_idx(_download(name, f"{prefix}-images-idx3-ubyte.gz", folder))
     labels = _read_idx(_download(name, f"{prefix}-labels-idx1-ubyte.gz", folder))
@@ -548,7 +548,7 @@ def _load_mnist_like(name, split, root):
 
 
 def _load_cifar10(split, root):
-    folder = data_root(root) / "cifar10"
+    folder = _data_root(root) / "cifar10"
     batches = folder / "cifar-10-batches-py"
     if not batches.is_dir():
         _safe_extract(_download("cifar10", "cifar-10-python.tar.gz", folder), folder)
@@ -576,7 +576,7 @@ def _load_digits(split):
 
 def _load_text(name, split, root):
     if name == "shakespeare":
-        path = _download("shakespeare", "input.txt", data_root(root) / "shakespeare")
+        path = _download("shakespeare", "input.txt", _data_root(root) / "shakespeare")
     else:
         path = Path(name)
         if not path.is_file():
@@ -596,7 +596,7 @@ def _load_text(name, split, root):
 
 def load_dataset(name, split="train", root=None):
     """Load one split ("train" or "test") of a dataset (see `Dataset` for what each kind holds)."""
-    kind = dataset_kind(name)
+    kind = _dataset_kind(name)
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}'; accepted: {', '.join(SPLITS)}")
     if kind == "points":
@@ -857,21 +857,21 @@ class Logger:
 
     def close(self):
         if self.enabled and self.path.exists():
-            plot_metrics(self.path, self.path.with_name("loss.png"))
+            _plot_metrics(self.path, self.path.with_name("loss.png"))
 
 
-def read_metrics(path):
+def _read_metrics(path):
     """The lines of a metrics.jsonl as dicts."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_metrics(jsonl_path, png_path, key="loss"):
+def _plot_metrics(jsonl_path, png_path, key="loss"):
     """Draw `key` against the step from metrics.jsonl (after a resume, the latest line of a step wins)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    by_step = {r["step"]: r[key] for r in read_metrics(jsonl_path) if "step" in r and key in r}
+    by_step = {r["step"]: r[key] for r in _read_metrics(jsonl_path) if "step" in r and key in r}
     if not by_step:
         return
     steps = sorted(by_step)
@@ -889,7 +889,7 @@ def plot_metrics(jsonl_path, png_path, key="loss"):
 # Pictures
 # ----------------------------------------------------------------------------------------
 
-def image_grid(x, levels=None, nrow=None, pad=1):
+def _image_grid(x, levels=None, nrow=None, pad=1):
     """Tile a batch (N, C, H, W) into one float array (rows, cols[, 3]) in [0, 1].
 
     Integer levels in [0, levels) when `levels` is given, else floats in [0, 1] (clipped).
@@ -915,7 +915,7 @@ def save_image_grid(x, path, levels=None, nrow=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    grid = image_grid(x, levels, nrow)
+    grid = _image_grid(x, levels, nrow)
     scale = max(1, math.ceil(256 / max(grid.shape[:2])))
     grid = grid.repeat(scale, 0).repeat(scale, 1)
     plt.imsave(path, grid, cmap="gray", vmin=0.0, vmax=1.0)

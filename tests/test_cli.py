@@ -99,5 +99,5 @@ def test_torchrun_two_gloo_processes(model, tmp_path):
                        env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
-    steps = [m["step"] for m in common.read_metrics(tmp_path / "metrics.jsonl") if "step" in m]
+    steps = [m["step"] for m in common._read_metrics(tmp_path / "metrics.jsonl") if "step" in m]
     assert steps == [1, 2, 3]  # one line a step: rank 1 wrote nothing

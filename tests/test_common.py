@@ -536,7 +536,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert not torch.equal(a["1.weight"], torch.nn.Linear(64, 10).weight)  # it did train
     # the logged loss is the mean over ranks: equal to the single process's full-batch loss
-    la, lb = common.read_metrics(one / "metrics.jsonl"), common.read_metrics(two / "metrics.jsonl")
+    la, lb = common._read_metrics(one / "metrics.jsonl"), common._read_metrics(two / "metrics.jsonl")
     assert len(la) == len(lb) == 2
     for r, s in zip(la, lb):
         assert s["loss"] == pytest.approx(r["loss"], rel=1e-5)
@@ -573,7 +573,7 @@ def test_logger_averages_windows_and_writes_events(tmp_path, capsys):
         log.log(step, n=4, loss=v)
     log.event("eval", split="test", nll=1.25)
     log.close()
-    lines = common.read_metrics(tmp_path / "metrics.jsonl")
+    lines = common._read_metrics(tmp_path / "metrics.jsonl")
     assert [l.get("step") for l in lines] == [3, 6, None]
     assert lines[0]["loss"] == pytest.approx(3.0) and lines[1]["loss"] == pytest.approx(1.0)
     assert lines[0]["ex_per_s"] > 0 and lines[2] == {"event": "eval", "split": "test", "nll": 1.25}
@@ -598,16 +598,16 @@ def _png(path):
 def test_image_grid_layout_and_levels(tmp_path):
     x = torch.zeros(10, 1, 8, 8, dtype=torch.uint8)
     x[3, 0, 2, 5] = 16
-    grid = common.image_grid(x, levels=17)
+    grid = common._image_grid(x, levels=17)
     assert grid.shape == (3 * 9 + 1, 4 * 9 + 1)  # 4 per row, 3 rows, 1-pixel borders
     assert grid[1 + 2, 1 + 3 * 9 + 5] == 1.0 and grid[1, 1] == 0.0 and grid[0, 0] == 0.5
     common.save_image_grid(x, tmp_path / "g.png", levels=17)
     img = _png(tmp_path / "g.png")
     scale = math.ceil(256 / 37)
     assert img.shape[:2] == (28 * scale, 37 * scale)
-    rgb = common.image_grid(torch.rand(4, 3, 5, 5))
+    rgb = common._image_grid(torch.rand(4, 3, 5, 5))
     assert rgb.shape == (2 * 6 + 1, 2 * 6 + 1, 3)
-    tiled = common.image_grid(torch.rand(2, 4, 5, 5), nrow=4)  # 4 channels: every channel a grey tile
+    tiled = common._image_grid(torch.rand(2, 4, 5, 5), nrow=4)  # 4 channels: every channel a grey tile
     assert tiled.shape == (2 * 6 + 1, 4 * 6 + 1)
 
 
