@@ -37,8 +37,9 @@ def frechet_distance(a, b):
 
 @torch.no_grad()
 def features(net, images, levels):
-    """images: (N, 1, 8, 8) integer levels -> (N, 64) classifier features of images in [0, 1]."""
-    return net.features(images.float() / (levels - 1)).numpy()
+    """images: (N, 1, 8, 8) integer levels, or floats already in [0, 1] -> (N, 64) features."""
+    x = images.float() if images.is_floating_point() else images.float() / (levels - 1)
+    return net.features(x).numpy()
 
 
 def main():

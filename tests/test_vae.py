@@ -1,0 +1,533 @@
+"""Tests of vae.py: each identity is checked against an independent computation.
+
+The heart is a linear-Gaussian model, p(z) = N(0, I), p(x|z) = N(Wz + b, s2 I), where log p(x),
+the exact posterior and the exact ELBO of any Gaussian encoder are known in closed form.
+Monte-Carlo checks use a fixed seed and a tolerance of 5 standard errors.
+"""
+
+import gzip
+import itertools
+import json
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from scipy import integrate, stats
+
+import common
+import vae
+
+torch.set_default_dtype(torch.float64)  # the mathematics is tested in double precision
+Z = 5.0  # standard errors allowed by Monte-Carlo checks
+
+
+def _mc_close(samples, target, z=Z, atol=1e-9):
+    """|mean(samples) - target| <= z standard errors (+ atol for round-off)."""
+    samples = np.asarray(samples, dtype=np.float64)
+    se = samples.std(ddof=1) / math.sqrt(samples.size)
+    assert abs(samples.mean() - target) <= z * se + atol, (samples.mean(), target, se)
+    return se
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed-form KL and the reparameterisation trick
+# ----------------------------------------------------------------------------------------------
+
+vectors = st.lists(st.floats(-3, 3), min_size=1, max_size=4)
+
+
+@given(vectors, st.data())
+def test_gaussian_kl_equals_general_two_gaussian_formula(mu, data):
+    logvar = data.draw(st.lists(st.floats(-3, 3), min_size=len(mu), max_size=len(mu)))
+    m1, s1 = np.array(mu), np.diag(np.exp(logvar))
+    m2, s2 = np.zeros(len(mu)), np.eye(len(mu))
+    inv2 = np.linalg.inv(s2)
+    general = 0.5 * (np.trace(inv2 @ s1) + (m2 - m1) @ inv2 @ (m2 - m1) - len(mu)
+                     + np.log(np.linalg.det(s2) / np.linalg.det(s1)))
+    got = vae.gaussian_kl(torch.tensor(mu), torch.tensor(logvar)).item()
+    assert got == pytest.approx(general, rel=1e-9, abs=1e-9)
+
+
+@given(vectors, st.data())
+def test_gaussian_kl_is_zero_only_at_the_prior(mu, data):
+    logvar = data.draw(st.lists(st.floats(-3, 3), min_size=len(mu), max_size=len(mu)))
+    kl = vae.gaussian_kl(torch.tensor(mu), torch.tensor(logvar)).item()
+    assert vae.gaussian_kl(torch.zeros(len(mu)), torch.zeros(len(mu))).item() == 0.0
+    if max(map(abs, mu + logvar)) > 1e-3:
+        assert kl > 0
+    assert (vae.gaussian_kl_per_dim(torch.tensor(mu), torch.tensor(logvar)) >= 0).all()
+
+
+def test_gaussian_kl_matches_monte_carlo():
+    mu, logvar = torch.tensor([0.7, -1.2, 0.0]), torch.tensor([0.5, -1.0, 1.5])
+    g = torch.Generator().manual_seed(0)
+    z = vae.reparameterize(mu.unsqueeze(0), logvar.unsqueeze(0), 20000, g)[:, 0].numpy()
+    sd = np.exp(0.5 * logvar.numpy())
+    log_ratio = (stats.norm.logpdf(z, mu.numpy(), sd) - stats.norm.logpdf(z)).sum(1)
+    _mc_close(log_ratio, vae.gaussian_kl(mu, logvar).item())
+
+
+@given(st.lists(st.tuples(st.floats(-2, 2), st.floats(-2, 1), st.floats(-2, 2), st.floats(-2, 2)),
+                min_size=1, max_size=3), st.integers(0, 2 ** 31))
+def test_reparameterized_gradient_of_a_quadratic(params, seed):
+    # f(z) = sum_j a_j z_j^2 + c_j z_j has E_q f = sum_j a_j (mu_j^2 + exp(logvar_j)) + c_j mu_j,
+    # so d/dmu = 2 a mu + c and d/dlogvar = a exp(logvar).
+    mu0, lv0, a, c = (torch.tensor(v) for v in zip(*params))
+    groups, k = 40, 200
+    mu = mu0.repeat(groups, 1).requires_grad_(True)        # one independent estimate per row
+    logvar = lv0.repeat(groups, 1).requires_grad_(True)
+    z = vae.reparameterize(mu, logvar, k, torch.Generator().manual_seed(seed))   # (k, groups, D)
+    (a * z.pow(2) + c * z).sum(-1).mean(0).sum().backward()
+    for j in range(len(params)):
+        _mc_close(mu.grad[:, j].numpy(), (2 * a[j] * mu0[j] + c[j]).item())
+        _mc_close(logvar.grad[:, j].numpy(), (a[j] * lv0[j].exp()).item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Likelihoods: each is normalised over its support
+# ----------------------------------------------------------------------------------------------
+
+@given(st.lists(st.floats(-6, 6), min_size=3, max_size=3))
+def test_bernoulli_sums_to_one(logits):
+    xs = torch.tensor(list(itertools.product([0.0, 1.0], repeat=3)))
+    lp = vae.bernoulli(xs, torch.tensor(logits).expand(8, 3))
+    assert torch.logsumexp(lp, 0).item() == pytest.approx(0.0, abs=1e-12)
+    p = torch.sigmoid(torch.tensor(logits))
+    assert lp[-1].item() == pytest.approx(p.log().sum().item(), abs=1e-9)  # x = (1,1,1)
+
+
+@given(st.integers(2, 6), st.integers(0, 2 ** 31))
+def test_categorical_sums_to_one(levels, seed):
+    logits = 3 * torch.randn(1, levels, 2, generator=torch.Generator().manual_seed(seed))
+    xs = torch.tensor(list(itertools.product(range(levels), repeat=2)))
+    lp = vae.categorical(xs, logits.expand(len(xs), levels, 2))
+    assert torch.logsumexp(lp, 0).item() == pytest.approx(0.0, abs=1e-12)
+
+
+@given(st.sampled_from([2, 3, 17, 256]), st.floats(-1.5, 1.5), st.floats(-8, 2))
+def test_discretized_logistic_sums_to_one_and_matches_the_logistic_cdf(levels, mean, log_scale):
+    xs = torch.arange(levels).view(levels, 1)
+    lp = vae.discretized_logistic(xs, torch.full((levels, 1), mean), torch.full((levels, 1), log_scale),
+                                  levels)
+    assert torch.logsumexp(lp, 0).item() == pytest.approx(0.0, abs=1e-10)
+    # independent: P(x = l) = F(c_l + d) - F(c_l - d), with the outer bins open, from scipy
+    s = math.exp(max(log_scale, vae.LOG_SCALE_MIN))
+    centres = 2 * np.arange(levels) / (levels - 1) - 1
+    d = 1 / (levels - 1)
+    upper = np.where(np.arange(levels) == levels - 1, np.inf, centres + d)
+    lower = np.where(np.arange(levels) == 0, -np.inf, centres - d)
+    p = stats.logistic.cdf(upper, mean, s) - stats.logistic.cdf(lower, mean, s)
+    np.testing.assert_allclose(lp.exp().numpy(), p, rtol=1e-6, atol=1e-13)
+    # a two-pixel image: the per-pixel log-probabilities add
+    two = vae.discretized_logistic(torch.tensor([[0, levels - 1]]), torch.full((1, 2), mean),
+                                   torch.full((1, 2), log_scale), levels)
+    assert two.item() == pytest.approx(lp[0].item() + lp[-1].item(), rel=1e-12)
+
+
+@given(st.floats(-2, 2), st.floats(-3, 2))
+def test_gaussian_integrates_to_one(mean, logvar):
+    f = lambda x: vae.gaussian(torch.tensor([[x]]), torch.tensor([[mean]]), torch.tensor([[logvar]])).exp().item()
+    sd = math.exp(0.5 * logvar)
+    total, _ = integrate.quad(f, mean - 12 * sd, mean + 12 * sd, points=[mean], limit=200)
+    assert total == pytest.approx(1.0, abs=1e-8)
+    x = torch.tensor([[0.3, -1.0, 2.0]])
+    got = vae.gaussian(x, torch.full((1, 3), mean), torch.full((1, 3), logvar)).item()
+    assert got == pytest.approx(stats.norm.logpdf(x.numpy(), mean, sd).sum(), rel=1e-10)
+
+
+@pytest.mark.parametrize("lik", [vae.Bernoulli(), vae.Gaussian(), vae.Categorical(5),
+                                 vae.DiscretizedLogistic(5)])
+def test_likelihood_samples_follow_log_prob(lik):
+    # Sample frequencies of one scalar dimension against exp(log_prob) (discrete) or the moments
+    # (Gaussian), and mean() against the expectation under log_prob where it is the exact mean.
+    g = torch.Generator().manual_seed(1)
+    out = torch.randn(1, lik.n_params, 1, generator=g)
+    n = 20000
+    xs = lik.sample(out.expand(n, -1, -1).contiguous(), g)[:, 0]
+    if isinstance(lik, vae.Gaussian):
+        _mc_close(xs.numpy(), out[0, 0, 0].item())
+        _mc_close(((xs - out[0, 0, 0]) ** 2).numpy(), out[0, 1, 0].exp().item())
+        return
+    support = torch.arange(lik.levels, dtype=torch.float64)
+    probs = lik.log_prob(support.view(-1, 1), out.expand(lik.levels, -1, -1)).exp()
+    for level, p in zip(support, probs):
+        _mc_close((xs == level).double().numpy(), p.item())
+    if not isinstance(lik, vae.DiscretizedLogistic):  # its mean() is the logistic's location
+        assert lik.mean(out).item() == pytest.approx((probs * support).sum().item(), rel=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# The linear-Gaussian VAE: log p(x) is exact
+# ----------------------------------------------------------------------------------------------
+
+class LinearGaussian:
+    """p(z) = N(0, I_d), p(x|z) = N(Wz + b, s2 I_n) with W = Q diag(s): orthogonal columns make the
+    exact posterior diagonal, N(m, diag v) with v_j = 1 / (1 + s_j^2 / s2), m = v * W^T (x - b) / s2."""
+
+    def __init__(self, seed, d=2, n=3):
+        rng = np.random.default_rng(seed)
+        q, _ = np.linalg.qr(rng.normal(size=(n, d)))
+        self.W = q * rng.uniform(0.5, 2.0, size=d)
+        self.b = rng.normal(size=n)
+        self.s2 = rng.uniform(0.2, 1.0)
+        self.d, self.n = d, n
+
+    def decoder(self, z):
+        mean = z @ torch.tensor(self.W).T + torch.tensor(self.b)
+        return torch.stack([mean, torch.full_like(mean, math.log(self.s2))], dim=1)   # (N, 2, n)
+
+    def log_px(self, x):
+        cov = self.W @ self.W.T + self.s2 * np.eye(self.n)
+        return stats.multivariate_normal(self.b, cov).logpdf(x)
+
+    def posterior(self, x):
+        v = 1.0 / (1.0 + (self.W ** 2).sum(0) / self.s2)
+        return v * ((x - self.b) @ self.W) / self.s2, v
+
+    def exact_elbo(self, x, m, v):
+        """E_q log N(x; Wz + b, s2 I) - KL(q || p(z)) for q = N(m, diag v), in closed form."""
+        r = x - self.W @ m - self.b
+        rec = -0.5 * (self.n * np.log(2 * np.pi * self.s2) + (r @ r + (self.W ** 2 * v).sum()) / self.s2)
+        kl = 0.5 * (v.sum() + m @ m - self.d - np.log(v).sum())
+        return rec - kl
+
+    def vae(self, encoder):
+        return vae.VAE(encoder, self.decoder, vae.Gaussian(), self.d)
+
+
+def _encoder_at(m, v):
+    """An encoder giving q(z|x) = N(m, diag v) for (copies of) the single test point x. The bounds at
+    x depend on the encoder only through q(z|x) at x, so this covers every encoder there."""
+    def encoder(xb):
+        return torch.tensor(m).expand(len(xb), -1), torch.tensor(np.log(v)).expand(len(xb), -1)
+    return encoder
+
+
+def _replicate(x, r):
+    return torch.tensor(x).unsqueeze(0).repeat(r, 1)
+
+
+@given(st.integers(0, 2 ** 31))
+def test_elbo_is_the_closed_form_and_below_log_px_for_any_encoder(seed):
+    model = LinearGaussian(seed)
+    rng = np.random.default_rng(seed + 1)
+    x = model.b + model.W @ rng.normal(size=model.d) + rng.normal(size=model.n)
+    m, v = rng.normal(size=model.d), np.exp(rng.uniform(-2, 1, size=model.d))   # an arbitrary q
+    exact = model.exact_elbo(x, m, v)
+    assert exact < model.log_px(x)
+    # log p(x) - ELBO = KL(q || p(z|x)), both Gaussian: the gap is exactly that KL.
+    pm, pv = model.posterior(x)
+    kl_post = 0.5 * ((v / pv).sum() + ((m - pm) ** 2 / pv).sum() - model.d + np.log(pv / v).sum())
+    assert model.log_px(x) - exact == pytest.approx(kl_post, rel=1e-8)
+    net = model.vae(_encoder_at(m, v))
+    xs = _replicate(x, 2000)
+    g = torch.Generator().manual_seed(seed)
+    _mc_close(net.elbo(xs, generator=g).numpy(), exact)
+    _mc_close(net.elbo(xs, analytic_kl=False, generator=g).numpy(), exact)
+
+
+@given(st.integers(0, 2 ** 31))
+def test_exact_posterior_makes_every_bound_equal_log_px(seed):
+    model = LinearGaussian(seed)
+    x = np.random.default_rng(seed + 1).normal(size=model.n) * 2
+    net = model.vae(_encoder_at(*model.posterior(x)))
+    xs, g = _replicate(x, 500), torch.Generator().manual_seed(seed)
+    # With q = p(z|x) every weight p(x, z) / q(z|x) equals p(x): no Monte-Carlo error at all.
+    np.testing.assert_allclose(net.elbo(xs, analytic_kl=False, generator=g).numpy(), model.log_px(x), atol=1e-10)
+    for k in (1, 7):
+        np.testing.assert_allclose(net.iwae_bound(xs[:20], k, chunk=3, generator=g).numpy(),
+                                   model.log_px(x), atol=1e-10)
+    _mc_close(net.elbo(xs, generator=g).numpy(), model.log_px(x))
+
+
+def test_density_grid_of_the_exact_posterior_model_is_the_exact_density():
+    # 2D data, 2D latent: with q = p(z|x) at every point, L_k = log p(x) exactly, so the grid written
+    # to density.npz must be log p(x) at the cell centres (row i: y_i, column j: x_j).
+    model = LinearGaussian(11, d=2, n=2)
+
+    def encoder(xb):
+        m, v = model.posterior(xb.numpy())
+        return torch.tensor(m), torch.tensor(np.log(v)).expand(len(xb), -1)
+    net = model.vae(encoder)
+    got = common.density_on_grid(vae.iwae_log_density(net, k=3, rows=40), lim=4.0, n=16, chunk=50)
+    centres = -4 + 0.5 * (np.arange(16) + 0.5)
+    yy, xx = np.meshgrid(centres, centres, indexing="ij")
+    expected = model.log_px(np.stack([xx.ravel(), yy.ravel()], 1)).reshape(16, 16)
+    np.testing.assert_allclose(got, expected, atol=1e-9)
+
+
+def test_iwae_1_equals_the_elbo_with_the_same_samples():
+    model = LinearGaussian(3)
+    x = np.array([0.5, -1.0, 2.0])
+    net = model.vae(_encoder_at(np.array([0.3, -0.2]), np.array([0.5, 2.0])))
+    xs = _replicate(x, 4000)
+    iwae1 = net.iwae_bound(xs, 1, generator=torch.Generator().manual_seed(5))
+    elbo_a = net.elbo(xs, analytic_kl=False, generator=torch.Generator().manual_seed(5))
+    np.testing.assert_allclose(iwae1.numpy(), elbo_a.numpy(), rtol=0, atol=1e-12)
+    # The closed-form-KL ELBO uses the same z; its difference from L_1 has mean zero.
+    elbo_b = net.elbo(xs, generator=torch.Generator().manual_seed(5))
+    _mc_close((elbo_b - iwae1).numpy(), 0.0)
+    assert (elbo_b - iwae1).abs().max() > 1e-3  # estimators A and B really differ sample by sample
+
+
+def test_iwae_bound_chunks_and_log_weights_against_direct_computation():
+    model = LinearGaussian(4)
+    x = np.array([1.0, 0.0, -1.5])
+    m, v = np.array([0.1, 0.4]), np.array([0.7, 1.3])
+    net = model.vae(_encoder_at(m, v))
+    xs = _replicate(x, 2)
+    got = net.iwae_bound(xs, 10, chunk=3, generator=torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    mu, logvar = torch.tensor(m).expand(2, -1), torch.tensor(np.log(v)).expand(2, -1)
+    z = torch.cat([vae.reparameterize(mu, logvar, c, g) for c in (3, 3, 3, 1)]).numpy()   # (10, 2, d)
+    log_w = (stats.norm.logpdf(x, z @ model.W.T + model.b, math.sqrt(model.s2)).sum(-1)
+             + stats.norm.logpdf(z).sum(-1) - stats.norm.logpdf(z, m, np.sqrt(v)).sum(-1))
+    expected = np.log(np.exp(log_w).mean(0))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10)
+    assert net.nll(xs, 10, chunk=4, generator=torch.Generator().manual_seed(9)).shape == (2,)
+
+
+def test_iwae_bound_increases_with_k_towards_log_px():
+    model = LinearGaussian(6)
+    x = np.array([1.0, -0.5, 0.8])
+    pm, pv = model.posterior(x)
+    # A proposal wider than the posterior and shifted: finite weight variance, a clear gap at k = 1.
+    net = model.vae(_encoder_at(pm + 0.5, 2.0 * pv))
+    log_px = model.log_px(x)
+    g = torch.Generator().manual_seed(0)
+    means, ses = [], []
+    for k, reps in ((1, 4000), (4, 2000), (16, 1000), (64, 500), (1024, 200)):
+        b = net.iwae_bound(_replicate(x, reps), k, chunk=256, generator=g).numpy()
+        means.append(b.mean())
+        ses.append(b.std(ddof=1) / math.sqrt(reps))
+        assert b.mean() <= log_px + Z * ses[-1]            # L_k <= log p(x) (Burda et al. Thm 1)
+    for i in range(len(means) - 1):                         # L_k <= L_{k'} for k < k', in expectation
+        assert means[i + 1] - means[i] >= -Z * math.hypot(ses[i], ses[i + 1])
+    gap_1 = log_px - means[0]
+    assert gap_1 > 20 * ses[0]                              # the test has something to detect
+    assert log_px - means[-1] < 0.02 * gap_1 + Z * ses[-1]  # L_k -> log p(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss, schedules, diagnostics, sampling helpers
+# ----------------------------------------------------------------------------------------------
+
+def _small_vae(likelihood=None, shape=(1, 4, 4), latent=3):
+    torch.manual_seed(0)
+    likelihood = likelihood or vae.Categorical(5)
+    enc = vae.MLPEncoder(math.prod(shape), (16,), latent, in_scale=1 / (likelihood.levels - 1))
+    dec = vae.MLPDecoder(latent, (16,), shape, likelihood.n_params)
+    return vae.VAE(enc, dec, likelihood, latent).double()
+
+
+def test_loss_is_the_negative_bound_it_names():
+    net = _small_vae()
+    x = torch.randint(0, 5, (6, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    loss, stats_ = net.loss(x)
+    torch.manual_seed(1)
+    assert loss.item() == pytest.approx(-net.elbo(x).mean().item(), rel=1e-12)
+    assert stats_["elbo"].item() == pytest.approx(-loss.item(), rel=1e-12)
+    torch.manual_seed(2)
+    loss, _ = net.loss(x, objective="iwae", k=5)
+    torch.manual_seed(2)
+    assert loss.item() == pytest.approx(-net.iwae_bound(x, 5).mean().item(), rel=1e-12)
+    # KL weight 0 leaves the reconstruction term alone.
+    torch.manual_seed(3)
+    rec_only, st0 = net.loss(x, kl_scale=0.0)
+    assert rec_only.item() == pytest.approx(-(st0["elbo"] + st0["kl"]).item(), rel=1e-12)
+
+
+def test_free_bits_kl_against_brute_force():
+    kl_dims = torch.tensor([[0.1, 2.0, 0.0], [0.3, 1.0, 0.0]])
+    assert vae.free_bits_kl(kl_dims, 0.0).item() == pytest.approx(0.2 + 1.5 + 0.0)
+    assert vae.free_bits_kl(kl_dims, 0.5).item() == pytest.approx(0.5 + 1.5 + 0.5)
+    # Below the threshold a dimension's KL carries no gradient: the encoder may use it freely.
+    kl = kl_dims.clone().requires_grad_(True)
+    vae.free_bits_kl(kl, 0.5).backward()
+    np.testing.assert_allclose(kl.grad.numpy(), [[0, 0.5, 0], [0, 0.5, 0]])
+
+
+def test_kl_weight_and_burda_schedule():
+    assert [vae.kl_weight(s, 10) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
+    assert vae.kl_weight(0, 0) == 1.0
+    # Stage i covers passes [sum_{j<i} 3^j, sum_{j<=i} 3^j); here 10 steps make one pass.
+    stage = lambda s: round(-7 * math.log10(vae.burda_lr(s, 10, 1.0)))
+    passes = (0, 1, 3, 4, 12, 13, 1092, 1093, 3279, 5000)
+    assert [stage(10 * p) for p in passes] == [0, 1, 1, 2, 2, 3, 6, 7, 7, 7]
+    assert [stage(10 * p - 1) for p in (1, 4, 13)] == [0, 1, 2]
+
+
+def test_active_units_on_a_constructed_encoder():
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(500, 5))
+    u = (u - u.mean(0)) / u.std(0)                     # each column has variance exactly 1
+    scale = np.sqrt([0.0, 0.005, 0.009, 0.02, 1.0])    # Cov_x(E_q[z_j]) = scale_j^2
+    count, var = vae.active_units(torch.tensor(u * scale))
+    assert count == 2
+    np.testing.assert_allclose(var.numpy(), scale ** 2, atol=1e-12)
+
+
+def test_reconstruct_interpolate_and_sample_shapes_and_end_points():
+    net = _small_vae()
+    x = torch.randint(0, 5, (3, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 5, (3, 1, 4, 4), generator=torch.Generator().manual_seed(1))
+    path = net.interpolate(x, y, steps=5)
+    assert path.shape == (3, 5, 1, 4, 4)
+    torch.testing.assert_close(path[:, 0], net.reconstruct(x))
+    torch.testing.assert_close(path[:, -1], net.reconstruct(y))
+    s = net.sample(7, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (7, 1, 4, 4) and set(s.unique().tolist()) <= set(range(5))
+    m = net.sample(7, mean=True, generator=torch.Generator().manual_seed(0))
+    assert ((m >= 0) & (m <= 4)).all()
+
+
+def test_conv_vae_for_8_bit_colour_images():
+    # The cifar10 preset's path on a small shape: auto picks the discretized logistic, and the
+    # identity L_1 = ELBO estimator A (same samples) holds for any encoder and decoder.
+    cfg = vae.Config(dataset="cifar10", arch="conv", channels=(4, 8), latent=3)
+    meta = {"kind": "image", "shape": [3, 8, 8], "levels": 256, "num_classes": 10}
+    net = vae.build_model(cfg, meta).double()
+    assert isinstance(net.likelihood, vae.DiscretizedLogistic) and net.likelihood.levels == 256
+    x = torch.randint(0, 256, (4, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    loss, _ = net.loss(x)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    iwae1 = net.iwae_bound(x, 1, generator=torch.Generator().manual_seed(3))
+    elbo_a = net.elbo(x, analytic_kl=False, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(iwae1, elbo_a, rtol=1e-12, atol=1e-9)
+    s = net.sample(5, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (5, 3, 8, 8) and s.min() >= 0 and s.max() <= 255 and torch.equal(s, s.round())
+
+
+def test_bits_per_dim():
+    assert vae.bits_per_dim(64 * math.log(2), 64) == pytest.approx(1.0)
+    # a uniform categorical over 17 levels is log2(17) bits per pixel
+    net = _small_vae(vae.Categorical(17), shape=(1, 2, 2))
+    out = torch.zeros(1, 17, 1, 2, 2)
+    nats = -net.likelihood.log_prob(torch.zeros(1, 1, 2, 2), out).item()
+    assert vae.bits_per_dim(nats, 4) == pytest.approx(math.log2(17))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data preparation and the command line, end to end
+# ----------------------------------------------------------------------------------------------
+
+def test_binarisation_draws_bernoulli_of_the_intensity():
+    meta = {"levels": 256}
+    x = torch.tensor([0, 255, 64, 200], dtype=torch.uint8).repeat(20000, 1)
+    b = vae.prepare(x, meta, vae.Bernoulli(), torch.Generator().manual_seed(0))
+    assert set(b.unique().tolist()) <= {0.0, 1.0}
+    for j, level in enumerate((0, 255, 64, 200)):
+        _mc_close(b[:, j].numpy(), level / 255)
+    again = vae.prepare(x, meta, vae.Bernoulli(), torch.Generator().manual_seed(0))
+    assert torch.equal(b, again)                            # the fixed evaluation binarisation
+    assert vae.prepare(x, meta, vae.Categorical(256)) is x   # other likelihoods score the levels
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _events(out, name):
+    return [r for r in _records(out) if r.get("event") == name]
+
+
+TINY = ["--batch-size", "16", "--hidden", "16", "--latent", "3", "--n-samples", "4"]
+
+
+def test_cli_digits_train_eval_sample(tmp_path):
+    out = tmp_path / "run"
+    vae.main([*TINY, "--steps", "3", "--log-every", "1", "--save-every", "2", "--out", str(out)])
+    for name in ("ckpt.pt", "samples_2.png", "samples_3.png", "metrics.jsonl", "loss.png", "recon.png",
+                 "interp.png"):
+        assert (out / name).is_file(), name
+    steps = [r["step"] for r in _records(out) if "step" in r]
+    assert steps == [1, 2, 3]
+    diag = _events(out, "diagnostics")
+    assert [d["at_step"] for d in diag] == [1, 2, 3]
+    assert len(diag[0]["kl_per_dim"]) == 3 and 0 <= diag[0]["active_units"] <= 3
+    assert diag[0]["kl"] == pytest.approx(sum(diag[0]["kl_per_dim"]), abs=1e-3)
+    fields = vae.main(["--eval", str(out / "ckpt.pt"), "--k-eval", "3"])
+    assert fields["n"] == 300 and fields["k"] == 3
+    assert fields["bits_per_dim"] == pytest.approx(fields["nll"] / (64 * math.log(2)))
+    assert fields["elbo_bits_per_dim"] == pytest.approx(-fields["elbo"] / (64 * math.log(2)))
+    assert 0 < fields["bits_per_dim"] < 2 * math.log2(17)   # a 17-level discrete likelihood
+    assert _events(out, "eval")[-1]["nll"] == pytest.approx(fields["nll"])
+    vae.main(["--sample", str(out / "ckpt.pt"), "--n-samples", "5"])
+    assert (out / "samples.png").is_file() and _events(out, "sample")[-1]["n"] == 5
+
+
+def test_cli_resume_is_exact(tmp_path):
+    # Dynamic binarisation, KL warm-up and the staged schedule all depend on the step and the RNG.
+    args = [*TINY, "--likelihood", "bernoulli", "--kl-warmup", "3", "--lr-schedule", "burda",
+            "--log-every", "1", "--save-every", "100"]
+    whole, half = tmp_path / "whole", tmp_path / "half"
+    vae.main([*args, "--steps", "4", "--out", str(whole)])
+    vae.main([*args, "--steps", "2", "--out", str(half)])
+    middle = torch.load(half / "ckpt.pt", weights_only=True)["model"]
+    vae.main([*args, "--steps", "4", "--out", str(half), "--resume"])
+    a = torch.load(whole / "ckpt.pt", weights_only=True)
+    b = torch.load(half / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert any(not torch.equal(middle[k], b["model"][k]) for k in middle)   # the resumed call trained
+
+
+def _write_idx(path, array):
+    """A gzipped IDX file as LeCun publishes MNIST: magic 2051 (images) / 2049 (labels), big-endian sizes."""
+    array = np.asarray(array, dtype=np.uint8)
+    magic = 2051 if array.ndim == 3 else 2049
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes())
+
+
+def test_cli_mnist_format_offline(tmp_path):
+    # The cache layout common.load_dataset reads: <data dir>/mnist/<official file names>.
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "data" / "mnist"
+    folder.mkdir(parents=True)
+    for prefix, n in (("train", 24), ("t10k", 6)):
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    out = tmp_path / "run"
+    base = ["--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--out", str(out)]
+    vae.main([*base, "--steps", "2", "--batch-size", "4", "--hidden", "8", "--latent", "2", "--n-samples", "4"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["activation"] == "tanh" and ckpt["config"]["adam_eps"] == 1e-4   # Burda et al. preset
+    assert ckpt["meta"]["levels"] == 256 and (out / "latent.png").is_file()
+    fields = vae.main([*base, "--eval", str(out / "ckpt.pt"), "--k-eval", "2"])
+    assert fields["n"] == 6
+    assert fields["bits_per_dim"] == pytest.approx(fields["nll"] / (784 * math.log(2)))
+
+
+def test_cli_2d_points_density(tmp_path):
+    out = tmp_path / "run"
+    vae.main(["--dataset", "8gaussians", "--steps", "3", "--batch-size", "32", "--hidden", "16",
+              "--objective", "iwae", "--k", "4", "--free-bits", "0", "--out", str(out)])
+    assert (out / "latent.png").is_file() and (out / "samples_3.png").is_file()
+    fields = vae.main(["--eval", str(out / "ckpt.pt"), "--k-eval", "2", "--k-density", "3"])
+    assert "bits_per_dim" not in fields and fields["n"] == 10000 and "true_entropy" in fields
+    saved = np.load(out / "density.npz")
+    assert saved["log_density"].shape == (128, 128) and float(saved["lim"]) == 4.0
+    assert np.isfinite(saved["log_density"]).all() and (out / "density.png").is_file()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--objective", "iwae", "--free-bits", "0.5"], "--objective iwae"),
+    (["--dataset", "rings", "--objective", "iwae"], "add --free-bits 0"),
+    (["--likelihood", "gaussian"], "does not fit image data"),
+    (["--dataset", "8gaussians", "--likelihood", "bernoulli"], "does not fit points data"),
+    (["--arch", "conv", "--channels", "8,8,8,8"], "divide by"),
+    (["--k", "0"], "--k 0 is out of range"),
+])
+def test_user_mistakes_are_one_line_errors(args, words, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        vae.main([*args, "--steps", "1", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
