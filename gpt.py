@@ -1,0 +1,816 @@
+"""GPT and image GPT: autoregressive transformers for text, pixels and 2D points.
+
+Papers
+  Vaswani et al. 2017, Attention Is All You Need, arXiv 1706.03762 (attention, Eq. 1).
+  Radford et al. 2018, Improving Language Understanding by Generative Pre-Training (GPT; OpenAI
+    report, no arXiv id): the decoder-only language model, Eq. 1-2, tied input/output embeddings.
+  Radford et al. 2019, Language Models are Unsupervised Multitask Learners (GPT-2; OpenAI report,
+    no arXiv id): Eq. 1, pre-LayerNorm blocks, final LayerNorm, residual init 1/sqrt(N) (Sec. 2.3).
+  Chen et al. 2020, Generative Pretraining from Pixels (iGPT; ICML 2020, no arXiv id): the same
+    model on pixels in raster order with a reduced colour palette, Eq. 1-2.
+  Holtzman et al. 2020, The Curious Case of Neural Text Degeneration, arXiv 1904.09751 (top-p);
+  Fan et al. 2018, Hierarchical Neural Story Generation, arXiv 1805.04833 (top-k).
+
+What is implemented
+  The GPT-2 network (learned positions, pre-LN blocks, causal attention through
+  scaled_dot_product_attention, tanh-GELU MLP, tied output layer, GPT-2 initialisation); the exact
+  likelihood by the chain rule; a batched sampler with a key-value cache, temperature, top-k and
+  top-p; training with AdamW (decay on matrices only), warm-up + cosine learning rate, gradient
+  clipping, bf16 autocast (--amp) and torch.compile (--compile), single process or torchrun/DDP.
+  Data: images as one token per pixel in raster order (iGPT), character-level text, and 2D points
+  as two tokens (x bin, y bin) whose piecewise-uniform density gives a continuous NLL.
+  Not implemented: BPE tokenisation (text is character level, so the gpt2 preset is the GPT-2
+  architecture, not its tokenizer or weights), iGPT's k-means palette (we use uniform bit
+  truncation, stated below), iGPT's BERT objective, linear probes and fine-tuning.
+
+Run
+  python gpt.py                                   # image GPT on 8x8 digits (17 grey levels)
+  python gpt.py --dataset shakespeare             # character GPT, nanoGPT's shakespeare-char setting
+  python gpt.py --eval runs/gpt-digits/ckpt.pt    # exact test NLL, bits/dim (or bits/char)
+  python gpt.py --sample runs/gpt-digits/ckpt.pt --n-samples 64 --top-p 0.9
+
+Paper -> code
+  Vaswani Eq. 1, softmax(QK^T/sqrt(d_k))V, causal  causal_attention
+  Vaswani Sec. 3.2.2, multi-head attention         CausalSelfAttention
+  Radford 2018 Eq. 2, h_0 = U W_e + W_p,           GPT.forward (token + position embeddings,
+    P(u) = softmax(h_n W_e^T)                        output layer tied to W_e)
+  Radford 2019 Sec. 2.3, pre-LN + final LN, init   Block, GPT._init_weights
+  Radford 2019 Eq. 1 / Chen Eq. 1, chain rule      nll (exact, per sequence, nats)
+  Radford 2018 Eq. 1 / Chen Eq. 2, L_AR            sequence_loss
+  Chen Sec. 2.1 raster order, Sec. 3.2 palette     image_tokens, tokens_to_image, image_levels
+  piecewise-uniform density on bins (ours)         point_tokens, points_log_prob
+  Holtzman Eq. 2-3 / Fan et al. top-k              top_p_filter / top_k_filter, sample_next
+  Radford 2018 Sec. 4.1 (warm-up + cosine, L2 on   learning_rate, configure_optimizer
+    non-bias/gain weights)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (Batches, Logger, RunConfig, StopSignal, UserError, check_finite,
+                    density_on_grid, flag, init_distributed, load_checkpoint, load_dataset,
+                    parse_config, resume_path, rng_state, run_dir, save_checkpoint, save_density,
+                    save_image_grid, save_scatter, seed_everything, set_rng_state, user_errors,
+                    wrap_ddp)
+
+# ----------------------------------------------------------------------------------------------
+# 2. Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    """The network's shape (Radford et al. 2019, Table 2 names: layers, d_model, context, vocab)."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 64
+    block_size: int = 64     # context length: the most positions the model attends over
+    vocab_size: int = 17     # tokens the model predicts
+    dropout: float = 0.0
+    bias: bool = True        # biases in Linear and LayerNorm layers, as in GPT-2
+    start_token: bool = False  # one more input-only token, id vocab_size, that starts a sequence
+
+
+@dataclasses.dataclass
+class Config(RunConfig):
+    """Defaults train image GPT on digits in about 4 minutes on one CPU thread (test 1.9 bits/dim)."""
+
+    steps: int = flag(1000, "optimisation steps")
+    batch_size: int = flag(64, "global batch size (sequences)")
+    lr: float = flag(1e-3, "peak learning rate (after warm-up)")
+    n_layer: int = flag(4, "transformer blocks")
+    n_head: int = flag(4, "attention heads (must divide --n-embd)")
+    n_embd: int = flag(64, "width of the residual stream")
+    block_size: int = flag(128, "context length for text; images and 2D points use their own sequence length")
+    dropout: float = flag(0.0, "dropout on embeddings, attention weights and residual branches")
+    bias: bool = flag(True, "biases in Linear and LayerNorm layers (GPT-2 has them)")
+    weight_decay: float = flag(0.1, "AdamW weight decay, applied to matrices only")
+    beta1: float = flag(0.9, "AdamW beta1")
+    beta2: float = flag(0.99, "AdamW beta2")
+    warmup: int = flag(100, "linear warm-up steps")
+    min_lr: float = flag(1e-4, "learning rate at the end of the cosine decay")
+    decay_steps: int = flag(0, "length of the cosine decay in steps (0 = --steps); set it to resume into a longer run")
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = off)")
+    image_bits: int = flag(0, "bits kept per channel of 8-bit images (0 = 4 for grey, 3 for colour); "
+                              "images with other level counts (digits: 17) are used as they are")
+    bins: int = flag(256, "bins per coordinate for 2D points")
+    temperature: float = flag(1.0, "sampling temperature (0 = greedy)")
+    top_k: int = flag(0, "sample from the k most probable tokens only (0 = off)")
+    top_p: float = flag(1.0, "nucleus sampling: smallest set of tokens with this mass (1 = off)")
+    prompt: str = flag("\n", "text prompt the samples continue (text only)")
+    sample_len: int = flag(500, "characters generated per text sample")
+
+
+# Presets: {name: Config fields}. parse_config applies PRESETS[dataset] (or PRESETS[kind]).
+PRESETS: dict[str, dict] = {
+    # GPT-2 small (Radford et al. 2019, Table 2; with vocabulary GPT2_VOCAB and tied embeddings it
+    # has 124,439,808 parameters). Our text is character level, so this is the architecture only.
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, bias=True),
+    # nanoGPT's shakespeare-char configuration (its config/train_shakespeare_char.py; best
+    # validation loss 1.4697 nats/char), applied by --dataset shakespeare.
+    "shakespeare-char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
+                             batch_size=64, lr=1e-3, min_lr=1e-4, steps=5000, warmup=100,
+                             beta2=0.99, weight_decay=0.1, grad_clip=1.0, n_samples=2),
+    # Any other .txt: CPU-sized.
+    "text": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.1, batch_size=32,
+                 steps=3000, n_samples=2),
+    # 2D points: two tokens per point, fresh samples every batch so no dropout is needed.
+    "points": dict(n_layer=3, n_head=4, n_embd=128, dropout=0.0, batch_size=256, steps=3000,
+                   n_samples=2000, warmup=100),
+    # 28x28 grey images at 16 levels, 784 tokens: a GPU-sized model (4.9M parameters), far smaller
+    # than iGPT; our untuned choice. On a CPU, shrink it with --n-layer/--n-embd.
+    "mnist": dict(n_layer=6, n_head=8, n_embd=256, dropout=0.1, batch_size=32, steps=20000, lr=5e-4),
+    # iGPT-S's shape (24 layers, width 512, 8 heads; Chen et al. 2020, not in PAPERS.md, unverified)
+    # on the 512-colour palette; the optimiser settings are ours, not iGPT's. A GPU preset.
+    "cifar10": dict(n_layer=24, n_head=8, n_embd=512, dropout=0.0, batch_size=64, steps=200000,
+                    lr=3e-4, warmup=5000, weight_decay=0.01),
+}
+PRESETS["shakespeare"] = PRESETS["shakespeare-char"]
+PRESETS["fashion-mnist"] = PRESETS["mnist"]
+GPT2_VOCAB = 50257  # GPT-2's byte-level BPE vocabulary (Radford et al. 2019, Sec. 2.2)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The network
+# ----------------------------------------------------------------------------------------------
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """Masked scaled dot-product attention, softmax(Q K^T / sqrt(d_k)) V (Vaswani et al. 2017, Eq. 1).
+
+    q: (B, h, Tq, d); k, v: (B, h, Tk, d) with Tq <= Tk. The queries are the LAST Tq positions of
+    the Tk keys (a KV cache holds the first Tk - Tq), so query i sits at absolute position
+    Tk - Tq + i and sees keys 0 .. Tk - Tq + i. Returns (B, h, Tq, d).
+    """
+    Tq, Tk = q.size(-2), k.size(-2)
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if Tq == 1:  # one new token sees every cached key: no mask, the fastest kernel
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    # is_causal aligns the mask top-left when Tq != Tk; we need it bottom-right
+    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer, so that each new token costs one
+    position of compute. Buffers (n_layer, B, h, block_size, d) are allocated on first use with
+    the dtype of the keys (bf16 under autocast)."""
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.n_layer, self.max_len = n_layer, max_len
+        self.k = self.v = None
+        self.length = 0  # positions filled; advanced by GPT.forward after all layers
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, h, T, d) at positions length .. length+T-1; return all keys and values so far."""
+        if self.k is None:
+            B, h, _, d = k.shape
+            self.k = k.new_zeros(self.n_layer, B, h, self.max_len, d)
+            self.v = torch.zeros_like(self.k)
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reset(self):
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention (Vaswani et al. 2017, Sec. 3.2.2) with a causal mask."""
+
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        if c.n_embd % c.n_head:
+            raise ValueError(f"n_embd {c.n_embd} is not divisible by n_head {c.n_head}")
+        self.n_head, self.dropout = c.n_head, c.dropout
+        self.c_attn = nn.Linear(c.n_embd, 3 * c.n_embd, bias=c.bias)  # W^Q, W^K, W^V of all heads
+        self.c_proj = nn.Linear(c.n_embd, c.n_embd, bias=c.bias)      # W^O, a residual projection
+        self.resid_drop = nn.Dropout(c.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, h, T, d)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_drop(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network, width 4 d_model (Vaswani et al. 2017, Eq. 2), with the
+    GELU of GPT (Radford et al. 2018, Sec. 4.1) in its tanh form, as GPT-2's code computes it."""
+
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(c.n_embd, 4 * c.n_embd, bias=c.bias)
+        self.c_proj = nn.Linear(4 * c.n_embd, c.n_embd, bias=c.bias)  # a residual projection
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x):
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: LayerNorm moved to the input of each sub-block
+    (Radford et al. 2019, Sec. 2.3)."""
+
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.attn = CausalSelfAttention(c)
+        self.ln_2 = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer: P(u) = softmax(h_n W_e^T), h_0 = U W_e + W_p (Radford et al. 2018, Eq. 2)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = c = config
+        self.wte = nn.Embedding(c.vocab_size + c.start_token, c.n_embd)  # W_e, also the output layer (tied)
+        self.wpe = nn.Embedding(c.block_size, c.n_embd)  # W_p, learned positions
+        self.drop = nn.Dropout(c.dropout)
+        self.h = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)  # the extra final LayerNorm of GPT-2
+        self.apply(self._init_weights)
+        self._scale_residual_init()
+
+    def _init_weights(self, m: nn.Module):
+        """N(0, 0.02) weights and zero biases (Radford et al. 2018, Sec. 4.1)."""
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def _scale_residual_init(self):
+        """Weights of the residual projections scaled by 1/sqrt(N), N = 2 n_layer residual layers
+        (Radford et al. 2019, Sec. 2.3), so the residual stream's variance does not grow with depth."""
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.n_layer, self.config.block_size)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab) of the next token at every position.
+
+        With a cache, idx are the tokens at positions cache.length .. cache.length + T - 1 and the
+        cache grows by T. With last_only, only the last position's logits are computed: (B, 1, vocab).
+        """
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(f"{start + T} positions exceed the context of {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, n_embd)
+        for i, block in enumerate(self.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += T
+        if last_only:
+            x = x[:, -1:]
+        # tied output layer W_e^T; the start token is never predicted, so p sums to 1 over the data tokens
+        return F.linear(self.ln_f(x), self.wte.weight[:self.config.vocab_size])
+
+    def nll(self, idx: torch.Tensor) -> torch.Tensor:
+        """Exact negative log-likelihood per sequence in nats; see nll()."""
+        return nll(self, idx)
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None):
+        """Continue idx (B, T) by max_new_tokens sampled tokens; see generate()."""
+        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
+
+
+def gpt_config(cfg: Config, meta: dict) -> GPTConfig:
+    """The network for a run: shape from the flags, context and vocabulary from the data."""
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"--n-embd {cfg.n_embd} is not divisible by --n-head {cfg.n_head}; "
+                        "use a width that is a multiple of the heads")
+    return GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=meta["block_size"],
+                     vocab_size=meta["vocab_size"], dropout=cfg.dropout, bias=cfg.bias,
+                     start_token=meta["kind"] != "text")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The mathematics: data as token sequences, and the chain rule
+# ----------------------------------------------------------------------------------------------
+
+
+def image_levels(levels: int, channels: int, bits: int) -> int:
+    """Levels per channel the model sees. 8-bit images keep their top `bits` bits (default 4 for
+    grey: 16 levels; 3 for colour: 8^3 = 512 colours, the size of iGPT's 9-bit palette but uniform
+    instead of k-means, Chen et al. 2020, Sec. 3.2). Other level counts (digits: 17) are kept exactly."""
+    if levels != 256:
+        return levels
+    bits = bits or (4 if channels == 1 else 3)
+    if not 1 <= bits <= 8 or bits * channels > 16:
+        raise UserError(f"--image-bits {bits} with {channels} channels is not accepted; "
+                        f"use 1..8 bits with bits * channels <= 16 (a vocabulary of at most 65536)")
+    return 2 ** bits
+
+
+def quantise_image(x: torch.Tensor, levels: int, qlevels: int) -> torch.Tensor:
+    """Integer levels 0..levels-1 -> 0..qlevels-1 by floor(x * qlevels / levels); for 256 -> 2^b
+    this drops the low 8 - b bits. Identity when qlevels == levels."""
+    x = x.long()
+    return x if qlevels == levels else (x * qlevels) // levels
+
+
+def image_tokens(x: torch.Tensor, levels: int, qlevels: int) -> torch.Tensor:
+    """Images (B, C, H, W) -> one token per pixel in raster order (Chen et al. 2020, Sec. 2.1, Eq. 1
+    with the identity permutation): token = sum_c q_c * qlevels^(C-1-c), so (B, H*W) over qlevels^C values."""
+    q = quantise_image(x, levels, qlevels)
+    C = q.size(1)
+    place = qlevels ** torch.arange(C - 1, -1, -1, device=q.device).view(1, C, 1, 1)
+    return (q * place).sum(1).flatten(1)
+
+
+def tokens_to_image(tok: torch.Tensor, shape, qlevels: int) -> torch.Tensor:
+    """Inverse of image_tokens: (B, H*W) -> (B, C, H, W) integer levels 0..qlevels-1 (uint8)."""
+    C, H, W = shape
+    place = qlevels ** torch.arange(C - 1, -1, -1, device=tok.device).view(1, C, 1)
+    q = (tok.view(-1, 1, H * W) // place) % qlevels
+    return q.view(-1, C, H, W).to(torch.uint8)
+
+
+def bin_width(lim: float, bins: int) -> float:
+    return 2 * lim / bins
+
+
+def point_tokens(x: torch.Tensor, lim: float, bins: int) -> torch.Tensor:
+    """Points (B, 2) -> (x bin, y bin) tokens (B, 2), bins of width 2 lim / bins over [-lim, lim];
+    points outside the square fall in the edge bins."""
+    t = torch.floor((x + lim) / bin_width(lim, bins)).long()
+    return t.clamp(0, bins - 1)
+
+
+def tokens_to_points(tok: torch.Tensor, lim: float, bins: int, generator=None) -> torch.Tensor:
+    """(B, 2) bins -> points drawn uniformly inside their bin: a sample of the piecewise-uniform density."""
+    u = torch.rand(tok.shape, generator=generator, device=tok.device)
+    return (tok + u) * bin_width(lim, bins) - lim
+
+
+def with_start(tok: torch.Tensor, start_token: int) -> torch.Tensor:
+    """Prepend a start token, so the first data token is predicted too: (B, L) -> (B, L + 1)."""
+    return torch.cat([torch.full_like(tok[:, :1], start_token), tok], dim=1)
+
+
+def to_sequences(x: torch.Tensor, meta: dict) -> torch.Tensor:
+    """A batch from common.Batches -> token sequences (B, L) whose nll() is the data's likelihood.
+    Text windows are used as they are (their first token is context only)."""
+    if meta["kind"] == "text":
+        return x
+    if meta["kind"] == "image":
+        tok = image_tokens(x, meta["levels"], meta["qlevels"])
+    else:
+        tok = point_tokens(x, meta["lim"], meta["bins"])
+    return with_start(tok, meta["vocab_size"])  # the start token's id follows the data tokens
+
+
+def nll(net, idx: torch.Tensor) -> torch.Tensor:
+    """-log p(idx_1 .. idx_{T-1} | idx_0) = -sum_t log p(idx_t | idx_<t) in nats, per sequence (B,).
+
+    The chain rule of Radford et al. 2019, Eq. 1 and Chen et al. 2020, Eq. 1, exact: each factor is
+    the softmax of the logits at position t-1. With a start token as idx_0 this is -log p(data).
+    net: (B, T-1) -> logits (B, T-1, V), causal.
+    """
+    logits = net(idx[:, :-1])
+    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # fp32 at least
+    return -logp.gather(-1, idx[:, 1:, None]).squeeze(-1).sum(1)
+
+
+def points_log_prob(net, x: torch.Tensor, lim: float, bins: int) -> torch.Tensor:
+    """Continuous log-density of 2D points under the piecewise-uniform model: the two-token model
+    gives P(bin_x, bin_y), spread uniformly over a bin of area w^2, so
+    log p(x) = log P(bins) - 2 log w, i.e. continuous NLL = discrete NLL + 2 log w. (B,) nats."""
+    seq = with_start(point_tokens(x, lim, bins), bins)
+    return -nll(net, seq) - 2 * math.log(bin_width(lim, bins))
+
+
+def text_windows(data: torch.Tensor, T: int) -> torch.Tensor:
+    """Non-overlapping evaluation windows (N, T + 1) of a token stream: window k is
+    data[kT : kT + T + 1], its first token context only, so every token after the first is
+    predicted exactly once, with a context of 1..T tokens. A tail shorter than T + 1 is dropped."""
+    n = (data.numel() - 1) // T
+    starts = torch.arange(n) * T
+    return data[starts[:, None] + torch.arange(T + 1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The objective and the likelihood
+# ----------------------------------------------------------------------------------------------
+
+
+def sequence_loss(net, idx: torch.Tensor) -> torch.Tensor:
+    """L_AR = E[-log p(x)] (Chen et al. 2020, Eq. 2; Radford et al. 2018, Eq. 1), per token:
+    the mean next-token cross-entropy in nats over the batch's (B, T) sequences."""
+    logits = net(idx[:, :-1])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under --amp: the loss in fp32
+    return F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+
+
+def bits_per_dim(nll_nats: float, dims: int) -> float:
+    """nats per example -> bits per dimension: nll / (dims * ln 2). For images the dimensions are
+    the C*H*W sub-pixels of the (quantised) image the model sees, so the number is of that data."""
+    return nll_nats / (dims * math.log(2))
+
+
+@torch.inference_mode()
+def dataset_nll(model: GPT, seqs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """nll of every sequence (N, L) in batches, on the model's device; returns (N,) on the CPU."""
+    device = next(model.parameters()).device
+    out = [model.nll(seqs[i:i + batch_size].to(device)).cpu() for i in range(0, len(seqs), batch_size)]
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The sampler
+# ----------------------------------------------------------------------------------------------
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k most probable tokens (top-k sampling, Fan et al. 2018): logits below the k-th largest
+    become -inf. Ties with the k-th are kept. logits (..., V)."""
+    kth = logits.topk(min(k, logits.size(-1)), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: keep V(p), the smallest set of most probable tokens whose mass reaches p
+    (Holtzman et al. 2020, Eq. 2); renormalising the rest is Eq. 3 (the softmax that follows).
+    A token is kept iff the tokens strictly more probable than it hold less than p, so the most
+    probable token is always kept."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
+    remove_sorted = mass_before >= p
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from logits (B, V): argmax when temperature is 0, else softmax(logits / T)
+    after top-k then top-p filtering. Returns (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    if top_k:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1:
+        logits = top_p_filter(logits, top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Autoregressive sampling, batched, on the model's device: idx (B, T0) -> (B, T0 + max_new_tokens).
+
+    With use_cache each step feeds one token and reads the keys and values of the others from a
+    KVCache; without it each step recomputes the whole context. Both see the same context: once
+    the text outgrows the learned positions (block_size), the window jumps forward to keep the
+    last block_size // 2 tokens (re-encoded, the cache rebuilt), so every token is predicted from
+    at least half a context, and the cached and the uncached sampler draw the same tokens.
+    Runs under inference_mode; the result is an ordinary tensor (usable with autograd).
+    """
+    with torch.inference_mode():
+        out = _generate(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
+    return out.clone()
+
+
+def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator):
+    block = model.config.block_size
+    keep = max(1, block // 2)
+    was_training = model.training
+    model.eval()
+    try:
+        start = max(0, idx.size(1) - block)
+        cache = model.new_cache() if use_cache else None
+        logits = model(idx[:, start:], cache=cache, last_only=True)[:, -1]
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, nxt], dim=1)
+            if i == max_new_tokens - 1:
+                break
+            if idx.size(1) - start > block:  # the window is full: slide it
+                start = idx.size(1) - keep
+                if cache is not None:
+                    cache.reset()
+                logits = model(idx[:, start:], cache=cache, last_only=True)[:, -1]
+            elif cache is not None:
+                logits = model(nxt, cache=cache, last_only=True)[:, -1]
+            else:
+                logits = model(idx[:, start:], last_only=True)[:, -1]
+    finally:
+        model.train(was_training)
+    return idx
+
+
+def sample_data(model: GPT, meta: dict, n: int, cfg: Config, generator: torch.Generator):
+    """n samples in data space: images (n, C, H, W) levels, points (n, 2), or a list of n strings."""
+    device = next(model.parameters()).device
+    kw = dict(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p, generator=generator)
+    if meta["kind"] == "text":
+        prompt = encode_text(cfg.prompt, meta["vocab"]).to(device)
+        out = generate(model, prompt.expand(n, -1), cfg.sample_len, **kw)
+        return [decode_text(row, meta["vocab"]) for row in out.cpu()]
+    start = torch.full((n, 1), meta["vocab_size"], dtype=torch.long, device=device)
+    tok = generate(model, start, meta["block_size"], **kw)[:, 1:]
+    if meta["kind"] == "image":
+        return tokens_to_image(tok, meta["shape"], meta["qlevels"])
+    return tokens_to_points(tok, meta["lim"], meta["bins"], generator)
+
+
+def complete_images(model: GPT, meta: dict, images: torch.Tensor, n_completions: int, cfg: Config,
+                    generator: torch.Generator) -> torch.Tensor:
+    """Image completions as shown by Chen et al. 2020: the top half of each image given, the bottom
+    half sampled. Returns (N * (n_completions + 2), C, H, W): per image the top half alone, the
+    completions, the original."""
+    C, H, W = meta["shape"]
+    device = next(model.parameters()).device
+    seq = to_sequences(images.to(device), meta)
+    given = seq[:, :1 + (H // 2) * W].repeat_interleave(n_completions, 0)
+    tok = generate(model, given, seq.size(1) - given.size(1), cfg.temperature, cfg.top_k or None,
+                   cfg.top_p, generator=generator)[:, 1:]
+    done = tokens_to_image(tok, meta["shape"], meta["qlevels"]).view(len(images), n_completions, C, H, W)
+    orig = tokens_to_image(seq[:, 1:], meta["shape"], meta["qlevels"])
+    half = orig.clone()
+    half[:, :, H // 2:] = 0
+    return torch.cat([half[:, None], done, orig[:, None]], dim=1).flatten(0, 1)
+
+
+def encode_text(text: str, vocab: list) -> torch.Tensor:
+    index = {ch: i for i, ch in enumerate(vocab)}
+    bad = sorted({ch for ch in text if ch not in index})
+    if bad or not text:
+        raise UserError(f"--prompt must be non-empty and use the training vocabulary; not in it: {bad!r}")
+    return torch.tensor([[index[ch] for ch in text]])
+
+
+def decode_text(tokens, vocab: list) -> str:
+    return "".join(vocab[int(i)] for i in tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Training
+# ----------------------------------------------------------------------------------------------
+
+
+def data_meta(ds, cfg: Config) -> dict:
+    """What the network and the samplers need from the data; stored in the checkpoint."""
+    meta = dict(kind=ds.kind, dataset=ds.name)
+    if ds.kind == "image":
+        C, H, W = (int(s) for s in ds.shape)
+        q = image_levels(int(ds.levels), C, cfg.image_bits)
+        meta.update(shape=[C, H, W], levels=int(ds.levels), qlevels=q, num_classes=ds.num_classes,
+                    vocab_size=q ** C, block_size=H * W, dims=C * H * W)
+    elif ds.kind == "points":
+        meta.update(shape=[2], lim=float(ds.lim), bins=cfg.bins, vocab_size=cfg.bins, block_size=2, dims=2)
+    else:
+        meta.update(shape=[], vocab=list(ds.vocab), vocab_size=len(ds.vocab), block_size=cfg.block_size, dims=1)
+    return meta
+
+
+def configure_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019, arXiv 1711.05101) with weight decay on matrices (and the
+    embeddings) only, not on biases or LayerNorm gains (Radford et al. 2018, Sec. 4.1)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def learning_rate(step: int, cfg: Config) -> float:
+    """Linear warm-up from 0, then cosine annealing from lr to min_lr (Radford et al. 2018, Sec. 4.1;
+    Loshchilov & Hutter 2017, arXiv 1608.03983, Eq. 5). step counts from 0."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    total = cfg.decay_steps or cfg.steps
+    progress = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def train(cfg: Config):
+    dist = init_distributed(cfg.device)
+    seed_everything(cfg.seed)
+    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+    meta = data_meta(ds, cfg)
+    model = GPT(gpt_config(cfg, meta)).to(dist.device)
+    opt = configure_optimizer(model, cfg)
+    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed,
+                      block_size=cfg.block_size if ds.kind == "text" else None)
+    out = run_dir(cfg, "gpt")
+    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
+    step = 0
+    if (path := resume_path(cfg, "gpt")) is not None:
+        ckpt = load_checkpoint(path)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        batches.load_state_dict(ckpt["batches"])
+        set_rng_state(ckpt["rng"], dist)
+        step = ckpt["step"]
+        logger.event("resume", step=step, path=str(path))
+    net = wrap_ddp(model, dist)
+    if cfg.compile:
+        net = torch.compile(net)
+    test = load_dataset(cfg.dataset, "test", cfg.data_dir) if ds.kind == "image" else None
+    # the training loss is nats per token; an image token is a pixel of C dimensions, a text token a character
+    bits_name = {"image": "bits_per_dim", "text": "bits_per_char"}.get(meta["kind"])
+    per_dim = 1 / meta["shape"][0] if meta["kind"] == "image" else 1.0
+    picture = None
+    model.train()
+    with StopSignal() as stop:
+        while step < cfg.steps:
+            lr = learning_rate(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x, _ = next(batches)
+            idx = to_sequences(x, meta)
+            with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                loss = sequence_loss(net, idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            value = dist.mean(loss.detach())
+            check_finite(value, step)
+            bits = {bits_name: value * per_dim / math.log(2)} if bits_name else {}
+            logger.log(step, idx.size(0) * dist.world_size, loss=value, **bits, lr=lr)
+            stopping = dist.any(stop.requested)
+            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+                state = dict(model=model.state_dict(), opt=opt.state_dict(), step=step, rng=rng_state(dist),
+                             batches=batches.state_dict(), config=dataclasses.asdict(cfg), meta=meta)
+                if dist.is_main:
+                    save_checkpoint(out / "ckpt.pt", state)
+                    picture = write_samples(model, meta, cfg, out, step, logger, test)
+            if stopping:
+                break
+    logger.close()
+    if dist.is_main:
+        print(f"checkpoint {out / 'ckpt.pt'}; samples in {picture}")
+    dist.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Sampling, evaluation and the command line
+# ----------------------------------------------------------------------------------------------
+
+
+def write_samples(model: GPT, meta: dict, cfg: Config, out: pathlib.Path, step, logger, test=None) -> pathlib.Path:
+    """Samples in the data's form: an image grid (+ completions of test images), a scatter, or text."""
+    g = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)  # the training RNG is left alone
+    n = cfg.n_samples
+    t0 = time.time()
+    x = sample_data(model, meta, n, cfg, g)
+    seconds = time.time() - t0
+    logger.event("sample", n=n, seconds=round(seconds, 3), samples_per_s=round(n / max(seconds, 1e-9), 3))
+    if meta["kind"] == "text":
+        path = out / f"samples_{step}.txt"
+        path.write_text("\n\n---\n\n".join(x))
+        print(x[0])
+        return path
+    path = out / f"samples_{step}.png"
+    if step == "final":  # --sample: the raw samples too, for benchmarks/quality.py
+        torch.save(x.cpu(), out / "samples.pt")
+    if meta["kind"] == "points":
+        save_scatter(x.cpu(), path, lim=meta["lim"], title=f"GPT samples, step {step}")
+        return path
+    save_image_grid(x.cpu(), path, levels=meta["qlevels"])
+    if test is not None:
+        k = 4
+        grid = complete_images(model, meta, test.data[:8], k, cfg, g)
+        save_image_grid(grid.cpu(), out / f"completion_{step}.png", levels=meta["qlevels"], nrow=k + 2)
+    return path
+
+
+def load_model(path, device) -> tuple[GPT, dict, dict]:
+    ckpt = load_checkpoint(path)
+    saved = Config(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
+    model = GPT(gpt_config(saved, ckpt["meta"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt["meta"], ckpt["config"]
+
+
+def evaluate(cfg: Config):
+    """Exact test-set likelihood: nats per image (bits/dim), per character (bits/char) or per point."""
+    dist = init_distributed(cfg.device)
+    model, meta, saved = load_model(cfg.eval, dist.device)
+    out = pathlib.Path(cfg.out) if cfg.out else pathlib.Path(cfg.eval).parent
+    out.mkdir(parents=True, exist_ok=True)
+    logger = Logger(out, 0, enabled=dist.is_main)
+    ds = load_dataset(meta["dataset"], "test", cfg.data_dir or saved.get("data_dir"))
+    if meta["kind"] == "text":
+        T = meta["block_size"]
+        windows = text_windows(ds.data, T)
+        if len(windows) == 0:
+            raise UserError(f"the test split of {meta['dataset']} has {ds.data.numel()} characters; "
+                            f"evaluating a context of {T} needs at least {T + 1}")
+        per_char = dataset_nll(model, windows).sum().item() / windows[:, 1:].numel()
+        logger.event("eval", split="test", nll=per_char, bits_per_char=per_char / math.log(2), context=T,
+                     characters=windows[:, 1:].numel())
+    elif meta["kind"] == "image":
+        v = dataset_nll(model, to_sequences(ds.data, meta))
+        nats = v.mean().item()
+        logger.event("eval", split="test", nll=nats, bits_per_dim=bits_per_dim(nats, meta["dims"]),
+                     stderr=v.std().item() / math.sqrt(len(v)), levels=meta["qlevels"], n=len(v))
+    else:
+        lim, bins = meta["lim"], meta["bins"]
+        with torch.inference_mode():
+            log_p = torch.cat([points_log_prob(model, ds.data[i:i + 4096].to(dist.device), lim, bins).cpu()
+                               for i in range(0, len(ds.data), 4096)])
+        two_log_w = 2 * math.log(bin_width(lim, bins))  # continuous NLL = discrete NLL + 2 log w
+        logger.event("eval", split="test", nll=-log_p.mean().item(), discrete_nll=-log_p.mean().item() - two_log_w,
+                     stderr=log_p.std().item() / math.sqrt(len(log_p)), bins=bins)
+        write_density(model, meta, ds, out)
+    logger.close()
+    dist.close()
+
+
+def write_density(model: GPT, meta: dict, ds, out: pathlib.Path):
+    """density.npz and density.png: the model's log-density on a 128 x 128 grid beside the truth
+    (or a histogram of the test points when the set has no closed-form density)."""
+    import numpy as np  # only here: the rest of the file needs no numpy
+    lim, bins = meta["lim"], meta["bins"]
+    device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def log_prob(x):
+        return points_log_prob(model, x.to(device), lim, bins).cpu()
+
+    model_grid = density_on_grid(log_prob, ds.lim, n=128)
+    np.savez(out / "density.npz", log_density=model_grid, lim=ds.lim)
+    if ds.log_prob is not None:
+        truth = {"true density": density_on_grid(ds.log_prob, ds.lim, n=128)}
+    else:
+        truth = {"test data": ds.data}  # drawn as a histogram
+    save_density({**truth, f"GPT ({bins} bins)": model_grid}, out / "density.png", ds.lim)
+
+
+def sample_only(cfg: Config):
+    dist = init_distributed(cfg.device)
+    model, meta, saved = load_model(cfg.sample, dist.device)
+    out = pathlib.Path(cfg.out) if cfg.out else pathlib.Path(cfg.sample).parent
+    out.mkdir(parents=True, exist_ok=True)
+    logger = Logger(out, 0, enabled=dist.is_main)
+    test = None
+    if meta["kind"] == "image":  # completions need test images: from the cache, as training left it
+        try:
+            test = load_dataset(meta["dataset"], "test", cfg.data_dir or saved.get("data_dir"))
+        except UserError as e:
+            logger.event("no_completions", reason=str(e))
+    path = write_samples(model, meta, cfg, out, "final", logger, test)
+    logger.close()
+    print(f"samples in {path}")
+    dist.close()
+
+
+def check_config(cfg: Config):
+    """One-line errors for values the flags' types let through."""
+    rules = [("n_layer", 1), ("n_head", 1), ("n_embd", 1), ("block_size", 1),
+             ("bins", 2), ("warmup", 0), ("decay_steps", 0), ("sample_len", 0),
+             ("top_k", 0), ("temperature", 0.0), ("grad_clip", 0.0), ("weight_decay", 0.0)]
+    for name, low in rules:
+        if getattr(cfg, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is out of range; "
+                            f"it takes a number >= {low}")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"--dropout {cfg.dropout} is out of range; it takes a number in [0, 1)")
+    if not 0 < cfg.top_p <= 1:
+        raise UserError(f"--top-p {cfg.top_p} is out of range; it takes a number in (0, 1]")
+
+
+def main(argv=None):
+    with user_errors():
+        cfg = parse_config(Config, PRESETS, argv, doc=__doc__)
+        check_config(cfg)
+        if cfg.eval:
+            evaluate(cfg)
+        elif cfg.sample:
+            sample_only(cfg)
+        else:
+            train(cfg)
+
+
+if __name__ == "__main__":
+    main()

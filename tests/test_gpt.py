@@ -1,0 +1,394 @@
+"""Tests of gpt.py: each identity is checked against an independent computation."""
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import gpt
+
+
+def tiny(vocab=7, block=8, n_layer=2, n_head=2, n_embd=8, dropout=0.0, seed=0, start_token=False):
+    """A float64 GPT with random (non-trivial) weights, in eval mode."""
+    torch.manual_seed(seed)
+    m = gpt.GPT(gpt.GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block,
+                              vocab_size=vocab, dropout=dropout, start_token=start_token)).double()
+    with torch.no_grad():  # GPT-2's init is small; spread the weights so the logits differ a lot
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return m.eval()
+
+
+# ---------------------------------------------------------------- attention
+
+
+@given(B=st.integers(1, 2), h=st.integers(1, 3), Tk=st.integers(1, 7), d=st.integers(1, 4),
+       lag=st.integers(0, 6), seed=st.integers(0, 2**16))
+def test_sdpa_attention_equals_explicit_masked_softmax(B, h, Tk, d, lag, seed):
+    Tq = max(1, Tk - lag)  # covers Tq == Tk (is_causal), Tq == 1 (no mask) and the cached offset mask
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, h, Tq, d, generator=g, dtype=torch.float64)
+    k = torch.randn(B, h, Tk, d, generator=g, dtype=torch.float64)
+    v = torch.randn(B, h, Tk, d, generator=g, dtype=torch.float64)
+    out = gpt.causal_attention(q, k, v)
+    expect = torch.empty_like(out)
+    for i in range(Tq):
+        pos = Tk - Tq + i  # absolute position of query i
+        for b, hh in itertools.product(range(B), range(h)):
+            scores = torch.stack([q[b, hh, i] @ k[b, hh, j] / math.sqrt(d) for j in range(pos + 1)])
+            w = torch.exp(scores - scores.max())
+            w = w / w.sum()
+            expect[b, hh, i] = sum(w[j] * v[b, hh, j] for j in range(pos + 1))
+    torch.testing.assert_close(out, expect, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- causality and the cache
+
+
+@given(j=st.integers(0, 7), seed=st.integers(0, 2**16))
+def test_changing_token_j_changes_no_earlier_logit(j, seed):
+    m = tiny()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 7, (2, 8), generator=g)
+    idx2 = idx.clone()
+    idx2[:, j] = (idx[:, j] + 1 + torch.randint(0, 6, (2,), generator=g)) % 7  # a different token
+    a, b = m(idx), m(idx2)
+    torch.testing.assert_close(a[:, :j], b[:, :j], rtol=0, atol=1e-12)
+    assert (a[:, j] - b[:, j]).abs().amax() > 1e-6  # position j itself must see the change
+
+
+@given(prefill=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_cached_forward_matches_full_forward(prefill, seed):
+    m = tiny()
+    idx = torch.randint(0, 7, (3, 8), generator=torch.Generator().manual_seed(seed))
+    full = m(idx)
+    cache = m.new_cache()
+    parts = [m(idx[:, :prefill], cache=cache)] + [m(idx[:, t:t + 1], cache=cache) for t in range(prefill, 8)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-10, atol=1e-10)
+    assert cache.length == 8
+
+
+@pytest.mark.parametrize("mode", [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.7, top_k=3),
+                                  dict(temperature=1.3, top_p=0.8)])
+@pytest.mark.parametrize("prompt_len,new", [(1, 7), (3, 20)])  # (3, 20) slides past the 8-token context
+def test_cached_generation_equals_recomputation(mode, prompt_len, new):
+    m = tiny()
+    prompt = torch.randint(0, 7, (4, prompt_len), generator=torch.Generator().manual_seed(1))
+    a = m.generate(prompt, new, use_cache=True, generator=torch.Generator().manual_seed(5), **mode)
+    b = m.generate(prompt, new, use_cache=False, generator=torch.Generator().manual_seed(5), **mode)
+    assert a.shape == (4, prompt_len + new)
+    assert torch.equal(a, b)
+    assert torch.equal(a[:, :prompt_len], prompt)
+
+
+def test_greedy_generation_past_the_context_follows_the_sliding_window():
+    m = tiny(block=8)
+    out = m.generate(torch.tensor([[2]]), 20, temperature=0, use_cache=True)
+    start = 0  # the documented window: it jumps to keep the last block // 2 = 4 tokens once full
+    for n in range(1, 21):
+        if n - start > 8:
+            start = n - 4
+        assert out[0, n] == m(out[:, start:n])[0, -1].argmax(), n
+
+
+def test_completions_keep_the_given_top_half():
+    m = tiny(vocab=17, block=16, start_token=True)
+    meta = dict(kind="image", shape=[1, 4, 4], levels=17, qlevels=17, vocab_size=17, block_size=16)
+    images = torch.randint(0, 17, (3, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cfg = gpt.Config(temperature=1.0)
+    grid = gpt.complete_images(m.float(), meta, images, 2, cfg, torch.Generator().manual_seed(0)).view(3, 4, 1, 4, 4)
+    assert torch.equal(grid[:, -1], images)  # the original last
+    assert torch.equal(grid[:, 0, :, :2], images[:, :, :2]) and (grid[:, 0, :, 2:] == 0).all()
+    assert torch.equal(grid[:, 1:3, :, :2], images[:, None, :, :2].expand(3, 2, 1, 2, 4))  # completions
+
+
+def test_greedy_generation_is_the_argmax_chain():
+    m = tiny()
+    idx = torch.tensor([[3]])
+    out = m.generate(idx, 5, temperature=0)
+    for t in range(1, 6):  # recompute each step from the full prefix, independently of generate()
+        assert out[0, t] == m(out[:, :t])[0, -1].argmax()
+
+
+# ---------------------------------------------------------------- likelihood
+
+
+@given(seed=st.integers(0, 2**16), T=st.integers(2, 8))
+def test_nll_equals_hand_summed_chain_rule(seed, T):
+    m = tiny()
+    idx = torch.randint(0, 7, (2, T), generator=torch.Generator().manual_seed(seed))
+    by_hand = torch.zeros(2, dtype=torch.float64)
+    for t in range(1, T):  # run the model on each prefix alone: no reliance on the causal mask
+        p = torch.softmax(m(idx[:, :t])[:, -1], -1)
+        torch.testing.assert_close(p.sum(-1), torch.ones(2, dtype=torch.float64))
+        by_hand -= torch.log(p[torch.arange(2), idx[:, t]])
+    torch.testing.assert_close(m.nll(idx), by_hand, rtol=1e-10, atol=1e-10)
+
+
+def test_training_loss_is_the_nll_per_token():
+    m = tiny()
+    idx = torch.randint(0, 7, (3, 6), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(gpt.sequence_loss(m, idx) * 3 * 5, m.nll(idx).sum())
+
+
+def test_nll_with_an_oracle_bigram_network():
+    P = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]], dtype=torch.float64)
+    oracle = lambda idx: P.log()[idx]  # logits (B, T, 3) of a known Markov chain
+    idx = torch.tensor([[0, 1, 1, 2], [2, 2, 0, 0]])
+    expect = -torch.tensor([math.log(0.25 * 0.8 * 0.1), math.log(0.4 * 0.3 * 0.5)], dtype=torch.float64)
+    torch.testing.assert_close(gpt.nll(oracle, idx), expect)
+
+
+def test_likelihood_sums_to_one_over_all_sequences():
+    m = tiny(vocab=3, block=3, start_token=True)  # data tokens 0..2, input-only start token 3
+    seqs = torch.tensor([(3,) + s for s in itertools.product(range(3), repeat=3)])
+    assert m(seqs[:, :-1]).shape[-1] == 3  # the start token is never predicted
+    torch.testing.assert_close(torch.exp(-m.nll(seqs)).sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_points_density_integrates_to_one_and_width_term():
+    bins, lim = 6, 2.0
+    m = tiny(vocab=bins, block=2, start_token=True)
+    w = gpt.bin_width(lim, bins)
+    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) * w - lim
+    grid = torch.cartesian_prod(centres, centres)
+    logp = gpt.points_log_prob(m, grid, lim, bins)
+    torch.testing.assert_close((logp.exp() * w * w).sum(), torch.tensor(1.0, dtype=torch.float64))
+    # constant within a bin: a point near the bin's corner has the centre's density
+    torch.testing.assert_close(gpt.points_log_prob(m, grid + 0.49 * w, lim, bins), logp)
+
+
+def test_tokens_to_points_stays_in_its_bin():
+    tok = torch.randint(0, 16, (500, 2), generator=torch.Generator().manual_seed(0))
+    x = gpt.tokens_to_points(tok, 4.0, 16, torch.Generator().manual_seed(1))
+    assert torch.equal(gpt.point_tokens(x, 4.0, 16), tok)
+
+
+@given(C=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
+def test_image_tokens_round_trip(C, seed):
+    x = torch.randint(0, 256, (2, C, 3, 4), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    q = gpt.image_levels(256, C, 0)
+    assert q == (16 if C == 1 else 8)
+    tok = gpt.image_tokens(x, 256, q)
+    assert tok.shape == (2, 12) and tok.min() >= 0 and tok.max() < q ** C
+    assert torch.equal(gpt.tokens_to_image(tok, (C, 3, 4), q), (x >> (8 - int(math.log2(q)))))
+    # raster order: token 4 is row 1, column 0
+    expect = sum(int(x[0, c, 1, 0]) // (256 // q) * q ** (C - 1 - c) for c in range(C))
+    assert tok[0, 4] == expect
+
+
+def test_digits_levels_are_kept_exactly():
+    x = torch.randint(0, 17, (3, 1, 8, 8), dtype=torch.uint8)
+    assert gpt.image_levels(17, 1, 0) == 17
+    assert torch.equal(gpt.tokens_to_image(gpt.image_tokens(x, 17, 17), (1, 8, 8), 17), x)
+
+
+def test_text_windows_predict_each_character_once():
+    data = torch.arange(23)
+    w = gpt.text_windows(data, 5)
+    assert w.shape == (4, 6)
+    assert torch.equal(w[:, 1:].flatten(), torch.arange(1, 21))  # every target once, in order
+    assert torch.equal(w[1:, 0], w[:-1, -1])  # each window's context token is the previous target
+
+
+# ---------------------------------------------------------------- sampling filters
+
+
+# distinct logits a tenth apart: no ties, so "the k most probable" and "the smallest set" are unique
+logit_rows = st.lists(st.integers(-50, 50), min_size=2, max_size=12, unique=True).map(lambda r: [v / 10 for v in r])
+
+
+@given(row=logit_rows, k=st.integers(1, 14))
+def test_top_k_keeps_exactly_the_k_largest(row, k):
+    logits = torch.tensor(row, dtype=torch.float64)
+    kept = torch.isfinite(gpt.top_k_filter(logits, k))
+    assert kept.sum() == min(k, len(row))
+    assert kept[logits.argmax()]
+    if not kept.all():
+        assert logits[kept].min() > logits[~kept].max()
+
+
+@given(row=logit_rows, p=st.floats(0.01, 1.0))
+def test_top_p_keeps_the_smallest_set_reaching_p(row, p):
+    logits = torch.tensor(row, dtype=torch.float64)
+    probs = logits.softmax(-1)
+    kept = torch.isfinite(gpt.top_p_filter(logits, p))
+    assert kept[logits.argmax()]
+    assert probs[kept].sum() >= p - 1e-12
+    if not kept.all():
+        assert probs[kept].min() > probs[~kept].max()  # the most probable tokens
+    # smallest: without its least probable member the set falls short of p
+    assert probs[kept].sum() - probs[kept].min() < p + 1e-12
+
+
+def test_sampling_frequencies_match_the_filtered_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]], dtype=torch.float64)
+    n = 20000
+    draws = gpt.sample_next(logits.expand(n, -1), temperature=0.8, top_k=4,
+                            generator=torch.Generator().manual_seed(0)).squeeze(1)
+    p = torch.softmax(logits[0, :4] / 0.8, -1)
+    freq = torch.bincount(draws, minlength=5).double() / n
+    assert freq[4] == 0
+    se = (p * (1 - p) / n).sqrt()
+    assert ((freq[:4] - p).abs() < 5 * se).all()
+    assert torch.equal(gpt.sample_next(logits, temperature=0), torch.tensor([[0]]))
+
+
+# ---------------------------------------------------------------- presets and training pieces
+
+
+def test_gpt2_preset_has_124_439_808_parameters():
+    with torch.device("meta"):
+        m = gpt.GPT(gpt.GPTConfig(**gpt.PRESETS["gpt2"], vocab_size=gpt.GPT2_VOCAB))
+    assert sum(p.numel() for p in m.parameters()) == 124_439_808
+    assert m.config.n_layer == 12 and m.config.n_embd == 768 and m.config.block_size == 1024
+
+
+def test_residual_projections_are_scaled_at_init():
+    torch.manual_seed(0)
+    m = gpt.GPT(gpt.GPTConfig(n_layer=8, n_head=4, n_embd=128, block_size=16, vocab_size=50))
+    std = 0.02 / math.sqrt(16)
+    for name, p in m.named_parameters():
+        if name.endswith("c_proj.weight"):
+            assert abs(p.std().item() - std) < 0.05 * std
+        elif name.endswith("c_fc.weight"):
+            assert abs(p.std().item() - 0.02) < 0.05 * 0.02
+
+
+def test_weight_decay_only_on_matrices():
+    m = tiny()
+    cfg = gpt.Config(weight_decay=0.1)
+    opt = gpt.configure_optimizer(m, cfg)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+def test_learning_rate_schedule():
+    cfg = gpt.Config(lr=1e-3, min_lr=1e-4, warmup=10, steps=110)
+    assert gpt.learning_rate(0, cfg) == pytest.approx(1e-4)
+    assert gpt.learning_rate(9, cfg) == pytest.approx(1e-3)
+    assert gpt.learning_rate(10, cfg) == pytest.approx(1e-3)
+    assert gpt.learning_rate(60, cfg) == pytest.approx(5.5e-4)  # half-way down the cosine
+    assert gpt.learning_rate(110, cfg) == pytest.approx(1e-4)
+
+
+# ---------------------------------------------------------------- the command line
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--batch-size", "8", "--log-every", "1",
+        "--n-samples", "4", "--warmup", "2"]
+
+
+def events(out, name):
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r.get("event") == name]
+
+
+def test_cli_digits_train_eval_sample(tmp_path):
+    out = tmp_path / "run"
+    gpt.main(["--steps", "3", "--out", str(out), *TINY])
+    for name in ("ckpt.pt", "samples_3.png", "completion_3.png", "metrics.jsonl", "loss.png"):
+        assert (out / name).exists(), name
+    gpt.main(["--eval", str(out / "ckpt.pt")])
+    ev = events(out, "eval")[-1]
+    assert ev["n"] == 300 and ev["levels"] == 17
+    assert ev["bits_per_dim"] == pytest.approx(ev["nll"] / (64 * math.log(2)))
+    # three steps from a small init: still close to the uniform 64 log 17 nats, and not above it by much
+    assert abs(ev["nll"] - 64 * math.log(17)) < 0.1 * 64 * math.log(17)
+    gpt.main(["--sample", str(out / "ckpt.pt"), "--n-samples", "3", "--out", str(tmp_path / "s"), "--top-k", "5"])
+    assert (tmp_path / "s" / "samples_final.png").exists()
+    assert events(tmp_path / "s", "sample")[-1]["n"] == 3
+
+
+def test_cli_text_file(tmp_path, capsys):
+    txt = tmp_path / "tiny.txt"
+    txt.write_text("to be or not to be, that is the question. " * 30)
+    out = tmp_path / "run"
+    gpt.main(["--dataset", str(txt), "--steps", "3", "--out", str(out), "--block-size", "16",
+              "--sample-len", "20", "--prompt", "to", *TINY])
+    samples = (out / "samples_3.txt").read_text().split("\n\n---\n\n")
+    assert len(samples) == 4 and all(len(s) == 22 and s.startswith("to") for s in samples)
+    assert samples[0] in capsys.readouterr().out  # printed as well
+    gpt.main(["--eval", str(out / "ckpt.pt")])
+    ev = events(out, "eval")[-1]
+    n_test = len(txt.read_text()) - int(0.9 * len(txt.read_text()))
+    assert ev["characters"] == (n_test - 1) // 16 * 16 and ev["context"] == 16
+    assert ev["bits_per_char"] == pytest.approx(ev["nll"] / math.log(2))
+    with pytest.raises(SystemExit) as e:
+        gpt.main(["--sample", str(out / "ckpt.pt"), "--prompt", "Z"])  # Z is not in the vocabulary
+    assert e.value.code == 2 and "--prompt" in capsys.readouterr().err
+
+
+def test_cli_points_density(tmp_path):
+    out = tmp_path / "run"
+    gpt.main(["--dataset", "8gaussians", "--steps", "3", "--out", str(out), "--bins", "32", *TINY])
+    assert (out / "samples_3.png").exists()
+    gpt.main(["--eval", str(out / "ckpt.pt")])
+    ev = events(out, "eval")[-1]
+    assert ev["discrete_nll"] == pytest.approx(ev["nll"] - 2 * math.log(8 / 32))
+    import numpy as np
+    d = np.load(out / "density.npz")
+    assert d["log_density"].shape == (128, 128) and float(d["lim"]) == 4.0
+    # 32 bins of the square hold 4 x 4 grid cells each: the grid sum integrates the density exactly
+    assert np.exp(d["log_density"]).sum() * (8 / 128) ** 2 == pytest.approx(1.0, abs=1e-4)
+    assert (out / "density.png").exists()
+
+
+def test_resume_equals_uninterrupted_training(tmp_path):
+    flags = [*TINY, "--dropout", "0.1", "--decay-steps", "6"]  # dropout: the RNG must be restored too
+    gpt.main(["--steps", "6", "--out", str(tmp_path / "a"), *flags])
+    gpt.main(["--steps", "3", "--out", str(tmp_path / "b"), *flags])
+    half = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    gpt.main(["--steps", "6", "--out", str(tmp_path / "b"), "--resume", *flags])
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert half["step"] == 3 and a["step"] == b["step"] == 6
+    assert not torch.equal(half["model"]["wte.weight"], b["model"]["wte.weight"])  # it did train on
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+@pytest.mark.parametrize("argv,flag", [(["--n-embd", "10", "--n-head", "4"], "--n-head"),
+                                       (["--top-p", "0"], "--top-p"), (["--bins", "1"], "--bins"),
+                                       (["--dataset", "cifar10", "--image-bits", "6"], "--image-bits")])
+def test_user_errors_are_one_line(tmp_path, capsys, argv, flag, monkeypatch):
+    if flag == "--image-bits":  # no download: a tiny 8-bit colour set in place of cifar10
+        from types import SimpleNamespace
+        fake = SimpleNamespace(name="cifar10", split="train", kind="image", shape=(3, 2, 2), levels=256,
+                               num_classes=10, data=torch.zeros(4, 3, 2, 2, dtype=torch.uint8))
+        monkeypatch.setattr(gpt, "load_dataset", lambda *a, **k: fake)
+    with pytest.raises(SystemExit) as e:
+        gpt.main([*argv, "--steps", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and flag in err and err.startswith("error")
+
+
+def test_amp_training_runs(tmp_path):
+    out = tmp_path / "run"
+    gpt.main(["--steps", "2", "--out", str(out), "--amp", *TINY])
+    assert all(math.isfinite(r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r)
+
+
+def test_two_processes_train_like_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+    flags = ["--steps", "2", *TINY]
+    import socket
+    with socket.socket() as s:  # a free port: a fixed one may be held by another run
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(gpt.__file__), "--out", str(tmp_path / "ddp"), *flags]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    gpt.main(["--out", str(tmp_path / "one"), *flags])
+    a = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
+    for k in a:  # the same global batch, averaged gradients: equal up to float32 summation order
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
