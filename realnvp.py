@@ -1,0 +1,800 @@
+"""RealNVP: density estimation with real-valued non-volume preserving flows.
+
+Papers
+  Dinh, Sohl-Dickstein & Bengio 2017, "Density estimation using Real NVP", arXiv 1605.08803.
+  Dinh, Krueger & Bengio 2014, "NICE: Non-linear independent components estimation",
+      arXiv 1410.8516: additive coupling, the special case s = 0 (`--coupling additive`).
+  Kingma & Dhariwal 2018, "Glow", arXiv 1807.03039, Sec. 3.1: ActNorm (`--norm act`).
+
+A flow is a bijection f from data x to a latent z ~ N(0, I). Every layer here maps
+`forward(x) -> (z, log_det)`, log_det = log |det dz/dx| per example, and `inverse(z) -> x`,
+so layers compose and each can be checked alone (tests/test_realnvp.py checks every
+log-determinant against an autograd Jacobian and every inverse to float64 precision).
+
+Implemented: affine coupling layers with a bounded scale and their additive (NICE) special
+case; checkerboard and channel-wise masks; squeeze; the multi-scale architecture with half
+of the variables factored out at each scale; batch normalisation as a flow layer (running
+statistics in evaluation) or ActNorm; uniform dequantisation and the logit preprocessing as a
+flow with its log-determinant, so `nll` is the negative log-likelihood of the *discrete*
+data (a bound, see `RealNVP.nll`) in nats and bits/dim as in the paper; MLP couplings for
+the 2D sets. Not implemented: the paper's running-average batch norm variant (App. E; ours
+is the ordinary exponential running average), its bottleneck residual blocks, the "ordered"
+squeeze of the official code, and data augmentation (flips).
+
+Run
+    python realnvp.py                                   # 8gaussians: learned density next to the true one
+    python realnvp.py --dataset digits                  # 8x8 digits, multi-scale convolutional flow
+    python realnvp.py --eval runs/realnvp-digits/ckpt.pt     # test NLL (nats) and bits/dim
+    python realnvp.py --sample runs/realnvp-digits/ckpt.pt --n-samples 64
+
+Paper -> code (Dinh et al. 2017 unless named)
+    Eq. 3        log p_X(x) = log p_Z(f(x)) + log|det df/dx^T|       change_of_variables, RealNVP.log_prob
+    Eqs. 4-5     affine coupling y_b = x_b * exp(s(x_a)) + t(x_a)      coupling_forward
+    Eq. 6        triangular Jacobian, log det = sum_j s(x_a)_j          coupling_forward (log_det)
+    Eqs. 7-8     the inverse of a coupling                              coupling_inverse
+    Eq. 9        the masked form b*x + (1-b)*(x*exp(s(b*x)) + t(b*x))   coupling_forward, coupling_inverse
+    Sec. 3.4     checkerboard and channel-wise masks (Fig. 3)           checkerboard_mask, channel_mask
+    Sec. 3.6     squeeze, multi-scale, factoring out half               squeeze, unsqueeze, Scale
+    Sec. 3.7     batch normalisation as a flow layer                    BatchNormFlow
+    Sec. 4.1     dequantisation, logit(alpha + (1-2 alpha) x/K)         dequantize, LogitPreprocess, RealNVP.nll
+    Sec. 4.1     L2 5e-5 on the weight-scale parameters                 scale_weight_penalty
+    NICE 3.2     additive coupling                                      AffineCoupling(affine=False)
+    Glow Sec 3.1 ActNorm with data-dependent initialisation             ActNorm
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (Batches, Logger, RunConfig, StopSignal, UserError, check_finite, density_on_grid,
+                    entropy_estimate, flag, init_distributed, load_checkpoint, load_dataset, parse_config,
+                    resume_path, rng_state, run_dir, save_checkpoint, save_density, save_image_grid,
+                    save_scatter, seed_everything, set_rng_state, user_errors, wrap_ddp)
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Config(RunConfig):
+    dataset: str = flag("8gaussians", "dataset: a 2D set (8gaussians, checkerboard, rings, ...) or an image set")
+    steps: int = flag(3000, "training steps (optimiser updates)")
+    batch_size: int = flag(256, "global batch size")
+    lr: float = flag(1e-3, "Adam learning rate")
+    save_every: int = flag(1000, "steps between checkpoints and pictures")
+    n_couplings: int = flag(8, "2D: number of coupling layers (masks alternate)")
+    hidden: int = flag(128, "2D: width of the two hidden layers of each coupling MLP")
+    n_scales: int = flag(2, "images: scales of the multi-scale architecture (n_scales - 1 squeezes)")
+    n_blocks: int = flag(4, "images: residual blocks in each coupling network")
+    n_features: int = flag(32, "images: feature maps in each coupling network")
+    coupling: str = flag("affine", "affine (RealNVP) or additive (NICE: s = 0)", choices=("affine", "additive"))
+    norm: str = flag("act", "normalisation flow layer after each coupling: batch norm (the paper's, images), "
+                     "ActNorm (Glow; 2D default) or none", choices=("batch", "act", "none"))
+    alpha: float = flag(0.05, "images: logit preprocessing maps x/K into [alpha, 1 - alpha] (Sec. 4.1)")
+    l2: float = flag(0.0, "L2 coefficient on the weight-scale parameters (paper, images: 5e-5)")
+    grad_clip: float = flag(100.0, "clip the global gradient norm (official code: 100; 0 = off)")
+    temperature: float = flag(1.0, "standard deviation of the prior when sampling pictures")
+
+
+PRESETS = {
+    # MLP couplings on R^2; ActNorm rather than batch norm: batch statistics of 2D minibatches
+    # are noisy, and the running averages would lag behind the fast-moving early training.
+    "points": dict(steps=3000, batch_size=256, lr=1e-3, norm="act", l2=0.0),
+    # 8x8 digits: one squeeze (8x8 -> 4x4), a small version of the paper's convolutional flow.
+    # Small on purpose: 1497 training images; 2 blocks of 32 maps reach 1.58 bits/dim on the
+    # training set but 2.27 on the test set after 2000 steps.
+    "digits": dict(steps=2000, batch_size=64, lr=1e-3, n_scales=2, n_blocks=1, n_features=16,
+                   norm="batch", alpha=0.05, l2=5e-5, save_every=500),
+    "digits-binary": dict(steps=2000, batch_size=64, lr=1e-3, n_scales=2, n_blocks=1, n_features=16,
+                          norm="batch", alpha=0.05, l2=5e-5, save_every=500),
+    # The paper reports no MNIST flow; this follows its smaller-dataset setting (4 residual
+    # blocks of 32 maps) with two squeezes, 28 -> 14 -> 7.
+    "mnist": dict(steps=50_000, batch_size=64, lr=1e-3, n_scales=3, n_blocks=4, n_features=32,
+                  norm="batch", alpha=0.05, l2=5e-5, save_every=2000),
+    "fashion-mnist": dict(steps=50_000, batch_size=64, lr=1e-3, n_scales=3, n_blocks=4, n_features=32,
+                          norm="batch", alpha=0.05, l2=5e-5, save_every=2000),
+    # Paper, Sec. 4.1: 8 residual blocks, 64 feature maps, one squeeze (downscale once) for
+    # CIFAR-10; batch 64; Adam; L2 5e-5; alpha 0.05. It reports 3.49 bits/dim (test). The number
+    # of steps is ours (the paper does not state it); lr 1e-3 is the official code's default.
+    "cifar10": dict(steps=500_000, batch_size=64, lr=1e-3, n_scales=2, n_blocks=8, n_features=64,
+                    norm="batch", alpha=0.05, l2=5e-5, save_every=5000),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# The networks: s and t of a coupling, computed from the conditioning half x_a = b * x
+# ----------------------------------------------------------------------------------------
+
+class MLP(nn.Module):
+    """2D coupling network: x_a (B, D) -> (s_raw, t) as one (B, 2D) tensor. The last layer
+    starts at zero so every coupling starts as the identity."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 2 * dim))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, xa):
+        return self.net(xa)
+
+
+def _wn_conv(c_in, c_out, k):
+    # Weight normalisation in s and t (Sec. 3.7); its magnitudes `original0` are the
+    # "weight scale parameters" the paper's L2 term acts on (scale_weight_penalty).
+    return nn.utils.parametrizations.weight_norm(nn.Conv2d(c_in, c_out, k, padding=k // 2))
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block (Sec. 3.7: deep residual networks with batch norm and
+    weight norm in s and t): x + conv(relu(bn(conv(relu(bn(x))))))."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(ch), _wn_conv(ch, ch, 3)
+        self.bn2, self.conv2 = nn.BatchNorm2d(ch), _wn_conv(ch, ch, 3)
+
+    def forward(self, h):
+        r = self.conv1(F.relu(self.bn1(h)))
+        return h + self.conv2(F.relu(self.bn2(r)))
+
+
+class ResNet(nn.Module):
+    """Image coupling network: x_a (B, C, H, W) -> (B, 2C, H, W) holding (s_raw, t).
+
+    The mask is given as an extra input channel, so the translation-equivariant convolutions
+    know which pixels are the conditioning ones. The output layer starts at zero (its weight-norm
+    magnitudes are zero): each coupling starts as the identity."""
+
+    def __init__(self, mask, n_features, n_blocks):
+        super().__init__()
+        c = mask.shape[0]
+        self.register_buffer("mask_channel", mask[:1].clone())  # (1, H, W)
+        self.conv_in = _wn_conv(c + 1, n_features, 3)
+        self.blocks = nn.Sequential(*[ResBlock(n_features) for _ in range(n_blocks)])
+        self.bn_out = nn.BatchNorm2d(n_features)
+        self.conv_out = _wn_conv(n_features, 2 * c, 3)
+        with torch.no_grad():
+            self.conv_out.parametrizations.weight.original0.zero_()
+            self.conv_out.bias.zero_()
+
+    def forward(self, xa):
+        m = self.mask_channel.to(xa.dtype).expand(xa.shape[0], 1, *xa.shape[2:])
+        h = self.blocks(self.conv_in(torch.cat([xa, m], 1)))
+        return self.conv_out(F.relu(self.bn_out(h)))
+
+
+# ----------------------------------------------------------------------------------------
+# The mathematics: one function or small class per equation
+# ----------------------------------------------------------------------------------------
+
+def standard_normal_log_prob(z):
+    """log N(z; 0, I) summed over all but the batch dimension: (B, ...) -> (B,). The prior p_Z."""
+    return -0.5 * (z.pow(2) + LOG_2PI).flatten(1).sum(1)
+
+
+def change_of_variables(log_pz, log_det):
+    """Dinh et al. 2017, Eq. 3: log p_X(x) = log p_Z(f(x)) + log |det(df(x)/dx^T)|, per example."""
+    return log_pz + log_det
+
+
+def coupling_forward(x, b, st):
+    """Affine coupling, Dinh et al. 2017, Eqs. 4-5 in the masked form of Eq. 9:
+
+        y = b * x + (1 - b) * (x * exp(s(b * x)) + t(b * x)),
+
+    b a binary mask (1 on the conditioning half x_a, broadcast over the batch) and
+    st(b * x) -> (s, t), each shaped like x. The Jacobian is triangular with diagonal
+    exp(s) on the transformed half and 1 elsewhere (Eq. 6), so log|det dy/dx| = sum (1-b) s.
+    Returns (y, log_det (B,))."""
+    xa = x * b
+    s, t = st(xa)
+    s, t = s * (1 - b), t * (1 - b)
+    y = xa + (1 - b) * (x * torch.exp(s) + t)
+    return y, s.flatten(1).sum(1)
+
+
+def coupling_inverse(y, b, st):
+    """Inverse of the coupling, Dinh et al. 2017, Eqs. 7-8 (masked, Eq. 9):
+    x_a = y_a and x_b = (y_b - t(y_a)) * exp(-s(y_a)); s and t are never inverted, so they can
+    be arbitrarily complex networks."""
+    ya = y * b
+    s, t = st(ya)
+    s, t = s * (1 - b), t * (1 - b)
+    return ya + (1 - b) * (y - t) * torch.exp(-s)
+
+
+class AffineCoupling(nn.Module):
+    """A coupling layer: `coupling_forward` / `coupling_inverse` with the network `net`.
+
+    The scale is bounded, s = scale * tanh(s_raw) with a learned per-channel `scale` (the
+    official code's "rescaling_scale"): |s| cannot blow up early in training. With
+    affine=False it is NICE's additive coupling (Dinh et al. 2014, Sec. 3.2): s = 0, log_det = 0.
+    `mask` has the shape of one example: (D,) for vectors, (C, H, W) for images."""
+
+    def __init__(self, mask, net, affine=True):
+        super().__init__()
+        self.register_buffer("mask", mask.clone())
+        self.net, self.affine = net, affine
+        scale_shape = (mask.shape[0],) + (1,) * (mask.dim() - 1)
+        self.scale = nn.Parameter(torch.ones(scale_shape)) if affine else None
+
+    def st(self, xa):
+        s_raw, t = self.net(xa).to(xa.dtype).chunk(2, dim=1)  # cast back from autocast's bfloat16
+        s = self.scale * torch.tanh(s_raw) if self.affine else torch.zeros_like(t)
+        return s, t
+
+    def forward(self, x):
+        return coupling_forward(x, self.mask.to(x.dtype), self.st)
+
+    def inverse(self, z):
+        return coupling_inverse(z, self.mask.to(z.dtype), self.st)
+
+
+def vector_mask(dim, parity):
+    """Mask for vectors: b_i = 1 where i % 2 == parity (for 2D data: (1, 0) or (0, 1))."""
+    return (torch.arange(dim) % 2 == parity).float()
+
+
+def checkerboard_mask(shape, parity):
+    """Spatial checkerboard mask (Dinh et al. 2017, Sec. 3.4, Fig. 3 left): b = 1 where
+    (i + j) % 2 == parity, the same on every channel. shape = (C, H, W)."""
+    c, h, w = shape
+    ij = torch.arange(h)[:, None] + torch.arange(w)[None, :]
+    return (ij % 2 == parity).float().expand(c, h, w).clone()
+
+
+def channel_mask(shape, parity):
+    """Channel-wise mask (Sec. 3.4, Fig. 3 right): b = 1 on the first half of the channels
+    (parity 0) or the second half (parity 1). shape = (C, H, W), C even."""
+    c, h, w = shape
+    first = (torch.arange(c) < c // 2).float()
+    b = first if parity == 0 else 1 - first
+    return b[:, None, None].expand(c, h, w).clone()
+
+
+def squeeze(x):
+    """Sec. 3.6: every 2x2xC sub-square becomes 1x1x4C. (B, C, H, W) -> (B, 4C, H/2, W/2);
+    a permutation, so its log-determinant is 0."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, 4 * c, h // 2, w // 2)
+
+
+def unsqueeze(z):
+    """The inverse of `squeeze`: (B, 4C, H, W) -> (B, C, 2H, 2W)."""
+    b, c4, h, w = z.shape
+    z = z.reshape(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return z.reshape(b, c4 // 4, 2 * h, 2 * w)
+
+
+def _feature_stats_dims(x):
+    return [0] + list(range(2, x.dim()))  # statistics per feature/channel: over batch and space
+
+
+class BatchNormFlow(nn.Module):
+    """Batch normalisation as a flow layer (Dinh et al. 2017, Sec. 3.7):
+
+        y = (x - mu) / sqrt(sigma^2 + eps) * exp(log_gamma) + beta,
+        log|det dy/dx| = sum_features (log_gamma - 0.5 log(sigma^2 + eps)) * (H * W).
+
+    Training mode: mu, sigma^2 are the minibatch statistics (treated as constants in the
+    determinant, as in the paper) and update the running averages; evaluation mode: the
+    running averages, so the layer is a fixed bijection and the density normalises exactly.
+    In training mode `inverse` reuses the statistics of the last forward pass: given them the
+    layer is a bijection, which is what the train-mode invertibility check needs."""
+
+    def __init__(self, num_features, momentum=0.05, eps=1e-4):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.log_gamma = nn.Parameter(torch.zeros(num_features))
+        self.beta = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self._batch_stats = None
+
+    def _view(self, v, x):
+        return v.view(1, -1, *([1] * (x.dim() - 2))).to(x.dtype)
+
+    def forward(self, x):
+        if self.training:
+            dims = _feature_stats_dims(x)
+            mean, var = x.mean(dims), x.var(dims, unbiased=False)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                self.running_var.lerp_(var.detach().to(self.running_var.dtype), self.momentum)
+            self._batch_stats = (mean.detach(), var.detach())
+        else:
+            mean, var = self.running_mean, self.running_var
+        y = (x - self._view(mean, x)) * torch.rsqrt(self._view(var, x) + self.eps)
+        y = y * self._view(self.log_gamma.exp(), x) + self._view(self.beta, x)
+        per_feature = self.log_gamma.to(x.dtype) - 0.5 * torch.log(var.to(x.dtype) + self.eps)
+        log_det = per_feature.sum() * math.prod(x.shape[2:])
+        return y, log_det.expand(x.shape[0])
+
+    def inverse(self, y):
+        if self.training and self._batch_stats is not None:
+            mean, var = self._batch_stats
+        else:
+            mean, var = self.running_mean, self.running_var
+        x = (y - self._view(self.beta, y)) * self._view((-self.log_gamma).exp(), y)
+        return x * torch.sqrt(self._view(var, y) + self.eps) + self._view(mean, y)
+
+
+class ActNorm(nn.Module):
+    """ActNorm (Kingma & Dhariwal 2018, Sec. 3.1): a per-channel affine map
+    y = (x - shift) * exp(-log_scale), log|det| = -sum_c log_scale_c * (H * W), initialised
+    from the first minibatch so that y has zero mean and unit variance per channel; afterwards
+    ordinary parameters, the same in training and evaluation (no batch dependence)."""
+
+    def __init__(self, num_features):
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(num_features))
+        self.log_scale = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def initialize(self, x):
+        """Data-dependent initialisation (Glow, Sec. 3.1) from the batch x."""
+        dims = _feature_stats_dims(x)
+        self.shift.copy_(x.mean(dims))
+        self.log_scale.copy_(x.std(dims, unbiased=False).clamp_min(1e-6).log())
+        self.initialized.fill_(True)
+
+    def _view(self, v, x):
+        return v.view(1, -1, *([1] * (x.dim() - 2))).to(x.dtype)
+
+    def forward(self, x):
+        if not self.initialized and self.training:
+            self.initialize(x)
+        y = (x - self._view(self.shift, x)) * self._view((-self.log_scale).exp(), x)
+        log_det = -self.log_scale.to(x.dtype).sum() * math.prod(x.shape[2:])
+        return y, log_det.expand(x.shape[0])
+
+    def inverse(self, y):
+        return y * self._view(self.log_scale.exp(), y) + self._view(self.shift, y)
+
+
+class FlowSequence(nn.ModuleList):
+    """Composition of flow layers: log-determinants add (chain rule), inverses run in reverse."""
+
+    def forward(self, x):
+        log_det = x.new_zeros(x.shape[0])
+        for layer in self:
+            x, ld = layer(x)
+            log_det = log_det + ld
+        return x, log_det
+
+    def inverse(self, z):
+        for layer in reversed(self):
+            z = layer.inverse(z)
+        return z
+
+
+def _norm_layer(norm, num_features):
+    return {"batch": lambda: BatchNormFlow(num_features), "act": lambda: ActNorm(num_features),
+            "none": lambda: None}[norm]()
+
+
+def _couplings(masks, make_net, affine, norm):
+    """Coupling layers with the given masks, each followed by a normalisation layer."""
+    layers = []
+    for m in masks:
+        layers.append(AffineCoupling(m, make_net(m), affine))
+        n = _norm_layer(norm, m.shape[0])
+        if n is not None:
+            layers.append(n)
+    return layers
+
+
+class Scale(nn.Module):
+    """One scale of the multi-scale architecture (Dinh et al. 2017, Sec. 3.6).
+
+    Not the last: 3 couplings with alternating checkerboard masks, squeeze, 3 couplings with
+    alternating channel-wise masks, then half of the channels are factored out, z_i, and
+    the other half h_i goes on to the next scale: (z_i, h_i) = f_i(h_{i-1}). The last scale:
+    4 couplings with alternating checkerboard masks. The outputs are put back in the place of
+    their pixels (unsqueeze), so z has the shape of x and the prior is N(0, I) on all of it."""
+
+    def __init__(self, shape, n_scales, n_features, n_blocks, affine=True, norm="batch"):
+        super().__init__()
+        c, h, w = shape
+        make_net = lambda m: ResNet(m, n_features, n_blocks)
+        self.last = n_scales == 1
+        n_check = 4 if self.last else 3
+        self.checker = FlowSequence(_couplings([checkerboard_mask(shape, i % 2) for i in range(n_check)],
+                                               make_net, affine, norm))
+        if not self.last:
+            sq = (4 * c, h // 2, w // 2)
+            self.channel = FlowSequence(_couplings([channel_mask(sq, i % 2) for i in range(3)],
+                                                   make_net, affine, norm))
+            self.next = Scale((2 * c, h // 2, w // 2), n_scales - 1, n_features, n_blocks, affine, norm)
+
+    def forward(self, x):
+        h, log_det = self.checker(x)
+        if self.last:
+            return h, log_det
+        h, ld = self.channel(squeeze(h))
+        z_out, h = h.chunk(2, dim=1)  # factor out half of the variables (Sec. 3.6)
+        z_rest, ld_next = self.next(h)
+        return unsqueeze(torch.cat([z_out, z_rest], 1)), log_det + ld + ld_next
+
+    def inverse(self, z):
+        if self.last:
+            return self.checker.inverse(z)
+        z_out, z_rest = squeeze(z).chunk(2, dim=1)
+        h = torch.cat([z_out, self.next.inverse(z_rest)], 1)
+        return self.checker.inverse(unsqueeze(self.channel.inverse(h)))
+
+
+def dequantize(x, u=None):
+    """Uniform dequantisation (Sec. 4.1; Theis et al. 2016): integer levels x in
+    {0, ..., K-1}^D -> v = x + u, u ~ U[0, 1)^D. `u` may be given (tests pass a fixed one)."""
+    x = x.to(torch.get_default_dtype()) if not x.is_floating_point() else x
+    return x + (torch.rand_like(x) if u is None else u.to(x))
+
+
+def quantize(v, levels):
+    """Back to integer levels: floor(v) clipped to {0, ..., K-1} (the cube v lies in)."""
+    return v.floor().clamp(0, levels - 1).to(torch.uint8 if levels <= 256 else torch.long)
+
+
+class LogitPreprocess(nn.Module):
+    """The preprocessing of Sec. 4.1 as a flow layer on the dequantised v in [0, K]^D:
+
+        y = v / K,  p = alpha + (1 - 2 alpha) y,  w = logit(p) = log p - log(1 - p),
+        log|det dw/dv| = sum_i [-log K + log(1 - 2 alpha) - log p_i - log(1 - p_i)].
+
+    The squeeze into [alpha, 1 - alpha] keeps the logit away from +-inf at the borders. The
+    paper takes alpha = .05; its official code (data_constraint = .9) maps y into [.05, .95],
+    the symmetric form used here. The -log K term turns the density of y in [0,1]^D into one
+    of v (see RealNVP.nll)."""
+
+    def __init__(self, levels, alpha=0.05):
+        super().__init__()
+        if not 0 <= alpha < 0.5:
+            raise UserError(f"--alpha {alpha} is out of range; it takes a number in [0, 0.5)")
+        self.levels, self.alpha = levels, alpha
+
+    def forward(self, v):
+        p = self.alpha + (1 - 2 * self.alpha) * (v / self.levels)
+        w = torch.log(p) - torch.log1p(-p)
+        log_det = (math.log(1 - 2 * self.alpha) - math.log(self.levels) - torch.log(p) - torch.log1p(-p))
+        return w, log_det.flatten(1).sum(1)
+
+    def inverse(self, w):
+        return self.levels * (torch.sigmoid(w) - self.alpha) / (1 - 2 * self.alpha)
+
+
+def bits_per_dim(nll, num_dims):
+    """nats per example -> bits per dimension: nll / (D ln 2)."""
+    return nll / (num_dims * math.log(2))
+
+
+class RealNVP(nn.Module):
+    """A flow with a standard normal prior: `body` (a flow layer) after the optional
+    preprocessing (images: `LogitPreprocess`). x is continuous: points, or dequantised
+    images v = x + u in [0, K]^D."""
+
+    def __init__(self, body, event_shape, levels=None, alpha=0.05):
+        super().__init__()
+        self.body, self.event_shape, self.levels = body, tuple(event_shape), levels
+        self.pre = LogitPreprocess(levels, alpha) if levels else None
+        self.register_buffer("_anchor", torch.zeros(()))  # the model's device and dtype
+
+    def forward(self, x):
+        """x (B, *event_shape) -> (z, log|det dz/dx|) with the preprocessing included."""
+        log_det = x.new_zeros(x.shape[0])
+        if self.pre is not None:
+            x, log_det = self.pre(x)
+        z, ld = self.body(x)
+        return z, log_det + ld
+
+    def inverse(self, z):
+        x = self.body.inverse(z)
+        return self.pre.inverse(x) if self.pre is not None else x
+
+    def log_prob(self, x):
+        """log p_X(x) by the change of variables (Eq. 3), per example (B,)."""
+        z, log_det = self(x)
+        return change_of_variables(standard_normal_log_prob(z), log_det)
+
+    def nll(self, x, u=None):
+        """Negative log-likelihood per example in nats.
+
+        Points: -log p(x), the continuous density. Images: x holds integer levels
+        {0, ..., K-1}^D and the model is a density p_Y on [0,1]^D of y = (x + u)/K. It defines
+        a discrete distribution by integrating over the cube each x owns:
+
+            P(x) = int_{[0,1)^D} p_Y((x + u)/K) K^{-D} du = E_u[ p_V(x + u) ],
+            p_V(v) = p_Y(v / K) K^{-D}   (the density of v = K y),
+
+        and by Jensen's inequality (Theis, van den Oord & Bethge 2016, arXiv 1511.01844)
+
+            log P(x) >= E_u[log p_V(x + u)] = E_u[log p_Y((x + u)/K)] - D log K.
+
+        `log_prob` of v already includes -D log K and the logit's log-determinant
+        (LogitPreprocess), so nll = -log p_V(x + u) with one draw of u is an unbiased estimate
+        of the bound -E_u[log p_V(x + u)] >= -log P(x). Bits/dim = nll / (D ln 2), as the
+        paper reports."""
+        if self.levels is None:
+            return -self.log_prob(x)
+        return -self.log_prob(dequantize(x.to(self._anchor.dtype), u))
+
+    @torch.inference_mode()
+    def sample(self, n, temperature=1.0):
+        """n samples on the model's device, the prior scaled by `temperature`; evaluation mode
+        (running statistics). Images come back as integer levels."""
+        was_training = self.training
+        self.eval()
+        z = temperature * torch.randn(n, *self.event_shape, device=self._anchor.device, dtype=self._anchor.dtype)
+        x = self.inverse(z)
+        self.train(was_training)
+        return quantize(x, self.levels) if self.levels else x
+
+
+def scale_weight_penalty(model):
+    """Sum of squares of the weight-scale parameters (Sec. 4.1, L2 5e-5 in the paper): the
+    weight-norm magnitudes of the coupling networks and the couplings' tanh scales."""
+    total = model._anchor.new_zeros(())
+    for name, p in model.named_parameters():
+        if name.endswith("original0") or name.endswith(".scale"):
+            total = total + p.pow(2).sum()
+    return total
+
+
+def build_model(cfg, meta):
+    """The flow for data described by `meta` ({"kind", "shape", "levels"})."""
+    affine = cfg.coupling == "affine"
+    if meta["kind"] == "points":
+        dim = meta["shape"][0]
+        masks = [vector_mask(dim, i % 2) for i in range(cfg.n_couplings)]
+        body = FlowSequence(_couplings(masks, lambda m: MLP(dim, cfg.hidden), affine, cfg.norm))
+        return RealNVP(body, meta["shape"])
+    c, h, w = meta["shape"]
+    k = 2 ** (cfg.n_scales - 1)
+    if cfg.n_scales < 1 or h % k or w % k:
+        raise UserError(f"--n-scales {cfg.n_scales} does not fit {h}x{w} images; it takes 1.. as long as "
+                        f"{h} and {w} are divisible by 2^(n_scales - 1)")
+    body = Scale((c, h, w), cfg.n_scales, cfg.n_features, cfg.n_blocks, affine, cfg.norm)
+    return RealNVP(body, meta["shape"], levels=meta["levels"], alpha=cfg.alpha)
+
+
+def initialize_actnorm(model, batches):
+    """If the model has ActNorm layers, run one forward pass in training mode on the next batch
+    so they initialise from it (Glow, Sec. 3.1). Done before DistributedDataParallel wraps the
+    model, which then copies rank 0's values to every process."""
+    if any(isinstance(m, ActNorm) and not m.initialized for m in model.modules()):
+        with torch.no_grad():
+            model.train()
+            _Objective(model)(next(batches)[0])
+
+
+class _Objective(nn.Module):
+    """The training objective as a module, so DistributedDataParallel wraps the nll."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.nll(x)
+
+
+# ----------------------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _model_density(model, lim, n=128):
+    model.eval()
+    device = model._anchor.device
+    return density_on_grid(lambda p: model.log_prob(p.to(device)).cpu(), lim, n)
+
+
+@torch.no_grad()
+def save_pictures(model, out, step, meta, cfg, data, true_log_prob=None, lim=4.0):
+    """Samples; for 2D data the model's density next to the truth; data mapped to latents.
+    Drawn from a forked random stream, so pictures never change the training run."""
+    device = model._anchor.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(step)
+        _draw_pictures(model, out, step, meta, cfg, data, true_log_prob, lim)
+
+
+def _draw_pictures(model, out, step, meta, cfg, data, true_log_prob, lim):
+    model.eval()
+    x = model.sample(cfg.n_samples if meta["kind"] != "points" else 2000, cfg.temperature)
+    if meta["kind"] == "points":
+        save_scatter(x, out / f"samples_{step}.png", lim=lim, title=f"RealNVP samples, step {step}")
+        truth = density_on_grid(true_log_prob, lim) if true_log_prob else data
+        save_density({"true": truth, "RealNVP": _model_density(model, lim)}, out / "density.png", lim)
+        z, _ = model(data[:2000].to(model._anchor))
+        _save_latent_2d(data[:2000], z.cpu(), out / "latent.png", lim)
+    else:
+        save_image_grid(x, out / f"samples_{step}.png", levels=meta["levels"])
+        xs = data[:16].to(model._anchor.device)
+        z, _ = model(dequantize(xs.to(model._anchor.dtype)))
+        phi = 0.5 * (1 + torch.erf(z / math.sqrt(2)))  # N(0,1) -> U(0,1): a latent of N(0, I) looks like noise
+        x01 = xs.float().cpu() / (meta["levels"] - 1)
+        rows = [x01[:8], phi[:8].float().cpu(), x01[8:], phi[8:].float().cpu()]  # data above its latent
+        save_image_grid(torch.cat(rows), out / "latent.png", nrow=8)
+
+
+def _save_latent_2d(x, z, path, lim):
+    """Data (left) and its image z = f(x) under the flow (right), coloured by angle in x."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colour = torch.atan2(x[:, 1], x[:, 0]).numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.5))
+    for ax, p, title in ((axes[0], x, "data x"), (axes[1], z, "latent z = f(x)")):
+        ax.scatter(p[:, 0].numpy(), p[:, 1].numpy(), c=colour, cmap="hsv", s=2)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# Training, evaluation, sampling
+# ----------------------------------------------------------------------------------------
+
+def _meta(ds):
+    return {"kind": ds.kind, "shape": list(ds.shape), "levels": ds.levels}
+
+
+def train(cfg):
+    dist = init_distributed(cfg.device)
+    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+    meta, out = _meta(ds), run_dir(cfg, "realnvp")
+    seed_everything(cfg.seed)
+    model = build_model(cfg, meta).to(dist.device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
+    step, ckpt = 0, resume_path(cfg, "realnvp")
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, map_location=dist.device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        batches.load_state_dict(state["batches"])
+        set_rng_state(state["rng"], dist)
+        step = state["step"]
+    else:
+        initialize_actnorm(model, batches)
+        seed_everything(cfg.seed + dist.rank)  # different dequantisation noise on every process
+    start_step = step
+    objective = wrap_ddp(_Objective(model), dist)
+    if cfg.compile:
+        objective = torch.compile(objective)
+    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
+    num_dims = math.prod(meta["shape"])
+    lim = ds.lim or 4.0
+
+    def save():
+        state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng_state(dist),
+                 "batches": batches.state_dict(), "config": dataclasses.asdict(cfg), "meta": meta}
+        if dist.is_main:
+            save_checkpoint(out / "ckpt.pt", state)
+
+    with StopSignal() as stop:
+        while step < cfg.steps:
+            model.train()
+            x, _ = next(batches)
+            with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                nll = objective(x).mean()
+            loss = nll + cfg.l2 * scale_weight_penalty(model) if cfg.l2 else nll
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            nll_mean = dist.mean(nll)
+            check_finite(nll_mean, step)
+            metrics = {"loss": nll_mean}
+            if meta["kind"] == "image":
+                metrics["bits_per_dim"] = bits_per_dim(nll_mean, num_dims)
+            logger.log(step, cfg.batch_size, **metrics)
+            stopping = dist.any(stop.requested)
+            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+                save()
+                if dist.is_main:
+                    save_pictures(model, out, step, meta, cfg, ds.data, ds.log_prob, lim)
+            if stopping:
+                break
+    if step == start_step:  # nothing trained in this call: still leave a checkpoint
+        save()
+    logger.close()
+    dist.close()
+    if dist.is_main:
+        print(f"checkpoint and pictures (samples_{step}.png, latent.png"
+              f"{', density.png' if meta['kind'] == 'points' else ''}, loss.png) in {out}")
+    return model
+
+
+def _load(cfg, path):
+    """Model (evaluation mode), its training config and meta from a checkpoint."""
+    dist = init_distributed(cfg.device)
+    state = load_checkpoint(path, map_location=dist.device)
+    known = {f.name for f in dataclasses.fields(Config)}
+    ccfg = Config(**{k: v for k, v in state["config"].items() if k in known})
+    model = build_model(ccfg, state["meta"]).to(dist.device)
+    model.load_state_dict(state["model"])
+    return model.eval(), ccfg, state["meta"], dist
+
+
+@torch.no_grad()
+def evaluate(cfg):
+    """Test-set NLL (nats per example, one dequantisation draw per image) and bits/dim;
+    on a 2D set also the true entropy, density.npz and density.png."""
+    model, ccfg, meta, dist = _load(cfg, cfg.eval)
+    out = Path(cfg.out) if cfg.out else Path(cfg.eval).parent
+    out.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(ccfg.dataset, "test", cfg.data_dir)
+    torch.manual_seed(cfg.seed)
+    nll = torch.cat([model.nll(x.to(dist.device)).double().cpu() for x in ds.data.split(500)])
+    fields = {"nll": nll.mean().item(), "nll_se": nll.std().item() / math.sqrt(len(nll)), "n": len(nll)}
+    if meta["kind"] == "image":
+        fields["bits_per_dim"] = bits_per_dim(fields["nll"], math.prod(meta["shape"]))
+    else:
+        if ds.log_prob is not None:
+            fields["true_entropy"], fields["true_entropy_se"] = entropy_estimate(ccfg.dataset)
+        log_density = _model_density(model, ds.lim)
+        np.savez(out / "density.npz", log_density=log_density, lim=ds.lim)
+        truth = density_on_grid(ds.log_prob, ds.lim) if ds.log_prob else ds.data
+        save_density({"true" if ds.log_prob else "test data": truth, "RealNVP": log_density},
+                     out / "density.png", ds.lim)
+    logger = Logger(out, 0, enabled=dist.is_main)
+    logger.event("eval", split="test", dataset=ccfg.dataset, **fields)
+    return fields
+
+
+def sample_cmd(cfg):
+    """`--sample CKPT`: n_samples samples to samples.png, timed."""
+    model, ccfg, meta, dist = _load(cfg, cfg.sample)
+    out = Path(cfg.out) if cfg.out else Path(cfg.sample).parent
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    x = model.sample(cfg.n_samples, cfg.temperature)
+    seconds = time.perf_counter() - t0
+    if meta["kind"] == "points":
+        save_scatter(x, out / "samples.png", lim=4.0, title="RealNVP samples")
+    else:
+        save_image_grid(x, out / "samples.png", levels=meta["levels"])
+    if dist.is_main:
+        torch.save(x.cpu(), out / "samples.pt")  # for benchmarks/quality.py
+    Logger(out, 0, enabled=dist.is_main).event("sample", n=cfg.n_samples, seconds=seconds,
+                                               samples_per_s=cfg.n_samples / max(seconds, 1e-9))
+    print(f"samples in {out / 'samples.png'}")
+
+
+def main(argv=None):
+    with user_errors():
+        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
+        if cfg.temperature <= 0:
+            raise UserError(f"--temperature {cfg.temperature} is out of range; it takes a positive number")
+        if cfg.eval:
+            return evaluate(cfg)
+        if cfg.sample:
+            return sample_cmd(cfg)
+        return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

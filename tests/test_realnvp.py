@@ -1,0 +1,467 @@
+"""Tests of realnvp.py: every identity against an independent computation.
+
+Invertibility to float64 precision and log-determinants against the slogdet of
+torch.autograd.functional.jacobian, for every layer type and the whole flow; the density
+integrating to one by quadrature; the discrete likelihood against hand computation and
+closed forms; normalisation layers in both modes; the command line end to end and resume.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import realnvp as R
+
+torch.set_default_dtype(torch.float32)
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------
+
+def randomize(module, seed, std=0.3):
+    """Random values in every parameter and float buffer, so no layer is the identity
+    (the networks' zero-initialised output layers would otherwise hide wrong signs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
+            if name.endswith("original0"):  # weight-norm magnitudes: keep them away from 0
+                p.add_(1.0)
+        for name, b in module.named_buffers():
+            if name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g, dtype=b.dtype))
+            elif name.endswith("running_mean"):
+                b.copy_(0.3 * torch.randn(b.shape, generator=g, dtype=b.dtype))
+    return module
+
+
+def per_example_logdet(f, x):
+    """slogdet of the autograd Jacobian of one example's map f: (1, *shape) -> (1, *shape)."""
+    shape = x.shape[1:]
+    g = lambda v: f(v.reshape(1, *shape)).reshape(-1)
+    J = torch.autograd.functional.jacobian(g, x.reshape(-1))
+    sign, logabs = torch.linalg.slogdet(J)
+    assert sign != 0
+    return logabs
+
+
+def check_layer(layer, x, tol=1e-9):
+    """forward/inverse round trip, and log_det == slogdet(Jacobian) for each example."""
+    z, log_det = layer(x)
+    assert z.numel() == x.numel() and log_det.shape == (x.shape[0],)
+    torch.testing.assert_close(layer.inverse(z), x, rtol=0, atol=tol)
+    for i in range(x.shape[0]):
+        expected = per_example_logdet(lambda v: layer(v)[0], x[i:i + 1])
+        torch.testing.assert_close(log_det[i], expected, rtol=0, atol=tol)
+
+
+class Oracle(torch.nn.Module):
+    """A fixed nonlinear s, t network for couplings: any function of x_a will do."""
+
+    def __init__(self, numel, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.A = torch.randn(2 * numel, numel, generator=g, dtype=F64) / math.sqrt(numel)
+
+    def forward(self, xa):
+        flat = xa.flatten(1)
+        out = torch.sin(flat @ self.A.T) + 0.5 * (flat @ self.A.T)
+        return out.reshape(xa.shape[0], 2 * xa.shape[1], *xa.shape[2:])
+
+
+shapes = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3))
+
+
+# ----------------------------------------------------------------------------------------
+# coupling layers (Eqs. 4-9)
+# ----------------------------------------------------------------------------------------
+
+@given(shape=shapes, seed=st.integers(0, 10_000), affine=st.booleans(), data=st.data())
+def test_coupling_inverts_and_logdet_matches_jacobian_any_mask(shape, seed, affine, data):
+    numel = math.prod(shape)
+    bits = data.draw(st.lists(st.booleans(), min_size=numel, max_size=numel))
+    mask = torch.tensor(bits, dtype=F64).reshape(shape)
+    layer = randomize(R.AffineCoupling(mask, Oracle(numel, seed), affine).double(), seed)
+    x = torch.randn(2, *shape, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    check_layer(layer, x)
+    z, log_det = layer(x)
+    # the conditioning half passes through unchanged (y_a = x_a, Eq. 4)
+    torch.testing.assert_close(z * mask, x * mask, rtol=0, atol=0)
+    if not affine:  # NICE: volume preserving
+        assert torch.all(log_det == 0)
+
+
+@given(c=st.sampled_from([1, 2]), hw=st.sampled_from([2, 3, 4]), parity=st.integers(0, 1),
+       kind=st.sampled_from(["checkerboard", "channel"]), seed=st.integers(0, 10_000))
+def test_resnet_coupling_with_paper_masks(c, hw, parity, kind, seed):
+    shape = (2 * c if kind == "channel" else c, hw, hw)
+    mask = (R.checkerboard_mask if kind == "checkerboard" else R.channel_mask)(shape, parity)
+    layer = randomize(R.AffineCoupling(mask, R.ResNet(mask, 4, 1)), seed).double().eval()
+    x = torch.randn(2, *shape, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    check_layer(layer, x)
+
+
+def test_coupling_train_mode_batchnorm_in_network_full_batch_jacobian():
+    """In training mode the network's batch norm couples the examples, but y_a = x_a still holds
+    for the whole batch, so the batch Jacobian stays triangular: its log-determinant is the
+    sum of the per-example log_dets."""
+    mask = R.checkerboard_mask((1, 2, 2), 0)
+    layer = randomize(R.AffineCoupling(mask, R.ResNet(mask, 4, 1)), 3).double().train()
+    x = torch.randn(3, 1, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    z, log_det = layer(x)
+    torch.testing.assert_close(layer.inverse(z), x, rtol=0, atol=1e-10)
+    J = torch.autograd.functional.jacobian(lambda v: layer(v.reshape(x.shape))[0].reshape(-1), x.reshape(-1))
+    torch.testing.assert_close(torch.linalg.slogdet(J)[1], log_det.sum(), rtol=0, atol=1e-10)
+
+
+def test_coupling_matches_equation_4_5_written_out():
+    """Eq. 4-5 with d = 1 of D = 2, computed by hand with an oracle s, t."""
+    s_fn, t_fn = lambda a: 0.7 * torch.sin(a), lambda a: a**2 - 1
+    st_fn = lambda xa: (s_fn(xa[:, :1]).repeat(1, 2), t_fn(xa[:, :1]).repeat(1, 2))
+    x = torch.tensor([[0.4, -1.3]], dtype=F64)
+    y, log_det = R.coupling_forward(x, torch.tensor([1.0, 0.0], dtype=F64), st_fn)
+    x1, x2 = 0.4, -1.3
+    expected = [x1, x2 * math.exp(0.7 * math.sin(x1)) + x1**2 - 1]
+    torch.testing.assert_close(y, torch.tensor([expected], dtype=F64))
+    torch.testing.assert_close(log_det, torch.tensor([0.7 * math.sin(x1)], dtype=F64))
+
+
+# ----------------------------------------------------------------------------------------
+# masks and squeeze (Secs. 3.4, 3.6)
+# ----------------------------------------------------------------------------------------
+
+@given(shape=st.tuples(st.integers(1, 4).map(lambda c: 2 * c), st.integers(1, 5), st.integers(1, 5)))
+def test_masks_alternate_and_partition(shape):
+    c, h, w = shape
+    for make in (R.checkerboard_mask, R.channel_mask):
+        b0, b1 = make(shape, 0), make(shape, 1)
+        assert torch.equal(b0 + b1, torch.ones(shape))  # consecutive layers transform the other half
+    cb = R.checkerboard_mask(shape, 0)
+    for i in range(h):
+        for j in range(w):
+            assert cb[:, i, j].eq(float((i + j) % 2 == 0)).all()
+    ch = R.channel_mask(shape, 0)
+    assert ch[: c // 2].eq(1).all() and ch[c // 2:].eq(0).all()
+
+
+@given(b=st.integers(1, 2), c=st.integers(1, 3), h=st.integers(1, 3), w=st.integers(1, 3))
+def test_squeeze_is_the_2x2_space_to_channel_map(b, c, h, w):
+    x = torch.randn(b, c, 2 * h, 2 * w, dtype=F64)
+    y = R.squeeze(x)
+    assert y.shape == (b, 4 * c, h, w)
+    for ci in range(c):
+        for di in range(2):
+            for dj in range(2):
+                torch.testing.assert_close(y[:, 4 * ci + 2 * di + dj], x[:, ci, di::2, dj::2], rtol=0, atol=0)
+    assert torch.equal(R.unsqueeze(y), x)
+    class SqueezeLayer:  # a permutation: log_det 0
+        forward = __call__ = staticmethod(lambda v: (R.squeeze(v), v.new_zeros(v.shape[0])))
+        inverse = staticmethod(R.unsqueeze)
+    check_layer(SqueezeLayer(), x[:1])
+
+
+# ----------------------------------------------------------------------------------------
+# normalisation layers (Sec. 3.7; Glow Sec. 3.1)
+# ----------------------------------------------------------------------------------------
+
+@given(shape=st.sampled_from([(3,), (2, 2, 3), (1, 3, 2)]), seed=st.integers(0, 10_000))
+def test_batchnorm_flow_eval_jacobian_and_train_inverse(shape, seed):
+    layer = randomize(R.BatchNormFlow(shape[0]), seed).double()
+    x = 2 + 3 * torch.randn(5, *shape, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    layer.eval()
+    check_layer(layer, x[:2])
+    layer.train()
+    running = layer.running_mean.clone()
+    z, log_det = layer(x)
+    torch.testing.assert_close(layer.inverse(z), x, rtol=0, atol=1e-10)  # inverse with the batch statistics
+    dims = [0] + list(range(2, x.dim()))
+    mean, var = x.mean(dims), x.var(dims, unbiased=False)
+    torch.testing.assert_close(layer.running_mean, running + layer.momentum * (mean - running))
+    expected = ((layer.log_gamma - 0.5 * torch.log(var + layer.eps)).sum() * math.prod(shape[1:])).expand(5)
+    torch.testing.assert_close(log_det, expected)
+    # training-mode output: per feature mean beta and standard deviation exp(log_gamma) (up to eps)
+    torch.testing.assert_close(z.mean(dims), layer.beta.detach())
+    torch.testing.assert_close(z.var(dims, unbiased=False),
+                               layer.log_gamma.detach().exp() ** 2 * var / (var + layer.eps))
+
+
+@given(shape=st.sampled_from([(2,), (3, 2, 2), (1, 4, 3)]), seed=st.integers(0, 10_000))
+def test_actnorm_data_init_gives_zero_mean_unit_variance_and_inverts(shape, seed):
+    layer = R.ActNorm(shape[0]).double().train()
+    x = 1.5 - 4 * torch.randn(6, *shape, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    z, _ = layer(x)  # first training forward initialises from this batch
+    dims = [0] + list(range(2, x.dim()))
+    torch.testing.assert_close(z.mean(dims), torch.zeros(shape[0], dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(z.var(dims, unbiased=False), torch.ones(shape[0], dtype=F64), rtol=0, atol=1e-12)
+    assert bool(layer.initialized)
+    x2 = torch.randn(2, *shape, dtype=F64)
+    before = layer.shift.clone()
+    check_layer(layer, x2)  # later batches do not re-initialise
+    assert torch.equal(layer.shift, before)
+    layer.eval()
+    check_layer(layer, x2)
+    torch.testing.assert_close(layer(x2)[0], layer.train()(x2)[0], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# preprocessing (Sec. 4.1) and the discrete likelihood
+# ----------------------------------------------------------------------------------------
+
+@given(levels=st.sampled_from([2, 17, 256]), alpha=st.sampled_from([0.0, 0.05, 0.2]), seed=st.integers(0, 10_000))
+def test_logit_preprocess_inverts_and_logdet_matches_jacobian(levels, alpha, seed):
+    layer = R.LogitPreprocess(levels, alpha)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(levels, (2, 1, 2, 2), generator=g)
+    v = R.dequantize(x.double(), torch.rand(x.shape, generator=g, dtype=F64).clamp(1e-3, 1 - 1e-3))
+    check_layer(layer, v, tol=1e-8)
+
+
+def test_nll_hand_computed():
+    """x = (3, 10), K = 17, u = (0.5, 0.25), alpha = 0.05, one ActNorm layer after the logit:
+    nll = -[log N(z) + sum_i (log(1-2a) - log K - log p_i - log(1-p_i)) - sum log_scale]."""
+    K, a, shift, log_scale = 17, 0.05, 0.3, 0.2
+    act = R.ActNorm(1).double()
+    with torch.no_grad():
+        act.shift.fill_(shift), act.log_scale.fill_(log_scale), act.initialized.fill_(True)
+    model = R.RealNVP(R.FlowSequence([act]), (1, 1, 2), levels=K, alpha=a).double()
+    x = torch.tensor([[[[3, 10]]]], dtype=torch.uint8)
+    u = torch.tensor([[[[0.5, 0.25]]]], dtype=F64)
+    total = 0.0
+    for xi, ui in ((3, 0.5), (10, 0.25)):
+        p = a + (1 - 2 * a) * (xi + ui) / K
+        w = math.log(p / (1 - p))
+        z = (w - shift) * math.exp(-log_scale)
+        total += -0.5 * z * z - 0.5 * math.log(2 * math.pi)
+        total += math.log(1 - 2 * a) - math.log(K) - math.log(p) - math.log(1 - p) - log_scale
+    nll = model.nll(x, u)
+    torch.testing.assert_close(nll, torch.tensor([-total], dtype=F64), rtol=0, atol=1e-12)
+    D = 2
+    torch.testing.assert_close(R.bits_per_dim(nll, D), nll / (D * math.log(2)))
+
+
+def test_discrete_probabilities_sum_to_the_mass_inside_the_cube():
+    """P(x) = int_0^1 p_V(x + u) du (Gauss-Legendre) summed over the K levels is the model's mass
+    on v in [0, K], i.e. on w in [logit(a), logit(1-a)]: with an ActNorm body (z = (w - m) e^-s)
+    Phi((b - m) e^-s) - Phi((-b - m) e^-s), b = logit(1 - a). A missing -log K, a wrong logit
+    log-determinant or a wrong sign changes the sum. Jensen: E_u[nll] >= -log P(x) for every x."""
+    K, a, m, s = 5, 0.05, 0.4, -0.3
+    act = R.ActNorm(1).double()
+    with torch.no_grad():
+        act.shift.fill_(m), act.log_scale.fill_(s), act.initialized.fill_(True)
+    model = R.RealNVP(R.FlowSequence([act]), (1, 1, 1), levels=K, alpha=a).double().eval()
+    nodes, weights = np.polynomial.legendre.leggauss(200)
+    u = torch.tensor((nodes + 1) / 2, dtype=F64).reshape(-1, 1, 1, 1)
+    wts = torch.tensor(weights / 2, dtype=F64)
+    total = 0.0
+    for xi in range(K):
+        x = torch.full((len(u), 1, 1, 1), xi, dtype=torch.uint8)
+        nll = model.nll(x, u)
+        P = (wts * torch.exp(-nll)).sum().item()
+        total += P
+        assert (wts * nll).sum().item() >= -math.log(P)
+    b = math.log((1 - a) / a)
+    Phi = lambda t: 0.5 * (1 + math.erf(t / math.sqrt(2)))
+    expected = Phi((b - m) * math.exp(-s)) - Phi((-b - m) * math.exp(-s))
+    assert abs(total - expected) < 1e-9, (total, expected)
+
+
+# ----------------------------------------------------------------------------------------
+# whole flows
+# ----------------------------------------------------------------------------------------
+
+def small_cfg(**kw):
+    cfg = R.Config(dataset="digits", n_couplings=4, hidden=16, n_blocks=1, n_features=4)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@given(c=st.sampled_from([1, 2]), hw=st.sampled_from([2, 4]), n_scales=st.integers(1, 2),
+       norm=st.sampled_from(["batch", "act", "none"]), coupling=st.sampled_from(["affine", "additive"]),
+       seed=st.integers(0, 10_000))
+def test_multiscale_flow_with_preprocessing_inverts_and_logdet_matches_jacobian(c, hw, n_scales, norm, coupling, seed):
+    cfg = small_cfg(n_scales=n_scales, norm=norm, coupling=coupling)
+    model = R.build_model(cfg, {"kind": "image", "shape": [c, hw, hw], "levels": 17})
+    model = randomize(model.double(), seed, std=0.2).eval()
+    g = torch.Generator().manual_seed(seed)
+    v = R.dequantize(torch.randint(17, (2, c, hw, hw), generator=g).double(),
+                     torch.rand(2, c, hw, hw, generator=g, dtype=F64).clamp(0.01, 0.99))
+    check_layer(model, v, tol=1e-8)
+
+
+def test_multiscale_flow_train_mode_inverts_with_batch_statistics():
+    model = R.build_model(small_cfg(n_scales=2, norm="batch"), {"kind": "image", "shape": [1, 4, 4], "levels": 17})
+    model = randomize(model.double(), 1, std=0.2).train()
+    v = R.dequantize(torch.randint(17, (4, 1, 4, 4)).double())
+    z, _ = model(v)
+    torch.testing.assert_close(model.inverse(z), v, rtol=0, atol=1e-8)
+
+
+@given(norm=st.sampled_from(["batch", "act", "none"]), seed=st.integers(0, 10_000))
+def test_2d_flow_inverts_and_logdet_matches_jacobian(norm, seed):
+    model = randomize(R.build_model(small_cfg(norm=norm), {"kind": "points", "shape": [2], "levels": None}).double(),
+                      seed).eval()
+    x = 2 * torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    check_layer(model, x)
+    z = torch.randn(3, 2, dtype=F64)
+    torch.testing.assert_close(model(model.inverse(z))[0], z, rtol=0, atol=1e-9)
+
+
+def integrate_density(model, lim, n):
+    """Midpoint rule for the integral of exp(log_prob) over [-lim, lim]^2 with n x n cells."""
+    h = 2 * lim / n
+    c = -lim + h * (torch.arange(n, dtype=F64) + 0.5)
+    pts = torch.stack(torch.meshgrid(c, c, indexing="ij"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        return torch.exp(model.log_prob(pts)).sum().item() * h * h
+
+
+def check_normalised(model):
+    """The integral is 1 up to the quadrature error, estimated from the grid itself: the midpoint
+    rule's error is O(h^2), so |I_n - I_2n| / 3 estimates the error of I_2n (Richardson). The
+    box is wide enough that the density's tails beyond it are below 1e-6."""
+    i1, i2 = integrate_density(model, 10.0, 200), integrate_density(model, 10.0, 400)
+    err = abs(i1 - i2) / 3
+    assert abs(i2 - 1) < 5 * err + 1e-6, (i1, i2, err)
+    return i2
+
+
+def test_2d_density_integrates_to_one_at_random_init_and_after_training():
+    torch.manual_seed(0)
+    cfg = small_cfg(norm="batch")
+    model = randomize(R.build_model(cfg, {"kind": "points", "shape": [2], "levels": None}), 0, std=0.3).double()
+    model.eval()
+    check_normalised(model)
+    # the randomised flow is far from the prior, so the check is not trivially N(0, I)'s
+    base = R.standard_normal_log_prob(torch.zeros(1, 2, dtype=F64))
+    assert abs(model.log_prob(torch.zeros(1, 2, dtype=F64)).item() - base.item()) > 0.05
+    ds = R.load_dataset("8gaussians")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    losses = []
+    for _ in range(30):
+        loss = model.nll(ds.sample(128, g).double()).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    check_normalised(model)
+
+
+def test_sample_is_the_inverse_of_prior_draws_in_eval_mode():
+    model = randomize(R.build_model(small_cfg(n_scales=2), {"kind": "image", "shape": [1, 4, 4], "levels": 17}), 2)
+    model.train()
+    torch.manual_seed(5)
+    x = model.sample(6, temperature=0.7)
+    assert model.training  # restored
+    assert x.dtype == torch.uint8 and x.shape == (6, 1, 4, 4) and int(x.max()) <= 16
+    torch.manual_seed(5)
+    z = 0.7 * torch.randn(6, 1, 4, 4)
+    with torch.no_grad():
+        expected = R.quantize(model.eval().inverse(z), 17)
+    assert torch.equal(x, expected)
+
+
+def test_scale_weight_penalty_counts_weightnorm_magnitudes_and_coupling_scales():
+    model = randomize(R.build_model(small_cfg(n_scales=2), {"kind": "image", "shape": [1, 4, 4], "levels": 17}), 0)
+    expected = sum(p.pow(2).sum() for m in model.modules() if isinstance(m, R.AffineCoupling) for p in [m.scale])
+    expected = expected + sum(m.parametrizations.weight.original0.pow(2).sum() for m in model.modules()
+                              if isinstance(m, torch.nn.Conv2d))
+    torch.testing.assert_close(R.scale_weight_penalty(model), expected)
+
+
+# ----------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------
+
+def events(out, name):
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if x.get("event") == name]
+
+
+def test_cli_2d_end_to_end_eval_and_sample(tmp_path):
+    out = tmp_path / "run"
+    R.main(["--dataset", "8gaussians", "--steps", "4", "--batch-size", "32", "--hidden", "8",
+            "--n-couplings", "2", "--out", str(out), "--log-every", "2"])
+    for f in ("ckpt.pt", "samples_4.png", "density.png", "latent.png", "metrics.jsonl", "loss.png"):
+        assert (out / f).exists(), f
+    fields = R.main(["--eval", str(out / "ckpt.pt"), "--out", str(out)])
+    (ev,) = events(out, "eval")
+    assert ev["split"] == "test" and math.isfinite(ev["nll"]) and ev["nll"] == fields["nll"]
+    assert ev["nll"] > ev["true_entropy"] - 5 * ev["true_entropy_se"]  # no model beats the truth
+    with np.load(out / "density.npz") as d:
+        assert d["log_density"].shape == (128, 128) and float(d["lim"]) == 4.0
+    R.main(["--sample", str(out / "ckpt.pt"), "--n-samples", "10", "--out", str(out)])
+    assert (out / "samples.png").exists() and events(out, "sample")[0]["n"] == 10
+
+
+def test_cli_digits_end_to_end_eval_and_sample(tmp_path):
+    out = tmp_path / "digits"
+    R.main(["--dataset", "digits", "--steps", "2", "--batch-size", "8", "--n-blocks", "1", "--n-features", "4",
+            "--n-samples", "4", "--out", str(out)])
+    for f in ("ckpt.pt", "samples_2.png", "latent.png", "loss.png"):
+        assert (out / f).exists(), f
+    R.main(["--eval", str(out / "ckpt.pt")])
+    (ev,) = events(out, "eval")
+    assert ev["n"] == 300
+    assert ev["bits_per_dim"] == pytest.approx(ev["nll"] / (64 * math.log(2)))
+    R.main(["--sample", str(out / "ckpt.pt"), "--n-samples", "4"])
+    assert (out / "samples.png").exists()
+
+
+def params(path):
+    return R.load_checkpoint(path)["model"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--dataset", "8gaussians", "--hidden", "8", "--n-couplings", "2", "--batch-size", "16"],  # ActNorm
+    ["--dataset", "digits", "--n-blocks", "1", "--n-features", "4", "--batch-size", "4", "--n-samples", "4"],
+])
+def test_resume_equals_uninterrupted_run(tmp_path, argv):
+    a, b = tmp_path / "a", tmp_path / "b"
+    argv = argv + ["--save-every", "2"]  # pictures in the middle of the run must not change it
+    R.main(argv + ["--steps", "4", "--out", str(a)])
+    R.main(argv + ["--steps", "2", "--out", str(b)])
+    R.main(argv + ["--steps", "4", "--out", str(b), "--resume"])
+    pa, pb = params(a / "ckpt.pt"), params(b / "ckpt.pt")
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        R.main(["--dataset", "digits", "--n-scales", "5", "--steps", "1", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --n-scales 5") and "\n" not in err
+    with pytest.raises(SystemExit):
+        R.main(["--dataset", "shakespeare", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        R.main(["--eval", str(tmp_path / "missing.pt")])
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path):
+    """DistributedDataParallel over 2 CPU processes (gloo) on slices of the same global batch
+    gives the parameters of one process on the whole batch (no batch statistics: --norm none)."""
+    import os
+    import subprocess
+    import sys
+    argv = ["--dataset", "8gaussians", "--steps", "3", "--norm", "none", "--hidden", "8", "--n-couplings", "2",
+            "--batch-size", "32"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(R.Path(R.__file__)), *argv, "--out", str(tmp_path / "ddp")], check=True, env=env,
+                   capture_output=True, timeout=300)
+    R.main(argv + ["--out", str(tmp_path / "one")])
+    pa, pb = params(tmp_path / "ddp" / "ckpt.pt"), params(tmp_path / "one" / "ckpt.pt")
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6)
