@@ -129,7 +129,7 @@ def parse_config(cls, presets, argv=None, doc=None, kinds=("image", "points", "t
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name, default = "--" + f.name.replace("_", "-"), _field_default(f)
-        help_text = f"{f.metadata.get('help', '')} (default: {_show(default)})"
+        help_text = f.metadata.get("help", "") + ("" if default is None else f" (default: {_show(default)})")
         if hints[f.name] is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
