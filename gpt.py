@@ -665,6 +665,8 @@ def train(cfg: Config):
                     save_checkpoint(out / "ckpt.pt", state)
                     picture = write_samples(model, meta, cfg, out, step, logger, test)
             if stopping:
+                if dist.is_main:
+                    print(f"stopped at step {step}; resume with --resume {out / 'ckpt.pt'}", flush=True)
                 break
     logger.close()
     if dist.is_main:

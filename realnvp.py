@@ -716,6 +716,8 @@ def train(cfg):
                 if dist.is_main:
                     save_pictures(model, out, step, meta, cfg, ds.data, ds.log_prob, lim)
             if stopping:
+                if dist.is_main:
+                    print(f"stopped at step {step}; resume with --resume {out / 'ckpt.pt'}", flush=True)
                 break
     if step == start_step:  # nothing trained in this call: still leave a checkpoint
         save()

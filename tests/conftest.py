@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,3 +19,11 @@ settings.register_profile("ci", derandomize=True, max_examples=10, deadline=None
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_default_dtype():
+    """A test that changes torch's default dtype must not change it for the tests after it."""
+    previous = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(previous)

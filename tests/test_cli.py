@@ -50,7 +50,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(model, tmp_path, mo
     """After the 5th optimiser step every parameter becomes NaN, so the 6th loss is NaN."""
     module = importlib.import_module(model)
     calls = {"n": 0}
-    for cls in {torch.optim.Adam, torch.optim.AdamW}:
+    for cls in [c for c in (torch.optim.Adam, torch.optim.AdamW) if "step" in c.__dict__]:  # AdamW may inherit
         original = cls.step
 
         def poisoned(self, *args, _original=original, **kwargs):

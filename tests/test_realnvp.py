@@ -15,7 +15,6 @@ from hypothesis import given, strategies as st
 
 import realnvp as R
 
-torch.set_default_dtype(torch.float32)
 F64 = torch.float64
 
 

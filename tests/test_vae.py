@@ -20,7 +20,17 @@ from scipy import integrate, stats
 import common
 import vae
 
-torch.set_default_dtype(torch.float64)  # the mathematics is tested in double precision
+
+
+@pytest.fixture(autouse=True)
+def _double_precision():
+    """The mathematics is tested in double precision (and the default restored afterwards)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 Z = 5.0  # standard errors allowed by Monte-Carlo checks
 
 
