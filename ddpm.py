@@ -1,0 +1,921 @@
+"""Denoising diffusion probabilistic models, with the exact variational bound in bits/dim.
+
+Papers
+  Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv 2006.11239 (DDPM).
+  Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models", arXiv 2102.09672
+    (cosine schedule, learned variances with the hybrid loss, respaced sampling).
+  Ho & Salimans 2021, "Classifier-Free Diffusion Guidance", arXiv 2207.12598.
+  Sohl-Dickstein et al. 2015, "Deep Unsupervised Learning using Nonequilibrium
+    Thermodynamics", arXiv 1503.03585 (the variational bound as a sum of per-step KLs).
+
+Implemented: the forward process and its posterior, the reverse process with epsilon- or
+x0-prediction and fixed (beta, beta-tilde) or learned variances, L_simple and the hybrid loss,
+the full variational bound per example in nats (prior term, every KL, discretized decoder),
+ancestral sampling on all T steps or on a respaced subsequence, classifier-free guidance,
+the DDPM U-Net (the paper's 35.7M-parameter CIFAR-10 model as a preset) and a small MLP for
+2D point sets. Not implemented: importance-sampled L_vlb (Nichol & Dhariwal Sec. 3.3), FID.
+
+Data conventions: images arrive as integer levels 0..L-1 and are scaled to [-1, 1] by
+x / (L - 1) * 2 - 1; the decoder L_0 integrates the Gaussian over bins of width 2 / (L - 1),
+so bits/dim are exact for any number of levels (256 for CIFAR-10, 17 for digits). Point sets
+are continuous and used as they are; their decoder is a Gaussian density, so their bound is
+on the continuous NLL in nats.
+
+Run it
+  python ddpm.py                                    # train on 8x8 digits (CPU, minutes)
+  python ddpm.py --sample runs/ddpm-digits/ckpt.pt --sample-steps 100
+  python ddpm.py --eval runs/ddpm-digits/ckpt.pt    # test-set bits/dim from the full bound
+  python ddpm.py --dataset cifar10                  # the paper's CIFAR-10 model and recipe
+  python ddpm.py --cond --guidance 2                # class-conditional, guided sampling
+  python ddpm.py --dataset 8gaussians               # 2D points with an MLP
+
+Map from the papers to the names below
+  Ho et al. Eq. 4 (q(x_t | x_0))                      GaussianDiffusion.q_sample, q_mean_variance
+  Ho et al. Eqs. 6-7 (q(x_{t-1} | x_t, x_0))          GaussianDiffusion.q_posterior
+  Ho et al. Eq. 11 (mean from epsilon)                GaussianDiffusion.p_mean_variance
+  Ho et al. Eq. 13 (discretized decoder)              discretized_gaussian_log_likelihood
+  Ho et al. Eq. 14 (L_simple), Algorithm 1            GaussianDiffusion.training_loss
+  Ho et al. Eq. 5 / Sohl-Dickstein Eq. 14 (L_vlb)     GaussianDiffusion.nll, normal_kl, bits_per_dim
+  Ho et al. Algorithm 2 (ancestral sampling)          GaussianDiffusion.sample
+  Ho et al. Sec. 4, App. B (network)                  UNet
+  Nichol & Dhariwal Eq. 17 (cosine schedule)          cosine_beta_schedule
+  Nichol & Dhariwal Eq. 15 (learned variance)         GaussianDiffusion.p_mean_variance
+  Nichol & Dhariwal Eq. 16 (L_hybrid), Sec. 3.1       GaussianDiffusion.training_loss
+  Nichol & Dhariwal Sec. 4 (respacing)                GaussianDiffusion.respace
+  Ho & Salimans Eq. 6 (guidance), Algorithm 1         guided_output, drop_labels
+
+Timesteps are integer tensors in [0, T): index 0 is the paper's t = 1, index T - 1 is t = T.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (EMA, Batches, Logger, RunConfig, StopSignal, UserError, check_finite,
+                    density_on_grid, entropy_estimate, flag, get_device, init_distributed,
+                    load_checkpoint, load_dataset, parse_config, resume_path, rng_state, run_dir,
+                    save_checkpoint, save_density, save_image_grid, save_scatter, seed_everything,
+                    set_rng_state, user_errors, wrap_ddp)
+
+MODEL = "ddpm"
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class Config(RunConfig):
+    """Defaults train the 8x8 `digits` on a laptop CPU in minutes; PRESETS follow the papers."""
+    steps: int = flag(1000, "training steps")
+    lr: float = flag(2e-3, "Adam learning rate (after warm-up)")
+    save_every: int = flag(500, "checkpoint and EMA sample grid every this many steps")
+    # diffusion
+    timesteps: int = flag(1000, "number of diffusion steps T")
+    schedule: str = flag("linear", "beta schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)",
+                         choices=("linear", "cosine"))
+    mean_type: str = flag("eps", "what the network predicts: eps (noise) or x0", choices=("eps", "x0"))
+    var_type: str = flag("fixedlarge", "reverse variance: fixedlarge (beta), fixedsmall (beta-tilde) "
+                         "or learned (Nichol & Dhariwal Eq. 15, trained with the hybrid loss)",
+                         choices=("fixedlarge", "fixedsmall", "learned"))
+    lambda_vlb: float = flag(1e-3, "weight of L_vlb in the hybrid loss (learned variance only)")
+    # network
+    ch: int = flag(32, "U-Net base channels")
+    ch_mult: tuple = flag((1, 2), "U-Net channel multiplier per resolution")
+    num_res_blocks: int = flag(1, "residual blocks per resolution")
+    attn_res: tuple = flag((4,), "resolutions (side in pixels) with self-attention")
+    dropout: float = flag(0.0, "dropout in the residual blocks")
+    hidden: int = flag(128, "width of the MLP used on 2D point sets")
+    # optimisation
+    warmup: int = flag(100, "linear learning-rate warm-up steps")
+    grad_clip: float = flag(1.0, "gradient-norm clip (0 = off)")
+    ema_decay: float = flag(0.995, "EMA decay of the weights used for sampling and eval")
+    flip: bool = flag(False, "random horizontal flips of training images")
+    # conditioning and sampling
+    cond: bool = flag(False, "train class-conditional with label dropout (classifier-free guidance)")
+    p_uncond: float = flag(0.1, "probability of dropping the label when --cond")
+    guidance: float = flag(0.0, "guidance weight w of Ho & Salimans Eq. 6 (0 = plain conditional)")
+    sample_steps: int = flag(0, "sampling steps on a respaced subsequence (0 = all T)")
+    eval_n: int = flag(0, "evaluate the bound on the first N test examples (0 = all)")
+
+
+PRESETS = {
+    # Ho et al. 2020, Sec. 4 and App. B; official code (hojonathanho/diffusion), 35.7M parameters.
+    "cifar10": dict(steps=800_000, batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0,
+                    ema_decay=0.9999, flip=True, timesteps=1000, schedule="linear",
+                    mean_type="eps", var_type="fixedlarge", ch=128, ch_mult=(1, 2, 2, 2),
+                    num_res_blocks=2, attn_res=(16,), dropout=0.1, save_every=10_000),
+    # The CIFAR-10 recipe scaled to 28x28 (28 -> 14 -> 7); attention at 14x14.
+    "mnist": dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema_decay=0.9999,
+                  ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(14,), dropout=0.1,
+                  save_every=5000),
+    "fashion-mnist": dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema_decay=0.9999,
+                          ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(14,),
+                          dropout=0.1, save_every=5000),
+    "digits": dict(),  # the Config defaults
+    # 2D point sets: MLP network; T = 200 keeps the bound on a 128x128 grid to seconds.
+    "points": dict(steps=5000, batch_size=512, lr=1e-3, warmup=100, ema_decay=0.995,
+                   timesteps=200, schedule="cosine", hidden=128, save_every=2500),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Networks: every network is called as model(x_t, t, y=None)
+# ----------------------------------------------------------------------------------------
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps (Ho et al. Sec. 4, from Vaswani et al. 2017).
+
+    t: (B,) integers; returns (B, dim) = [sin(t w_i), cos(t w_i)], w_i = 10000^(-i / (dim/2 - 1)).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / (half - 1))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def _norm(c):
+    # 32 groups as in the paper for its 128/256-channel layers; fewer for narrow toy networks.
+    return nn.GroupNorm(min(32, c // 4), c)
+
+
+def _zero(module):
+    # The official code initialises the last layer of each residual branch at zero, so every
+    # block starts as the identity.
+    nn.init.zeros_(module.weight)
+    nn.init.zeros_(module.bias)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Wide-ResNet block with GroupNorm, a per-channel time-embedding bias and dropout."""
+
+    def __init__(self, cin, cout, temb_dim, dropout):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, cout)
+        self.norm2, self.dropout = _norm(cout), nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions, with a residual connection."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = _norm(c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)  # the paper's three 1x1 projections, fused
+        self.proj = _zero(nn.Conv2d(c, c, 1))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(2, 3).unbind(1)
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C), scale 1/sqrt(C)
+        return x + self.proj(a.transpose(1, 2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """The DDPM U-Net (Ho et al. Sec. 4 and App. B; PixelCNN++ backbone).
+
+    Resolution levels with `num_res_blocks` ResBlocks each (self-attention after them at the
+    sides listed in `attn_res`), stride-2 convolutions down, nearest-neighbour + conv up, skip
+    connections from every down block, middle ResBlock-Attention-ResBlock. The time embedding
+    is sinusoidal followed by a 2-layer MLP (width 4 * ch). With `num_classes` > 0 a learned
+    class embedding is added to it; label `num_classes` is the "null" label of classifier-free
+    guidance. Outputs `2 * in_ch` channels when the variance is learned (epsilon, then v).
+    x: (B, C, H, W) in [-1, 1], t: (B,) int, y: (B,) int or None (= null label).
+    """
+
+    def __init__(self, in_ch=3, image_size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                 attn_res=(16,), dropout=0.1, num_classes=0, learn_sigma=False):
+        super().__init__()
+        if image_size % 2 ** (len(ch_mult) - 1):
+            raise UserError(f"image side {image_size} is not divisible by 2^{len(ch_mult) - 1}; "
+                            f"use fewer --ch-mult levels")
+        self.ch, self.num_classes, temb_dim = ch, num_classes, 4 * ch
+        self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.label_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.down, skips, c, res = nn.ModuleList(), [ch], ch, image_size
+        for i, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(ResBlock(c, ch * mult, temb_dim, dropout))
+                c = ch * mult
+                if res in attn_res:
+                    self.down.append(AttnBlock(c))
+                skips.append(c)
+            if i < len(ch_mult) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                res //= 2
+                skips.append(c)
+        self.mid = nn.ModuleList([ResBlock(c, c, temb_dim, dropout), AttnBlock(c),
+                                  ResBlock(c, c, temb_dim, dropout)])
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(ResBlock(c + skips.pop(), ch * mult, temb_dim, dropout))
+                c = ch * mult
+                if res in attn_res:
+                    self.up.append(AttnBlock(c))
+            if i > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(c, c, 3, padding=1)))
+                res *= 2
+        self.norm_out = _norm(c)
+        self.conv_out = _zero(nn.Conv2d(c, in_ch * (2 if learn_sigma else 1), 3, padding=1))
+
+    def forward(self, x, t, y=None):
+        """x (B, C, H, W), t (B,) int, y (B,) int or None -> (B, C or 2C, H, W)."""
+        emb = self.temb(timestep_embedding(t, self.ch))
+        if self.label_emb is not None:
+            if y is None:
+                y = torch.full_like(t, self.num_classes)
+            emb = emb + self.label_emb(y)
+        h = self.conv_in(x)
+        hs = [h]
+        for layer in self.down:
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            else:
+                h = layer(h)
+            if not isinstance(layer, AttnBlock):  # attention refines the block before it
+                hs.append(h)
+            else:
+                hs[-1] = h
+        for layer in self.mid:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        for layer in self.up:
+            if isinstance(layer, ResBlock):
+                h = layer(torch.cat([h, hs.pop()], dim=1), emb)
+            else:
+                h = layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class PointMLP(nn.Module):
+    """Residual MLP for 2D points: time embedding added inside every block (our choice)."""
+
+    def __init__(self, dim=2, hidden=128, depth=3, learn_sigma=False):
+        super().__init__()
+        self.hidden = hidden
+        self.temb = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList([nn.ModuleList([nn.Linear(hidden, hidden), nn.Linear(hidden, hidden),
+                                                    nn.Linear(hidden, hidden)]) for _ in range(depth)])
+        self.out = _zero(nn.Linear(hidden, dim * (2 if learn_sigma else 1)))
+
+    def forward(self, x, t, y=None):
+        """x (B, 2), t (B,) int; y is ignored (point sets have no labels) -> (B, 2 or 4)."""
+        emb = self.temb(timestep_embedding(t, self.hidden))
+        h = self.inp(x)
+        for lin1, lin_t, lin2 in self.blocks:
+            h = h + lin2(F.silu(lin1(F.silu(h)) + lin_t(F.silu(emb))))
+        return self.out(F.silu(h))
+
+
+# ----------------------------------------------------------------------------------------
+# Noise schedules
+# ----------------------------------------------------------------------------------------
+
+def linear_beta_schedule(T, beta_start=1e-4, beta_end=0.02):
+    """beta_t linear from beta_start to beta_end (Ho et al. Sec. 4: 1e-4 to 0.02 for T = 1000).
+
+    For T != 1000 pass beta_start * 1000 / T and beta_end * 1000 / T to keep the same
+    end point (Nichol & Dhariwal's scaling; `make_betas` does this). Returns (T,) float64.
+    """
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64, device="cpu")
+
+
+def cosine_beta_schedule(T, s=0.008):
+    """Nichol & Dhariwal Eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos((t/T + s)/(1 + s) * pi/2)^2.
+
+    beta_t = 1 - alpha_bar(t) / alpha_bar(t - 1), clipped at 0.999 to avoid the singularity
+    at t = T. Returns (T,) float64.
+    """
+    steps = torch.arange(T + 1, dtype=torch.float64, device="cpu")
+    f = torch.cos((steps / T + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+
+
+def make_betas(schedule, T):
+    """The schedule for T steps; the linear one scaled by 1000 / T (clipped at 0.999 for T < 20)."""
+    if T < 1:
+        raise UserError(f"--timesteps {T} is out of range; accepted: T >= 1")
+    if schedule == "cosine":
+        return cosine_beta_schedule(T)
+    return linear_beta_schedule(T, 1e-4 * 1000 / T, 0.02 * 1000 / T).clamp(max=0.999)
+
+
+# ----------------------------------------------------------------------------------------
+# Densities
+# ----------------------------------------------------------------------------------------
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats.
+
+    = 1/2 (logvar2 - logvar1 + e^(logvar1 - logvar2) + (mean1 - mean2)^2 e^-logvar2 - 1);
+    the KL terms L_{t-1} of Ho et al. Eq. 5 are sums of these over dimensions.
+    """
+    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales, levels=256):
+    """log of the probability of the bin of x under N(means, e^(2 log_scales)) (Ho et al. Eq. 13).
+
+    x holds data levels k / (levels - 1) * 2 - 1 in [-1, 1]; bin k is [x - d, x + d] with
+    d = 1 / (levels - 1), the first bin extended to -inf and the last to +inf, so the
+    probabilities of all levels sum to 1. Elementwise, in nats. Uses the exact normal CDF
+    (torch.special.ndtr), subtracting upper tails when the bin lies right of the mean so that
+    the difference keeps its precision.
+    """
+    d = 1.0 / (levels - 1)
+    inv_std = torch.exp(-log_scales)
+    upper, lower = (x - means + d) * inv_std, (x - means - d) * inv_std
+    k = torch.round((x + 1) / (2 * d))
+    interior = torch.where(lower > 0, torch.special.ndtr(-lower) - torch.special.ndtr(-upper),
+                           torch.special.ndtr(upper) - torch.special.ndtr(lower))
+    log_interior = torch.log(interior.clamp(min=1e-12))
+    return torch.where(k <= 0, torch.special.log_ndtr(upper),
+                       torch.where(k >= levels - 1, torch.special.log_ndtr(-lower), log_interior))
+
+
+def gaussian_log_likelihood(x, means, log_scales):
+    """log N(x; means, e^(2 log_scales)), elementwise: the continuous decoder for point data."""
+    return -0.5 * math.log(2 * math.pi) - log_scales - 0.5 * ((x - means) * torch.exp(-log_scales)) ** 2
+
+
+def bits_per_dim(nll_nats, num_dims):
+    """Bits per dimension from a per-example NLL in nats: nll / (D ln 2).
+
+    With the discretized decoder the bound is on -log P(x) of the integer levels, so no
+    offset for the scaling to [-1, 1] is needed (the data are never dequantised).
+    """
+    return nll_nats / (num_dims * math.log(2.0))
+
+
+# ----------------------------------------------------------------------------------------
+# The diffusion process (independent of any network)
+# ----------------------------------------------------------------------------------------
+
+def _extract(a, t, x):
+    """a[t] (a: (T,) float64) shaped (B, 1, ..., 1) to broadcast against x, in x's dtype."""
+    return a.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def _sum_dims(x):
+    return x.reshape(x.shape[0], -1).sum(1)
+
+
+def guided_output(model, x_t, t, y, guidance):
+    """Classifier-free guidance (Ho & Salimans Eq. 6): eps~ = (1 + w) eps(x, c) - w eps(x, null).
+
+    Applied to the mean part of the output (epsilon or x0: x0 is affine in epsilon with the
+    same coefficients, so mixing either is the same); a learned variance channel is taken
+    from the conditional output. With w = 0 the unconditional network is not called.
+    """
+    out = model(x_t, t, y)
+    if guidance == 0:
+        return out
+    if y is None:
+        raise UserError("--guidance needs a class-conditional model and labels (train with --cond)")
+    out_u = model(x_t, t, None)
+    c = x_t.shape[1]
+    mixed = (1 + guidance) * out[:, :c] - guidance * out_u[:, :c]
+    return torch.cat([mixed, out[:, c:]], dim=1)
+
+
+def drop_labels(y, p_uncond, null_label, generator=None):
+    """Ho & Salimans Algorithm 1: replace each label by the null label with probability p_uncond."""
+    drop = torch.rand(y.shape, device=y.device, generator=generator) < p_uncond
+    return torch.where(drop, torch.full_like(y, null_label), y)
+
+
+class GaussianDiffusion:
+    """The forward process q and the reverse process p_theta of Ho et al. 2020.
+
+    betas: (T,) float64. model_mean_type "eps" (Eq. 11) or "x0"; model_var_type "fixedlarge"
+    (sigma^2 = beta_t), "fixedsmall" (sigma^2 = beta-tilde_t) or "learned" (Nichol & Dhariwal
+    Eq. 15). levels: number of data levels for the discretized decoder L_0, or None for a
+    continuous Gaussian decoder (point data). clip_denoised: clip the predicted x0 to [-1, 1]
+    when sampling and evaluating the bound (images). Every method takes the network as a
+    callable model(x_t, t, y=None) returning (B, C, ...) or (B, 2C, ...) with a learned variance.
+    """
+
+    def __init__(self, betas, model_mean_type="eps", model_var_type="fixedlarge", levels=256,
+                 clip_denoised=False, lambda_vlb=1e-3):
+        betas = torch.as_tensor(betas, dtype=torch.float64, device="cpu")  # tables live on the CPU
+        self.betas, self.T = betas, len(betas)
+        self.model_mean_type, self.model_var_type = model_mean_type, model_var_type
+        self.levels, self.clip_denoised, self.lambda_vlb = levels, clip_denoised, lambda_vlb
+        alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(alphas, 0)
+        one = torch.ones(1, dtype=torch.float64, device="cpu")
+        self.alphas_cumprod_prev = torch.cat([one, self.alphas_cumprod[:-1]])
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        # Eq. 7: beta-tilde_t and the two coefficients of mu-tilde_t(x_t, x_0).
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # beta-tilde_1 = 0; the decoder and the learned-variance interpolation need a finite
+        # log, so index 0 borrows beta-tilde_2 (as the official code does).
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
+
+    # -- forward process ------------------------------------------------------------------
+
+    def q_mean_variance(self, x0, t):
+        """q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I) (Ho et al. Eq. 4)."""
+        mean = _extract(self.sqrt_alphas_cumprod, t, x0) * x0
+        var = _extract(1.0 - self.alphas_cumprod, t, x0).expand_as(x0)
+        return mean, var, torch.log(var)
+
+    def q_sample(self, x0, t, noise):
+        """Draw x_t ~ q(x_t | x_0) as sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise (Eq. 4)."""
+        return (_extract(self.sqrt_alphas_cumprod, t, x0) * x0
+                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+
+    def q_posterior(self, x0, x_t, t):
+        """q(x_{t-1} | x_t, x_0) = N(mu-tilde, beta-tilde I) (Ho et al. Eqs. 6-7).
+
+        Returns (mean, variance, log_variance), each shaped like x0; log_variance is clipped
+        at index 0 (see __init__).
+        """
+        mean = _extract(self.posterior_mean_coef1, t, x0) * x0 + _extract(self.posterior_mean_coef2, t, x0) * x_t
+        var = _extract(self.posterior_variance, t, x0).expand_as(x0)
+        log_var = _extract(self.posterior_log_variance_clipped, t, x0).expand_as(x0)
+        return mean, var, log_var
+
+    def predict_x0_from_eps(self, x_t, t, eps):
+        """Invert Eq. 4: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+        return (x_t - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / _extract(
+            self.sqrt_alphas_cumprod, t, x_t)
+
+    # -- reverse process ------------------------------------------------------------------
+
+    def p_mean_variance(self, model, x_t, t, y=None, guidance=0.0, clip_denoised=None, output=None):
+        """p_theta(x_{t-1} | x_t) = N(mu_theta, Sigma_theta): a dict with mean, variance,
+        log_variance, pred_x0 (each shaped like x_t).
+
+        Mean (Ho et al. Eq. 11): mu = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps),
+        computed as mu-tilde(x0_hat, x_t) with x0_hat from eps, which is the same quantity and
+        lets x0_hat be clipped to [-1, 1]. Variance: beta_t ("fixedlarge"; index 0 uses
+        beta-tilde_2 as the official code), beta-tilde_t ("fixedsmall"), or Nichol & Dhariwal
+        Eq. 15: log Sigma = v log beta_t + (1 - v) log beta-tilde_t with v = (out + 1) / 2, the
+        network's extra output unconstrained as in the paper. `output` replaces the network
+        call (used by the hybrid loss to stop the gradient through the mean).
+        """
+        if output is None:
+            output = guided_output(model, x_t, t, y, guidance)
+        c = x_t.shape[1]
+        out, v = output[:, :c], output[:, c:]
+        if self.model_var_type == "learned":
+            frac = (v + 1) / 2
+            log_var = (frac * _extract(torch.log(self.betas), t, x_t)
+                       + (1 - frac) * _extract(self.posterior_log_variance_clipped, t, x_t))
+        else:
+            if self.model_var_type == "fixedlarge":
+                var = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
+                log_var = _extract(torch.log(var), t, x_t).expand_as(x_t)
+            else:
+                log_var = _extract(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+        pred_x0 = self.predict_x0_from_eps(x_t, t, out) if self.model_mean_type == "eps" else out
+        if self.clip_denoised if clip_denoised is None else clip_denoised:
+            pred_x0 = pred_x0.clamp(-1, 1)
+        mean, _, _ = self.q_posterior(pred_x0, x_t, t)
+        if self.model_var_type == "fixedsmall":
+            variance = _extract(self.posterior_variance, t, x_t).expand_as(x_t)  # exact 0 at index 0
+        else:
+            variance = torch.exp(log_var)
+        return dict(mean=mean, variance=variance, log_variance=log_var, pred_x0=pred_x0)
+
+    # -- the objective and the bound ------------------------------------------------------
+
+    def _decoder_nll(self, x0, mean, log_var):
+        """-log p_theta(x_0 | x_1) per element: Ho et al. Eq. 13, or a Gaussian density."""
+        if self.levels is None:
+            return -gaussian_log_likelihood(x0, mean, 0.5 * log_var)
+        return -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var, self.levels)
+
+    def _vb_term(self, p, x0, x_t, t):
+        """L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for index t > 0 and the decoder
+        L_0 = -log p(x_0|x_1) for index 0 (Ho et al. Eq. 5), per example in nats: (B,)."""
+        q_mean, _, q_log_var = self.q_posterior(x0, x_t, t)
+        kl = _sum_dims(normal_kl(q_mean, q_log_var, p["mean"], p["log_variance"]))
+        decoder = _sum_dims(self._decoder_nll(x0, p["mean"], p["log_variance"]))
+        return torch.where(t == 0, decoder, kl)
+
+    def prior_kl(self, x0):
+        """L_T = KL(q(x_T | x_0) || N(0, I)) per example in nats (Ho et al. Eq. 5): (B,)."""
+        t = torch.full((x0.shape[0],), self.T - 1, dtype=torch.long, device=x0.device)
+        mean, _, log_var = self.q_mean_variance(x0, t)
+        return _sum_dims(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean)))
+
+    def training_loss(self, model, x0, y=None, t=None, noise=None):
+        """Per-example loss (B,) at a uniformly drawn timestep (Ho et al. Algorithm 1).
+
+        L_simple (Eq. 14): || target - model(x_t, t) ||^2 averaged over dimensions, the target
+        being the noise (eps) or x0. With a learned variance, the hybrid loss of Nichol &
+        Dhariwal Eq. 16: L_simple + lambda * L_vlb, where L_vlb = T * L_t (an unbiased
+        one-sample estimate of the sum over t) per dimension in nats, its mean computed from a
+        detached network output so that L_vlb trains the variance only (their Sec. 3.1).
+        """
+        if t is None:
+            t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, noise)
+        output = model(x_t, t, y)
+        c = x0.shape[1]
+        target = noise if self.model_mean_type == "eps" else x0
+        loss = (output[:, :c] - target).pow(2).reshape(x0.shape[0], -1).mean(1)
+        if self.model_var_type == "learned":
+            frozen = torch.cat([output[:, :c].detach(), output[:, c:]], dim=1)
+            p = self.p_mean_variance(None, x_t, t, output=frozen, clip_denoised=False)
+            loss = loss + self.lambda_vlb * self.T * self._vb_term(p, x0, x_t, t) / x0[0].numel()
+        return loss
+
+    def nll(self, model, x0, y=None, generator=None):
+        """The full variational bound -log p(x_0) <= L_T + sum_{t>1} L_{t-1} + L_0, per example
+        in nats: (B,) (Ho et al. Eq. 5, Sohl-Dickstein et al. Eq. 14).
+
+        Every one of the T terms is evaluated (one network call each) on x_t ~ q(x_t | x_0)
+        with fresh noise, so the result is an unbiased one-sample estimate of the bound.
+        y: labels for a conditional bound, None for the unconditional (null-label) model.
+        """
+        total = self.prior_kl(x0)
+        for i in reversed(range(self.T)):
+            t = torch.full((x0.shape[0],), i, dtype=torch.long, device=x0.device)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x_t = self.q_sample(x0, t, noise)
+            total = total + self._vb_term(self.p_mean_variance(model, x_t, t, y), x0, x_t, t)
+        return total
+
+    # -- sampling -------------------------------------------------------------------------
+
+    def respace(self, steps):
+        """Nichol & Dhariwal Sec. 4: a process on S evenly spaced timesteps of this one.
+
+        Keeps alpha_bar on the subsequence tau (which always contains the first and last
+        index) and recomputes beta_i = 1 - alpha_bar_{tau_i} / alpha_bar_{tau_{i-1}}.
+        Returns (GaussianDiffusion, tau) where tau (S,) maps new indices to the network's.
+        """
+        if not 1 <= steps <= self.T:
+            raise UserError(f"--sample-steps {steps} is out of range; accepted: 1..{self.T} (0 = all)")
+        tau = torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().long()
+        ab = self.alphas_cumprod[tau]
+        betas = 1 - ab / torch.cat([torch.ones(1, dtype=torch.float64, device="cpu"), ab[:-1]])
+        return GaussianDiffusion(betas, self.model_mean_type, self.model_var_type, self.levels,
+                                 self.clip_denoised, self.lambda_vlb), tau
+
+    @torch.inference_mode()
+    def sample_chain(self, model, shape, y=None, guidance=0.0, steps=None, device=None,
+                     generator=None):
+        """Ancestral sampling (Ho et al. Algorithm 2), yielding (index, x_{t-1}, predicted x_0)
+        after every step.
+
+        x_T ~ N(0, I); x_{t-1} = mu_theta(x_t, t) + sigma_t z with z ~ N(0, I), z = 0 at the
+        last step. `steps` < T runs on a respaced subsequence (the yielded index is then the
+        original timestep). `guidance` w mixes predictions (Ho & Salimans Eq. 6).
+        """
+        if device is None:
+            device = next(model.parameters()).device
+        diffusion, net = self, model
+        if steps and steps != self.T:
+            diffusion, tau = self.respace(steps)
+            tau = tau.to(device)
+
+            def net(x, t, y=None):
+                return model(x, tau[t], y)
+        else:
+            tau = torch.arange(self.T, device=device)
+        x = torch.randn(shape, generator=generator, device=device)
+        for i in reversed(range(diffusion.T)):
+            t = torch.full((shape[0],), i, dtype=torch.long, device=device)
+            p = diffusion.p_mean_variance(net, x, t, y, guidance)
+            z = torch.randn(shape, generator=generator, device=device) if i > 0 else torch.zeros_like(x)
+            x = p["mean"] + torch.exp(0.5 * p["log_variance"]) * z
+            yield int(tau[i]), x, p["pred_x0"]
+
+    def sample(self, model, shape, y=None, guidance=0.0, steps=None, device=None, generator=None):
+        """Samples x_0 of the given shape (see sample_chain), batched on the model's device."""
+        for _, x, _ in self.sample_chain(model, shape, y, guidance, steps, device, generator):
+            pass
+        return x
+
+
+# ----------------------------------------------------------------------------------------
+# Building the pieces from a configuration
+# ----------------------------------------------------------------------------------------
+
+def data_meta(ds):
+    """What the network needs from the data, stored in the checkpoint."""
+    return dict(kind=ds.kind, shape=tuple(ds.shape), levels=ds.levels,
+                num_classes=int(ds.num_classes or 0))
+
+
+def build(cfg, meta):
+    """(network, diffusion) for a configuration and the data's meta."""
+    learn = cfg.var_type == "learned"
+    if meta["kind"] == "points":
+        if cfg.cond:
+            raise UserError("--cond needs a labelled image dataset (digits, mnist, fashion-mnist, cifar10)")
+        net = PointMLP(meta["shape"][0], cfg.hidden, learn_sigma=learn)
+    else:
+        c, h, w = meta["shape"]
+        if h != w:
+            raise UserError(f"square images only; got {h}x{w}")
+        net = UNet(c, h, cfg.ch, tuple(cfg.ch_mult), cfg.num_res_blocks, tuple(cfg.attn_res),
+                   cfg.dropout, meta["num_classes"] if cfg.cond else 0, learn)
+    diffusion = GaussianDiffusion(make_betas(cfg.schedule, cfg.timesteps), cfg.mean_type, cfg.var_type,
+                                  meta["levels"] if meta["kind"] == "image" else None,
+                                  clip_denoised=meta["kind"] == "image", lambda_vlb=cfg.lambda_vlb)
+    return net, diffusion
+
+
+def to_model_space(x, meta):
+    """uint8 levels 0..L-1 -> [-1, 1] by x / (L - 1) * 2 - 1; points unchanged."""
+    if meta["kind"] == "points":
+        return x.float()
+    return x.float() / (meta["levels"] - 1) * 2 - 1
+
+
+def to_levels(x, meta):
+    """[-1, 1] -> nearest integer level (uint8), the inverse of to_model_space."""
+    return ((x.clamp(-1, 1) + 1) / 2 * (meta["levels"] - 1)).round().to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------------------
+
+def save_samples(x, path, meta):
+    if meta["kind"] == "points":
+        save_scatter(x.cpu(), path, lim=meta.get("lim"))
+    else:
+        save_image_grid(to_levels(x, meta).cpu(), path, levels=meta["levels"],
+                        nrow=10 if x.shape[0] % 10 == 0 else None)
+
+
+def save_panels(rows, path, meta, title):
+    """Rows of panels {row label: {timestep label: x (N, ...)}}: images show the first example."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n_cols = max(len(r) for r in rows.values())
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.6 * n_cols, 1.8 * len(rows) + 0.3), squeeze=False)
+    for r, (row_label, panels) in enumerate(rows.items()):
+        for c, (label, x) in enumerate(panels.items()):
+            ax, x = axes[r, c], x.detach().float().cpu()
+            if meta["kind"] == "points":
+                lim = meta.get("lim") or 4.0
+                ax.scatter(x[:, 0], x[:, 1], s=1)
+                ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal")
+            else:
+                img = ((x[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+                ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0, vmax=1)
+            ax.set_title(label, fontsize=8), ax.set_xticks([]), ax.set_yticks([])
+        axes[r, 0].set_ylabel(row_label, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _panel_steps(T, n):
+    # Quadratic spacing: most of the visible change happens at small t.
+    return sorted({int(round((T - 1) * (k / (n - 1)) ** 2)) for k in range(n)})
+
+
+def forward_figure(diffusion, x0, path, meta, n_panels=8):
+    """The forward process: one image (or the whole point set) noised across t (Eq. 4)."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(x0.shape, generator=g)
+    panels = {"data": x0}
+    for i in _panel_steps(diffusion.T, n_panels)[1:]:
+        t = torch.full((x0.shape[0],), i, dtype=torch.long)
+        panels[f"t={i + 1}"] = diffusion.q_sample(x0, t, noise)
+    save_panels({"x_t": panels}, path, meta, "forward process q(x_t | x_0), pixels clipped to [-1, 1]")
+
+
+def reverse_figure(diffusion, model, shape, path, meta, y=None, guidance=0.0, steps=None,
+                   device=None, n_panels=8):
+    """The reverse chain of one sampling run (Algorithm 2): x_{t-1} and the network's x_0 guess."""
+    g = torch.Generator(device=device).manual_seed(0)
+    chain = list(diffusion.sample_chain(model, shape, y, guidance, steps, device, g))[::-1]  # by time
+    keep = reversed(_panel_steps(len(chain), n_panels))
+    rows = {"x_{t-1}": {}, "predicted x_0": {}}
+    for k in keep:
+        t, x, x0 = chain[k]
+        rows["x_{t-1}"][f"t={t + 1}"], rows["predicted x_0"][f"t={t + 1}"] = x, x0
+    save_panels(rows, path, meta, "reverse process p(x_{t-1} | x_t)")
+
+
+# ----------------------------------------------------------------------------------------
+# Training, evaluation, sampling
+# ----------------------------------------------------------------------------------------
+
+def sample_labels(n, meta, cfg, device):
+    return torch.arange(n, device=device) % meta["num_classes"] if cfg.cond else None
+
+
+def train(cfg):
+    """Algorithm 1 of Ho et al. with Adam, warm-up, gradient clipping and an EMA of the weights;
+    under torchrun every process trains on its slice of the global batch (DDP)."""
+    dist = init_distributed(cfg.device)
+    seed_everything(cfg.seed)
+    out = run_dir(cfg, MODEL)
+    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+    meta = dict(data_meta(ds), lim=ds.lim)
+    if cfg.cond and not meta["num_classes"]:
+        raise UserError(f"--cond needs labels; dataset {cfg.dataset} has none")
+    net, diffusion = build(cfg, meta)
+    net.to(dist.device)
+    ema = EMA(net, cfg.ema_decay)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
+    step = 0
+    if (path := resume_path(cfg, MODEL)) is not None:
+        ck = load_checkpoint(path)
+        net.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        batches.load_state_dict(ck["batches"])
+        set_rng_state(ck["rng"], dist)
+        step = ck["step"]
+    else:
+        seed_everything(cfg.seed + dist.rank)  # same initial weights everywhere, noise per process
+    model = wrap_ddp(torch.compile(net) if cfg.compile else net, dist)
+    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
+    if dist.is_main and step == 0:
+        x0 = to_model_space(ds.data[:1] if meta["kind"] == "image" else ds.data[:2000], meta)
+        forward_figure(diffusion, x0, out / "forward.png", meta)
+    amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+    n_show = 100 if cfg.cond else cfg.n_samples
+    shape = (n_show, *meta["shape"]) if meta["kind"] == "image" else (max(n_show, 2000), *meta["shape"])
+
+    def snapshot(rng):
+        save_checkpoint(out / "ckpt.pt", dict(
+            model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
+            rng=rng, batches=batches.state_dict(), config=dataclasses.asdict(cfg), meta=meta))
+        g = torch.Generator(device=dist.device).manual_seed(cfg.seed)
+        x = diffusion.sample(ema.model, shape, sample_labels(shape[0], meta, cfg, dist.device),
+                             cfg.guidance, cfg.sample_steps, dist.device, g)
+        save_samples(x, out / f"samples_{step}.png", meta)
+
+    with StopSignal() as stop:
+        while step < cfg.steps:
+            x, y = next(batches)
+            x0 = to_model_space(x, meta)
+            if cfg.flip and meta["kind"] == "image":
+                x0 = torch.where(torch.rand(x0.shape[0], 1, 1, 1, device=x0.device) < 0.5, x0.flip(3), x0)
+            y = drop_labels(y, cfg.p_uncond, meta["num_classes"]) if cfg.cond else None
+            for group in opt.param_groups:  # linear warm-up (Ho et al. App. B)
+                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+            with amp:
+                loss = diffusion.training_loss(model, x0, y).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            ema.update(net)
+            step += 1
+            value = dist.mean(loss.detach())
+            check_finite(value, step)
+            logger.log(step, cfg.batch_size, loss=value)
+            stopping = dist.any(stop.requested)
+            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+                rng = rng_state(dist)  # a collective: every rank takes part
+                if dist.is_main:
+                    snapshot(rng)
+                dist.barrier()
+            if stopping:
+                if dist.is_main:
+                    print(f"stopped at step {step}; {out / 'ckpt.pt'} saved; continue with --resume")
+                break
+    if dist.is_main:
+        reverse_figure(diffusion, ema.model, (1, *meta["shape"]) if meta["kind"] == "image" else shape,
+                       out / "reverse.png", meta, sample_labels(1, meta, cfg, dist.device)
+                       if meta["kind"] == "image" else None, cfg.guidance, cfg.sample_steps, dist.device)
+    logger.close()
+    if dist.is_main:
+        print(f"pictures in {out}: samples_{step}.png, forward.png, reverse.png, loss.png")
+    dist.close()
+
+
+def _load_for_inference(cfg, ckpt_path):
+    """(saved config, meta, EMA network, diffusion, device) from a checkpoint."""
+    ck = load_checkpoint(ckpt_path)
+    if not isinstance(ck, dict) or "meta" not in ck or "ema" not in ck:
+        raise UserError(f"{ckpt_path} is not a ddpm.py checkpoint")
+    names = {f.name for f in dataclasses.fields(Config)}
+    saved = Config(**{k: v for k, v in ck["config"].items() if k in names})
+    meta = ck["meta"]
+    net, diffusion = build(saved, meta)
+    net.load_state_dict(ck["ema"]["model"])
+    device = get_device(cfg.device)
+    return saved, meta, net.to(device).eval(), diffusion, device
+
+
+def evaluate(cfg):
+    """Test-set bound in nats per example and bits/dim; on 2D sets also density.npz / .png."""
+    saved, meta, net, diffusion, device = _load_for_inference(cfg, cfg.eval)
+    out = Path(cfg.out) if cfg.out else Path(cfg.eval).parent
+    out.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(saved.dataset, "test", cfg.data_dir)
+    x_all = ds.data if not cfg.eval_n else ds.data[:cfg.eval_n]
+    logger = Logger(out, 1)
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    total, count, start = 0.0, 0, time.time()
+    with torch.inference_mode():
+        for i in range(0, len(x_all), cfg.batch_size):
+            x0 = to_model_space(x_all[i:i + cfg.batch_size].to(device), meta)
+            total += diffusion.nll(net, x0, None, g).double().sum().item()
+            count += x0.shape[0]
+    nll = total / count
+    dims = int(np.prod(meta["shape"]))
+    extra = dict(n=count, timesteps=diffusion.T, seconds=round(time.time() - start, 1))
+    if meta["kind"] == "image":
+        extra["bits_per_dim"] = bits_per_dim(nll, dims)
+    else:
+        if ds.log_prob is not None:
+            extra["entropy"], extra["entropy_se"] = entropy_estimate(saved.dataset)
+
+        def log_density(points):  # -bound, averaged over 4 noise draws to tame its variance
+            with torch.inference_mode():
+                return -torch.stack([diffusion.nll(net, points.to(device), None, g) for _ in range(4)]).mean(0).cpu()
+
+        grid = density_on_grid(log_density, ds.lim, n=128)
+        np.savez(out / "density.npz", log_density=grid, lim=ds.lim)
+        truth = density_on_grid(ds.log_prob, ds.lim, n=128) if ds.log_prob is not None else ds.data
+        save_density({"data": truth, "ddpm (exp -bound)": grid}, out / "density.png", ds.lim)
+    logger.event("eval", split="test", nll=nll, **extra)
+    logger.close()
+    return dict(nll=nll, **extra)
+
+
+def sample_cmd(cfg):
+    """--sample CKPT: n_samples from the EMA network, a picture and the reverse chain."""
+    saved, meta, net, diffusion, device = _load_for_inference(cfg, cfg.sample)
+    out = Path(cfg.out) if cfg.out else Path(cfg.sample).parent
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.guidance and not saved.cond:
+        raise UserError("--guidance needs a checkpoint trained with --cond")
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    shape = (cfg.n_samples, *meta["shape"])
+    start = time.time()
+    x = diffusion.sample(net, shape, sample_labels(cfg.n_samples, meta, saved, device), cfg.guidance,
+                         cfg.sample_steps, device, g)
+    seconds = time.time() - start
+    save_samples(x, out / "samples.png", meta)
+    reverse_figure(diffusion, net, (1, *meta["shape"]) if meta["kind"] == "image" else shape,
+                   out / "reverse.png", meta, sample_labels(1, meta, saved, device)
+                   if meta["kind"] == "image" else None, cfg.guidance, cfg.sample_steps, device)
+    logger = Logger(out, 1)
+    logger.event("sample", n=cfg.n_samples, seconds=round(seconds, 3), samples_per_s=cfg.n_samples / seconds,
+                 steps=cfg.sample_steps or diffusion.T, guidance=cfg.guidance)
+    logger.close()
+    print(f"pictures in {out}: samples.png, reverse.png")
+    return x
+
+
+def main(argv=None):
+    """Train (default), or --eval CKPT, or --sample CKPT; user mistakes exit with one line."""
+    with user_errors():
+        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
+        if not 0 <= cfg.p_uncond < 1:
+            raise UserError(f"--p-uncond {cfg.p_uncond} is out of range; accepted: 0 <= p < 1")
+        if cfg.timesteps < 1:
+            raise UserError(f"--timesteps {cfg.timesteps} is out of range; accepted: T >= 1")
+        if not 0 <= cfg.sample_steps <= cfg.timesteps and not (cfg.sample or cfg.eval):
+            raise UserError(f"--sample-steps {cfg.sample_steps} is out of range; accepted: 0..{cfg.timesteps} "
+                            "(0 = all T)")
+        if cfg.guidance < 0:
+            raise UserError(f"--guidance {cfg.guidance} is negative; accepted: w >= 0")
+        if cfg.eval:
+            return evaluate(cfg)
+        if cfg.sample:
+            return sample_cmd(cfg)
+        return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
