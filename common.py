@@ -192,7 +192,9 @@ def get_device(name="auto"):
 
 
 def seed_everything(seed):
-    """Seed Python, numpy and torch (every device)."""
+    """Seed Python, numpy and torch (every device). A training loop seeds alike on every
+    process to build the network, then with seed + rank for its own noise (dropout, diffusion
+    noise, latent samples), which must differ between processes."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -622,6 +624,13 @@ def load_dataset(name, split="train", root=None):
 # Batching: the data lives on the device; batches are random indices (no DataLoader)
 # ----------------------------------------------------------------------------------------
 
+def _stream_seed(seed, stream):
+    """A seed for a named random stream, unrelated to `seed` itself: the data stream must not
+    repeat the draws of the global generator seeded with the same number (else, say, the
+    diffusion noise would equal the noise of the 2D data sampler and be read off x_t)."""
+    return int(np.random.SeedSequence([seed, *stream.encode()]).generate_state(1)[0])
+
+
 class Batches:
     """An endless stream of training batches on `dist.device`.
 
@@ -641,7 +650,7 @@ class Batches:
                 raise UserError(f"{ds.name} has {len(ds.data)} tokens in its {ds.split} split; "
                                 f"a context of {block_size} needs more")
         self.ds, self.batch_size, self.block_size = ds, batch_size, block_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(_stream_seed(seed, "batches"))
         device = self.dist.device
         self.data = ds.data.to(device) if ds.kind != "points" else None
         self.labels = ds.labels.to(device) if ds.labels is not None else None

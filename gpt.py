@@ -629,6 +629,8 @@ def train(cfg: Config):
         set_rng_state(ckpt["rng"], dist)
         step = ckpt["step"]
         logger.event("resume", step=step, path=str(path))
+    else:
+        seed_everything(cfg.seed + dist.rank)  # same initial weights everywhere, dropout per process
     net = wrap_ddp(model, dist)
     if cfg.compile:
         net = torch.compile(net)

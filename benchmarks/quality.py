@@ -1,6 +1,6 @@
 """Sample quality of the image models on digits: a Frechet distance between classifier features.
 
-    python benchmarks/quality.py [--steps 3000] [--n 1000] [--models ddpm gpt ...]
+    python benchmarks/quality.py [--steps 2000] [--n 1000] [--models ddpm gpt ...]
 
 For each model file present: trains it on digits (the runs of likelihood.py are reused when the
 command is the same), draws `--n` samples through `--sample` (which writes samples.pt), and
@@ -44,7 +44,7 @@ def features(net, images, levels):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--models", nargs="*", default=None)
     p.add_argument("--fresh", action="store_true")
@@ -65,7 +65,7 @@ def main():
         samples = torch.load(out / "samples.pt", weights_only=True)
         samples = samples.reshape(-1, 1, 8, 8)
         rows.append(f"| `{m}.py` | {frechet_distance(features(net, samples, 17), test_features):.2f} |")
-    cmd = "python benchmarks/quality.py" + (f" --steps {args.steps}" if args.steps != 3000 else "")
+    cmd = "python benchmarks/quality.py" + (f" --steps {args.steps}" if args.steps != 2000 else "")
     md = (f"### Sample quality on digits\n\nFrechet distance between classifier features of {args.n} samples and "
           f"of the 300 test images (lower is better), each model trained for {args.steps} steps at batch 64. "
           f"The classifier (`benchmarks/digits_classifier.py`, weights shipped) reaches {accuracy:.1%} accuracy "

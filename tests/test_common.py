@@ -366,6 +366,22 @@ def test_batches_split_the_global_batch_across_ranks():
         common.Batches(ds, 10, common.Dist(rank=0, world_size=3))
 
 
+@pytest.mark.parametrize("name", ["8gaussians", "digits"])
+def test_batches_stream_is_independent_of_the_global_generator(name):
+    """Seeded with the same number as the global generator, the data stream must not repeat its
+    draws: a model's noise would otherwise be a function of the data it is added to."""
+    ds = common.load_dataset(name)
+    common.seed_everything(0)
+    b = common.Batches(ds, 256, seed=0)
+    noise, generator_noise = torch.randn(4096), torch.randn(4096, generator=b.generator)
+    assert abs(torch.corrcoef(torch.stack([noise, generator_noise]))[0, 1]) < 5 / math.sqrt(4096)
+    common.seed_everything(0)
+    x, _ = next(b)
+    other = ds.sample(256, torch.Generator().manual_seed(0)) if name == "8gaussians" else None
+    if other is not None:
+        assert not torch.allclose(x, other)
+
+
 def test_batches_state_resumes_the_stream():
     ds = common.load_dataset("8gaussians")
     a = common.Batches(ds, 16, seed=1)
