@@ -198,6 +198,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(c.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). With a cache, x holds the new positions only: their keys and
+        values are appended to the layer's cache and the queries attend to everything cached."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, h, T, d)
@@ -610,6 +612,8 @@ def learning_rate(step: int, cfg: Config) -> float:
 
 
 def train(cfg: Config):
+    """Maximum likelihood (Radford 2018 Eq. 1) with AdamW, warm-up + cosine learning rate and
+    gradient clipping; under torchrun every process trains on its slice of the global batch."""
     dist = init_distributed(cfg.device)
     seed_everything(cfg.seed)
     ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
@@ -772,6 +776,7 @@ def write_density(model: GPT, meta: dict, ds, out: pathlib.Path):
 
 
 def sample_only(cfg: Config):
+    """`--sample CKPT`: samples (and completions of test images) from a checkpoint, timed."""
     dist = init_distributed(cfg.device)
     model, meta, saved = load_model(cfg.sample, dist.device)
     out = pathlib.Path(cfg.out) if cfg.out else pathlib.Path(cfg.sample).parent
@@ -805,6 +810,7 @@ def check_config(cfg: Config):
 
 
 def main(argv=None):
+    """Train (default), or `--eval CKPT`, or `--sample CKPT`."""
     with user_errors():
         cfg = parse_config(Config, PRESETS, argv, doc=__doc__)
         check_config(cfg)

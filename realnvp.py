@@ -308,6 +308,9 @@ class BatchNormFlow(nn.Module):
         return v.view(1, -1, *([1] * (x.dim() - 2))).to(x.dtype)
 
     def forward(self, x):
+        """y = (x - mean) / sqrt(var + eps) * exp(log_gamma) + beta, log_det = sum over the
+        dimensions of log_gamma - 0.5 log(var + eps): batch statistics in training (the per-example
+        log-determinant treats them as constants, Sec. 3.7), running statistics in evaluation."""
         if self.training:
             dims = _feature_stats_dims(x)
             mean, var = x.mean(dims), x.var(dims, unbiased=False)
@@ -659,6 +662,8 @@ def _meta(ds):
 
 
 def train(cfg):
+    """Maximum likelihood of the (dequantised) data with Adam and, for images, L2 on the scale
+    weights (Sec. 4.1); under torchrun every process trains on its slice of the global batch."""
     dist = init_distributed(cfg.device)
     ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
     meta, out = _meta(ds), run_dir(cfg, "realnvp")
@@ -787,6 +792,7 @@ def sample_cmd(cfg):
 
 
 def main(argv=None):
+    """Train (default), or `--eval CKPT`, or `--sample CKPT`."""
     with user_errors():
         cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
         if cfg.temperature <= 0:
