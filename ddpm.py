@@ -436,6 +436,9 @@ class GaussianDiffusion:
         # log, so index 0 borrows beta-tilde_2 (as the official code does).
         self.posterior_log_variance_clipped = torch.log(
             torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        # "fixedlarge" sigma^2 = beta_t, with beta-tilde_2 at index 0 (the official code's choice)
+        self.fixedlarge_log_variance = torch.log(torch.cat([self.posterior_variance[1:2], betas[1:]]))
+        self.log_betas = torch.log(betas)
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
 
@@ -488,14 +491,12 @@ class GaussianDiffusion:
         out, v = output[:, :c], output[:, c:]
         if self.model_var_type == "learned":
             frac = (v + 1) / 2
-            log_var = (frac * _extract(torch.log(self.betas), t, x_t)
+            log_var = (frac * _extract(self.log_betas, t, x_t)
                        + (1 - frac) * _extract(self.posterior_log_variance_clipped, t, x_t))
+        elif self.model_var_type == "fixedlarge":
+            log_var = _extract(self.fixedlarge_log_variance, t, x_t).expand_as(x_t)
         else:
-            if self.model_var_type == "fixedlarge":
-                var = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
-                log_var = _extract(torch.log(var), t, x_t).expand_as(x_t)
-            else:
-                log_var = _extract(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+            log_var = _extract(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
         pred_x0 = self.predict_x0_from_eps(x_t, t, out) if self.model_mean_type == "eps" else out
         if self.clip_denoised if clip_denoised is None else clip_denoised:
             pred_x0 = pred_x0.clamp(-1, 1)
