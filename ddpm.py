@@ -887,6 +887,7 @@ def sample_cmd(cfg):
                          cfg.sample_steps, device, g)
     seconds = time.time() - start
     save_samples(x, out / "samples.png", meta)
+    torch.save(to_levels(x, meta).cpu() if meta["kind"] == "image" else x.cpu(), out / "samples.pt")
     reverse_figure(diffusion, net, (1, *meta["shape"]) if meta["kind"] == "image" else shape,
                    out / "reverse.png", meta, sample_labels(1, meta, saved, device)
                    if meta["kind"] == "image" else None, cfg.guidance, cfg.sample_steps, device)

@@ -39,6 +39,10 @@ def test_signal_saves_a_checkpoint_and_resume_continues(model, sig, tmp_path):
     subprocess.run([*cmd, "--steps", str(step + 2), "--resume"], env=_env(), check=True, capture_output=True,
                    timeout=120)
     assert common.load_checkpoint(out / "ckpt.pt")["step"] == step + 2
+    # --sample writes the raw samples beside the picture (benchmarks/quality.py reads them)
+    subprocess.run([sys.executable, str(ROOT / f"{model}.py"), "--sample", str(out / "ckpt.pt"), "--n-samples", "5",
+                    "--out", str(tmp_path / "s")], env=_env(), check=True, capture_output=True, timeout=120)
+    assert torch.load(tmp_path / "s" / "samples.pt", weights_only=True).shape == (5, 2)
 
 
 @pytest.mark.parametrize("model", MODEL_FILES)
