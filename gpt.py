@@ -712,21 +712,22 @@ def write_samples(model: GPT, meta: dict, cfg: Config, out: pathlib.Path, step, 
     return path
 
 
-def load_model(path, device) -> tuple[GPT, dict, dict]:
+def load_model(path, cfg: Config):
+    """The network of checkpoint `path` (evaluation mode) with its meta and training config, and
+    what `--eval`/`--sample` write with: (dist, model, meta, saved config, out folder, logger)."""
+    dist = init_distributed(cfg.device)
     ckpt = load_checkpoint(path)
     saved = Config(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
-    model = GPT(gpt_config(saved, ckpt["meta"])).to(device)
+    model = GPT(gpt_config(saved, ckpt["meta"])).to(dist.device)
     model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt["meta"], ckpt["config"]
+    out = pathlib.Path(cfg.out) if cfg.out else pathlib.Path(path).parent
+    out.mkdir(parents=True, exist_ok=True)
+    return dist, model.eval(), ckpt["meta"], ckpt["config"], out, Logger(out, 0, enabled=dist.is_main)
 
 
 def evaluate(cfg: Config):
     """Exact test-set likelihood: nats per image (bits/dim), per character (bits/char) or per point."""
-    dist = init_distributed(cfg.device)
-    model, meta, saved = load_model(cfg.eval, dist.device)
-    out = pathlib.Path(cfg.out) if cfg.out else pathlib.Path(cfg.eval).parent
-    out.mkdir(parents=True, exist_ok=True)
-    logger = Logger(out, 0, enabled=dist.is_main)
+    dist, model, meta, saved, out, logger = load_model(cfg.eval, cfg)
     ds = load_dataset(meta["dataset"], "test", cfg.data_dir or saved.get("data_dir"))
     if meta["kind"] == "text":
         T = meta["block_size"]
@@ -777,11 +778,7 @@ def write_density(model: GPT, meta: dict, ds, out: pathlib.Path):
 
 def sample_only(cfg: Config):
     """`--sample CKPT`: samples (and completions of test images) from a checkpoint, timed."""
-    dist = init_distributed(cfg.device)
-    model, meta, saved = load_model(cfg.sample, dist.device)
-    out = pathlib.Path(cfg.out) if cfg.out else pathlib.Path(cfg.sample).parent
-    out.mkdir(parents=True, exist_ok=True)
-    logger = Logger(out, 0, enabled=dist.is_main)
+    dist, model, meta, saved, out, logger = load_model(cfg.sample, cfg)
     test = None
     if meta["kind"] == "image":  # completions need test images: from the cache, as training left it
         try:
