@@ -238,7 +238,15 @@ class Dist:
             torch.distributed.barrier()
 
     def close(self):
+        """Wait for every process, then leave the process group.
+
+        The barrier is not a formality. A gloo worker thread frees the tensors of a finished
+        collective after the caller has moved on, and needs the GIL to do it; a process that
+        went straight from its last collective into interpreter shutdown could be aborted
+        there ("terminate called without an active exception", torch 2.13). Waiting in the
+        barrier releases the GIL until the other processes arrive."""
         if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
