@@ -19,128 +19,51 @@ What is implemented
   clipping, bf16 autocast (--amp) and torch.compile (--compile), single process or torchrun/DDP.
   Data: images as one token per pixel in raster order (iGPT), character-level text, and 2D points
   as two tokens (x bin, y bin) whose piecewise-uniform density gives a continuous NLL.
-  Not implemented: BPE tokenisation (text is character level, so the gpt2 preset is the GPT-2
+  `--arch gpt2` gives GPT-2 small's shape (12 layers, 12 heads, 768 wide, context 1024) over the
+  dataset's preset; the flags typed still win.
+  Not implemented: BPE tokenisation (text is character level, so --arch gpt2 is the GPT-2
   architecture, not its tokenizer or weights), iGPT's k-means palette (we use uniform bit
   truncation, stated below), iGPT's BERT objective, linear probes and fine-tuning.
 
-Run
+Run it
   python gpt.py                                   # image GPT on 8x8 digits (17 grey levels)
   python gpt.py --dataset shakespeare             # character GPT, nanoGPT's shakespeare-char setting
+  python gpt.py --dataset shakespeare --arch gpt2 # GPT-2 small's shape on characters (a GPU run)
   python gpt.py --eval runs/gpt-digits/ckpt.pt    # exact test NLL, bits/dim (or bits/char)
   python gpt.py --sample runs/gpt-digits/ckpt.pt --n-samples 64 --top-p 0.9
 
 Paper -> code
-  Vaswani Eq. 1, softmax(QK^T/sqrt(d_k))V, causal  causal_attention
+  Vaswani Eq. 1, softmax(QK^T/sqrt(d_k))V, causal  causal_attention (KVCache for sampling)
+  Chen Sec. 2.1 raster order, Sec. 3.2 palette     image_tokens, tokens_to_image, image_levels
+  piecewise-uniform density on bins (ours)         point_tokens, tokens_to_points, points_log_prob
+  Radford 2019 Eq. 1 / Chen Eq. 1, chain rule      nll (exact, per sequence, nats), bits_per_dim
+  Radford 2018 Eq. 1 / Chen Eq. 2, L_AR            sequence_loss
+  Holtzman Eq. 2-3 / Fan et al. top-k              top_p_filter / top_k_filter, sample_next, generate
+  Radford 2018 Sec. 4.1 (warm-up + cosine, L2 on   learning_rate, configure_optimizer
+    non-bias/gain weights)
   Vaswani Sec. 3.2.2, multi-head attention         CausalSelfAttention
   Radford 2018 Eq. 2, h_0 = U W_e + W_p,           GPT.forward (token + position embeddings,
     P(u) = softmax(h_n W_e^T)                        output layer tied to W_e)
   Radford 2019 Sec. 2.3, pre-LN + final LN, init   Block, GPT._init_weights
-  Radford 2019 Eq. 1 / Chen Eq. 1, chain rule      nll (exact, per sequence, nats)
-  Radford 2018 Eq. 1 / Chen Eq. 2, L_AR            sequence_loss
-  Chen Sec. 2.1 raster order, Sec. 3.2 palette     image_tokens, tokens_to_image, image_levels
-  piecewise-uniform density on bins (ours)         point_tokens, points_log_prob
-  Holtzman Eq. 2-3 / Fan et al. top-k              top_p_filter / top_k_filter, sample_next
-  Radford 2018 Sec. 4.1 (warm-up + cosine, L2 on   learning_rate, configure_optimizer
-    non-bias/gain weights)
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Batches, Logger, RunConfig, StopSignal, UserError, check_finite,
-                    density_on_grid, flag, init_distributed, load_checkpoint, load_dataset,
-                    parse_config, resume_path, rng_state, run_dir, save_checkpoint, save_density,
-                    save_image_grid, save_scatter, seed_everything, set_rng_state, user_errors,
+from common import (Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range,
+                    density_on_grid, dispatch, flag, get_device, init_distributed, load_checkpoint, load_dataset,
+                    load_weights, open_run, output_dir, parse_config, report_files, resume, save_density,
+                    save_image_grid, save_scatter, save_training, saved_config, seed_everything, user_errors,
                     wrap_ddp)
 
-# ----------------------------------------------------------------------------------------------
-# 2. Configuration
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class GPTConfig:
-    """The network's shape (Radford et al. 2019, Table 2 names: layers, d_model, context, vocab)."""
-
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 64
-    block_size: int = 64     # context length: the most positions the model attends over
-    vocab_size: int = 17     # tokens the model predicts
-    dropout: float = 0.0
-    bias: bool = True        # biases in Linear and LayerNorm layers, as in GPT-2
-    start_token: bool = False  # one more input-only token, id vocab_size, that starts a sequence
-
-
-@dataclasses.dataclass
-class Config(RunConfig):
-    """Defaults train image GPT on digits in about 4 minutes on one CPU thread (test 1.9 bits/dim)."""
-
-    steps: int = flag(1000, "optimisation steps")
-    batch_size: int = flag(64, "global batch size (sequences)")
-    lr: float = flag(1e-3, "peak learning rate (after warm-up)")
-    n_layer: int = flag(4, "transformer blocks")
-    n_head: int = flag(4, "attention heads (must divide --n-embd)")
-    n_embd: int = flag(64, "width of the residual stream")
-    block_size: int = flag(128, "context length for text; images and 2D points use their own sequence length")
-    dropout: float = flag(0.0, "dropout on embeddings, attention weights and residual branches")
-    bias: bool = flag(True, "biases in Linear and LayerNorm layers (GPT-2 has them)")
-    weight_decay: float = flag(0.1, "AdamW weight decay, applied to matrices only")
-    beta1: float = flag(0.9, "AdamW beta1")
-    beta2: float = flag(0.99, "AdamW beta2")
-    warmup: int = flag(100, "linear warm-up steps")
-    min_lr: float = flag(1e-4, "learning rate at the end of the cosine decay")
-    decay_steps: int = flag(0, "length of the cosine decay in steps (0 = --steps); set it to resume into a longer run")
-    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = off)")
-    image_bits: int = flag(0, "bits kept per channel of 8-bit images (0 = 4 for grey, 3 for colour); "
-                              "images with other level counts (digits: 17) are used as they are")
-    bins: int = flag(256, "bins per coordinate for 2D points")
-    temperature: float = flag(1.0, "sampling temperature (0 = greedy)")
-    top_k: int = flag(0, "sample from the k most probable tokens only (0 = off)")
-    top_p: float = flag(1.0, "nucleus sampling: smallest set of tokens with this mass (1 = off)")
-    prompt: str = flag("\n", "text prompt the samples continue (text only)")
-    sample_len: int = flag(500, "characters generated per text sample")
-
-
-# Presets: {name: Config fields}. parse_config applies PRESETS[dataset] (or PRESETS[kind]).
-PRESETS: dict[str, dict] = {
-    # GPT-2 small (Radford et al. 2019, Table 2; with vocabulary GPT2_VOCAB and tied embeddings it
-    # has 124,439,808 parameters). Our text is character level, so this is the architecture only.
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, bias=True),
-    # nanoGPT's shakespeare-char configuration (its config/train_shakespeare_char.py; best
-    # validation loss 1.4697 nats/char), applied by --dataset shakespeare.
-    "shakespeare-char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
-                             batch_size=64, lr=1e-3, min_lr=1e-4, steps=5000, warmup=100,
-                             beta2=0.99, weight_decay=0.1, grad_clip=1.0, n_samples=2),
-    # Any other .txt: CPU-sized.
-    "text": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.1, batch_size=32,
-                 steps=3000, n_samples=2),
-    # 2D points: two tokens per point, fresh samples every batch so no dropout is needed.
-    "points": dict(n_layer=3, n_head=4, n_embd=128, dropout=0.0, batch_size=256, steps=3000,
-                   n_samples=2000, warmup=100),
-    # 28x28 grey images at 16 levels, 784 tokens: a GPU-sized model (4.9M parameters), far smaller
-    # than iGPT; our untuned choice. On a CPU, shrink it with --n-layer/--n-embd.
-    "mnist": dict(n_layer=6, n_head=8, n_embd=256, dropout=0.1, batch_size=32, steps=20000, lr=5e-4),
-    # iGPT-S's shape (24 layers, width 512, 8 heads; Chen et al. 2020, not in PAPERS.md, unverified)
-    # on the 512-colour palette; the optimiser settings are ours, not iGPT's. A GPU preset.
-    "cifar10": dict(n_layer=24, n_head=8, n_embd=512, dropout=0.0, batch_size=64, steps=200000,
-                    lr=3e-4, warmup=5000, weight_decay=0.01),
-}
-PRESETS["shakespeare"] = PRESETS["shakespeare-char"]
-PRESETS["fashion-mnist"] = PRESETS["mnist"]
-GPT2_VOCAB = 50257  # GPT-2's byte-level BPE vocabulary (Radford et al. 2019, Sec. 2.2)
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. The network
-# ----------------------------------------------------------------------------------------------
+# --- attention (Vaswani et al. 2017) and its key-value cache
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
@@ -183,6 +106,246 @@ class KVCache:
 
     def reset(self):
         self.length = 0
+
+
+# --- data as token sequences (Chen et al. 2020 for pixels; bins for 2D points)
+
+
+def image_levels(levels: int, channels: int, bits: int) -> int:
+    """Levels per channel the model sees. 8-bit images keep their top `bits` bits (default 4 for
+    grey: 16 levels; 3 for colour: 8^3 = 512 colours, the size of iGPT's 9-bit palette but uniform
+    instead of k-means, Chen et al. 2020, Sec. 3.2). Other level counts (digits: 17) are kept exactly."""
+    if levels != 256:
+        return levels
+    bits = bits or (4 if channels == 1 else 3)
+    if not 1 <= bits <= 8 or bits * channels > 16:
+        raise ValueError(f"{bits} bits per channel with {channels} channels is not accepted; use 1..8 bits "
+                         f"with bits * channels <= 16 (a vocabulary of at most 65536)")
+    return 2 ** bits
+
+
+def quantise_image(x: torch.Tensor, levels: int, qlevels: int) -> torch.Tensor:
+    """Integer levels 0..levels-1 -> 0..qlevels-1 by floor(x * qlevels / levels); for 256 -> 2^b
+    this drops the low 8 - b bits. Identity when qlevels == levels."""
+    x = x.long()
+    return x if qlevels == levels else (x * qlevels) // levels
+
+
+def image_tokens(x: torch.Tensor, levels: int, qlevels: int) -> torch.Tensor:
+    """Images (B, C, H, W) -> one token per pixel in raster order (Chen et al. 2020, Sec. 2.1, Eq. 1
+    with the identity permutation): token = sum_c q_c * qlevels^(C-1-c), so (B, H*W) over qlevels^C values."""
+    q = quantise_image(x, levels, qlevels)
+    C = q.size(1)
+    place = qlevels ** torch.arange(C - 1, -1, -1, device=q.device).view(1, C, 1, 1)
+    return (q * place).sum(1).flatten(1)
+
+
+def tokens_to_image(tok: torch.Tensor, shape, qlevels: int) -> torch.Tensor:
+    """Inverse of image_tokens: (B, H*W) -> (B, C, H, W) integer levels 0..qlevels-1 (uint8)."""
+    C, H, W = shape
+    place = qlevels ** torch.arange(C - 1, -1, -1, device=tok.device).view(1, C, 1)
+    q = (tok.view(-1, 1, H * W) // place) % qlevels
+    return q.view(-1, C, H, W).to(torch.uint8)
+
+
+def bin_width(lim: float, bins: int) -> float:
+    return 2 * lim / bins
+
+
+def point_tokens(x: torch.Tensor, lim: float, bins: int) -> torch.Tensor:
+    """Points (B, 2) -> (x bin, y bin) tokens (B, 2), bins of width 2 lim / bins over [-lim, lim];
+    points outside the square fall in the edge bins."""
+    t = torch.floor((x + lim) / bin_width(lim, bins)).long()
+    return t.clamp(0, bins - 1)
+
+
+def tokens_to_points(tok: torch.Tensor, lim: float, bins: int, generator=None) -> torch.Tensor:
+    """(B, 2) bins -> points drawn uniformly inside their bin: a sample of the piecewise-uniform density."""
+    u = torch.rand(tok.shape, generator=generator, device=tok.device)
+    return (tok + u) * bin_width(lim, bins) - lim
+
+
+def with_start(tok: torch.Tensor, start_token: int) -> torch.Tensor:
+    """Prepend a start token, so the first data token is predicted too: (B, L) -> (B, L + 1)."""
+    return torch.cat([torch.full_like(tok[:, :1], start_token), tok], dim=1)
+
+
+def text_windows(data: torch.Tensor, T: int) -> torch.Tensor:
+    """Non-overlapping evaluation windows (N, T + 1) of a token stream: window k is
+    data[kT : kT + T + 1], its first token context only, so every token after the first is
+    predicted exactly once, with a context of 1..T tokens. A tail shorter than T + 1 is dropped."""
+    n = (data.numel() - 1) // T
+    starts = torch.arange(n) * T
+    return data[starts[:, None] + torch.arange(T + 1)]
+
+
+# --- the likelihood by the chain rule, and the training objective
+
+
+def nll(net, idx: torch.Tensor) -> torch.Tensor:
+    """-log p(idx_1 .. idx_{T-1} | idx_0) = -sum_t log p(idx_t | idx_<t) in nats, per sequence (B,).
+
+    The chain rule of Radford et al. 2019, Eq. 1 and Chen et al. 2020, Eq. 1, exact: each factor is
+    the softmax of the logits at position t-1. With a start token as idx_0 this is -log p(data).
+    net: (B, T-1) -> logits (B, T-1, V), causal.
+    """
+    logits = net(idx[:, :-1])
+    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # fp32 at least
+    return -logp.gather(-1, idx[:, 1:, None]).squeeze(-1).sum(1)
+
+
+def sequence_loss(net, idx: torch.Tensor) -> torch.Tensor:
+    """L_AR = E[-log p(x)] (Chen et al. 2020, Eq. 2; Radford et al. 2018, Eq. 1), per token:
+    the mean next-token cross-entropy in nats over the batch's (B, T) sequences. `net` is called
+    (its forward), so DistributedDataParallel's gradient hooks fire."""
+    logits = net(idx[:, :-1])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under --amp: the loss in fp32
+    return F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+
+
+def points_log_prob(net, x: torch.Tensor, lim: float, bins: int) -> torch.Tensor:
+    """Continuous log-density of 2D points under the piecewise-uniform model: the two-token model
+    gives P(bin_x, bin_y), spread uniformly over a bin of area w^2, so
+    log p(x) = log P(bins) - 2 log w, i.e. continuous NLL = discrete NLL + 2 log w. (B,) nats.
+    The start token's id is `bins`, the one after the data tokens."""
+    seq = with_start(point_tokens(x, lim, bins), bins)
+    return -nll(net, seq) - 2 * math.log(bin_width(lim, bins))
+
+
+def bits_per_dim(nll_nats: float, dims: int) -> float:
+    """nats per example -> bits per dimension: nll / (dims * ln 2). For images the dimensions are
+    the C*H*W sub-pixels of the (quantised) image the model sees, so the number is of that data."""
+    return nll_nats / (dims * math.log(2))
+
+
+@torch.inference_mode()
+def dataset_nll(net, seqs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """nll of every sequence (N, L) in batches, on the network's device; returns (N,) on the CPU."""
+    device = next(net.parameters()).device
+    return torch.cat([nll(net, seqs[i:i + batch_size].to(device)).cpu() for i in range(0, len(seqs), batch_size)])
+
+
+# --- sampling: filters (Fan et al. 2018; Holtzman et al. 2020) and the batched sampler
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k most probable tokens (top-k sampling, Fan et al. 2018): logits below the k-th largest
+    become -inf. Ties with the k-th are kept. logits (..., V)."""
+    kth = logits.topk(min(k, logits.size(-1)), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: keep V(p), the smallest set of most probable tokens whose mass reaches p
+    (Holtzman et al. 2020, Eq. 2); renormalising the rest is Eq. 3 (the softmax that follows).
+    A token is kept iff the tokens strictly more probable than it hold less than p, so the most
+    probable token is always kept."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
+    remove_sorted = mass_before >= p
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from logits (B, V): argmax when temperature is 0, else softmax(logits / T)
+    after top-k then top-p filtering. Returns (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    if top_k:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1:
+        logits = top_p_filter(logits, top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Autoregressive sampling, batched, on the model's device: idx (B, T0) -> (B, T0 + max_new_tokens).
+
+    With use_cache each step feeds one token and reads the keys and values of the others from a
+    KVCache; without it each step recomputes the whole context. Both see the same context: once
+    the text outgrows the learned positions (block_size), the window jumps forward to keep the
+    last block_size // 2 tokens (re-encoded, the cache rebuilt), so every token is predicted from
+    at least half a context, and the cached and the uncached sampler draw the same tokens.
+    Runs under inference_mode; the result is an ordinary tensor (usable with autograd).
+    """
+    with torch.inference_mode():
+        out = _generate(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
+    return out.clone()
+
+
+def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator):
+    block = model.config.block_size
+    keep = max(1, block // 2)
+    was_training = model.training
+    model.eval()
+    try:
+        start = max(0, idx.size(1) - block)
+        cache = model.new_cache() if use_cache else None
+        logits = model(idx[:, start:], cache=cache, last_only=True)[:, -1]
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, nxt], dim=1)
+            if i == max_new_tokens - 1:
+                break
+            if idx.size(1) - start > block:  # the window is full: slide it
+                start = idx.size(1) - keep
+                if cache is not None:
+                    cache.reset()
+                logits = model(idx[:, start:], cache=cache, last_only=True)[:, -1]
+            elif cache is not None:
+                logits = model(nxt, cache=cache, last_only=True)[:, -1]
+            else:
+                logits = model(idx[:, start:], last_only=True)[:, -1]
+    finally:
+        model.train(was_training)
+    return idx
+
+
+# --- the optimiser and its schedule (Radford et al. 2018, Sec. 4.1)
+
+
+def configure_optimizer(net: nn.Module, lr: float, betas=(0.9, 0.99), weight_decay: float = 0.1):
+    """AdamW (Loshchilov & Hutter 2019, arXiv 1711.05101) with weight decay on matrices (and the
+    embeddings) only, not on biases or LayerNorm gains (Radford et al. 2018, Sec. 4.1)."""
+    decay = [p for p in net.parameters() if p.dim() >= 2]
+    no_decay = [p for p in net.parameters() if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def learning_rate(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """Linear warm-up from 0 over `warmup` steps, then cosine annealing from lr to min_lr at step
+    `total` (Radford et al. 2018, Sec. 4.1; Loshchilov & Hutter 2017, arXiv 1608.03983, Eq. 5).
+    step counts from 0."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    """The network's shape (Radford et al. 2019, Table 2 names: layers, d_model, context, vocab)."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 64
+    block_size: int = 64     # context length: the most positions the model attends over
+    vocab_size: int = 17     # tokens the model predicts
+    dropout: float = 0.0
+    bias: bool = True        # biases in Linear and LayerNorm layers, as in GPT-2
+    start_token: bool = False  # one more input-only token, id vocab_size, that starts a sequence
 
 
 class CausalSelfAttention(nn.Module):
@@ -301,266 +464,148 @@ class GPT(nn.Module):
         return generate(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
 
 
-def gpt_config(cfg: Config, meta: dict) -> GPTConfig:
-    """The network for a run: shape from the flags, context and vocabulary from the data."""
+# ----------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Config(RunConfig):
+    """Defaults train image GPT on digits in about 4 minutes on one CPU thread (test 1.9 bits/dim)."""
+
+    steps: int = flag(1000, "optimisation steps")
+    batch_size: int = flag(64, "global batch size (sequences)")
+    lr: float = flag(1e-3, "peak learning rate (after warm-up)")
+    arch: str = flag("default", "architecture laid over the dataset's preset, under the flags you type: default "
+                                "keeps the preset's; gpt2 is GPT-2 small's shape (12 layers, 12 heads, 768 wide, "
+                                "context 1024; text stays character level)", choices=("default", "gpt2"))
+    n_layer: int = flag(4, "transformer blocks")
+    n_head: int = flag(4, "attention heads (must divide --n-embd)")
+    n_embd: int = flag(64, "width of the residual stream")
+    block_size: int = flag(128, "context length for text; images and 2D points use their own sequence length")
+    dropout: float = flag(0.0, "dropout on embeddings, attention weights and residual branches")
+    bias: bool = flag(True, "biases in Linear and LayerNorm layers (GPT-2 has them)")
+    weight_decay: float = flag(0.1, "AdamW weight decay, applied to matrices only")
+    beta1: float = flag(0.9, "AdamW beta1")
+    beta2: float = flag(0.99, "AdamW beta2")
+    warmup: int = flag(100, "linear warm-up steps")
+    min_lr: float = flag(1e-4, "learning rate at the end of the cosine decay")
+    decay_steps: int = flag(0, "length of the cosine decay in steps (0 = --steps); set it to resume into a longer run")
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = off)")
+    image_bits: int = flag(0, "bits kept per channel of 8-bit images (0 = 4 for grey, 3 for colour); "
+                              "images with other level counts (digits: 17) are used as they are")
+    bins: int = flag(256, "bins per coordinate for 2D points")
+    temperature: float = flag(1.0, "sampling temperature (0 = greedy)")
+    top_k: int = flag(0, "sample from the k most probable tokens only (0 = off)")
+    top_p: float = flag(1.0, "nucleus sampling: smallest set of tokens with this mass (1 = off)")
+    prompt: str = flag("\n", "text prompt the samples continue (text only)")
+    sample_len: int = flag(500, "characters generated per text sample")
+
+
+# Presets: {dataset or kind: Config fields}; parse_config applies PRESETS[dataset], else PRESETS[kind].
+PRESETS: dict[str, dict] = {
+    # nanoGPT's shakespeare-char configuration (its config/train_shakespeare_char.py; best
+    # validation loss 1.4697 nats/char).
+    "shakespeare": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
+                        batch_size=64, lr=1e-3, min_lr=1e-4, steps=5000, warmup=100,
+                        beta2=0.99, weight_decay=0.1, grad_clip=1.0, n_samples=2),
+    # Any other .txt: CPU-sized.
+    "text": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.1, batch_size=32,
+                 steps=3000, n_samples=2),
+    # 2D points: two tokens per point, fresh samples every batch so no dropout is needed.
+    "points": dict(n_layer=3, n_head=4, n_embd=128, dropout=0.0, batch_size=256, steps=3000,
+                   n_samples=2000, warmup=100),
+    # 28x28 grey images at 16 levels, 784 tokens: a GPU-sized model (4.9M parameters), far smaller
+    # than iGPT; our untuned choice. On a CPU, shrink it with --n-layer/--n-embd.
+    "mnist": dict(n_layer=6, n_head=8, n_embd=256, dropout=0.1, batch_size=32, steps=20000, lr=5e-4),
+    # iGPT-S's shape (24 layers, width 512, 8 heads; Chen et al. 2020, not in PAPERS.md, unverified)
+    # on the 512-colour palette; the optimiser settings are ours, not iGPT's. A GPU preset.
+    "cifar10": dict(n_layer=24, n_head=8, n_embd=512, dropout=0.0, batch_size=64, steps=200000,
+                    lr=3e-4, warmup=5000, weight_decay=0.01),
+}
+PRESETS["fashion-mnist"] = PRESETS["mnist"]
+
+# Architectures `--arch` lays over the dataset's preset (the flags typed still win).
+ARCHS: dict[str, dict] = {
+    # GPT-2 small (Radford et al. 2019, Table 2; with vocabulary GPT2_VOCAB and tied embeddings it
+    # has 124,439,808 parameters). Our text is character level, so this is the architecture only.
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, bias=True),
+}
+GPT2_VOCAB = 50257  # GPT-2's byte-level BPE vocabulary (Radford et al. 2019, Sec. 2.2)
+
+
+def presets_with_arch(arch):
+    """PRESETS with the architecture ARCHS[arch] laid over every one of them (and over each kind),
+    so a configuration is: defaults, the dataset's preset, the architecture, the flags typed."""
+    kinds = dict.fromkeys(("image", "points", "text"), {})
+    return {name: {**preset, **ARCHS[arch]} for name, preset in {**kinds, **PRESETS}.items()}
+
+
+def check_config(cfg):
+    """One-line errors for values the flags' types let through (checks that need the data are in build)."""
+    for name, low in [("n_layer", 1), ("n_head", 1), ("n_embd", 1), ("block_size", 1), ("bins", 2),
+                      ("warmup", 0), ("decay_steps", 0), ("sample_len", 0), ("top_k", 0), ("temperature", 0),
+                      ("grad_clip", 0), ("weight_decay", 0), ("min_lr", 0)]:
+        check_range(cfg, name, low)
+    check_range(cfg, "dropout", 0, 1, open_high=True)
+    check_range(cfg, "top_p", 0, 1, open_low=True)
+    check_range(cfg, "beta1", 0, 1, open_high=True)
+    check_range(cfg, "beta2", 0, 1, open_high=True)
+    check_range(cfg, "image_bits", 0, 8)
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n-embd {cfg.n_embd} is not divisible by --n-head {cfg.n_head}; "
                         "use a width that is a multiple of the heads")
-    return GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=meta["block_size"],
-                     vocab_size=meta["vocab_size"], dropout=cfg.dropout, bias=cfg.bias,
-                     start_token=meta["kind"] != "text")
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. The mathematics: data as token sequences, and the chain rule
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
+# Data and pictures
+# ----------------------------------------------------------------------------------------
+
+# The flags that turn data into tokens: --eval and --sample use the checkpoint's own.
+DATA_FLAGS = ("block_size", "bins", "image_bits")
 
 
-def image_levels(levels: int, channels: int, bits: int) -> int:
-    """Levels per channel the model sees. 8-bit images keep their top `bits` bits (default 4 for
-    grey: 16 levels; 3 for colour: 8^3 = 512 colours, the size of iGPT's 9-bit palette but uniform
-    instead of k-means, Chen et al. 2020, Sec. 3.2). Other level counts (digits: 17) are kept exactly."""
-    if levels != 256:
-        return levels
-    bits = bits or (4 if channels == 1 else 3)
-    if not 1 <= bits <= 8 or bits * channels > 16:
-        raise UserError(f"--image-bits {bits} with {channels} channels is not accepted; "
-                        f"use 1..8 bits with bits * channels <= 16 (a vocabulary of at most 65536)")
-    return 2 ** bits
+def quantised_levels(cfg, info):
+    """Levels per channel of the images the model sees (image_levels)."""
+    return image_levels(info.levels, info.shape[0], cfg.image_bits)
 
 
-def quantise_image(x: torch.Tensor, levels: int, qlevels: int) -> torch.Tensor:
-    """Integer levels 0..levels-1 -> 0..qlevels-1 by floor(x * qlevels / levels); for 256 -> 2^b
-    this drops the low 8 - b bits. Identity when qlevels == levels."""
-    x = x.long()
-    return x if qlevels == levels else (x * qlevels) // levels
+def vocab_size(cfg, info):
+    """Tokens the model predicts: qlevels^C colours of a pixel, a coordinate's bins, or the characters."""
+    if info.kind == "image":
+        return quantised_levels(cfg, info) ** info.shape[0]
+    return cfg.bins if info.kind == "points" else len(info.vocab)
 
 
-def image_tokens(x: torch.Tensor, levels: int, qlevels: int) -> torch.Tensor:
-    """Images (B, C, H, W) -> one token per pixel in raster order (Chen et al. 2020, Sec. 2.1, Eq. 1
-    with the identity permutation): token = sum_c q_c * qlevels^(C-1-c), so (B, H*W) over qlevels^C values."""
-    q = quantise_image(x, levels, qlevels)
-    C = q.size(1)
-    place = qlevels ** torch.arange(C - 1, -1, -1, device=q.device).view(1, C, 1, 1)
-    return (q * place).sum(1).flatten(1)
+def context_length(cfg, info):
+    """Positions the model attends over: a whole image (H*W pixels), a point (2), or --block-size characters."""
+    if info.kind == "image":
+        return info.shape[1] * info.shape[2]
+    return 2 if info.kind == "points" else cfg.block_size
 
 
-def tokens_to_image(tok: torch.Tensor, shape, qlevels: int) -> torch.Tensor:
-    """Inverse of image_tokens: (B, H*W) -> (B, C, H, W) integer levels 0..qlevels-1 (uint8)."""
-    C, H, W = shape
-    place = qlevels ** torch.arange(C - 1, -1, -1, device=tok.device).view(1, C, 1)
-    q = (tok.view(-1, 1, H * W) // place) % qlevels
-    return q.view(-1, C, H, W).to(torch.uint8)
-
-
-def bin_width(lim: float, bins: int) -> float:
-    return 2 * lim / bins
-
-
-def point_tokens(x: torch.Tensor, lim: float, bins: int) -> torch.Tensor:
-    """Points (B, 2) -> (x bin, y bin) tokens (B, 2), bins of width 2 lim / bins over [-lim, lim];
-    points outside the square fall in the edge bins."""
-    t = torch.floor((x + lim) / bin_width(lim, bins)).long()
-    return t.clamp(0, bins - 1)
-
-
-def tokens_to_points(tok: torch.Tensor, lim: float, bins: int, generator=None) -> torch.Tensor:
-    """(B, 2) bins -> points drawn uniformly inside their bin: a sample of the piecewise-uniform density."""
-    u = torch.rand(tok.shape, generator=generator, device=tok.device)
-    return (tok + u) * bin_width(lim, bins) - lim
-
-
-def with_start(tok: torch.Tensor, start_token: int) -> torch.Tensor:
-    """Prepend a start token, so the first data token is predicted too: (B, L) -> (B, L + 1)."""
-    return torch.cat([torch.full_like(tok[:, :1], start_token), tok], dim=1)
-
-
-def to_sequences(x: torch.Tensor, meta: dict) -> torch.Tensor:
-    """A batch from common.Batches -> token sequences (B, L) whose nll() is the data's likelihood.
-    Text windows are used as they are (their first token is context only)."""
-    if meta["kind"] == "text":
+def to_sequences(x, cfg, info):
+    """A batch from common.Batches -> token sequences (B, L) whose nll() is the data's likelihood:
+    images and points after a start token (id vocab_size, input only); text windows as they are
+    (their first token is context only)."""
+    if info.kind == "text":
         return x
-    if meta["kind"] == "image":
-        tok = image_tokens(x, meta["levels"], meta["qlevels"])
+    if info.kind == "image":
+        tok = image_tokens(x, info.levels, quantised_levels(cfg, info))
     else:
-        tok = point_tokens(x, meta["lim"], meta["bins"])
-    return with_start(tok, meta["vocab_size"])  # the start token's id follows the data tokens
+        tok = point_tokens(x, info.lim, cfg.bins)
+    return with_start(tok, vocab_size(cfg, info))
 
 
-def nll(net, idx: torch.Tensor) -> torch.Tensor:
-    """-log p(idx_1 .. idx_{T-1} | idx_0) = -sum_t log p(idx_t | idx_<t) in nats, per sequence (B,).
-
-    The chain rule of Radford et al. 2019, Eq. 1 and Chen et al. 2020, Eq. 1, exact: each factor is
-    the softmax of the logits at position t-1. With a start token as idx_0 this is -log p(data).
-    net: (B, T-1) -> logits (B, T-1, V), causal.
-    """
-    logits = net(idx[:, :-1])
-    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # fp32 at least
-    return -logp.gather(-1, idx[:, 1:, None]).squeeze(-1).sum(1)
+def loss_in_bits(loss, info):
+    """The training loss (nats per token) in bits per dimension: an image token is a pixel of C
+    dimensions, a text token one character (bits/char); nothing for 2D points."""
+    if info.kind == "image":
+        return {"bits_per_dim": loss / (info.shape[0] * math.log(2))}
+    return {"bits_per_char": loss / math.log(2)} if info.kind == "text" else {}
 
 
-def points_log_prob(net, x: torch.Tensor, lim: float, bins: int) -> torch.Tensor:
-    """Continuous log-density of 2D points under the piecewise-uniform model: the two-token model
-    gives P(bin_x, bin_y), spread uniformly over a bin of area w^2, so
-    log p(x) = log P(bins) - 2 log w, i.e. continuous NLL = discrete NLL + 2 log w. (B,) nats."""
-    seq = with_start(point_tokens(x, lim, bins), bins)
-    return -nll(net, seq) - 2 * math.log(bin_width(lim, bins))
-
-
-def text_windows(data: torch.Tensor, T: int) -> torch.Tensor:
-    """Non-overlapping evaluation windows (N, T + 1) of a token stream: window k is
-    data[kT : kT + T + 1], its first token context only, so every token after the first is
-    predicted exactly once, with a context of 1..T tokens. A tail shorter than T + 1 is dropped."""
-    n = (data.numel() - 1) // T
-    starts = torch.arange(n) * T
-    return data[starts[:, None] + torch.arange(T + 1)]
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. The objective and the likelihood
-# ----------------------------------------------------------------------------------------------
-
-
-def sequence_loss(net, idx: torch.Tensor) -> torch.Tensor:
-    """L_AR = E[-log p(x)] (Chen et al. 2020, Eq. 2; Radford et al. 2018, Eq. 1), per token:
-    the mean next-token cross-entropy in nats over the batch's (B, T) sequences."""
-    logits = net(idx[:, :-1])
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under --amp: the loss in fp32
-    return F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
-
-
-def bits_per_dim(nll_nats: float, dims: int) -> float:
-    """nats per example -> bits per dimension: nll / (dims * ln 2). For images the dimensions are
-    the C*H*W sub-pixels of the (quantised) image the model sees, so the number is of that data."""
-    return nll_nats / (dims * math.log(2))
-
-
-@torch.inference_mode()
-def dataset_nll(model: GPT, seqs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """nll of every sequence (N, L) in batches, on the model's device; returns (N,) on the CPU."""
-    device = next(model.parameters()).device
-    out = [model.nll(seqs[i:i + batch_size].to(device)).cpu() for i in range(0, len(seqs), batch_size)]
-    return torch.cat(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# 6. The sampler
-# ----------------------------------------------------------------------------------------------
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k most probable tokens (top-k sampling, Fan et al. 2018): logits below the k-th largest
-    become -inf. Ties with the k-th are kept. logits (..., V)."""
-    kth = logits.topk(min(k, logits.size(-1)), dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus: keep V(p), the smallest set of most probable tokens whose mass reaches p
-    (Holtzman et al. 2020, Eq. 2); renormalising the rest is Eq. 3 (the softmax that follows).
-    A token is kept iff the tokens strictly more probable than it hold less than p, so the most
-    probable token is always kept."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(-1)
-    mass_before = probs.cumsum(-1) - probs
-    remove_sorted = mass_before >= p
-    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-    return logits.masked_fill(remove, float("-inf"))
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from logits (B, V): argmax when temperature is 0, else softmax(logits / T)
-    after top-k then top-p filtering. Returns (B, 1)."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-    if top_k:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None and top_p < 1:
-        logits = top_p_filter(logits, top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
-
-
-def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Autoregressive sampling, batched, on the model's device: idx (B, T0) -> (B, T0 + max_new_tokens).
-
-    With use_cache each step feeds one token and reads the keys and values of the others from a
-    KVCache; without it each step recomputes the whole context. Both see the same context: once
-    the text outgrows the learned positions (block_size), the window jumps forward to keep the
-    last block_size // 2 tokens (re-encoded, the cache rebuilt), so every token is predicted from
-    at least half a context, and the cached and the uncached sampler draw the same tokens.
-    Runs under inference_mode; the result is an ordinary tensor (usable with autograd).
-    """
-    with torch.inference_mode():
-        out = _generate(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
-    return out.clone()
-
-
-def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator):
-    block = model.config.block_size
-    keep = max(1, block // 2)
-    was_training = model.training
-    model.eval()
-    try:
-        start = max(0, idx.size(1) - block)
-        cache = model.new_cache() if use_cache else None
-        logits = model(idx[:, start:], cache=cache, last_only=True)[:, -1]
-        for i in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            idx = torch.cat([idx, nxt], dim=1)
-            if i == max_new_tokens - 1:
-                break
-            if idx.size(1) - start > block:  # the window is full: slide it
-                start = idx.size(1) - keep
-                if cache is not None:
-                    cache.reset()
-                logits = model(idx[:, start:], cache=cache, last_only=True)[:, -1]
-            elif cache is not None:
-                logits = model(nxt, cache=cache, last_only=True)[:, -1]
-            else:
-                logits = model(idx[:, start:], last_only=True)[:, -1]
-    finally:
-        model.train(was_training)
-    return idx
-
-
-def sample_data(model: GPT, meta: dict, n: int, cfg: Config, generator: torch.Generator):
-    """n samples in data space: images (n, C, H, W) levels, points (n, 2), or a list of n strings."""
-    device = next(model.parameters()).device
-    kw = dict(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p, generator=generator)
-    if meta["kind"] == "text":
-        prompt = encode_text(cfg.prompt, meta["vocab"]).to(device)
-        out = generate(model, prompt.expand(n, -1), cfg.sample_len, **kw)
-        return [decode_text(row, meta["vocab"]) for row in out.cpu()]
-    start = torch.full((n, 1), meta["vocab_size"], dtype=torch.long, device=device)
-    tok = generate(model, start, meta["block_size"], **kw)[:, 1:]
-    if meta["kind"] == "image":
-        return tokens_to_image(tok, meta["shape"], meta["qlevels"])
-    return tokens_to_points(tok, meta["lim"], meta["bins"], generator)
-
-
-def complete_images(model: GPT, meta: dict, images: torch.Tensor, n_completions: int, cfg: Config,
-                    generator: torch.Generator) -> torch.Tensor:
-    """Image completions as shown by Chen et al. 2020: the top half of each image given, the bottom
-    half sampled. Returns (N * (n_completions + 2), C, H, W): per image the top half alone, the
-    completions, the original."""
-    C, H, W = meta["shape"]
-    device = next(model.parameters()).device
-    seq = to_sequences(images.to(device), meta)
-    given = seq[:, :1 + (H // 2) * W].repeat_interleave(n_completions, 0)
-    tok = generate(model, given, seq.size(1) - given.size(1), cfg.temperature, cfg.top_k or None,
-                   cfg.top_p, generator=generator)[:, 1:]
-    done = tokens_to_image(tok, meta["shape"], meta["qlevels"]).view(len(images), n_completions, C, H, W)
-    orig = tokens_to_image(seq[:, 1:], meta["shape"], meta["qlevels"])
-    half = orig.clone()
-    half[:, :, H // 2:] = 0
-    return torch.cat([half[:, None], done, orig[:, None]], dim=1).flatten(0, 1)
-
-
-def encode_text(text: str, vocab: list) -> torch.Tensor:
+def encode_text(text, vocab):
     index = {ch: i for i, ch in enumerate(vocab)}
     bad = sorted({ch for ch in text if ch not in index})
     if bad or not text:
@@ -568,255 +613,239 @@ def encode_text(text: str, vocab: list) -> torch.Tensor:
     return torch.tensor([[index[ch] for ch in text]])
 
 
-def decode_text(tokens, vocab: list) -> str:
+def decode_text(tokens, vocab):
     return "".join(vocab[int(i)] for i in tokens)
 
 
-# ----------------------------------------------------------------------------------------------
-# 7. Training
-# ----------------------------------------------------------------------------------------------
+def sample_data(net, cfg, info, n, generator):
+    """n samples in data space: images (n, C, H, W) levels, points (n, 2), or a list of n strings."""
+    device = next(net.parameters()).device
+    kw = dict(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p, generator=generator)
+    if info.kind == "text":
+        prompt = encode_text(cfg.prompt, info.vocab).to(device)
+        out = generate(net, prompt.expand(n, -1), cfg.sample_len, **kw)
+        return [decode_text(row, info.vocab) for row in out.cpu()]
+    start = torch.full((n, 1), vocab_size(cfg, info), dtype=torch.long, device=device)
+    tok = generate(net, start, context_length(cfg, info), **kw)[:, 1:]
+    if info.kind == "image":
+        return tokens_to_image(tok, info.shape, quantised_levels(cfg, info))
+    return tokens_to_points(tok, info.lim, cfg.bins, generator)
 
 
-def data_meta(ds, cfg: Config) -> dict:
-    """What the network and the samplers need from the data; stored in the checkpoint."""
-    meta = dict(kind=ds.kind, dataset=ds.name)
-    if ds.kind == "image":
-        C, H, W = (int(s) for s in ds.shape)
-        q = image_levels(int(ds.levels), C, cfg.image_bits)
-        meta.update(shape=[C, H, W], levels=int(ds.levels), qlevels=q, num_classes=ds.num_classes,
-                    vocab_size=q ** C, block_size=H * W, dims=C * H * W)
-    elif ds.kind == "points":
-        meta.update(shape=[2], lim=float(ds.lim), bins=cfg.bins, vocab_size=cfg.bins, block_size=2, dims=2)
-    else:
-        meta.update(shape=[], vocab=list(ds.vocab), vocab_size=len(ds.vocab), block_size=cfg.block_size, dims=1)
-    return meta
+def complete_images(net, cfg, info, images, n_completions, generator):
+    """Image completions as shown by Chen et al. 2020: the top half of each image given, the bottom
+    half sampled. Returns (N * (n_completions + 2), C, H, W): per image the top half alone, the
+    completions, the original (quantised levels)."""
+    C, H, W = info.shape
+    q = quantised_levels(cfg, info)
+    seq = to_sequences(images.to(next(net.parameters()).device), cfg, info)
+    given = seq[:, :1 + (H // 2) * W].repeat_interleave(n_completions, 0)
+    tok = generate(net, given, seq.size(1) - given.size(1), cfg.temperature, cfg.top_k or None, cfg.top_p,
+                   generator=generator)[:, 1:]
+    done = tokens_to_image(tok, info.shape, q).view(len(images), n_completions, C, H, W)
+    orig = tokens_to_image(seq[:, 1:], info.shape, q)
+    half = orig.clone()
+    half[:, :, H // 2:] = 0
+    return torch.cat([half[:, None], done, orig[:, None]], dim=1).flatten(0, 1)
 
 
-def configure_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter 2019, arXiv 1711.05101) with weight decay on matrices (and the
-    embeddings) only, not on biases or LayerNorm gains (Radford et al. 2018, Sec. 4.1)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-
-
-def learning_rate(step: int, cfg: Config) -> float:
-    """Linear warm-up from 0, then cosine annealing from lr to min_lr (Radford et al. 2018, Sec. 4.1;
-    Loshchilov & Hutter 2017, arXiv 1608.03983, Eq. 5). step counts from 0."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    total = cfg.decay_steps or cfg.steps
-    progress = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def train(cfg: Config):
-    """Maximum likelihood (Radford 2018 Eq. 1) with AdamW, warm-up + cosine learning rate and
-    gradient clipping; under torchrun every process trains on its slice of the global batch."""
-    dist = init_distributed(cfg.device)
-    seed_everything(cfg.seed)
-    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    meta = data_meta(ds, cfg)
-    model = GPT(gpt_config(cfg, meta)).to(dist.device)
-    opt = configure_optimizer(model, cfg)
-    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed,
-                      block_size=cfg.block_size if ds.kind == "text" else None)
-    out = run_dir(cfg, "gpt")
-    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
-    step = 0
-    if (path := resume_path(cfg, "gpt")) is not None:
-        ckpt = load_checkpoint(path)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        batches.load_state_dict(ckpt["batches"])
-        set_rng_state(ckpt["rng"], dist)
-        step = ckpt["step"]
-        logger.event("resume", step=step, path=str(path))
-    else:
-        seed_everything(cfg.seed + dist.rank)  # same initial weights everywhere, dropout per process
-    net = wrap_ddp(model, dist)
-    if cfg.compile:
-        net = torch.compile(net)
-    test = load_dataset(cfg.dataset, "test", cfg.data_dir) if ds.kind == "image" else None
-    # the training loss is nats per token; an image token is a pixel of C dimensions, a text token a character
-    bits_name = {"image": "bits_per_dim", "text": "bits_per_char"}.get(meta["kind"])
-    per_dim = 1 / meta["shape"][0] if meta["kind"] == "image" else 1.0
-    picture = None
-    model.train()
-    with StopSignal() as stop:
-        while step < cfg.steps:
-            lr = learning_rate(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x, _ = next(batches)
-            idx = to_sequences(x, meta)
-            with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                loss = sequence_loss(net, idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            value = dist.mean(loss.detach())
-            check_finite(value, step)
-            bits = {bits_name: value * per_dim / math.log(2)} if bits_name else {}
-            logger.log(step, idx.size(0) * dist.world_size, loss=value, **bits, lr=lr)
-            stopping = dist.any(stop.requested)
-            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                state = dict(model=model.state_dict(), opt=opt.state_dict(), step=step, rng=rng_state(dist),
-                             batches=batches.state_dict(), config=dataclasses.asdict(cfg), meta=meta)
-                if dist.is_main:
-                    save_checkpoint(out / "ckpt.pt", state)
-                    picture = write_samples(model, meta, cfg, out, step, logger, test)
-            if stopping:
-                if dist.is_main:
-                    print(f"stopped at step {step}; resume with --resume {out / 'ckpt.pt'}", flush=True)
-                break
-    logger.close()
-    if dist.is_main:
-        print(f"checkpoint {out / 'ckpt.pt'}; samples in {picture}")
-    dist.close()
-
-
-# ----------------------------------------------------------------------------------------------
-# 8. Sampling, evaluation and the command line
-# ----------------------------------------------------------------------------------------------
-
-
-def write_samples(model: GPT, meta: dict, cfg: Config, out: pathlib.Path, step, logger, test=None) -> pathlib.Path:
-    """Samples in the data's form: an image grid (+ completions of test images), a scatter, or text."""
-    g = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)  # the training RNG is left alone
+def write_samples(net, cfg, info, out, step, logger, test=None):
+    """Samples in the data's form, timed (a "sample" event): samples_<step>.png (2D points as a
+    scatter) or samples_<step>.txt (printed too); for images also completion_<step>.png, the top
+    halves of test images completed. Without a step the names are samples.png, completion.png.
+    Returns the samples."""
+    tag = "" if step is None else f"_{step}"
+    g = torch.Generator(next(net.parameters()).device).manual_seed(cfg.seed)  # the training RNG is left alone
     n = cfg.n_samples
     t0 = time.time()
-    x = sample_data(model, meta, n, cfg, g)
+    x = sample_data(net, cfg, info, n, g)
     seconds = time.time() - t0
     logger.event("sample", n=n, seconds=round(seconds, 3), samples_per_s=round(n / max(seconds, 1e-9), 3))
-    if meta["kind"] == "text":
-        path = out / f"samples_{step}.txt"
-        path.write_text("\n\n---\n\n".join(x))
+    if info.kind == "text":
+        (out / f"samples{tag}.txt").write_text("\n\n---\n\n".join(x))
         print(x[0])
-        return path
-    path = out / f"samples_{step}.png"
-    if step == "final":  # --sample: the raw samples too, for benchmarks/quality.py
-        torch.save(x.cpu(), out / "samples.pt")
-    if meta["kind"] == "points":
-        save_scatter(x.cpu(), path, lim=meta["lim"], title=f"GPT samples, step {step}")
-        return path
-    save_image_grid(x.cpu(), path, levels=meta["qlevels"])
-    if test is not None:
-        k = 4
-        grid = complete_images(model, meta, test.data[:8], k, cfg, g)
-        save_image_grid(grid.cpu(), out / f"completion_{step}.png", levels=meta["qlevels"], nrow=k + 2)
-    return path
-
-
-def load_model(path, cfg: Config):
-    """The network of checkpoint `path` (evaluation mode) with its meta and training config, and
-    what `--eval`/`--sample` write with: (dist, model, meta, saved config, out folder, logger)."""
-    dist = init_distributed(cfg.device)
-    ckpt = load_checkpoint(path)
-    saved = Config(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
-    model = GPT(gpt_config(saved, ckpt["meta"])).to(dist.device)
-    model.load_state_dict(ckpt["model"])
-    out = pathlib.Path(cfg.out) if cfg.out else pathlib.Path(path).parent
-    out.mkdir(parents=True, exist_ok=True)
-    return dist, model.eval(), ckpt["meta"], ckpt["config"], out, Logger(out, 0, enabled=dist.is_main)
-
-
-def evaluate(cfg: Config):
-    """Exact test-set likelihood: nats per image (bits/dim), per character (bits/char) or per point."""
-    dist, model, meta, saved, out, logger = load_model(cfg.eval, cfg)
-    ds = load_dataset(meta["dataset"], "test", cfg.data_dir or saved.get("data_dir"))
-    if meta["kind"] == "text":
-        T = meta["block_size"]
-        windows = text_windows(ds.data, T)
-        if len(windows) == 0:
-            raise UserError(f"the test split of {meta['dataset']} has {ds.data.numel()} characters; "
-                            f"evaluating a context of {T} needs at least {T + 1}")
-        per_char = dataset_nll(model, windows).sum().item() / windows[:, 1:].numel()
-        logger.event("eval", split="test", nll=per_char, bits_per_char=per_char / math.log(2), context=T,
-                     characters=windows[:, 1:].numel())
-    elif meta["kind"] == "image":
-        v = dataset_nll(model, to_sequences(ds.data, meta))
-        nats = v.mean().item()
-        logger.event("eval", split="test", nll=nats, bits_per_dim=bits_per_dim(nats, meta["dims"]),
-                     stderr=v.std().item() / math.sqrt(len(v)), levels=meta["qlevels"], n=len(v))
+    elif info.kind == "points":
+        save_scatter(x.cpu(), out / f"samples{tag}.png", lim=info.lim,
+                     title="GPT samples" + ("" if step is None else f", step {step}"))
     else:
-        lim, bins = meta["lim"], meta["bins"]
-        with torch.inference_mode():
-            log_p = torch.cat([points_log_prob(model, ds.data[i:i + 4096].to(dist.device), lim, bins).cpu()
-                               for i in range(0, len(ds.data), 4096)])
-        two_log_w = 2 * math.log(bin_width(lim, bins))  # continuous NLL = discrete NLL + 2 log w
-        logger.event("eval", split="test", nll=-log_p.mean().item(), discrete_nll=-log_p.mean().item() - two_log_w,
-                     stderr=log_p.std().item() / math.sqrt(len(log_p)), bins=bins)
-        write_density(model, meta, ds, out)
-    logger.close()
-    dist.close()
+        q = quantised_levels(cfg, info)
+        save_image_grid(x.cpu(), out / f"samples{tag}.png", levels=q)
+        if test is not None:
+            k = 4
+            grid = complete_images(net, cfg, info, test.data[:8], k, g)
+            save_image_grid(grid.cpu(), out / f"completion{tag}.png", levels=q, nrow=k + 2,
+                            title=f"each row: the top half given,\n{k} samples of the bottom half,\n"
+                                  "the original")
+    return x
 
 
-def write_density(model: GPT, meta: dict, ds, out: pathlib.Path):
-    """density.npz and density.png: the model's log-density on a 128 x 128 grid beside the truth
-    (or a histogram of the test points when the set has no closed-form density)."""
-    import numpy as np  # only here: the rest of the file needs no numpy
-    lim, bins = meta["lim"], meta["bins"]
-    device = next(model.parameters()).device
+def write_density(net, cfg, info, ds, out):
+    """density.npz and density.png: the model's log-density on common.density_on_grid's 128 x 128
+    grid beside the truth (or a histogram of the test points when the set has no closed-form density)."""
+    device = next(net.parameters()).device
 
     @torch.inference_mode()
     def log_prob(x):
-        return points_log_prob(model, x.to(device), lim, bins).cpu()
+        return points_log_prob(net, x.to(device), info.lim, cfg.bins).cpu()
 
-    model_grid = density_on_grid(log_prob, ds.lim, n=128)
-    np.savez(out / "density.npz", log_density=model_grid, lim=ds.lim)
+    model_grid = density_on_grid(log_prob, info.lim, n=128)
+    np.savez(out / "density.npz", log_density=model_grid, lim=info.lim)
     if ds.log_prob is not None:
-        truth = {"true density": density_on_grid(ds.log_prob, ds.lim, n=128)}
+        truth = {"true density": density_on_grid(ds.log_prob, info.lim, n=128)}
     else:
         truth = {"test data": ds.data}  # drawn as a histogram
-    save_density({**truth, f"GPT ({bins} bins)": model_grid}, out / "density.png", ds.lim)
+    save_density({**truth, f"GPT ({cfg.bins} bins)": model_grid}, out / "density.png", info.lim)
 
 
-def sample_only(cfg: Config):
-    """`--sample CKPT`: samples (and completions of test images) from a checkpoint, timed."""
-    dist, model, meta, saved, out, logger = load_model(cfg.sample, cfg)
+# ----------------------------------------------------------------------------------------
+# Run code
+# ----------------------------------------------------------------------------------------
+
+MODEL = "gpt"
+
+
+def build(cfg, info):
+    """The network for a configuration and the data: its shape from the flags, its context and
+    vocabulary from the data's description."""
+    try:
+        vocab = vocab_size(cfg, info)
+    except ValueError as e:  # image_levels: too many colours for one token
+        raise UserError(f"--image-bits {cfg.image_bits}: {e}") from None
+    return GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                         block_size=context_length(cfg, info), vocab_size=vocab, dropout=cfg.dropout,
+                         bias=cfg.bias, start_token=info.kind != "text"))
+
+
+def train(cfg):
+    """Maximum likelihood (Radford et al. 2018, Eq. 1) with AdamW, warm-up + cosine learning rate
+    and gradient clipping; under torchrun every process trains on its slice of the global batch (DDP)."""
+    dist = init_distributed(cfg.device)
+    out = open_run(cfg, MODEL, dist)
+    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+    seed_everything(cfg.seed)  # the same initial weights on every process
+    net = build(cfg, ds.info).to(dist.device)
+    opt = configure_optimizer(net, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
+    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed,
+                      block_size=cfg.block_size if ds.info.kind == "text" else None)
+    if cfg.resume:
+        step = resume(cfg, MODEL, dist, model=net, opt=opt, batches=batches)
+    else:
+        step = 0
+        seed_everything(cfg.seed + dist.rank)  # dropout differs between processes
+    start = step
+    model = wrap_ddp(net, dist, cfg.compile)  # DDP over the processes, then torch.compile
+    test = load_dataset(cfg.dataset, "test", cfg.data_dir) if ds.info.kind == "image" else None  # completions
+    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
+    with StopSignal() as stop:
+        while step < cfg.steps:
+            lr = learning_rate(step, cfg.lr, cfg.min_lr, cfg.warmup, cfg.decay_steps or cfg.steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, _ = next(batches)
+            idx = to_sequences(x, cfg, ds.info)
+            with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                loss = sequence_loss(model, idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            value = dist.mean(loss)
+            check_finite(value, step)
+            logger.log(step, cfg.batch_size, loss=value, **loss_in_bits(value, ds.info), lr=lr)
+            stopping = dist.any(stop.requested)
+            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+                save_training(out, MODEL, step, cfg, ds.info, dist, model=net, opt=opt, batches=batches)
+                if dist.is_main and not stopping:  # asked to stop: no pictures, say how to continue
+                    with stop.interruptible():  # a signal now stops at once; the checkpoint is whole
+                        write_samples(net, cfg, ds.info, out, step, logger, test)
+            if stopping:
+                if dist.is_main:
+                    print(f"stopped at step {step}; continue with --resume", flush=True)
+                break
+        if step == start:  # --steps 0, or nothing left to train: still a checkpoint
+            save_training(out, MODEL, step, cfg, ds.info, dist, model=net, opt=opt, batches=batches)
+            if dist.is_main:
+                with stop.interruptible():
+                    write_samples(net, cfg, ds.info, out, step, logger, test)
+    logger.close()
+    dist.close()
+    if dist.is_main:
+        report_files(out, ["ckpt.pt", f"samples_{step}.png", f"samples_{step}.txt", f"completion_{step}.png",
+                           "metrics.jsonl", "loss.png"])
+
+
+def evaluate(cfg):
+    """--eval CKPT: the exact test-set likelihood, nats per image (bits/dim), per character
+    (bits/char) or per point (with density.npz and density.png)."""
+    net, saved, info = load(cfg.eval, get_device(cfg.device))
+    out = output_dir(cfg, cfg.eval)
+    ds = load_dataset(info.name, "test", cfg.data_dir or saved.data_dir)
+    logger = Logger(out, 0)
+    if info.kind == "text":
+        T = saved.block_size
+        windows = text_windows(ds.data, T)
+        if len(windows) == 0:
+            raise UserError(f"the test split of {info.name} has {ds.data.numel()} characters; "
+                            f"evaluating a context of {T} needs at least {T + 1}")
+        predicted = windows[:, 1:].numel()  # the first token of a window is context only
+        per_char = dataset_nll(net, windows).sum().item() / predicted
+        logger.event("eval", split="test", nll=per_char, bits_per_char=per_char / math.log(2), context=T,
+                     characters=predicted)
+    elif info.kind == "image":
+        v = dataset_nll(net, to_sequences(ds.data, saved, info))
+        nats = v.mean().item()
+        logger.event("eval", split="test", nll=nats, bits_per_dim=bits_per_dim(nats, info.dims),
+                     stderr=v.std().item() / math.sqrt(len(v)), levels=quantised_levels(saved, info), n=len(v))
+    else:
+        with torch.inference_mode():
+            log_p = torch.cat([points_log_prob(net, ds.data[i:i + 4096].to(next(net.parameters()).device),
+                                               info.lim, saved.bins).cpu() for i in range(0, len(ds.data), 4096)])
+        two_log_w = 2 * math.log(bin_width(info.lim, saved.bins))  # continuous NLL = discrete NLL + 2 log w
+        logger.event("eval", split="test", nll=-log_p.mean().item(), discrete_nll=-log_p.mean().item() - two_log_w,
+                     stderr=log_p.std().item() / math.sqrt(len(log_p)), bins=saved.bins)
+        write_density(net, saved, info, ds, out)
+    report_files(out, ["metrics.jsonl", "density.npz", "density.png"])
+
+
+def draw_samples(cfg):
+    """--sample CKPT: samples.png (or samples.txt) and samples.pt, completions of test images, and a
+    "sample" event with samples per second. The sampling flags are the ones typed now; the way data
+    becomes tokens is the checkpoint's."""
+    net, saved, info = load(cfg.sample, get_device(cfg.device))
+    out = output_dir(cfg, cfg.sample)
+    cfg = dataclasses.replace(cfg, **{name: getattr(saved, name) for name in DATA_FLAGS})
+    logger = Logger(out, 0)
     test = None
-    if meta["kind"] == "image":  # completions need test images: from the cache, as training left it
+    if info.kind == "image":  # completions need test images: from the cache, as training left it
         try:
-            test = load_dataset(meta["dataset"], "test", cfg.data_dir or saved.get("data_dir"))
+            test = load_dataset(info.name, "test", cfg.data_dir or saved.data_dir)
         except UserError as e:
             logger.event("no_completions", reason=str(e))
-    path = write_samples(model, meta, cfg, out, "final", logger, test)
-    logger.close()
-    print(f"samples in {path}")
-    dist.close()
+    x = write_samples(net, cfg, info, out, None, logger, test)
+    if info.kind != "text":  # the raw samples, for benchmarks/quality.py (text: samples.txt is raw)
+        torch.save(x.cpu(), out / "samples.pt")
+    report_files(out, ["samples.png", "samples.txt", "samples.pt", "completion.png", "metrics.jsonl"])
 
 
-def check_config(cfg: Config):
-    """One-line errors for values the flags' types let through."""
-    rules = [("n_layer", 1), ("n_head", 1), ("n_embd", 1), ("block_size", 1),
-             ("bins", 2), ("warmup", 0), ("decay_steps", 0), ("sample_len", 0),
-             ("top_k", 0), ("temperature", 0.0), ("grad_clip", 0.0), ("weight_decay", 0.0)]
-    for name, low in rules:
-        if getattr(cfg, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is out of range; "
-                            f"it takes a number >= {low}")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"--dropout {cfg.dropout} is out of range; it takes a number in [0, 1)")
-    if not 0 < cfg.top_p <= 1:
-        raise UserError(f"--top-p {cfg.top_p} is out of range; it takes a number in (0, 1]")
+def load(path, device="cpu"):
+    """(network in evaluation mode on `device`, its Config, its DataInfo) from a checkpoint of gpt.py."""
+    ckpt = load_checkpoint(path, MODEL)
+    cfg, info = saved_config(Config, ckpt)
+    net = build(cfg, info)
+    load_weights(net, ckpt["model"], path)
+    return net.to(device).eval(), cfg, info
 
 
 def main(argv=None):
-    """Train (default), or `--eval CKPT`, or `--sample CKPT`."""
+    """Train (default), or --eval CKPT, or --sample CKPT; a user's mistake exits with one line."""
     with user_errors():
         cfg = parse_config(Config, PRESETS, argv, doc=__doc__)
+        if cfg.arch != "default":  # the architecture over the dataset's preset, under the flags typed
+            cfg = parse_config(Config, presets_with_arch(cfg.arch), argv, doc=__doc__)
         check_config(cfg)
-        if cfg.eval:
-            evaluate(cfg)
-        elif cfg.sample:
-            sample_only(cfg)
-        else:
-            train(cfg)
+        return dispatch(cfg, train, evaluate, draw_samples)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import common
 import gpt
 
 
@@ -95,10 +96,10 @@ def test_greedy_generation_past_the_context_follows_the_sliding_window():
 
 def test_completions_keep_the_given_top_half():
     m = tiny(vocab=17, block=16, start_token=True)
-    meta = dict(kind="image", shape=[1, 4, 4], levels=17, qlevels=17, vocab_size=17, block_size=16)
+    info = common.DataInfo("digits", "image", (1, 4, 4), levels=17)
     images = torch.randint(0, 17, (3, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     cfg = gpt.Config(temperature=1.0)
-    grid = gpt.complete_images(m.float(), meta, images, 2, cfg, torch.Generator().manual_seed(0)).view(3, 4, 1, 4, 4)
+    grid = gpt.complete_images(m.float(), cfg, info, images, 2, torch.Generator().manual_seed(0)).view(3, 4, 1, 4, 4)
     assert torch.equal(grid[:, -1], images)  # the original last
     assert torch.equal(grid[:, 0, :, :2], images[:, :, :2]) and (grid[:, 0, :, 2:] == 0).all()
     assert torch.equal(grid[:, 1:3, :, :2], images[:, None, :, :2].expand(3, 2, 1, 2, 4))  # completions
@@ -239,9 +240,9 @@ def test_sampling_frequencies_match_the_filtered_softmax():
 # ---------------------------------------------------------------- presets and training pieces
 
 
-def test_gpt2_preset_has_124_439_808_parameters():
+def test_gpt2_architecture_has_124_439_808_parameters():
     with torch.device("meta"):
-        m = gpt.GPT(gpt.GPTConfig(**gpt.PRESETS["gpt2"], vocab_size=gpt.GPT2_VOCAB))
+        m = gpt.GPT(gpt.GPTConfig(**gpt.ARCHS["gpt2"], vocab_size=gpt.GPT2_VOCAB))
     assert sum(p.numel() for p in m.parameters()) == 124_439_808
     assert m.config.n_layer == 12 and m.config.n_embd == 768 and m.config.block_size == 1024
 
@@ -259,8 +260,7 @@ def test_residual_projections_are_scaled_at_init():
 
 def test_weight_decay_only_on_matrices():
     m = tiny()
-    cfg = gpt.Config(weight_decay=0.1)
-    opt = gpt.configure_optimizer(m, cfg)
+    opt = gpt.configure_optimizer(m, 1e-3, (0.9, 0.99), weight_decay=0.1)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
@@ -268,12 +268,12 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_learning_rate_schedule():
-    cfg = gpt.Config(lr=1e-3, min_lr=1e-4, warmup=10, steps=110)
-    assert gpt.learning_rate(0, cfg) == pytest.approx(1e-4)
-    assert gpt.learning_rate(9, cfg) == pytest.approx(1e-3)
-    assert gpt.learning_rate(10, cfg) == pytest.approx(1e-3)
-    assert gpt.learning_rate(60, cfg) == pytest.approx(5.5e-4)  # half-way down the cosine
-    assert gpt.learning_rate(110, cfg) == pytest.approx(1e-4)
+    lr = lambda step: gpt.learning_rate(step, lr=1e-3, min_lr=1e-4, warmup=10, total=110)
+    assert lr(0) == pytest.approx(1e-4)
+    assert lr(9) == pytest.approx(1e-3)
+    assert lr(10) == pytest.approx(1e-3)
+    assert lr(60) == pytest.approx(5.5e-4)  # half-way down the cosine
+    assert lr(110) == pytest.approx(1e-4)
 
 
 # ---------------------------------------------------------------- the command line
@@ -299,7 +299,8 @@ def test_cli_digits_train_eval_sample(tmp_path):
     # three steps from a small init: still close to the uniform 64 log 17 nats, and not above it by much
     assert abs(ev["nll"] - 64 * math.log(17)) < 0.1 * 64 * math.log(17)
     gpt.main(["--sample", str(out / "ckpt.pt"), "--n-samples", "3", "--out", str(tmp_path / "s"), "--top-k", "5"])
-    assert (tmp_path / "s" / "samples_final.png").exists()
+    assert (tmp_path / "s" / "samples.png").exists() and (tmp_path / "s" / "completion.png").exists()
+    assert torch.load(tmp_path / "s" / "samples.pt", weights_only=True).shape == (3, 1, 8, 8)
     assert events(tmp_path / "s", "sample")[-1]["n"] == 3
 
 
@@ -317,6 +318,19 @@ def test_cli_text_file(tmp_path, capsys):
     n_test = len(txt.read_text()) - int(0.9 * len(txt.read_text()))
     assert ev["characters"] == (n_test - 1) // 16 * 16 and ev["context"] == 16
     assert ev["bits_per_char"] == pytest.approx(ev["nll"] / math.log(2))
+    # the value (issue 16): -log p of every predicted character, recomputed from the network's
+    # logits one character at a time from the start of its window, over the characters predicted
+    # (a window's first character is context, not a prediction)
+    net, _, info = gpt.load(out / "ckpt.pt")
+    text = txt.read_text()
+    ids = torch.tensor([info.vocab.index(c) for c in text[int(0.9 * len(text)):]])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for k in range((len(ids) - 1) // 16):
+            for t in range(16 * k + 1, 16 * k + 17):
+                total -= torch.log_softmax(net(ids[None, 16 * k:t])[0, -1].double(), -1)[ids[t]].item()
+                count += 1
+    assert ev["characters"] == count and ev["nll"] == pytest.approx(total / count, rel=1e-5)
     with pytest.raises(SystemExit) as e:
         gpt.main(["--sample", str(out / "ckpt.pt"), "--prompt", "Z"])  # Z is not in the vocabulary
     assert e.value.code == 2 and "--prompt" in capsys.readouterr().err
@@ -356,9 +370,8 @@ def test_resume_equals_uninterrupted_training(tmp_path):
                                        (["--dataset", "cifar10", "--image-bits", "6"], "--image-bits")])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, flag, monkeypatch):
     if flag == "--image-bits":  # no download: a tiny 8-bit colour set in place of cifar10
-        from types import SimpleNamespace
-        fake = SimpleNamespace(name="cifar10", split="train", kind="image", shape=(3, 2, 2), levels=256,
-                               num_classes=10, data=torch.zeros(4, 3, 2, 2, dtype=torch.uint8))
+        fake = common.Dataset(common.DataInfo("cifar10", "image", (3, 2, 2), levels=256, num_classes=10), "train",
+                              torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
         monkeypatch.setattr(gpt, "load_dataset", lambda *a, **k: fake)
     with pytest.raises(SystemExit) as e:
         gpt.main([*argv, "--steps", "1", "--out", str(tmp_path)])
@@ -392,3 +405,125 @@ def test_two_processes_train_like_one(tmp_path):
     b = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
     for k in a:  # the same global batch, averaged gradients: equal up to float32 summation order
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_colour_bits_per_dim_divides_by_every_sub_pixel(tmp_path, monkeypatch):
+    """A 3-channel 8-bit set (cifar10's kind, made up here: no download). The eval's nll is the chain
+    rule recomputed by hand from the network's logits on tokens built here, and bits/dim divides it
+    by C*H*W (issue 16: H*W made cifar10's bits/dim 3x too high); the training lines too."""
+    g = torch.Generator().manual_seed(0)
+    info = common.DataInfo("cifar10", "image", (3, 4, 4), levels=256, num_classes=10)
+    sets = {split: common.Dataset(info, split, torch.randint(0, 256, (n, 3, 4, 4), generator=g, dtype=torch.uint8),
+                                  torch.zeros(n, dtype=torch.long)) for split, n in (("train", 64), ("test", 6))}
+    monkeypatch.setattr(gpt, "load_dataset", lambda name, split="train", root=None: sets[split])
+    out = tmp_path / "run"
+    gpt.main(["--dataset", "cifar10", "--steps", "2", "--out", str(out), *TINY])
+    lines = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(lines) == 2 and all(r["bits_per_dim"] == pytest.approx(r["loss"] / (3 * math.log(2))) for r in lines)
+    gpt.main(["--eval", str(out / "ckpt.pt")])
+    ev = events(out, "eval")[-1]
+    assert ev["levels"] == 8 and ev["n"] == 6
+    net = gpt.load(out / "ckpt.pt")[0].double()
+    q = sets["test"].data.long() >> 5  # the top 3 bits of each channel: 8^3 = 512 colours
+    per_image = []
+    with torch.no_grad():
+        for img in q:
+            seq = torch.tensor([[512] + [int(img[0, i, j]) * 64 + int(img[1, i, j]) * 8 + int(img[2, i, j])
+                                         for i in range(4) for j in range(4)]])  # start token, raster order
+            per_image.append(-sum(torch.log_softmax(net(seq[:, :t])[0, -1], -1)[seq[0, t]].item()
+                                  for t in range(1, 17)))
+    nats = sum(per_image) / len(per_image)
+    assert ev["nll"] == pytest.approx(nats, rel=1e-5)
+    assert ev["bits_per_dim"] == pytest.approx(nats / (3 * 4 * 4 * math.log(2)), rel=1e-5)
+
+
+def test_arch_gpt2_is_usable_and_help_lists_only_usable_presets(monkeypatch, capsys):
+    """Issue 16: --help listed a gpt2 preset that --dataset refused. Now --arch gpt2 lays GPT-2
+    small's shape over the dataset's preset (the flags typed still win), and every preset --help
+    lists is a dataset --dataset accepts or a kind of data."""
+    monkeypatch.setattr(gpt, "dispatch", lambda cfg, *commands: cfg)  # the configuration main would run
+    cfg = gpt.main(["--dataset", "shakespeare", "--arch", "gpt2"])
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.dropout) == (12, 12, 768, 1024, 0.0)
+    assert (cfg.batch_size, cfg.steps, cfg.n_samples) == (64, 5000, 2)  # the dataset's preset beneath it
+    info = common.DataInfo("bpe", "text", (), vocab=tuple(map(chr, range(gpt.GPT2_VOCAB))))
+    with torch.device("meta"):
+        net = gpt.build(cfg, info)
+    assert sum(p.numel() for p in net.parameters()) == 124_439_808  # GPT-2 small
+    cfg = gpt.main(["--arch", "gpt2", "--n-layer", "2", "--dropout", "0.1"])  # digits: no preset of its own
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout) == (2, 12, 768, 0.1)
+    assert gpt.main(["--dataset", "shakespeare"]).n_layer == 6 and gpt.main([]).n_layer == 4
+    for name in gpt.PRESETS:
+        if name not in ("image", "points", "text"):
+            assert gpt.main(["--dataset", name]).dataset == name
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        gpt.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--arch ARCH" in help_text and "gpt2 is GPT-2 small's shape" in help_text
+    assert "gpt2:" not in help_text.split("presets (applied by --dataset")[1]
+
+
+def test_completion_grid_says_which_columns_are_which(tmp_path, monkeypatch):
+    """Issue 16: a grid that mixes kinds of pictures (the given top halves, the completions, the
+    originals) says which is which in its title; a grid of samples alone needs none."""
+    titles = {}
+    monkeypatch.setattr(gpt, "save_image_grid", lambda x, path, levels=None, nrow=None, title=None:
+                        titles.__setitem__(path.name, (title, nrow)))
+    info = common.DataInfo("digits", "image", (1, 4, 4), levels=17)
+    test = common.Dataset(info, "test", torch.randint(0, 17, (8, 1, 4, 4), dtype=torch.uint8))
+    net = tiny(vocab=17, block=16, start_token=True).float()
+    gpt.write_samples(net, gpt.Config(n_samples=2), info, tmp_path, 7, common.Logger(tmp_path, 0), test)
+    assert titles["samples_7.png"] == (None, None)
+    title, nrow = titles["completion_7.png"]
+    assert nrow == 6 and all(w in title for w in ("each row", "top half given", "4 samples of the bottom half",
+                                                  "original"))
+    assert title.index("given") < title.index("samples") < title.index("original")  # left to right
+
+
+def test_mathematics_runs_without_common(without_common):
+    """The mathematics and the network, with common.py replaced by a module whose every name fails."""
+    m = without_common("gpt")
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    # images: 4 levels, 2 x 4 pixels -> 8 tokens after the start token (id 4)
+    net = m.GPT(m.GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=4, start_token=True)).double()
+    x = torch.randint(0, 4, (3, 1, 2, 4), generator=g, dtype=torch.uint8)
+    assert m.image_levels(4, 1, 0) == 4
+    seq = m.with_start(m.image_tokens(x, 4, 4), 4)
+    assert torch.equal(m.tokens_to_image(seq[:, 1:], (1, 2, 4), 4), x)
+    logits = net(seq[:, :-1])
+    assert logits.shape == (3, 8, 4)
+    cache = net.new_cache()
+    stepwise = torch.cat([net(seq[:, t:t + 1], cache=cache) for t in range(8)], 1)
+    torch.testing.assert_close(stepwise, logits)
+    nll = m.nll(net, seq)
+    torch.testing.assert_close(net.nll(seq), nll)
+    torch.testing.assert_close(m.sequence_loss(net, seq) * 3 * 8, nll.sum())
+    torch.testing.assert_close(m.dataset_nll(net, seq, batch_size=2), nll.detach())
+    assert m.bits_per_dim(nll.mean().item(), 8) == pytest.approx(nll.mean().item() / (8 * math.log(2)))
+    start = torch.full((5, 1), 4)
+    for mode in (dict(temperature=0), dict(temperature=0.9, top_k=3, top_p=0.8)):
+        a = net.generate(start, 8, use_cache=True, generator=torch.Generator().manual_seed(1), **mode)
+        b = m.generate(net, start, 8, use_cache=False, generator=torch.Generator().manual_seed(1), **mode)
+        assert a.shape == (5, 9) and torch.equal(a, b) and a[:, 1:].max() < 4
+    # 2D points: two bin tokens; the piecewise-uniform density integrates to one
+    pts = m.GPT(m.GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=2, vocab_size=4, start_token=True)).double()
+    w = m.bin_width(2.0, 4)
+    centres = (torch.arange(4, dtype=torch.float64) + 0.5) * w - 2.0
+    logp = m.points_log_prob(pts, torch.cartesian_prod(centres, centres), 2.0, 4)
+    torch.testing.assert_close((logp.exp() * w * w).sum(), torch.tensor(1.0, dtype=torch.float64))
+    tok = m.point_tokens(m.tokens_to_points(torch.tensor([[0, 3], [2, 1]]), 2.0, 4, g), 2.0, 4)
+    assert torch.equal(tok, torch.tensor([[0, 3], [2, 1]]))
+    # text windows, the filters, and a training step with the optimiser and its schedule
+    assert m.text_windows(torch.arange(11), 5).shape == (2, 6)
+    row = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    assert torch.isfinite(m.top_k_filter(row, 2)).tolist() == [False, True, True, False]
+    assert torch.isfinite(m.top_p_filter(row, 0.5)).tolist() == [False, True, False, False]
+    assert m.sample_next(row[None], temperature=0).item() == 1
+    opt = m.configure_optimizer(net, m.learning_rate(0, 1e-2, 1e-3, 2, 10), (0.9, 0.99), 0.1)
+    before = m.sequence_loss(net, seq)
+    before.backward()
+    opt.step()
+    assert m.sequence_loss(net, seq) < before
+    with pytest.raises(ValueError):
+        m.image_levels(256, 3, 6)  # 18 bits a pixel: too many colours for one token
