@@ -1,8 +1,11 @@
 """Plumbing shared by the model files: no model mathematics lives here.
 
-Sections, in order: user errors and the command line; device and seeds; torch.distributed;
-datasets (shipped, synthetic 2D, downloaded); batching; EMA; checkpoints and RNG state;
-the training loop's helpers (stop signal, non-finite check, metrics logger); pictures.
+Above the line marked MACHINERY is what a reader needs to follow a model file: user errors,
+the configuration and the command line, the run folder, the data and its description,
+batches, EMA, checkpoints and resuming, the training loop's logging, and pictures. Below it is
+what a reader can trust without reading: stop signals, devices, seeds and the processes under
+torchrun (get_device, seed_everything, Dist, init_distributed, wrap_ddp), the 2D sets,
+downloads and file formats, safe extraction, fsync and the drawing code.
 
 A model file needs this file alone (plus `data/` for the shipped `digits`), so the pair can
 be copied into another project. Every random number the project draws comes from torch, so
@@ -21,6 +24,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import struct
@@ -42,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 
 
 # ----------------------------------------------------------------------------------------
-# User errors and the command line
+# User errors, the command line and the run folder
 # ----------------------------------------------------------------------------------------
 
 class UserError(Exception):
@@ -51,20 +55,26 @@ class UserError(Exception):
 
 @contextmanager
 def user_errors():
-    """Turn a UserError into `error: <message>` on stderr and exit status 2, without a traceback."""
+    """Turn a UserError into `error: <message>` on stderr and exit status 2, and an interruption
+    into its one line and exit status: no traceback for what the user did."""
     try:
         yield
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(e.code) from None
+    except KeyboardInterrupt:
+        print("interrupted; a checkpoint on disk is whole (each is written atomically)", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def flag(default, help, choices=None):
     """A configuration field that is also a command-line flag with a help string."""
-    meta = {"help": help, "choices": choices}
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for a sequence default")
-    return dataclasses.field(default=default, metadata=meta)
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclasses.dataclass
@@ -79,6 +89,7 @@ class RunConfig:
     device: str = flag("auto", "device: auto picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
     out: typing.Optional[str] = flag(None, "run folder (default runs/<model>-<dataset>)")
     resume: typing.Optional[str] = flag(None, "resume training from CKPT (bare --resume: <run folder>/ckpt.pt)")
+    overwrite: bool = flag(False, "train afresh in a run folder that holds a run (its ckpt.pt and metrics.jsonl are deleted)")
     sample: typing.Optional[str] = flag(None, "load CKPT, write samples and exit")
     n_samples: int = flag(64, "number of samples to draw")
     eval: typing.Optional[str] = flag(None, "load CKPT, report the test-set likelihood and exit")
@@ -89,11 +100,438 @@ class RunConfig:
     save_every: int = flag(500, "steps between checkpoints and sample grids")
 
 
+def parse_config(cls, presets, argv=None, doc=None, kinds=("image", "points", "text")):
+    """Build the configuration: dataclass defaults, then the preset of the chosen dataset
+    (`presets[dataset]`, else `presets[kind]`), then the flags typed on the command line.
+    The shared flags are checked here; a model file checks its own in `check_config`."""
+    parser = _build_parser(cls, presets, doc)
+    typed = vars(parser.parse_args(argv))
+    dataset = typed.get("dataset", _field_default(next(f for f in dataclasses.fields(cls) if f.name == "dataset")))
+    try:
+        kind = _dataset_kind(dataset)
+    except UserError as e:
+        parser.error(str(e))
+    if kind not in kinds:
+        parser.error(f"--dataset {dataset} is {kind} data; this model accepts {', '.join(kinds)} data")
+    cfg = cls(**{**presets.get(dataset, presets.get(kind, {})), **typed})
+    _check_shared_flags(cfg, parser)
+    return cfg
+
+
+def check_range(cfg, name, low=None, high=None, open_low=False, open_high=False):
+    """A UserError unless low <= cfg.<name> <= high (strict at an open end)."""
+    value = getattr(cfg, name)
+    ok = ((low is None or (value > low if open_low else value >= low))
+          and (high is None or (value < high if open_high else value <= high)))
+    if not ok:
+        accepted = " and ".join(s for s in (
+            None if low is None else f"{'>' if open_low else '>='} {low}",
+            None if high is None else f"{'<' if open_high else '<='} {high}") if s)
+        raise UserError(f"--{name.replace('_', '-')} {value} is out of range; accepted: {accepted}")
+
+
+def dispatch(cfg, train, evaluate, draw_samples):
+    """Run `--eval CKPT`, `--sample CKPT` or training. Running out of memory is the user's to
+    fix: it becomes one line naming the flag that sized the allocation and the bytes asked for."""
+    command, sizing = ((evaluate, "batch_size") if cfg.eval else (draw_samples, "n_samples") if cfg.sample
+                       else (train, "batch_size"))
+    try:
+        return command(cfg)
+    except (MemoryError, RuntimeError) as e:
+        asked = _allocation_failure(e)
+        if asked is None:
+            raise
+        name = "--" + sizing.replace("_", "-")
+        raise UserError(f"out of memory: {asked} could not be allocated with {name} {getattr(cfg, sizing)}; "
+                        f"lower {name} (what is on disk is kept)") from None
+
+
+def open_run(cfg, model, dist):
+    """The run folder of a training run, created and locked. A folder that already holds a run
+    is refused unless the run resumes (`--resume`) or starts afresh (`--overwrite`); a second
+    training writing to the same folder at the same time is refused. Rank 0 decides for all."""
+    path, error = _run_dir(cfg, model), None
+    if dist.is_main:
+        try:
+            _claim_run_folder(path, model, resuming=bool(cfg.resume), overwrite=cfg.overwrite)
+        except UserError as e:
+            error = e
+    if dist.any(error is not None):
+        raise error or UserError(f"the run folder {path} was refused (see the first process's message)")
+    return path
+
+
+def output_dir(cfg, ckpt):
+    """Where `--eval CKPT` and `--sample CKPT` write: `--out`, or the checkpoint's folder."""
+    path = Path(cfg.out) if cfg.out else Path(ckpt).parent
+    _make_writable_dir(path)
+    return path
+
+
+def report_files(out, names):
+    """The last line a command prints: the files it wrote that exist, in their folder."""
+    written = [n for n in names if (Path(out) / n).exists()]
+    print(f"written to {out}: {', '.join(written) if written else 'nothing'}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Data: one description for every kind, stored in every checkpoint
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know about its data. Checkpoints store it as a plain dict
+    (`as_dict`), so `--sample` and `--eval` rebuild the network without the dataset."""
+    name: str
+    kind: str                                  # "image", "points" or "text"
+    shape: tuple                               # one example: (C, H, W), (2,) or () for a token
+    levels: typing.Optional[int] = None        # images: integer levels 0..levels-1
+    num_classes: int = 0                       # labelled images: 10; otherwise 0
+    lim: typing.Optional[float] = None         # points: the data lie in [-lim, lim]^2
+    vocab: typing.Optional[tuple] = None       # text: the characters; a token is an index
+
+    @property
+    def dims(self):
+        """Dimensions of one example (C*H*W, 2, or 1 per text token): the divisor of bits/dim."""
+        return math.prod(self.shape)
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        vocab = d.get("vocab")
+        return cls(**{**d, "shape": tuple(d["shape"]), "vocab": None if vocab is None else tuple(vocab)})
+
+
+@dataclasses.dataclass
+class Dataset:
+    """One split of a dataset, whatever its kind.
+
+    image:  data uint8 (N, C, H, W) of integer levels 0..levels-1, labels int64 (N,).
+    points: data float32 (N, 2), a fixed seeded set; `sample(n, generator)` draws fresh points;
+            `log_prob(x)` is the exact log-density where it has a closed form, else None.
+    text:   data int64 (num_chars,), the token ids of the split.
+    """
+    info: DataInfo
+    split: str
+    data: torch.Tensor
+    labels: typing.Optional[torch.Tensor] = None
+    log_prob: typing.Optional[typing.Callable] = None
+    sample: typing.Optional[typing.Callable] = None
+
+
+IMAGE_SETS = ("digits", "digits-binary", "mnist", "fashion-mnist", "cifar10")
+POINTS_LIM = 4.0  # every 2D set lies in [-4, 4]^2
+SPLITS = ("train", "test")
+
+
+def load_dataset(name, split="train", root=None):
+    """Load one split ("train" or "test") of a dataset (see `Dataset` for what each kind holds)."""
+    kind = _dataset_kind(name)
+    if split not in SPLITS:
+        raise UserError(f"unknown split '{split}'; accepted: {', '.join(SPLITS)}")
+    if kind == "points":
+        sampler, log_prob = _POINT_SETS[name]
+        data = sampler(_POINTS_N, torch.Generator().manual_seed(_POINTS_SEED[split]))
+        return Dataset(DataInfo(name, kind, (2,), lim=POINTS_LIM), split, data, log_prob=log_prob, sample=sampler)
+    if kind == "text":
+        ids, vocab = _load_text(name, split, root)
+        return Dataset(DataInfo(name, kind, (), vocab=tuple(vocab)), split, ids)
+    images, labels, levels = _load_images(name, split, root)
+    return Dataset(DataInfo(name, kind, tuple(images.shape[1:]), levels=levels, num_classes=10), split, images, labels)
+
+
+# ----------------------------------------------------------------------------------------
+# Batches: the data lives on the device; a batch is a random draw of indices (no DataLoader)
+# ----------------------------------------------------------------------------------------
+
+class Batches:
+    """An endless stream of training batches on `dist.device`.
+
+    `batch_size` is the global batch: every process draws the same global batch from a
+    generator seeded alike and keeps its own slice, so N processes see together exactly what
+    one process would. Returns (x, y): images uint8 (b, C, H, W) and labels (b,); fresh 2D
+    points (b, 2) and None; text windows int64 (b, block_size + 1) and None.
+    """
+
+    def __init__(self, ds, batch_size, dist=None, seed=0, block_size=None):
+        self.dist = dist or Dist()
+        if batch_size % self.dist.world_size:
+            raise UserError(f"--batch-size {batch_size} does not split over {self.dist.world_size} processes; "
+                            f"use a multiple of {self.dist.world_size}")
+        self.ds, self.kind, self.batch_size, self.block_size = ds, ds.info.kind, batch_size, block_size
+        if self.kind == "text" and (block_size is None or len(ds.data) <= block_size + 1):
+            raise UserError(f"{ds.info.name} has {len(ds.data)} tokens in its {ds.split} split; "
+                            f"a context of {block_size} needs more")
+        self.generator = torch.Generator().manual_seed(_stream_seed(seed, "batches"))
+        self.data = ds.data.to(self.dist.device) if self.kind != "points" else None
+        self.labels = ds.labels.to(self.dist.device) if ds.labels is not None else None
+        self.part = slice(self.dist.rank * batch_size // self.dist.world_size,
+                          (self.dist.rank + 1) * batch_size // self.dist.world_size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        device, g, n = self.dist.device, self.generator, self.batch_size
+        if self.kind == "points":
+            return self.ds.sample(n, g)[self.part].to(device), None
+        if self.kind == "text":
+            start = torch.randint(len(self.data) - self.block_size - 1, (n,), generator=g)[self.part]
+            return self.data[(start[:, None] + torch.arange(self.block_size + 1)).to(device)], None
+        i = torch.randint(len(self.data), (n,), generator=g)[self.part].to(device)
+        return self.data[i], (self.labels[i] if self.labels is not None else None)
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
+# ----------------------------------------------------------------------------------------
+# Exponential moving average of the weights
+# ----------------------------------------------------------------------------------------
+
+class EMA:
+    """theta_ema <- d * theta_ema + (1 - d) * theta after every step, for parameters and
+    floating-point buffers (others are copied). With warm-up, d = min(decay, (1 + n) / (10 + n))
+    after n updates, so early averages are not dominated by the random initialisation."""
+
+    def __init__(self, model, decay, warmup=True):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.warmup, self.num_updates = decay, warmup, 0
+
+    def current_decay(self):
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, model):
+        d = self.current_decay()
+        self.num_updates += 1
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.lerp_(b, 1 - d) if e.is_floating_point() else e.copy_(b)
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.num_updates = state["num_updates"]
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: written atomically, loaded with weights_only=True
+# ----------------------------------------------------------------------------------------
+
+def save_checkpoint(path, state):
+    """Write `state` so that `path` always holds a complete checkpoint: a temporary file in the
+    same folder, flushed and fsynced, then renamed over `path` (rename is atomic on POSIX)."""
+    _atomic_write(Path(path), lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path, model=None):
+    """Load a checkpoint with weights_only=True. A missing or unreadable file, or (when `model`
+    names the model file(s) that may read it) a checkpoint of another model file, is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass a ckpt.pt written by a training run")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is truncated, corrupt "
+                        "or not a checkpoint of this project") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"{path} is not a checkpoint of this project (no model weights in it)")
+    accepted = (model,) if isinstance(model, str) else model
+    if accepted and state.get("model_name") not in accepted:
+        raise UserError(f"{path} was written by {_writer(state)}; this file takes checkpoints of "
+                        f"{' or '.join(f'{m}.py' for m in accepted)}")
+    return state
+
+
+def saved_config(cls, ckpt):
+    """(Config, DataInfo) a checkpoint was trained with: sequences back to tuples, and fields this
+    version of the file does not know dropped (new fields take their defaults)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items() if k in known})
+    return cfg, DataInfo.from_dict(ckpt["data"])
+
+
+def load_weights(module, state, path):
+    """module.load_state_dict(state), a mismatch being a one-line UserError."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"the weights in {path} do not fit the network this file builds "
+                        f"({_state_dict_mismatch(e)})") from None
+
+
+def save_training(out, model_name, step, cfg, info, dist, /, **parts):
+    """Write <out>/ckpt.pt: the model file's name, the step, the configuration, the data's
+    description, every process's random state and each part's state_dict() (model, ema, opt,
+    batches, ...). A collective: every process calls it; rank 0 writes."""
+    rng = _gather_rng_states(dist)
+    if dist.is_main:
+        save_checkpoint(Path(out) / "ckpt.pt", dict(
+            model_name=model_name, step=step, config=dataclasses.asdict(cfg), data=info.as_dict(), rng=rng,
+            **{name: part.state_dict() for name, part in parts.items()}))
+
+
+def resume(cfg, model_name, dist, /, **parts):
+    """Restore the run `--resume` names into each part (the same names `save_training` wrote)
+    and every process's random state; returns the step to continue from. A checkpoint of
+    another model file, or of a network that the flags typed now change, is a one-line error
+    naming the flags that differ."""
+    path = _resume_path(cfg, model_name)
+    ckpt = load_checkpoint(path, model_name)
+    for name, part in parts.items():
+        try:
+            part.load_state_dict(ckpt[name])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"cannot resume from {path}: {_why_not_resumable(cfg, ckpt, name, e)}") from None
+    _set_rng_state(ckpt["rng"], dist)
+    return ckpt["step"]
+
+
+# ----------------------------------------------------------------------------------------
+# The training loop's helpers: stop on a signal, stop on a non-finite loss, log metrics
+# ----------------------------------------------------------------------------------------
+
+def check_finite(value, step):
+    """Stop training on a NaN or infinite loss, naming the step; nothing is saved after it."""
+    if not math.isfinite(value):
+        raise UserError(f"loss is {value} at step {step}; training stopped and the last checkpoint on disk "
+                        "is kept (try a lower --lr)")
+
+
+class Logger:
+    """Metrics to `metrics.jsonl` (one JSON object a line) and a progress line on the terminal.
+
+    `log(step, n, **metrics)` after every step, n the examples the step used: every `every`
+    steps a line with the mean of each metric over those steps and the examples per second
+    (and at `close`, the steps since the last line, so a run stopped mid-window loses none);
+    a progress line (step/total, metrics, examples/s, ETA) at most every `print_every` seconds.
+    `event(name, **fields)` writes and prints one line at once (evaluations, sampling).
+    `close()` also draws loss.png from the whole metrics.jsonl.
+    """
+
+    def __init__(self, out_dir, total_steps, enabled=True, every=50, print_every=None):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.total, self.enabled, self.every = total_steps, enabled, every
+        self.print_every = print_every if print_every is not None else (1.0 if sys.stdout.isatty() else 10.0)
+        self.sums, self.count, self.examples, self.step = {}, 0, 0, None
+        self.t_start = self.t_window = self.t_printed = time.perf_counter()  # create it just before the loop
+        self.first_step = None
+
+    def log(self, step, n, **metrics):
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.first_step is None:
+            self.first_step = step - 1
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count, self.examples, self.step = self.count + 1, self.examples + n, step
+        if now - self.t_printed >= self.print_every or step == self.total:
+            _print_progress(self, step, now)
+            self.t_printed = now
+        if step % self.every == 0 or step == self.total:
+            _write_window(self, now)
+
+    def event(self, name, **fields):
+        if not self.enabled:
+            return
+        _append_json(self.path, {"event": name, **fields})
+        print(f"{name}: " + " ".join(f"{k} {_fmt(v)}" for k, v in fields.items()), flush=True)
+
+    def close(self):
+        if not self.enabled:
+            return
+        if self.count:
+            _write_window(self, time.perf_counter())
+        if self.path.exists():
+            _plot_metrics(self.path, self.path.with_name("loss.png"))
+
+
+
+# ----------------------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------------------
+
+def save_image_grid(x, path, levels=None, nrow=None, title=None):
+    """Save a batch (N, C, H, W) as one PNG grid, scaled up (nearest neighbour) to at least
+    ~256 pixels: integer levels in [0, levels) when `levels` is given, else floats in [0, 1].
+    `title` is written above the grid (say what the rows are)."""
+    _draw_grid(_image_grid(x, levels, nrow), path, title)
+
+
+def save_scatter(points, path, lim=None, title=None):
+    """A scatter plot of 2D points (N, 2) on [-lim, lim]^2."""
+    _draw_scatter(torch.as_tensor(points).detach().float().cpu().numpy(), path, lim, title)
+
+
+def density_on_grid(log_prob, lim, n=128, chunk=4096):
+    """Evaluate `log_prob` ((M, 2) float32 tensor -> (M,)) at the n x n cell centres of
+    [-lim, lim]^2; returns a numpy array (n, n), row i at y_i and column j at x_j, both
+    increasing. The callable chooses its own device and gradient mode."""
+    edges = torch.linspace(-lim, lim, n + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    yy, xx = torch.meshgrid(centres, centres, indexing="ij")
+    pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
+    return torch.cat([log_prob(c).detach().double().cpu() for c in pts.split(chunk)]).reshape(n, n).numpy()
+
+
+def save_density(panels, path, lim):
+    """Heat maps side by side, {title: panel}. A panel is an (n, n) log-density from
+    `density_on_grid`, or an (M, 2) array of points (M != 2), drawn as a histogram."""
+    _draw_density(panels, path, lim)
+
+
+# ========================================================================================
+# MACHINERY: what the functions above rely on. Nothing below is needed to read a model file.
+# ========================================================================================
+
+# --- the command line
+
+class Interrupted(Exception):
+    """A stop signal that ended the run at once (see StopSignal); `code` is the exit status."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         # One line, no usage block: the user reads what was wrong and where to look.
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def _build_parser(cls, presets, doc):
+    epilog = "presets (applied by --dataset before the flags you type):\n" + "\n".join(
+        f"  {name}: " + " ".join(f"{k}={_show(v)}" for k, v in p.items()) for name, p in presets.items())
+    parser = _Parser(description=(doc or "").strip().split("\n\n")[0], epilog=epilog,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name, default = "--" + f.name.replace("_", "-"), _field_default(f)
+        help_text = f.metadata.get("help", "") + ("" if default is None else f" (default: {_show(default)})")
+        if hints[f.name] is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        elif f.name == "resume":
+            parser.add_argument(name, nargs="?", const="auto", default=argparse.SUPPRESS, metavar="CKPT",
+                                help=help_text)
+        else:
+            parser.add_argument(name, type=_converter(hints[f.name], default), default=argparse.SUPPRESS,
+                                choices=f.metadata.get("choices"), metavar=f.name.upper(), help=help_text)
+    return parser
 
 
 def _converter(tp, default):
@@ -116,66 +554,151 @@ def _field_default(f):
 
 
 def _show(v):
-    return ",".join(map(str, v)) if isinstance(v, tuple) else v
+    return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else v
 
 
-def parse_config(cls, presets, argv=None, doc=None, kinds=("image", "points", "text")):
-    """Build the configuration: dataclass defaults, then the preset of the chosen dataset
-    (`presets[dataset]`, else `presets[kind]`), then the flags typed on the command line."""
-    epilog = "presets (applied by --dataset before the flags you type):\n" + "\n".join(
-        f"  {name}: " + " ".join(f"{k}={_show(v)}" for k, v in p.items()) for name, p in presets.items())
-    parser = _Parser(description=(doc or "").strip().split("\n\n")[0], epilog=epilog,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        name, default = "--" + f.name.replace("_", "-"), _field_default(f)
-        help_text = f.metadata.get("help", "") + ("" if default is None else f" (default: {_show(default)})")
-        if hints[f.name] is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
-        elif f.name == "resume":
-            parser.add_argument(name, nargs="?", const="auto", default=argparse.SUPPRESS, metavar="CKPT",
-                                help=help_text)
-        else:
-            parser.add_argument(name, type=_converter(hints[f.name], default), default=argparse.SUPPRESS,
-                                choices=f.metadata.get("choices"), metavar=f.name.upper(), help=help_text)
-    typed = vars(parser.parse_args(argv))
-    dataset = typed.get("dataset", _field_default(next(f for f in dataclasses.fields(cls) if f.name == "dataset")))
+def _check_shared_flags(cfg, parser):
     try:
-        kind = _dataset_kind(dataset)
+        check_range(cfg, "steps", 0)
+        for name in ("batch_size", "n_samples", "log_every", "save_every"):
+            check_range(cfg, name, 1)
+        check_range(cfg, "lr", 0, open_low=True)
     except UserError as e:
         parser.error(str(e))
-    if kind not in kinds:
-        parser.error(f"--dataset {dataset} is {kind} data; this model accepts {', '.join(kinds)} data")
-    values = dict(presets.get(dataset, presets.get(kind, {})))
-    values.update(typed)
-    cfg = cls(**values)
-    for name in ("steps", "batch_size", "n_samples", "log_every", "save_every"):
-        if getattr(cfg, name) < (0 if name == "steps" else 1):
-            parser.error(f"--{name.replace('_', '-')} {getattr(cfg, name)} is out of range; "
-                         f"it takes a whole number >= {0 if name == 'steps' else 1}")
-    if not cfg.lr > 0:
-        parser.error(f"--lr {cfg.lr} is out of range; it takes a positive number")
-    return cfg
+    if cfg.overwrite and cfg.resume:
+        parser.error("--overwrite starts afresh and --resume continues: give one of them")
 
 
-def run_dir(cfg, model_name):
-    """The run folder: `--out`, or runs/<model>-<dataset> (a .txt dataset contributes its stem)."""
-    path = Path(cfg.out) if cfg.out else Path("runs") / f"{model_name}-{Path(cfg.dataset).stem}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def _allocation_failure(e):
+    """The size a failed allocation asked for ("40.0 GB"), "memory" when unknown, or None when
+    `e` is not an allocation failure (CPU allocator, CUDA or MPS out of memory, MemoryError)."""
+    text = str(e)
+    if isinstance(e, MemoryError):
+        return "memory"
+    if not (isinstance(e, getattr(torch, "OutOfMemoryError", ())) or "can't allocate memory" in text
+            or "out of memory" in text):
+        return None
+    m = re.search(r"allocate (\d+) bytes", text)
+    if m:
+        return f"{int(m.group(1)) / 1e9:.3g} GB"
+    m = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]i?B)", text)
+    return m.group(1) if m else "memory"
 
 
-def resume_path(cfg, model_name):
+# --- stop signals
+
+class StopSignal:
+    """Within `with StopSignal() as stop:`, the first SIGINT or SIGTERM sets `stop.requested`:
+    the loop finishes its step, saves a checkpoint and exits cleanly (status 0). Inside
+    `with stop.interruptible():` (pictures drawn after a checkpoint was written) a signal stops
+    at once, also with status 0; a second signal stops at once with status 128 + signal. The
+    checkpoint on disk stays whole either way: it is written atomically."""
+
+    def __enter__(self):
+        self.requested, self._interruptible, self._previous = False, False, {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    @contextmanager
+    def interruptible(self):
+        if self.requested:  # asked to stop already: skip the pictures
+            raise Interrupted("stopped without drawing pictures; the checkpoint is saved: continue with --resume", 0)
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested:
+            raise Interrupted(f"{name} again: stopped at once; the checkpoint on disk is whole (continue with "
+                              "--resume)", 128 + signum)
+        self.requested = True
+        if self._interruptible:
+            raise Interrupted(f"{name}: stopped drawing pictures; the checkpoint is saved: continue with --resume", 0)
+        print(f"\n{name}: finishing this step, then saving a checkpoint", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+# --- run folders
+
+def _run_dir(cfg, model):
+    """The run folder's path: `--out`, or runs/<model>-<dataset> (a .txt dataset gives its stem)."""
+    return Path(cfg.out) if cfg.out else Path("runs") / f"{model}-{Path(cfg.dataset).stem}"
+
+
+def _resume_path(cfg, model):
     """The checkpoint `--resume` names (bare `--resume` means <run folder>/ckpt.pt), or None."""
     if not cfg.resume:
         return None
-    return run_dir(cfg, model_name) / "ckpt.pt" if cfg.resume == "auto" else Path(cfg.resume)
+    return _run_dir(cfg, model) / "ckpt.pt" if cfg.resume == "auto" else Path(cfg.resume)
 
 
-# ----------------------------------------------------------------------------------------
-# Device and seeds
-# ----------------------------------------------------------------------------------------
+_RUN_OUTPUTS = ("ckpt.pt", "metrics.jsonl")  # what makes a folder hold a run
+_RUN_FLAGS = {f.name for f in dataclasses.fields(RunConfig)} - {"dataset"}  # flags that do not shape a network
+_RUN_LOCKS = {}  # resolved folder -> open lock file, held until the process ends
+
+
+def _make_writable_dir(path):
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except FileExistsError:
+        raise UserError(f"--out {path} is a file, not a folder; give a folder (it is created if missing)") from None
+    except NotADirectoryError:
+        raise UserError(f"--out {path} lies below a file, not a folder; give a folder you can write to") from None
+    except PermissionError:
+        raise UserError(f"--out {path} cannot be written (permission denied); give a folder you can write to") from None
+    except OSError as e:
+        raise UserError(f"--out {path} cannot be used ({e.strerror}); give a folder you can write to") from None
+
+
+def _claim_run_folder(path, model, resuming, overwrite):
+    _make_writable_dir(path)
+    _lock_run_folder(path)
+    held = [n for n in _RUN_OUTPUTS if (path / n).exists()]
+    if held and not resuming:
+        if not overwrite:
+            raise UserError(f"{path} holds a run ({', '.join(held)}); continue it with --resume, start afresh with "
+                            f"--overwrite, or choose another --out")
+        for n in held:
+            (path / n).unlink()
+
+
+def _lock_run_folder(path):
+    """An exclusive lock on <path>/.lock for the life of this process (POSIX flock; no lock
+    where fcntl is missing). A second process training into the folder is refused."""
+    key = path.resolve()
+    if key in _RUN_LOCKS:
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    f = open(path / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"another training ({owner}) is writing to {path}; wait for it or choose another --out") \
+            from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    _RUN_LOCKS[key] = f
+
+
+# --- device, seeds and processes
 
 def get_device(name="auto"):
     """cuda, then mps, then cpu for "auto"; a named device that is absent is a UserError."""
@@ -200,13 +723,10 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------------------
-# torch.distributed: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; without them, one process
-# ----------------------------------------------------------------------------------------
-
 @dataclasses.dataclass
 class Dist:
-    """Where this process stands: rank among world_size processes, and its device."""
+    """Where this process stands: rank among world_size processes, and its device. Only rank 0
+    (`is_main`) writes files; `mean` and `any` are collectives every process must call."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -217,88 +737,185 @@ class Dist:
         return self.rank == 0
 
     def mean(self, x):
-        """The average of a scalar over all processes, as a Python float."""
-        t = x.detach().float().reshape(()) if torch.is_tensor(x) else torch.tensor(float(x))
-        if self.world_size > 1:
-            t = t.to(self.device)
-            torch.distributed.all_reduce(t)
-            t = t / self.world_size
-        return t.item()
+        """The average of a scalar over all processes, as a Python float (x is left unchanged)."""
+        t = torch.tensor(float(x)) if not torch.is_tensor(x) else x.detach().float().reshape(()).clone()
+        return _all_reduce(t, self, "sum") / self.world_size
 
     def any(self, flag):
         """True on every process when `flag` is true on any of them (e.g. a stop request)."""
-        if self.world_size == 1:
-            return bool(flag)
-        t = torch.tensor(float(flag), device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return t.item() > 0
+        return _all_reduce(torch.tensor(float(flag)), self, "max") > 0
 
     def barrier(self):
         if self.world_size > 1:
             torch.distributed.barrier()
 
     def close(self):
-        """Wait for every process, then leave the process group.
-
-        The barrier is not a formality. A gloo worker thread frees the tensors of a finished
-        collective after the caller has moved on, and needs the GIL to do it; a process that
-        went straight from its last collective into interpreter shutdown could be aborted
-        there ("terminate called without an active exception", torch 2.13). Waiting in the
-        barrier releases the GIL until the other processes arrive."""
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+        """Wait for every process, then leave the process group (see _leave_process_group)."""
+        _leave_process_group(self)
 
 
 def init_distributed(device="auto"):
     """Join the process group torchrun describes (gloo on CPU, nccl on CUDA), or run alone."""
+    return _init_distributed(get_device(device))
+
+
+def wrap_ddp(net, dist, compile=False):
+    """The network the training step calls: DistributedDataParallel over the processes (when
+    there is more than one), then torch.compile when asked (the order PyTorch documents for
+    compiling a DDP model). Checkpoints and EMA keep using the unwrapped `net`."""
+    model = net
+    if dist.world_size > 1:
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    return torch.compile(model) if compile else model
+
+
+def _init_distributed(dev):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = get_device(device)
     if world_size == 1:
         return Dist(device=dev)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend, rank=rank, world_size=world_size)
+    torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     return Dist(rank, world_size, local_rank, dev)
 
 
-def wrap_ddp(model, dist):
-    """DistributedDataParallel over the processes, or the model itself when there is one process."""
+def _all_reduce(t, dist, op):
+    """all_reduce on a tensor of our own (never the caller's), returned as a Python float."""
+    if dist.world_size > 1:
+        t = t.to(dist.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM if op == "sum"
+                                     else torch.distributed.ReduceOp.MAX)
+    return t.item()
+
+
+def _leave_process_group(dist):
+    """Wait for every process, then leave the process group.
+
+    The barrier is not a formality. A gloo worker thread frees the tensors of a finished
+    collective after the caller has moved on, and needs the GIL to do it; a process that
+    went straight from its last collective into interpreter shutdown could be aborted
+    there ("terminate called without an active exception", torch 2.13). Waiting in the
+    barrier releases the GIL until the other processes arrive."""
+    if dist.world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def _gather_rng_states(dist):
+    """The torch generator states (CPU, and CUDA where used) of every process, gathered."""
+    local = {"cpu": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state(dist.device) if dist.device.type == "cuda" else None}
     if dist.world_size == 1:
-        return model
-    ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return [local]
+    states = [None] * dist.world_size
+    torch.distributed.all_gather_object(states, local)
+    return states
 
 
-# ----------------------------------------------------------------------------------------
-# Datasets
-# ----------------------------------------------------------------------------------------
+def _set_rng_state(states, dist):
+    """Restore this process's generators from the gathered list. With a different number of
+    processes than were saved, the seeded generators are kept (the run goes on, not bit-exactly)."""
+    if len(states) != dist.world_size:
+        if dist.is_main:
+            print(f"note: checkpoint saved by {len(states)} process(es), resuming with {dist.world_size}: "
+                  "random streams restart from the seed", file=sys.stderr)
+        return
+    torch.set_rng_state(states[dist.rank]["cpu"])
+    if states[dist.rank]["cuda"] is not None and dist.device.type == "cuda":
+        torch.cuda.set_rng_state(states[dist.rank]["cuda"], dist.device)
 
-@dataclasses.dataclass
-class Dataset:
-    """One split of a dataset, whatever its kind.
 
-    image:  data uint8 (N, C, H, W) of integer levels 0..levels-1, labels int64 (N,).
-    points: data float32 (N, 2), a fixed seeded set; `sample(n, generator)` draws fresh points;
-            `log_prob(x)` is the exact log-density where it has a closed form; the data lies in
-            [-lim, lim]^2.
-    text:   data int64 (num_chars,), the token ids of the split; vocab the characters.
-    """
-    name: str
-    split: str
-    kind: str
-    data: torch.Tensor
-    shape: tuple
-    levels: typing.Optional[int] = None
-    labels: typing.Optional[torch.Tensor] = None
-    vocab: typing.Optional[list] = None
-    log_prob: typing.Optional[typing.Callable] = None
-    num_classes: typing.Optional[int] = None
-    sample: typing.Optional[typing.Callable] = None
-    lim: typing.Optional[float] = None
+def _stream_seed(seed, stream):
+    """A seed for a named random stream, unrelated to `seed` itself: the data stream must not
+    repeat the draws of the global generator seeded with the same number (else, say, the
+    diffusion noise would equal the noise of the 2D data sampler and be read off x_t)."""
+    return int(np.random.SeedSequence([seed, *stream.encode()]).generate_state(1)[0])
+
+
+# --- files: atomic writes that follow the umask, checkpoint errors, metrics lines
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path, write):
+    """`write(f)` into a temporary file beside `path`, flushed, fsynced and given the mode a plain
+    open() would give (mkstemp makes 0600), then renamed over `path`, and the rename made durable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    if hasattr(os, "O_DIRECTORY"):
+        dir_fd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _writer(state):
+    name = state.get("model_name")
+    return f"{name}.py" if name else "an older version of this project (no model name in it)"
+
+
+def _state_dict_mismatch(e):
+    """The first line of load_state_dict's complaint, shortened to one line."""
+    first = str(e).strip().splitlines()
+    text = " ".join(s.strip() for s in first[1:3]) if len(first) > 1 else (first[0] if first else type(e).__name__)
+    return text[:300]
+
+
+def _why_not_resumable(cfg, ckpt, part, e):
+    """The flags typed now that differ from the checkpoint's (the likely cause), else the error."""
+    differ = [f"--{k.replace('_', '-')} {_show(v)} (now {_show(getattr(cfg, k))})" for k, v in ckpt["config"].items()
+              if k not in _RUN_FLAGS and hasattr(cfg, k) and _show(v) != _show(getattr(cfg, k))]
+    if differ:
+        return ("flags differ from the checkpoint's: " + ", ".join(differ)
+                + "; resume with the checkpoint's values, or start afresh with --overwrite")
+    return f"its {part} does not fit ({_state_dict_mismatch(e)}); start afresh with --overwrite"
+
+
+def _append_json(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _print_progress(logger, step, now):
+    eta = (now - logger.t_start) / (step - logger.first_step) * (logger.total - step)
+    speed = logger.examples / max(now - logger.t_window, 1e-9)
+    shown = " | ".join(f"{k} {_fmt(s / logger.count)}" for k, s in logger.sums.items())
+    end = "\r" if sys.stdout.isatty() and step < logger.total else "\n"
+    print(f"step {step}/{logger.total} | {shown} | {speed:.0f} ex/s | ETA {eta:.0f}s", end=end, flush=True)
+
+
+def _write_window(logger, now):
+    """One metrics line: the mean of each metric over the steps since the last line."""
+    speed = logger.examples / max(now - logger.t_window, 1e-9)
+    _append_json(logger.path, {"step": logger.step, **{k: s / logger.count for k, s in logger.sums.items()},
+                               "ex_per_s": speed})
+    logger.sums, logger.count, logger.examples, logger.t_window = {}, 0, 0, now
+
+
+def _read_metrics(path):
+    """The lines of a metrics.jsonl as dicts."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 # --- synthetic 2D sets: each a sampler drawing from a torch generator, some with an exact density
@@ -403,7 +1020,6 @@ _POINT_SETS = {  # name: (sampler, exact log-density or None)
     "swissroll": (_sample_swissroll, None),
 }
 POINT_SETS = tuple(_POINT_SETS)
-POINTS_LIM = 4.0
 _POINTS_N, _POINTS_SEED = 10_000, {"train": 1, "test": 2}
 
 
@@ -416,6 +1032,18 @@ def entropy_estimate(name, n=100_000, seed=0):
                         + ", ".join(k for k, v in _POINT_SETS.items() if v[1] is not None))
     lp = log_prob(sampler(n, torch.Generator().manual_seed(seed)).double())
     return -lp.mean().item(), lp.std().item() / math.sqrt(n)
+
+
+def _dataset_kind(name):
+    """'image', 'points' or 'text' for a dataset name, without loading anything."""
+    if name in IMAGE_SETS:
+        return "image"
+    if name in _POINT_SETS:
+        return "points"
+    if name == "shakespeare" or name.endswith(".txt"):
+        return "text"
+    raise UserError(f"unknown dataset '{name}'; accepted: {', '.join(IMAGE_SETS + POINT_SETS)}, "
+                    "shakespeare, or a path to a .txt file")
 
 
 # --- downloaded sets: official sources, pinned md5 checksums (the ones the publishers list)
@@ -442,20 +1070,6 @@ SOURCES = {
         "files": {"input.txt": "6fb458f1232090904fb40fe944165e91"},
     },
 }
-IMAGE_SETS = ("digits", "digits-binary", "mnist", "fashion-mnist", "cifar10")
-SPLITS = ("train", "test")
-
-
-def _dataset_kind(name):
-    """'image', 'points' or 'text' for a dataset name, without loading anything."""
-    if name in IMAGE_SETS:
-        return "image"
-    if name in _POINT_SETS:
-        return "points"
-    if name == "shakespeare" or name.endswith(".txt"):
-        return "text"
-    raise UserError(f"unknown dataset '{name}'; accepted: {', '.join(IMAGE_SETS + POINT_SETS)}, "
-                    "shakespeare, or a path to a .txt file")
 
 
 def _data_root(root=None):
@@ -498,6 +1112,7 @@ def _download(name, filename, folder):
             elif digest.hexdigest() != md5:
                 failures.append(f"{url}: md5 {digest.hexdigest()} != expected {md5}, file deleted")
             else:
+                os.chmod(tmp, 0o666 & ~_umask())
                 os.replace(tmp, dest)
                 return dest
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
@@ -549,12 +1164,18 @@ def _read_idx(path):
     return torch.from_numpy(data.reshape(dims).copy())
 
 
-def _load_mnist_like(name, split, root):
+def _load_images(name, split, root):
+    """(images uint8 (N, C, H, W), labels int64 (N,), levels) of an image set."""
+    if name in ("digits", "digits-binary"):
+        images, labels = _load_digits(split)
+        return ((images >= 8).to(torch.uint8), labels, 2) if name == "digits-binary" else (images, labels, 17)
+    if name == "cifar10":
+        return (*_load_cifar10(split, root), 256)
     folder = _data_root(root) / name
     prefix = "train" if split == "train" else "t10k"
     images = _read_idx(_download(name, f"{prefix}-images-idx3-ubyte.gz", folder))
     labels = _read_idx(_download(name, f"{prefix}-labels-idx1-ubyte.gz", folder))
-    return images[:, None], labels.long()
+    return images[:, None], labels.long(), 256
 
 
 def _load_cifar10(split, root):
@@ -604,293 +1225,21 @@ def _load_text(name, split, root):
     return ids[:cut] if split == "train" else ids[cut:], vocab
 
 
-def load_dataset(name, split="train", root=None):
-    """Load one split ("train" or "test") of a dataset (see `Dataset` for what each kind holds)."""
-    kind = _dataset_kind(name)
-    if split not in SPLITS:
-        raise UserError(f"unknown split '{split}'; accepted: {', '.join(SPLITS)}")
-    if kind == "points":
-        sampler, log_prob = _POINT_SETS[name]
-        data = sampler(_POINTS_N, torch.Generator().manual_seed(_POINTS_SEED[split]))
-        return Dataset(name, split, kind, data, (2,), log_prob=log_prob, sample=sampler, lim=POINTS_LIM)
-    if kind == "text":
-        ids, vocab = _load_text(name, split, root)
-        return Dataset(name, split, kind, ids, (), vocab=vocab)
-    if name in ("digits", "digits-binary"):
-        images, labels = _load_digits(split)
-        levels = 17
-        if name == "digits-binary":
-            images, levels = (images >= 8).to(torch.uint8), 2
-    elif name == "cifar10":
-        (images, labels), levels = _load_cifar10(split, root), 256
-    else:
-        (images, labels), levels = _load_mnist_like(name, split, root), 256
-    return Dataset(name, split, kind, images, tuple(images.shape[1:]), levels=levels, labels=labels, num_classes=10)
+# --- drawing
 
-
-# ----------------------------------------------------------------------------------------
-# Batching: the data lives on the device; batches are random indices (no DataLoader)
-# ----------------------------------------------------------------------------------------
-
-def _stream_seed(seed, stream):
-    """A seed for a named random stream, unrelated to `seed` itself: the data stream must not
-    repeat the draws of the global generator seeded with the same number (else, say, the
-    diffusion noise would equal the noise of the 2D data sampler and be read off x_t)."""
-    return int(np.random.SeedSequence([seed, *stream.encode()]).generate_state(1)[0])
-
-
-class Batches:
-    """An endless stream of training batches on `dist.device`.
-
-    `batch_size` is the global batch: every process draws the same global batch from a
-    generator seeded alike and keeps its own slice, so N processes see together exactly what
-    one process would. Returns (x, y): images uint8 (b, C, H, W) and labels (b,); fresh 2D
-    points (b, 2) and None; text windows int64 (b, block_size + 1) and None.
-    """
-
-    def __init__(self, ds, batch_size, dist=None, seed=0, block_size=None):
-        self.dist = dist or Dist()
-        if batch_size % self.dist.world_size:
-            raise UserError(f"--batch-size {batch_size} does not split over {self.dist.world_size} processes; "
-                            f"use a multiple of {self.dist.world_size}")
-        if ds.kind == "text":
-            if block_size is None or len(ds.data) <= block_size + 1:
-                raise UserError(f"{ds.name} has {len(ds.data)} tokens in its {ds.split} split; "
-                                f"a context of {block_size} needs more")
-        self.ds, self.batch_size, self.block_size = ds, batch_size, block_size
-        self.generator = torch.Generator().manual_seed(_stream_seed(seed, "batches"))
-        device = self.dist.device
-        self.data = ds.data.to(device) if ds.kind != "points" else None
-        self.labels = ds.labels.to(device) if ds.labels is not None else None
-        self.part = slice(self.dist.rank * batch_size // self.dist.world_size,
-                          (self.dist.rank + 1) * batch_size // self.dist.world_size)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        device, g, n = self.dist.device, self.generator, self.batch_size
-        if self.ds.kind == "points":
-            return self.ds.sample(n, g)[self.part].to(device), None
-        if self.ds.kind == "text":
-            start = torch.randint(len(self.data) - self.block_size - 1, (n,), generator=g)[self.part]
-            offsets = torch.arange(self.block_size + 1)
-            return self.data[(start[:, None] + offsets).to(device)], None
-        i = torch.randint(len(self.data), (n,), generator=g)[self.part].to(device)
-        return self.data[i], (self.labels[i] if self.labels is not None else None)
-
-    def state_dict(self):
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.generator.set_state(state["generator"])
-
-
-# ----------------------------------------------------------------------------------------
-# Exponential moving average of the weights
-# ----------------------------------------------------------------------------------------
-
-class EMA:
-    """theta_ema <- d * theta_ema + (1 - d) * theta after every step, for parameters and
-    floating-point buffers (others are copied). With warm-up, d = min(decay, (1 + n) / (10 + n))
-    after n updates, so early averages are not dominated by the random initialisation."""
-
-    def __init__(self, model, decay, warmup=True):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.warmup, self.num_updates = decay, warmup, 0
-
-    def current_decay(self):
-        n = self.num_updates
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-
-    @torch.no_grad()
-    def update(self, model):
-        d = self.current_decay()
-        self.num_updates += 1
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - d)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.lerp_(b, 1 - d) if e.is_floating_point() else e.copy_(b)
-
-    def state_dict(self):
-        return {"model": self.model.state_dict(), "num_updates": self.num_updates}
-
-    def load_state_dict(self, state):
-        self.model.load_state_dict(state["model"])
-        self.num_updates = state["num_updates"]
-
-
-# ----------------------------------------------------------------------------------------
-# Checkpoints and RNG state
-# ----------------------------------------------------------------------------------------
-
-def save_checkpoint(path, state):
-    """Write `state` so that `path` always holds a complete checkpoint: a temporary file in the
-    same folder, flushed and fsynced, then renamed over `path` (rename is atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint with weights_only=True; a missing or unreadable file is a UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass a ckpt.pt written by a training run")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is truncated, corrupt "
-                        "or not a checkpoint of this project") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise UserError(f"{path} is not a checkpoint of this project (no model weights in it)")
-    return state
-
-
-def rng_state(dist):
-    """The torch generator states (CPU, and CUDA where used) of every process, gathered."""
-    local = {"cpu": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state(dist.device) if dist.device.type == "cuda" else None}
-    if dist.world_size == 1:
-        return [local]
-    states = [None] * dist.world_size
-    torch.distributed.all_gather_object(states, local)
-    return states
-
-
-def set_rng_state(states, dist):
-    """Restore this process's generators from `rng_state`'s list. With a different number of
-    processes than were saved, the seeded generators are kept (the run goes on, not bit-exactly)."""
-    if len(states) != dist.world_size:
-        if dist.is_main:
-            print(f"note: checkpoint saved by {len(states)} process(es), resuming with {dist.world_size}: "
-                  "random streams restart from the seed", file=sys.stderr)
-        return
-    torch.set_rng_state(states[dist.rank]["cpu"])
-    if states[dist.rank]["cuda"] is not None and dist.device.type == "cuda":
-        torch.cuda.set_rng_state(states[dist.rank]["cuda"], dist.device)
-
-
-# ----------------------------------------------------------------------------------------
-# Training loop helpers: stop on a signal, stop on a non-finite loss, log metrics
-# ----------------------------------------------------------------------------------------
-
-class StopSignal:
-    """Within `with StopSignal() as stop:`, SIGINT and SIGTERM set `stop.requested` instead of
-    killing the process, so the loop can save a checkpoint and exit cleanly. A second SIGINT
-    interrupts at once."""
-
-    def __enter__(self):
-        self.requested, self._previous = False, {}
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        return False
-
-
-def check_finite(value, step):
-    """Stop training on a NaN or infinite loss, naming the step; nothing is saved after it."""
-    if not math.isfinite(value):
-        raise UserError(f"loss is {value} at step {step}; training stopped and the last checkpoint on disk "
-                        "is kept (try a lower --lr)")
-
-
-def _fmt(v):
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-class Logger:
-    """Metrics to `metrics.jsonl` (one JSON object a line) and a progress line on the terminal.
-
-    `log(step, n, **metrics)` after every step, n the examples the step used: every `every`
-    steps a line with the mean of each metric over those steps and the examples per second;
-    a progress line (step/total, metrics, examples/s, ETA) at most every `print_every` seconds.
-    `event(name, **fields)` writes and prints one line at once (evaluations, sampling).
-    """
-
-    def __init__(self, out_dir, total_steps, enabled=True, every=50, print_every=None):
-        self.path = Path(out_dir) / "metrics.jsonl"
-        self.total, self.enabled, self.every = total_steps, enabled, every
-        self.print_every = print_every if print_every is not None else (1.0 if sys.stdout.isatty() else 10.0)
-        self.sums, self.count, self.examples = {}, 0, 0
-        self.t_start = self.t_window = self.t_printed = time.perf_counter()  # create it just before the loop
-        self.first_step = None
-
-    def _write(self, record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def log(self, step, n, **metrics):
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if self.first_step is None:
-            self.first_step = step - 1
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-        self.count += 1
-        self.examples += n
-        speed = self.examples / max(now - self.t_window, 1e-9)
-        if now - self.t_printed >= self.print_every or step == self.total:
-            eta = (now - self.t_start) / (step - self.first_step) * (self.total - step)
-            shown = " | ".join(f"{k} {_fmt(s / self.count)}" for k, s in self.sums.items())
-            end = "\r" if sys.stdout.isatty() and step < self.total else "\n"
-            print(f"step {step}/{self.total} | {shown} | {speed:.0f} ex/s | ETA {eta:.0f}s", end=end, flush=True)
-            self.t_printed = now
-        if step % self.every == 0 or step == self.total:
-            self._write({"step": step, **{k: s / self.count for k, s in self.sums.items()}, "ex_per_s": speed})
-            self.sums, self.count, self.examples, self.t_window = {}, 0, 0, now
-
-    def event(self, name, **fields):
-        if not self.enabled:
-            return
-        self._write({"event": name, **fields})
-        print(f"{name}: " + " ".join(f"{k} {_fmt(v)}" for k, v in fields.items()), flush=True)
-
-    def close(self):
-        if self.enabled and self.path.exists():
-            _plot_metrics(self.path, self.path.with_name("loss.png"))
-
-
-def _read_metrics(path):
-    """The lines of a metrics.jsonl as dicts."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def _plot_metrics(jsonl_path, png_path, key="loss"):
     """Draw `key` against the step from metrics.jsonl (after a resume, the latest line of a step wins)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     by_step = {r["step"]: r[key] for r in _read_metrics(jsonl_path) if "step" in r and key in r}
     if not by_step:
         return
+    plt = _pyplot()
     steps = sorted(by_step)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, [by_step[s] for s in steps])
@@ -901,10 +1250,6 @@ def _plot_metrics(jsonl_path, png_path, key="loss"):
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
 
-
-# ----------------------------------------------------------------------------------------
-# Pictures
-# ----------------------------------------------------------------------------------------
 
 def _image_grid(x, levels=None, nrow=None, pad=1):
     """Tile a batch (N, C, H, W) into one float array (rows, cols[, 3]) in [0, 1].
@@ -927,23 +1272,26 @@ def _image_grid(x, levels=None, nrow=None, pad=1):
     return grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
 
 
-def save_image_grid(x, path, levels=None, nrow=None):
-    """Save a batch as one PNG grid, scaled up (nearest neighbour) to at least ~256 pixels."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    grid = _image_grid(x, levels, nrow)
+def _draw_grid(grid, path, title=None):
     scale = max(1, math.ceil(256 / max(grid.shape[:2])))
     grid = grid.repeat(scale, 0).repeat(scale, 1)
-    plt.imsave(path, grid, cmap="gray", vmin=0.0, vmax=1.0)
+    plt = _pyplot()
+    if title is None:
+        plt.imsave(path, grid, cmap="gray", vmin=0.0, vmax=1.0)
+        return
+    dpi, (h, w) = 100, grid.shape[:2]
+    lines = title.count("\n") + 1
+    fig = plt.figure(figsize=(w / dpi, (h + 18 * lines + 8) / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, h / (h + 18 * lines + 8)))
+    ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.axis("off")
+    fig.text(0.5, 1 - 4 / (h + 18 * lines + 8), title, ha="center", va="top", fontsize=9, wrap=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
 
 
-def save_scatter(points, path, lim=None, title=None):
-    """A scatter plot of 2D points (N, 2)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    p = torch.as_tensor(points).detach().float().cpu().numpy()
+def _draw_scatter(p, path, lim, title):
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.scatter(p[:, 0], p[:, 1], s=1, alpha=0.5)
     if lim:
@@ -957,24 +1305,8 @@ def save_scatter(points, path, lim=None, title=None):
     plt.close(fig)
 
 
-def density_on_grid(log_prob, lim, n=128, chunk=4096):
-    """Evaluate `log_prob` ((M, 2) float32 tensor -> (M,)) at the n x n cell centres of
-    [-lim, lim]^2; returns a numpy array (n, n), row i at y_i and column j at x_j, both
-    increasing. The callable chooses its own device and gradient mode."""
-    edges = torch.linspace(-lim, lim, n + 1)
-    centres = (edges[:-1] + edges[1:]) / 2
-    yy, xx = torch.meshgrid(centres, centres, indexing="ij")
-    pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
-    out = [log_prob(c).detach().double().cpu() for c in pts.split(chunk)]
-    return torch.cat(out).reshape(n, n).numpy()
-
-
-def save_density(panels, path, lim):
-    """Heat maps side by side. Each panel is an (n, n) log-density from `density_on_grid`, or an
-    (M, 2) array of points (M != 2), drawn as a histogram on the same grid."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _draw_density(panels, path, lim):
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
     for ax, (title, value) in zip(axes[0], panels.items()):
         v = np.asarray(torch.as_tensor(value).detach().cpu().double())

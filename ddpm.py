@@ -59,233 +59,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (EMA, Batches, Logger, RunConfig, StopSignal, UserError, check_finite,
-                    density_on_grid, entropy_estimate, flag, get_device, init_distributed,
-                    load_checkpoint, load_dataset, parse_config, resume_path, rng_state, run_dir,
-                    save_checkpoint, save_density, save_image_grid, save_scatter, seed_everything,
-                    set_rng_state, user_errors, wrap_ddp)
-
-MODEL = "ddpm"
-
-
-# ----------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------
-
-@dataclass
-class Config(RunConfig):
-    """Defaults train the 8x8 `digits` on a laptop CPU in minutes; PRESETS follow the papers."""
-    steps: int = flag(1000, "training steps")
-    lr: float = flag(2e-3, "Adam learning rate (after warm-up)")
-    save_every: int = flag(500, "checkpoint and EMA sample grid every this many steps")
-    # diffusion
-    timesteps: int = flag(1000, "number of diffusion steps T")
-    schedule: str = flag("linear", "beta schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)",
-                         choices=("linear", "cosine"))
-    mean_type: str = flag("eps", "what the network predicts: eps (noise) or x0", choices=("eps", "x0"))
-    var_type: str = flag("fixedlarge", "reverse variance: fixedlarge (beta), fixedsmall (beta-tilde) "
-                         "or learned (Nichol & Dhariwal Eq. 15, trained with the hybrid loss)",
-                         choices=("fixedlarge", "fixedsmall", "learned"))
-    lambda_vlb: float = flag(1e-3, "weight of L_vlb in the hybrid loss (learned variance only)")
-    # network
-    ch: int = flag(32, "U-Net base channels")
-    ch_mult: tuple = flag((1, 2), "U-Net channel multiplier per resolution")
-    num_res_blocks: int = flag(1, "residual blocks per resolution")
-    attn_res: tuple = flag((4,), "resolutions (side in pixels) with self-attention")
-    dropout: float = flag(0.0, "dropout in the residual blocks")
-    hidden: int = flag(128, "width of the MLP used on 2D point sets")
-    # optimisation
-    warmup: int = flag(100, "linear learning-rate warm-up steps")
-    grad_clip: float = flag(1.0, "gradient-norm clip (0 = off)")
-    ema_decay: float = flag(0.995, "EMA decay of the weights used for sampling and eval")
-    flip: bool = flag(False, "random horizontal flips of training images")
-    # conditioning and sampling
-    cond: bool = flag(False, "train class-conditional with label dropout (classifier-free guidance)")
-    p_uncond: float = flag(0.1, "probability of dropping the label when --cond")
-    guidance: float = flag(0.0, "guidance weight w of Ho & Salimans Eq. 6 (0 = plain conditional)")
-    sample_steps: int = flag(0, "sampling steps on a respaced subsequence (0 = all T)")
-    eval_n: int = flag(0, "evaluate the bound on the first N test examples (0 = all)")
-
-
-PRESETS = {
-    # Ho et al. 2020, Sec. 4 and App. B; official code (hojonathanho/diffusion), 35.7M parameters.
-    "cifar10": dict(steps=800_000, batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0,
-                    ema_decay=0.9999, flip=True, timesteps=1000, schedule="linear",
-                    mean_type="eps", var_type="fixedlarge", ch=128, ch_mult=(1, 2, 2, 2),
-                    num_res_blocks=2, attn_res=(16,), dropout=0.1, save_every=10_000),
-    # The CIFAR-10 recipe scaled to 28x28 (28 -> 14 -> 7); attention at 14x14.
-    "mnist": dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema_decay=0.9999,
-                  ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(14,), dropout=0.1,
-                  save_every=5000),
-    "fashion-mnist": dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema_decay=0.9999,
-                          ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(14,),
-                          dropout=0.1, save_every=5000),
-    "digits": dict(),  # the Config defaults
-    # 2D point sets: MLP network; T = 200 keeps the bound on a 128x128 grid to seconds.
-    "points": dict(steps=5000, batch_size=512, lr=1e-3, warmup=100, ema_decay=0.995,
-                   timesteps=200, schedule="cosine", hidden=128, save_every=2500),
-}
-
-
-# ----------------------------------------------------------------------------------------
-# Networks: every network is called as model(x_t, t, y=None)
-# ----------------------------------------------------------------------------------------
-
-def timestep_embedding(t, dim):
-    """Sinusoidal embedding of integer timesteps (Ho et al. Sec. 4, from Vaswani et al. 2017).
-
-    t: (B,) integers; returns (B, dim) = [sin(t w_i), cos(t w_i)], w_i = 10000^(-i / (dim/2 - 1)).
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / (half - 1))
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-
-
-def _norm(c):
-    # 32 groups as in the paper for its 128/256-channel layers; fewer for narrow toy networks.
-    return nn.GroupNorm(min(32, c // 4), c)
-
-
-def _zero(module):
-    # The official code initialises the last layer of each residual branch at zero, so every
-    # block starts as the identity.
-    nn.init.zeros_(module.weight)
-    nn.init.zeros_(module.bias)
-    return module
-
-
-class ResBlock(nn.Module):
-    """Wide-ResNet block with GroupNorm, a per-channel time-embedding bias and dropout."""
-
-    def __init__(self, cin, cout, temb_dim, dropout):
-        super().__init__()
-        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.temb = nn.Linear(temb_dim, cout)
-        self.norm2, self.dropout = _norm(cout), nn.Dropout(dropout)
-        self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x, temb):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions, with a residual connection."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.norm = _norm(c)
-        self.qkv = nn.Conv2d(c, 3 * c, 1)  # the paper's three 1x1 projections, fused
-        self.proj = _zero(nn.Conv2d(c, c, 1))
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(2, 3).unbind(1)
-        a = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C), scale 1/sqrt(C)
-        return x + self.proj(a.transpose(1, 2).reshape(b, c, h, w))
-
-
-class UNet(nn.Module):
-    """The DDPM U-Net (Ho et al. Sec. 4 and App. B; PixelCNN++ backbone).
-
-    Resolution levels with `num_res_blocks` ResBlocks each (self-attention after them at the
-    sides listed in `attn_res`), stride-2 convolutions down, nearest-neighbour + conv up, skip
-    connections from every down block, middle ResBlock-Attention-ResBlock. The time embedding
-    is sinusoidal followed by a 2-layer MLP (width 4 * ch). With `num_classes` > 0 a learned
-    class embedding is added to it; label `num_classes` is the "null" label of classifier-free
-    guidance. Outputs `2 * in_ch` channels when the variance is learned (epsilon, then v).
-    x: (B, C, H, W) in [-1, 1], t: (B,) int, y: (B,) int or None (= null label).
-    """
-
-    def __init__(self, in_ch=3, image_size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                 attn_res=(16,), dropout=0.1, num_classes=0, learn_sigma=False):
-        super().__init__()
-        if image_size % 2 ** (len(ch_mult) - 1):
-            raise UserError(f"image side {image_size} is not divisible by 2^{len(ch_mult) - 1}; "
-                            f"use fewer --ch-mult levels")
-        self.ch, self.num_classes, temb_dim = ch, num_classes, 4 * ch
-        self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
-        self.label_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
-        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
-        self.down, skips, c, res = nn.ModuleList(), [ch], ch, image_size
-        for i, mult in enumerate(ch_mult):
-            for _ in range(num_res_blocks):
-                self.down.append(ResBlock(c, ch * mult, temb_dim, dropout))
-                c = ch * mult
-                if res in attn_res:
-                    self.down.append(AttnBlock(c))
-                skips.append(c)
-            if i < len(ch_mult) - 1:
-                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
-                res //= 2
-                skips.append(c)
-        self.mid = nn.ModuleList([ResBlock(c, c, temb_dim, dropout), AttnBlock(c),
-                                  ResBlock(c, c, temb_dim, dropout)])
-        self.up = nn.ModuleList()
-        for i, mult in reversed(list(enumerate(ch_mult))):
-            for _ in range(num_res_blocks + 1):
-                self.up.append(ResBlock(c + skips.pop(), ch * mult, temb_dim, dropout))
-                c = ch * mult
-                if res in attn_res:
-                    self.up.append(AttnBlock(c))
-            if i > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                             nn.Conv2d(c, c, 3, padding=1)))
-                res *= 2
-        self.norm_out = _norm(c)
-        self.conv_out = _zero(nn.Conv2d(c, in_ch * (2 if learn_sigma else 1), 3, padding=1))
-
-    def forward(self, x, t, y=None):
-        """x (B, C, H, W), t (B,) int, y (B,) int or None -> (B, C or 2C, H, W)."""
-        emb = self.temb(timestep_embedding(t, self.ch))
-        if self.label_emb is not None:
-            if y is None:
-                y = torch.full_like(t, self.num_classes)
-            emb = emb + self.label_emb(y)
-        h = self.conv_in(x)
-        hs = [h]
-        for layer in self.down:
-            if isinstance(layer, ResBlock):
-                h = layer(h, emb)
-            else:
-                h = layer(h)
-            if not isinstance(layer, AttnBlock):  # attention refines the block before it
-                hs.append(h)
-            else:
-                hs[-1] = h
-        for layer in self.mid:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
-        for layer in self.up:
-            if isinstance(layer, ResBlock):
-                h = layer(torch.cat([h, hs.pop()], dim=1), emb)
-            else:
-                h = layer(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class PointMLP(nn.Module):
-    """Residual MLP for 2D points: time embedding added inside every block (our choice)."""
-
-    def __init__(self, dim=2, hidden=128, depth=3, learn_sigma=False):
-        super().__init__()
-        self.hidden = hidden
-        self.temb = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.inp = nn.Linear(dim, hidden)
-        self.blocks = nn.ModuleList([nn.ModuleList([nn.Linear(hidden, hidden), nn.Linear(hidden, hidden),
-                                                    nn.Linear(hidden, hidden)]) for _ in range(depth)])
-        self.out = _zero(nn.Linear(hidden, dim * (2 if learn_sigma else 1)))
-
-    def forward(self, x, t, y=None):
-        """x (B, 2), t (B,) int; y is ignored (point sets have no labels) -> (B, 2 or 4)."""
-        emb = self.temb(timestep_embedding(t, self.hidden))
-        h = self.inp(x)
-        for lin1, lin_t, lin2 in self.blocks:
-            h = h + lin2(F.silu(lin1(F.silu(h)) + lin_t(F.silu(emb))))
-        return self.out(F.silu(h))
+from common import (EMA, Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range,
+                    density_on_grid, dispatch, entropy_estimate, flag, get_device, init_distributed,
+                    load_checkpoint, load_dataset, load_weights, open_run, output_dir, parse_config,
+                    report_files, resume, save_density, save_image_grid, save_scatter, save_training,
+                    saved_config, seed_everything, user_errors, wrap_ddp)
 
 
 # ----------------------------------------------------------------------------------------
@@ -316,14 +94,14 @@ def cosine_beta_schedule(T, s=0.008):
 def make_betas(schedule, T):
     """The schedule for T steps; the linear one scaled by 1000 / T (clipped at 0.999 for T < 20)."""
     if T < 1:
-        raise UserError(f"--timesteps {T} is out of range; accepted: T >= 1")
+        raise ValueError(f"T = {T}: a schedule needs T >= 1 steps")
     if schedule == "cosine":
         return cosine_beta_schedule(T)
     return linear_beta_schedule(T, 1e-4 * 1000 / T, 0.02 * 1000 / T).clamp(max=0.999)
 
 
 # ----------------------------------------------------------------------------------------
-# Densities
+# Densities: the KL terms, the decoder, bits/dim
 # ----------------------------------------------------------------------------------------
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -371,7 +149,7 @@ def bits_per_dim(nll_nats, num_dims):
 
 
 # ----------------------------------------------------------------------------------------
-# The diffusion process (independent of any network)
+# The forward and reverse processes, the objective, the bound and the sampler
 # ----------------------------------------------------------------------------------------
 
 def _extract(a, t, x):
@@ -394,7 +172,7 @@ def guided_output(model, x_t, t, y, guidance):
     if guidance == 0:
         return out
     if y is None:
-        raise UserError("--guidance needs a class-conditional model and labels (train with --cond)")
+        raise ValueError("guidance needs labels y and a class-conditional model")
     out_u = model(x_t, t, None)
     c = x_t.shape[1]
     mixed = (1 + guidance) * out[:, :c] - guidance * out_u[:, :c]
@@ -579,7 +357,7 @@ class GaussianDiffusion:
         Returns (GaussianDiffusion, tau) where tau (S,) maps new indices to the network's.
         """
         if not 1 <= steps <= self.T:
-            raise UserError(f"--sample-steps {steps} is out of range; accepted: 1..{self.T} (0 = all)")
+            raise ValueError(f"respacing to {steps} steps; accepted: 1..{self.T}")
         tau = torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().long()
         ab = self.alphas_cumprod[tau]
         betas = 1 - ab / torch.cat([torch.ones(1, dtype=torch.float64, device="cpu"), ab[:-1]])
@@ -623,59 +401,273 @@ class GaussianDiffusion:
 
 
 # ----------------------------------------------------------------------------------------
-# Building the pieces from a configuration
+# Networks
 # ----------------------------------------------------------------------------------------
 
-def data_meta(ds):
-    """What the network needs from the data, stored in the checkpoint."""
-    return dict(kind=ds.kind, shape=tuple(ds.shape), levels=ds.levels,
-                num_classes=int(ds.num_classes or 0))
+# Every network is called as model(x_t, t, y=None).
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps (Ho et al. Sec. 4, from Vaswani et al. 2017).
+
+    t: (B,) integers; returns (B, dim) = [sin(t w_i), cos(t w_i)], w_i = 10000^(-i / (dim/2 - 1)).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / (half - 1))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
-def build(cfg, meta):
-    """(network, diffusion) for a configuration and the data's meta."""
-    learn = cfg.var_type == "learned"
-    if meta["kind"] == "points":
-        if cfg.cond:
-            raise UserError("--cond needs a labelled image dataset (digits, mnist, fashion-mnist, cifar10)")
-        net = PointMLP(meta["shape"][0], cfg.hidden, learn_sigma=learn)
-    else:
-        c, h, w = meta["shape"]
-        if h != w:
-            raise UserError(f"square images only; got {h}x{w}")
-        net = UNet(c, h, cfg.ch, tuple(cfg.ch_mult), cfg.num_res_blocks, tuple(cfg.attn_res),
-                   cfg.dropout, meta["num_classes"] if cfg.cond else 0, learn)
-    diffusion = GaussianDiffusion(make_betas(cfg.schedule, cfg.timesteps), cfg.mean_type, cfg.var_type,
-                                  meta["levels"] if meta["kind"] == "image" else None,
-                                  clip_denoised=meta["kind"] == "image", lambda_vlb=cfg.lambda_vlb)
-    return net, diffusion
+def _norm(c):
+    # 32 groups as in the paper for its 128/256-channel layers; fewer for narrow toy networks.
+    return nn.GroupNorm(min(32, c // 4), c)
 
 
-def to_model_space(x, meta):
-    """uint8 levels 0..L-1 -> [-1, 1] by x / (L - 1) * 2 - 1; points unchanged."""
-    if meta["kind"] == "points":
+def _zero(module):
+    # The official code initialises the last layer of each residual branch at zero, so every
+    # block starts as the identity.
+    nn.init.zeros_(module.weight)
+    nn.init.zeros_(module.bias)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Wide-ResNet block with GroupNorm, a per-channel time-embedding bias and dropout."""
+
+    def __init__(self, cin, cout, temb_dim, dropout):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, cout)
+        self.norm2, self.dropout = _norm(cout), nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions, with a residual connection."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = _norm(c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)  # the paper's three 1x1 projections, fused
+        self.proj = _zero(nn.Conv2d(c, c, 1))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(2, 3).unbind(1)
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C), scale 1/sqrt(C)
+        return x + self.proj(a.transpose(1, 2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """The DDPM U-Net (Ho et al. Sec. 4 and App. B; PixelCNN++ backbone).
+
+    Resolution levels with `num_res_blocks` ResBlocks each (self-attention after them at the
+    sides listed in `attn_res`), stride-2 convolutions down, nearest-neighbour + conv up, skip
+    connections from every down block, middle ResBlock-Attention-ResBlock. The time embedding
+    is sinusoidal followed by a 2-layer MLP (width 4 * ch). With `num_classes` > 0 a learned
+    class embedding is added to it; label `num_classes` is the "null" label of classifier-free
+    guidance. Outputs `2 * in_ch` channels when the variance is learned (epsilon, then v).
+    x: (B, C, H, W) in [-1, 1], t: (B,) int, y: (B,) int or None (= null label).
+    """
+
+    def __init__(self, in_ch=3, image_size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                 attn_res=(16,), dropout=0.1, num_classes=0, learn_sigma=False):
+        super().__init__()
+        if image_size % 2 ** (len(ch_mult) - 1):
+            raise ValueError(f"image side {image_size} is not divisible by 2^{len(ch_mult) - 1}")
+        self.ch, self.num_classes, temb_dim = ch, num_classes, 4 * ch
+        self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.label_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.down, skips, c, res = nn.ModuleList(), [ch], ch, image_size
+        for i, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(ResBlock(c, ch * mult, temb_dim, dropout))
+                c = ch * mult
+                if res in attn_res:
+                    self.down.append(AttnBlock(c))
+                skips.append(c)
+            if i < len(ch_mult) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                res //= 2
+                skips.append(c)
+        self.mid = nn.ModuleList([ResBlock(c, c, temb_dim, dropout), AttnBlock(c),
+                                  ResBlock(c, c, temb_dim, dropout)])
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(ResBlock(c + skips.pop(), ch * mult, temb_dim, dropout))
+                c = ch * mult
+                if res in attn_res:
+                    self.up.append(AttnBlock(c))
+            if i > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(c, c, 3, padding=1)))
+                res *= 2
+        self.norm_out = _norm(c)
+        self.conv_out = _zero(nn.Conv2d(c, in_ch * (2 if learn_sigma else 1), 3, padding=1))
+
+    def forward(self, x, t, y=None):
+        """x (B, C, H, W), t (B,) int, y (B,) int or None -> (B, C or 2C, H, W)."""
+        emb = self.temb(timestep_embedding(t, self.ch))
+        if self.label_emb is not None:
+            if y is None:
+                y = torch.full_like(t, self.num_classes)
+            emb = emb + self.label_emb(y)
+        h = self.conv_in(x)
+        hs = [h]
+        for layer in self.down:
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            else:
+                h = layer(h)
+            if not isinstance(layer, AttnBlock):  # attention refines the block before it
+                hs.append(h)
+            else:
+                hs[-1] = h
+        for layer in self.mid:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        for layer in self.up:
+            if isinstance(layer, ResBlock):
+                h = layer(torch.cat([h, hs.pop()], dim=1), emb)
+            else:
+                h = layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class PointMLP(nn.Module):
+    """Residual MLP for 2D points: time embedding added inside every block (our choice)."""
+
+    def __init__(self, dim=2, hidden=128, depth=3, learn_sigma=False):
+        super().__init__()
+        self.hidden = hidden
+        self.temb = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList([nn.ModuleList([nn.Linear(hidden, hidden), nn.Linear(hidden, hidden),
+                                                    nn.Linear(hidden, hidden)]) for _ in range(depth)])
+        self.out = _zero(nn.Linear(hidden, dim * (2 if learn_sigma else 1)))
+
+    def forward(self, x, t, y=None):
+        """x (B, 2), t (B,) int; y is ignored (point sets have no labels) -> (B, 2 or 4)."""
+        emb = self.temb(timestep_embedding(t, self.hidden))
+        h = self.inp(x)
+        for lin1, lin_t, lin2 in self.blocks:
+            h = h + lin2(F.silu(lin1(F.silu(h)) + lin_t(F.silu(emb))))
+        return self.out(F.silu(h))
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class Config(RunConfig):
+    """Defaults train the 8x8 `digits` on a laptop CPU in minutes; PRESETS follow the papers."""
+    steps: int = flag(1000, "training steps")
+    lr: float = flag(2e-3, "Adam learning rate (after warm-up)")
+    save_every: int = flag(500, "checkpoint and EMA sample grid every this many steps")
+    # diffusion
+    timesteps: int = flag(1000, "number of diffusion steps T")
+    schedule: str = flag("linear", "beta schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)",
+                         choices=("linear", "cosine"))
+    mean_type: str = flag("eps", "what the network predicts: eps (noise) or x0", choices=("eps", "x0"))
+    var_type: str = flag("fixedlarge", "reverse variance: fixedlarge (beta), fixedsmall (beta-tilde) "
+                         "or learned (Nichol & Dhariwal Eq. 15, trained with the hybrid loss)",
+                         choices=("fixedlarge", "fixedsmall", "learned"))
+    lambda_vlb: float = flag(1e-3, "weight of L_vlb in the hybrid loss (learned variance only)")
+    # network
+    ch: int = flag(32, "U-Net base channels")
+    ch_mult: tuple = flag((1, 2), "U-Net channel multiplier per resolution")
+    num_res_blocks: int = flag(1, "residual blocks per resolution")
+    attn_res: tuple = flag((4,), "resolutions (side in pixels) with self-attention")
+    dropout: float = flag(0.0, "dropout in the residual blocks")
+    hidden: int = flag(128, "width of the MLP used on 2D point sets")
+    # optimisation
+    warmup: int = flag(100, "linear learning-rate warm-up steps")
+    grad_clip: float = flag(1.0, "gradient-norm clip (0 = off)")
+    ema_decay: float = flag(0.995, "EMA decay of the weights used for sampling and eval")
+    flip: bool = flag(False, "random horizontal flips of training images")
+    # conditioning and sampling
+    cond: bool = flag(False, "train class-conditional with label dropout (classifier-free guidance)")
+    p_uncond: float = flag(0.1, "probability of dropping the label when --cond")
+    guidance: float = flag(0.0, "guidance weight w of Ho & Salimans Eq. 6 (0 = plain conditional)")
+    sample_steps: int = flag(0, "sampling steps on a respaced subsequence (0 = all T)")
+    eval_n: int = flag(0, "evaluate the bound on the first N test examples (0 = all)")
+
+
+PRESETS = {
+    # Ho et al. 2020, Sec. 4 and App. B; official code (hojonathanho/diffusion), 35.7M parameters.
+    "cifar10": dict(steps=800_000, batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0,
+                    ema_decay=0.9999, flip=True, timesteps=1000, schedule="linear",
+                    mean_type="eps", var_type="fixedlarge", ch=128, ch_mult=(1, 2, 2, 2),
+                    num_res_blocks=2, attn_res=(16,), dropout=0.1, save_every=10_000),
+    # The CIFAR-10 recipe scaled to 28x28 (28 -> 14 -> 7); attention at 14x14.
+    "mnist": dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema_decay=0.9999,
+                  ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(14,), dropout=0.1,
+                  save_every=5000),
+    "fashion-mnist": dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema_decay=0.9999,
+                          ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(14,),
+                          dropout=0.1, save_every=5000),
+    "digits": dict(),  # the Config defaults
+    # 2D point sets: MLP network; T = 200 keeps the bound on a 128x128 grid to seconds.
+    "points": dict(steps=5000, batch_size=512, lr=1e-3, warmup=100, ema_decay=0.995,
+                   timesteps=200, schedule="cosine", hidden=128, save_every=2500, n_samples=2000),
+}
+
+
+def check_config(cfg):
+    """The flags' values that their types let through; those that depend on the data are
+    checked in build, and --sample-steps against a checkpoint's T in draw_samples."""
+    for name in ("timesteps", "ch", "num_res_blocks", "hidden"):
+        check_range(cfg, name, 1)
+    for name in ("warmup", "grad_clip", "lambda_vlb", "guidance", "eval_n"):
+        check_range(cfg, name, 0)
+    for name in ("p_uncond", "dropout", "ema_decay"):
+        check_range(cfg, name, 0, 1, open_high=True)
+    if not (cfg.sample or cfg.eval):
+        check_range(cfg, "sample_steps", 0, cfg.timesteps)
+    if not cfg.ch_mult or min(cfg.ch_mult) < 1:
+        raise UserError(f"--ch-mult {','.join(map(str, cfg.ch_mult))} is out of range; accepted: positive "
+                        "multipliers, one per resolution, e.g. 1,2,2,2")
+
+
+# ----------------------------------------------------------------------------------------
+# Data and pictures
+# ----------------------------------------------------------------------------------------
+
+def to_model_space(x, info):
+    """uint8 levels 0..L-1 -> [-1, 1] by x / (L - 1) * 2 - 1 (Ho et al. Sec. 3.3); points unchanged."""
+    if info.kind == "points":
         return x.float()
-    return x.float() / (meta["levels"] - 1) * 2 - 1
+    return x.float() / (info.levels - 1) * 2 - 1
 
 
-def to_levels(x, meta):
+def to_levels(x, info):
     """[-1, 1] -> nearest integer level (uint8), the inverse of to_model_space."""
-    return ((x.clamp(-1, 1) + 1) / 2 * (meta["levels"] - 1)).round().to(torch.uint8)
+    return ((x.clamp(-1, 1) + 1) / 2 * (info.levels - 1)).round().to(torch.uint8)
 
 
-# ----------------------------------------------------------------------------------------
-# Pictures
-# ----------------------------------------------------------------------------------------
+def sample_labels(n, cfg, info, device):
+    """Labels 0, 1, ..., 9, 0, ... for a conditional model's pictures, None otherwise."""
+    return torch.arange(n, device=device) % info.num_classes if cfg.cond else None
 
-def save_samples(x, path, meta):
-    if meta["kind"] == "points":
-        save_scatter(x.cpu(), path, lim=meta.get("lim"))
+
+def save_samples(x, path, info):
+    """Samples in model space as a scatter (points) or an image grid (ten per row when they divide)."""
+    if info.kind == "points":
+        save_scatter(x.cpu(), path, lim=info.lim)
     else:
-        save_image_grid(to_levels(x, meta).cpu(), path, levels=meta["levels"],
+        save_image_grid(to_levels(x, info).cpu(), path, levels=info.levels,
                         nrow=10 if x.shape[0] % 10 == 0 else None)
 
 
-def save_panels(rows, path, meta, title):
+def save_panels(rows, path, info, title):
     """Rows of panels {row label: {timestep label: x (N, ...)}}: images show the first example."""
     import matplotlib
     matplotlib.use("Agg")
@@ -685,10 +677,9 @@ def save_panels(rows, path, meta, title):
     for r, (row_label, panels) in enumerate(rows.items()):
         for c, (label, x) in enumerate(panels.items()):
             ax, x = axes[r, c], x.detach().float().cpu()
-            if meta["kind"] == "points":
-                lim = meta.get("lim") or 4.0
+            if info.kind == "points":
                 ax.scatter(x[:, 0], x[:, 1], s=1)
-                ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal")
+                ax.set_xlim(-info.lim, info.lim), ax.set_ylim(-info.lim, info.lim), ax.set_aspect("equal")
             else:
                 img = ((x[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
                 ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0, vmax=1)
@@ -705,7 +696,7 @@ def _panel_steps(T, n):
     return sorted({int(round((T - 1) * (k / (n - 1)) ** 2)) for k in range(n)})
 
 
-def forward_figure(diffusion, x0, path, meta, n_panels=8):
+def forward_figure(diffusion, x0, path, info, n_panels=8):
     """The forward process: one image (or the whole point set) noised across t (Eq. 4)."""
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(x0.shape, generator=g)
@@ -713,81 +704,94 @@ def forward_figure(diffusion, x0, path, meta, n_panels=8):
     for i in _panel_steps(diffusion.T, n_panels)[1:]:
         t = torch.full((x0.shape[0],), i, dtype=torch.long)
         panels[f"t={i + 1}"] = diffusion.q_sample(x0, t, noise)
-    save_panels({"x_t": panels}, path, meta, "forward process q(x_t | x_0), pixels clipped to [-1, 1]")
+    save_panels({"x_t": panels}, path, info, "forward process q(x_t | x_0), pixels clipped to [-1, 1]")
 
 
-def reverse_figure(diffusion, model, shape, path, meta, y=None, guidance=0.0, steps=None,
-                   device=None, n_panels=8):
-    """The reverse chain of one sampling run (Algorithm 2): x_{t-1} and the network's x_0 guess."""
+def reverse_figure(diffusion, model, path, info, cfg, device, n_panels=8):
+    """The reverse chain of one sampling run (Algorithm 2): x_{t-1} and the network's x_0 guess,
+    for one image (with the first label when conditional) or a cloud of n_samples points."""
+    shape = (1, *info.shape) if info.kind == "image" else (cfg.n_samples, *info.shape)
+    y = sample_labels(1, cfg, info, device) if info.kind == "image" else None
     g = torch.Generator(device=device).manual_seed(0)
-    chain = list(diffusion.sample_chain(model, shape, y, guidance, steps, device, g))[::-1]  # by time
+    chain = list(diffusion.sample_chain(model, shape, y, cfg.guidance, cfg.sample_steps, device, g))[::-1]  # by time
     keep = reversed(_panel_steps(len(chain), n_panels))
     rows = {"x_{t-1}": {}, "predicted x_0": {}}
     for k in keep:
         t, x, x0 = chain[k]
         rows["x_{t-1}"][f"t={t + 1}"], rows["predicted x_0"][f"t={t + 1}"] = x, x0
-    save_panels(rows, path, meta, "reverse process p(x_{t-1} | x_t)")
+    save_panels(rows, path, info, "reverse process p(x_{t-1} | x_t)")
 
 
 # ----------------------------------------------------------------------------------------
-# Training, evaluation, sampling
+# Run code
 # ----------------------------------------------------------------------------------------
 
-def sample_labels(n, meta, cfg, device):
-    return torch.arange(n, device=device) % meta["num_classes"] if cfg.cond else None
+MODEL = "ddpm"
+
+
+def build(cfg, info):
+    """(network, diffusion) for a configuration and the data's description."""
+    if cfg.cond and not info.num_classes:
+        raise UserError(f"--cond needs labelled images (digits, mnist, fashion-mnist, cifar10); {info.name} has none")
+    learn = cfg.var_type == "learned"
+    if info.kind == "points":
+        net = PointMLP(info.shape[0], cfg.hidden, learn_sigma=learn)
+    else:
+        c, h, w = info.shape
+        if h != w or h % 2 ** (len(cfg.ch_mult) - 1):
+            raise UserError(f"--ch-mult {','.join(map(str, cfg.ch_mult))} halves the side {len(cfg.ch_mult) - 1} "
+                            f"times; {info.name} has {h}x{w} images: use square images and fewer levels")
+        net = UNet(c, h, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_res, cfg.dropout,
+                   info.num_classes if cfg.cond else 0, learn)
+    diffusion = GaussianDiffusion(make_betas(cfg.schedule, cfg.timesteps), cfg.mean_type, cfg.var_type,
+                                  info.levels, clip_denoised=info.kind == "image", lambda_vlb=cfg.lambda_vlb)
+    return net, diffusion
 
 
 def train(cfg):
     """Algorithm 1 of Ho et al. with Adam, warm-up, gradient clipping and an EMA of the weights;
     under torchrun every process trains on its slice of the global batch (DDP)."""
     dist = init_distributed(cfg.device)
-    seed_everything(cfg.seed)
-    out = run_dir(cfg, MODEL)
+    out = open_run(cfg, MODEL, dist)
     ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    meta = dict(data_meta(ds), lim=ds.lim)
-    if cfg.cond and not meta["num_classes"]:
-        raise UserError(f"--cond needs labels; dataset {cfg.dataset} has none")
-    net, diffusion = build(cfg, meta)
+    info = ds.info
+    seed_everything(cfg.seed)
+    net, diffusion = build(cfg, info)
     net.to(dist.device)
     ema = EMA(net, cfg.ema_decay)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
-    step = 0
-    if (path := resume_path(cfg, MODEL)) is not None:
-        ck = load_checkpoint(path)
-        net.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        batches.load_state_dict(ck["batches"])
-        set_rng_state(ck["rng"], dist)
-        step = ck["step"]
+    if cfg.resume:
+        step = resume(cfg, MODEL, dist, model=net, ema=ema, opt=opt, batches=batches)
     else:
-        seed_everything(cfg.seed + dist.rank)  # same initial weights everywhere, noise per process
-    model = wrap_ddp(torch.compile(net) if cfg.compile else net, dist)
+        step = 0
+        seed_everything(cfg.seed + dist.rank)  # the same initial weights everywhere, noise per process
+    start = step
+    model = wrap_ddp(net, dist, cfg.compile)
     logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
-    if dist.is_main and step == 0:
-        x0 = to_model_space(ds.data[:1] if meta["kind"] == "image" else ds.data[:2000], meta)
-        forward_figure(diffusion, x0, out / "forward.png", meta)
     amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-    n_show = 100 if cfg.cond else cfg.n_samples
-    shape = (n_show, *meta["shape"]) if meta["kind"] == "image" else (max(n_show, 2000), *meta["shape"])
+    shape = (100 if cfg.cond else cfg.n_samples, *info.shape)
 
-    def snapshot(rng):
-        save_checkpoint(out / "ckpt.pt", dict(
-            model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
-            rng=rng, batches=batches.state_dict(), config=dataclasses.asdict(cfg), meta=meta))
-        g = torch.Generator(device=dist.device).manual_seed(cfg.seed)
-        x = diffusion.sample(ema.model, shape, sample_labels(shape[0], meta, cfg, dist.device),
-                             cfg.guidance, cfg.sample_steps, dist.device, g)
-        save_samples(x, out / f"samples_{step}.png", meta)
+    def checkpoint_and_samples():
+        save_training(out, MODEL, step, cfg, info, dist, model=net, ema=ema, opt=opt, batches=batches)
+        if dist.is_main:
+            with stop.interruptible():  # the checkpoint is whole: a signal may stop the pictures at once
+                g = torch.Generator(device=dist.device).manual_seed(cfg.seed)
+                x = diffusion.sample(ema.model, shape, sample_labels(shape[0], cfg, info, dist.device),
+                                     cfg.guidance, cfg.sample_steps, dist.device, g)
+                save_samples(x, out / f"samples_{step}.png", info)
 
     with StopSignal() as stop:
+        if dist.is_main and step == 0:
+            with stop.interruptible():
+                x0 = to_model_space(ds.data[:1] if info.kind == "image" else ds.data[:cfg.n_samples], info)
+                forward_figure(diffusion, x0, out / "forward.png", info)
         while step < cfg.steps:
             x, y = next(batches)
-            x0 = to_model_space(x, meta)
-            if cfg.flip and meta["kind"] == "image":
+            x0 = to_model_space(x, info)
+            if cfg.flip:
                 x0 = torch.where(torch.rand(x0.shape[0], 1, 1, 1, device=x0.device) < 0.5, x0.flip(3), x0)
-            y = drop_labels(y, cfg.p_uncond, meta["num_classes"]) if cfg.cond else None
+            y = drop_labels(y, cfg.p_uncond, info.num_classes) if cfg.cond else None
             for group in opt.param_groups:  # linear warm-up (Ho et al. App. B)
                 group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
             with amp:
@@ -799,124 +803,101 @@ def train(cfg):
             opt.step()
             ema.update(net)
             step += 1
-            value = dist.mean(loss.detach())
+            value = dist.mean(loss)
             check_finite(value, step)
             logger.log(step, cfg.batch_size, loss=value)
             stopping = dist.any(stop.requested)
             if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                rng = rng_state(dist)  # a collective: every rank takes part
-                if dist.is_main:
-                    snapshot(rng)
-                dist.barrier()
+                checkpoint_and_samples()
             if stopping:
                 if dist.is_main:
                     print(f"stopped at step {step}; {out / 'ckpt.pt'} saved; continue with --resume")
                 break
-    if dist.is_main:
-        reverse_figure(diffusion, ema.model, (1, *meta["shape"]) if meta["kind"] == "image" else shape,
-                       out / "reverse.png", meta, sample_labels(1, meta, cfg, dist.device)
-                       if meta["kind"] == "image" else None, cfg.guidance, cfg.sample_steps, dist.device)
+        if step == start:  # --steps 0, or nothing left to train: still leave a checkpoint
+            checkpoint_and_samples()
+        if dist.is_main and not stop.requested:
+            with stop.interruptible():
+                reverse_figure(diffusion, ema.model, out / "reverse.png", info, cfg, dist.device)
     logger.close()
-    if dist.is_main:
-        print(f"pictures in {out}: samples_{step}.png, forward.png, reverse.png, loss.png")
     dist.close()
-
-
-def _load_for_inference(cfg, ckpt_path):
-    """(saved config, meta, EMA network, diffusion, device) from a checkpoint."""
-    ck = load_checkpoint(ckpt_path)
-    if not isinstance(ck, dict) or "meta" not in ck or "ema" not in ck:
-        raise UserError(f"{ckpt_path} is not a ddpm.py checkpoint")
-    names = {f.name for f in dataclasses.fields(Config)}
-    saved = Config(**{k: v for k, v in ck["config"].items() if k in names})
-    meta = ck["meta"]
-    net, diffusion = build(saved, meta)
-    net.load_state_dict(ck["ema"]["model"])
-    device = get_device(cfg.device)
-    return saved, meta, net.to(device).eval(), diffusion, device
+    if dist.is_main:
+        report_files(out, ["ckpt.pt", f"samples_{step}.png", "forward.png", "reverse.png", "loss.png"])
 
 
 def evaluate(cfg):
-    """Test-set bound in nats per example and bits/dim; on 2D sets also density.npz / .png."""
-    saved, meta, net, diffusion, device = _load_for_inference(cfg, cfg.eval)
-    out = Path(cfg.out) if cfg.out else Path(cfg.eval).parent
-    out.mkdir(parents=True, exist_ok=True)
-    ds = load_dataset(saved.dataset, "test", cfg.data_dir)
+    """--eval CKPT: the test-set bound in nats per example and bits/dim (every one of the T
+    terms, Ho et al. Eq. 5); on 2D sets also density.npz and density.png (exp of -bound)."""
+    (net, diffusion), saved, info = load(cfg.eval, get_device(cfg.device))
+    device = next(net.parameters()).device
+    out = output_dir(cfg, cfg.eval)
+    ds = load_dataset(info.name, "test", cfg.data_dir)
     x_all = ds.data if not cfg.eval_n else ds.data[:cfg.eval_n]
-    logger = Logger(out, 1)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     total, count, start = 0.0, 0, time.time()
     with torch.inference_mode():
         for i in range(0, len(x_all), cfg.batch_size):
-            x0 = to_model_space(x_all[i:i + cfg.batch_size].to(device), meta)
+            x0 = to_model_space(x_all[i:i + cfg.batch_size].to(device), info)
             total += diffusion.nll(net, x0, None, g).double().sum().item()
             count += x0.shape[0]
     nll = total / count
-    dims = int(np.prod(meta["shape"]))
     extra = dict(n=count, timesteps=diffusion.T, seconds=round(time.time() - start, 1))
-    if meta["kind"] == "image":
-        extra["bits_per_dim"] = bits_per_dim(nll, dims)
+    if info.kind == "image":
+        extra["bits_per_dim"] = bits_per_dim(nll, info.dims)
     else:
         if ds.log_prob is not None:
-            extra["entropy"], extra["entropy_se"] = entropy_estimate(saved.dataset)
+            extra["entropy"], extra["entropy_se"] = entropy_estimate(info.name)
 
         def log_density(points):  # -bound, averaged over 4 noise draws to tame its variance
             with torch.inference_mode():
                 return -torch.stack([diffusion.nll(net, points.to(device), None, g) for _ in range(4)]).mean(0).cpu()
 
-        grid = density_on_grid(log_density, ds.lim, n=128)
-        np.savez(out / "density.npz", log_density=grid, lim=ds.lim)
-        truth = density_on_grid(ds.log_prob, ds.lim, n=128) if ds.log_prob is not None else ds.data
-        save_density({"data": truth, "ddpm (exp -bound)": grid}, out / "density.png", ds.lim)
-    logger.event("eval", split="test", nll=nll, **extra)
-    logger.close()
+        grid = density_on_grid(log_density, info.lim, n=128)
+        np.savez(out / "density.npz", log_density=grid, lim=info.lim)
+        truth = density_on_grid(ds.log_prob, info.lim, n=128) if ds.log_prob is not None else ds.data
+        save_density({"data": truth, "ddpm (exp -bound)": grid}, out / "density.png", info.lim)
+    Logger(out, 0).event("eval", split="test", nll=nll, **extra)
+    report_files(out, ["metrics.jsonl", "density.npz", "density.png"])
     return dict(nll=nll, **extra)
 
 
-def sample_cmd(cfg):
-    """--sample CKPT: n_samples from the EMA network, a picture and the reverse chain."""
-    saved, meta, net, diffusion, device = _load_for_inference(cfg, cfg.sample)
-    out = Path(cfg.out) if cfg.out else Path(cfg.sample).parent
-    out.mkdir(parents=True, exist_ok=True)
+def draw_samples(cfg):
+    """--sample CKPT: n_samples from the EMA network (samples.png, samples.pt) and one reverse chain."""
+    (net, diffusion), saved, info = load(cfg.sample, get_device(cfg.device))
+    device = next(net.parameters()).device
+    check_range(cfg, "sample_steps", 0, diffusion.T)
     if cfg.guidance and not saved.cond:
-        raise UserError("--guidance needs a checkpoint trained with --cond")
+        raise UserError(f"--guidance needs a checkpoint trained with --cond; {cfg.sample} was not")
+    out = output_dir(cfg, cfg.sample)
+    run = dataclasses.replace(saved, guidance=cfg.guidance, sample_steps=cfg.sample_steps, n_samples=cfg.n_samples)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    shape = (cfg.n_samples, *meta["shape"])
     start = time.time()
-    x = diffusion.sample(net, shape, sample_labels(cfg.n_samples, meta, saved, device), cfg.guidance,
-                         cfg.sample_steps, device, g)
+    x = diffusion.sample(net, (cfg.n_samples, *info.shape), sample_labels(cfg.n_samples, run, info, device),
+                         cfg.guidance, cfg.sample_steps, device, g)
     seconds = time.time() - start
-    save_samples(x, out / "samples.png", meta)
-    torch.save(to_levels(x, meta).cpu() if meta["kind"] == "image" else x.cpu(), out / "samples.pt")
-    reverse_figure(diffusion, net, (1, *meta["shape"]) if meta["kind"] == "image" else shape,
-                   out / "reverse.png", meta, sample_labels(1, meta, saved, device)
-                   if meta["kind"] == "image" else None, cfg.guidance, cfg.sample_steps, device)
-    logger = Logger(out, 1)
-    logger.event("sample", n=cfg.n_samples, seconds=round(seconds, 3), samples_per_s=cfg.n_samples / seconds,
-                 steps=cfg.sample_steps or diffusion.T, guidance=cfg.guidance)
-    logger.close()
-    print(f"pictures in {out}: samples.png, reverse.png")
+    save_samples(x, out / "samples.png", info)
+    torch.save(to_levels(x, info).cpu() if info.kind == "image" else x.cpu(), out / "samples.pt")
+    reverse_figure(diffusion, net, out / "reverse.png", info, run, device)
+    Logger(out, 0).event("sample", n=cfg.n_samples, seconds=round(seconds, 3), samples_per_s=cfg.n_samples / seconds,
+                         steps=cfg.sample_steps or diffusion.T, guidance=cfg.guidance)
+    report_files(out, ["samples.png", "samples.pt", "reverse.png", "metrics.jsonl"])
     return x
 
 
+def load(path, device="cpu"):
+    """((EMA network, diffusion), its training Config, its data's description) from a checkpoint."""
+    ckpt = load_checkpoint(path, MODEL)
+    cfg, info = saved_config(Config, ckpt)
+    net, diffusion = build(cfg, info)
+    load_weights(net, ckpt["ema"]["model"], path)
+    return (net.to(device).eval(), diffusion), cfg, info
+
+
 def main(argv=None):
-    """Train (default), or --eval CKPT, or --sample CKPT; user mistakes exit with one line."""
+    """Train (default), or --eval CKPT, or --sample CKPT; a user's mistake exits with one line."""
     with user_errors():
         cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
-        if not 0 <= cfg.p_uncond < 1:
-            raise UserError(f"--p-uncond {cfg.p_uncond} is out of range; accepted: 0 <= p < 1")
-        if cfg.timesteps < 1:
-            raise UserError(f"--timesteps {cfg.timesteps} is out of range; accepted: T >= 1")
-        if not 0 <= cfg.sample_steps <= cfg.timesteps and not (cfg.sample or cfg.eval):
-            raise UserError(f"--sample-steps {cfg.sample_steps} is out of range; accepted: 0..{cfg.timesteps} "
-                            "(0 = all T)")
-        if cfg.guidance < 0:
-            raise UserError(f"--guidance {cfg.guidance} is negative; accepted: w >= 0")
-        if cfg.eval:
-            return evaluate(cfg)
-        if cfg.sample:
-            return sample_cmd(cfg)
-        return train(cfg)
+        check_config(cfg)
+        return dispatch(cfg, train, evaluate, draw_samples)
 
 
 if __name__ == "__main__":

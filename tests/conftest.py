@@ -1,4 +1,5 @@
-"""Test configuration: hypothesis profiles and the path to the project's root.
+"""Test configuration: hypothesis profiles, the path to the project's root, and `without_common`,
+which runs a model file's mathematics with common.py replaced.
 
 The `ci` profile (chosen when the CI environment variable is set) is derandomised, so every
 run draws the same examples, with few examples and no deadline: the whole suite stays within
@@ -6,6 +7,7 @@ run draws the same examples, with few examples and no deadline: the whole suite 
 """
 import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -27,3 +29,45 @@ def _isolated_default_dtype():
     previous = torch.get_default_dtype()
     yield
     torch.set_default_dtype(previous)
+
+
+class _Poisoned:
+    """Stands for a name imported from common.py; any use of it fails the test."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        raise AssertionError(f"the mathematics used common.{self._name}.{attr}")
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError(f"the mathematics called common.{self._name}")
+
+    def __mro_entries__(self, bases):
+        raise AssertionError(f"the mathematics subclasses common.{self._name}")
+
+
+class _PoisonedCommon(types.ModuleType):
+    def __getattr__(self, name):
+        return _Poisoned(name)
+
+
+MATHEMATICS_END = "# Configuration"  # the banner after the mathematics and the networks
+
+
+@pytest.fixture
+def without_common(monkeypatch):
+    """`without_common("ddpm")` executes ddpm.py up to its Configuration section (the docstring,
+    the imports, the mathematics and the networks) with common.py replaced by a module whose
+    every name fails when used, and returns it as a module: the mathematics must run on it."""
+    def load(model):
+        lines = (ROOT / f"{model}.py").read_text().splitlines(keepends=True)
+        end = next(i for i, line in enumerate(lines) if line.rstrip() == MATHEMATICS_END)
+        source = "".join(lines[:end - 1])  # stop before the banner's opening rule
+        module = types.ModuleType(f"{model}_without_common")
+        module.__file__ = str(ROOT / f"{model}.py")
+        monkeypatch.setitem(sys.modules, "common", _PoisonedCommon("common"))
+        monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses look their module up
+        exec(compile(source, module.__file__, "exec"), module.__dict__)
+        return module
+    return load

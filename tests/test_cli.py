@@ -1,8 +1,10 @@
 """The behaviour every model file shares through common.py, checked on each of them end to end:
 Ctrl-C/SIGTERM saves a checkpoint and exits cleanly, a non-finite loss stops training naming the
 step and keeps the last good checkpoint, and user mistakes are one-line errors."""
+import dataclasses
 import importlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,3 +103,166 @@ def test_torchrun_two_gloo_processes(model, tmp_path):
     assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
     steps = [m["step"] for m in common._read_metrics(tmp_path / "metrics.jsonl") if "step" in m]
     assert steps == [1, 2, 3]  # one line a step: rank 1 wrote nothing
+
+
+# ----------------------------------------------------------------------------------------
+# What a user can get wrong or interrupt, checked on every model file (issue 16, 3 and 4)
+# ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """`tiny_run(model)`: the checkpoint of a 2-step run of `model` on 8gaussians (made once)."""
+    runs = {}
+
+    def get(model):
+        if model not in runs:
+            out = tmp_path_factory.mktemp(f"{model}-tiny")
+            subprocess.run([sys.executable, str(ROOT / f"{model}.py"), *TINY, "--steps", "2", "--out", str(out)],
+                           env=_env(), check=True, capture_output=True, timeout=300)
+            runs[model] = out / "ckpt.pt"
+        return runs[model]
+    return get
+
+
+def _main(model, args, capsys):
+    """Run `model.main(args)` in this process: (exit status, stdout, stderr)."""
+    module = importlib.import_module(model)
+    capsys.readouterr()
+    try:
+        module.main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(code, err, *words):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and all(w in lines[0] for w in words), (code, err)
+
+
+@pytest.mark.parametrize("model", MODEL_FILES)
+def test_load_gives_the_model_its_config_and_its_data(model, tiny_run):
+    module = importlib.import_module(model)
+    model_objects, cfg, info = module.load(tiny_run(model), "cpu")
+    assert isinstance(cfg, module.Config) and cfg.steps == 2 and cfg.dataset == "8gaussians"
+    assert info == common.load_dataset("8gaussians").info
+    nets = [model_objects] if isinstance(model_objects, torch.nn.Module) else \
+        [m for m in model_objects if isinstance(m, torch.nn.Module)]
+    assert nets and not any(n.training for n in nets)
+
+
+@pytest.mark.parametrize("model", MODEL_FILES)
+def test_a_checkpoint_of_another_model_file_is_a_one_line_error(model, tiny_run, tmp_path, capsys):
+    readable = {"ddim": ("ddpm",)}.get(model, ())  # ddim.py samples ddpm.py's checkpoints
+    others = [m for m in MODEL_FILES if m != model and m not in readable]
+    if others:
+        ckpt = tiny_run(others[0])
+        writer = f"{others[0]}.py"
+    else:  # one model file alone: a checkpoint that names another writer
+        ckpt, writer = tmp_path / "other.pt", "other.py"
+        common.save_checkpoint(ckpt, {**common.load_checkpoint(tiny_run(model)), "model_name": "other"})
+    for args in (["--sample", ckpt], ["--eval", ckpt], [*TINY, "--resume", ckpt]):
+        code, _, err = _main(model, [*args, "--out", tmp_path / "o"], capsys)
+        _one_line_error(code, err, f"written by {writer}")
+
+
+def _network_flag(module, cfg, info):
+    """A flag of the model's own (an int) whose change changes the network's weights' shapes."""
+    def shapes(c):
+        built = module.build(c, info)
+        nets = [built] if isinstance(built, torch.nn.Module) else [b for b in built if isinstance(b, torch.nn.Module)]
+        return [tuple(v.shape) for n in nets for v in n.state_dict().values()]
+    base, shared = shapes(cfg), {f.name for f in dataclasses.fields(common.RunConfig)}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in shared or type(value) is not int or value < 1:
+            continue
+        try:
+            if shapes(dataclasses.replace(cfg, **{f.name: value + 1})) != base:
+                return f.name, value + 1
+        except Exception:
+            continue
+    raise AssertionError(f"{module.__name__}: no integer flag changes the network")
+
+
+@pytest.mark.parametrize("model", MODEL_FILES)
+def test_resuming_with_a_flag_that_changes_the_network_names_the_flag(model, tiny_run, tmp_path, capsys):
+    module = importlib.import_module(model)
+    ckpt = common.load_checkpoint(tiny_run(model))
+    name, value = _network_flag(module, *common.saved_config(module.Config, ckpt))
+    shutil.copy(tiny_run(model), tmp_path / "ckpt.pt")
+    flag = "--" + name.replace("_", "-")
+    code, _, err = _main(model, [*TINY, "--out", tmp_path, "--resume", "--steps", 4, flag, value], capsys)
+    _one_line_error(code, err, f"{flag} {value - 1} (now {value})", "--overwrite")
+    assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
+
+
+@pytest.mark.parametrize("model", MODEL_FILES)
+def test_training_into_a_folder_that_holds_a_run_is_refused(model, tiny_run, tmp_path, capsys):
+    shutil.copy(tiny_run(model), tmp_path / "ckpt.pt")
+    code, _, err = _main(model, [*TINY, "--out", tmp_path, "--steps", 3], capsys)
+    _one_line_error(code, err, "holds a run", "--resume", "--overwrite")
+    assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2  # untouched
+    code, out, err = _main(model, [*TINY, "--out", tmp_path, "--steps", 3, "--overwrite"], capsys)
+    assert code == 0, err
+    assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
+
+
+@pytest.mark.parametrize("model", MODEL_FILES)
+def test_out_must_be_a_folder(model, tiny_run, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out, words in [(tmp_path / "file", "is a file"), (tmp_path / "file" / "below", "lies below a file")]:
+        for args in ([*TINY, "--steps", 1], ["--sample", tiny_run(model)], ["--eval", tiny_run(model)]):
+            code, _, err = _main(model, [*args, "--out", out], capsys)
+            _one_line_error(code, err, words)
+
+
+@pytest.mark.parametrize("model", MODEL_FILES)
+def test_steps_zero_names_only_files_it_wrote(model, tmp_path, capsys):
+    code, out, err = _main(model, [*TINY, "--out", tmp_path, "--steps", 0], capsys)
+    assert code == 0, err
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"written to {tmp_path}: ")
+    names = last.split(": ", 1)[1].split(", ")
+    assert "ckpt.pt" in names and all((tmp_path / n).exists() for n in names), last
+    assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 0
+
+
+@pytest.fixture
+def little_memory():
+    """This process may take at most 2 GB more address space while the test runs."""
+    import re
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    size = int(re.search(r"VmSize:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (size + 2 * 2**30, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.mark.parametrize("model", MODEL_FILES)
+def test_running_out_of_memory_names_the_flag(model, tiny_run, tmp_path, capsys, little_memory):
+    huge = 10**9  # a billion 2D points: 8 GB
+    code, _, err = _main(model, [*TINY, "--out", tmp_path / "t", "--batch-size", huge], capsys)
+    _one_line_error(code, err, f"--batch-size {huge}", "GB")
+    code, _, err = _main(model, ["--sample", tiny_run(model), "--out", tmp_path / "s", "--n-samples", huge], capsys)
+    _one_line_error(code, err, f"--n-samples {huge}", "GB")
+
+
+@pytest.mark.parametrize("model", MODEL_FILES)
+def test_a_second_signal_stops_at_once_and_leaves_the_checkpoint_whole(model, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / f"{model}.py"), *TINY, "--out", str(out), "--log-every", "1",
+                             "--save-every", "2", "--steps", "100000"], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 4):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 128 + signal.SIGTERM) and "Traceback" not in stderr, stderr
+    assert common.load_checkpoint(out / "ckpt.pt")["step"] >= 2

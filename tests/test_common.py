@@ -1,6 +1,7 @@
 """Tests of common.py: datasets, downloads (offline, from a loopback HTTP server), batching,
 EMA, checkpoints, resume, distributed training, logging, pictures and the command line."""
 import ast
+import dataclasses
 import gzip
 import hashlib
 import http.server
@@ -9,6 +10,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -45,9 +47,9 @@ def _env():
 def test_digits_splits_are_fixed_stratified_and_disjoint():
     train, test = common.load_dataset("digits", "train"), common.load_dataset("digits", "test")
     assert train.data.shape == (1497, 1, 8, 8) and test.data.shape == (300, 1, 8, 8)
-    assert train.data.dtype == torch.uint8 and train.kind == "image" and train.shape == (1, 8, 8)
-    assert train.levels == 17 and int(train.data.max()) == 16 and int(train.data.min()) == 0
-    assert test.labels.bincount().tolist() == [30] * 10 and train.num_classes == 10
+    assert train.data.dtype == torch.uint8 and train.info.kind == "image" and train.info.shape == (1, 8, 8)
+    assert train.info.levels == 17 and int(train.data.max()) == 16 and int(train.data.min()) == 0
+    assert test.labels.bincount().tolist() == [30] * 10 and train.info.num_classes == 10
     with np.load(ROOT / "data" / "digits.npz") as f:
         images, labels, test_index = f["images"], f["labels"], f["test_index"]
     assert len(set(test_index.tolist())) == 300
@@ -62,7 +64,7 @@ def test_digits_splits_are_fixed_stratified_and_disjoint():
 
 def test_digits_binary_thresholds_at_8():
     grey, binary = common.load_dataset("digits", "test"), common.load_dataset("digits-binary", "test")
-    assert binary.levels == 2 and set(binary.data.unique().tolist()) == {0, 1}
+    assert binary.info.levels == 2 and set(binary.data.unique().tolist()) == {0, 1}
     assert torch.equal(binary.data, (grey.data >= 8).to(torch.uint8))
 
 
@@ -70,9 +72,9 @@ def test_digits_binary_thresholds_at_8():
 def test_point_sets_are_seeded_and_inside_the_box(name):
     a, b, test = (common.load_dataset(name, "train"), common.load_dataset(name, "train"),
                   common.load_dataset(name, "test"))
-    assert a.data.shape == (10_000, 2) and a.data.dtype == torch.float32 and a.kind == "points"
+    assert a.data.shape == (10_000, 2) and a.data.dtype == torch.float32 and a.info.kind == "points"
     assert torch.equal(a.data, b.data) and not torch.equal(a.data, test.data)
-    assert a.data.abs().max() < a.lim
+    assert a.data.abs().max() < a.info.lim == common.POINTS_LIM
     fresh = a.sample(5000, torch.Generator().manual_seed(7))
     assert fresh.shape == (5000, 2) and not torch.equal(fresh, a.data[:5000])
 
@@ -90,12 +92,12 @@ def test_log_prob_is_the_density_of_the_sampler(name):
     of sampled points in it, within 5 binomial standard errors; the density integrates to 1."""
     ds = common.load_dataset(name, "test")
     fine = 400  # midpoint rule on 400x400 cells, each coarse cell gets 50x50 of them
-    dens = np.exp(common.density_on_grid(ds.log_prob, ds.lim, n=fine)) * (2 * ds.lim / fine) ** 2
+    dens = np.exp(common.density_on_grid(ds.log_prob, ds.info.lim, n=fine)) * (2 * ds.info.lim / fine) ** 2
     assert abs(dens.sum() - 1) < 1e-4
     mass = dens.reshape(8, fine // 8, 8, fine // 8).sum((1, 3))  # (row: y, column: x)
     n = 200_000
     x = ds.sample(n, torch.Generator().manual_seed(3)).numpy()
-    counts, _, _ = np.histogram2d(x[:, 1], x[:, 0], bins=8, range=[[-ds.lim, ds.lim]] * 2)
+    counts, _, _ = np.histogram2d(x[:, 1], x[:, 0], bins=8, range=[[-ds.info.lim, ds.info.lim]] * 2)
     se = np.sqrt(mass * (1 - mass) / n) + 1e-12
     z = np.abs(counts / n - mass) / se
     assert z.max() < 5, f"cell deviates by {z.max():.1f} standard errors"
@@ -106,8 +108,8 @@ def test_entropy_estimate_matches_quadrature(name):
     ds = common.load_dataset(name, "test")
     h, se = common.entropy_estimate(name, n=100_000, seed=0)
     fine = 800
-    logp = common.density_on_grid(ds.log_prob, ds.lim, n=fine)
-    p = np.exp(logp) * (2 * ds.lim / fine) ** 2
+    logp = common.density_on_grid(ds.log_prob, ds.info.lim, n=fine)
+    p = np.exp(logp) * (2 * ds.info.lim / fine) ** 2
     h_quad = -(p[p > 0] * logp[p > 0]).sum()
     assert abs(h - h_quad) < 5 * se + 2e-3
     if name == "checkerboard":
@@ -119,9 +121,9 @@ def test_text_file_split_and_vocabulary(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text(text)
     train, test = common.load_dataset(str(path), "train"), common.load_dataset(str(path), "test")
-    assert train.kind == "text" and train.vocab == sorted(set(text)) and train.vocab == test.vocab
+    assert train.info.kind == "text" and train.info.vocab == tuple(sorted(set(text))) == test.info.vocab
     assert len(train.data) == 901 and len(test.data) == 101  # int(0.9 * 1002) and train.data.dtype == torch.int64
-    assert "".join(train.vocab[i] for i in torch.cat([train.data, test.data])) == text
+    assert "".join(train.info.vocab[i] for i in torch.cat([train.data, test.data])) == text
 
 
 def test_user_mistakes_about_datasets_are_one_line_errors(tmp_path):
@@ -210,7 +212,7 @@ def test_idx_download_parse_and_cache(monkeypatch, server, tmp_path, name):
     train = common.load_dataset(name, "train", root=tmp_path)
     test = common.load_dataset(name, "test", root=tmp_path)
     assert train.data.shape == (12, 1, 28, 28) and test.data.shape == (5, 1, 28, 28)
-    assert train.data.dtype == torch.uint8 and train.labels.dtype == torch.int64 and train.levels == 256
+    assert train.data.dtype == torch.uint8 and train.labels.dtype == torch.int64 and train.info.levels == 256
     np.testing.assert_array_equal(train.data[:, 0].numpy(), arrays["train"][0])
     np.testing.assert_array_equal(test.labels.numpy(), arrays["t10k"][1])
     assert sorted(p.name for p in (tmp_path / name).iterdir()) == sorted(files)
@@ -232,7 +234,7 @@ def test_cifar10_tarball_parse(monkeypatch, server, tmp_path):
             tar.addfile(info, io.BytesIO(body))
     _serve(monkeypatch, server, "cifar10", {"cifar-10-python.tar.gz": buf.getvalue()})
     train, test = common.load_dataset("cifar10", "train", root=tmp_path), common.load_dataset("cifar10", "test", root=tmp_path)
-    assert train.data.shape == (15, 3, 32, 32) and test.data.shape == (2, 3, 32, 32) and train.shape == (3, 32, 32)
+    assert train.data.shape == (15, 3, 32, 32) and test.data.shape == (2, 3, 32, 32) and train.info.shape == (3, 32, 32)
     # the official row layout: 1024 red values, then green, then blue, each row-major
     row = batches["data_batch_2"][1]
     assert train.data[4, 1, 2, 5] == row[1024 + 2 * 32 + 5] and train.data[4, 2, 31, 0] == row[2048 + 31 * 32]
@@ -243,7 +245,7 @@ def test_shakespeare_download(monkeypatch, server, tmp_path):
     text = ("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 5).encode()
     _serve(monkeypatch, server, "shakespeare", {"input.txt": text})
     ds = common.load_dataset("shakespeare", "train", root=tmp_path)
-    assert ds.kind == "text" and "".join(ds.vocab[i] for i in ds.data) == text.decode()[: len(ds.data)]
+    assert ds.info.kind == "text" and "".join(ds.info.vocab[i] for i in ds.data) == text.decode()[: len(ds.data)]
 
 
 def _leftovers(folder):
@@ -462,26 +464,25 @@ def test_a_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path)
     assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.zeros(3))
 
 
-def _toy_training(steps, out, resume=None):
+@dataclasses.dataclass
+class _ToyConfig(common.RunConfig):
+    width: int = common.flag(32, "hidden units")
+
+
+def _toy_training(steps, out, resume=None, width=32):
     """A small loop built from common's pieces, with every kind of randomness a model file
-    uses: batches drawn by index, dropout from the global generator, EMA, Adam."""
+    uses: batches drawn by index, dropout from the global generator, EMA, Adam; saved with
+    save_training and resumed with resume, as the model files do."""
     common.seed_everything(0)
     ds = common.load_dataset("digits")
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.Dropout(0.3),
-                                torch.nn.Linear(32, 10))
+    cfg = _ToyConfig(resume=str(resume) if resume else None, width=width)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, width), torch.nn.Dropout(0.3),
+                                torch.nn.Linear(width, 10))
     ema = common.EMA(model, 0.9)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     dist = common.Dist()
     batches = common.Batches(ds, 16, dist, seed=0)
-    step = 0
-    if resume:
-        ckpt = common.load_checkpoint(resume)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        batches.load_state_dict(ckpt["batches"])
-        common.set_rng_state(ckpt["rng"], dist)
-        step = ckpt["step"]
+    step = common.resume(cfg, "toy", dist, model=model, ema=ema, opt=opt, batches=batches) if resume else 0
     for step in range(step + 1, steps + 1):
         x, y = next(batches)
         loss = torch.nn.functional.cross_entropy(model(x.float() / 16), y)
@@ -489,19 +490,71 @@ def _toy_training(steps, out, resume=None):
         loss.backward()
         opt.step()
         ema.update(model)
-    common.save_checkpoint(out, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                 "batches": batches.state_dict(), "rng": common.rng_state(dist), "step": step})
+    common.save_training(out, "toy", step, cfg, ds.info, dist, model=model, ema=ema, opt=opt, batches=batches)
     return model, ema
 
 
 def test_resume_is_bit_exact(tmp_path):
-    straight, straight_ema = _toy_training(20, tmp_path / "a.pt")
-    _toy_training(10, tmp_path / "half.pt")
-    resumed, resumed_ema = _toy_training(20, tmp_path / "b.pt", resume=tmp_path / "half.pt")
+    for run in ("a", "half", "b"):
+        (tmp_path / run).mkdir()
+    straight, straight_ema = _toy_training(20, tmp_path / "a")
+    _toy_training(10, tmp_path / "half")
+    resumed, resumed_ema = _toy_training(20, tmp_path / "b", resume=tmp_path / "half" / "ckpt.pt")
     for p, q in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(p, q)
     for p, q in zip(straight_ema.model.parameters(), resumed_ema.model.parameters()):
         assert torch.equal(p, q)
+    ckpt = common.load_checkpoint(tmp_path / "b" / "ckpt.pt", "toy")
+    cfg, info = common.saved_config(_ToyConfig, ckpt)
+    assert ckpt["step"] == 20 and cfg.width == 32 and info == common.load_dataset("digits").info
+
+
+def test_resume_names_the_flags_that_change_the_network(tmp_path):
+    _toy_training(3, tmp_path)
+    with pytest.raises(UserError) as e:
+        _toy_training(5, tmp_path, resume=tmp_path / "ckpt.pt", width=16)
+    msg = str(e.value)
+    assert "--width 32 (now 16)" in msg and "--overwrite" in msg and "\n" not in msg
+    with pytest.raises(UserError, match=r"written by toy\.py; this file takes checkpoints of other\.py"):
+        common.load_checkpoint(tmp_path / "ckpt.pt", "other")
+    common.load_checkpoint(tmp_path / "ckpt.pt", ("other", "toy"))  # a file may accept several writers
+
+
+def test_set_rng_state_restores_each_process_its_own_state():
+    """After a two-process run, rank 1 resumes with rank 1's generator, not rank 0's."""
+    states = []
+    for seed in (11, 12):
+        torch.manual_seed(seed)
+        states.append({"cpu": torch.get_rng_state(), "cuda": None})
+    expected = [torch.Generator().manual_seed(s).get_state() for s in (11, 12)]
+    for rank in (0, 1):
+        torch.manual_seed(0)
+        common._set_rng_state(states, common.Dist(rank=rank, world_size=2))
+        assert torch.equal(torch.get_rng_state(), expected[rank])
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    common._set_rng_state(states, common.Dist(rank=0, world_size=3))  # another process count: keep the seed's
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_checkpoints_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        common.save_checkpoint(tmp_path / "c.pt", {"model": {}})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o640
+
+
+def test_data_info_round_trips_through_a_checkpoint(tmp_path):
+    txt = tmp_path / "t.txt"
+    txt.write_text("hello world, " * 20)
+    for name in ("digits", "rings", str(txt)):
+        info = common.load_dataset(name).info
+        common.save_checkpoint(tmp_path / "c.pt", {"model": {}, "data": info.as_dict()})
+        back = common.DataInfo.from_dict(common.load_checkpoint(tmp_path / "c.pt")["data"])
+        assert back == info and hash(back) == hash(info)
+    assert common.load_dataset("digits").info.dims == 64 and common.load_dataset("rings").info.dims == 2
 
 
 # ----------------------------------------------------------------------------------------
@@ -523,7 +576,9 @@ for step in (1, 2):
     x, y = next(batches)
     loss = torch.nn.functional.cross_entropy(net(x.float() / 16), y)
     opt.zero_grad(); loss.backward(); opt.step()
-    logger.log(step, n=32, loss=dist.mean(loss))
+    kept = loss.detach().clone()
+    logger.log(step, n=32, loss=dist.mean(loss), again=dist.mean(loss))  # a collective leaves its argument alone
+    assert torch.equal(loss.detach(), kept)
 if dist.is_main:
     torch.save(model.state_dict(), out + "/params.pt")
 with open(out + f"/rank{dist.rank}.json", "w") as f:
@@ -555,7 +610,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     la, lb = common._read_metrics(one / "metrics.jsonl"), common._read_metrics(two / "metrics.jsonl")
     assert len(la) == len(lb) == 2
     for r, s in zip(la, lb):
-        assert s["loss"] == pytest.approx(r["loss"], rel=1e-5)
+        assert s["loss"] == pytest.approx(r["loss"], rel=1e-5) and s["again"] == s["loss"]
     ranks = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2] and all(r["stop"] for r in ranks)
     assert json.loads((one / "rank0.json").read_text())["stop"] is False
@@ -596,6 +651,12 @@ def test_logger_averages_windows_and_writes_events(tmp_path, capsys):
     assert (tmp_path / "loss.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "step 6/6" in out and "ETA" in out and "ex/s" in out
+    partial = common.Logger(tmp_path / "p", total_steps=100, every=50)
+    (tmp_path / "p").mkdir()
+    for step in (1, 2, 3):  # a run stopped at step 3 of a 50-step window still logs it
+        partial.log(step, n=1, loss=float(step))
+    partial.close()
+    assert common._read_metrics(tmp_path / "p" / "metrics.jsonl")[0]["loss"] == pytest.approx(2.0)
     silent = common.Logger(tmp_path / "x", total_steps=1, enabled=False)
     silent.log(1, n=1, loss=1.0)
     silent.event("eval", nll=1.0)
@@ -640,9 +701,6 @@ def test_scatter_and_density_pictures(tmp_path):
 # Command line
 # ----------------------------------------------------------------------------------------
 
-import dataclasses
-
-
 @dataclasses.dataclass
 class _Cfg(common.RunConfig):
     lr: float = common.flag(2e-4, "learning rate")
@@ -670,7 +728,7 @@ def test_parse_config_defaults_presets_and_flags():
     (["--dataset", "imagenet"], "accepted: digits"),
     (["--dataset", "shakespeare"], "accepts image, points"),
     (["--lr", "fast"], "invalid float"),
-    (["--lr", "-1"], "positive"),
+    (["--lr", "-1"], "accepted: > 0"),
     (["--batch-size", "0"], ">= 1"),
     (["--kind", "c"], "invalid choice"),
     (["--device", "tpu"], "invalid choice"),
@@ -740,3 +798,129 @@ def test_model_file_runs_alone_with_common(model, tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "--dataset" in r.stdout and "--resume" in r.stdout and "default" in r.stdout
+
+
+def test_check_range_accepts_the_range_and_names_it():
+    cfg = _Cfg(dropout=0.5)
+    common.check_range(cfg, "dropout", 0, 1, open_high=True)
+    for low, high, ol, oh, words in [(0, 0.4, False, False, "accepted: >= 0 and <= 0.4"),
+                                     (0.5, None, True, False, "accepted: > 0.5"),
+                                     (None, 0.5, False, True, "accepted: < 0.5")]:
+        with pytest.raises(UserError, match=re.escape(f"--dropout 0.5 is out of range; {words}")):
+            common.check_range(cfg, "dropout", low, high, open_low=ol, open_high=oh)
+
+
+# ----------------------------------------------------------------------------------------
+# Run folders, memory, signals: what a user can get wrong, and what they can interrupt
+# ----------------------------------------------------------------------------------------
+
+def test_a_run_folder_that_holds_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    dist = common.Dist()
+    out = tmp_path / "run"
+    assert common.open_run(_Cfg(out=str(out)), "toy", dist) == out and out.is_dir()
+    (out / "ckpt.pt").write_bytes(b"x")
+    (out / "metrics.jsonl").write_text("{}\n")
+    (out / "samples_5.png").write_bytes(b"x")
+    with pytest.raises(UserError, match="holds a run .*--resume.*--overwrite"):
+        common.open_run(_Cfg(out=str(out)), "toy", dist)
+    assert common.open_run(_Cfg(out=str(out), resume="auto"), "toy", dist) == out
+    assert (out / "ckpt.pt").exists()
+    common.open_run(_Cfg(out=str(out), overwrite=True), "toy", dist)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "samples_5.png"]
+
+
+def test_a_second_training_cannot_write_the_same_folder(tmp_path):
+    script = textwrap.dedent(f"""
+        import time, common, test_common
+        cfg = test_common._Cfg(out={str(tmp_path)!r})
+        common.open_run(cfg, "toy", common.Dist())
+        print("locked", flush=True)
+        time.sleep(60)
+    """)
+    env = {**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        common._RUN_LOCKS.clear()
+        with pytest.raises(UserError, match=f"another training \\(pid {holder.pid}\\) is writing"):
+            common.open_run(_Cfg(out=str(tmp_path), overwrite=True), "toy", common.Dist())
+    finally:
+        holder.kill()
+        holder.wait()
+    common.open_run(_Cfg(out=str(tmp_path)), "toy", common.Dist())  # the lock went with its process
+
+
+def test_out_that_is_not_a_writable_folder_is_a_one_line_error(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    for out, words in [(tmp_path / "file", "is a file"), (tmp_path / "file" / "below", "lies below a file")]:
+        for call in (lambda: common.open_run(_Cfg(out=str(out)), "toy", common.Dist()),
+                     lambda: common.output_dir(_Cfg(out=str(out)), tmp_path / "ckpt.pt")):
+            with pytest.raises(UserError, match=words) as e:
+                call()
+            assert "\n" not in str(e.value)
+
+    def refuse(*args, **kwargs):  # as a read-only folder answers a user without root's rights
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(common.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(UserError, match="cannot be written"):
+        common.output_dir(_Cfg(out=str(tmp_path / "ro")), tmp_path / "ckpt.pt")
+
+
+def test_report_files_names_only_files_that_exist(tmp_path, capsys):
+    (tmp_path / "ckpt.pt").write_bytes(b"x")
+    common.report_files(tmp_path, ["ckpt.pt", "samples_0.png"])
+    assert capsys.readouterr().out == f"written to {tmp_path}: ckpt.pt\n"
+
+
+@pytest.mark.parametrize("error, asked", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: "
+                  "you tried to allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)"), "40 GB"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 15.90 GiB total capacity)"), "20.00 GiB"),
+    (MemoryError(), "memory"),
+])
+def test_dispatch_turns_running_out_of_memory_into_one_line(error, asked):
+    def fails(cfg):
+        raise error
+    for argv, flag in [({}, "--batch-size 128"), ({"sample": "c.pt"}, "--n-samples 64"),
+                       ({"eval": "c.pt"}, "--batch-size 128")]:
+        with pytest.raises(UserError, match=re.escape(f"{asked} could not be allocated with {flag}")):
+            common.dispatch(_Cfg(**argv), fails, fails, fails)
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not the user's
+        common.dispatch(_Cfg(), lambda cfg: (_ for _ in ()).throw(RuntimeError("shape mismatch")), None, None)
+
+
+def test_a_signal_while_drawing_pictures_or_a_second_signal_stops_at_once():
+    with common.StopSignal() as stop:
+        with pytest.raises(common.Interrupted) as e, stop.interruptible():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        assert e.value.code == 0 and stop.requested
+    with common.StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.requested
+        with pytest.raises(common.Interrupted) as e:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        assert e.value.code == 128 + signal.SIGTERM
+        with pytest.raises(common.Interrupted):  # asked to stop already: no pictures at all
+            with stop.interruptible():
+                pass
+
+
+def test_user_errors_turn_interruptions_into_one_line(capsys):
+    for raised, code in [(common.Interrupted("SIGTERM again: stopped at once", 143), 143),
+                         (KeyboardInterrupt(), 130)]:
+        with pytest.raises(SystemExit) as e, common.user_errors():
+            raise raised
+        assert e.value.code == code and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_a_grid_title_is_drawn_above_it(tmp_path):
+    x = torch.rand(8, 1, 8, 8)
+    common.save_image_grid(x, tmp_path / "plain.png")
+    common.save_image_grid(x, tmp_path / "titled.png", title="rows 1, 3: inputs; rows 2, 4: reconstructions")
+    plain, titled = _png(tmp_path / "plain.png"), _png(tmp_path / "titled.png")
+    assert titled.shape[1] == plain.shape[1] and titled.shape[0] > plain.shape[0]
+    top = titled[: titled.shape[0] - plain.shape[0], :, :3]
+    assert (top < 0.5).any()  # dark text on the white band

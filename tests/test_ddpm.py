@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+import common
 import ddpm
 from ddpm import (GaussianDiffusion, cosine_beta_schedule, discretized_gaussian_log_likelihood,
                   linear_beta_schedule, normal_kl)
@@ -332,11 +333,35 @@ def test_drop_labels_rate():
 
 # ---------------------------------------------------------------------------- networks
 
+def test_mathematics_runs_without_common(without_common):
+    """The schedules, the processes, the loss, the bound, guidance and the sampler, with both
+    networks, run from the file's first half alone (common.py replaced by a module that fails)."""
+    m = without_common("ddpm")
+    torch.manual_seed(0)
+    for var_type in ("fixedlarge", "learned"):
+        diffusion = m.GaussianDiffusion(m.make_betas("cosine", 8), "eps", var_type, levels=None)
+        net = m.PointMLP(2, 16, learn_sigma=var_type == "learned")
+        x0 = torch.randn(5, 2)
+        loss = diffusion.training_loss(net, x0).mean()
+        loss.backward()
+        assert torch.isfinite(loss) and all(p.grad is not None for p in net.parameters())
+        assert diffusion.nll(net, x0).shape == (5,)
+        assert diffusion.sample(net, (3, 2), steps=4).shape == (3, 2)
+    unet = m.UNet(1, 8, 8, (1, 2), 1, (4,), 0.0, num_classes=3)
+    images = m.GaussianDiffusion(m.linear_beta_schedule(6), levels=17, clip_denoised=True)
+    x = torch.randint(0, 17, (2, 1, 8, 8)).float() / 16 * 2 - 1
+    y = m.drop_labels(torch.tensor([0, 2]), 0.5, 3)
+    assert torch.isfinite(images.nll(unet, x, y)).all()
+    assert images.sample(unet, (2, 1, 8, 8), y=torch.tensor([0, 1]), guidance=2.0).shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError):
+        m.make_betas("linear", 0)
+
+
 def test_cifar10_preset_has_the_papers_parameter_count():
     cfg = ddpm.Config(**ddpm.PRESETS["cifar10"])
-    meta = dict(kind="image", shape=(3, 32, 32), levels=256, num_classes=10)
+    info = common.DataInfo("cifar10", "image", (3, 32, 32), levels=256, num_classes=10)
     with torch.device("meta"):
-        net, diff = ddpm.build(cfg, meta)
+        net, diff = ddpm.build(cfg, info)
     n = sum(p.numel() for p in net.parameters())
     assert abs(n - 35.7e6) / 35.7e6 < 0.01, n
     assert diff.T == 1000 and torch.allclose(diff.betas, linear_beta_schedule(1000))
