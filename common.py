@@ -14,6 +14,7 @@ the torch generator states are all a checkpoint needs to resume bit-exactly.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import dataclasses
 import gzip
@@ -783,12 +784,24 @@ def _init_distributed(dev):
 
 
 def _all_reduce(t, dist, op):
-    """all_reduce on a tensor of our own (never the caller's), returned as a Python float."""
+    """all_reduce on a tensor of our own (never the caller's), returned as a Python float.
+
+    The tensor is kept alive after the call (see _COLLECTIVE_TENSORS)."""
     if dist.world_size > 1:
         t = t.to(dist.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM if op == "sum"
                                      else torch.distributed.ReduceOp.MAX)
+        _COLLECTIVE_TENSORS.append(t)
     return t.item()
+
+
+# A gloo worker thread destroys a collective's work object some time after the collective has
+# returned, and a barrier's work object holds the works before it. If the Python object of a
+# tensor in that work has died by then, the destruction must take the GIL to free it; during
+# interpreter shutdown a thread that asks for the GIL is ended, and C++ aborts ("terminate called
+# without an active exception", seen in core dumps of rank 1 after Dist.close, torch 2.13). The
+# tensors of the last collectives are therefore kept alive here, so no worker ever frees them.
+_COLLECTIVE_TENSORS = collections.deque(maxlen=16)
 
 
 def _leave_process_group(dist):
@@ -805,13 +818,24 @@ def _leave_process_group(dist):
 
 
 def _gather_rng_states(dist):
-    """The torch generator states (CPU, and CUDA where used) of every process, gathered."""
+    """The torch generator states (CPU, and CUDA where used) of every process, gathered: a list
+    with one {"cpu": ByteTensor, "cuda": ByteTensor or None} per rank."""
     local = {"cpu": torch.get_rng_state(),
              "cuda": torch.cuda.get_rng_state(dist.device) if dist.device.type == "cuda" else None}
     if dist.world_size == 1:
         return [local]
-    states = [None] * dist.world_size
-    torch.distributed.all_gather_object(states, local)
+    states = [{} for _ in range(dist.world_size)]
+    for key, state in local.items():  # a generator's state has the same size on every process
+        if state is None:
+            for s in states:
+                s[key] = None
+            continue
+        t = state.to(dist.device)
+        parts = [torch.empty_like(t) for _ in range(dist.world_size)]
+        torch.distributed.all_gather(parts, t)
+        _COLLECTIVE_TENSORS.extend([t, *parts])
+        for s, part in zip(states, parts):
+            s[key] = part.cpu()
     return states
 
 

@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 import ddpm  # noqa: E402
 
 
 def our_unet():
     cfg = ddpm.Config(**ddpm.PRESETS["cifar10"])
-    meta = dict(kind="image", shape=(3, 32, 32), levels=256, num_classes=10)
-    net, _ = ddpm.build(cfg, meta)
+    info = common.DataInfo("cifar10", "image", (3, 32, 32), levels=256, num_classes=10)
+    net, _ = ddpm.build(cfg, info)
     return net
 
 

@@ -52,7 +52,7 @@ def figure(results, models, path):
                              squeeze=False)
     for i, d in enumerate(POINTS):
         ds = common.load_dataset(d, "test")
-        panels = [("true", common.density_on_grid(ds.log_prob, ds.lim, n=128))]
+        panels = [("true", common.density_on_grid(ds.log_prob, ds.info.lim, n=128))]
         for m in models:
             r = results.get((m, d))
             panels.append((m, np.load(r[2] / "density.npz")["log_density"] if r else None))
@@ -61,7 +61,7 @@ def figure(results, models, path):
                 # the colour scale stops at the 99.5th percentile: bounds estimated by sampling
                 # (VAE, DDPM) have heavy-tailed grid values that would otherwise black out the picture
                 dens = np.exp(logp)
-                ax.imshow(dens, origin="lower", extent=(-ds.lim, ds.lim, -ds.lim, ds.lim), cmap="magma",
+                ax.imshow(dens, origin="lower", extent=(-ds.info.lim, ds.info.lim, -ds.info.lim, ds.info.lim), cmap="magma",
                           vmin=0, vmax=np.percentile(dens, 99.5))
             ax.set_xticks([])
             ax.set_yticks([])

@@ -74,7 +74,7 @@ def model_rows(models, steps, peak):
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
         try:
-            run(m, ["--dataset", "digits", "--steps", steps, "--batch-size", BATCH, "--out", out,
+            run(m, ["--dataset", "digits", "--steps", steps, "--batch-size", BATCH, "--out", out, "--overwrite",
                     "--log-every", steps // 2, "--save-every", steps, "--n-samples", 1], out / "log.txt")
         except Unsupported:
             continue
