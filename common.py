@@ -32,6 +32,7 @@ import struct
 import sys
 import tarfile
 import tempfile
+import textwrap
 import threading
 import time
 import typing
@@ -1304,12 +1305,14 @@ def _draw_grid(grid, path, title=None):
         plt.imsave(path, grid, cmap="gray", vmin=0.0, vmax=1.0)
         return
     dpi, (h, w) = 100, grid.shape[:2]
-    lines = title.count("\n") + 1
-    fig = plt.figure(figsize=(w / dpi, (h + 18 * lines + 8) / dpi), dpi=dpi)
-    ax = fig.add_axes((0, 0, 1, h / (h + 18 * lines + 8)))
+    # wrapped here, at about 7 pixels a character of a 9-point font, so the band fits the lines
+    lines = [line for part in title.split("\n") for line in textwrap.wrap(part, max(10, w // 7)) or [""]]
+    band = 18 * len(lines) + 8
+    fig = plt.figure(figsize=(w / dpi, (h + band) / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, h / (h + band)))
     ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.axis("off")
-    fig.text(0.5, 1 - 4 / (h + 18 * lines + 8), title, ha="center", va="top", fontsize=9, wrap=True)
+    fig.text(0.5, 1 - 4 / (h + band), "\n".join(lines), ha="center", va="top", fontsize=9)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
