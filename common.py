@@ -787,7 +787,7 @@ def _init_distributed(dev):
 def _all_reduce(t, dist, op):
     """all_reduce on a tensor of our own (never the caller's), returned as a Python float.
 
-    The tensor is kept alive after the call (see _COLLECTIVE_TENSORS)."""
+    The tensor is kept (see _leave_process_group)."""
     if dist.world_size > 1:
         t = t.to(dist.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM if op == "sum"
@@ -796,25 +796,27 @@ def _all_reduce(t, dist, op):
     return t.item()
 
 
-# A gloo worker thread destroys a collective's work object some time after the collective has
-# returned, and a barrier's work object holds the works before it. If the Python object of a
-# tensor in that work has died by then, the destruction must take the GIL to free it; during
-# interpreter shutdown a thread that asks for the GIL is ended, and C++ aborts ("terminate called
-# without an active exception", seen in core dumps of rank 1 after Dist.close, torch 2.13). The
-# tensors of the last collectives are therefore kept alive here, so no worker ever frees them.
+# The tensors of our last collectives, so that _leave_process_group can wait until gloo has
+# released them.
 _COLLECTIVE_TENSORS = collections.deque(maxlen=16)
 
 
 def _leave_process_group(dist):
-    """Wait for every process, then leave the process group.
+    """Wait for every process and for gloo's worker threads to let go of our tensors, then
+    leave the process group.
 
-    The barrier is not a formality. A gloo worker thread frees the tensors of a finished
-    collective after the caller has moved on, and needs the GIL to do it; a process that
-    went straight from its last collective into interpreter shutdown could be aborted
-    there ("terminate called without an active exception", torch 2.13). Waiting in the
-    barrier releases the GIL until the other processes arrive."""
+    A gloo worker thread destroys a collective's work object some time after the collective has
+    returned (a barrier's work object holds the works before it), and releasing a tensor that has
+    a Python object takes the GIL. If that happens once interpreter shutdown has begun, the
+    thread is ended and C++ aborts ("terminate called without an active exception"; core dumps
+    of rank 1 after this function, torch 2.13, show ~AsyncBarrierWork -> ~AsyncAllreduceWork ->
+    decref_pyobject). Every C++ reference to a tensor counts in its Python reference count, so
+    we wait, with the GIL released, until the tensors of our collectives have none left."""
     if dist.world_size > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(sys.getrefcount(t) > 3 for t in _COLLECTIVE_TENSORS):
+            time.sleep(0.001)  # references: the deque, the loop variable, getrefcount's argument
         torch.distributed.destroy_process_group()
 
 
@@ -836,7 +838,7 @@ def _gather_rng_states(dist):
         torch.distributed.all_gather(parts, t)
         _COLLECTIVE_TENSORS.extend([t, *parts])
         for s, part in zip(states, parts):
-            s[key] = part.cpu()
+            s[key] = part.to("cpu", copy=True)  # not the tensor kept for _leave_process_group
     return states
 
 
