@@ -114,24 +114,61 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
 
 
+def _log_normal_mass(lower, upper):
+    """log(Phi(upper) - Phi(lower)) for lower < upper (either may be infinite), elementwise,
+    accurate in relative terms however far the interval lies from the mean.
+
+    Each difference is formed where it loses nothing. An interval on one side of the mean is
+    mirrored to [near, far] with 0 <= near < far, so P = Q(near) - Q(far) with Q(z) = Phi(-z):
+    log P = log Q(near) + log(1 - Q(far) / Q(near)), the ratio taken as a difference of
+    log_ndtr's (accurate in relative terms for negative arguments) inside expm1. An interval
+    holding the mean has P = 1 - Phi(lower) - Q(upper): log1p of minus the two tails while they
+    are below 1/2 (erfc keeps each tail's relative precision, and log P is then near 0), else the
+    sum of two non-negative erf's. Unused branches get harmless arguments, so that no inf or
+    NaN reaches the gradient through torch.where.
+    """
+    left, right = upper < 0, lower > 0
+    one_sided = left | right
+    near = torch.where(one_sided, torch.where(left, -upper, lower), 0.0)
+    far = torch.where(one_sided, torch.where(left, -lower, upper), 1.0)
+    log_q_near = torch.special.log_ndtr(-near)
+    log_one_sided = log_q_near + torch.log(-torch.expm1(torch.special.log_ndtr(-far) - log_q_near))
+    lo, hi = torch.where(one_sided, -1.0, lower), torch.where(one_sided, 1.0, upper)
+    tails = (torch.special.erfc(-lo / math.sqrt(2)) + torch.special.erfc(hi / math.sqrt(2))) / 2
+    small = tails < 0.5
+    body = (torch.special.erf(hi / math.sqrt(2)) + torch.special.erf(-lo / math.sqrt(2))) / 2
+    log_holding = torch.where(small, torch.log1p(-torch.where(small, tails, 0.0)),
+                              torch.log(torch.where(small, 1.0, body)))
+    return torch.where(one_sided, log_one_sided, log_holding)
+
+
 def discretized_gaussian_log_likelihood(x, means, log_scales, levels=256):
     """log of the probability of the bin of x under N(means, e^(2 log_scales)) (Ho et al. Eq. 13).
 
     x holds data levels k / (levels - 1) * 2 - 1 in [-1, 1]; bin k is [x - d, x + d] with
     d = 1 / (levels - 1), the first bin extended to -inf and the last to +inf, so the
-    probabilities of all levels sum to 1. Elementwise, in nats. Uses the exact normal CDF
-    (torch.special.ndtr), subtracting upper tails when the bin lies right of the mean so that
-    the difference keeps its precision.
+    probabilities of all levels sum to 1. Elementwise, in nats. Every bin's log-probability is
+    accurate in relative terms wherever the mean lies: against mpmath, with the mean up to 45
+    sigmas beyond the bin, the worst errors measured are 2e-5 in float32 and 4e-13 in float64
+    (tested to 1e-4 and 1e-12). The bin edges' offsets from the mean are formed exactly
+    (Knuth's two-sum for x - means, and d as its float plus the remainder), so a mean at a bin
+    edge keeps its digits even when sigma is smaller than the spacing of the floats near 1;
+    the Gaussian mass of the bin is then taken by `_log_normal_mass`. No clamp: a bin of
+    probability 1e-300 scores its true 690.8 nats.
     """
     d = 1.0 / (levels - 1)
+    d_hi = float(torch.tensor(d, dtype=x.dtype))
+    d_lo = d - d_hi  # what d loses in x's dtype (0 in float64)
+    c = x - means
+    part = c - x  # the share of -means that the rounded c holds
+    err = (x - (c - part)) + (-means - part)  # two-sum: c + err == x - means exactly
     inv_std = torch.exp(-log_scales)
-    upper, lower = (x - means + d) * inv_std, (x - means - d) * inv_std
+    upper = ((c + d_hi) + (err + d_lo)) * inv_std
+    lower = ((c - d_hi) + (err - d_lo)) * inv_std
     k = torch.round((x + 1) / (2 * d))
-    interior = torch.where(lower > 0, torch.special.ndtr(-lower) - torch.special.ndtr(-upper),
-                           torch.special.ndtr(upper) - torch.special.ndtr(lower))
-    log_interior = torch.log(interior.clamp(min=1e-12))
     return torch.where(k <= 0, torch.special.log_ndtr(upper),
-                       torch.where(k >= levels - 1, torch.special.log_ndtr(-lower), log_interior))
+                       torch.where(k >= levels - 1, torch.special.log_ndtr(-lower),
+                                   _log_normal_mass(lower, upper)))
 
 
 def gaussian_log_likelihood(x, means, log_scales):

@@ -443,9 +443,14 @@ class Scale(nn.Module):
 
 def dequantize(x, u=None):
     """Uniform dequantisation (Sec. 4.1; Theis et al. 2016): integer levels x in
-    {0, ..., K-1}^D -> v = x + u, u ~ U[0, 1)^D. `u` may be given (tests pass a fixed one)."""
+    {0, ..., K-1}^D -> v = x + u, u ~ U[0, 1)^D, a point of the cube [x, x + 1) that level x owns.
+    `u` may be given (tests pass a fixed one). Where x + u rounds up to x + 1 (u within half a
+    float spacing of x from 1: for x from 128 to 255 in float32, one draw of torch.rand in about
+    130 000), v is a float just below x + 1 instead, so quantize(dequantize(x, u)) == x always."""
     x = x.to(torch.get_default_dtype()) if not x.is_floating_point() else x
-    return x + (torch.rand_like(x) if u is None else u.to(x))
+    v = x + (torch.rand_like(x) if u is None else u.to(x))
+    below = (x + 1) - (x + 1) * torch.finfo(x.dtype).eps  # one or two spacings below x + 1
+    return torch.where(v < x + 1, v, below)
 
 
 def quantize(v, levels):

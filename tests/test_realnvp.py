@@ -148,6 +148,55 @@ def test_masks_alternate_and_partition(shape):
     assert ch[: c // 2].eq(1).all() and ch[c // 2:].eq(0).all()
 
 
+def coupling_groups(model):
+    """The sequences of couplings that share one partition of the variables: the 2D flow; in every
+    scale its checkerboard couplings and its channel-wise couplings (after the squeeze)."""
+    groups = []
+    for m in model.modules():
+        if isinstance(m, R.Scale):
+            groups.append(("checkerboard", m.checker))
+            if not m.last:
+                groups.append(("channel", m.channel))
+    if not groups:
+        groups.append(("vector", model.body))
+    return [(kind, [layer.mask for layer in seq if isinstance(layer, R.AffineCoupling)]) for kind, seq in groups]
+
+
+@given(c=st.integers(1, 3), n_scales=st.integers(1, 3), norm=st.sampled_from(["batch", "act", "none"]))
+def test_consecutive_couplings_transform_complementary_halves_in_every_scale(c, n_scales, norm):
+    """Secs. 3.4-3.6: inside each scale, consecutive couplings of each kind use complementary masks
+    (they add to 1), so what one coupling leaves unchanged the next transforms. Checkerboard masks
+    are constant over channels and alternate along rows and columns; channel-wise masks are
+    constant over space and select half of the channels."""
+    side = 2 ** n_scales
+    model = R.build_model(small_cfg(n_scales=n_scales, norm=norm), {"kind": "image", "shape": [c, side, side],
+                                                                      "levels": 17})
+    groups = coupling_groups(model)
+    assert [kind for kind, _ in groups] == ["checkerboard", "channel"] * (n_scales - 1) + ["checkerboard"]
+    for kind, masks in groups:
+        assert len(masks) >= 3
+        for a, b in zip(masks, masks[1:]):
+            assert torch.equal(a + b, torch.ones_like(a)), kind
+        for m in masks:
+            if kind == "checkerboard":
+                assert torch.equal(m, m[:1].expand_as(m))
+                assert (m[:, 1:, :] != m[:, :-1, :]).all() and (m[:, :, 1:] != m[:, :, :-1]).all()
+            else:
+                assert torch.equal(m, m[:, :1, :1].expand_as(m)) and m[:, 0, 0].sum() == m.shape[0] // 2
+
+
+@given(n_couplings=st.integers(2, 9), norm=st.sampled_from(["batch", "act", "none"]))
+def test_consecutive_couplings_of_the_2d_flow_have_complementary_masks(n_couplings, norm):
+    """The 2D flow (Dinh et al. 2017's toy setting): each coupling transforms the coordinate the
+    coupling before it kept, (1, 0), (0, 1), (1, 0), ..."""
+    model = R.build_model(small_cfg(n_couplings=n_couplings, norm=norm), {"kind": "points", "shape": [2]})
+    [(kind, masks)] = coupling_groups(model)
+    assert len(masks) == n_couplings
+    for a, b in zip(masks, masks[1:]):
+        assert torch.equal(a + b, torch.ones(2))
+    assert all(m.sum() == 1 for m in masks)
+
+
 @given(b=st.integers(1, 2), c=st.integers(1, 3), h=st.integers(1, 3), w=st.integers(1, 3))
 def test_squeeze_is_the_2x2_space_to_channel_map(b, c, h, w):
     x = torch.randn(b, c, 2 * h, 2 * w, dtype=F64)
@@ -218,6 +267,28 @@ def test_logit_preprocess_inverts_and_logdet_matches_jacobian(levels, alpha, see
     x = torch.randint(levels, (2, 1, 2, 2), generator=g)
     v = R.dequantize(x.double(), torch.rand(x.shape, generator=g, dtype=F64).clamp(1e-3, 1 - 1e-3))
     check_layer(layer, v, tol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(levels=st.sampled_from([2, 17, 256]), data=st.data())
+def test_dequantized_values_lie_in_the_cube_of_their_level(dtype, levels, data):
+    """Sec. 4.1: level x owns the cube [x, x + 1) and v = x + u, u in [0, 1), lies in it, so
+    quantize (the floor) takes every v back to x, for every u up to the largest float below 1
+    (where x + u would round up to x + 1). Rounding instead of flooring fails from u = 1/2 on."""
+    width = 32 if dtype == torch.float32 else 64
+    us = data.draw(st.lists(st.floats(0, 1, exclude_max=True, width=width), max_size=10))
+    one = torch.tensor(1.0, dtype=dtype)
+    u = torch.cat([torch.tensor([0.0, 0.25, 0.5, 0.75, 0.999, 1 - 2 ** -12] + us, dtype=dtype),
+                   torch.nextafter(one, torch.zeros_like(one)).reshape(1)])
+    x = torch.arange(levels, dtype=dtype)[:, None].expand(levels, len(u))
+    v = R.dequantize(x, u.expand_as(x))
+    assert v.dtype == dtype and (v >= x).all() and (v < x + 1).all()
+    exact = x + u < x + 1  # where the float sum x + u is already below x + 1, v is that sum
+    assert torch.equal(v[exact], (x + u)[exact])
+    back = R.quantize(v, levels)
+    assert torch.equal(back.long(), x.long())
+    assert torch.equal(R.quantize(torch.tensor([-0.5, levels + 0.5], dtype=dtype), levels).long(),
+                       torch.tensor([0, levels - 1]))  # outside the data range: the outer levels
 
 
 def test_nll_hand_computed():
