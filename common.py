@@ -501,7 +501,7 @@ def save_density(panels, path, lim):
 # --- the command line
 
 class Interrupted(Exception):
-    """A stop signal that ended the run at once (see StopSignal); `code` is the exit status."""
+    """A second stop signal, which ends the run at once (see StopSignal); `code` is the exit status."""
 
     def __init__(self, message, code):
         super().__init__(message)
@@ -591,10 +591,10 @@ def _allocation_failure(e):
 
 class StopSignal:
     """Within `with StopSignal() as stop:`, the first SIGINT or SIGTERM sets `stop.requested`:
-    the loop finishes its step, saves a checkpoint and exits cleanly (status 0). Inside
-    `with stop.interruptible():` (pictures drawn after a checkpoint was written) a signal stops
-    at once, also with status 0; a second signal stops at once with status 128 + signal. The
-    checkpoint on disk stays whole either way: it is written atomically."""
+    the loop finishes its step, saves a checkpoint and exits cleanly (status 0). Pictures drawn
+    after a checkpoint go inside `with stop.interruptible():`; a signal there stops them at once
+    and the run goes on to its clean stop. A second signal stops the process at once (status
+    128 + signal). The checkpoint on disk stays whole either way: it is written atomically."""
 
     def __enter__(self):
         self.requested, self._interruptible, self._previous = False, False, {}
@@ -605,11 +605,11 @@ class StopSignal:
 
     @contextmanager
     def interruptible(self):
-        if self.requested:  # asked to stop already: skip the pictures
-            raise Interrupted("stopped without drawing pictures; the checkpoint is saved: continue with --resume", 0)
         self._interruptible = True
         try:
             yield
+        except _PicturesStopped as e:
+            print(f"\n{e}: pictures stopped; the checkpoint is saved", file=sys.stderr, flush=True)
         finally:
             self._interruptible = False
 
@@ -620,13 +620,17 @@ class StopSignal:
                               "--resume)", 128 + signum)
         self.requested = True
         if self._interruptible:
-            raise Interrupted(f"{name}: stopped drawing pictures; the checkpoint is saved: continue with --resume", 0)
+            raise _PicturesStopped(name)
         print(f"\n{name}: finishing this step, then saving a checkpoint", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         return False
+
+
+class _PicturesStopped(Exception):
+    """Raised by a signal inside StopSignal.interruptible(), and caught there."""
 
 
 # --- run folders

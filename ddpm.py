@@ -811,7 +811,7 @@ def train(cfg):
 
     def checkpoint_and_samples():
         save_training(out, MODEL, step, cfg, info, dist, model=net, ema=ema, opt=opt, batches=batches)
-        if dist.is_main:
+        if dist.is_main and not stop.requested:
             with stop.interruptible():  # the checkpoint is whole: a signal may stop the pictures at once
                 g = torch.Generator(device=dist.device).manual_seed(cfg.seed)
                 x = diffusion.sample(ema.model, shape, sample_labels(shape[0], cfg, info, dist.device),

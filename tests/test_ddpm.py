@@ -3,8 +3,10 @@ Gaussian data, and the command line end to end."""
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mpmath
@@ -713,3 +715,20 @@ def test_user_errors_are_one_line(tmp_path, capsys, argv, words):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and words in err
+
+
+def test_a_signal_during_the_final_pictures_stops_them_with_the_checkpoint_whole(tmp_path):
+    """The end-of-run sampling (T = 1000 network calls for the grid, as many again for the reverse
+    chain) is drawn after the last checkpoint: a signal then stops it at once instead of being
+    acknowledged and ignored until the pictures are done."""
+    root = Path(ddpm.__file__).resolve().parent
+    proc = subprocess.Popen([sys.executable, str(root / "ddpm.py"), "--out", str(tmp_path), "--steps", "1",
+                             "--n-samples", "64", "--device", "cpu"], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not (tmp_path / "ckpt.pt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "pictures stopped" in stderr and "Traceback" not in stderr, stderr
+    assert not (tmp_path / "reverse.png").exists()  # the pictures were stopped, not finished
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 1
