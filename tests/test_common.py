@@ -217,6 +217,9 @@ def test_idx_download_parse_and_cache(monkeypatch, server, tmp_path, name):
     np.testing.assert_array_equal(train.data[:, 0].numpy(), arrays["train"][0])
     np.testing.assert_array_equal(test.labels.numpy(), arrays["t10k"][1])
     assert sorted(p.name for p in (tmp_path / name).iterdir()) == sorted(files)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / name).iterdir()} == {0o666 & ~mask}  # as open() would
     n = len(server.requests)
     common.load_dataset(name, "train", root=tmp_path)  # cached: no second request
     assert len(server.requests) == n == 4
