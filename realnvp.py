@@ -10,173 +10,63 @@ A flow is a bijection f from data x to a latent z ~ N(0, I). Every layer here ma
 `forward(x) -> (z, log_det)`, log_det = log |det dz/dx| per example, and `inverse(z) -> x`,
 so layers compose and each can be checked alone (tests/test_realnvp.py checks every
 log-determinant against an autograd Jacobian and every inverse to float64 precision).
+The likelihood takes the flow as a callable x -> (z, log_det): `log_prob(flow, x)`,
+`nll(flow, x, discrete)`.
 
 Implemented: affine coupling layers with a bounded scale and their additive (NICE) special
 case; checkerboard and channel-wise masks; squeeze; the multi-scale architecture with half
 of the variables factored out at each scale; batch normalisation as a flow layer (running
 statistics in evaluation) or ActNorm; uniform dequantisation and the logit preprocessing as a
 flow with its log-determinant, so `nll` is the negative log-likelihood of the *discrete*
-data (a bound, see `RealNVP.nll`) in nats and bits/dim as in the paper; MLP couplings for
+data (a bound, see `nll`) in nats and bits/dim as in the paper; MLP couplings for
 the 2D sets. Not implemented: the paper's running-average batch norm variant (App. E; ours
 is the ordinary exponential running average), its bottleneck residual blocks, the "ordered"
 squeeze of the official code, and data augmentation (flips).
 
-Run
-    python realnvp.py                                   # 8gaussians: learned density next to the true one
-    python realnvp.py --dataset digits                  # 8x8 digits, multi-scale convolutional flow
-    python realnvp.py --eval runs/realnvp-digits/ckpt.pt     # test NLL (nats) and bits/dim
-    python realnvp.py --sample runs/realnvp-digits/ckpt.pt --n-samples 64
+Run it
+  python realnvp.py                                       # 8gaussians: learned density next to the true one
+  python realnvp.py --dataset digits                      # 8x8 digits, multi-scale convolutional flow
+  python realnvp.py --eval runs/realnvp-digits/ckpt.pt    # test NLL (nats) and bits/dim
+  python realnvp.py --sample runs/realnvp-digits/ckpt.pt --n-samples 64 --temperature 0.8
 
 Paper -> code (Dinh et al. 2017 unless named)
-    Eq. 3        log p_X(x) = log p_Z(f(x)) + log|det df/dx^T|       change_of_variables, RealNVP.log_prob
-    Eqs. 4-5     affine coupling y_b = x_b * exp(s(x_a)) + t(x_a)      coupling_forward
-    Eq. 6        triangular Jacobian, log det = sum_j s(x_a)_j          coupling_forward (log_det)
-    Eqs. 7-8     the inverse of a coupling                              coupling_inverse
-    Eq. 9        the masked form b*x + (1-b)*(x*exp(s(b*x)) + t(b*x))   coupling_forward, coupling_inverse
-    Sec. 3.4     checkerboard and channel-wise masks (Fig. 3)           checkerboard_mask, channel_mask
-    Sec. 3.6     squeeze, multi-scale, factoring out half               squeeze, unsqueeze, Scale
-    Sec. 3.7     batch normalisation as a flow layer                    BatchNormFlow
-    Sec. 4.1     dequantisation, logit(alpha + (1-2 alpha) x/K)         dequantize, LogitPreprocess, RealNVP.nll
-    Sec. 4.1     L2 5e-5 on the weight-scale parameters                 scale_weight_penalty
-    NICE 3.2     additive coupling                                      AffineCoupling(affine=False)
-    Glow Sec 3.1 ActNorm with data-dependent initialisation             ActNorm
+  Eq. 3        log p_X(x) = log p_Z(f(x)) + log|det df/dx^T|       change_of_variables, log_prob
+  Eqs. 4-5     affine coupling y_b = x_b * exp(s(x_a)) + t(x_a)      coupling_forward
+  Eq. 6        triangular Jacobian, log det = sum_j s(x_a)_j          coupling_forward (log_det)
+  Eqs. 7-8     the inverse of a coupling                              coupling_inverse
+  Sec. 3.3     sampling by the inverse, x = f^{-1}(z), z ~ N(0, I)    RealNVP.sample
+  Eq. 9        the masked form b*x + (1-b)*(x*exp(s(b*x)) + t(b*x))   coupling_forward, coupling_inverse
+  Sec. 3.4     checkerboard and channel-wise masks (Fig. 3)           checkerboard_mask, channel_mask
+  Sec. 3.6     squeeze, multi-scale, factoring out half               squeeze, unsqueeze, Scale
+  Sec. 3.7     batch normalisation as a flow layer                    BatchNormFlow
+  Sec. 3.7     deep residual networks for s and t                     ResNet (images), MLP (2D)
+  Sec. 4.1     dequantisation, logit(alpha + (1-2 alpha) x/K)         dequantize, LogitPreprocess, nll
+  Sec. 4.1     L2 5e-5 on the weight-scale parameters                 scale_weight_penalty
+  NICE 3.2     additive coupling                                      AffineCoupling(affine=False)
+  Glow Sec 3.1 ActNorm with data-dependent initialisation             ActNorm, initialize_actnorm
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Batches, Logger, RunConfig, StopSignal, UserError, check_finite, density_on_grid,
-                    entropy_estimate, flag, init_distributed, load_checkpoint, load_dataset, parse_config,
-                    resume_path, rng_state, run_dir, save_checkpoint, save_density, save_image_grid,
-                    save_scatter, seed_everything, set_rng_state, user_errors, wrap_ddp)
+from common import (Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range,
+                    density_on_grid, dispatch, entropy_estimate, flag, get_device, init_distributed,
+                    load_checkpoint, load_dataset, load_weights, open_run, output_dir, parse_config,
+                    report_files, resume, save_density, save_image_grid, save_scatter, save_training,
+                    saved_config, seed_everything, user_errors, wrap_ddp)
 
 LOG_2PI = math.log(2 * math.pi)
 
 
 # ----------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Config(RunConfig):
-    dataset: str = flag("8gaussians", "dataset: a 2D set (8gaussians, checkerboard, rings, ...) or an image set")
-    steps: int = flag(3000, "training steps (optimiser updates)")
-    batch_size: int = flag(256, "global batch size")
-    lr: float = flag(1e-3, "Adam learning rate")
-    save_every: int = flag(1000, "steps between checkpoints and pictures")
-    n_couplings: int = flag(8, "2D: number of coupling layers (masks alternate)")
-    hidden: int = flag(128, "2D: width of the two hidden layers of each coupling MLP")
-    n_scales: int = flag(2, "images: scales of the multi-scale architecture (n_scales - 1 squeezes)")
-    n_blocks: int = flag(4, "images: residual blocks in each coupling network")
-    n_features: int = flag(32, "images: feature maps in each coupling network")
-    coupling: str = flag("affine", "affine (RealNVP) or additive (NICE: s = 0)", choices=("affine", "additive"))
-    norm: str = flag("act", "normalisation flow layer after each coupling: batch norm (the paper's, images), "
-                     "ActNorm (Glow; 2D default) or none", choices=("batch", "act", "none"))
-    alpha: float = flag(0.05, "images: logit preprocessing maps x/K into [alpha, 1 - alpha] (Sec. 4.1)")
-    l2: float = flag(0.0, "L2 coefficient on the weight-scale parameters (paper, images: 5e-5)")
-    grad_clip: float = flag(100.0, "clip the global gradient norm (official code: 100; 0 = off)")
-    temperature: float = flag(1.0, "standard deviation of the prior when sampling pictures")
-
-
-PRESETS = {
-    # MLP couplings on R^2; ActNorm rather than batch norm: batch statistics of 2D minibatches
-    # are noisy, and the running averages would lag behind the fast-moving early training.
-    "points": dict(steps=3000, batch_size=256, lr=1e-3, norm="act", l2=0.0),
-    # 8x8 digits: one squeeze (8x8 -> 4x4), a small version of the paper's convolutional flow.
-    # Small on purpose: 1497 training images; 2 blocks of 32 maps reach 1.58 bits/dim on the
-    # training set but 2.27 on the test set after 2000 steps.
-    "digits": dict(steps=2000, batch_size=64, lr=1e-3, n_scales=2, n_blocks=1, n_features=16,
-                   norm="batch", alpha=0.05, l2=5e-5, save_every=500),
-    "digits-binary": dict(steps=2000, batch_size=64, lr=1e-3, n_scales=2, n_blocks=1, n_features=16,
-                          norm="batch", alpha=0.05, l2=5e-5, save_every=500),
-    # The paper reports no MNIST flow; this follows its smaller-dataset setting (4 residual
-    # blocks of 32 maps) with two squeezes, 28 -> 14 -> 7.
-    "mnist": dict(steps=50_000, batch_size=64, lr=1e-3, n_scales=3, n_blocks=4, n_features=32,
-                  norm="batch", alpha=0.05, l2=5e-5, save_every=2000),
-    "fashion-mnist": dict(steps=50_000, batch_size=64, lr=1e-3, n_scales=3, n_blocks=4, n_features=32,
-                          norm="batch", alpha=0.05, l2=5e-5, save_every=2000),
-    # Paper, Sec. 4.1: 8 residual blocks, 64 feature maps, one squeeze (downscale once) for
-    # CIFAR-10; batch 64; Adam; L2 5e-5; alpha 0.05. It reports 3.49 bits/dim (test). The number
-    # of steps is ours (the paper does not state it); lr 1e-3 is the official code's default.
-    "cifar10": dict(steps=500_000, batch_size=64, lr=1e-3, n_scales=2, n_blocks=8, n_features=64,
-                    norm="batch", alpha=0.05, l2=5e-5, save_every=5000),
-}
-
-
-# ----------------------------------------------------------------------------------------
-# The networks: s and t of a coupling, computed from the conditioning half x_a = b * x
-# ----------------------------------------------------------------------------------------
-
-class MLP(nn.Module):
-    """2D coupling network: x_a (B, D) -> (s_raw, t) as one (B, 2D) tensor. The last layer
-    starts at zero so every coupling starts as the identity."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, 2 * dim))
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
-
-    def forward(self, xa):
-        return self.net(xa)
-
-
-def _wn_conv(c_in, c_out, k):
-    # Weight normalisation in s and t (Sec. 3.7); its magnitudes `original0` are the
-    # "weight scale parameters" the paper's L2 term acts on (scale_weight_penalty).
-    return nn.utils.parametrizations.weight_norm(nn.Conv2d(c_in, c_out, k, padding=k // 2))
-
-
-class ResBlock(nn.Module):
-    """Pre-activation residual block (Sec. 3.7: deep residual networks with batch norm and
-    weight norm in s and t): x + conv(relu(bn(conv(relu(bn(x))))))."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.bn1, self.conv1 = nn.BatchNorm2d(ch), _wn_conv(ch, ch, 3)
-        self.bn2, self.conv2 = nn.BatchNorm2d(ch), _wn_conv(ch, ch, 3)
-
-    def forward(self, h):
-        r = self.conv1(F.relu(self.bn1(h)))
-        return h + self.conv2(F.relu(self.bn2(r)))
-
-
-class ResNet(nn.Module):
-    """Image coupling network: x_a (B, C, H, W) -> (B, 2C, H, W) holding (s_raw, t).
-
-    The mask is given as an extra input channel, so the translation-equivariant convolutions
-    know which pixels are the conditioning ones. The output layer starts at zero (its weight-norm
-    magnitudes are zero): each coupling starts as the identity."""
-
-    def __init__(self, mask, n_features, n_blocks):
-        super().__init__()
-        c = mask.shape[0]
-        self.register_buffer("mask_channel", mask[:1].clone())  # (1, H, W)
-        self.conv_in = _wn_conv(c + 1, n_features, 3)
-        self.blocks = nn.Sequential(*[ResBlock(n_features) for _ in range(n_blocks)])
-        self.bn_out = nn.BatchNorm2d(n_features)
-        self.conv_out = _wn_conv(n_features, 2 * c, 3)
-        with torch.no_grad():
-            self.conv_out.parametrizations.weight.original0.zero_()
-            self.conv_out.bias.zero_()
-
-    def forward(self, xa):
-        m = self.mask_channel.to(xa.dtype).expand(xa.shape[0], 1, *xa.shape[2:])
-        h = self.blocks(self.conv_in(torch.cat([xa, m], 1)))
-        return self.conv_out(F.relu(self.bn_out(h)))
-
-
-# ----------------------------------------------------------------------------------------
-# The mathematics: one function or small class per equation
+# The change of variables (Eq. 3) and coupling layers (Eqs. 4-9)
 # ----------------------------------------------------------------------------------------
 
 def standard_normal_log_prob(z):
@@ -241,6 +131,9 @@ class AffineCoupling(nn.Module):
     def inverse(self, z):
         return coupling_inverse(z, self.mask.to(z.dtype), self.st)
 
+# ----------------------------------------------------------------------------------------
+# Masks and squeeze (Secs. 3.4, 3.6)
+# ----------------------------------------------------------------------------------------
 
 def vector_mask(dim, parity):
     """Mask for vectors: b_i = 1 where i % 2 == parity (for 2D data: (1, 0) or (0, 1))."""
@@ -278,6 +171,9 @@ def unsqueeze(z):
     z = z.reshape(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
     return z.reshape(b, c4 // 4, 2 * h, 2 * w)
 
+# ----------------------------------------------------------------------------------------
+# Normalisation layers as flows (Sec. 3.7; Glow Sec. 3.1)
+# ----------------------------------------------------------------------------------------
 
 def _feature_stats_dims(x):
     return [0] + list(range(2, x.dim()))  # statistics per feature/channel: over batch and space
@@ -368,6 +264,9 @@ class ActNorm(nn.Module):
     def inverse(self, y):
         return y * self._view(self.log_scale.exp(), y) + self._view(self.shift, y)
 
+# ----------------------------------------------------------------------------------------
+# Composing flows: the 2D flow and the multi-scale architecture (Sec. 3.6)
+# ----------------------------------------------------------------------------------------
 
 class FlowSequence(nn.ModuleList):
     """Composition of flow layers: log-determinants add (chain rule), inverses run in reverse."""
@@ -385,20 +284,30 @@ class FlowSequence(nn.ModuleList):
         return z
 
 
-def _norm_layer(norm, num_features):
-    return {"batch": lambda: BatchNormFlow(num_features), "act": lambda: ActNorm(num_features),
-            "none": lambda: None}[norm]()
+def norm_layer(norm, num_features):
+    """The normalisation flow layer after each coupling: "batch" (BatchNormFlow, Sec. 3.7),
+    "act" (ActNorm, Glow) or "none" (None)."""
+    if norm not in ("batch", "act", "none"):
+        raise ValueError(f"norm {norm!r}: accepted batch, act or none")
+    return BatchNormFlow(num_features) if norm == "batch" else ActNorm(num_features) if norm == "act" else None
 
 
-def _couplings(masks, make_net, affine, norm):
-    """Coupling layers with the given masks, each followed by a normalisation layer."""
+def couplings(masks, make_net, affine=True, norm="none"):
+    """Coupling layers with the given masks, each followed by a normalisation layer.
+    `make_net(mask)` returns the s, t network of one coupling (see AffineCoupling)."""
     layers = []
     for m in masks:
         layers.append(AffineCoupling(m, make_net(m), affine))
-        n = _norm_layer(norm, m.shape[0])
+        n = norm_layer(norm, m.shape[0])
         if n is not None:
             layers.append(n)
     return layers
+
+
+def point_flow(dim, n_couplings, make_net, affine=True, norm="act"):
+    """The flow on R^dim (the toy 2-d data of Dinh et al. 2017, Fig. 1): n_couplings couplings
+    whose masks alternate, (1, 0), (0, 1), (1, 0), ..., so each transforms what the one before kept."""
+    return FlowSequence(couplings([vector_mask(dim, i % 2) for i in range(n_couplings)], make_net, affine, norm))
 
 
 class Scale(nn.Module):
@@ -408,21 +317,24 @@ class Scale(nn.Module):
     alternating channel-wise masks, then half of the channels are factored out, z_i, and
     the other half h_i goes on to the next scale: (z_i, h_i) = f_i(h_{i-1}). The last scale:
     4 couplings with alternating checkerboard masks. The outputs are put back in the place of
-    their pixels (unsqueeze), so z has the shape of x and the prior is N(0, I) on all of it."""
+    their pixels (unsqueeze), so z has the shape of x and the prior is N(0, I) on all of it.
+    `make_net(mask)` returns the s, t network of one coupling; shape = (C, H, W) of one example,
+    H and W divisible by 2^(n_scales - 1)."""
 
-    def __init__(self, shape, n_scales, n_features, n_blocks, affine=True, norm="batch"):
+    def __init__(self, shape, n_scales, make_net, affine=True, norm="batch"):
         super().__init__()
         c, h, w = shape
-        make_net = lambda m: ResNet(m, n_features, n_blocks)
+        if n_scales < 1 or h % 2 ** (n_scales - 1) or w % 2 ** (n_scales - 1):
+            raise ValueError(f"{n_scales} scales need n_scales >= 1 and {h}x{w} divisible by 2^(n_scales - 1)")
         self.last = n_scales == 1
         n_check = 4 if self.last else 3
-        self.checker = FlowSequence(_couplings([checkerboard_mask(shape, i % 2) for i in range(n_check)],
-                                               make_net, affine, norm))
+        self.checker = FlowSequence(couplings([checkerboard_mask(shape, i % 2) for i in range(n_check)],
+                                              make_net, affine, norm))
         if not self.last:
             sq = (4 * c, h // 2, w // 2)
-            self.channel = FlowSequence(_couplings([channel_mask(sq, i % 2) for i in range(3)],
-                                                   make_net, affine, norm))
-            self.next = Scale((2 * c, h // 2, w // 2), n_scales - 1, n_features, n_blocks, affine, norm)
+            self.channel = FlowSequence(couplings([channel_mask(sq, i % 2) for i in range(3)],
+                                                  make_net, affine, norm))
+            self.next = Scale((2 * c, h // 2, w // 2), n_scales - 1, make_net, affine, norm)
 
     def forward(self, x):
         h, log_det = self.checker(x)
@@ -440,6 +352,10 @@ class Scale(nn.Module):
         h = torch.cat([z_out, self.next.inverse(z_rest)], 1)
         return self.checker.inverse(unsqueeze(self.channel.inverse(h)))
 
+
+# ----------------------------------------------------------------------------------------
+# Dequantisation, the logit preprocessing, the likelihood and sampling (Sec. 4.1)
+# ----------------------------------------------------------------------------------------
 
 def dequantize(x, u=None):
     """Uniform dequantisation (Sec. 4.1; Theis et al. 2016): integer levels x in
@@ -472,7 +388,7 @@ class LogitPreprocess(nn.Module):
     def __init__(self, levels, alpha=0.05):
         super().__init__()
         if not 0 <= alpha < 0.5:
-            raise UserError(f"--alpha {alpha} is out of range; it takes a number in [0, 0.5)")
+            raise ValueError(f"alpha {alpha}: the logit preprocessing takes alpha in [0, 0.5)")
         self.levels, self.alpha = levels, alpha
 
     def forward(self, v):
@@ -489,11 +405,11 @@ def bits_per_dim(nll, num_dims):
     """nats per example -> bits per dimension: nll / (D ln 2)."""
     return nll / (num_dims * math.log(2))
 
-
 class RealNVP(nn.Module):
     """A flow with a standard normal prior: `body` (a flow layer) after the optional
     preprocessing (images: `LogitPreprocess`). x is continuous: points, or dequantised
-    images v = x + u in [0, K]^D."""
+    images v = x + u in [0, K]^D. Its forward is the flow, x -> (z, log|det dz/dx|), which
+    `log_prob` and `nll` call; `sample` runs it backwards from the prior."""
 
     def __init__(self, body, event_shape, levels=None, alpha=0.05):
         super().__init__()
@@ -513,43 +429,49 @@ class RealNVP(nn.Module):
         x = self.body.inverse(z)
         return self.pre.inverse(x) if self.pre is not None else x
 
-    def log_prob(self, x):
-        """log p_X(x) by the change of variables (Eq. 3), per example (B,)."""
-        z, log_det = self(x)
-        return change_of_variables(standard_normal_log_prob(z), log_det)
-
-    def nll(self, x, u=None):
-        """Negative log-likelihood per example in nats.
-
-        Points: -log p(x), the continuous density. Images: x holds integer levels
-        {0, ..., K-1}^D and the model is a density p_Y on [0,1]^D of y = (x + u)/K. It defines
-        a discrete distribution by integrating over the cube each x owns:
-
-            P(x) = int_{[0,1)^D} p_Y((x + u)/K) K^{-D} du = E_u[ p_V(x + u) ],
-            p_V(v) = p_Y(v / K) K^{-D}   (the density of v = K y),
-
-        and by Jensen's inequality (Theis, van den Oord & Bethge 2016, arXiv 1511.01844)
-
-            log P(x) >= E_u[log p_V(x + u)] = E_u[log p_Y((x + u)/K)] - D log K.
-
-        `log_prob` of v already includes -D log K and the logit's log-determinant
-        (LogitPreprocess), so nll = -log p_V(x + u) with one draw of u is an unbiased estimate
-        of the bound -E_u[log p_V(x + u)] >= -log P(x). Bits/dim = nll / (D ln 2), as the
-        paper reports."""
-        if self.levels is None:
-            return -self.log_prob(x)
-        return -self.log_prob(dequantize(x.to(self._anchor.dtype), u))
-
     @torch.inference_mode()
     def sample(self, n, temperature=1.0):
-        """n samples on the model's device, the prior scaled by `temperature`; evaluation mode
-        (running statistics). Images come back as integer levels."""
+        """x = f^{-1}(z), z ~ N(0, temperature^2 I): n samples on the model's device, in evaluation
+        mode (running statistics). Images come back as integer levels (`quantize`)."""
         was_training = self.training
         self.eval()
         z = temperature * torch.randn(n, *self.event_shape, device=self._anchor.device, dtype=self._anchor.dtype)
         x = self.inverse(z)
         self.train(was_training)
         return quantize(x, self.levels) if self.levels else x
+
+
+def log_prob(flow, x):
+    """log p_X(x) by the change of variables (Eq. 3), per example (B,). `flow` is any callable
+    x -> (z, log|det dz/dx|) (a RealNVP, or it wrapped for DDP); the prior is N(0, I)."""
+    z, log_det = flow(x)
+    return change_of_variables(standard_normal_log_prob(z), log_det)
+
+
+def nll(flow, x, discrete=False, u=None):
+    """Negative log-likelihood per example in nats; the training loss is its mean.
+
+    Points (discrete=False): -log p(x), the continuous density. Images (discrete=True): x
+    holds integer levels {0, ..., K-1}^D and the flow is a density p_Y on [0,1]^D of
+    y = (x + u)/K. It defines a discrete distribution by integrating over the cube each x owns:
+
+        P(x) = int_{[0,1)^D} p_Y((x + u)/K) K^{-D} du = E_u[ p_V(x + u) ],
+        p_V(v) = p_Y(v / K) K^{-D}   (the density of v = K y),
+
+    and by Jensen's inequality (Theis, van den Oord & Bethge 2016, arXiv 1511.01844)
+
+        log P(x) >= E_u[log p_V(x + u)] = E_u[log p_Y((x + u)/K)] - D log K.
+
+    `log_prob` of v already includes -D log K and the logit's log-determinant
+    (LogitPreprocess), so nll = -log p_V(x + u) with one draw of u (`dequantize`; `u` may be
+    given) is an unbiased estimate of the bound -E_u[log p_V(x + u)] >= -log P(x). Bits/dim =
+    nll / (D ln 2), as the paper reports. Integer x is computed in u's dtype when u is given,
+    else in the default dtype."""
+    if not discrete:
+        return -log_prob(flow, x)
+    if not x.is_floating_point():
+        x = x.to(u.dtype if u is not None else torch.get_default_dtype())
+    return -log_prob(flow, dequantize(x, u))
 
 
 def scale_weight_penalty(model):
@@ -562,85 +484,192 @@ def scale_weight_penalty(model):
     return total
 
 
-def build_model(cfg, meta):
-    """The flow for data described by `meta` ({"kind", "shape", "levels"})."""
-    affine = cfg.coupling == "affine"
-    if meta["kind"] == "points":
-        dim = meta["shape"][0]
-        masks = [vector_mask(dim, i % 2) for i in range(cfg.n_couplings)]
-        body = FlowSequence(_couplings(masks, lambda m: MLP(dim, cfg.hidden), affine, cfg.norm))
-        return RealNVP(body, meta["shape"])
-    c, h, w = meta["shape"]
-    k = 2 ** (cfg.n_scales - 1)
-    if cfg.n_scales < 1 or h % k or w % k:
-        raise UserError(f"--n-scales {cfg.n_scales} does not fit {h}x{w} images; it takes 1.. as long as "
-                        f"{h} and {w} are divisible by 2^(n_scales - 1)")
-    body = Scale((c, h, w), cfg.n_scales, cfg.n_features, cfg.n_blocks, affine, cfg.norm)
-    return RealNVP(body, meta["shape"], levels=meta["levels"], alpha=cfg.alpha)
-
-
-def initialize_actnorm(model, batches):
-    """If the model has ActNorm layers, run one forward pass in training mode on the next batch
-    so they initialise from it (Glow, Sec. 3.1). Done before DistributedDataParallel wraps the
-    model, which then copies rank 0's values to every process."""
-    if any(isinstance(m, ActNorm) and not m.initialized for m in model.modules()):
+def initialize_actnorm(flow, batches, discrete=False):
+    """If the flow has ActNorm layers not yet initialised, run one forward pass in training mode
+    on the next batch of `batches` (an iterator of (x, y)), so they initialise from it (Glow,
+    Sec. 3.1). Under DDP this comes before wrapping, which then copies rank 0's values to every
+    process."""
+    if any(isinstance(m, ActNorm) and not m.initialized for m in flow.modules()):
         with torch.no_grad():
-            model.train()
-            _Objective(model)(next(batches)[0])
+            flow.train()
+            nll(flow, next(batches)[0], discrete)
 
 
-class _Objective(nn.Module):
-    """The training objective as a module, so DistributedDataParallel wraps the nll."""
+# ----------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------
 
-    def __init__(self, model):
+# The networks s and t of a coupling, computed from the conditioning half x_a = b * x:
+# net(x_a) -> (s_raw, t) stacked along dimension 1, as AffineCoupling.st expects.
+
+class MLP(nn.Module):
+    """2D coupling network: x_a (B, D) -> (s_raw, t) as one (B, 2D) tensor. The last layer
+    starts at zero so every coupling starts as the identity."""
+
+    def __init__(self, dim, hidden):
         super().__init__()
-        self.model = model
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 2 * dim))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
 
-    def forward(self, x):
-        return self.model.nll(x)
+    def forward(self, xa):
+        return self.net(xa)
+
+
+def _wn_conv(c_in, c_out, k):
+    # Weight normalisation in s and t (Sec. 3.7); its magnitudes `original0` are the
+    # "weight scale parameters" the paper's L2 term acts on (scale_weight_penalty).
+    return nn.utils.parametrizations.weight_norm(nn.Conv2d(c_in, c_out, k, padding=k // 2))
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block (Sec. 3.7: deep residual networks with batch norm and
+    weight norm in s and t): x + conv(relu(bn(conv(relu(bn(x))))))."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(ch), _wn_conv(ch, ch, 3)
+        self.bn2, self.conv2 = nn.BatchNorm2d(ch), _wn_conv(ch, ch, 3)
+
+    def forward(self, h):
+        r = self.conv1(F.relu(self.bn1(h)))
+        return h + self.conv2(F.relu(self.bn2(r)))
+
+
+class ResNet(nn.Module):
+    """Image coupling network: x_a (B, C, H, W) -> (B, 2C, H, W) holding (s_raw, t).
+
+    The mask is given as an extra input channel, so the translation-equivariant convolutions
+    know which pixels are the conditioning ones. The output layer starts at zero (its weight-norm
+    magnitudes are zero): each coupling starts as the identity."""
+
+    def __init__(self, mask, n_features, n_blocks):
+        super().__init__()
+        c = mask.shape[0]
+        self.register_buffer("mask_channel", mask[:1].clone())  # (1, H, W)
+        self.conv_in = _wn_conv(c + 1, n_features, 3)
+        self.blocks = nn.Sequential(*[ResBlock(n_features) for _ in range(n_blocks)])
+        self.bn_out = nn.BatchNorm2d(n_features)
+        self.conv_out = _wn_conv(n_features, 2 * c, 3)
+        with torch.no_grad():
+            self.conv_out.parametrizations.weight.original0.zero_()
+            self.conv_out.bias.zero_()
+
+    def forward(self, xa):
+        m = self.mask_channel.to(xa.dtype).expand(xa.shape[0], 1, *xa.shape[2:])
+        h = self.blocks(self.conv_in(torch.cat([xa, m], 1)))
+        return self.conv_out(F.relu(self.bn_out(h)))
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Config(RunConfig):
+    dataset: str = flag("8gaussians", "dataset: a 2D set (8gaussians, checkerboard, rings, ...) or an image set")
+    steps: int = flag(3000, "training steps (optimiser updates)")
+    batch_size: int = flag(256, "global batch size")
+    lr: float = flag(1e-3, "Adam learning rate")
+    save_every: int = flag(1000, "steps between checkpoints and pictures")
+    n_couplings: int = flag(8, "2D: number of coupling layers (masks alternate)")
+    hidden: int = flag(128, "2D: width of the two hidden layers of each coupling MLP")
+    n_scales: int = flag(2, "images: scales of the multi-scale architecture (n_scales - 1 squeezes)")
+    n_blocks: int = flag(4, "images: residual blocks in each coupling network")
+    n_features: int = flag(32, "images: feature maps in each coupling network")
+    coupling: str = flag("affine", "affine (RealNVP) or additive (NICE: s = 0)", choices=("affine", "additive"))
+    norm: str = flag("act", "normalisation flow layer after each coupling: batch norm (the paper's, images), "
+                     "ActNorm (Glow; 2D default) or none", choices=("batch", "act", "none"))
+    alpha: float = flag(0.05, "images: logit preprocessing maps x/K into [alpha, 1 - alpha] (Sec. 4.1)")
+    l2: float = flag(0.0, "L2 coefficient on the weight-scale parameters (paper, images: 5e-5)")
+    grad_clip: float = flag(100.0, "clip the global gradient norm (official code: 100; 0 = off)")
+    temperature: float = flag(1.0, "standard deviation of the prior when sampling pictures")
+
+
+PRESETS = {
+    # MLP couplings on R^2; ActNorm rather than batch norm: batch statistics of 2D minibatches
+    # are noisy, and the running averages would lag behind the fast-moving early training.
+    "points": dict(steps=3000, batch_size=256, lr=1e-3, norm="act", l2=0.0),
+    # 8x8 digits: one squeeze (8x8 -> 4x4), a small version of the paper's convolutional flow.
+    # Small on purpose: 1497 training images; 2 blocks of 32 maps reach 1.58 bits/dim on the
+    # training set but 2.27 on the test set after 2000 steps.
+    "digits": dict(steps=2000, batch_size=64, lr=1e-3, n_scales=2, n_blocks=1, n_features=16,
+                   norm="batch", alpha=0.05, l2=5e-5, save_every=500),
+    "digits-binary": dict(steps=2000, batch_size=64, lr=1e-3, n_scales=2, n_blocks=1, n_features=16,
+                          norm="batch", alpha=0.05, l2=5e-5, save_every=500),
+    # The paper reports no MNIST flow; this follows its smaller-dataset setting (4 residual
+    # blocks of 32 maps) with two squeezes, 28 -> 14 -> 7.
+    "mnist": dict(steps=50_000, batch_size=64, lr=1e-3, n_scales=3, n_blocks=4, n_features=32,
+                  norm="batch", alpha=0.05, l2=5e-5, save_every=2000),
+    "fashion-mnist": dict(steps=50_000, batch_size=64, lr=1e-3, n_scales=3, n_blocks=4, n_features=32,
+                          norm="batch", alpha=0.05, l2=5e-5, save_every=2000),
+    # Paper, Sec. 4.1: 8 residual blocks, 64 feature maps, one squeeze (downscale once) for
+    # CIFAR-10; batch 64; Adam; L2 5e-5; alpha 0.05. It reports 3.49 bits/dim (test). The number
+    # of steps is ours (the paper does not state it); lr 1e-3 is the official code's default.
+    "cifar10": dict(steps=500_000, batch_size=64, lr=1e-3, n_scales=2, n_blocks=8, n_features=64,
+                    norm="batch", alpha=0.05, l2=5e-5, save_every=5000),
+}
+
+def check_config(cfg):
+    """One-line errors for values the flags' types let through; whether --n-scales fits the
+    images is checked in build (it needs the data)."""
+    for name in ("n_couplings", "hidden", "n_scales", "n_features"):
+        check_range(cfg, name, 1)
+    for name in ("n_blocks", "l2", "grad_clip"):
+        check_range(cfg, name, 0)
+    check_range(cfg, "alpha", 0, 0.5, open_high=True)
+    check_range(cfg, "temperature", 0, open_low=True)
 
 
 # ----------------------------------------------------------------------------------------
-# Pictures
+# Data and pictures
 # ----------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def _model_density(model, lim, n=128):
-    model.eval()
-    device = model._anchor.device
-    return density_on_grid(lambda p: model.log_prob(p.to(device)).cpu(), lim, n)
+# Data go into the flow as they come: points as floats, images as integer levels that `nll`
+# dequantises (discrete = info.kind == "image"); samples come back the same way.
+
+def save_samples(x, path, info, title=None):
+    """Samples as a scatter on [-lim, lim]^2 with `title` (points) or an image grid (levels)."""
+    if info.kind == "points":
+        save_scatter(x, path, lim=info.lim, title=title)
+    else:
+        save_image_grid(x, path, levels=info.levels)
 
 
 @torch.no_grad()
-def save_pictures(model, out, step, meta, cfg, data, true_log_prob=None, lim=4.0):
+def model_log_density(net, lim, n=128):
+    """log p(x) of the flow (evaluation mode) on common.density_on_grid's n x n grid of [-lim, lim]^2."""
+    net.eval()
+    device = net._anchor.device
+    return density_on_grid(lambda p: log_prob(net, p.to(device)).cpu(), lim, n)
+
+
+@torch.no_grad()
+def save_pictures(net, out, step, cfg, ds):
     """Samples; for 2D data the model's density next to the truth; data mapped to latents.
     Drawn from a forked random stream, so pictures never change the training run."""
-    device = model._anchor.device
+    device = net._anchor.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(step)
-        _draw_pictures(model, out, step, meta, cfg, data, true_log_prob, lim)
+        _draw_pictures(net, out, step, cfg, ds)
 
 
-def _draw_pictures(model, out, step, meta, cfg, data, true_log_prob, lim):
-    model.eval()
-    x = model.sample(cfg.n_samples if meta["kind"] != "points" else 2000, cfg.temperature)
-    if meta["kind"] == "points":
-        save_scatter(x, out / f"samples_{step}.png", lim=lim, title=f"RealNVP samples, step {step}")
-        truth = density_on_grid(true_log_prob, lim) if true_log_prob else data
-        save_density({"true": truth, "RealNVP": _model_density(model, lim)}, out / "density.png", lim)
-        z, _ = model(data[:2000].to(model._anchor))
-        _save_latent_2d(data[:2000], z.cpu(), out / "latent.png", lim)
+def _draw_pictures(net, out, step, cfg, ds):
+    info = ds.info
+    net.eval()
+    x = net.sample(cfg.n_samples if info.kind != "points" else 2000, cfg.temperature)
+    save_samples(x, out / f"samples_{step}.png", info, title=f"RealNVP samples, step {step}")
+    if info.kind == "points":
+        truth = density_on_grid(ds.log_prob, info.lim) if ds.log_prob else ds.data
+        save_density({"true" if ds.log_prob else "training data": truth,
+                      "RealNVP": model_log_density(net, info.lim)}, out / "density.png", info.lim)
+        z, _ = net(ds.data[:2000].to(net._anchor))
+        save_latent_2d(ds.data[:2000], z.cpu(), out / "latent.png", info.lim)
     else:
-        save_image_grid(x, out / f"samples_{step}.png", levels=meta["levels"])
-        xs = data[:16].to(model._anchor.device)
-        z, _ = model(dequantize(xs.to(model._anchor.dtype)))
-        phi = 0.5 * (1 + torch.erf(z / math.sqrt(2)))  # N(0,1) -> U(0,1): a latent of N(0, I) looks like noise
-        x01 = xs.float().cpu() / (meta["levels"] - 1)
-        rows = [x01[:8], phi[:8].float().cpu(), x01[8:], phi[8:].float().cpu()]  # data above its latent
-        save_image_grid(torch.cat(rows), out / "latent.png", nrow=8)
+        save_latent_grid(net, ds.data[:16], out / "latent.png", info)
 
 
-def _save_latent_2d(x, z, path, lim):
+def save_latent_2d(x, z, path, lim):
     """Data (left) and its image z = f(x) under the flow (right), coloured by angle in x."""
     import matplotlib
     matplotlib.use("Agg")
@@ -658,155 +687,163 @@ def _save_latent_2d(x, z, path, lim):
     plt.close(fig)
 
 
+LATENT_TITLE = "rows 1 and 3: images x\nrows 2 and 4: latents z = f(x), as Phi(z)\n(uniform noise when z ~ N(0, I))"
+
+
+@torch.no_grad()
+def save_latent_grid(net, xs, path, info):
+    """16 images (integer levels) and their latents z = f(x + u): four rows of 8, each row of
+    images above the row of its latents. z is shown through the normal CDF Phi (N(0,1) -> U(0,1)),
+    so a latent that follows the prior looks like uniform noise."""
+    xs = xs[:16].to(net._anchor.device)
+    z, _ = net(dequantize(xs.to(net._anchor.dtype)))
+    phi = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    x01 = xs.float().cpu() / (info.levels - 1)
+    rows = [x01[:8], phi[:8].float().cpu(), x01[8:], phi[8:].float().cpu()]  # data above its latent
+    save_image_grid(torch.cat(rows), path, nrow=8, title=LATENT_TITLE)
+
+
 # ----------------------------------------------------------------------------------------
-# Training, evaluation, sampling
+# Run code
 # ----------------------------------------------------------------------------------------
 
-def _meta(ds):
-    return {"kind": ds.kind, "shape": list(ds.shape), "levels": ds.levels}
+MODEL = "realnvp"
+
+
+def build(cfg, info):
+    """The flow for a configuration and the data's description: MLP couplings on points, the
+    multi-scale convolutional flow with the logit preprocessing on images."""
+    affine = cfg.coupling == "affine"
+    if info.kind == "points":
+        (dim,) = info.shape
+        return RealNVP(point_flow(dim, cfg.n_couplings, lambda m: MLP(dim, cfg.hidden), affine, cfg.norm),
+                       info.shape)
+    c, h, w = info.shape
+    if h % 2 ** (cfg.n_scales - 1) or w % 2 ** (cfg.n_scales - 1):
+        most = min((h & -h).bit_length(), (w & -w).bit_length())  # 1 + how often both sides can be halved
+        raise UserError(f"--n-scales {cfg.n_scales} does not fit {h}x{w} images (every scale but the last halves "
+                        f"the side); accepted for {info.name}: 1 to {most}")
+    body = Scale(info.shape, cfg.n_scales, lambda m: ResNet(m, cfg.n_features, cfg.n_blocks), affine, cfg.norm)
+    return RealNVP(body, info.shape, levels=info.levels, alpha=cfg.alpha)
 
 
 def train(cfg):
     """Maximum likelihood of the (dequantised) data with Adam and, for images, L2 on the scale
-    weights (Sec. 4.1); under torchrun every process trains on its slice of the global batch."""
+    weights (Sec. 4.1); under torchrun every process trains on its slice of the global batch (DDP)."""
     dist = init_distributed(cfg.device)
+    out = open_run(cfg, MODEL, dist)
     ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    meta, out = _meta(ds), run_dir(cfg, "realnvp")
-    seed_everything(cfg.seed)
-    model = build_model(cfg, meta).to(dist.device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    info, discrete = ds.info, ds.info.kind == "image"
+    seed_everything(cfg.seed)  # the same initial weights on every process
+    net = build(cfg, info).to(dist.device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
-    step, ckpt = 0, resume_path(cfg, "realnvp")
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, map_location=dist.device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        batches.load_state_dict(state["batches"])
-        set_rng_state(state["rng"], dist)
-        step = state["step"]
+    if cfg.resume:
+        step = resume(cfg, MODEL, dist, model=net, opt=opt, batches=batches)
     else:
-        initialize_actnorm(model, batches)
+        step = 0
+        initialize_actnorm(net, batches, discrete)  # Glow Sec. 3.1; DDP then copies rank 0's values
         seed_everything(cfg.seed + dist.rank)  # different dequantisation noise on every process
-    start_step = step
-    objective = wrap_ddp(_Objective(model), dist)
-    if cfg.compile:
-        objective = torch.compile(objective)
+    start = step
+    model = wrap_ddp(net, dist, cfg.compile)  # DDP over the processes, then torch.compile
     logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
-    num_dims = math.prod(meta["shape"])
-    lim = ds.lim or 4.0
-
-    def save():
-        state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng_state(dist),
-                 "batches": batches.state_dict(), "config": dataclasses.asdict(cfg), "meta": meta}
-        if dist.is_main:
-            save_checkpoint(out / "ckpt.pt", state)
-
     with StopSignal() as stop:
         while step < cfg.steps:
-            model.train()
+            model.train()  # the pictures leave the flow in evaluation mode
             x, _ = next(batches)
             with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                nll = objective(x).mean()
-            loss = nll + cfg.l2 * scale_weight_penalty(model) if cfg.l2 else nll
+                nats = nll(model, x, discrete).mean()
+            loss = nats + cfg.l2 * scale_weight_penalty(net) if cfg.l2 else nats
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
-            nll_mean = dist.mean(nll)
-            check_finite(nll_mean, step)
-            metrics = {"loss": nll_mean}
-            if meta["kind"] == "image":
-                metrics["bits_per_dim"] = bits_per_dim(nll_mean, num_dims)
-            logger.log(step, cfg.batch_size, **metrics)
+            value = dist.mean(nats)
+            check_finite(value, step)
+            logger.log(step, cfg.batch_size, loss=value,
+                       **({"bits_per_dim": bits_per_dim(value, info.dims)} if discrete else {}))
             stopping = dist.any(stop.requested)
             if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                save()
-                if dist.is_main:
-                    save_pictures(model, out, step, meta, cfg, ds.data, ds.log_prob, lim)
+                save_training(out, MODEL, step, cfg, info, dist, model=net, opt=opt, batches=batches)
+                if dist.is_main and not stopping:  # asked to stop: no pictures, say how to continue
+                    with stop.interruptible():  # a signal now stops at once; the checkpoint is whole
+                        save_pictures(net, out, step, cfg, ds)
             if stopping:
                 if dist.is_main:
-                    print(f"stopped at step {step}; resume with --resume {out / 'ckpt.pt'}", flush=True)
+                    print(f"stopped at step {step}; continue with --resume", flush=True)
                 break
-    if step == start_step:  # nothing trained in this call: still leave a checkpoint
-        save()
+        if step == start:  # --steps 0, or nothing left to train: still a checkpoint
+            save_training(out, MODEL, step, cfg, info, dist, model=net, opt=opt, batches=batches)
+            if dist.is_main:
+                with stop.interruptible():
+                    save_pictures(net, out, step, cfg, ds)
     logger.close()
     dist.close()
     if dist.is_main:
-        print(f"checkpoint and pictures (samples_{step}.png, latent.png"
-              f"{', density.png' if meta['kind'] == 'points' else ''}, loss.png) in {out}")
-    return model
-
-
-def _load(cfg, path):
-    """Model (evaluation mode), its training config and meta from a checkpoint."""
-    dist = init_distributed(cfg.device)
-    state = load_checkpoint(path, map_location=dist.device)
-    known = {f.name for f in dataclasses.fields(Config)}
-    ccfg = Config(**{k: v for k, v in state["config"].items() if k in known})
-    model = build_model(ccfg, state["meta"]).to(dist.device)
-    model.load_state_dict(state["model"])
-    return model.eval(), ccfg, state["meta"], dist
+        report_files(out, ["ckpt.pt", f"samples_{step}.png", "latent.png", "density.png", "metrics.jsonl",
+                           "loss.png"])
 
 
 @torch.no_grad()
 def evaluate(cfg):
-    """Test-set NLL (nats per example, one dequantisation draw per image) and bits/dim;
-    on a 2D set also the true entropy, density.npz and density.png."""
-    model, ccfg, meta, dist = _load(cfg, cfg.eval)
-    out = Path(cfg.out) if cfg.out else Path(cfg.eval).parent
-    out.mkdir(parents=True, exist_ok=True)
-    ds = load_dataset(ccfg.dataset, "test", cfg.data_dir)
+    """--eval CKPT: test-set NLL (nats per example, one dequantisation draw per image) and
+    bits/dim; on a 2D set also the true entropy, density.npz and density.png."""
+    net, saved, info = load(cfg.eval, get_device(cfg.device))
+    device = net._anchor.device
+    out = output_dir(cfg, cfg.eval)
+    ds = load_dataset(info.name, "test", cfg.data_dir)
     torch.manual_seed(cfg.seed)
-    nll = torch.cat([model.nll(x.to(dist.device)).double().cpu() for x in ds.data.split(500)])
-    fields = {"nll": nll.mean().item(), "nll_se": nll.std().item() / math.sqrt(len(nll)), "n": len(nll)}
-    if meta["kind"] == "image":
-        fields["bits_per_dim"] = bits_per_dim(fields["nll"], math.prod(meta["shape"]))
+    v = torch.cat([nll(net, x.to(device), info.kind == "image").double().cpu() for x in ds.data.split(500)])
+    fields = {"nll": v.mean().item(), "nll_se": v.std().item() / math.sqrt(len(v)), "n": len(v)}
+    if info.kind == "image":
+        fields["bits_per_dim"] = bits_per_dim(fields["nll"], info.dims)
     else:
         if ds.log_prob is not None:
-            fields["true_entropy"], fields["true_entropy_se"] = entropy_estimate(ccfg.dataset)
-        log_density = _model_density(model, ds.lim)
-        np.savez(out / "density.npz", log_density=log_density, lim=ds.lim)
-        truth = density_on_grid(ds.log_prob, ds.lim) if ds.log_prob else ds.data
+            fields["true_entropy"], fields["true_entropy_se"] = entropy_estimate(info.name)
+        log_density = model_log_density(net, info.lim)
+        np.savez(out / "density.npz", log_density=log_density, lim=info.lim)
+        truth = density_on_grid(ds.log_prob, info.lim) if ds.log_prob else ds.data
         save_density({"true" if ds.log_prob else "test data": truth, "RealNVP": log_density},
-                     out / "density.png", ds.lim)
-    logger = Logger(out, 0, enabled=dist.is_main)
-    logger.event("eval", split="test", dataset=ccfg.dataset, **fields)
+                     out / "density.png", info.lim)
+    Logger(out, 0).event("eval", split="test", dataset=info.name, **fields)
+    report_files(out, ["metrics.jsonl", "density.npz", "density.png"])
     return fields
 
 
-def sample_cmd(cfg):
-    """`--sample CKPT`: n_samples samples to samples.png, timed."""
-    model, ccfg, meta, dist = _load(cfg, cfg.sample)
-    out = Path(cfg.out) if cfg.out else Path(cfg.sample).parent
-    out.mkdir(parents=True, exist_ok=True)
+def draw_samples(cfg):
+    """--sample CKPT: n_samples samples at --temperature to samples.png and samples.pt (for
+    benchmarks/quality.py), and a "sample" event with samples per second."""
+    net, saved, info = load(cfg.sample, get_device(cfg.device))
+    out = output_dir(cfg, cfg.sample)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    x = model.sample(cfg.n_samples, cfg.temperature)
+    x = net.sample(cfg.n_samples, cfg.temperature)
     seconds = time.perf_counter() - t0
-    if meta["kind"] == "points":
-        save_scatter(x, out / "samples.png", lim=4.0, title="RealNVP samples")
-    else:
-        save_image_grid(x, out / "samples.png", levels=meta["levels"])
-    if dist.is_main:
-        torch.save(x.cpu(), out / "samples.pt")  # for benchmarks/quality.py
-    Logger(out, 0, enabled=dist.is_main).event("sample", n=cfg.n_samples, seconds=seconds,
-                                               samples_per_s=cfg.n_samples / max(seconds, 1e-9))
-    print(f"samples in {out / 'samples.png'}")
+    save_samples(x, out / "samples.png", info, title="RealNVP samples")
+    torch.save(x.cpu(), out / "samples.pt")
+    Logger(out, 0).event("sample", n=cfg.n_samples, seconds=seconds, samples_per_s=cfg.n_samples / max(seconds, 1e-9))
+    report_files(out, ["samples.png", "samples.pt", "metrics.jsonl"])
+    return x
+
+
+def load(path, device="cpu"):
+    """(flow in evaluation mode on `device`, its training Config, its data's description) from a
+    checkpoint of realnvp.py."""
+    ckpt = load_checkpoint(path, MODEL)
+    cfg, info = saved_config(Config, ckpt)
+    net = build(cfg, info)
+    load_weights(net, ckpt["model"], path)
+    return net.to(device).eval(), cfg, info
 
 
 def main(argv=None):
-    """Train (default), or `--eval CKPT`, or `--sample CKPT`."""
+    """Train (default), or --eval CKPT, or --sample CKPT; a user's mistake exits with one line."""
     with user_errors():
         cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
-        if cfg.temperature <= 0:
-            raise UserError(f"--temperature {cfg.temperature} is out of range; it takes a positive number")
-        if cfg.eval:
-            return evaluate(cfg)
-        if cfg.sample:
-            return sample_cmd(cfg)
-        return train(cfg)
+        check_config(cfg)
+        return dispatch(cfg, train, evaluate, draw_samples)
 
 
 if __name__ == "__main__":

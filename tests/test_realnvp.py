@@ -3,19 +3,28 @@
 Invertibility to float64 precision and log-determinants against the slogdet of
 torch.autograd.functional.jacobian, for every layer type and the whole flow; the density
 integrating to one by quadrature; the discrete likelihood against hand computation and
-closed forms; normalisation layers in both modes; the command line end to end and resume.
+closed forms; normalisation layers in both modes; the command line end to end and resume;
+the mathematics and the networks with common.py replaced.
 """
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import common
 import realnvp as R
 
 F64 = torch.float64
+POINTS = common.DataInfo("8gaussians", "points", (2,), lim=common.POINTS_LIM)
+
+
+def image_info(c, side, levels=17):
+    """The description of c x side x side images of `levels` levels (what load_dataset gives)."""
+    return common.DataInfo("digits", "image", (c, side, side), levels=levels, num_classes=10)
 
 
 # ----------------------------------------------------------------------------------------
@@ -169,8 +178,7 @@ def test_consecutive_couplings_transform_complementary_halves_in_every_scale(c, 
     are constant over channels and alternate along rows and columns; channel-wise masks are
     constant over space and select half of the channels."""
     side = 2 ** n_scales
-    model = R.build_model(small_cfg(n_scales=n_scales, norm=norm), {"kind": "image", "shape": [c, side, side],
-                                                                      "levels": 17})
+    model = R.build(small_cfg(n_scales=n_scales, norm=norm), image_info(c, side))
     groups = coupling_groups(model)
     assert [kind for kind, _ in groups] == ["checkerboard", "channel"] * (n_scales - 1) + ["checkerboard"]
     for kind, masks in groups:
@@ -189,7 +197,7 @@ def test_consecutive_couplings_transform_complementary_halves_in_every_scale(c, 
 def test_consecutive_couplings_of_the_2d_flow_have_complementary_masks(n_couplings, norm):
     """The 2D flow (Dinh et al. 2017's toy setting): each coupling transforms the coordinate the
     coupling before it kept, (1, 0), (0, 1), (1, 0), ..."""
-    model = R.build_model(small_cfg(n_couplings=n_couplings, norm=norm), {"kind": "points", "shape": [2]})
+    model = R.build(small_cfg(n_couplings=n_couplings, norm=norm), POINTS)
     [(kind, masks)] = coupling_groups(model)
     assert len(masks) == n_couplings
     for a, b in zip(masks, masks[1:]):
@@ -308,7 +316,7 @@ def test_nll_hand_computed():
         z = (w - shift) * math.exp(-log_scale)
         total += -0.5 * z * z - 0.5 * math.log(2 * math.pi)
         total += math.log(1 - 2 * a) - math.log(K) - math.log(p) - math.log(1 - p) - log_scale
-    nll = model.nll(x, u)
+    nll = R.nll(model, x, discrete=True, u=u)
     torch.testing.assert_close(nll, torch.tensor([-total], dtype=F64), rtol=0, atol=1e-12)
     D = 2
     torch.testing.assert_close(R.bits_per_dim(nll, D), nll / (D * math.log(2)))
@@ -330,7 +338,7 @@ def test_discrete_probabilities_sum_to_the_mass_inside_the_cube():
     total = 0.0
     for xi in range(K):
         x = torch.full((len(u), 1, 1, 1), xi, dtype=torch.uint8)
-        nll = model.nll(x, u)
+        nll = R.nll(model, x, discrete=True, u=u)
         P = (wts * torch.exp(-nll)).sum().item()
         total += P
         assert (wts * nll).sum().item() >= -math.log(P)
@@ -356,7 +364,7 @@ def small_cfg(**kw):
        seed=st.integers(0, 10_000))
 def test_multiscale_flow_with_preprocessing_inverts_and_logdet_matches_jacobian(c, hw, n_scales, norm, coupling, seed):
     cfg = small_cfg(n_scales=n_scales, norm=norm, coupling=coupling)
-    model = R.build_model(cfg, {"kind": "image", "shape": [c, hw, hw], "levels": 17})
+    model = R.build(cfg, image_info(c, hw))
     model = randomize(model.double(), seed, std=0.2).eval()
     g = torch.Generator().manual_seed(seed)
     v = R.dequantize(torch.randint(17, (2, c, hw, hw), generator=g).double(),
@@ -365,7 +373,7 @@ def test_multiscale_flow_with_preprocessing_inverts_and_logdet_matches_jacobian(
 
 
 def test_multiscale_flow_train_mode_inverts_with_batch_statistics():
-    model = R.build_model(small_cfg(n_scales=2, norm="batch"), {"kind": "image", "shape": [1, 4, 4], "levels": 17})
+    model = R.build(small_cfg(n_scales=2, norm="batch"), image_info(1, 4))
     model = randomize(model.double(), 1, std=0.2).train()
     v = R.dequantize(torch.randint(17, (4, 1, 4, 4)).double())
     z, _ = model(v)
@@ -374,8 +382,7 @@ def test_multiscale_flow_train_mode_inverts_with_batch_statistics():
 
 @given(norm=st.sampled_from(["batch", "act", "none"]), seed=st.integers(0, 10_000))
 def test_2d_flow_inverts_and_logdet_matches_jacobian(norm, seed):
-    model = randomize(R.build_model(small_cfg(norm=norm), {"kind": "points", "shape": [2], "levels": None}).double(),
-                      seed).eval()
+    model = randomize(R.build(small_cfg(norm=norm), POINTS).double(), seed).eval()
     x = 2 * torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(seed))
     check_layer(model, x)
     z = torch.randn(3, 2, dtype=F64)
@@ -388,7 +395,7 @@ def integrate_density(model, lim, n):
     c = -lim + h * (torch.arange(n, dtype=F64) + 0.5)
     pts = torch.stack(torch.meshgrid(c, c, indexing="ij"), -1).reshape(-1, 2)
     with torch.no_grad():
-        return torch.exp(model.log_prob(pts)).sum().item() * h * h
+        return torch.exp(R.log_prob(model, pts)).sum().item() * h * h
 
 
 def check_normalised(model):
@@ -404,19 +411,19 @@ def check_normalised(model):
 def test_2d_density_integrates_to_one_at_random_init_and_after_training():
     torch.manual_seed(0)
     cfg = small_cfg(norm="batch")
-    model = randomize(R.build_model(cfg, {"kind": "points", "shape": [2], "levels": None}), 0, std=0.3).double()
+    model = randomize(R.build(cfg, POINTS), 0, std=0.3).double()
     model.eval()
     check_normalised(model)
     # the randomised flow is far from the prior, so the check is not trivially N(0, I)'s
     base = R.standard_normal_log_prob(torch.zeros(1, 2, dtype=F64))
-    assert abs(model.log_prob(torch.zeros(1, 2, dtype=F64)).item() - base.item()) > 0.05
-    ds = R.load_dataset("8gaussians")
+    assert abs(R.log_prob(model, torch.zeros(1, 2, dtype=F64)).item() - base.item()) > 0.05
+    ds = common.load_dataset("8gaussians")
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     model.train()
     losses = []
     for _ in range(30):
-        loss = model.nll(ds.sample(128, g).double()).mean()
+        loss = R.nll(model, ds.sample(128, g).double()).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -427,7 +434,7 @@ def test_2d_density_integrates_to_one_at_random_init_and_after_training():
 
 
 def test_sample_is_the_inverse_of_prior_draws_in_eval_mode():
-    model = randomize(R.build_model(small_cfg(n_scales=2), {"kind": "image", "shape": [1, 4, 4], "levels": 17}), 2)
+    model = randomize(R.build(small_cfg(n_scales=2), image_info(1, 4)), 2)
     model.train()
     torch.manual_seed(5)
     x = model.sample(6, temperature=0.7)
@@ -441,11 +448,40 @@ def test_sample_is_the_inverse_of_prior_draws_in_eval_mode():
 
 
 def test_scale_weight_penalty_counts_weightnorm_magnitudes_and_coupling_scales():
-    model = randomize(R.build_model(small_cfg(n_scales=2), {"kind": "image", "shape": [1, 4, 4], "levels": 17}), 0)
+    model = randomize(R.build(small_cfg(n_scales=2), image_info(1, 4)), 0)
     expected = sum(p.pow(2).sum() for m in model.modules() if isinstance(m, R.AffineCoupling) for p in [m.scale])
     expected = expected + sum(m.parametrizations.weight.original0.pow(2).sum() for m in model.modules()
                               if isinstance(m, torch.nn.Conv2d))
     torch.testing.assert_close(R.scale_weight_penalty(model), expected)
+
+
+@torch.no_grad()
+def test_latent_grid_says_which_rows_are_images_and_which_latents(tmp_path, monkeypatch):
+    """Issue 16: a grid that mixes kinds of rows says which is which. latent.png holds 8 images
+    in rows 1 and 3 and, below each row, the latents z = f(x + u) of the same images through the
+    normal CDF; its title says so."""
+    info = image_info(1, 4)
+    net = randomize(R.build(small_cfg(n_scales=2), info), 0).eval()
+    xs = torch.randint(17, (16, 1, 4, 4), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    calls = []
+    monkeypatch.setattr(R, "save_image_grid", lambda x, path, **kw: calls.append((x, path, kw)))
+    torch.manual_seed(3)
+    R.save_latent_grid(net, xs, tmp_path / "latent.png", info)
+    [(grid, path, kw)] = calls
+    assert path == tmp_path / "latent.png" and kw["nrow"] == 8 and "levels" not in kw
+    assert "rows 1 and 3: images" in kw["title"] and "rows 2 and 4: latents" in kw["title"]
+    torch.manual_seed(3)
+    z, _ = net(R.dequantize(xs.float()))
+    phi, images = 0.5 * (1 + torch.erf(z / math.sqrt(2))), xs.float() / 16
+    for rows, expected in ((slice(0, 8), images[:8]), (slice(8, 16), phi[:8]), (slice(16, 24), images[8:]),
+                           (slice(24, 32), phi[8:])):
+        torch.testing.assert_close(grid[rows], expected)
+    monkeypatch.undo()  # drawn for real, the title is a band above the grid
+    import matplotlib.image
+    R.save_latent_grid(net, xs, tmp_path / "latent.png", info)
+    common.save_image_grid(grid, tmp_path / "untitled.png", nrow=8)
+    titled, untitled = (matplotlib.image.imread(tmp_path / n) for n in ("latent.png", "untitled.png"))
+    assert titled.shape[1] == untitled.shape[1] and titled.shape[0] > untitled.shape[0] + 30
 
 
 # ----------------------------------------------------------------------------------------
@@ -457,12 +493,17 @@ def events(out, name):
     return [x for x in lines if x.get("event") == name]
 
 
-def test_cli_2d_end_to_end_eval_and_sample(tmp_path):
+def single_process_only(*args, **kwargs):
+    raise AssertionError("--eval and --sample run in one process: they never join a process group")
+
+
+def test_cli_2d_end_to_end_eval_and_sample(tmp_path, monkeypatch):
     out = tmp_path / "run"
     R.main(["--dataset", "8gaussians", "--steps", "4", "--batch-size", "32", "--hidden", "8",
             "--n-couplings", "2", "--out", str(out), "--log-every", "2"])
     for f in ("ckpt.pt", "samples_4.png", "density.png", "latent.png", "metrics.jsonl", "loss.png"):
         assert (out / f).exists(), f
+    monkeypatch.setattr(R, "init_distributed", single_process_only)  # issue 16: not even under torchrun
     fields = R.main(["--eval", str(out / "ckpt.pt"), "--out", str(out)])
     (ev,) = events(out, "eval")
     assert ev["split"] == "test" and math.isfinite(ev["nll"]) and ev["nll"] == fields["nll"]
@@ -471,24 +512,28 @@ def test_cli_2d_end_to_end_eval_and_sample(tmp_path):
         assert d["log_density"].shape == (128, 128) and float(d["lim"]) == 4.0
     R.main(["--sample", str(out / "ckpt.pt"), "--n-samples", "10", "--out", str(out)])
     assert (out / "samples.png").exists() and events(out, "sample")[0]["n"] == 10
+    assert torch.load(out / "samples.pt", weights_only=True).shape == (10, 2)
 
 
-def test_cli_digits_end_to_end_eval_and_sample(tmp_path):
+def test_cli_digits_end_to_end_eval_and_sample(tmp_path, monkeypatch):
     out = tmp_path / "digits"
     R.main(["--dataset", "digits", "--steps", "2", "--batch-size", "8", "--n-blocks", "1", "--n-features", "4",
             "--n-samples", "4", "--out", str(out)])
     for f in ("ckpt.pt", "samples_2.png", "latent.png", "loss.png"):
         assert (out / f).exists(), f
+    monkeypatch.setattr(R, "init_distributed", single_process_only)
     R.main(["--eval", str(out / "ckpt.pt")])
     (ev,) = events(out, "eval")
     assert ev["n"] == 300
     assert ev["bits_per_dim"] == pytest.approx(ev["nll"] / (64 * math.log(2)))
     R.main(["--sample", str(out / "ckpt.pt"), "--n-samples", "4"])
     assert (out / "samples.png").exists()
+    samples = torch.load(out / "samples.pt", weights_only=True)
+    assert samples.shape == (4, 1, 8, 8) and samples.dtype == torch.uint8 and int(samples.max()) <= 16
 
 
 def params(path):
-    return R.load_checkpoint(path)["model"]
+    return common.load_checkpoint(path)["model"]
 
 
 @pytest.mark.parametrize("argv", [
@@ -517,6 +562,14 @@ def test_user_errors_are_one_line(tmp_path, capsys):
         R.main(["--dataset", "shakespeare", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         R.main(["--eval", str(tmp_path / "missing.pt")])
+    # the model's own flags are checked before anything is written (check_config)
+    for flag, value in [("--alpha", "0.5"), ("--temperature", "0.0"), ("--n-couplings", "0"), ("--l2", "-1.0")]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            R.main([flag, value, "--steps", "1", "--out", str(tmp_path / "never")])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith(f"error: {flag} {value} is out of range") and "\n" not in err
+        assert not (tmp_path / "never").exists()
 
 
 def test_torchrun_two_processes_equal_one_process(tmp_path):
@@ -529,9 +582,59 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
             "--batch-size", "32"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(R.Path(R.__file__)), *argv, "--out", str(tmp_path / "ddp")], check=True, env=env,
+                    str(Path(R.__file__)), *argv, "--out", str(tmp_path / "ddp")], check=True, env=env,
                    capture_output=True, timeout=300)
     R.main(argv + ["--out", str(tmp_path / "one")])
     pa, pb = params(tmp_path / "ddp" / "ckpt.pt"), params(tmp_path / "one" / "ckpt.pt")
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6)
+
+
+
+# ----------------------------------------------------------------------------------------
+# the mathematics and the networks alone
+# ----------------------------------------------------------------------------------------
+
+def test_mathematics_runs_without_common(without_common):
+    """The couplings, masks, squeeze, normalisation layers, the logit preprocessing, the 2D and the
+    multi-scale flow with their networks, the likelihood, its gradient and the sampler run from the
+    file's first half alone (common.py replaced by a module whose every name fails)."""
+    m = without_common("realnvp")
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    # the 2D flow: ActNorm initialised from data, then forward/inverse and log-det against autograd
+    flow = m.RealNVP(m.point_flow(2, 4, lambda mask: m.MLP(2, 8), affine=True, norm="act"), (2,)).double()
+    x = 2 * torch.randn(6, 2, dtype=F64, generator=g)
+    m.initialize_actnorm(flow, iter([(x, None)]))
+    assert all(bool(a.initialized) for a in flow.modules() if isinstance(a, m.ActNorm))
+    flow = randomize(flow, 1).eval()
+    check_layer(flow, x[:3])
+    torch.testing.assert_close(m.nll(flow, x), -m.log_prob(flow, x))
+    z, log_det = flow(x)
+    torch.testing.assert_close(m.log_prob(flow, x), m.change_of_variables(m.standard_normal_log_prob(z), log_det))
+    flow.train()
+    m.nll(flow, x).mean().backward()
+    assert all(p.grad is not None for p in flow.parameters())
+    assert flow.sample(5).shape == (5, 2) and flow.training
+    # a two-scale image flow with its ResNets and the logit preprocessing: forward/inverse, log-det
+    images = m.RealNVP(m.Scale((1, 4, 4), 2, lambda mask: m.ResNet(mask, 4, 1), affine=True, norm="batch"),
+                       (1, 4, 4), levels=17, alpha=0.05).double()
+    images = randomize(images, 2, std=0.2).eval()
+    levels = torch.randint(17, (2, 1, 4, 4), generator=g).to(torch.uint8)
+    u = torch.rand(2, 1, 4, 4, generator=g, dtype=F64).clamp(0.01, 0.99)
+    v = m.dequantize(levels.double(), u)
+    check_layer(images, v, tol=1e-8)
+    check_layer(m.LogitPreprocess(17, 0.05), v, tol=1e-8)
+    assert torch.equal(m.quantize(v, 17), levels)
+    nats = m.nll(images, levels, discrete=True, u=u)
+    torch.testing.assert_close(nats, -m.log_prob(images, v))
+    assert m.bits_per_dim(nats.mean().item(), 16) == pytest.approx(nats.mean().item() / (16 * math.log(2)))
+    assert torch.isfinite(m.scale_weight_penalty(images))
+    samples = images.sample(3, temperature=0.8)
+    assert samples.shape == (3, 1, 4, 4) and samples.dtype == torch.uint8 and int(samples.max()) <= 16
+    with pytest.raises(ValueError):
+        m.LogitPreprocess(17, 0.5)
+    with pytest.raises(ValueError):
+        m.Scale((1, 6, 6), 3, lambda mask: m.ResNet(mask, 4, 1))
+    with pytest.raises(ValueError):
+        m.norm_layer("group", 2)
