@@ -592,26 +592,40 @@ def _allocation_failure(e):
 class StopSignal:
     """Within `with StopSignal() as stop:`, the first SIGINT or SIGTERM sets `stop.requested`:
     the loop finishes its step, saves a checkpoint and exits cleanly (status 0). Pictures drawn
-    after a checkpoint go inside `with stop.interruptible():`; a signal there stops them at once
-    and the run goes on to its clean stop. A second signal stops the process at once (status
-    128 + signal). The checkpoint on disk stays whole either way: it is written atomically."""
+    after a checkpoint go inside `with stop.interruptible():`; a signal there stops them at the
+    next call of any network, and the run goes on to its clean stop. A second signal stops the
+    process at once (status 128 + signal). The checkpoint on disk stays whole either way: it is
+    written atomically.
+
+    The first signal raises nothing from the handler: an exception raised by a signal handler
+    is lost when the handler happens to run inside a finaliser (a weakref callback of
+    matplotlib's, say), so the pictures are stopped by a forward pre-hook on every module
+    instead, in the ordinary flow of the program. The second signal does raise; if that is
+    lost in a finaliser, the unraisable hook ends the process with the same line and status."""
 
     def __enter__(self):
-        self.requested, self._interruptible, self._previous = False, False, {}
+        self.requested, self._pictures, self._previous = False, False, {}
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._previous[s] = signal.signal(s, self._handle)
+            self._previous_unraisable, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     @contextmanager
     def interruptible(self):
-        self._interruptible = True
+        self._pictures = True
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(self._stop_pictures)
         try:
             yield
-        except _PicturesStopped as e:
-            print(f"\n{e}: pictures stopped; the checkpoint is saved", file=sys.stderr, flush=True)
+        except _PicturesStopped:
+            pass
         finally:
-            self._interruptible = False
+            hook.remove()
+            self._pictures = False
+
+    def _stop_pictures(self, module, args):
+        if self.requested:
+            raise _PicturesStopped
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
@@ -619,18 +633,26 @@ class StopSignal:
             raise Interrupted(f"{name} again: stopped at once; the checkpoint on disk is whole (continue with "
                               "--resume)", 128 + signum)
         self.requested = True
-        if self._interruptible:
-            raise _PicturesStopped(name)
-        print(f"\n{name}: finishing this step, then saving a checkpoint", file=sys.stderr, flush=True)
+        what = "pictures stopped; the checkpoint is saved" if self._pictures else \
+            "finishing this step, then saving a checkpoint"
+        print(f"\n{name}: {what}", file=sys.stderr, flush=True)
+
+    def _unraisable(self, unraisable):
+        if isinstance(unraisable.exc_value, Interrupted):
+            print(unraisable.exc_value, file=sys.stderr, flush=True)
+            os._exit(unraisable.exc_value.code)
+        self._previous_unraisable(unraisable)
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        if self._previous:
+            sys.unraisablehook = self._previous_unraisable
         return False
 
 
 class _PicturesStopped(Exception):
-    """Raised by a signal inside StopSignal.interruptible(), and caught there."""
+    """Raised at a network call inside StopSignal.interruptible() once a signal came, and caught there."""
 
 
 # --- run folders

@@ -894,12 +894,18 @@ def test_dispatch_turns_running_out_of_memory_into_one_line(error, asked):
 
 
 def test_a_signal_while_drawing_pictures_or_a_second_signal_stops_at_once(capsys):
+    net, calls = torch.nn.Linear(2, 2), []
     with common.StopSignal() as stop:
         with stop.interruptible():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
-            raise AssertionError("the pictures went on after the signal")
-        assert stop.requested and "SIGTERM: pictures stopped" in capsys.readouterr().err  # and the run goes on
+            for i in range(1000):  # a sampler: the signal comes after the 3rd network call
+                if i == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.05)
+                net(torch.zeros(1, 2))
+                calls.append(i)
+        assert calls == [0, 1, 2] and stop.requested  # stopped at the next call; the run goes on
+        assert "SIGTERM: pictures stopped" in capsys.readouterr().err
+        net(torch.zeros(1, 2))  # outside the pictures, networks run as before
     with common.StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
@@ -910,6 +916,27 @@ def test_a_signal_while_drawing_pictures_or_a_second_signal_stops_at_once(capsys
                     os.kill(os.getpid(), signal.SIGTERM)
                     time.sleep(5)
             assert e.value.code == 128 + signal.SIGTERM
+
+
+def test_a_second_signal_lost_in_a_finaliser_still_ends_the_process(tmp_path):
+    """An exception a signal handler raises inside a finaliser (__del__, a weakref callback) is
+    not propagated by Python: the unraisable hook then ends the process with the one line."""
+    script = textwrap.dedent("""
+        import os, signal, sys, time, common
+        class Finalised:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.5)  # the handler runs here, inside the finaliser
+        with common.StopSignal() as stop:
+            stop.requested = True  # a first signal came before
+            Finalised()
+            time.sleep(2)
+            print("went on", flush=True)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 128 + signal.SIGTERM and "went on" not in r.stdout
+    assert r.stderr.strip().splitlines() == ["SIGTERM again: stopped at once; the checkpoint on disk is whole "
+                                             "(continue with --resume)"]
 
 
 def test_user_errors_turn_interruptions_into_one_line(capsys):
