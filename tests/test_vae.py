@@ -9,7 +9,10 @@ import gzip
 import itertools
 import json
 import math
+import re
 import struct
+import subprocess
+import sys
 
 import mpmath
 import numpy as np
@@ -20,7 +23,8 @@ from scipy import integrate, stats
 
 import common
 import vae
-
+from conftest import ROOT
+from test_common import _env, _free_port
 
 
 @pytest.fixture(autouse=True)
@@ -282,8 +286,8 @@ def test_elbo_is_the_closed_form_and_below_log_px_for_any_encoder(seed):
     net = model.vae(_encoder_at(m, v))
     xs = _replicate(x, 2000)
     g = torch.Generator().manual_seed(seed)
-    _mc_close(net.elbo(xs, generator=g).numpy(), exact)
-    _mc_close(net.elbo(xs, analytic_kl=False, generator=g).numpy(), exact)
+    _mc_close(vae.elbo(net, xs, generator=g).numpy(), exact)
+    _mc_close(vae.elbo(net, xs, analytic_kl=False, generator=g).numpy(), exact)
 
 
 @given(st.integers(0, 2 ** 31), st.sampled_from([2, 5, 20]))
@@ -300,7 +304,7 @@ def test_elbo_with_k_samples_averages_them_to_the_closed_form(seed, k):
     g = torch.Generator().manual_seed(seed)
     exact = model.exact_elbo(x, m, v)
     for analytic in (True, False):
-        _mc_close(net.elbo(xs, k=k, analytic_kl=analytic, generator=g).numpy(), exact)
+        _mc_close(vae.elbo(net, xs, k=k, analytic_kl=analytic, generator=g).numpy(), exact)
 
 
 @given(st.integers(0, 2 ** 31))
@@ -310,11 +314,11 @@ def test_exact_posterior_makes_every_bound_equal_log_px(seed):
     net = model.vae(_encoder_at(*model.posterior(x)))
     xs, g = _replicate(x, 500), torch.Generator().manual_seed(seed)
     # With q = p(z|x) every weight p(x, z) / q(z|x) equals p(x): no Monte-Carlo error at all.
-    np.testing.assert_allclose(net.elbo(xs, analytic_kl=False, generator=g).numpy(), model.log_px(x), atol=1e-10)
+    np.testing.assert_allclose(vae.elbo(net, xs, analytic_kl=False, generator=g).numpy(), model.log_px(x), atol=1e-10)
     for k in (1, 7):
-        np.testing.assert_allclose(net.iwae_bound(xs[:20], k, chunk=3, generator=g).numpy(),
+        np.testing.assert_allclose(vae.iwae_bound(net, xs[:20], k, chunk=3, generator=g).numpy(),
                                    model.log_px(x), atol=1e-10)
-    _mc_close(net.elbo(xs, generator=g).numpy(), model.log_px(x))
+    _mc_close(vae.elbo(net, xs, generator=g).numpy(), model.log_px(x))
 
 
 def test_density_grid_of_the_exact_posterior_model_is_the_exact_density():
@@ -338,11 +342,11 @@ def test_iwae_1_equals_the_elbo_with_the_same_samples():
     x = np.array([0.5, -1.0, 2.0])
     net = model.vae(_encoder_at(np.array([0.3, -0.2]), np.array([0.5, 2.0])))
     xs = _replicate(x, 4000)
-    iwae1 = net.iwae_bound(xs, 1, generator=torch.Generator().manual_seed(5))
-    elbo_a = net.elbo(xs, analytic_kl=False, generator=torch.Generator().manual_seed(5))
+    iwae1 = vae.iwae_bound(net, xs, 1, generator=torch.Generator().manual_seed(5))
+    elbo_a = vae.elbo(net, xs, analytic_kl=False, generator=torch.Generator().manual_seed(5))
     np.testing.assert_allclose(iwae1.numpy(), elbo_a.numpy(), rtol=0, atol=1e-12)
     # The closed-form-KL ELBO uses the same z; its difference from L_1 has mean zero.
-    elbo_b = net.elbo(xs, generator=torch.Generator().manual_seed(5))
+    elbo_b = vae.elbo(net, xs, generator=torch.Generator().manual_seed(5))
     _mc_close((elbo_b - iwae1).numpy(), 0.0)
     assert (elbo_b - iwae1).abs().max() > 1e-3  # estimators A and B really differ sample by sample
 
@@ -353,7 +357,7 @@ def test_iwae_bound_chunks_and_log_weights_against_direct_computation():
     m, v = np.array([0.1, 0.4]), np.array([0.7, 1.3])
     net = model.vae(_encoder_at(m, v))
     xs = _replicate(x, 2)
-    got = net.iwae_bound(xs, 10, chunk=3, generator=torch.Generator().manual_seed(9))
+    got = vae.iwae_bound(net, xs, 10, chunk=3, generator=torch.Generator().manual_seed(9))
     g = torch.Generator().manual_seed(9)
     mu, logvar = torch.tensor(m).expand(2, -1), torch.tensor(np.log(v)).expand(2, -1)
     z = torch.cat([vae.reparameterize(mu, logvar, c, g) for c in (3, 3, 3, 1)]).numpy()   # (10, 2, d)
@@ -361,7 +365,7 @@ def test_iwae_bound_chunks_and_log_weights_against_direct_computation():
              + stats.norm.logpdf(z).sum(-1) - stats.norm.logpdf(z, m, np.sqrt(v)).sum(-1))
     expected = np.log(np.exp(log_w).mean(0))
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10)
-    assert net.nll(xs, 10, chunk=4, generator=torch.Generator().manual_seed(9)).shape == (2,)
+    assert vae.nll(net, xs, 10, chunk=4, generator=torch.Generator().manual_seed(9)).shape == (2,)
 
 
 def test_iwae_bound_increases_with_k_towards_log_px():
@@ -374,7 +378,7 @@ def test_iwae_bound_increases_with_k_towards_log_px():
     g = torch.Generator().manual_seed(0)
     means, ses = [], []
     for k, reps in ((1, 4000), (4, 2000), (16, 1000), (64, 500), (1024, 200)):
-        b = net.iwae_bound(_replicate(x, reps), k, chunk=256, generator=g).numpy()
+        b = vae.iwae_bound(net, _replicate(x, reps), k, chunk=256, generator=g).numpy()
         means.append(b.mean())
         ses.append(b.std(ddof=1) / math.sqrt(reps))
         assert b.mean() <= log_px + Z * ses[-1]            # L_k <= log p(x) (Burda et al. Thm 1)
@@ -401,18 +405,43 @@ def test_loss_is_the_negative_bound_it_names():
     net = _small_vae()
     x = torch.randint(0, 5, (6, 1, 4, 4), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(1)
-    loss, stats_ = net.loss(x)
+    loss, stats_ = vae.training_loss(net, x)
     torch.manual_seed(1)
-    assert loss.item() == pytest.approx(-net.elbo(x).mean().item(), rel=1e-12)
+    assert loss.item() == pytest.approx(-vae.elbo(net, x).mean().item(), rel=1e-12)
     assert stats_["elbo"].item() == pytest.approx(-loss.item(), rel=1e-12)
     torch.manual_seed(2)
-    loss, _ = net.loss(x, objective="iwae", k=5)
+    loss, _ = vae.training_loss(net, x, objective="iwae", k=5)
     torch.manual_seed(2)
-    assert loss.item() == pytest.approx(-net.iwae_bound(x, 5).mean().item(), rel=1e-12)
+    assert loss.item() == pytest.approx(-vae.iwae_bound(net, x, 5).mean().item(), rel=1e-12)
     # KL weight 0 leaves the reconstruction term alone.
     torch.manual_seed(3)
-    rec_only, st0 = net.loss(x, kl_scale=0.0)
+    rec_only, st0 = vae.training_loss(net, x, kl_scale=0.0)
     assert rec_only.item() == pytest.approx(-(st0["elbo"] + st0["kl"]).item(), rel=1e-12)
+
+
+def test_training_loss_is_one_pass_of_the_model():
+    """The training loss calls the model once, through its forward (so DistributedDataParallel's
+    gradient hooks fire under torchrun), and is built from what that pass returns."""
+    net = _small_vae()
+    x = torch.randint(0, 5, (6, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    for objective, k in (("elbo", 3), ("iwae", 4)):
+        calls = []
+
+        def model(*args, **kwargs):
+            calls.append(args)
+            return net(*args, **kwargs)
+        torch.manual_seed(4)
+        loss, _ = vae.training_loss(model, x, objective, k, kl_scale=0.5, free_bits=0.1)
+        assert len(calls) == 1 and calls[0][1] == k
+        torch.manual_seed(4)
+        mu, logvar, z, log_lik = net(x, k)
+        assert z.shape == (k, 6, 3) and log_lik.shape == (k, 6)
+        if objective == "elbo":
+            kl = vae.gaussian_kl_per_dim(mu, logvar).mean(0).clamp(min=0.1).sum()
+            expected = -(log_lik.mean() - 0.5 * kl)
+        else:
+            expected = -(torch.logsumexp(vae.log_weights(mu, logvar, z, log_lik), 0) - math.log(k)).mean()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
 
 
 def test_free_bits_kl_against_brute_force():
@@ -443,7 +472,7 @@ def test_free_bits_clamp_the_batch_mean_of_each_kl_j(lam, seed):
     x = torch.tensor(rng.normal(size=(b, 3)))
     decoder = lambda z: torch.zeros(z.shape[0], 2, 3)          # p(x|z) = N(0, I): no sampling noise
     net = vae.VAE(lambda xb: (mu, logvar), decoder, vae.Gaussian(), 4)
-    loss, stats_ = net.loss(x, free_bits=lam)
+    loss, stats_ = vae.training_loss(net, x, free_bits=lam)
     rec = stats.norm.logpdf(x.numpy()).sum(1).mean()
     batch_mean = kl.mean(0)
     assert loss.item() == pytest.approx(-(rec - np.maximum(lam, batch_mean).sum()), rel=1e-12)
@@ -480,13 +509,13 @@ def test_reconstruct_interpolate_and_sample_shapes_and_end_points():
     net = _small_vae()
     x = torch.randint(0, 5, (3, 1, 4, 4), generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 5, (3, 1, 4, 4), generator=torch.Generator().manual_seed(1))
-    path = net.interpolate(x, y, steps=5)
+    path = vae.interpolate(net, x, y, steps=5)
     assert path.shape == (3, 5, 1, 4, 4)
-    torch.testing.assert_close(path[:, 0], net.reconstruct(x))
-    torch.testing.assert_close(path[:, -1], net.reconstruct(y))
-    s = net.sample(7, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(path[:, 0], vae.reconstruct(net, x))
+    torch.testing.assert_close(path[:, -1], vae.reconstruct(net, y))
+    s = vae.sample(net, 7, generator=torch.Generator().manual_seed(0))
     assert s.shape == (7, 1, 4, 4) and set(s.unique().tolist()) <= set(range(5))
-    m = net.sample(7, mean=True, generator=torch.Generator().manual_seed(0))
+    m = vae.sample(net, 7, mean=True, generator=torch.Generator().manual_seed(0))
     assert ((m >= 0) & (m <= 4)).all()
 
 
@@ -494,17 +523,17 @@ def test_conv_vae_for_8_bit_colour_images():
     # The cifar10 preset's path on a small shape: auto picks the discretized logistic, and the
     # identity L_1 = ELBO estimator A (same samples) holds for any encoder and decoder.
     cfg = vae.Config(dataset="cifar10", arch="conv", channels=(4, 8), latent=3)
-    meta = {"kind": "image", "shape": [3, 8, 8], "levels": 256, "num_classes": 10}
-    net = vae.build_model(cfg, meta).double()
+    info = common.DataInfo("cifar10", "image", (3, 8, 8), levels=256, num_classes=10)
+    net = vae.build(cfg, info).double()
     assert isinstance(net.likelihood, vae.DiscretizedLogistic) and net.likelihood.levels == 256
     x = torch.randint(0, 256, (4, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    loss, _ = net.loss(x)
+    loss, _ = vae.training_loss(net, x)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
-    iwae1 = net.iwae_bound(x, 1, generator=torch.Generator().manual_seed(3))
-    elbo_a = net.elbo(x, analytic_kl=False, generator=torch.Generator().manual_seed(3))
+    iwae1 = vae.iwae_bound(net, x, 1, generator=torch.Generator().manual_seed(3))
+    elbo_a = vae.elbo(net, x, analytic_kl=False, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(iwae1, elbo_a, rtol=1e-12, atol=1e-9)
-    s = net.sample(5, generator=torch.Generator().manual_seed(0))
+    s = vae.sample(net, 5, generator=torch.Generator().manual_seed(0))
     assert s.shape == (5, 3, 8, 8) and s.min() >= 0 and s.max() <= 255 and torch.equal(s, s.round())
 
 
@@ -522,15 +551,15 @@ def test_bits_per_dim():
 # ----------------------------------------------------------------------------------------------
 
 def test_binarisation_draws_bernoulli_of_the_intensity():
-    meta = {"levels": 256}
+    info = common.DataInfo("mnist", "image", (4,), levels=256)
     x = torch.tensor([0, 255, 64, 200], dtype=torch.uint8).repeat(20000, 1)
-    b = vae.prepare(x, meta, vae.Bernoulli(), torch.Generator().manual_seed(0))
+    b = vae.prepare(x, info, vae.Bernoulli(), torch.Generator().manual_seed(0))
     assert set(b.unique().tolist()) <= {0.0, 1.0}
     for j, level in enumerate((0, 255, 64, 200)):
         _mc_close(b[:, j].numpy(), level / 255)
-    again = vae.prepare(x, meta, vae.Bernoulli(), torch.Generator().manual_seed(0))
+    again = vae.prepare(x, info, vae.Bernoulli(), torch.Generator().manual_seed(0))
     assert torch.equal(b, again)                            # the fixed evaluation binarisation
-    assert vae.prepare(x, meta, vae.Categorical(256)) is x   # other likelihoods score the levels
+    assert vae.prepare(x, info, vae.Categorical(256)) is x   # other likelihoods score the levels
 
 
 def _records(out):
@@ -604,7 +633,7 @@ def test_cli_mnist_format_offline(tmp_path):
     vae.main([*base, "--steps", "2", "--batch-size", "4", "--hidden", "8", "--latent", "2", "--n-samples", "4"])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["config"]["activation"] == "tanh" and ckpt["config"]["adam_eps"] == 1e-4   # Burda et al. preset
-    assert ckpt["meta"]["levels"] == 256 and (out / "latent.png").is_file()
+    assert ckpt["data"]["levels"] == 256 and (out / "latent.png").is_file()
     fields = vae.main([*base, "--eval", str(out / "ckpt.pt"), "--k-eval", "2"])
     assert fields["n"] == 6
     assert fields["bits_per_dim"] == pytest.approx(fields["nll"] / (784 * math.log(2)))
@@ -636,3 +665,126 @@ def test_user_mistakes_are_one_line_errors(args, words, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 16: what a run logs and draws
+# ----------------------------------------------------------------------------------------------
+
+def test_torchrun_logs_each_loss_once_averaged_over_the_processes(tmp_path):
+    """Under torchrun vae.py logged the loss at twice its value (a second mean of a tensor that the
+    first had reduced in place). On two gloo processes the loss logged at step 1 must be the loss
+    of one process on the whole global batch (each half with its process's noise), recomputed
+    here from the seeds training uses; and at every step the logged loss is -ELBO (no warm-up, no
+    free bits), each mean taken once."""
+    torch.set_default_dtype(torch.float32)  # as training runs
+    out = tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(ROOT / "vae.py"),
+                        *TINY, "--batch-size", "32", "--steps", "2", "--log-every", "1", "--save-every", "100",
+                        "--device", "cpu", "--out", str(out)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    logged = [m for m in _records(out) if "step" in m]
+    assert [m["step"] for m in logged] == [1, 2]
+    for m in logged:
+        assert m["loss"] == pytest.approx(-m["elbo"], rel=1e-5), m
+    cfg, info = common.saved_config(vae.Config, common.load_checkpoint(out / "ckpt.pt"))
+    assert cfg.kl_warmup == 0 and cfg.free_bits == 0 and cfg.objective == "elbo"
+    ds = common.load_dataset(info.name)
+    losses, elbos = [], []
+    for rank in (0, 1):  # train's order: seed, build, batches; then seed + rank for the noise
+        common.seed_everything(cfg.seed)
+        net = vae.build(cfg, info)
+        x, _ = next(common.Batches(ds, cfg.batch_size, common.Dist(rank=rank, world_size=2), seed=cfg.seed))
+        common.seed_everything(cfg.seed + rank)
+        loss, stats_ = vae.training_loss(net, vae.prepare(x, info, net.likelihood), cfg.objective, cfg.k)
+        losses.append(loss.item())
+        elbos.append(stats_["elbo"].item())
+    assert logged[0]["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
+    assert logged[0]["elbo"] == pytest.approx(sum(elbos) / 2, rel=1e-5)
+
+
+def test_recon_grid_says_which_rows_are_inputs_and_which_reconstructions(tmp_path, monkeypatch):
+    """recon.png mixes rows of inputs and rows of their reconstructions: its title names the rows
+    of each kind, and the rows are what the title says (the inputs, and the decoder's mean at the
+    posterior mean of the inputs of the same column)."""
+    torch.set_default_dtype(torch.float32)  # as training runs
+    grids = {}
+    draw = vae.save_image_grid
+
+    def record(x, path, levels=None, nrow=None, title=None):
+        grids[path.name] = (x.clone(), nrow, title)
+        draw(x, path, levels=levels, nrow=nrow, title=title)
+    monkeypatch.setattr(vae, "save_image_grid", record)
+    out = tmp_path / "run"
+    vae.main([*TINY, "--steps", "1", "--out", str(out)])
+    grid, nrow, title = grids["recon.png"]
+    found = {kind: re.search(rf"rows? ([\d, ]+): {kind}", title or "") for kind in ("inputs", "their reconstructions")}
+    assert all(found.values()), title
+    inputs, recons = ([int(v) for v in m.group(1).split(", ")] for m in found.values())
+    rows = grid.view(-1, nrow, *grid.shape[1:])
+    assert sorted(inputs + recons) == list(range(1, len(rows) + 1)) and len(inputs) == len(recons)
+    net, cfg, info = vae.load(out / "ckpt.pt")
+    data = common.load_dataset(info.name).data
+    for i, (a, b) in enumerate(zip(inputs, recons)):
+        x = data[i * nrow:(i + 1) * nrow]
+        torch.testing.assert_close(rows[a - 1], x.float() / (info.levels - 1))
+        torch.testing.assert_close(rows[b - 1], vae.reconstruct(net, x) / (info.levels - 1))
+    assert grids["interp.png"][2]  # one kind of row, titled too: what a row is
+
+
+# ----------------------------------------------------------------------------------------------
+# The mathematics and the networks without common.py
+# ----------------------------------------------------------------------------------------------
+
+def test_mathematics_runs_without_common(without_common):
+    """vae.py up to its Configuration section, run with common.py replaced by a module whose every
+    name fails: the losses (with KL warm-up and free bits, and IWAE), the ELBO and the IWAE bound,
+    the evaluation helpers, sampling and the latent space, for each likelihood and both networks.
+    (torch.equal and torch.allclose, not torch.testing's comparison: its first use imports
+    torch.distributed.tensor, whose import walks sys.modules with inspect and reads
+    common.__file__, which the stand-in poisons.)"""
+    m = without_common("vae")
+    g = lambda seed: torch.Generator().manual_seed(seed)
+    shape = (1, 4, 4)
+    levels = torch.randint(0, 5, (6, *shape), generator=g(0))
+    cases = [(m.Bernoulli(), (levels > 2).double()), (m.Categorical(5), levels), (m.DiscretizedLogistic(5), levels),
+             (m.Gaussian(), torch.randn(6, *shape, generator=g(1)))]
+    for arch in ("mlp", "conv"):
+        for lik, x in cases:
+            torch.manual_seed(0)
+            scale = 1.0 if lik.levels is None else 1 / (lik.levels - 1)
+            if arch == "mlp":
+                enc, dec = m.MLPEncoder(16, (8,), 3, in_scale=scale), m.MLPDecoder(3, (8,), shape, lik.n_params)
+            else:
+                enc = m.ConvEncoder(shape, (4,), 3, in_scale=scale)
+                dec = m.ConvDecoder(shape, (4,), 3, lik.n_params)
+            net = m.VAE(enc, dec, lik, 3).double()
+            weight = m.kl_weight(1, 4)
+            torch.manual_seed(1)
+            loss, stats_ = m.training_loss(net, x, "elbo", 2, weight, free_bits=0.5)
+            torch.manual_seed(1)
+            mu, logvar, z, log_lik = net(x, 2)
+            kl = m.free_bits_kl(m.gaussian_kl_per_dim(mu, logvar), 0.5)
+            assert weight == 0.25 and loss.item() == pytest.approx(-(log_lik.mean() - weight * kl).item(), rel=1e-12)
+            assert stats_["kl"].item() == pytest.approx(m.gaussian_kl(mu, logvar).mean().item(), rel=1e-12)
+            loss.backward()
+            assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+            iwae_loss, iwae_stats = m.training_loss(net, x, "iwae", 3)
+            assert iwae_loss.item() == pytest.approx(-iwae_stats["iwae_bound"].item())
+            elbo_a = m.elbo(net, x, analytic_kl=False, generator=g(3))
+            assert torch.allclose(m.iwae_bound(net, x, 1, generator=g(3)), elbo_a, rtol=1e-12, atol=1e-12)
+            bound = m.iwae_bound(net, x, 7, chunk=3, generator=g(4))
+            assert torch.equal(m.nll(net, x, 7, chunk=3, generator=g(4)), -bound)
+            assert m.elbo(net, x, k=2, generator=g(5)).shape == bound.shape == (6,)
+            elbos, bounds = m.dataset_bounds(net, x, 4, rows=8)
+            assert elbos.shape == bounds.shape == (6,) and torch.isfinite(bounds).all()
+            assert m.sample(net, 5, generator=g(6)).shape == m.sample(net, 5, mean=True).shape == (5, *shape)
+            path = m.interpolate(net, x[:2], x[2:4], steps=3)
+            assert torch.allclose(path[:, 0], m.reconstruct(net, x[:2]), rtol=1e-12, atol=1e-12)
+            assert len(m.diagnostics(net, x)["kl_per_dim"]) == 3
+    points = m.VAE(m.MLPEncoder(2, (8,), 2), m.MLPDecoder(2, (8,), (2,), 2), m.Gaussian(), 2)
+    log_density = m.iwae_log_density(points, k=3, rows=16)(torch.zeros(5, 2))
+    assert log_density.shape == (5,) and torch.isfinite(log_density).all()
+    assert m.active_units(torch.eye(4))[0] == 4 and m.active_units(torch.zeros(4, 3))[0] == 0
+    assert m.bits_per_dim(math.log(2), 1) == pytest.approx(1.0) and m.burda_lr(0, 10, 1.0) == 1.0
