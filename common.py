@@ -91,7 +91,8 @@ class RunConfig:
     device: str = flag("auto", "device: auto picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
     out: typing.Optional[str] = flag(None, "run folder (default runs/<model>-<dataset>)")
     resume: typing.Optional[str] = flag(None, "resume training from CKPT (bare --resume: <run folder>/ckpt.pt)")
-    overwrite: bool = flag(False, "train afresh in a run folder that holds a run (its ckpt.pt and metrics.jsonl are deleted)")
+    overwrite: bool = flag(False, "train afresh in a run folder that holds a run (its checkpoint, metrics, pictures "
+                                  "and samples are deleted)")
     sample: typing.Optional[str] = flag(None, "load CKPT, write samples and exit")
     n_samples: int = flag(64, "number of samples to draw")
     eval: typing.Optional[str] = flag(None, "load CKPT, report the test-set likelihood and exit")
@@ -670,6 +671,7 @@ def _resume_path(cfg, model):
 
 
 _RUN_OUTPUTS = ("ckpt.pt", "metrics.jsonl")  # what makes a folder hold a run
+_RUN_FILES = ("ckpt.pt", "metrics.jsonl", "*.png", "samples*", "density.npz")  # what --overwrite deletes
 _RUN_FLAGS = {f.name for f in dataclasses.fields(RunConfig)} - {"dataset"}  # flags that do not shape a network
 _RUN_LOCKS = {}  # resolved folder -> open lock file, held until the process ends
 
@@ -696,8 +698,10 @@ def _claim_run_folder(path, model, resuming, overwrite):
         if not overwrite:
             raise UserError(f"{path} holds a run ({', '.join(held)}); continue it with --resume, start afresh with "
                             f"--overwrite, or choose another --out")
-        for n in held:
-            (path / n).unlink()
+        for pattern in _RUN_FILES:
+            for f in path.glob(pattern):
+                if f.is_file():
+                    f.unlink()
 
 
 def _lock_run_folder(path):

@@ -49,6 +49,8 @@ class _Poisoned:
 
 class _PoisonedCommon(types.ModuleType):
     def __getattr__(self, name):
+        if name.startswith("__"):  # what tools ask of any module (inspect reads __file__, say)
+            raise AttributeError(name)
         return _Poisoned(name)
 
 

@@ -50,8 +50,8 @@ def test_signal_saves_a_checkpoint_and_resume_continues(model, tmp_path):
                             stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.2)
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"step"') >= 2):
+        time.sleep(0.2)  # two windows of 3 steps logged (event lines have no "step")
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr

@@ -829,8 +829,9 @@ def test_a_run_folder_that_holds_a_run_is_refused_unless_resumed_or_overwritten(
         common.open_run(_Cfg(out=str(out)), "toy", dist)
     assert common.open_run(_Cfg(out=str(out), resume="auto"), "toy", dist) == out
     assert (out / "ckpt.pt").exists()
+    (out / "notes.md").write_text("mine")
     common.open_run(_Cfg(out=str(out), overwrite=True), "toy", dist)
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "samples_5.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "notes.md"]  # the run's files, and only them
 
 
 def test_a_second_training_cannot_write_the_same_folder(tmp_path):
