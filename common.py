@@ -64,7 +64,7 @@ def user_errors():
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except Interrupted as e:
+    except _Interrupted as e:
         print(e, file=sys.stderr)
         raise SystemExit(e.code) from None
     except KeyboardInterrupt:
@@ -501,7 +501,7 @@ def save_density(panels, path, lim):
 
 # --- the command line
 
-class Interrupted(Exception):
+class _Interrupted(Exception):
     """A second stop signal, which ends the run at once (see StopSignal); `code` is the exit status."""
 
     def __init__(self, message, code):
@@ -631,7 +631,7 @@ class StopSignal:
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.requested:
-            raise Interrupted(f"{name} again: stopped at once; the checkpoint on disk is whole (continue with "
+            raise _Interrupted(f"{name} again: stopped at once; the checkpoint on disk is whole (continue with "
                               "--resume)", 128 + signum)
         self.requested = True
         what = "pictures stopped; the checkpoint is saved" if self._pictures else \
@@ -639,7 +639,7 @@ class StopSignal:
         print(f"\n{name}: {what}", file=sys.stderr, flush=True)
 
     def _unraisable(self, unraisable):
-        if isinstance(unraisable.exc_value, Interrupted):
+        if isinstance(unraisable.exc_value, _Interrupted):
             print(unraisable.exc_value, file=sys.stderr, flush=True)
             os._exit(unraisable.exc_value.code)
         self._previous_unraisable(unraisable)

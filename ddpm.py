@@ -767,7 +767,7 @@ MODEL = "ddpm"
 
 
 def build(cfg, info):
-    """(network, diffusion) for a configuration and the data's description."""
+    """(network, diffusion) for a configuration and the data's description (a common.DataInfo)."""
     if cfg.cond and not info.num_classes:
         raise UserError(f"--cond needs labelled images (digits, mnist, fashion-mnist, cifar10); {info.name} has none")
     learn = cfg.var_type == "learned"

@@ -912,7 +912,7 @@ def test_a_signal_while_drawing_pictures_or_a_second_signal_stops_at_once(capsys
         time.sleep(0.05)
         assert stop.requested
         for inside in (False, True):
-            with pytest.raises(common.Interrupted) as e:
+            with pytest.raises(common._Interrupted) as e:
                 with stop.interruptible() if inside else contextlib.nullcontext():
                     os.kill(os.getpid(), signal.SIGTERM)
                     time.sleep(5)
@@ -941,7 +941,7 @@ def test_a_second_signal_lost_in_a_finaliser_still_ends_the_process(tmp_path):
 
 
 def test_user_errors_turn_interruptions_into_one_line(capsys):
-    for raised, code in [(common.Interrupted("SIGTERM again: stopped at once", 143), 143),
+    for raised, code in [(common._Interrupted("SIGTERM again: stopped at once", 143), 143),
                          (KeyboardInterrupt(), 130)]:
         with pytest.raises(SystemExit) as e, common.user_errors():
             raise raised
