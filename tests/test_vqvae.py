@@ -1,0 +1,562 @@
+"""Tests of vqvae.py: each identity of the mathematics against an independent computation
+(brute force, autograd, enumeration, closed forms, Monte Carlo with a fixed seed), an exact
+oracle for Gaussian-mixture data, and the command line end to end."""
+import itertools
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy import stats
+
+import common
+import vqvae
+from vqvae import (CodePrior, ConvDecoder, ConvEncoder, PointDecoder, PointEncoder, VQVAE, codebook_statistics,
+                   decoder_log_prob, ema_codebook_update, exact_log_likelihood, nll_bound, perplexity, prior_nll,
+                   quantize, random_encoder_outputs, restart_dead_codes, sample_codes, update_unused, vqvae_loss)
+
+f64 = torch.float64
+
+
+def toy_images(K=4, side=2, levels=3, hidden=8, D=3, ema=False, seed=0):
+    """A float64 VQ-VAE of 1 x side x side images with one stride-2 convolution (a code map of
+    side/2 x side/2), random weights and a spread-out random codebook."""
+    torch.manual_seed(seed)
+    m = VQVAE(ConvEncoder(1, hidden, 1, 1, D), ConvDecoder(1, levels, hidden, 1, 1, D), K, D, ema=ema,
+              restart_after=0).double()
+    with torch.no_grad():
+        m.codebook.copy_(torch.randn(K, D, dtype=f64))
+    return m
+
+
+def toy_prior(K, L, seed=1):
+    torch.manual_seed(seed)
+    p = CodePrior(K, L, layers=2, heads=2, width=8, dropout=0.0).double()
+    with torch.no_grad():  # spread the weights so the conditionals differ a lot
+        for q in p.parameters():
+            q.add_(0.3 * torch.randn_like(q))
+    return p.eval()
+
+
+# ---------------------------------------------------------------------------- quantisation
+
+@given(seed=st.integers(0, 2**16), D=st.integers(1, 4), K=st.integers(1, 6),
+       shape=st.sampled_from([(5,), (2, 3), (2, 2, 2)]), chunk=st.sampled_from([1, 7, 2**22]))
+def test_quantize_is_the_brute_force_nearest_code_with_ties_to_the_lowest_index(seed, D, K, shape, chunk):
+    g = torch.Generator().manual_seed(seed)
+    # small integers: exact distances, frequent ties (equidistant codes and duplicated codes)
+    codebook = torch.randint(-2, 3, (K, D), generator=g).float()
+    if K > 1:
+        codebook[-1] = codebook[0]
+    z = torch.randint(-3, 4, (*shape, D), generator=g).float()
+    codes, z_q, z_st = quantize(z, codebook, chunk=chunk)
+    flat, expect = z.reshape(-1, D).numpy().astype(np.int64), []
+    for v in flat:
+        d = [int(((v - c) ** 2).sum()) for c in codebook.numpy().astype(np.int64)]
+        expect.append(d.index(min(d)))  # the first minimal index
+    assert codes.shape == shape and codes.reshape(-1).tolist() == expect
+    assert torch.equal(z_q, codebook[codes]) and torch.equal(z_st, z_q)
+
+
+def test_straight_through_value_is_z_q_and_its_gradient_reaches_z_e_unchanged():
+    g = torch.Generator().manual_seed(0)
+    z_e = torch.randn(4, 3, 5, generator=g, dtype=f64, requires_grad=True)
+    codebook = torch.randn(7, 5, generator=g, dtype=f64, requires_grad=True)
+    codes, z_q, z_st = quantize(z_e, codebook)
+    assert torch.equal(z_st, z_q)  # exactly, not up to rounding
+    w = torch.randn(4, 3, 5, generator=g, dtype=f64)
+
+    def f(v):
+        return (torch.sin(v) * w).sum() + (v ** 2).sum()
+    grad_z_e, grad_codebook = torch.autograd.grad(f(z_st), (z_e, codebook), allow_unused=True)
+    z_q_leaf = z_q.detach().requires_grad_(True)
+    grad_z_q, = torch.autograd.grad(f(z_q_leaf), z_q_leaf)
+    assert torch.equal(grad_z_e, grad_z_q)  # the decoder-input gradient copied to the encoder
+    assert grad_codebook is None or not grad_codebook.any()  # and nothing reaches the codebook this way
+
+
+def _grads(term, params):
+    grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def test_codebook_term_moves_only_the_codebook_and_commitment_only_the_encoder():
+    m = toy_images(K=5, side=4)
+    x = torch.randint(0, 3, (6, 1, 4, 4))
+    terms = vqvae_loss(m, x.double() - 1, x, beta=0.25, codebook_loss=True, levels=3)
+    book, enc, dec = [m.codebook], list(m.encoder.parameters()), list(m.decoder.parameters())
+    for name, term, moves, still in [("codebook", terms["codebook"], [book], [enc, dec]),
+                                     ("commitment", terms["commitment"], [enc], [book, dec]),
+                                     ("reconstruction", terms["recon"], [enc, dec], [book])]:
+        for group in still:  # autograd: exactly zero
+            assert all(not g.any() for g in _grads(term.sum(), group)), f"{name} moves what it must not"
+        for group in moves:
+            assert any(g.any() for g in _grads(term.sum(), group)), f"{name} does not move what it should"
+
+
+def test_the_loss_is_eq_3_term_by_term():
+    m = toy_images(K=5, side=4)
+    x = torch.randint(0, 3, (6, 1, 4, 4))
+    out, z_e, z_q, codes = m(x.double() - 1)
+    recon = -torch.stack([torch.distributions.Categorical(logits=out[i].permute(0, 2, 3, 1)).log_prob(
+        x[i].long()).sum() for i in range(6)])
+    dist2 = ((z_e - m.codebook[codes]) ** 2).reshape(6, -1).sum(1)
+    for codebook_loss, expect in [(True, recon + 1.25 * dist2), (False, recon + 0.25 * dist2)]:
+        terms = vqvae_loss(m, x.double() - 1, x, 0.25, codebook_loss, levels=3)
+        torch.testing.assert_close(terms["loss"], expect, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(terms["recon"], recon, rtol=1e-12, atol=1e-10)
+
+
+def test_decoder_likelihoods_are_normalised():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 1, 3, 2, 2, generator=g, dtype=f64)  # 3 levels, 2x2 image: 81 images
+    images = torch.tensor(list(itertools.product(range(3), repeat=4))).reshape(81, 1, 2, 2)
+    total = decoder_log_prob(images, logits.expand(81, -1, -1, -1, -1), levels=3).exp().sum()
+    assert total.item() == pytest.approx(1.0, abs=1e-12)
+    x = torch.randn(5, 2, generator=g, dtype=f64)
+    out = torch.randn(5, 4, generator=g, dtype=f64)
+    expect = stats.norm.logpdf(x.numpy(), out[:, :2].numpy(), np.exp(out[:, 2:].numpy())).sum(1)
+    np.testing.assert_allclose(decoder_log_prob(x, out).numpy(), expect, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------- EMA codebook, dead codes
+
+@given(seed=st.integers(0, 2**16), K=st.integers(1, 6), D=st.integers(1, 3), N=st.integers(1, 30))
+def test_codebook_statistics_count_and_sum_the_assigned_outputs(seed, K, D, N):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(N, D, generator=g, dtype=f64)
+    codes = torch.randint(K, (N,), generator=g)
+    counts, sums = codebook_statistics(z, codes, K)
+    for k in range(K):
+        assert counts[k] == (codes == k).sum()
+        torch.testing.assert_close(sums[k], z[codes == k].sum(0), rtol=1e-12, atol=1e-12)
+
+
+@given(seed=st.integers(0, 2**16), K=st.integers(2, 6), D=st.integers(1, 3))
+def test_ema_with_decay_zero_puts_each_used_code_at_the_mean_of_its_outputs(seed, K, D):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(20, D, generator=g, dtype=f64)
+    codes = torch.randint(K - 1, (20,), generator=g)  # code K-1 is never used
+    old = torch.randn(K, D, generator=g, dtype=f64)
+    size, total, new = ema_codebook_update(old, torch.rand(K, generator=g, dtype=f64), torch.randn(K, D, dtype=f64),
+                                           *codebook_statistics(z, codes, K), decay=0.0, eps=0.0)
+    for k in range(K):
+        if (codes == k).any():
+            torch.testing.assert_close(new[k], z[codes == k].mean(0), rtol=1e-12, atol=1e-12)
+        else:
+            assert torch.equal(new[k], old[k])  # eps = 0: an empty cluster keeps its vector
+
+
+@given(seed=st.integers(0, 2**16), decay=st.floats(0.0, 0.999), eps=st.floats(1e-6, 1.0), T=st.integers(1, 5))
+def test_ema_cluster_sizes_and_sums_follow_their_recurrence_and_smoothing(seed, decay, eps, T):
+    g = torch.Generator().manual_seed(seed)
+    K, D = 4, 2
+    size0, sum0 = torch.rand(K, generator=g, dtype=f64) * 3, torch.randn(K, D, generator=g, dtype=f64)
+    size, total, book = size0, sum0, torch.zeros(K, D, dtype=f64)
+    n_t, s_t = [], []
+    for _ in range(T):
+        n_t.append(torch.randint(0, 5, (K,), generator=g).to(f64))
+        s_t.append(torch.randn(K, D, generator=g, dtype=f64))
+        size, total, book = ema_codebook_update(book, size, total, n_t[-1], s_t[-1], decay, eps)
+    # closed form of N_i^(T) = gamma N_i^(T-1) + (1 - gamma) n_i^(T), and of m_i likewise
+    expect_n = decay ** T * size0 + sum((1 - decay) * decay ** (T - 1 - t) * n_t[t] for t in range(T))
+    expect_m = decay ** T * sum0 + sum((1 - decay) * decay ** (T - 1 - t) * s_t[t] for t in range(T))
+    torch.testing.assert_close(size, expect_n, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(total, expect_m, rtol=1e-10, atol=1e-12)
+    n = expect_n.sum()
+    smoothed = (expect_n + eps) / (n + K * eps) * n
+    assert smoothed.sum().item() == pytest.approx(n.item(), rel=1e-12)
+    torch.testing.assert_close(book, expect_m / smoothed[:, None], rtol=1e-10, atol=1e-12)
+
+
+def test_restart_reseeds_exactly_the_dead_codes():
+    g = torch.Generator().manual_seed(0)
+    K, D, patience = 6, 3, 4
+    book, cand = torch.randn(K, D, generator=g), torch.randn(K, D, generator=g)
+    size, total = torch.rand(K, generator=g) + 0.5, torch.randn(K, D, generator=g)
+    unused = torch.tensor([0, 5, 3, 4, 1, 9])
+    unused = update_unused(unused, torch.tensor([2.0, 0, 0, 0, 1, 0]))  # used codes reset, the others one older
+    assert unused.tolist() == [0, 6, 4, 5, 0, 10]
+    new_book, new_size, new_total, new_unused, dead = restart_dead_codes(book, size, total, unused, cand, patience)
+    assert dead.tolist() == [False, True, True, True, False, True]
+    for k in range(K):
+        if dead[k]:
+            assert torch.equal(new_book[k], cand[k]) and torch.equal(new_total[k], cand[k])
+            assert new_size[k] == 1 and new_unused[k] == 0
+        else:
+            assert torch.equal(new_book[k], book[k]) and torch.equal(new_total[k], total[k])
+            assert new_size[k] == size[k] and new_unused[k] == unused[k]
+
+
+def test_restart_candidates_are_distinct_encoder_outputs():
+    z = torch.arange(30.0).reshape(2, 5, 3)  # 10 distinct rows
+    rows = random_encoder_outputs(z, 7, torch.Generator().manual_seed(0))
+    flat = [tuple(r) for r in z.reshape(-1, 3).tolist()]
+    assert len({tuple(r) for r in rows.tolist()}) == 7 and all(tuple(r) in flat for r in rows.tolist())
+    assert random_encoder_outputs(z, 25).shape == (25, 3)  # more than there are rows: with replacement
+
+
+def test_first_step_seeds_the_codes_the_first_batch_left_unused():
+    torch.manual_seed(0)
+    m = VQVAE(PointEncoder(2, 8, 2), PointDecoder(2, 8, 2), 16, 2, ema=True, restart_after=5)
+    x = torch.randn(64, 2)
+    terms = vqvae_loss(m, x, x)
+    counts, sums = codebook_statistics(terms["z_e"], terms["codes"], 16)
+    restarted = m.update_codebook(counts, sums, random_encoder_outputs(terms["z_e"], 16))
+    assert restarted == int((counts == 0).sum()) > 0
+    z = terms["z_e"].detach().reshape(-1, 2)
+    for k in torch.nonzero(counts == 0).flatten():  # each re-seeded at an encoder output of the batch
+        assert (m.codebook[k] == z).all(1).any()
+
+
+def test_perplexity_is_k_for_uniform_use_one_for_one_code_and_the_formula_otherwise():
+    assert perplexity(torch.full((7,), 3.0)).item() == pytest.approx(7.0, rel=1e-12)
+    assert perplexity(torch.tensor([0.0, 5.0, 0.0])).item() == 1.0
+    counts = torch.tensor([1.0, 0.0, 2.0, 7.0], dtype=f64)
+    assert perplexity(counts).item() == pytest.approx(math.exp(stats.entropy(counts.numpy())), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------- the prior
+
+@pytest.mark.parametrize("t", range(6))
+def test_prior_is_causal_by_autograd(t):
+    p = toy_prior(K=5, L=6)
+    kept = {}
+
+    def keep(module, inputs, output):  # the token embeddings become the leaves to differentiate by
+        kept["emb"] = output.detach().requires_grad_(True)
+        return kept["emb"]
+    handle = p.tok.register_forward_hook(keep)
+    idx = torch.randint(0, 6, (3, 6), generator=torch.Generator().manual_seed(t))
+    logits = p(idx)
+    handle.remove()
+    grad, = torch.autograd.grad(logits[:, t].sum(), kept["emb"])
+    assert not grad[:, t + 1:].any()  # no later position reaches position t
+    assert (grad[:, :t + 1].abs().sum(-1) > 0).all()  # every earlier one does
+
+
+def test_prior_is_normalised_over_all_code_maps_and_is_the_chain_rule():
+    K, L = 3, 4
+    p = toy_prior(K, L)
+    maps = torch.tensor(list(itertools.product(range(K), repeat=L)))
+    with torch.no_grad():
+        nll = prior_nll(p, maps, K)
+    assert nll.neg().exp().sum().item() == pytest.approx(1.0, abs=1e-12)
+    with torch.no_grad():  # one prefix at a time, each conditional from its own call
+        for z, value in zip(maps[:10], nll[:10]):
+            seq, total = torch.tensor([[K]]), 0.0
+            for code in z:
+                total -= torch.log_softmax(p(seq)[0, -1], -1)[code].item()
+                seq = torch.cat([seq, code.reshape(1, 1)], 1)
+            assert value.item() == pytest.approx(total, rel=1e-12)
+
+
+def test_prior_samples_follow_its_probabilities():
+    K, L, n = 3, 2, 20000
+    p = toy_prior(K, L).float()
+    maps = torch.tensor(list(itertools.product(range(K), repeat=L)))
+    with torch.no_grad():
+        prob = prior_nll(p, maps, K).neg().exp().double()
+    z = sample_codes(p, n, L, K, torch.Generator().manual_seed(0))
+    freq = torch.tensor([((z == m).all(1)).double().mean().item() for m in maps])
+    se = (prob * (1 - prob) / n).sqrt()
+    assert ((freq - prob).abs() < 5 * se + 1e-4).all(), (freq, prob)  # 5 standard errors, fixed seed
+
+
+# ---------------------------------------------------------------------------- the bound
+
+def test_the_bound_is_above_the_exact_nll_and_the_exact_likelihood_sums_to_one():
+    m, K = toy_images(K=4, side=2), 4
+    p = toy_prior(K, 1)
+    images = torch.tensor(list(itertools.product(range(3), repeat=4))).reshape(81, 1, 2, 2)
+    x_in = images.double() - 1
+    with torch.no_grad():
+        exact = exact_log_likelihood(m, p, images, (1, 1), K, levels=3)
+        bound = nll_bound(m, p, x_in, images, K, levels=3)[0]
+    assert exact.exp().sum().item() == pytest.approx(1.0, abs=1e-10)  # a distribution over the 81 images
+    assert (bound >= -exact - 1e-12).all() and (bound > -exact + 1e-6).any()
+
+
+def test_exact_likelihood_is_the_brute_force_sum_over_code_maps():
+    m, K = toy_images(K=3, side=4), 3
+    p = toy_prior(K, 4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 3, (5, 1, 4, 4), generator=g)
+    with torch.no_grad():
+        exact = exact_log_likelihood(m, p, x, (2, 2), K, levels=3)
+        bound, recon, prior_term, _, codes = nll_bound(m, p, x.double() - 1, x, K, levels=3)
+        terms = []
+        for z in itertools.product(range(K), repeat=4):
+            z = torch.tensor(z)
+            logits = torch.log_softmax(m.decoder(m.codebook[z].reshape(1, 2, 2, -1)), dim=2)[0]  # (1, 3, 4, 4)
+            log_px = sum(logits[0, :, i, j].gather(0, x[:, 0, i, j]) for i in range(4) for j in range(4))
+            terms.append(log_px - prior_nll(p, z[None], K))
+    torch.testing.assert_close(exact, torch.logsumexp(torch.stack(terms, 1), 1), rtol=1e-12, atol=1e-12)
+    assert (bound >= -exact).all()
+    torch.testing.assert_close(bound, recon + prior_term, rtol=0, atol=0)
+
+
+class MixtureOracle(torch.nn.Module):
+    """The exact VQ-VAE of a mixture of K Gaussians N(mu_k, s^2 I) with weights w: the encoder
+    is the identity (D = 2), the codes are the means, the decoder N(code, s^2 I), the prior w."""
+
+    def __init__(self, mu, s, w):
+        super().__init__()
+        self.codebook, self.s, self.log_w = mu, s, torch.log(w)
+
+    def decode(self, codes):
+        mean = self.codebook[codes[:, 0]]
+        return torch.cat([mean, torch.full_like(mean, math.log(self.s))], 1)
+
+    def forward(self, x):
+        codes, z_q, z_st = quantize(x[:, None], self.codebook)
+        return self.decode(codes), x[:, None], z_q, codes
+
+    def prior(self, idx):
+        return self.log_w.expand(idx.shape[0], idx.shape[1], -1)
+
+
+def test_oracle_reproduces_the_mixture_density_and_its_samples():
+    mu = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], dtype=f64)
+    w, s = torch.tensor([0.5, 0.3, 0.2], dtype=f64), 0.4
+    m = MixtureOracle(mu, s, w)
+    x = torch.randn(200, 2, dtype=f64, generator=torch.Generator().manual_seed(0)) * 2
+    exact = exact_log_likelihood(m, m.prior, x, (1,), 3)
+    truth = np.log(sum(w[k].item() * stats.multivariate_normal(mu[k].numpy(), s ** 2).pdf(x.numpy()) for k in range(3)))
+    np.testing.assert_allclose(exact.numpy(), truth, rtol=1e-10)
+    bound = nll_bound(m, m.prior, x, x, 3)[0]
+    assert (bound >= -exact - 1e-12).all()
+    n = 20000
+    samples = vqvae.generate(m, m.prior, n, (1,), 3, generator=torch.Generator().manual_seed(1))
+    nearest = quantize(samples[:, None].double(), mu)[0][:, 0]
+    # components are 4 s apart or more: the nearest mean identifies the component but for ~1e-3 of the draws
+    for k in range(3):
+        share = (nearest == k).double().mean().item()
+        assert abs(share - w[k].item()) < 5 * math.sqrt(w[k] * (1 - w[k]) / n) + 5e-3
+    assert samples.mean(0).numpy() == pytest.approx((w[:, None] * mu).sum(0).numpy(), abs=5 * 2.5 / math.sqrt(n))
+
+
+def test_points_model_density_integrates_to_one():
+    torch.manual_seed(0)
+    m = VQVAE(PointEncoder(2, 8, 2), PointDecoder(2, 8, 2), 5, 2, restart_after=0).double()
+    p = toy_prior(5, 1)
+    edges = torch.linspace(-10, 10, 401, dtype=f64)
+    c = (edges[1:] + edges[:-1]) / 2
+    grid = torch.cartesian_prod(c, c)
+    with torch.no_grad():
+        logp = exact_log_likelihood(m, p, grid, (1,), 5)
+    assert logp.exp().sum().item() * (20 / 400) ** 2 == pytest.approx(1.0, abs=1e-3)
+
+
+def test_bits_per_dim_divides_by_dims_and_ln_2():
+    assert vqvae.bits_per_dim(64 * math.log(2) * 1.5, 64) == pytest.approx(1.5)
+
+
+# ---------------------------------------------------------------------------- the file alone
+
+def test_mathematics_runs_without_common(without_common):
+    """Quantisation, the loss, the EMA and restarts, the prior, the bound, the exact likelihood
+    and sampling, with the image and the point networks, run from the file's first half alone."""
+    m = without_common("vqvae")
+    torch.manual_seed(0)
+    net = m.VQVAE(m.ConvEncoder(1, 8, 1, 1, 4), m.ConvDecoder(1, 17, 8, 1, 1, 4), 8, 4, ema=True, restart_after=2)
+    prior = m.CodePrior(8, 16, 1, 2, 8)
+    x = torch.randint(0, 17, (3, 1, 8, 8))
+    terms = m.vqvae_loss(net, x.float() / 16 * 2 - 1, x, levels=17)
+    terms["loss"].mean().backward()
+    counts, sums = m.codebook_statistics(terms["z_e"], terms["codes"], 8)
+    net.update_codebook(counts, sums, m.random_encoder_outputs(terms["z_e"], 8))
+    assert torch.isfinite(m.nll_bound(net, prior, x.float() / 16 * 2 - 1, x, 8, 17)[0]).all()
+    assert m.generate(net, prior, 2, (4, 4), 8, 17, mode=True).shape == (2, 1, 8, 8)
+    assert 1 <= m.perplexity(counts) <= 8
+    points = m.VQVAE(m.PointEncoder(2, 8, 2), m.PointDecoder(2, 8, 2), 4, 2, ema=False)
+    p1 = m.CodePrior(4, 1, 1, 1, 4)
+    assert m.exact_log_likelihood(points, p1, torch.randn(5, 2), (1,), 4).shape == (5,)
+    with pytest.raises(ValueError):
+        m.quantize(torch.zeros(2, 3), torch.zeros(4, 2))
+
+
+# ---------------------------------------------------------------------------- networks and presets
+
+def _count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("dataset, shape, levels, ae, prior", [
+    ("cifar10", (3, 32, 32), 256, 8_077_120, 6_597_888),
+    ("mnist", (1, 28, 28), 256, 1_752_864, 4_817_536),
+])
+def test_presets_parameter_counts(dataset, shape, levels, ae, prior):
+    cfg = vqvae.Config(**vqvae.PRESETS[dataset])
+    info = common.DataInfo(dataset, "image", shape, levels=levels, num_classes=10)
+    with torch.device("meta"):
+        net, pri = vqvae.build(cfg, info)
+    assert (_count(net), _count(pri)) == (ae, prior)
+    assert vqvae.latent_shape(cfg, info) == (shape[1] // 4, shape[2] // 4)
+
+
+def test_cifar10_encoder_and_decoder_follow_the_paper():
+    cfg = vqvae.Config(**vqvae.PRESETS["cifar10"])
+    enc = ConvEncoder(3, cfg.hidden, cfg.res_blocks, cfg.down, cfg.code_dim)
+    strided = [c for c in enc.modules() if isinstance(c, torch.nn.Conv2d) and c.stride == (2, 2)]
+    assert [(c.kernel_size, c.out_channels) for c in strided] == [((4, 4), 256)] * 2
+    assert sum(isinstance(c, vqvae.ResBlock) for c in enc.modules()) == 2
+    assert enc(torch.zeros(1, 3, 32, 32)).shape == (1, 8, 8, 64)
+    dec = ConvDecoder(3, 256, cfg.hidden, cfg.res_blocks, cfg.down, cfg.code_dim)
+    assert dec(torch.zeros(1, 8, 8, 64)).shape == (1, 3, 256, 32, 32)
+    assert cfg.codes == 512 and cfg.beta == 0.25 and cfg.decay == 0.99 and cfg.lr == 2e-4
+
+
+# ---------------------------------------------------------------------------- command line
+
+TINY = ["--hidden", "8", "--code-dim", "4", "--codes", "8", "--res-blocks", "1", "--prior-layers", "1",
+        "--prior-width", "16", "--prior-heads", "2", "--batch-size", "8", "--n-samples", "4", "--log-every", "1",
+        "--device", "cpu"]
+
+
+def events(out, name):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("event") == name]
+
+
+def test_cli_digits_trains_both_stages_samples_and_evaluates(tmp_path):
+    out = tmp_path / "run"
+    vqvae.main(["--out", str(out), "--steps", "4", "--save-every", "2", *TINY])
+    for name in ["ckpt.pt", "samples_2.png", "samples_4.png", "recon_2.png", "recon_4.png", "codes.png",
+                 "metrics.jsonl", "loss.png"]:
+        assert (out / name).is_file(), name
+    assert [(e["trains"], e["from_step"]) for e in events(out, "stage")] == [("autoencoder", 0), ("prior", 2)]
+    lines = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
+    assert [("perplexity" in r) for r in lines] == [True, True, False, False]
+    result = vqvae.main(["--eval", str(out / "ckpt.pt"), "--eval-n", "20", "--batch-size", "7"])
+    ev = events(out, "eval")[-1]
+    assert ev["n"] == 20 and ev["prior_updates"] == 2 and result["nll"] == ev["nll"]
+    assert ev["bits_per_dim"] == pytest.approx(ev["nll"] / (64 * math.log(2)))
+    assert ev["nll"] == pytest.approx(ev["recon_nll"] + ev["prior_nll"])
+    assert ev["uniform_prior_nll"] == pytest.approx(ev["recon_nll"] + 16 * math.log(8))
+    assert 1 <= ev["perplexity"] <= ev["codes_used"] <= 8
+    vqvae.main(["--sample", str(out / "ckpt.pt"), "--out", str(tmp_path / "s"), "--n-samples", "5",
+                "--decode", "sample"])
+    x = torch.load(tmp_path / "s" / "samples.pt", weights_only=True)
+    assert x.shape == (5, 1, 8, 8) and x.dtype == torch.uint8 and int(x.max()) < 17
+    assert events(tmp_path / "s", "sample")[-1]["n"] == 5 and (tmp_path / "s" / "samples.png").is_file()
+
+
+def test_cli_points_density_is_the_exact_mixture(tmp_path):
+    vqvae.main(["--dataset", "8gaussians", "--out", str(tmp_path), "--steps", "4", "--save-every", "4", "--codebook", "loss",
+                *TINY])
+    assert (tmp_path / "recon_4.png").is_file() and (tmp_path / "codes.png").is_file()
+    result = vqvae.main(["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "50"])
+    assert result["exact_nll"] <= result["nll"] and "entropy" in result and "bits_per_dim" not in result
+    d = np.load(tmp_path / "density.npz")
+    assert d["log_density"].shape == (128, 128) and float(d["lim"]) == 4.0
+    (net, prior), cfg, info = vqvae.load(tmp_path / "ckpt.pt")
+    edges = torch.linspace(-4, 4, 129)
+    c = (edges[1:] + edges[:-1]) / 2
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    with torch.no_grad():
+        expect = exact_log_likelihood(net, prior, torch.stack([xx.flatten(), yy.flatten()], 1), (1,), 8)
+    np.testing.assert_allclose(d["log_density"], expect.reshape(128, 128).numpy(), rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "density.png").is_file()
+
+
+def test_colour_images_bits_per_dim_divide_by_every_sub_pixel(tmp_path, monkeypatch):
+    """A 3-channel 8-bit set (cifar10's kind, made up here: no download): the eval's bound is the
+    decoder's categorical log-probability of all C*H*W sub-pixels plus the prior's, recomputed
+    here from the networks, and bits/dim divides it by C*H*W."""
+    g = torch.Generator().manual_seed(0)
+    info = common.DataInfo("cifar10", "image", (3, 4, 4), levels=256, num_classes=10)
+    sets = {split: common.Dataset(info, split, torch.randint(0, 256, (n, 3, 4, 4), generator=g, dtype=torch.uint8),
+                                  torch.zeros(n, dtype=torch.long)) for split, n in (("train", 64), ("test", 6))}
+    monkeypatch.setattr(vqvae, "load_dataset", lambda name, split="train", root=None: sets[split])
+    out = tmp_path / "run"
+    vqvae.main(["--dataset", "cifar10", "--steps", "2", "--out", str(out), *TINY, "--down", "2"])
+    vqvae.main(["--eval", str(out / "ckpt.pt")])
+    ev = events(out, "eval")[-1]
+    (net, prior), cfg, _ = vqvae.load(out / "ckpt.pt")
+    x = sets["test"].data
+    with torch.no_grad():
+        out_, _, _, codes = net(x.float() / 255 * 2 - 1)
+        logp = torch.log_softmax(out_.double(), dim=2)  # (6, 3, 256, 4, 4)
+        recon = -sum(logp[:, c, :, i, j].gather(1, x[:, c, i, j, None].long())[:, 0]
+                     for c in range(3) for i in range(4) for j in range(4))
+        bound = recon + prior_nll(prior, codes.reshape(6, 1), 8).double()
+    assert codes.shape == (6, 1, 1) and ev["n"] == 6
+    assert ev["nll"] == pytest.approx(bound.mean().item(), rel=1e-5)
+    assert ev["bits_per_dim"] == pytest.approx(bound.mean().item() / (3 * 4 * 4 * math.log(2)), rel=1e-5)
+
+
+def test_resume_is_bit_exact_in_either_stage(tmp_path):
+    flags = [*TINY, "--restart-after", "1", "--prior-dropout", "0.2"]  # restarts and dropout draw random numbers
+    vqvae.main(["--out", str(tmp_path / "a"), "--steps", "6", *flags])
+    # the same stage boundary (step 3): stopped in the autoencoder's stage, then in the prior's
+    for stop, first in ((2, ["--stage", "ae"]), (4, ["--ae-fraction", "0.75"])):
+        b = tmp_path / f"b{stop}"
+        vqvae.main(["--out", str(b), "--steps", str(stop), *flags, *first])
+        vqvae.main(["--out", str(b), "--steps", "6", "--resume", *flags])
+        ca, cb = (torch.load(p / "ckpt.pt", weights_only=True) for p in (tmp_path / "a", b))
+        assert ca["step"] == cb["step"] == 6
+        for part in ("model", "prior"):
+            for name, value in ca[part].items():
+                assert torch.equal(value, cb[part][name]), (stop, part, name)
+
+
+def test_stage_prior_trains_the_prior_of_a_trained_autoencoder(tmp_path, capsys):
+    vqvae.main(["--out", str(tmp_path), "--steps", "3", "--stage", "ae", *TINY])
+    assert "the prior has not trained" in capsys.readouterr().out
+    ae = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert int(ae["prior"]["updates"]) == 0
+    vqvae.main(["--out", str(tmp_path), "--steps", "5", "--stage", "prior", "--resume", *TINY])
+    both = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert int(both["prior"]["updates"]) == 2 and both["step"] == 5
+    for name, value in ae["model"].items():  # the autoencoder is frozen
+        assert torch.equal(value, both["model"][name]), name
+    with pytest.raises(SystemExit) as e:  # and stays so
+        vqvae.main(["--out", str(tmp_path), "--steps", "7", "--stage", "ae", "--resume", *TINY])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "--stage prior" in err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--prior-width", "10", "--prior-heads", "4"], "--prior-heads"),
+    (["--stage", "prior"], "--resume"),
+    (["--down", "4"], "--down"),
+    (["--decay", "1"], "--decay"),
+    (["--ae-fraction", "1.5"], "--ae-fraction"),
+])
+def test_user_errors_are_one_line(tmp_path, capsys, argv, words):
+    with pytest.raises(SystemExit) as e:
+        vqvae.main([*argv, "--out", str(tmp_path), "--steps", "1", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error") and "\n" not in err and words in err
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """DDP over two gloo processes with the codebook statistics summed over them: the same
+    autoencoder and prior as one process on the whole batch (restarts and dropout off, since
+    they draw per process)."""
+    flags = ["--steps", "4", *TINY, "--restart-after", "0", "--prior-dropout", "0"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(vqvae.__file__).resolve().parent
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--master_addr=127.0.0.1", f"--master_port={port}", str(root / "vqvae.py"),
+                        "--out", str(tmp_path / "ddp"), *flags], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    vqvae.main(["--out", str(tmp_path / "one"), *flags])
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("ddp", "one"))
+    for part in ("model", "prior"):
+        for k in a[part]:
+            x, y = a[part][k], b[part][k]
+            if k.endswith("qkv.bias"):  # the key bias has an exactly zero gradient (softmax is shift invariant):
+                x, y = x.view(3, -1)[[0, 2]], y.view(3, -1)[[0, 2]]  # Adam's first steps amplify its rounding noise
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,997 @@
+"""VQ-VAE: a discrete autoencoder with straight-through gradients, an EMA codebook, an
+autoregressive prior over its code maps, and a likelihood bound in bits/dim.
+
+Papers
+  van den Oord, Vinyals & Kavukcuoglu 2017, "Neural Discrete Representation Learning",
+    arXiv 1711.00937 (VQ-VAE: Eqs. 1-3, Sec. 3.2 straight-through, App. A.1 EMA codebook).
+  Razavi, van den Oord & Vinyals 2019, "Generating Diverse High-Fidelity Images with VQ-VAE-2",
+    arXiv 1906.00446 (the two-level hierarchy: NOT implemented here).
+  Vaswani et al. 2017, "Attention Is All You Need", arXiv 1706.03762 (the causal transformer
+    that serves as the prior over the codes).
+
+Implemented: nearest-code quantisation with the straight-through estimator; the loss of Eq. 3
+(reconstruction log-likelihood, codebook term, commitment term with beta = 0.25); the EMA
+codebook of App. A.1 (decay 0.99) with Laplace-smoothed cluster sizes as in the authors' Sonnet
+module, or the codebook term instead (--codebook loss); restart of dead codes (a code unused
+for --restart-after steps is re-seeded with an encoder output); the codebook perplexity; an
+autoregressive prior over the flattened code map (a causal transformer, our choice where the
+paper uses a PixelCNN), trained on the codes of the training set after the autoencoder;
+ancestral sampling (prior samples -> decoder); the bound -log p(x) <= -log p(x | z_q(x)) -
+log p(z(x)) per example in nats and bits/dim, with a decoder normalised over the discrete
+levels; the exact marginal likelihood by enumerating every code map where that is feasible (a
+2D point set's single code). Networks: the paper's CIFAR-10 encoder and decoder (stride-2 4x4
+convolutions and residual 3x3 blocks of 256 units) scaled by flags, MLPs for 2D points.
+Not implemented: VQ-VAE-2's hierarchy of code maps and its PixelSNAIL priors; the paper's
+PixelCNN prior; the audio, video and speaker-conversion models; class-conditional priors.
+
+Training: --steps counts both stages. The autoencoder trains for the first --ae-fraction of
+them (Eq. 3 under a uniform prior, as in the paper), then the prior on the codes of the frozen
+autoencoder; --stage ae trains only the former, --stage prior --resume only the latter.
+
+The model. An encoder maps x to z_e(x), an (h, w) map of D-dimensional vectors; each vector is
+replaced by its nearest code e_k of a codebook of K vectors (the discrete latent z, an (h, w)
+map of integers in [0, K)), and the decoder gives p(x | z_q) from the code vectors z_q = e_z.
+The generative model is z ~ p(z) (the prior over code maps), x ~ p(x | e_z). The posterior
+q(z | x) is one-hot at z(x) (Eq. 1), so its ELBO is log p(x | z_q(x)) + log p(z(x)): with a
+uniform prior KL = h w log K (Sec. 3.1), with the learned prior KL = -log p(z(x)). `--eval`
+reports the learned prior's bound as `nll` (and the uniform prior's beside it).
+
+Data conventions: images arrive as integer levels 0..L-1; the encoder sees x / (L - 1) * 2 - 1
+and the decoder is an independent categorical over the L levels of every sub-pixel, so
+p(x | z_q) sums to 1 over the L^(C H W) images and bits/dim = bound / (C H W ln 2) are those of
+the discrete data, with no dequantisation (17 levels for digits, 256 for CIFAR-10). 2D points
+are continuous: the encoder maps a point to one code (h w = 1), the decoder is a Gaussian with
+a mean and a diagonal variance per code, and the prior a categorical over the K codes: a
+mixture of K Gaussians found like K-means, whose bound is on the continuous NLL in nats and
+whose exact density log sum_k p(k) N(x; mu_k, sigma_k^2) is enumerated for density.npz.
+
+Run it
+  python vqvae.py                                   # digits: autoencoder, then prior (CPU, minutes)
+  python vqvae.py --sample runs/vqvae-digits/ckpt.pt
+  python vqvae.py --eval runs/vqvae-digits/ckpt.pt  # the bound in bits/dim, reconstruction error
+  python vqvae.py --steps 1500 --stage ae           # the autoencoder alone, then ...
+  python vqvae.py --stage prior --resume --steps 3000   # ... the prior on its codes
+  python vqvae.py --dataset cifar10                 # the paper's CIFAR-10 autoencoder
+  python vqvae.py --dataset 8gaussians              # 2D points: K-means-like Gaussian mixture
+
+Map from the paper to the names below
+  Eq. 1 (q(z = k | x) one-hot at the nearest code)    quantize (codes)
+  Eq. 2 (z_q(x) = e_k)                                quantize (z_q)
+  Sec. 3.2 (straight-through gradient, z_e <- z_q)    quantize (z_st)
+  Eq. 3 (log p(x|z_q) + ||sg[z_e] - e||^2             vqvae_loss, vq_terms, decoder_log_prob
+         + beta ||z_e - sg[e]||^2)
+  App. A.1 (EMA: N_i, m_i, e_i = m_i / N_i)           codebook_statistics, ema_codebook_update
+  dead-code restart (not in the paper; ours)          update_unused, random_encoder_outputs,
+                                                      restart_dead_codes
+  codebook perplexity exp(H(usage))                   perplexity
+  Sec. 3.3 (prior over z, fit after training)         prior_nll, sample_codes, CodePrior
+  Sec. 3.1 (KL = log K under a uniform prior), Sec. 3
+    (log p(x) >= log p(x | z_q(x)) p(z_q(x)))         nll_bound, bits_per_dim
+  exact log p(x) = log sum_z p(z) p(x | e_z)          exact_log_likelihood
+  sampling: prior -> decoder                          generate, decoder_sample
+  Sec. 4.1 (encoder, decoder, residual blocks)        ConvEncoder, ConvDecoder, ResBlock
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range,
+                    density_on_grid, dispatch, entropy_estimate, flag, get_device, init_distributed,
+                    load_checkpoint, load_dataset, load_weights, open_run, output_dir, parse_config,
+                    report_files, resume, save_density, save_image_grid, save_scatter, save_training,
+                    saved_config, seed_everything, user_errors, wrap_ddp)
+
+
+# ----------------------------------------------------------------------------------------
+# Vector quantisation and the straight-through estimator
+# ----------------------------------------------------------------------------------------
+
+def quantize(z_e, codebook, chunk=2**22):
+    """Nearest-code quantisation (van den Oord et al. Eqs. 1-2) and the straight-through
+    estimator (Sec. 3.2).
+
+    z_e: (..., D) encoder outputs, codebook: (K, D) the codes e_1..e_K. Returns
+      codes (...) int64: argmin_k ||z_e - e_k||^2 (Eq. 1), ties going to the lowest k;
+      z_q (..., D): e_codes (Eq. 2), differentiable in the codebook only;
+      z_st (..., D): the decoder's input, equal to z_q in value and to z_e in gradient: the
+        gradient at the decoder's input is copied to the encoder's output (Sec. 3.2). Written
+        sg[z_q] + (z_e - sg[z_e]), the same estimator as z_e + sg[z_q - z_e], but its value is
+        z_q exactly (the usual form rounds: 0.9 + (0.1 - 0.9) = 0.09999999999999998).
+    Distances are sums of squared differences (no |z|^2 - 2 z.e + |e|^2, which cancels and can
+    break ties), in float32 at least, over chunks of rows holding at most `chunk` elements.
+    """
+    if z_e.shape[-1] != codebook.shape[-1] or codebook.dim() != 2:
+        raise ValueError(f"z_e (..., {z_e.shape[-1]}) and codebook {tuple(codebook.shape)} need the same last dim D")
+    K, D = codebook.shape
+    dtype = torch.promote_types(z_e.dtype, torch.float32)
+    with torch.no_grad():
+        flat, e = z_e.detach().reshape(-1, D).to(dtype), codebook.detach().to(dtype)
+        rows = max(1, chunk // (K * D))
+        codes = torch.cat([((flat[i:i + rows, None, :] - e[None]) ** 2).sum(-1).argmin(1)
+                           for i in range(0, flat.shape[0], rows)]) if flat.shape[0] else \
+            torch.zeros(0, dtype=torch.long, device=z_e.device)
+    codes = codes.reshape(z_e.shape[:-1])
+    z_q = F.embedding(codes, codebook)
+    z_st = z_q.detach() + (z_e - z_e.detach())
+    return codes, z_q, z_st
+
+
+# ----------------------------------------------------------------------------------------
+# The objective (Eq. 3)
+# ----------------------------------------------------------------------------------------
+
+def _sum_per_example(x):
+    return x.reshape(x.shape[0], -1).sum(1)
+
+
+def decoder_log_prob(x, out, levels=None):
+    """log p(x | z_q) per example (B,), in nats: the reconstruction term of Eq. 3.
+
+    Images (levels = L): x integer levels (B, C, H, W), out logits (B, C, L, H, W): an
+    independent categorical over the L levels of every sub-pixel, normalised over the discrete
+    images. Points (levels None): x (B, 2) floats, out (B, 4) the mean and log standard
+    deviation of a diagonal Gaussian density.
+    """
+    out = out.to(torch.promote_types(out.dtype, torch.float32))  # bf16 under --amp: the likelihood in fp32
+    if levels is None:
+        mean, log_scale = out.chunk(2, dim=1)
+        return _sum_per_example(-0.5 * math.log(2 * math.pi) - log_scale
+                                - 0.5 * ((x - mean) * torch.exp(-log_scale)) ** 2)
+    if out.shape[2] != levels:
+        raise ValueError(f"decoder output has {out.shape[2]} levels, the data {levels}")
+    logp = F.log_softmax(out, dim=2)
+    return _sum_per_example(logp.gather(2, x.long().unsqueeze(2)).squeeze(2))
+
+
+def vq_terms(z_e, z_q):
+    """The two vector-quantisation terms of Eq. 3, summed over latent positions and dimensions,
+    per example (B,): codebook ||sg[z_e] - e||^2 (its gradient moves the codes only) and
+    commitment ||z_e - sg[e]||^2 (it moves the encoder only)."""
+    return _sum_per_example((z_e.detach() - z_q) ** 2), _sum_per_example((z_e - z_q.detach()) ** 2)
+
+
+def vqvae_loss(model, x, target, beta=0.25, codebook_loss=True, levels=None):
+    """The loss of Eq. 3 per example (B,) in nats:
+    L = -log p(x | z_q(x)) + ||sg[z_e(x)] - e||^2 + beta ||z_e(x) - sg[e]||^2.
+
+    With codebook_loss False the codebook term is left out: the codes then move by the EMA of
+    App. A.1 (ema_codebook_update). model(x) -> (decoder output, z_e, z_q, codes), as VQVAE;
+    x is the encoder's input, target the data the decoder scores (levels or points). Returns a
+    dict of the per-example loss and its terms, with z_e and codes for the codebook statistics.
+    """
+    out, z_e, z_q, codes = model(x)
+    recon = -decoder_log_prob(target, out, levels)
+    codebook, commitment = vq_terms(z_e, z_q)
+    loss = recon + beta * commitment + (codebook if codebook_loss else 0.0)
+    return dict(loss=loss, recon=recon, codebook=codebook, commitment=commitment, z_e=z_e, codes=codes)
+
+
+# ----------------------------------------------------------------------------------------
+# The EMA codebook (App. A.1), dead codes and the perplexity
+# ----------------------------------------------------------------------------------------
+
+def codebook_statistics(z_e, codes, num_codes):
+    """One batch's statistics for App. A.1: n_i, the number of encoder outputs assigned to code i,
+    (K,), and sum_j z_{i,j}, their sum, (K, D); in float32 at least, no gradient."""
+    D = z_e.shape[-1]
+    flat = z_e.detach().reshape(-1, D)
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+    one_hot = F.one_hot(codes.reshape(-1), num_codes).to(flat.dtype)  # (N, K)
+    return one_hot.sum(0), one_hot.T @ flat
+
+
+def ema_codebook_update(codebook, cluster_size, embed_sum, counts, sums, decay=0.99, eps=1e-5):
+    """The EMA codebook update of App. A.1, with decay gamma:
+        N_i <- gamma N_i + (1 - gamma) n_i,   m_i <- gamma m_i + (1 - gamma) sum_j z_{i,j},
+        e_i = m_i / N~_i,
+    N~_i = (N_i + eps) / (n + K eps) * n with n = sum_i N_i: the Laplace smoothing of the
+    authors' Sonnet module (VectorQuantizerEMA), so that a code whose N_i has decayed towards 0
+    does not divide by it; sum_i N~_i = n. With gamma = 0 and eps = 0 every used code sits at the
+    mean of the encoder outputs assigned to it (a K-means step). A code with N~_i = 0 (eps = 0
+    and never used) keeps its vector. Returns the new (cluster_size, embed_sum, codebook).
+    """
+    if not 0 <= decay <= 1 or eps < 0:
+        raise ValueError(f"decay {decay} must be in [0, 1] and eps {eps} >= 0")
+    K = cluster_size.shape[0]
+    cluster_size = decay * cluster_size + (1 - decay) * counts
+    embed_sum = decay * embed_sum + (1 - decay) * sums
+    n = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (n + K * eps) * n
+    safe = torch.where(smoothed > 0, smoothed, torch.ones_like(smoothed))
+    new = torch.where(smoothed[:, None] > 0, embed_sum / safe[:, None], codebook.detach().to(embed_sum.dtype))
+    return cluster_size, embed_sum, new.to(codebook.dtype)
+
+
+def update_unused(unused, counts):
+    """Steps since each code was last used: 0 for the codes this batch used, else one more."""
+    return torch.where(counts > 0, torch.zeros_like(unused), unused + 1)
+
+
+def random_encoder_outputs(z_e, n, generator=None):
+    """n rows of the (..., D) encoder outputs, drawn at random (without replacement when there
+    are at least n): the candidates a dead code restarts from. (n, D), no gradient."""
+    flat = z_e.detach().reshape(-1, z_e.shape[-1])
+    if flat.shape[0] >= n:
+        idx = torch.randperm(flat.shape[0], generator=generator, device=generator.device if generator else "cpu")[:n]
+    else:
+        idx = torch.randint(flat.shape[0], (n,), generator=generator,
+                            device=generator.device if generator else "cpu")
+    return flat[idx.to(flat.device)]
+
+
+def restart_dead_codes(codebook, cluster_size, embed_sum, unused, candidates, patience):
+    """Re-seed every code unused for at least `patience` steps with its candidate row (an
+    encoder output; random_encoder_outputs). A restarted code counts as if that encoder output
+    had been assigned to it once: cluster size 1, sum = the vector, so e_i = m_i / N_i holds.
+    Not in the paper (a common remedy for codes the encoder never selects); ours.
+    Returns (codebook, cluster_size, embed_sum, unused, dead) with dead the (K,) bool mask."""
+    if patience < 1:
+        raise ValueError(f"patience {patience} must be >= 1 step")
+    dead = unused >= patience
+    candidates = candidates.to(codebook.dtype)
+    return (torch.where(dead[:, None], candidates, codebook.detach()),
+            torch.where(dead, torch.ones_like(cluster_size), cluster_size),
+            torch.where(dead[:, None], candidates.to(embed_sum.dtype), embed_sum),
+            torch.where(dead, torch.zeros_like(unused), unused), dead)
+
+
+def perplexity(counts):
+    """exp(H(p)) of the code usage p_i = n_i / sum n: K when every code is used alike, 1 when one
+    code takes everything (0 log 0 = 0). counts (K,) -> a 0-dim tensor."""
+    p = counts.double() / counts.sum()
+    return torch.exp(-torch.xlogy(p, p).sum())
+
+
+# ----------------------------------------------------------------------------------------
+# The prior over code maps (Sec. 3.3), the bound, and sampling
+# ----------------------------------------------------------------------------------------
+
+def prior_nll(prior, codes, num_codes):
+    """-log p(z) per example (B,) in nats, by the chain rule over the L = h w codes in raster
+    order: p(z) = prod_t p(z_t | z_<t) (the autoregressive prior of Sec. 3.3). codes (B, L) int;
+    prior(idx) -> logits (B, T, K) must be causal; its input starts with the token `num_codes`,
+    which it never predicts, so p sums to 1 over the K^L code maps."""
+    start = torch.full((codes.shape[0], 1), num_codes, dtype=torch.long, device=codes.device)
+    logits = prior(torch.cat([start, codes[:, :-1]], 1))
+    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return -logp.gather(-1, codes[..., None]).squeeze(-1).sum(1)
+
+
+@torch.inference_mode()
+def sample_codes(prior, n, length, num_codes, generator=None, temperature=1.0):
+    """n code maps (n, length) drawn from the prior one code at a time (ancestral sampling), on
+    the generator's device (the CPU without one); temperature divides the logits."""
+    if temperature <= 0:
+        raise ValueError(f"temperature {temperature} must be > 0")
+    device = generator.device if generator is not None else torch.device("cpu")
+    seq = torch.full((n, 1), num_codes, dtype=torch.long, device=device)
+    for _ in range(length):
+        logits = prior(seq)[:, -1].float() / temperature
+        seq = torch.cat([seq, torch.multinomial(F.softmax(logits, -1), 1, generator=generator)], 1)
+    return seq[:, 1:]
+
+
+def nll_bound(model, prior, x, target, num_codes, levels=None):
+    """The bound -log p(x) <= -log p(x | z_q(x)) - log p(z(x)) per example (B,), in nats.
+
+    q(z | x) is one-hot at the nearest codes z(x) (Eq. 1) and has entropy 0, so the ELBO is
+    log p(x | z_q(x)) - KL(q || p) with KL = -log p(z(x)): log K per latent under the uniform
+    prior of training (Sec. 3.1), the prior's NLL of the code map under the learned one (here):
+    the bound log p(x) >= log p(x | z_q(x)) p(z_q(x)) the paper states in Sec. 3.
+    Returns (bound, reconstruction NLL, prior NLL, decoder output, codes), the first three (B,).
+    """
+    out, _, _, codes = model(x)
+    recon = -decoder_log_prob(target, out, levels)
+    prior_term = prior_nll(prior, codes.reshape(codes.shape[0], -1), num_codes)
+    return recon + prior_term, recon, prior_term, out, codes
+
+
+def exact_log_likelihood(model, prior, target, latent_shape, num_codes, levels=None, max_maps=2**16):
+    """log p(x) = log sum_z p(z) p(x | e_z) per example (B,), in nats, by enumerating all
+    K^L code maps (L = prod(latent_shape)): the exact likelihood the bound of nll_bound is an
+    upper bound of (its sum holds the term of z(x)). Feasible for a few codes only: a 2D point's
+    single code, or a toy model. model.decode(codes (M, *latent_shape)) -> decoder outputs."""
+    L = math.prod(latent_shape)
+    if num_codes ** L > max_maps:
+        raise ValueError(f"{num_codes}^{L} code maps are too many to enumerate (at most {max_maps})")
+    device = target.device
+    maps = torch.cartesian_prod(*[torch.arange(num_codes, device=device)] * L).reshape(-1, L)
+    log_prior = -prior_nll(prior, maps, num_codes)  # (M,)
+    out = model.decode(maps.reshape(-1, *latent_shape))
+    B = target.shape[0]
+    log_joint = torch.stack([decoder_log_prob(target, out[m:m + 1].expand(B, *out.shape[1:]), levels)
+                             for m in range(maps.shape[0])], 1) + log_prior
+    return torch.logsumexp(log_joint, 1)
+
+
+def bits_per_dim(nll_nats, num_dims):
+    """Bits per dimension from a per-example NLL in nats: nll / (D ln 2). The decoder is
+    normalised over the integer levels, so no offset for a rescaling is needed."""
+    return nll_nats / (num_dims * math.log(2.0))
+
+
+def decoder_mean(out, levels=None):
+    """E[x | z_q]: images in [0, 1] as sum_k p_k k / (L - 1), (B, C, H, W); points the mean (B, 2)."""
+    if levels is None:
+        return out.chunk(2, dim=1)[0]
+    k = torch.arange(levels, device=out.device, dtype=torch.float32).reshape(1, 1, -1, 1, 1)
+    return (F.softmax(out.float(), dim=2) * k).sum(2) / (levels - 1)
+
+
+def decoder_sample(out, levels=None, mode=False, generator=None):
+    """x ~ p(x | z_q), or its mode: images as integer levels (B, C, H, W) int64, drawn per
+    sub-pixel; points (B, 2) from the Gaussian (its mean as the mode)."""
+    if levels is None:
+        mean, log_scale = out.float().chunk(2, dim=1)
+        if mode:
+            return mean
+        return mean + torch.exp(log_scale) * torch.randn(mean.shape, generator=generator, device=mean.device)
+    if mode:
+        return out.argmax(2)
+    B, C, Lv, H, W = out.shape
+    probs = F.softmax(out.float(), dim=2).permute(0, 1, 3, 4, 2).reshape(-1, Lv)
+    return torch.multinomial(probs, 1, generator=generator).reshape(B, C, H, W)
+
+
+@torch.inference_mode()
+def generate(model, prior, n, latent_shape, num_codes, levels=None, mode=False, generator=None,
+             temperature=1.0):
+    """Samples of the generative model: z ~ p(z) (sample_codes), then x ~ p(x | e_z) (or its mode)."""
+    codes = sample_codes(prior, n, math.prod(latent_shape), num_codes, generator, temperature)
+    out = model.decode(codes.reshape(n, *latent_shape))
+    return decoder_sample(out, levels, mode, generator)
+
+
+# ----------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------
+
+class ResBlock(nn.Module):
+    """x + conv1x1(relu(conv3x3(relu(x)))): the residual block of van den Oord et al. Sec. 4.1."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv3 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv1 = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        return x + self.conv1(F.relu(self.conv3(F.relu(x))))
+
+
+class ConvEncoder(nn.Module):
+    """Sec. 4.1: `down` stride-2 4x4 convolutions, then `res_blocks` residual blocks, all `hidden`
+    units wide (2 and 2 of 256 for CIFAR-10), then a 1x1 convolution to the code dimension D (our
+    addition, so that D need not equal the width). (B, C, H, W) -> (B, H / 2^down, W / 2^down, D)."""
+
+    def __init__(self, in_ch, hidden, res_blocks, down, code_dim):
+        super().__init__()
+        layers, ch = [], in_ch
+        for i in range(down):
+            layers += [nn.Conv2d(ch, hidden, 4, stride=2, padding=1), nn.ReLU()]
+            ch = hidden
+        layers += [nn.Conv2d(ch, hidden, 3, padding=1)] if down == 0 else []
+        layers += [ResBlock(hidden) for _ in range(res_blocks)] + [nn.ReLU(), nn.Conv2d(hidden, code_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x).permute(0, 2, 3, 1)
+
+
+class ConvDecoder(nn.Module):
+    """Sec. 4.1: a 3x3 convolution from D to `hidden`, `res_blocks` residual blocks, then `down`
+    stride-2 4x4 transposed convolutions, the last giving C * levels logits per pixel.
+    (B, h, w, D) -> (B, C, levels, h 2^down, w 2^down)."""
+
+    def __init__(self, out_ch, levels, hidden, res_blocks, down, code_dim):
+        super().__init__()
+        self.out_ch, self.levels = out_ch, levels
+        layers = [nn.Conv2d(code_dim, hidden, 3, padding=1)] + [ResBlock(hidden) for _ in range(res_blocks)]
+        layers += [nn.ReLU()]
+        for i in range(down):
+            last = i == down - 1
+            layers += [nn.ConvTranspose2d(hidden, out_ch * levels if last else hidden, 4, stride=2, padding=1)]
+            layers += [] if last else [nn.ReLU()]
+        layers += [nn.Conv2d(hidden, out_ch * levels, 1)] if down == 0 else []
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        h = self.net(z.permute(0, 3, 1, 2))
+        return h.reshape(h.shape[0], self.out_ch, self.levels, *h.shape[2:])
+
+
+class PointEncoder(nn.Module):
+    """2D point -> one D-dimensional vector, an MLP with two hidden ReLU layers: (B, 2) -> (B, 1, D)."""
+
+    def __init__(self, dim, hidden, code_dim):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, code_dim))
+
+    def forward(self, x):
+        return self.net(x)[:, None]
+
+
+class PointDecoder(nn.Module):
+    """A code vector -> the mean and log standard deviation of a diagonal Gaussian: (B, 1, D) -> (B, 4).
+    A function of the code alone, so each code carries its own Gaussian."""
+
+    def __init__(self, dim, hidden, code_dim):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(code_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 2 * dim))
+
+    def forward(self, z):
+        return self.net(z[:, 0])
+
+
+class VQVAE(nn.Module):
+    """Encoder -> quantize -> decoder, and the codebook with its EMA statistics.
+
+    The codebook (K, D) is a parameter trained by the codebook term of Eq. 3 (ema False) or
+    moved by ema_codebook_update (ema True; it then takes no gradient). Buffers: cluster_size
+    N_i and embed_sum m_i of App. A.1 (a fresh code counts as one assignment of its own vector:
+    N_i = 1, m_i = e_i), and `unused`, the steps since each code was used; every code starts as
+    dead (unused = restart_after), so the first step re-seeds the codes its batch leaves unused
+    with its encoder outputs (a data-dependent initialisation).
+    """
+
+    def __init__(self, encoder, decoder, num_codes, code_dim, ema=True, decay=0.99, eps=1e-5, restart_after=100):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+        self.num_codes, self.ema, self.decay, self.eps, self.restart_after = num_codes, ema, decay, eps, restart_after
+        codebook = torch.empty(num_codes, code_dim).uniform_(-1 / num_codes, 1 / num_codes)
+        self.codebook = nn.Parameter(codebook, requires_grad=not ema)
+        self.register_buffer("cluster_size", torch.ones(num_codes))
+        self.register_buffer("embed_sum", codebook.clone())
+        self.register_buffer("unused", torch.full((num_codes,), restart_after, dtype=torch.long))
+
+    def forward(self, x):
+        """x in model space -> (decoder output, z_e, z_q, codes); the decoder sees z_st."""
+        z_e = self.encoder(x)
+        codes, z_q, z_st = quantize(z_e, self.codebook)
+        return self.decoder(z_st), z_e, z_q, codes
+
+    def encode(self, x):
+        """The code map z(x): (B, *latent_shape) int64."""
+        return quantize(self.encoder(x), self.codebook)[0]
+
+    def decode(self, codes):
+        """Decoder output for code maps (B, *latent_shape)."""
+        return self.decoder(F.embedding(codes, self.codebook))
+
+    @torch.no_grad()
+    def update_codebook(self, counts, sums, candidates):
+        """After an optimiser step: the EMA update (when ema), then the dead-code restart, from a
+        batch's statistics (codebook_statistics) and candidate vectors (random_encoder_outputs).
+        Returns the number of codes restarted."""
+        if self.ema:
+            size, total, codebook = ema_codebook_update(self.codebook, self.cluster_size, self.embed_sum,
+                                                        counts, sums, self.decay, self.eps)
+            self.cluster_size.copy_(size), self.embed_sum.copy_(total), self.codebook.copy_(codebook)
+        self.unused.copy_(update_unused(self.unused, counts))
+        if not self.restart_after:
+            return 0
+        codebook, size, total, unused, dead = restart_dead_codes(self.codebook, self.cluster_size, self.embed_sum,
+                                                                 self.unused, candidates, self.restart_after)
+        self.codebook.copy_(codebook), self.cluster_size.copy_(size), self.embed_sum.copy_(total)
+        self.unused.copy_(unused)
+        return int(dead.sum())
+
+
+class PriorBlock(nn.Module):
+    """Pre-LayerNorm transformer block: causal multi-head self-attention (Vaswani et al. Eq. 1,
+    Sec. 3.2.2) and a GELU MLP of width 4 d, each a residual branch."""
+
+    def __init__(self, width, heads, dropout):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (t.reshape(B, T, self.heads, C // self.heads).transpose(1, 2)
+                   for t in self.qkv(self.ln1(x)).split(C, dim=2))
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, C)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class CodePrior(nn.Module):
+    """The prior over code maps: a causal transformer over the L codes in raster order, with
+    learned positions and a start token (id num_codes, input only). idx (B, T) -> logits
+    (B, T, K) of the next code at every position. `updates` counts the optimiser steps it has
+    had (0: untrained). For a 2D point (L = 1) it is a learned categorical over the K codes."""
+
+    def __init__(self, num_codes, length, layers=4, heads=4, width=128, dropout=0.0):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.num_codes, self.length = num_codes, length
+        self.tok = nn.Embedding(num_codes + 1, width)
+        self.pos = nn.Embedding(length, width)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(PriorBlock(width, heads, dropout) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_codes)
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def forward(self, idx):
+        T = idx.shape[1]
+        if T > self.length:
+            raise ValueError(f"{T} positions exceed the prior's {self.length}")
+        x = self.drop(self.tok(idx) + self.pos(torch.arange(T, device=idx.device)))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class Config(RunConfig):
+    """Defaults train the autoencoder, then the prior, on 8x8 digits on a laptop CPU in minutes."""
+    steps: int = flag(3000, "training steps in all: the autoencoder's, then the prior's (see --stage)")
+    batch_size: int = flag(64, "global batch size")
+    lr: float = flag(1e-3, "Adam learning rate of the autoencoder")
+    save_every: int = flag(500, "checkpoint, sample grid and reconstructions every this many steps")
+    stage: str = flag("both", "both: the autoencoder for the first --ae-fraction of --steps, then the prior on its "
+                      "codes; ae: only the autoencoder; prior: only the prior, on the codes of the autoencoder "
+                      "--resume loads. Once the prior has trained, the autoencoder stays frozen",
+                      choices=("both", "ae", "prior"))
+    ae_fraction: float = flag(0.5, "with --stage both: the share of --steps that trains the autoencoder")
+    # the autoencoder
+    codes: int = flag(32, "codebook size K")
+    code_dim: int = flag(16, "dimension D of a code vector")
+    hidden: int = flag(64, "width of the encoder and decoder (units of the MLPs for 2D points)")
+    down: int = flag(1, "stride-2 4x4 convolutions: the code map is the image side / 2^N")
+    res_blocks: int = flag(2, "residual blocks in the encoder and in the decoder")
+    beta: float = flag(0.25, "commitment weight beta of Eq. 3")
+    codebook: str = flag("ema", "how the codes learn: ema (App. A.1) or loss (the codebook term of Eq. 3)",
+                         choices=("ema", "loss"))
+    decay: float = flag(0.99, "EMA decay gamma of the codebook statistics (App. A.1)")
+    laplace_eps: float = flag(1e-5, "Laplace smoothing of the EMA cluster sizes")
+    restart_after: int = flag(100, "re-seed a code unused for this many steps with an encoder output (0 = never)")
+    # the prior
+    prior_lr: float = flag(1e-3, "Adam learning rate of the prior")
+    prior_layers: int = flag(2, "transformer blocks of the prior")
+    prior_heads: int = flag(4, "attention heads of the prior (must divide --prior-width)")
+    prior_width: int = flag(64, "width of the prior's residual stream")
+    prior_dropout: float = flag(0.3, "dropout in the prior (its training codes are few: 1497 digits)")
+    grad_clip: float = flag(0.0, "clip the gradient norm of either network to this (0 = off, as the paper)")
+    # sampling and evaluation
+    decode: str = flag("mode", "images from codes: mode (the most probable level of every pixel) or sample "
+                       "(a draw of every pixel from its categorical); 2D points are always drawn",
+                       choices=("mode", "sample"))
+    temperature: float = flag(1.0, "temperature of the prior when sampling codes")
+    eval_n: int = flag(0, "evaluate the first N test examples (0 = all)")
+
+
+PRESETS = {
+    "digits": dict(),  # the Config defaults: 8x8 -> 4x4 codes of K = 32; a 2-layer prior over 16 positions
+    # 2D points: one code per point, a Gaussian per code; K = 64 codes (our choice).
+    "points": dict(steps=4000, batch_size=256, lr=2e-3, codes=64, code_dim=8, hidden=128,
+                   prior_layers=1, prior_width=32, prior_heads=2, prior_dropout=0.0, restart_after=20,
+                   save_every=2000, n_samples=2000),
+    # van den Oord et al. Sec. 4.1 (CIFAR-10): 2 stride-2 4x4 convolutions and 2 residual blocks of
+    # 256 units, decoder mirrored; Adam 2e-4, batch 128, 250k autoencoder steps; EMA codebook with
+    # gamma 0.99 (App. A.1), beta 0.25. The 8x8 code map with K = 512 is our reading of the paper
+    # (K = 512 is stated for ImageNet; K and D for CIFAR-10 are not verified); D = 64 is ours, as is
+    # the prior (a transformer where the paper used a PixelCNN) and its 250k further steps.
+    "cifar10": dict(steps=500_000, batch_size=128, lr=2e-4, codes=512, code_dim=64, hidden=256, down=2,
+                    res_blocks=2, decay=0.99, beta=0.25, prior_lr=3e-4, prior_layers=8, prior_width=256,
+                    prior_heads=8, prior_dropout=0.1, save_every=10_000),
+    # 28x28 -> 7x7 codes; sizes are ours (the paper gives no MNIST model).
+    "mnist": dict(steps=40_000, batch_size=128, lr=2e-4, codes=128, code_dim=32, hidden=128, down=2,
+                  res_blocks=2, prior_lr=3e-4, prior_layers=6, prior_width=256, prior_heads=8,
+                  prior_dropout=0.1, save_every=5000),
+}
+PRESETS["fashion-mnist"] = PRESETS["mnist"]
+
+
+def check_config(cfg):
+    """The model's flags that their types let through; the image side against --down is checked
+    in build, which knows the data."""
+    for name in ("codes", "code_dim", "hidden", "prior_layers", "prior_heads", "prior_width"):
+        check_range(cfg, name, 1)
+    for name in ("down", "res_blocks", "beta", "laplace_eps", "restart_after", "grad_clip", "eval_n"):
+        check_range(cfg, name, 0)
+    check_range(cfg, "ae_fraction", 0, 1)
+    check_range(cfg, "decay", 0, 1, open_high=True)
+    check_range(cfg, "prior_dropout", 0, 1, open_high=True)
+    check_range(cfg, "prior_lr", 0, open_low=True)
+    check_range(cfg, "temperature", 0, open_low=True)
+    if cfg.prior_width % cfg.prior_heads:
+        raise UserError(f"--prior-width {cfg.prior_width} is not divisible by --prior-heads {cfg.prior_heads}; "
+                        "use a width that is a multiple of the heads")
+    if cfg.stage == "prior" and not (cfg.resume or cfg.sample or cfg.eval):
+        raise UserError("--stage prior trains the prior of a trained autoencoder: give its checkpoint with "
+                        "--resume [CKPT]")
+
+
+# ----------------------------------------------------------------------------------------
+# Data and pictures
+# ----------------------------------------------------------------------------------------
+
+def to_model_space(x, info):
+    """The encoder's input: levels 0..L-1 -> x / (L - 1) * 2 - 1 in [-1, 1]; points unchanged."""
+    return x.float() if info.kind == "points" else x.float() / (info.levels - 1) * 2 - 1
+
+
+def latent_shape(cfg, info):
+    """The code map's shape: (H / 2^down, W / 2^down) for images, (1,) for a 2D point."""
+    if info.kind == "points":
+        return (1,)
+    return (info.shape[1] // 2 ** cfg.down, info.shape[2] // 2 ** cfg.down)
+
+
+def decoder_levels(info):
+    """The categorical decoder's level count, None for the Gaussian decoder of points."""
+    return None if info.kind == "points" else info.levels
+
+
+def stage_of(cfg, step, prior):
+    """Which network a training step trains: the autoencoder until its share of --steps (or for
+    all of them with --stage ae), then the prior; once the prior has trained, always the prior."""
+    if cfg.stage == "prior" or int(prior.updates) > 0:
+        return "prior"
+    end = cfg.steps if cfg.stage == "ae" else int(cfg.steps * cfg.ae_fraction)
+    return "ae" if step < end else "prior"
+
+
+def draw(vqvae, prior, cfg, info, n, generator, mode=None):
+    """n samples in data space: uint8 levels (n, C, H, W) or float points (n, 2)."""
+    mode = cfg.decode == "mode" if mode is None else mode
+    x = generate(vqvae, prior, n, latent_shape(cfg, info), cfg.codes, decoder_levels(info),
+                 mode and info.kind == "image", generator, cfg.temperature)
+    return x.to(torch.uint8) if info.kind == "image" else x.float()
+
+
+@torch.no_grad()
+def code_counts(vqvae, data, info, batch_size=1024):
+    """How often each code is used over a data set (its whole code maps): (K,) on the CPU."""
+    device = vqvae.codebook.device
+    counts = torch.zeros(vqvae.num_codes, dtype=torch.long)
+    for i in range(0, len(data), batch_size):
+        codes = vqvae.encode(to_model_space(data[i:i + batch_size].to(device), info))
+        counts += torch.bincount(codes.reshape(-1).cpu(), minlength=vqvae.num_codes)
+    return counts
+
+
+def save_samples(x, path, info, title):
+    """Prior samples: an image grid (ten a row when they divide) or a scatter of points."""
+    if info.kind == "points":
+        save_scatter(x.cpu(), path, lim=info.lim, title=title)
+    else:
+        save_image_grid(x.cpu(), path, levels=info.levels, nrow=10 if x.shape[0] % 10 == 0 else None, title=title)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+@torch.no_grad()
+def save_reconstructions(vqvae, x, path, info, cols=8):
+    """Images: rows of inputs, each followed by a row of their reconstructions (the most
+    probable level of every pixel given the codes). Points: the points coloured by their code,
+    with each used code's decoder mean (a cross)."""
+    device = vqvae.codebook.device
+    out, _, _, codes = vqvae(to_model_space(x.to(device), info))
+    if info.kind == "image":
+        rec = out.argmax(2).to(torch.uint8).cpu()
+        n = (x.shape[0] // cols) * cols
+        rows = [t for i in range(0, n, cols) for t in (x[i:i + cols].cpu(), rec[i:i + cols])]
+        save_image_grid(torch.cat(rows), path, levels=info.levels, nrow=cols,
+                        title="rows 1, 3, 5, 7: training images; rows 2, 4, 6, 8: their reconstructions "
+                              "(most probable level given the codes)")
+        return
+    plt = _pyplot()
+    x, codes, means = x.cpu().numpy(), codes.reshape(-1).cpu().numpy(), decoder_mean(out).cpu().numpy()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(x[:, 0], x[:, 1], c=codes % 20, cmap="tab20", s=2, alpha=0.6)
+    used = np.unique(codes, return_index=True)[1]
+    ax.scatter(means[used, 0], means[used, 1], marker="x", c="black", s=20)
+    ax.set_xlim(-info.lim, info.lim), ax.set_ylim(-info.lim, info.lim), ax.set_aspect("equal")
+    ax.set_title(f"training points coloured by their code;\nx: the decoder's mean of each of the "
+                 f"{len(used)} codes used", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_code_usage(counts, metrics_path, path):
+    """Two panels: how often each code is used on (up to 10000 examples of) the training data,
+    codes sorted by use, and the batch perplexity over the autoencoder's training (from
+    metrics.jsonl) against K."""
+    plt = _pyplot()
+    K = len(counts)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    share = (counts.double() / counts.sum()).sort(descending=True).values.numpy()
+    a.bar(np.arange(K), share, width=1.0)
+    a.set_xlabel("codes, by use"), a.set_ylabel("share of the training code maps")
+    a.set_title(f"code usage: {int((counts > 0).sum())} of {K} codes used, perplexity {float(perplexity(counts)):.1f}",
+                fontsize=9)
+    rows = []
+    if metrics_path.exists():
+        import json
+        rows = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if "perplexity" in r]
+    b.plot([r["step"] for r in rows], [r["perplexity"] for r in rows], label="batch perplexity")
+    b.axhline(K, ls="--", c="grey", label=f"K = {K}")
+    b.set_xlabel("step"), b.set_ylabel("perplexity"), b.legend(fontsize=8)
+    b.set_title("codebook perplexity during the autoencoder's training", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_density(vqvae, prior, cfg, info, ds, out):
+    """density.npz: the model's exact log-density (the mixture over its K codes) on
+    common.density_on_grid's 128 x 128 grid; density.png beside the truth and exp(-bound)."""
+    device = vqvae.codebook.device
+
+    @torch.inference_mode()
+    def exact(x):
+        return exact_log_likelihood(vqvae, prior, x.to(device), (1,), cfg.codes).cpu()
+
+    @torch.inference_mode()
+    def bound(x):
+        return -nll_bound(vqvae, prior, x.to(device), x.to(device), cfg.codes)[0].cpu()
+
+    grid = density_on_grid(exact, info.lim, n=128)
+    np.savez(out / "density.npz", log_density=grid, lim=info.lim)
+    truth = density_on_grid(ds.log_prob, info.lim, n=128) if ds.log_prob is not None else ds.data
+    save_density({"data": truth, f"exact: {cfg.codes} codes": grid,
+                  "exp(-bound)": density_on_grid(bound, info.lim, n=128)}, out / "density.png", info.lim)
+
+
+# ----------------------------------------------------------------------------------------
+# Run code
+# ----------------------------------------------------------------------------------------
+
+MODEL = "vqvae"
+_REDUCED = collections.deque(maxlen=4)  # see _sum_over_processes
+
+
+def build(cfg, info):
+    """(VQVAE, CodePrior) for a configuration and the data's description."""
+    if info.kind == "image":
+        c, h, w = info.shape
+        if h % 2 ** cfg.down or w % 2 ** cfg.down:
+            raise UserError(f"--down {cfg.down} halves the side {cfg.down} times; {info.name} has {h}x{w} images: "
+                            f"use a --down whose 2^N divides {h} and {w}")
+        encoder = ConvEncoder(c, cfg.hidden, cfg.res_blocks, cfg.down, cfg.code_dim)
+        decoder = ConvDecoder(c, info.levels, cfg.hidden, cfg.res_blocks, cfg.down, cfg.code_dim)
+    else:
+        encoder, decoder = PointEncoder(info.shape[0], cfg.hidden, cfg.code_dim), \
+            PointDecoder(info.shape[0], cfg.hidden, cfg.code_dim)
+    vqvae = VQVAE(encoder, decoder, cfg.codes, cfg.code_dim, ema=cfg.codebook == "ema", decay=cfg.decay,
+                  eps=cfg.laplace_eps, restart_after=cfg.restart_after)
+    prior = CodePrior(cfg.codes, math.prod(latent_shape(cfg, info)), cfg.prior_layers, cfg.prior_heads,
+                      cfg.prior_width, cfg.prior_dropout)
+    return vqvae, prior
+
+
+def _sum_over_processes(dist, *tensors):
+    """The tensors summed over the processes (the codebook statistics of the global batch), in
+    one all_reduce. The reduced tensor is kept alive for a while: a gloo worker frees it after
+    the call returns, and must not need the GIL for that at shutdown (see common._all_reduce)."""
+    if dist.world_size == 1:
+        return tensors
+    flat = torch.cat([t.reshape(-1).float() for t in tensors]).to(dist.device)
+    torch.distributed.all_reduce(flat)
+    _REDUCED.append(flat)
+    parts = flat.split([t.numel() for t in tensors])
+    return tuple(p.reshape(t.shape).to(t.dtype) for p, t in zip(parts, tensors))
+
+
+def train(cfg):
+    """Eq. 3 with Adam on the autoencoder (straight-through gradients, EMA or loss codebook, dead
+    codes restarted), then maximum likelihood of the prior on the frozen autoencoder's codes;
+    under torchrun every process trains on its slice of the global batch (DDP)."""
+    dist = init_distributed(cfg.device)
+    out = open_run(cfg, MODEL, dist)
+    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+    info = ds.info
+    seed_everything(cfg.seed)  # the same initial weights on every process
+    vqvae, prior = build(cfg, info)
+    vqvae.to(dist.device)
+    prior.to(dist.device)
+    opt = torch.optim.Adam([p for p in vqvae.parameters() if p.requires_grad], lr=cfg.lr)
+    prior_opt = torch.optim.Adam(prior.parameters(), lr=cfg.prior_lr)
+    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
+    parts = dict(model=vqvae, prior=prior, opt=opt, prior_opt=prior_opt, batches=batches)
+    if cfg.resume:
+        step = resume(cfg, MODEL, dist, **parts)
+    else:
+        step = 0
+        seed_everything(cfg.seed + dist.rank)  # dropout and restarts draw per process
+    if cfg.stage == "ae" and int(prior.updates) > 0:
+        raise UserError("the prior in this checkpoint has trained on its autoencoder's codes; training the "
+                        "autoencoder further would change them: use --stage prior, or start afresh with --overwrite")
+    start = step
+    model, model_prior = wrap_ddp(vqvae, dist, cfg.compile), wrap_ddp(prior, dist, cfg.compile)
+    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
+    amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+    levels, L = decoder_levels(info), math.prod(latent_shape(cfg, info))
+    shown = ds.data[:32] if info.kind == "image" else ds.data[:2000]  # the inputs of the reconstructions
+
+    def checkpoint_and_pictures():
+        save_training(out, MODEL, step, cfg, info, dist, **parts)
+        if dist.is_main:
+            with stop.interruptible():  # the checkpoint is whole: a signal may stop the pictures at once
+                g = torch.Generator(device=dist.device).manual_seed(cfg.seed)
+                prior.eval()  # no dropout while sampling
+                x = draw(vqvae, prior, cfg, info, cfg.n_samples, g)
+                prior.train()
+                untrained = " (the prior is untrained)" if int(prior.updates) == 0 else ""
+                save_samples(x, out / f"samples_{step}.png", info, f"prior samples, step {step}{untrained}")
+                save_reconstructions(vqvae, shown, out / f"recon_{step}.png", info)
+
+    with StopSignal() as stop:
+        stage = None
+        while step < cfg.steps:
+            if stage != stage_of(cfg, step, prior):
+                if stage is not None:  # a window of metrics holds one stage's lines only
+                    logger.close()
+                    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
+                stage = stage_of(cfg, step, prior)
+                logger.event("stage", trains="autoencoder" if stage == "ae" else "prior", from_step=step)
+            x, _ = next(batches)
+            x_in = to_model_space(x, info)
+            target = x if info.kind == "image" else x_in
+            if stage == "ae":  # Eq. 3; the codes move after the optimiser step (EMA, restarts)
+                with amp:
+                    terms = vqvae_loss(model, x_in, target, cfg.beta, cfg.codebook == "loss", levels)
+                loss = terms["loss"].mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(vqvae.parameters(), cfg.grad_clip)
+                opt.step()
+                counts, sums = codebook_statistics(terms["z_e"], terms["codes"], cfg.codes)
+                candidates = random_encoder_outputs(terms["z_e"], cfg.codes) * (dist.rank == 0)  # rank 0's
+                counts, sums, candidates = _sum_over_processes(dist, counts, sums, candidates)
+                restarted = vqvae.update_codebook(counts, sums, candidates)
+                metrics = dict(recon=dist.mean(terms["recon"].mean()), commitment=dist.mean(terms["commitment"].mean()),
+                               perplexity=float(perplexity(counts)), restarted=restarted)
+            else:  # the prior: maximum likelihood of the frozen autoencoder's code maps
+                with torch.no_grad():
+                    codes = vqvae.encode(x_in).reshape(x.shape[0], L)
+                with amp:
+                    loss = prior_nll(model_prior, codes, cfg.codes).mean()
+                prior_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(prior.parameters(), cfg.grad_clip)
+                prior_opt.step()
+                prior.updates += 1
+                metrics = {}
+            step += 1
+            value = dist.mean(loss)
+            check_finite(value, step)
+            logger.log(step, cfg.batch_size, loss=value, **metrics)
+            stopping = dist.any(stop.requested)
+            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+                checkpoint_and_pictures()
+            if stopping:
+                if dist.is_main:
+                    print(f"stopped at step {step}; {out / 'ckpt.pt'} saved; continue with --resume", flush=True)
+                break
+        if step == start:  # --steps 0, or nothing left to train: still a checkpoint
+            checkpoint_and_pictures()
+        if dist.is_main and not stop.requested:
+            with stop.interruptible():
+                save_code_usage(code_counts(vqvae, ds.data[:10_000], info), out / "metrics.jsonl", out / "codes.png")
+    logger.close()
+    dist.close()
+    if dist.is_main:
+        if int(prior.updates) == 0:
+            print("note: the prior has not trained yet (its samples are noise): continue with --stage prior --resume")
+        report_files(out, ["ckpt.pt", f"samples_{step}.png", f"recon_{step}.png", "codes.png", "metrics.jsonl",
+                           "loss.png"])
+
+
+def evaluate(cfg):
+    """--eval CKPT: the test-set bound -log p(x | z_q(x)) - log p(z(x)) with the learned prior,
+    in nats per example and bits/dim, its two terms, the uniform prior's bound, the
+    reconstruction error and the codes' perplexity; on 2D sets also the exact NLL (the mixture
+    over the K codes), density.npz and density.png."""
+    (vqvae, prior), saved, info = load(cfg.eval, get_device(cfg.device))
+    device = vqvae.codebook.device
+    out = output_dir(cfg, cfg.eval)
+    ds = load_dataset(info.name, "test", cfg.data_dir)
+    data = ds.data[:cfg.eval_n] if cfg.eval_n else ds.data
+    levels, L = decoder_levels(info), math.prod(latent_shape(saved, info))
+    parts = collections.defaultdict(list)
+    start = time.time()
+    with torch.inference_mode():
+        for i in range(0, len(data), cfg.batch_size):
+            x = data[i:i + cfg.batch_size].to(device)
+            x_in = to_model_space(x, info)
+            bound, recon, prior_term, dec, codes = nll_bound(vqvae, prior, x_in, x if levels else x_in, saved.codes,
+                                                             levels)
+            target = x.float() / (info.levels - 1) if levels else x_in  # pixels in [0, 1] for the error
+            mse = ((decoder_mean(dec, levels) - target) ** 2).reshape(len(x), -1).mean(1)
+            for name, value in (("bound", bound), ("recon", recon), ("prior", prior_term), ("mse", mse)):
+                parts[name].append(value.double().cpu())
+            parts["codes"].append(codes.reshape(-1).cpu())
+            if info.kind == "points":
+                parts["exact"].append(-exact_log_likelihood(vqvae, prior, x_in, (1,), saved.codes).double().cpu())
+    v = {k: torch.cat(p) for k, p in parts.items()}
+    nll, n = v["bound"].mean().item(), len(v["bound"])
+    counts = torch.bincount(v["codes"], minlength=saved.codes)
+    recon_nll = v["recon"].mean().item()
+    extra = dict(n=n, stderr=v["bound"].std().item() / math.sqrt(n), recon_nll=recon_nll,
+                 prior_nll=v["prior"].mean().item(), uniform_prior_nll=recon_nll + L * math.log(saved.codes),
+                 recon_mse=v["mse"].mean().item(), perplexity=float(perplexity(counts)),
+                 codes_used=int((counts > 0).sum()), prior_updates=int(prior.updates),
+                 seconds=round(time.time() - start, 1))
+    if info.kind == "image":
+        extra["bits_per_dim"] = bits_per_dim(nll, info.dims)
+        extra["uniform_prior_bits_per_dim"] = bits_per_dim(extra["uniform_prior_nll"], info.dims)
+    else:
+        extra["exact_nll"] = v["exact"].mean().item()
+        if ds.log_prob is not None:
+            extra["entropy"], extra["entropy_se"] = entropy_estimate(info.name)
+        write_density(vqvae, prior, saved, info, ds, out)
+    Logger(out, 0).event("eval", split="test", nll=nll, **extra)
+    report_files(out, ["metrics.jsonl", "density.npz", "density.png"])
+    return dict(nll=nll, **extra)
+
+
+def draw_samples(cfg):
+    """--sample CKPT: n_samples from the prior, decoded (samples.png, samples.pt: uint8 levels for
+    images, float points), and a "sample" event with samples per second."""
+    (vqvae, prior), saved, info = load(cfg.sample, get_device(cfg.device))
+    out = output_dir(cfg, cfg.sample)
+    run = dataclasses.replace(saved, decode=cfg.decode, temperature=cfg.temperature)
+    g = torch.Generator(device=vqvae.codebook.device).manual_seed(cfg.seed)
+    start = time.time()
+    x = draw(vqvae, prior, run, info, cfg.n_samples, g)
+    seconds = time.time() - start
+    untrained = " (the prior is untrained)" if int(prior.updates) == 0 else ""
+    save_samples(x, out / "samples.png", info, f"VQ-VAE prior samples{untrained}")
+    torch.save(x.cpu(), out / "samples.pt")
+    Logger(out, 0).event("sample", n=cfg.n_samples, seconds=round(seconds, 3),
+                         samples_per_s=cfg.n_samples / max(seconds, 1e-9), decode=cfg.decode,
+                         temperature=cfg.temperature, prior_updates=int(prior.updates))
+    report_files(out, ["samples.png", "samples.pt", "metrics.jsonl"])
+    return x
+
+
+def load(path, device="cpu"):
+    """((VQVAE, CodePrior) in evaluation mode on `device`, the training Config, the data's description)."""
+    ckpt = load_checkpoint(path, MODEL)
+    cfg, info = saved_config(Config, ckpt)
+    vqvae, prior = build(cfg, info)
+    load_weights(vqvae, ckpt["model"], path)
+    load_weights(prior, ckpt["prior"], path)
+    return (vqvae.to(device).eval(), prior.to(device).eval()), cfg, info
+
+
+def main(argv=None):
+    """Train (default), or --eval CKPT, or --sample CKPT; a user's mistake exits with one line."""
+    with user_errors():
+        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
+        check_config(cfg)
+        return dispatch(cfg, train, evaluate, draw_samples)
+
+
+if __name__ == "__main__":
+    main()
