@@ -427,7 +427,7 @@ class Logger:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.total, self.enabled, self.every = total_steps, enabled, every
         self.print_every = print_every if print_every is not None else (1.0 if sys.stdout.isatty() else 10.0)
-        self.sums, self.count, self.examples, self.step = {}, 0, 0, None
+        self.sums, self.counts, self.count, self.examples, self.step = {}, {}, 0, 0, None
         self.t_start = self.t_window = self.t_printed = time.perf_counter()  # create it just before the loop
         self.first_step = None
 
@@ -437,8 +437,8 @@ class Logger:
         now = time.perf_counter()
         if self.first_step is None:
             self.first_step = step - 1
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        for k, v in metrics.items():  # a metric logged at some steps only is averaged over those
+            self.sums[k], self.counts[k] = self.sums.get(k, 0.0) + float(v), self.counts.get(k, 0) + 1
         self.count, self.examples, self.step = self.count + 1, self.examples + n, step
         if now - self.t_printed >= self.print_every or step == self.total:
             _print_progress(self, step, now)
@@ -770,12 +770,16 @@ class Dist:
 
     def mean(self, x):
         """The average of a scalar over all processes, as a Python float (x is left unchanged)."""
-        t = torch.tensor(float(x)) if not torch.is_tensor(x) else x.detach().float().reshape(()).clone()
-        return _all_reduce(t, self, "sum") / self.world_size
+        t = torch.tensor(float(x)) if not torch.is_tensor(x) else x.detach().float().reshape(())
+        return self.sum(t)[0].item() / self.world_size
 
     def any(self, flag):
         """True on every process when `flag` is true on any of them (e.g. a stop request)."""
-        return _all_reduce(torch.tensor(float(flag)), self, "max") > 0
+        return _all_reduce([torch.tensor(float(flag))], self, "max")[0].item() > 0
+
+    def sum(self, *tensors):
+        """The tensors summed over all processes, as new tensors (the arguments are left unchanged)."""
+        return _all_reduce(tensors, self, "sum")
 
     def barrier(self):
         if self.world_size > 1:
@@ -814,16 +818,17 @@ def _init_distributed(dev):
     return Dist(rank, world_size, local_rank, dev)
 
 
-def _all_reduce(t, dist, op):
-    """all_reduce on a tensor of our own (never the caller's), returned as a Python float.
-
-    The tensor is kept (see _leave_process_group)."""
-    if dist.world_size > 1:
-        t = t.to(dist.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM if op == "sum"
-                                     else torch.distributed.ReduceOp.MAX)
-        _COLLECTIVE_TENSORS.append(t)
-    return t.item()
+def _all_reduce(tensors, dist, op):
+    """New tensors: `tensors` reduced over the processes in one all_reduce of a flat copy. The
+    flat tensor is kept (see _leave_process_group); the caller's tensors are never touched."""
+    if dist.world_size == 1:
+        return tuple(t.detach().clone() for t in tensors)
+    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors]).to(dist.device)
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM if op == "sum"
+                                 else torch.distributed.ReduceOp.MAX)
+    _COLLECTIVE_TENSORS.append(flat)
+    parts = flat.split([t.numel() for t in tensors])
+    return tuple(p.reshape(t.shape).to(t.dtype) for p, t in zip(parts, tensors))
 
 
 # The tensors of our last collectives, so that _leave_process_group can wait until gloo has
@@ -956,7 +961,7 @@ def _fmt(v):
 def _print_progress(logger, step, now):
     eta = (now - logger.t_start) / (step - logger.first_step) * (logger.total - step)
     speed = logger.examples / max(now - logger.t_window, 1e-9)
-    shown = " | ".join(f"{k} {_fmt(s / logger.count)}" for k, s in logger.sums.items())
+    shown = " | ".join(f"{k} {_fmt(s / logger.counts[k])}" for k, s in logger.sums.items())
     end = "\r" if sys.stdout.isatty() and step < logger.total else "\n"
     print(f"step {step}/{logger.total} | {shown} | {speed:.0f} ex/s | ETA {eta:.0f}s", end=end, flush=True)
 
@@ -964,9 +969,9 @@ def _print_progress(logger, step, now):
 def _write_window(logger, now):
     """One metrics line: the mean of each metric over the steps since the last line."""
     speed = logger.examples / max(now - logger.t_window, 1e-9)
-    _append_json(logger.path, {"step": logger.step, **{k: s / logger.count for k, s in logger.sums.items()},
+    _append_json(logger.path, {"step": logger.step, **{k: s / logger.counts[k] for k, s in logger.sums.items()},
                                "ex_per_s": speed})
-    logger.sums, logger.count, logger.examples, logger.t_window = {}, 0, 0, now
+    logger.sums, logger.counts, logger.count, logger.examples, logger.t_window = {}, {}, 0, 0, now
 
 
 def _read_metrics(path):

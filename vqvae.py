@@ -765,7 +765,6 @@ def write_density(vqvae, prior, cfg, info, ds, out):
 # ----------------------------------------------------------------------------------------
 
 MODEL = "vqvae"
-_REDUCED = collections.deque(maxlen=4)  # see _sum_over_processes
 
 
 def build(cfg, info):
@@ -785,19 +784,6 @@ def build(cfg, info):
     prior = CodePrior(cfg.codes, math.prod(latent_shape(cfg, info)), cfg.prior_layers, cfg.prior_heads,
                       cfg.prior_width, cfg.prior_dropout)
     return vqvae, prior
-
-
-def _sum_over_processes(dist, *tensors):
-    """The tensors summed over the processes (the codebook statistics of the global batch), in
-    one all_reduce. The reduced tensor is kept alive for a while: a gloo worker frees it after
-    the call returns, and must not need the GIL for that at shutdown (see common._all_reduce)."""
-    if dist.world_size == 1:
-        return tensors
-    flat = torch.cat([t.reshape(-1).float() for t in tensors]).to(dist.device)
-    torch.distributed.all_reduce(flat)
-    _REDUCED.append(flat)
-    parts = flat.split([t.numel() for t in tensors])
-    return tuple(p.reshape(t.shape).to(t.dtype) for p, t in zip(parts, tensors))
 
 
 def train(cfg):
@@ -866,7 +852,7 @@ def train(cfg):
                 opt.step()
                 counts, sums = codebook_statistics(terms["z_e"], terms["codes"], cfg.codes)
                 candidates = random_encoder_outputs(terms["z_e"], cfg.codes) * (dist.rank == 0)  # rank 0's
-                counts, sums, candidates = _sum_over_processes(dist, counts, sums, candidates)
+                counts, sums, candidates = dist.sum(counts, sums, candidates)
                 restarted = vqvae.update_codebook(counts, sums, candidates)
                 metrics = dict(recon=dist.mean(terms["recon"].mean()), commitment=dist.mean(terms["commitment"].mean()),
                                perplexity=float(perplexity(counts)), restarted=restarted)

@@ -580,6 +580,9 @@ for step in (1, 2):
     x, y = next(batches)
     loss = torch.nn.functional.cross_entropy(net(x.float() / 16), y)
     opt.zero_grad(); loss.backward(); opt.step()
+    counts = torch.tensor([1.0 + dist.rank, 2.0])
+    assert dist.sum(counts)[0].tolist() == ([3.0, 4.0] if dist.world_size == 2 else [1.0, 2.0])
+    assert counts.tolist() == [1.0 + dist.rank, 2.0]
     kept = loss.detach().clone()
     logger.log(step, n=32, loss=dist.mean(loss), again=dist.mean(loss))  # a collective leaves its argument alone
     assert torch.equal(loss.detach(), kept)
@@ -655,6 +658,11 @@ def test_logger_averages_windows_and_writes_events(tmp_path, capsys):
     assert (tmp_path / "loss.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "step 6/6" in out and "ETA" in out and "ex/s" in out
+    some = common.Logger(tmp_path / "s", total_steps=4, every=4)
+    (tmp_path / "s").mkdir()
+    for step in (1, 2, 3, 4):  # a metric logged at some steps only is their average
+        some.log(step, n=1, loss=1.0, **({"fid": 10.0 * step} if step % 2 == 0 else {}))
+    assert common._read_metrics(tmp_path / "s" / "metrics.jsonl")[0]["fid"] == pytest.approx(30.0)
     partial = common.Logger(tmp_path / "p", total_steps=100, every=50)
     (tmp_path / "p").mkdir()
     for step in (1, 2, 3):  # a run stopped at step 3 of a 50-step window still logs it
