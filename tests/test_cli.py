@@ -5,7 +5,6 @@ step and keeps the last good checkpoint, user mistakes are one-line errors, a ru
 never silently overwritten, and every file a command names exists."""
 import dataclasses
 import importlib
-import os
 import shutil
 import signal
 import subprocess
