@@ -1,0 +1,1256 @@
+"""FFJORD: continuous normalizing flows, with their own ODE solvers, the adjoint method and
+Hutchinson's trace estimator.
+
+Papers
+  Chen, Rubanova, Bettencourt & Duvenaud 2018, "Neural Ordinary Differential Equations",
+      arXiv 1806.07366: the adjoint method (Sec. 2, Eqs. 4-5, Algorithm 1) and the
+      instantaneous change of variables (Sec. 4, Theorem 1).
+  Grathwohl, Chen, Bettencourt, Sutskever & Duvenaud 2019, "FFJORD: Free-form Continuous
+      Dynamics for Scalable Reversible Generative Models", arXiv 1810.01367: Hutchinson's
+      trace estimator with the noise fixed for a whole solve (Sec. 3.1), the multiscale
+      architecture for images (App. B.1).
+  Finlay, Jacobsen, Nurbekyan & Oberman 2020, "How to train your neural ODE: the world of
+      Jacobian and kinetic regularization", arXiv 2002.02798 (RNODE): penalties on the kinetic
+      energy and on the Jacobian's Frobenius norm that keep the dynamics easy to integrate.
+  Dormand & Prince 1980, "A family of embedded Runge-Kutta formulae" (the 5(4) pair), with the
+      step-size control and starting step of Hairer, Norsett & Wanner 1993, "Solving Ordinary
+      Differential Equations I", Sec. II.4.
+
+A continuous normalizing flow moves a point by an ODE, dz/dt = f(z, t), from the data x = z(0)
+to z(T), and the log-density along the path changes by the trace of the Jacobian (Chen et al.
+Theorem 1): d log p(z(t)) / dt = -Tr(df/dz). With a standard normal base at t = T,
+
+    log p(x) = log N(z(T); 0, I) + int_0^T Tr(df/dz(t)) dt,
+
+and a sample is x = z(0), integrating the ODE backwards from z(T) ~ N(0, I). Any network f is
+allowed: the flow map of an ODE is invertible by construction. Every flow layer here maps
+`forward(x, opts) -> (z, log_det, reg)` with log_det = log |det dz/dx| per example (for a CNF
+block int_0^T Tr(df/dz) dt) and reg the RNODE integrals, and `inverse(z, opts) -> x`, as the
+layers of realnvp.py do (without reg).
+
+Implemented: fixed-step RK4 and adaptive Dormand-Prince 5(4) with atol/rtol error control,
+written out below and counting function evaluations; the augmented system [f, -Tr(df/dz)]
+with the exact trace (one autograd pass per dimension) or Hutchinson's estimator with
+Rademacher or Gaussian noise drawn once per solve (several probes averaged for evaluation);
+the adjoint method as a torch.autograd.Function, and plain backpropagation through the solver
+as the alternative; RNODE's kinetic-energy and Jacobian-Frobenius regularisers, integrated
+along the same solve; uniform dequantisation and the logit preprocessing as a flow layer,
+so `nll` is in nats of the discrete data and bits/dim follow (as realnvp.py); the multiscale
+architecture of FFJORD App. B.1; concatsquash dynamics for 2D data (the official toy default).
+The adjoint's backward solve leaves the parameter-gradient integrals out of its error control
+(the "seminorm" of Kidger, Chen & Lyons 2021, arXiv 2009.09457; the original code and
+torchdiffeq's default included them, at the cost of more backward steps).
+Not implemented: the learned end time T of the official code (train_T; T is fixed here),
+spectral normalisation, the bottleneck/autoencoder dynamics, Adams and BDF solvers, the
+tabular and VAE experiments. One solve serves a whole batch (shared steps, as in the
+official code), so one hard example makes the whole batch take small steps.
+
+The number of function evaluations (NFE)
+  An adaptive solver takes as many steps as the dynamics need, and FFJORD's dynamics tend to
+  get harder to integrate as training goes on: users of the official code report the NFE
+  blowing up during training. Here every solve reports its NFE (`SolveStats`:
+  nfe_forward, and nfe_backward, filled in during `loss.backward()`), and there are four
+  ways to keep it bounded: the tolerances (`SolveOptions.atol/rtol`), a cap on the steps of
+  one solve (`max_steps`, a ValueError saying what to do beyond it), the RNODE regularisers
+  (`regularize=True`, weights lambda_K = lambda_J = 0.01 in RNODE's scripts), and the
+  fixed-step RK4 (NFE = 4 T / step_size per block, RNODE's training solver for MNIST).
+
+Run it
+    python ffjord.py                                        # 8gaussians: density beside the true one, trajectories, NFE
+    python ffjord.py --eval runs/ffjord-8gaussians/ckpt.pt  # exact-trace NLL (nats) against the true entropy
+    python ffjord.py --sample runs/ffjord-8gaussians/ckpt.pt --n-samples 2000
+    python ffjord.py --adjoint --kinetic 0.01 --jacobian 0.01   # the adjoint method, RNODE's penalties
+    python ffjord.py --dataset digits                       # small multiscale model on 8x8 digits (rk4, RNODE)
+    python ffjord.py --dataset cifar10                      # the paper's multiscale model (App. B.1; a GPU run)
+
+Paper -> code
+    Chen Sec. 2          z(t1) = ODESolve(z(t0), f, t0, t1, theta)          odeint, rk4, dopri5
+    Chen Eqs. 4-5, Alg 1 adjoint a(t) = dL/dz(t), da/dt = -a^T df/dz,        AdjointSolve, integrate
+                         dL/dtheta = -int_t1^t0 a^T df/dtheta dt
+    Chen Theorem 1       d log p(z(t))/dt = -Tr(df/dz(t))                    augmented_dynamics
+    FFJORD Sec. 2        log p(z(t1)) = log p(z(t0)) - int Tr(df/dz) dt      CNF.forward, log_prob, CNFStack
+    FFJORD Sec. 3.1      Tr(A) = E[e^T A e], e fixed for a whole solve        trace_hutchinson, hutchinson_noise
+    FFJORD Sec. 3.1      exact trace, one pass per dimension (2D data)       trace_exact
+    FFJORD App. B.1      multiscale: N CNFs, squeeze, N CNFs, factor out     Multiscale, squeeze, default_n_scales
+    (official code)      dequantisation, logit(alpha + (1-2 alpha) x/K)       dequantize, LogitPreprocess, nll
+    RNODE                int ||f||^2 dt and int ||df/dz||_F^2 dt penalties   kinetic_energy, trace_* (frobenius),
+                                                                             rnode_loss
+    Dormand-Prince 5(4)  embedded pair, local extrapolation, FSAL            DOPRI5_*, dopri5
+    Hairer II.4          error norm, step-size control, starting step        _error_ratio, dopri5, _initial_step
+    (official code)      concatsquash layers (2D), concat convolutions        ConcatSquashLinear, ConcatConv2d
+
+Conventions: data at t = 0, the N(0, I) base at t = T (the official code's direction):
+`forward` integrates 0 -> T (density), `inverse` T -> 0 (sampling). Points are used as they
+are; images arrive as integer levels 0..K-1, are dequantised to v = x + u in [0, K] and
+mapped by the logit (see `nll`). The dynamics must treat examples independently (no
+batch norm inside f): the trace of the batch Jacobian is the sum of the per-example traces
+only then. --eval, --sample and the pictures always integrate with dopri5 at --eval-atol and
+--eval-rtol, so the continuous flow is scored whatever solver trained it. --compile and --amp
+are refused: training differentiates the network twice (the trace is a vector-Jacobian
+product inside the loss), which torch.compile does not support, and bfloat16 is far coarser
+than the solver's tolerances.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range, density_on_grid,
+                    dispatch, entropy_estimate, flag, get_device, init_distributed, load_checkpoint, load_dataset,
+                    load_weights, open_run, output_dir, parse_config, report_files, resume, save_density,
+                    save_image_grid, save_scatter, save_training, saved_config, seed_everything, user_errors,
+                    wrap_ddp)
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+# ----------------------------------------------------------------------------------------
+# ODE solvers: fixed-step RK4 and adaptive Dormand-Prince 5(4)
+# ----------------------------------------------------------------------------------------
+# The state of an ODE here is a tuple of tensors (for a CNF: z, the log-density change and the
+# regularisers' running integrals); f(t, y) returns a tuple of the same shapes, t a float.
+
+@dataclasses.dataclass
+class SolveOptions:
+    """How one CNF solve is run: the solver and its tolerances, the cap on its steps, adjoint
+    or backpropagation for the gradient, the trace (exact or Hutchinson) and its noise, and
+    whether the RNODE regularisers are integrated along."""
+    method: str = "dopri5"      # "dopri5" (adaptive) or "rk4" (fixed step)
+    atol: float = 1e-5          # dopri5 tolerances (official FFJORD code: 1e-5 and 1e-5)
+    rtol: float = 1e-5
+    step_size: float = 0.05     # rk4: step (rounded down so that it divides T)
+    max_steps: int = 1000       # per solve; beyond it a ValueError (the NFE blow-up guard)
+    adjoint: bool = False       # gradients by the adjoint method (Chen et al. Alg. 1), else backprop
+    trace: str = "exact"        # "exact" (one autograd pass per dimension) or "hutchinson"
+    noise: str = "rademacher"   # Hutchinson noise: "rademacher" or "gaussian"
+    probes: int = 1             # Hutchinson probes averaged at every evaluation (more for --eval)
+    regularize: bool = False    # integrate RNODE's kinetic energy and Jacobian Frobenius norm
+
+    def __post_init__(self):
+        if self.method not in ("dopri5", "rk4"):
+            raise ValueError(f"solver {self.method!r} is not known; accepted: dopri5, rk4")
+        if not (self.atol > 0 and self.rtol >= 0):
+            raise ValueError(f"tolerances atol={self.atol}, rtol={self.rtol} are out of range; "
+                             f"atol must be > 0 and rtol >= 0")
+        if not self.step_size > 0:
+            raise ValueError(f"step_size {self.step_size} is out of range; it takes a positive number")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps {self.max_steps} is out of range; it takes an integer >= 1")
+        if self.trace not in ("exact", "hutchinson"):
+            raise ValueError(f"trace {self.trace!r} is not known; accepted: exact, hutchinson")
+        if self.noise not in ("rademacher", "gaussian"):
+            raise ValueError(f"noise {self.noise!r} is not known; accepted: rademacher, gaussian")
+        if self.probes < 1:
+            raise ValueError(f"probes {self.probes} is out of range; it takes an integer >= 1")
+
+
+@dataclasses.dataclass
+class SolveStats:
+    """Counts accumulated over every solve that is given this object.
+
+    nfe_forward: evaluations of the dynamics in the forward solves (dopri5: 2 to choose the
+    first step, then 6 per attempted step; rk4: 4 per step). nfe_backward: the evaluations the
+    backward pass differentiates through. With the adjoint it is the NFE of the backward solve
+    of Algorithm 1 (each evaluation of its dynamics costs one f and one vector-Jacobian
+    product) and it is only known once `loss.backward()` has run; with backpropagation through
+    the solver it is the evaluations kept in the graph (6 per accepted dopri5 step, 4 per rk4
+    step), each costing one vector-Jacobian product. steps, rejected: accepted and rejected
+    steps of the forward solves (rk4 never rejects)."""
+    nfe_forward: int = 0
+    nfe_backward: int = 0
+    steps: int = 0
+    rejected: int = 0
+
+
+def _combine(y, h, ks, coeffs):
+    """y + h * sum_j coeffs_j k_j, on tuples of tensors (zero coefficients skipped)."""
+    out = []
+    for i, yi in enumerate(y):
+        for c, k in zip(coeffs, ks):
+            if c:
+                yi = yi + (h * c) * k[i]
+        out.append(yi)
+    return tuple(out)
+
+
+def rk4(f, y0, t0, t1, step_size, max_steps=10**9):
+    """The classical fourth-order Runge-Kutta method (Kutta 1901) with n = ceil(|t1 - t0| / step_size)
+    equal steps:
+
+        k1 = f(t, y), k2 = f(t + h/2, y + h/2 k1), k3 = f(t + h/2, y + h/2 k2), k4 = f(t + h, y + h k3),
+        y <- y + h/6 (k1 + 2 k2 + 2 k3 + k4).
+
+    The global error is O(h^4): halving h divides it by about 16. Returns (y1, info)."""
+    length = abs(t1 - t0)
+    n = math.ceil(length / step_size * (1 - 1e-12)) if length > 0 else 0  # guard 0.5/0.05 = 10.000000000000002
+    if n > max_steps:
+        raise ValueError(f"rk4 with step {step_size} needs {n} steps between t={t0} and t={t1}, more than "
+                         f"max_steps={max_steps}; take a larger step or raise max_steps")
+    h = (t1 - t0) / n if n else 0.0
+    y = y0
+    for i in range(n):
+        t = t0 + i * h
+        k1 = f(t, y)
+        k2 = f(t + h / 2, _combine(y, h, [k1], [0.5]))
+        k3 = f(t + h / 2, _combine(y, h, [k2], [0.5]))
+        k4 = f(t + h, _combine(y, h, [k3], [1.0]))
+        y = _combine(y, h, [k1, k2, k3, k4], [1 / 6, 1 / 3, 1 / 3, 1 / 6])
+    return y, {"nfe": 4 * n, "nfe_graph": 4 * n, "steps": n, "rejected": 0}
+
+
+# Dormand & Prince 1980 (Hairer et al. Sec. II.5): nodes c, stages a, the 5th-order weights b
+# that advance the solution (local extrapolation) and e = b - b*, b* the embedded 4th-order
+# weights, over the 7 stages; the 7th stage f(t + h, y_new) is the next step's first (FSAL).
+DOPRI5_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0)
+DOPRI5_A = ((),
+            (1 / 5,),
+            (3 / 40, 9 / 40),
+            (44 / 45, -56 / 15, 32 / 9),
+            (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+            (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656))
+DOPRI5_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
+DOPRI5_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
+SAFETY, MIN_FACTOR, MAX_FACTOR = 0.9, 0.2, 10.0  # step-size controller (Hairer et al. Sec. II.4)
+
+
+def _rms(v):
+    return v.pow(2).mean().sqrt() if v.numel() else v.new_zeros(())
+
+
+@torch.no_grad()
+def _error_ratio(err, y, y_new, atol, rtol, mask):
+    """Hairer et al. Sec. II.4: ||err / (atol + rtol max(|y|, |y_new|))|| in the RMS norm; a
+    tuple state takes the largest of its components' norms (the components with mask False, pure
+    quadratures such as the regularisers, do not steer the step). A ratio <= 1 meets the
+    tolerance."""
+    ratios = [_rms(e / (atol + rtol * torch.maximum(a.abs(), b.abs())))
+              for e, a, b, m in zip(err, y, y_new, mask) if m]
+    return torch.stack(ratios).max().item()
+
+
+@torch.no_grad()
+def _initial_step(f, t0, y0, f0, direction, length, atol, rtol, mask):
+    """The starting step of Hairer et al. Sec. II.4: h0 from |y0| / |f0|, then an explicit Euler
+    probe to estimate the second derivative, h1 = (0.01 / max(d1, d2))^(1/5). One evaluation."""
+    def norm(v):
+        return max(_rms(vi / (atol + rtol * yi.abs())).item() for vi, yi, m in zip(v, y0, mask) if m)
+    d0, d1 = norm(y0), norm(f0)
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    h0 = min(h0, length)
+    f1 = f(t0 + direction * h0, _combine(y0, direction * h0, [f0], [1.0]))
+    d2 = norm(tuple(a - b for a, b in zip(f1, f0))) / h0
+    h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
+    return min(100 * h0, h1, length)
+
+
+def dopri5(f, y0, t0, t1, atol=1e-5, rtol=1e-5, max_steps=1000, error_mask=None):
+    """Adaptive Dormand-Prince 5(4) from t0 to t1 (t1 < t0 integrates backwards). Returns (y1, info).
+
+    Each step evaluates the 7 stages (6 new evaluations thanks to FSAL), advances with the 5th-order
+    solution and estimates the local error as h sum_j e_j k_j. A step is accepted when the error
+    ratio r (`_error_ratio`) is below 1; the next step is h * min(10, max(0.2, 0.9 r^(-1/5)))
+    (no growth right after a rejection). The same controller and starting step as
+    scipy.integrate.solve_ivp(method="RK45"), so for one tensor the two take the same steps.
+
+    The step sizes are plain floats, outside the autograd graph: backpropagating through the
+    solver differentiates the discrete solution with the steps it took. Raises ValueError after
+    `max_steps` attempted steps or when the step underflows: the dynamics have become too stiff
+    for the tolerance (loosen atol/rtol, raise max_steps, or regularise, see the module doc); and
+    at once when f(t0, y0) is not finite (no step size can help then)."""
+    mask = tuple(error_mask) if error_mask is not None else (True,) * len(y0)
+    info = {"nfe": 0, "nfe_graph": 0, "steps": 0, "rejected": 0}
+    length, direction = abs(t1 - t0), (1.0 if t1 >= t0 else -1.0)
+    if length == 0:
+        return y0, info
+    k1 = f(t0, y0)
+    bad = [("nan" if torch.isnan(k).any() else "inf") for k, m in zip(k1, mask) if m and not torch.isfinite(k).all()]
+    if bad:  # no step size helps (e.g. the parameters hold nan); later stages are checked by the error ratio
+        raise ValueError(f"dopri5: the dynamics are {bad[0]} at the start t={t0}, so no step size can help; "
+                         "check the network's parameters and the input")
+    h_abs = _initial_step(f, t0, y0, k1, direction, length, atol, rtol, mask)
+    info["nfe"] = 2
+    t, y, rejected_last = t0, y0, False
+    while direction * (t1 - t) > 0:
+        if info["steps"] + info["rejected"] >= max_steps:
+            raise ValueError(
+                f"dopri5 took more than max_steps={max_steps} steps ({info['steps']} accepted, {info['rejected']} "
+                f"rejected, NFE {info['nfe']}) and reached t={t:.6g} of [{t0}, {t1}] at atol={atol}, rtol={rtol}: "
+                f"the dynamics have become hard to integrate; raise max_steps, loosen atol/rtol, use the RNODE "
+                f"regularisers or the fixed-step rk4")
+        if h_abs < 10 * abs(math.nextafter(t, direction * math.inf) - t):
+            raise ValueError(f"dopri5 step size underflow at t={t:.6g} (atol={atol}, rtol={rtol}): the dynamics "
+                             f"are stiff or not finite there")
+        t_new = t + direction * h_abs
+        if direction * (t_new - t1) > 0:
+            t_new = t1
+        h = t_new - t
+        ks = [k1]
+        for i in range(1, 6):
+            ks.append(f(t + DOPRI5_C[i] * h, _combine(y, h, ks, DOPRI5_A[i])))
+        y_new = _combine(y, h, ks, DOPRI5_B)
+        ks.append(f(t + h, y_new))
+        info["nfe"] += 6
+        with torch.no_grad():
+            err = tuple(sum(h * e * k[i] for e, k in zip(DOPRI5_E, ks) if e) for i in range(len(y)))
+            ratio = _error_ratio(err, y, y_new, atol, rtol, mask)
+        if ratio < 1:
+            factor = MAX_FACTOR if ratio == 0 else min(MAX_FACTOR, SAFETY * ratio ** -0.2)
+            h_abs = abs(h) * (min(1.0, factor) if rejected_last else factor)
+            t, y, k1, rejected_last = t_new, y_new, ks[6], False
+            info["steps"] += 1
+        else:  # rejected (a non-finite error counts as a failure: shrink as much as allowed)
+            factor = SAFETY * ratio ** -0.2 if math.isfinite(ratio) else MIN_FACTOR
+            h_abs = abs(h) * max(MIN_FACTOR, factor)
+            rejected_last = True
+            info["rejected"] += 1
+    info["nfe_graph"] = 6 * info["steps"]  # f0, then per accepted step k2..k6 and the FSAL stage
+    return y, info
+
+
+def odeint(f, y0, t0, t1, opts, error_mask=None):
+    """z(t1) = ODESolve(z(t0), f, t0, t1) (Chen et al. Sec. 2) with the solver of `opts`.
+    y0 a tuple of tensors; returns (y1, info) with info = {nfe, nfe_graph, steps, rejected}."""
+    if opts.method == "rk4":
+        return rk4(f, y0, t0, t1, opts.step_size, opts.max_steps)
+    return dopri5(f, y0, t0, t1, opts.atol, opts.rtol, opts.max_steps, error_mask)
+
+
+# ----------------------------------------------------------------------------------------
+# The adjoint method (Chen et al. 2018, Sec. 2, Algorithm 1)
+# ----------------------------------------------------------------------------------------
+
+class AdjointSolve(torch.autograd.Function):
+    """y1 = ODESolve(y0, f, t0, t1) whose backward pass is Chen et al.'s Algorithm 1.
+
+    The forward solve keeps no graph (memory independent of the NFE). The backward pass solves
+    the augmented system from t1 back to t0, starting from [y(t1), a(t1) = dL/dy(t1), 0]:
+
+        dy/dt = f(y, t),   da/dt = -a^T df/dy   (Eq. 4),   dg/dt = -a^T df/dtheta,
+        so a(t0) = dL/dy(t0) and g(t0) = -int_t1^t0 a^T df/dtheta dt = dL/dtheta   (Eq. 5),
+
+    re-creating y(t) backwards instead of storing it. a^T df/dy and a^T df/dtheta are one
+    vector-Jacobian product per evaluation. The parameter gradients g are pure quadratures and
+    do not steer the backward steps (Kidger et al. 2021's seminorm); y and a do.
+    Inputs: f, t0, t1, opts, stats, error_mask, n (the number of state tensors), *y0, *params."""
+
+    @staticmethod
+    def forward(ctx, f, t0, t1, opts, stats, error_mask, n, *y0_and_params):
+        y0, params = y0_and_params[:n], y0_and_params[n:]
+        y1, info = odeint(f, y0, t0, t1, opts, error_mask)  # autograd is off inside Function.forward
+        if stats is not None:
+            stats.nfe_forward += info["nfe"]
+            stats.steps += info["steps"]
+            stats.rejected += info["rejected"]
+        ctx.f, ctx.t0, ctx.t1, ctx.opts, ctx.stats, ctx.n = f, t0, t1, opts, stats, n
+        ctx.error_mask = tuple(error_mask) if error_mask is not None else (True,) * n
+        ctx.save_for_backward(*y1, *params)
+        return y1
+
+    @staticmethod
+    def backward(ctx, *a1):
+        n, f = ctx.n, ctx.f
+        saved = ctx.saved_tensors
+        y1, params = saved[:n], saved[n:]
+
+        def adjoint_dynamics(t, s):
+            y, a = s[:n], s[n:2 * n]
+            with torch.enable_grad():
+                y = tuple(yi.detach().requires_grad_(True) for yi in y)
+                fy = f(t, y)
+                used = [i for i, fi in enumerate(fy) if fi.requires_grad]
+                vjp = torch.autograd.grad([fy[i] for i in used], y + params, [-a[i] for i in used],
+                                          allow_unused=True, materialize_grads=True)
+            return tuple(fi.detach() for fi in fy) + tuple(v.detach() for v in vjp)
+
+        s1 = tuple(y1) + tuple(a1) + tuple(torch.zeros_like(p) for p in params)
+        mask = ctx.error_mask + (True,) * n + (False,) * len(params)
+        with torch.no_grad():
+            s0, info = odeint(adjoint_dynamics, s1, ctx.t1, ctx.t0, ctx.opts, mask)
+        if ctx.stats is not None:
+            ctx.stats.nfe_backward += info["nfe"]
+        return (None,) * 7 + tuple(s0[n:2 * n]) + tuple(s0[2 * n:])
+
+
+def integrate(f, y0, t0, t1, opts, stats=None, params=(), error_mask=None):
+    """Solve from t0 to t1 and return y1 (a tuple), differentiably: by the adjoint method when
+    opts.adjoint (params: the tensors f depends on that need gradients), else by
+    backpropagation through the solver's operations. Adds the NFE to `stats`."""
+    params = tuple(p for p in params if p.requires_grad)
+    if opts.adjoint and torch.is_grad_enabled():
+        return tuple(AdjointSolve.apply(f, t0, t1, opts, stats, error_mask, len(y0), *y0, *params))
+    y1, info = odeint(f, y0, t0, t1, opts, error_mask)
+    if stats is not None:
+        stats.nfe_forward += info["nfe"]
+        stats.steps += info["steps"]
+        stats.rejected += info["rejected"]
+        if torch.is_grad_enabled():
+            stats.nfe_backward += info["nfe_graph"]
+    return y1
+
+
+# ----------------------------------------------------------------------------------------
+# The instantaneous change of variables and the trace of the Jacobian
+# ----------------------------------------------------------------------------------------
+
+def trace_exact(f_z, z, create_graph=False):
+    """Tr(df/dz) per example, exactly: one autograd pass per dimension d gives the row
+    d f_d / d z for every example at once (examples are independent). D passes, O(D^2): what
+    FFJORD Sec. 3.1 replaces by Hutchinson's estimator in high dimension; for 2D data, two passes.
+    Also returns ||df/dz||_F^2 from the same rows (RNODE's Jacobian penalty, exactly).
+    f_z, z: (B, ...); returns (trace (B,), frobenius^2 (B,))."""
+    if not f_z.requires_grad:
+        zero = f_z.new_zeros(f_z.shape[0])
+        return zero, zero
+    fz, B = f_z.reshape(f_z.shape[0], -1), f_z.shape[0]
+    trace, frob = fz.new_zeros(B), fz.new_zeros(B)
+    for d in range(fz.shape[1]):
+        row = torch.autograd.grad(fz[:, d].sum(), z, create_graph=create_graph, retain_graph=True,
+                                  materialize_grads=True)[0].reshape(B, -1)
+        trace = trace + row[:, d]
+        frob = frob + row.pow(2).sum(1)
+    return trace, frob
+
+
+def hutchinson_noise(z, kind="rademacher", probes=1, generator=None):
+    """Noise e with E[e e^T] = I for Hutchinson's estimator, shaped (probes, *z.shape): Rademacher
+    (+-1 with probability 1/2; the smaller variance, the official code's choice for images) or
+    standard Gaussian. FFJORD Sec. 3.1: draw it once per solve and keep it for every evaluation
+    of the dynamics, so the ODE being solved is one fixed smooth ODE (redrawing it inside a solve
+    makes the adaptive solver's error estimates meaningless and its steps collapse)."""
+    shape = (probes, *z.shape)
+    if kind == "gaussian":
+        return torch.randn(shape, generator=generator, device=z.device, dtype=z.dtype)
+    if kind == "rademacher":
+        return torch.randint(0, 2, shape, generator=generator, device=z.device).to(z.dtype) * 2 - 1
+    raise ValueError(f"noise {kind!r} is not known; accepted: rademacher, gaussian")
+
+
+def trace_hutchinson(f_z, z, e, create_graph=False):
+    """FFJORD Sec. 3.1: Tr(df/dz) = E_e[e^T (df/dz) e], estimated with one vector-Jacobian
+    product e^T (df/dz) per probe (cost O(D), the same as evaluating f), averaged over the
+    probes e (probes, *z.shape). The same product gives ||e^T df/dz||^2, an unbiased estimate of
+    ||df/dz||_F^2 = Tr(J J^T) (RNODE's Jacobian penalty at no extra cost).
+    Returns (trace estimate (B,), frobenius^2 estimate (B,))."""
+    if not f_z.requires_grad:
+        zero = f_z.new_zeros(f_z.shape[0])
+        return zero, zero
+    B = f_z.shape[0]
+    trace, frob = f_z.new_zeros(B), f_z.new_zeros(B)
+    for ek in e:
+        eJ = torch.autograd.grad(f_z, z, ek, create_graph=create_graph, retain_graph=True,
+                                 materialize_grads=True)[0]  # e^T df/dz, shaped like z
+        trace = trace + (eJ * ek).reshape(B, -1).sum(1)
+        frob = frob + eJ.pow(2).reshape(B, -1).sum(1)
+    return trace / len(e), frob / len(e)
+
+
+def kinetic_energy(f_z):
+    """RNODE's kinetic energy integrand in the normalisation of RNODE's official code (whose
+    scripts use lambda_K = lambda_J = 0.01 with it): 0.5 ||f||^2 / D per example. (B, ...) -> (B,)."""
+    return 0.5 * f_z.reshape(f_z.shape[0], -1).pow(2).mean(1)
+
+
+def augmented_dynamics(net, noise=None, regularize=False):
+    """The CNF's augmented system (Chen et al. Theorem 1; FFJORD Sec. 2):
+
+        d/dt [z, Delta, R_K, R_J] = [f(z, t), -Tr(df/dz), 0.5 ||f||^2 / D, ||df/dz||_F^2 / D],
+
+    Delta(t) = log p(z(t)) - log p(z(0)) the log-density change along the path, R_K and R_J
+    RNODE's kinetic and Jacobian penalties (only when `regularize`; the official RNODE code's
+    per-dimension normalisation). net(t, z) -> f, shaped like z. noise: None for the exact trace,
+    else Hutchinson probes (probes, *z.shape) used at every evaluation of this solve.
+
+    Returns f(t, state) for state = (z, Delta[, R_K, R_J]). It builds the graph of the trace
+    (create_graph) only when called with gradients enabled (training by backpropagation, or the
+    adjoint's backward pass), so evaluation under torch.no_grad stores nothing."""
+    def dynamics(t, state):
+        z = state[0]
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            if not z.requires_grad:  # a view of a fresh leaf, not the leaf: torch's FlopCounterMode
+                z = z.detach().requires_grad_(True).view_as(z)  # (benchmarks/speed.py) cannot grad to a leaf
+            f_z = net(t, z)
+            if noise is None:
+                trace, frob = trace_exact(f_z, z, create_graph)
+            else:
+                trace, frob = trace_hutchinson(f_z, z, noise, create_graph)
+        out = (f_z, -trace)
+        if regularize:
+            out = out + (kinetic_energy(f_z), frob / z[0].numel())
+        return out if create_graph else tuple(o.detach() for o in out)
+    return dynamics
+
+
+def standard_normal_log_prob(z):
+    """log N(z; 0, I) summed over all but the batch dimension: (B, ...) -> (B,). The base density."""
+    return -0.5 * (z.pow(2) + LOG_2PI).flatten(1).sum(1)
+
+
+class CNF(nn.Module):
+    """One continuous normalizing flow block: dz/dt = net(t, z) for t in [0, T].
+
+    forward: x = z(0) -> (z(T), log_det, reg) with log_det = log |det dz(T)/dx| = -Delta(T) =
+    int_0^T Tr(df/dz) dt (FFJORD Sec. 2), per example, and reg (B, 2) the RNODE integrals
+    [R_K, R_J] (zeros unless opts.regularize). inverse: z(T) -> z(0), integrating backwards
+    (no trace needed). The Hutchinson noise is drawn here, once per solve."""
+
+    def __init__(self, net, T=1.0):
+        super().__init__()
+        if not T > 0:
+            raise ValueError(f"integration time T={T} is out of range; it takes a positive number")
+        self.net, self.T = net, float(T)
+
+    def forward(self, x, opts, stats=None, generator=None):
+        noise = hutchinson_noise(x, opts.noise, opts.probes, generator) if opts.trace == "hutchinson" else None
+        zero = x.new_zeros(x.shape[0])
+        state = (x, zero) + ((zero, zero) if opts.regularize else ())
+        mask = (True, True) + ((False, False) if opts.regularize else ())  # the penalties are quadratures
+        out = integrate(augmented_dynamics(self.net, noise, opts.regularize), state, 0.0, self.T, opts, stats,
+                        tuple(self.net.parameters()), mask)
+        reg = torch.stack(out[2:], 1) if opts.regularize else x.new_zeros(x.shape[0], 2)
+        return out[0], -out[1], reg
+
+    def inverse(self, z, opts, stats=None):
+        dynamics = lambda t, s: (self.net(t, s[0]),)
+        return integrate(dynamics, (z,), self.T, 0.0, opts, stats, tuple(self.net.parameters()))[0]
+
+    @torch.inference_mode()
+    def trajectory(self, z, n_times, opts):
+        """The path of the points z = z(T) back to the data side z(0), at n_times equally spaced
+        times T, ..., 0: (n_times, *z.shape). For the picture of the flow (base to data)."""
+        if n_times < 2:
+            raise ValueError(f"n_times {n_times} is out of range; it takes an integer >= 2")
+        dynamics = lambda t, s: (self.net(t, s[0]),)
+        ts = [self.T * (1 - i / (n_times - 1)) for i in range(n_times)]
+        path = [z]
+        for a, b in zip(ts[:-1], ts[1:]):
+            path.append(odeint(dynamics, (path[-1],), a, b, opts)[0][0])
+        return torch.stack(path)
+
+
+class CNFStack(nn.ModuleList):
+    """CNF blocks applied one after the other (the official code's num_blocks for 2D data):
+    log-determinants and RNODE integrals add; the inverse runs the blocks backwards."""
+
+    def forward(self, x, opts, stats=None, generator=None):
+        log_det, reg = x.new_zeros(x.shape[0]), x.new_zeros(x.shape[0], 2)
+        for block in self:
+            x, ld, r = block(x, opts, stats, generator)
+            log_det, reg = log_det + ld, reg + r
+        return x, log_det, reg
+
+    def inverse(self, z, opts, stats=None):
+        for block in reversed(self):
+            z = block.inverse(z, opts, stats)
+        return z
+
+    @torch.inference_mode()
+    def trajectory(self, z, n_times, opts):
+        """The path of z from the base through every block to the data side: (n_blocks (n_times
+        - 1) + 1, *z.shape), the times of each block as in CNF.trajectory."""
+        path = [z[None]]
+        for block in reversed(self):
+            path.append(block.trajectory(path[-1][-1], n_times, opts)[1:])
+        return torch.cat(path)
+
+
+# ----------------------------------------------------------------------------------------
+# Images: dequantisation, logit preprocessing, squeeze, the multiscale architecture
+# ----------------------------------------------------------------------------------------
+
+def dequantize(x, u=None):
+    """Uniform dequantisation (Theis et al. 2016; FFJORD's official code: (x + u) / 256): integer
+    levels x in {0, ..., K-1}^D -> v = x + u, u ~ U[0, 1)^D, a point of the cube [x, x + 1) that
+    level x owns. `u` may be given (tests pass one). Where x + u rounds up to x + 1 in floating
+    point, v is a float just below x + 1 instead, so quantize(dequantize(x, u)) == x always."""
+    x = x.to(torch.get_default_dtype()) if not x.is_floating_point() else x
+    v = x + (torch.rand_like(x) if u is None else u.to(x))
+    below = (x + 1) - (x + 1) * torch.finfo(x.dtype).eps  # one or two spacings below x + 1
+    return torch.where(v < x + 1, v, below)
+
+
+def quantize(v, levels):
+    """Back to integer levels: floor(v) clipped to {0, ..., K-1} (the cube v lies in)."""
+    return v.floor().clamp(0, levels - 1).to(torch.uint8 if levels <= 256 else torch.long)
+
+
+class LogitPreprocess(nn.Module):
+    """The logit preprocessing as a flow layer on the dequantised v in [0, K]^D:
+
+        y = v / K,  p = alpha + (1 - 2 alpha) y,  w = logit(p) = log p - log(1 - p),
+        log|det dw/dv| = sum_i [-log K + log(1 - 2 alpha) - log p_i - log(1 - p_i)].
+
+    The squeeze into [alpha, 1 - alpha] keeps the logit finite at the borders (FFJORD's official
+    code: alpha = 1e-6; RealNVP and realnvp.py: 0.05). The -log K term turns the density of y in
+    [0,1]^D into one of v (see FFJORD.nll)."""
+
+    def __init__(self, levels, alpha=1e-6):
+        super().__init__()
+        if not 0 <= alpha < 0.5:
+            raise ValueError(f"alpha {alpha} is out of range; it takes a number in [0, 0.5)")
+        self.levels, self.alpha = levels, alpha
+
+    def forward(self, v):
+        p = self.alpha + (1 - 2 * self.alpha) * (v / self.levels)
+        w = torch.log(p) - torch.log1p(-p)
+        log_det = math.log(1 - 2 * self.alpha) - math.log(self.levels) - torch.log(p) - torch.log1p(-p)
+        return w, log_det.flatten(1).sum(1)
+
+    def inverse(self, w):
+        return self.levels * (torch.sigmoid(w) - self.alpha) / (1 - 2 * self.alpha)
+
+
+def bits_per_dim(nll, num_dims):
+    """nats per example -> bits per dimension: nll / (D ln 2)."""
+    return nll / (num_dims * math.log(2))
+
+
+def squeeze(x):
+    """Every 2x2xC sub-square becomes 1x1x4C (Dinh et al. 2017, Sec. 3.6; FFJORD App. B.1):
+    (B, C, H, W) -> (B, 4C, H/2, W/2); a permutation, so its log-determinant is 0."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, 4 * c, h // 2, w // 2)
+
+
+def unsqueeze(z):
+    """The inverse of `squeeze`: (B, 4C, H, W) -> (B, C, 2H, 2W)."""
+    b, c4, h, w = z.shape
+    z = z.reshape(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return z.reshape(b, c4 // 4, 2 * h, 2 * w)
+
+
+def default_n_scales(h, w):
+    """The official code's number of scales: squeeze while both sides are >= 4
+    (MNIST 28 -> 3 scales, CIFAR-10 32 -> 4, digits 8 -> 2)."""
+    n = 0
+    while h >= 4 and w >= 4:
+        n, h, w = n + 1, h // 2, w // 2
+    return n
+
+
+class Multiscale(nn.Module):
+    """The multiscale architecture of FFJORD App. B.1 (the official code's ODENVP).
+
+    A scale that is not the last: n_blocks CNFs on (C, H, W), squeeze, n_blocks CNFs on
+    (4C, H/2, W/2), then half of the channels are factored out (kept as latents) and the other
+    half (2C, H/2, W/2) goes on to the next scale. The last scale: n_blocks CNFs, no squeeze.
+    The paper: n_blocks = 2; 3 scales for MNIST, 4 for CIFAR-10. Latents are put back in the
+    place of their pixels (unsqueeze), so z has the shape of x; log-determinants add.
+    make_net(channels) -> the dynamics net(t, z) of one block."""
+
+    def __init__(self, shape, n_scales, n_blocks, make_net, T=1.0):
+        super().__init__()
+        c, h, w = shape
+        if n_scales < 1 or n_blocks < 1 or h % 2 ** (n_scales - 1) or w % 2 ** (n_scales - 1):
+            raise ValueError(f"{n_scales} scales of {n_blocks} blocks do not fit {c}x{h}x{w} images; n_scales and "
+                             f"n_blocks take integers >= 1, with H and W divisible by 2^(n_scales - 1)")
+        self.last = n_scales == 1
+        self.pre = nn.ModuleList(CNF(make_net(c), T) for _ in range(n_blocks))
+        if not self.last:
+            self.post = nn.ModuleList(CNF(make_net(4 * c), T) for _ in range(n_blocks))
+            self.next = Multiscale((2 * c, h // 2, w // 2), n_scales - 1, n_blocks, make_net, T)
+
+    def forward(self, x, opts, stats=None, generator=None):
+        log_det, reg = x.new_zeros(x.shape[0]), x.new_zeros(x.shape[0], 2)
+        blocks = list(self.pre) if self.last else list(self.pre) + [squeeze] + list(self.post)
+        for block in blocks:
+            if block is squeeze:
+                x = squeeze(x)
+                continue
+            x, ld, r = block(x, opts, stats, generator)
+            log_det, reg = log_det + ld, reg + r
+        if self.last:
+            return x, log_det, reg
+        z_out, h = x.chunk(2, dim=1)  # factor out half of the variables
+        z_rest, ld, r = self.next(h, opts, stats, generator)
+        return unsqueeze(torch.cat([z_out, z_rest], 1)), log_det + ld, reg + r
+
+    def inverse(self, z, opts, stats=None):
+        if not self.last:
+            z_out, z_rest = squeeze(z).chunk(2, dim=1)
+            z = torch.cat([z_out, self.next.inverse(z_rest, opts, stats)], 1)
+            for block in reversed(self.post):
+                z = block.inverse(z, opts, stats)
+            z = unsqueeze(z)
+        for block in reversed(self.pre):
+            z = block.inverse(z, opts, stats)
+        return z
+
+
+# ----------------------------------------------------------------------------------------
+# The model: log-likelihood, bits/dim, sampling
+# ----------------------------------------------------------------------------------------
+
+class FFJORD(nn.Module):
+    """A continuous normalizing flow with a standard normal base: `body` (a CNFStack of CNF
+    blocks, or Multiscale for images) after the optional logit preprocessing (images: levels K,
+    alpha). x is continuous: points, or dequantised images v = x + u in [0, K]^D. Its forward is
+    the flow x -> (z, log|det dz/dx|, reg), which `log_prob` and `nll` call, so a wrapper (DDP)
+    around it sees every solve; `sample` runs it backwards from the base."""
+
+    def __init__(self, body, event_shape, levels=None, alpha=1e-6):
+        super().__init__()
+        self.body, self.event_shape, self.levels = body, tuple(event_shape), levels
+        self.pre = LogitPreprocess(levels, alpha) if levels else None
+        self.register_buffer("_anchor", torch.zeros(()))  # the model's device and dtype
+
+    def forward(self, x, opts, stats=None, generator=None):
+        """x (B, *event_shape) -> (z, log|det dz/dx| (B,), reg (B, 2)), preprocessing included."""
+        log_det = x.new_zeros(x.shape[0])
+        if self.pre is not None:
+            x, log_det = self.pre(x)
+        z, ld, reg = self.body(x, opts, stats, generator)
+        return z, log_det + ld, reg
+
+    @torch.inference_mode()
+    def sample(self, n, opts, generator=None, stats=None):
+        """n samples on the model's device: z ~ N(0, I), integrated backwards from T to 0 through
+        every block (FFJORD Sec. 2: sampling needs no trace). Images come back as integer levels."""
+        z = torch.randn(n, *self.event_shape, generator=generator, device=self._anchor.device,
+                        dtype=self._anchor.dtype)
+        x = self.body.inverse(z, opts, stats)
+        return quantize(self.pre.inverse(x), self.levels) if self.pre is not None else x
+
+
+def log_prob(flow, x, opts, stats=None, generator=None):
+    """log p(x) = log N(z(T); 0, I) + int_0^T Tr(df/dz) dt (+ the preprocessing's log-det), per
+    example in nats (B,) (Chen et al. Theorem 1 integrated, FFJORD Sec. 2), and the RNODE
+    integrals reg (B, 2) = [R_K, R_J] summed over blocks. `flow` is any callable
+    x, opts, stats, generator -> (z, log_det, reg) (an FFJORD, or it wrapped for DDP).
+    Exact with opts.trace == "exact"; with Hutchinson an unbiased estimate of log p(x) (the
+    trace enters linearly; averaging over opts.probes reduces its variance). Without gradients
+    call it under torch.no_grad, not inference_mode: the trace needs autograd inside."""
+    z, log_det, reg = flow(x, opts, stats, generator)
+    return standard_normal_log_prob(z) + log_det, reg
+
+
+def nll(flow, x, opts, stats=None, generator=None, discrete=False, u=None):
+    """Negative log-likelihood per example in nats (B,), and reg (B, 2); training minimises its mean.
+
+    Points (discrete=False): -log p(x). Images (discrete=True): x holds integer levels
+    {0..K-1}^D and the flow is a density of v = x + u in [0, K]^D (the logit's log-det includes
+    -D log K). The discrete probability is P(x) = int_{[0,1)^D} p_V(x + u) du, and by Jensen
+    (Theis et al. 2016, arXiv 1511.01844) log P(x) >= E_u[log p_V(x + u)]: one draw of u gives
+    an unbiased estimate of that bound on -log P(x). Bits/dim = nll / (D ln 2), as FFJORD
+    reports (its code: -(log p(y) / D - log 256) / log 2 with y = (x + u) / 256, the same
+    number). Integer x is computed in u's dtype when u is given, else in the default dtype."""
+    if discrete:
+        if not x.is_floating_point():
+            x = x.to(u.dtype if u is not None else torch.get_default_dtype())
+        x = dequantize(x, u)
+    log_p, reg = log_prob(flow, x, opts, stats, generator)
+    return -log_p, reg
+
+
+def rnode_loss(nats, reg, lambda_k=0.0, lambda_j=0.0):
+    """The training objective: the mean NLL plus RNODE's penalties (Finlay et al. 2020),
+    mean over the batch of nll + lambda_K int 0.5 ||f||^2 / D dt + lambda_J int ||df/dz||_F^2 / D dt
+    (reg from `nll` with opts.regularize; both zero weights give plain maximum likelihood)."""
+    loss = nats.mean()
+    if lambda_k:
+        loss = loss + lambda_k * reg[:, 0].mean()
+    if lambda_j:
+        loss = loss + lambda_j * reg[:, 1].mean()
+    return loss
+
+
+# ----------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------
+# Every network is the dynamics f = net(t, z), z (B, ...) -> (B, ...), t a float. The last layer
+# starts at zero (as in RNODE's code), so every block starts as the identity map with NFE at its
+# minimum and grows only as far as the data asks.
+
+def _time(t, like):
+    return torch.as_tensor(t, dtype=like.dtype, device=like.device).reshape(1, 1)
+
+
+class ConcatSquashLinear(nn.Module):
+    """The official FFJORD code's concatsquash layer (its default for the toy data):
+    h -> (W h + b) * sigmoid(W_g t + b_g) + w_b t, the time gating and shifting every unit."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.layer = nn.Linear(d_in, d_out)
+        self.hyper_gate = nn.Linear(1, d_out)
+        self.hyper_bias = nn.Linear(1, d_out, bias=False)
+
+    def forward(self, t, h):
+        t = _time(t, h)
+        return self.layer(h) * torch.sigmoid(self.hyper_gate(t)) + self.hyper_bias(t)
+
+
+class ConcatSquashMLP(nn.Module):
+    """Dynamics for 2D points: concatsquash layers dim -> hidden x n_hidden -> dim with tanh
+    (the official toy setting: 64-64-64, tanh)."""
+
+    def __init__(self, dim=2, hidden=64, n_hidden=3):
+        super().__init__()
+        dims = [dim] + [hidden] * n_hidden + [dim]
+        self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        last = self.layers[-1]
+        for p in (last.layer.weight, last.layer.bias, last.hyper_bias.weight):
+            nn.init.zeros_(p)
+
+    def forward(self, t, z):
+        h = z
+        for i, layer in enumerate(self.layers):
+            h = layer(t, h)
+            if i < len(self.layers) - 1:
+                h = torch.tanh(h)
+        return h
+
+
+class ConcatConv2d(nn.Module):
+    """The official code's "concat" convolution: t enters as an extra constant input channel,
+    3x3 convolution with padding 1."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in + 1, c_out, 3, padding=1)
+
+    def forward(self, t, h):
+        tt = _time(t, h).reshape(1, 1, 1, 1).expand(h.shape[0], 1, *h.shape[2:])
+        return self.conv(torch.cat([tt, h], 1))
+
+
+class ODEConvNet(nn.Module):
+    """Dynamics of one image block (FFJORD App. B.1: "3 convolutional layers with 64 filters",
+    softplus; the official code's --dims 64,64,64: three hidden concat convolutions of 64
+    channels and an output one back to `channels`)."""
+
+    def __init__(self, channels, hidden=(64, 64, 64)):
+        super().__init__()
+        dims = [channels] + list(hidden) + [channels]
+        self.layers = nn.ModuleList(ConcatConv2d(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        nn.init.zeros_(self.layers[-1].conv.weight)
+        nn.init.zeros_(self.layers[-1].conv.bias)
+
+    def forward(self, t, z):
+        h = z
+        for i, layer in enumerate(self.layers):
+            h = layer(t, h)
+            if i < len(self.layers) - 1:
+                h = F.softplus(h)
+        return h
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Config(RunConfig):
+    """Defaults: the official code's toy setting on 8gaussians (a CPU, minutes); PRESETS follow
+    FFJORD App. B.1 for MNIST and CIFAR-10 and RNODE's fixed-step recipe for the 8x8 digits."""
+    dataset: str = flag("8gaussians", "dataset: a 2D set (8gaussians, checkerboard, rings, ...) or an image set")
+    steps: int = flag(1000, "training steps (optimiser updates)")
+    batch_size: int = flag(256, "global batch size (--eval: examples per solve)")
+    lr: float = flag(1e-3, "Adam learning rate")
+    save_every: int = flag(500, "steps between checkpoints and pictures")
+    # the ODE solve of a training step
+    solver: str = flag("dopri5", "training solver: dopri5 (adaptive, --atol/--rtol) or rk4 (fixed --step-size)",
+                       choices=("dopri5", "rk4"))
+    atol: float = flag(1e-5, "dopri5 absolute tolerance in training (official code: 1e-5)")
+    rtol: float = flag(1e-5, "dopri5 relative tolerance in training (official code: 1e-5)")
+    step_size: float = flag(0.05, "rk4 step (rounded down so that it divides --time-length)")
+    max_steps: int = flag(1000, "cap on the solver steps of one solve (training and evaluation); beyond it "
+                          "the run stops with a one-line error: the guard against the NFE blowing up")
+    adjoint: bool = flag(False, "gradients by the adjoint method (Chen et al. Alg. 1; memory independent of the "
+                         "NFE) instead of backpropagation through the solver")
+    trace: str = flag("exact", "Tr(df/dz) in training: exact (one autograd pass per dimension) or hutchinson "
+                      "(FFJORD Sec. 3.1, one pass per probe)", choices=("exact", "hutchinson"))
+    noise: str = flag("rademacher", "Hutchinson noise, drawn once per solve", choices=("rademacher", "gaussian"))
+    kinetic: float = flag(0.0, "RNODE weight lambda_K of the kinetic energy int 0.5 ||f||^2 / D dt (RNODE: 0.01)")
+    jacobian: float = flag(0.0, "RNODE weight lambda_J of int ||df/dz||_F^2 / D dt (RNODE: 0.01)")
+    # --eval, --sample and the pictures: always dopri5, so the continuous model is what is scored
+    eval_atol: float = flag(1e-5, "dopri5 absolute tolerance for --eval, --sample and the pictures")
+    eval_rtol: float = flag(1e-5, "dopri5 relative tolerance for --eval, --sample and the pictures")
+    eval_probes: int = flag(4, "Hutchinson probes averaged in --eval on images (2D data: the exact trace)")
+    # the flow
+    time_length: float = flag(0.5, "integration time T of every CNF block (fixed here; the official code "
+                              "learns it from 0.5 on 2D data and 1.0 on images)")
+    n_blocks: int = flag(1, "CNF blocks: stacked on 2D data; per half-stage of every scale on images (paper: 2)")
+    hidden: int = flag(64, "2D: width of the concatsquash MLP (official: 64)")
+    n_hidden: int = flag(3, "2D: hidden layers of the concatsquash MLP (official: 3)")
+    n_scales: int = flag(0, "images: scales of the multiscale architecture (0: squeeze while both sides are >= 4, "
+                         "so digits 2, MNIST 3, CIFAR-10 4)")
+    width: int = flag(64, "images: channels of every hidden concat convolution (paper: 64)")
+    depth: int = flag(3, "images: hidden concat convolutions of every block's network (paper: 3)")
+    alpha: float = flag(1e-6, "images: the logit preprocessing maps x/K into [alpha, 1 - alpha] (official: 1e-6)")
+    # optimisation
+    weight_decay: float = flag(1e-5, "Adam weight decay (official toy code: 1e-5; image code: 0)")
+    warmup: int = flag(0, "linear learning-rate warm-up steps (official image code: 1000)")
+    lr_drop: int = flag(0, "step from which the learning rate is a tenth of --lr (paper: half-way; 0 = never)")
+    flip: bool = flag(False, "random horizontal flips of training images (official CIFAR-10 code)")
+
+
+_DIGITS = dict(  # RNODE's MNIST recipe, scaled down: rk4 with 4 steps per block, lambda_K = lambda_J = 0.01
+    steps=2000, batch_size=64, lr=1e-3, weight_decay=0.0, solver="rk4", step_size=0.25, time_length=1.0,
+    trace="hutchinson", kinetic=0.01, jacobian=0.01, n_blocks=1, n_scales=2, width=32, depth=2, alpha=0.05)
+# FFJORD App. B.1 (../shared/PAPERS.md): blocks of N = 2 CNFs, 3 scales (MNIST) or 4 (CIFAR-10),
+# 3 concat convolutions of 64 channels with softplus, T = 1, Rademacher Hutchinson noise,
+# dopri5 at 1e-5, Adam 1e-3 then 1e-4 after 250 of 500 epochs, batch 900; the official code's
+# alpha 1e-6, 1000 warm-up steps and flips on CIFAR-10. 500 epochs of 60000 (50000) images at
+# batch 900 are 33,334 (27,778) steps. MNIST 800,636 parameters, CIFAR-10 1,358,868 (tested).
+_PAPER = dict(batch_size=900, lr=1e-3, weight_decay=0.0, warmup=1000, solver="dopri5", atol=1e-5, rtol=1e-5,
+              trace="hutchinson", noise="rademacher", time_length=1.0, n_blocks=2, width=64, depth=3, alpha=1e-6,
+              save_every=1000)
+
+PRESETS = {
+    # The official toy setting (train_toy.py): concatsquash 64-64-64 with tanh, T = 0.5, the
+    # exact trace, dopri5 at 1e-5, Adam 1e-3 with weight decay 1e-5 (batch 100 and 10000
+    # iterations there; 1000 steps of 256 here, minutes on a CPU). 9,224 parameters.
+    "points": dict(n_samples=2000),
+    # 8x8 digits: 2 scales of one block each, 32-channel networks: 33,670 parameters.
+    "digits": _DIGITS,
+    "image": _DIGITS,  # other small image sets (digits-binary)
+    "mnist": dict(_PAPER, steps=33_334, lr_drop=16_667, n_scales=3),
+    "fashion-mnist": dict(_PAPER, steps=33_334, lr_drop=16_667, n_scales=3),
+    "cifar10": dict(_PAPER, steps=27_778, lr_drop=13_889, n_scales=4, flip=True),
+}
+
+
+def check_config(cfg):
+    """The flags' values that their types let through; whether --n-scales fits the images is
+    checked in build (it needs the data). --compile and --amp are refused (see their messages)."""
+    if cfg.compile:
+        raise UserError("--compile is not available for ffjord.py: training differentiates the dynamics network "
+                        "twice (the trace is a vector-Jacobian product inside the loss), and torch.compile does not "
+                        "support double backward; run without --compile")
+    if cfg.amp:
+        raise UserError("--amp is not available for ffjord.py: bfloat16 resolves about 4e-3, coarser than the "
+                        "solver's tolerances (1e-5), so the adaptive step control and the log-density integral "
+                        "need float32; run without --amp")
+    for name in ("atol", "eval_atol", "step_size", "time_length"):
+        check_range(cfg, name, 0, open_low=True)
+    for name in ("rtol", "eval_rtol", "kinetic", "jacobian", "weight_decay", "warmup", "lr_drop", "n_scales",
+                 "n_hidden"):
+        check_range(cfg, name, 0)
+    for name in ("max_steps", "eval_probes", "n_blocks", "hidden", "width", "depth"):
+        check_range(cfg, name, 1)
+    check_range(cfg, "alpha", 0, 0.5, open_high=True)
+
+
+def train_options(cfg):
+    """The SolveOptions of a training step; RNODE's integrals are carried only when weighted."""
+    return SolveOptions(cfg.solver, cfg.atol, cfg.rtol, cfg.step_size, cfg.max_steps, cfg.adjoint, cfg.trace,
+                        cfg.noise, probes=1, regularize=cfg.kinetic > 0 or cfg.jacobian > 0)
+
+
+def eval_options(cfg, info):
+    """--eval, --sample and the pictures: dopri5 at the evaluation tolerances whatever solver
+    trained the model (so the continuous flow is what is scored); the exact trace on 2D data,
+    Hutchinson with --eval-probes probes on images."""
+    points = info.kind == "points"
+    return SolveOptions("dopri5", cfg.eval_atol, cfg.eval_rtol, max_steps=cfg.max_steps,
+                        trace="exact" if points else "hutchinson", noise=cfg.noise,
+                        probes=1 if points else cfg.eval_probes)
+
+
+@contextmanager
+def solver_failures(what, then="", flags="--max-steps, --atol, --rtol, --kinetic, --jacobian, --solver rk4"):
+    """A solver's ValueError (beyond --max-steps, a step size underflow, dynamics that are not
+    finite) becomes one line: what failed, the solver's reason, what happens now, the flags to try."""
+    try:
+        yield
+    except ValueError as e:
+        raise UserError(f"{what}: {e}{then} (the flags: {flags})") from None
+
+
+def learning_rate(cfg, step):
+    """Linear warm-up over --warmup steps, then --lr, a tenth of it from step --lr-drop."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+    return lr * 0.1 if cfg.lr_drop and step >= cfg.lr_drop else lr
+
+
+# ----------------------------------------------------------------------------------------
+# Data and pictures
+# ----------------------------------------------------------------------------------------
+
+# Data go into the flow as they come: points as floats, images as integer levels that `nll`
+# dequantises (discrete = info.kind == "image"); samples come back the same way.
+
+GRID_CHUNK = 4096  # points per solve on the density grid: 4 solves for 128 x 128
+
+
+def save_samples(x, path, info, title=None):
+    """Samples as a scatter on [-lim, lim]^2 (points) or an image grid (integer levels)."""
+    if info.kind == "points":
+        save_scatter(x, path, lim=info.lim, title=title)
+    else:
+        save_image_grid(x, path, levels=info.levels, title=title)
+
+
+@torch.no_grad()
+def model_log_density(net, lim, opts, n=128):
+    """log p(x) of the 2D flow on common.density_on_grid's n x n grid of [-lim, lim]^2, GRID_CHUNK
+    points per solve (under no_grad: the trace makes its own graph inside the dynamics)."""
+    device = net._anchor.device
+    return density_on_grid(lambda p: log_prob(net, p.to(device), opts)[0].cpu(), lim, n, chunk=GRID_CHUNK)
+
+
+def save_trajectory(path_points, path, lim, n_panels=6):
+    """Points from the base (t = T, left) to the data (t = 0, right), coloured by their angle in
+    the base, so one sees where each part of N(0, I) goes. path_points (n_times, N, 2)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    p = path_points.detach().float().cpu()
+    keep = sorted({round(i * (len(p) - 1) / (n_panels - 1)) for i in range(n_panels)})
+    colour = torch.atan2(p[0, :, 1], p[0, :, 0]).numpy()
+    fig, axes = plt.subplots(1, len(keep), figsize=(2.4 * len(keep), 2.7), squeeze=False)
+    for ax, k in zip(axes[0], keep):
+        ax.scatter(p[k, :, 0].numpy(), p[k, :, 1].numpy(), c=colour, cmap="hsv", s=1)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        frac = 1 - k / (len(p) - 1)
+        ax.set_title("base, t = T" if k == 0 else "data, t = 0" if k == len(p) - 1 else f"t = {frac:.2f} T",
+                     fontsize=9)
+    fig.suptitle("FFJORD: samples integrated from the base to the data", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_nfe(metrics_path, png_path):
+    """The NFE of the forward and the backward pass of every training step (means over each
+    metrics line) against the step: how hard the dynamics are to integrate as training goes on."""
+    if not metrics_path.exists():
+        return
+    rows = {}
+    for line in metrics_path.read_text().splitlines():
+        r = json.loads(line) if line.strip() else {}
+        if "step" in r and "nfe_forward" in r:
+            rows[r["step"]] = r  # after a resume, the latest line of a step wins
+    if not rows:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = sorted(rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("nfe_forward", "forward solve"), ("nfe_backward", "backward pass")):
+        ax.plot(steps, [rows[s][key] for s in steps], label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("function evaluations per step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def save_pictures(net, out, step, cfg, ds):
+    """Samples, and the NFE so far; for 2D data also the model's density beside the truth and
+    the trajectories from the base to the data. Seeded generators only: the training run's
+    random stream is untouched."""
+    with solver_failures(f"the ODE solve for the pictures of step {step} failed", "; the checkpoint is saved",
+                         "--max-steps, --eval-atol, --eval-rtol"):
+        _draw_pictures(net, out, step, cfg, ds)
+
+
+def _draw_pictures(net, out, step, cfg, ds):
+    info, opts = ds.info, eval_options(cfg, ds.info)
+    device = net._anchor.device
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    x = net.sample(cfg.n_samples, opts, g)
+    save_samples(x, out / f"samples_{step}.png", info, title=f"FFJORD samples, step {step}")
+    save_nfe(out / "metrics.jsonl", out / "nfe.png")
+    if info.kind == "points":
+        truth = density_on_grid(ds.log_prob, info.lim) if ds.log_prob else ds.data
+        save_density({"true" if ds.log_prob else "training data": truth,
+                      "FFJORD": model_log_density(net, info.lim, opts)}, out / "density.png", info.lim)
+        z = torch.randn(min(cfg.n_samples, 1000), *info.shape, generator=g, device=device)
+        save_trajectory(net.body.trajectory(z, 6, opts), out / "trajectory.png", info.lim)
+
+
+# ----------------------------------------------------------------------------------------
+# Run code
+# ----------------------------------------------------------------------------------------
+
+MODEL = "ffjord"
+
+
+def build(cfg, info):
+    """The flow for a configuration and the data's description: stacked CNFs with concatsquash
+    dynamics on points; the multiscale architecture with the logit preprocessing on images."""
+    if info.kind == "points":
+        (dim,) = info.shape
+        body = CNFStack(CNF(ConcatSquashMLP(dim, cfg.hidden, cfg.n_hidden), cfg.time_length)
+                        for _ in range(cfg.n_blocks))
+        return FFJORD(body, info.shape)
+    c, h, w = info.shape
+    n_scales = cfg.n_scales or default_n_scales(h, w)
+    if n_scales < 1 or h % 2 ** (n_scales - 1) or w % 2 ** (n_scales - 1):
+        raise UserError(f"--n-scales {cfg.n_scales} does not fit {h}x{w} images; it takes 1.. as long as {h} and "
+                        f"{w} are divisible by 2^(n_scales - 1), or 0 for the default")
+    body = Multiscale(info.shape, n_scales, cfg.n_blocks, lambda ch: ODEConvNet(ch, (cfg.width,) * cfg.depth),
+                      cfg.time_length)
+    return FFJORD(body, info.shape, levels=info.levels, alpha=cfg.alpha)
+
+
+def train(cfg):
+    """Maximum likelihood by the instantaneous change of variables (FFJORD Sec. 2) with Adam,
+    plus RNODE's penalties when weighted, the NFE of every step logged; under torchrun every
+    process trains on its slice of the global batch (DDP)."""
+    dist = init_distributed(cfg.device)
+    out = open_run(cfg, MODEL, dist)
+    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+    info, discrete = ds.info, ds.info.kind == "image"
+    seed_everything(cfg.seed)  # the same initial weights on every process
+    net = build(cfg, info).to(dist.device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
+    if cfg.resume:
+        step = resume(cfg, MODEL, dist, model=net, opt=opt, batches=batches)
+    else:
+        step = 0
+        seed_everything(cfg.seed + dist.rank)  # Hutchinson and dequantisation noise differ between processes
+    start = step
+    model = wrap_ddp(net, dist, cfg.compile)  # DDP over the processes (check_config refuses --compile)
+    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
+    opts = train_options(cfg)
+    with StopSignal() as stop:
+        while step < cfg.steps:
+            x, _ = next(batches)
+            if cfg.flip:
+                x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            stats = SolveStats()  # this step's NFE; nfe_backward is known after backward()
+            with solver_failures(f"the ODE solve failed at step {step + 1}",
+                                 "; training stopped and the last checkpoint on disk is kept"):
+                nats, reg = nll(model, x, opts, stats, discrete=discrete)
+                loss = rnode_loss(nats, reg, cfg.kinetic, cfg.jacobian)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+            step += 1
+            value = dist.mean(loss)
+            check_finite(value, step)
+            nats_value = dist.mean(nats.mean())
+            metrics = dict(loss=value, nll=nats_value, nfe_forward=dist.mean(stats.nfe_forward),
+                           nfe_backward=dist.mean(stats.nfe_backward), solver_steps=dist.mean(stats.steps),
+                           rejected=dist.mean(stats.rejected))
+            if opts.regularize:
+                metrics.update(kinetic=dist.mean(reg[:, 0].mean()), jacobian=dist.mean(reg[:, 1].mean()))
+            if discrete:
+                metrics["bits_per_dim"] = bits_per_dim(nats_value, info.dims)
+            logger.log(step, cfg.batch_size, **metrics)
+            stopping = dist.any(stop.requested)
+            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+                save_training(out, MODEL, step, cfg, info, dist, model=net, opt=opt, batches=batches)
+                if dist.is_main and not stop.requested:  # no pictures at a stop
+                    with stop.interruptible():  # a signal here stops the pictures at once; the checkpoint is whole
+                        save_pictures(net, out, step, cfg, ds)
+            if stopping:
+                if dist.is_main:
+                    print(f"stopped at step {step}; continue with --resume", flush=True)
+                break
+        if step == start:  # --steps 0, or nothing left to train: still a checkpoint
+            save_training(out, MODEL, step, cfg, info, dist, model=net, opt=opt, batches=batches)
+            if dist.is_main and not stop.requested:
+                with stop.interruptible():
+                    save_pictures(net, out, step, cfg, ds)
+    logger.close()
+    dist.close()
+    if dist.is_main:
+        report_files(out, ["ckpt.pt", f"samples_{step}.png", "density.png", "trajectory.png", "nfe.png",
+                           "metrics.jsonl", "loss.png"])
+
+
+@torch.no_grad()  # not inference_mode: the trace is a derivative taken inside the dynamics
+def evaluate(cfg):
+    """--eval CKPT: test-set NLL (nats per example; images: one dequantisation draw each) and
+    bits/dim with dopri5 at --eval-atol/--eval-rtol, the exact trace on 2D data and Hutchinson
+    with --eval-probes probes on images; on a 2D set also the true entropy, density.npz and
+    density.png."""
+    net, saved, info = load(cfg.eval, get_device(cfg.device))
+    device = net._anchor.device
+    out = output_dir(cfg, cfg.eval)
+    ds = load_dataset(info.name, "test", cfg.data_dir)
+    opts, stats = eval_options(cfg, info), SolveStats()
+    torch.manual_seed(cfg.seed)  # dequantisation and Hutchinson noise
+    start = time.perf_counter()
+    parts = ds.data.split(cfg.batch_size)
+    with solver_failures("the ODE solve of --eval failed", flags="--max-steps, --eval-atol, --eval-rtol"):
+        v = torch.cat([nll(net, x.to(device), opts, stats, discrete=info.kind == "image")[0].double().cpu()
+                       for x in parts])
+    fields = {"nll": v.mean().item(), "nll_se": v.std().item() / math.sqrt(len(v)), "n": len(v)}
+    if info.kind == "image":
+        fields["bits_per_dim"] = bits_per_dim(fields["nll"], info.dims)
+    fields.update(solver=opts.method, atol=opts.atol, rtol=opts.rtol, trace=opts.trace,
+                  probes=opts.probes if opts.trace == "hutchinson" else None,
+                  nfe_per_solve=stats.nfe_forward / len(parts), seconds=round(time.perf_counter() - start, 1))
+    if info.kind == "points":
+        if ds.log_prob is not None:
+            fields["true_entropy"], fields["true_entropy_se"] = entropy_estimate(info.name)
+        with solver_failures("the ODE solve of --eval's density grid failed", flags="--max-steps, --eval-atol, "
+                             "--eval-rtol"):
+            log_density = model_log_density(net, info.lim, opts)
+        np.savez(out / "density.npz", log_density=log_density, lim=info.lim)
+        truth = density_on_grid(ds.log_prob, info.lim) if ds.log_prob else ds.data
+        save_density({"true" if ds.log_prob else "test data": truth, "FFJORD": log_density},
+                     out / "density.png", info.lim)
+    Logger(out, 0).event("eval", split="test", dataset=info.name, **fields)
+    report_files(out, ["metrics.jsonl", "density.npz", "density.png"])
+    return fields
+
+
+def draw_samples(cfg):
+    """--sample CKPT: n_samples samples (base draws integrated from T to 0 with dopri5 at the
+    evaluation tolerances) to samples.png and samples.pt, the trajectories on 2D data, and a
+    "sample" event with samples per second and the NFE."""
+    net, saved, info = load(cfg.sample, get_device(cfg.device))
+    device = net._anchor.device
+    out = output_dir(cfg, cfg.sample)
+    opts, stats = eval_options(cfg, info), SolveStats()
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    with solver_failures("the ODE solve of --sample failed", flags="--max-steps, --eval-atol, --eval-rtol"):
+        t0 = time.perf_counter()
+        x = net.sample(cfg.n_samples, opts, g, stats)
+        seconds = time.perf_counter() - t0
+        save_samples(x, out / "samples.png", info, title="FFJORD samples")
+        torch.save(x.cpu(), out / "samples.pt")
+        if info.kind == "points":
+            z = torch.randn(min(cfg.n_samples, 1000), *info.shape, generator=g, device=device)
+            save_trajectory(net.body.trajectory(z, 6, opts), out / "trajectory.png", info.lim)
+    Logger(out, 0).event("sample", n=cfg.n_samples, seconds=seconds, samples_per_s=cfg.n_samples / max(seconds, 1e-9),
+                         solver=opts.method, atol=opts.atol, rtol=opts.rtol, nfe=stats.nfe_forward)
+    report_files(out, ["samples.png", "samples.pt", "trajectory.png", "metrics.jsonl"])
+    return x
+
+
+def load(path, device="cpu"):
+    """(flow in evaluation mode on `device`, its training Config, its data's description) from a
+    checkpoint of ffjord.py."""
+    ckpt = load_checkpoint(path, MODEL)
+    cfg, info = saved_config(Config, ckpt)
+    net = build(cfg, info)
+    load_weights(net, ckpt["model"], path)
+    return net.to(device).eval(), cfg, info
+
+
+def main(argv=None):
+    """Train (default), or --eval CKPT, or --sample CKPT; a user's mistake exits with one line."""
+    with user_errors():
+        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
+        check_config(cfg)
+        return dispatch(cfg, train, evaluate, draw_samples)
+
+
+if __name__ == "__main__":
+    main()
