@@ -1,0 +1,1318 @@
+"""Score-based generative models: score matching, NCSN, and score SDEs with an exact likelihood.
+
+Papers
+  Hyvarinen 2005, "Estimation of Non-Normalized Statistical Models by Score Matching", JMLR 6.
+  Vincent 2011, "A Connection Between Score Matching and Denoising Autoencoders", Neural
+    Computation 23 (denoising score matching).
+  Song, Garg, Shi & Ermon 2019, "Sliced Score Matching", arXiv 1905.07088.
+  Song & Ermon 2019, "Generative Modeling by Estimating Gradients of the Data Distribution",
+    arXiv 1907.05600 (NCSN: noise-conditional scores, annealed Langevin dynamics).
+  Song & Ermon 2020, "Improved Techniques for Training Score-Based Generative Models",
+    arXiv 2006.09011 (Technique 1: sigma_max about the largest distance between data points).
+  Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole 2021, "Score-Based Generative Modeling
+    through Stochastic Differential Equations", arXiv 2011.13456 ("the SDE paper" below).
+  Dormand & Prince 1980, "A family of embedded Runge-Kutta formulae", J. Comput. Appl. Math. 6;
+    Hutchinson 1990 and Skilling 1989 (the trace estimator); Grathwohl et al. 2019, FFJORD,
+    arXiv 1810.01367 (the instantaneous change of variables with that estimator).
+
+The exact likelihood, the centre of this file. A diffusion SDE dx = f dt + g dw has marginals
+p_t; the probability-flow ODE (SDE paper Eq. 13)
+
+    dx/dt = f~(x, t) = f(x, t) - 1/2 g(t)^2 grad_x log p_t(x)
+
+has the same marginals, and being deterministic it is a continuous normalizing flow. Along one
+of its paths the instantaneous change of variables (App. D.2, Eq. 39) gives
+
+    log p_0(x(0)) = log p_T(x(T)) + int_0^T div f~(x(t), t) dt,
+
+so with a score network s_theta in place of grad log p_t and the prior pi in place of p_T, the
+model is a flow and log p_theta(x) is its *exact* log-density, not a bound: `ode_log_likelihood`
+integrates [x, int div] from t = eps to T with `odeint_dopri5` (adaptive Dormand-Prince 5(4),
+written below, with error control and a count of network evaluations). The divergence is exact
+for 2D points (`divergence_exact`, one vector-Jacobian product per dimension) and the unbiased
+Hutchinson-Skilling estimate v^T (df/dx) v for images (`divergence_hutchinson`, App. D.2 Eq. 40),
+with v drawn once per solve so that the integrand stays a smooth ODE. The only approximations
+are the solver's tolerance and, for images, the estimator's noise; on discrete data the uniform
+dequantisation makes bits/dim an upper bound on the discrete NLL (`dequantized_nll`).
+
+Implemented: the VE, VP and sub-VP SDEs (drift, diffusion, closed-form perturbation kernels,
+prior sampling and log-density, exact one-step discretisations); denoising score matching with
+lambda(t) = sigma(t)^2 (Eq. 7) and sliced score matching (SSM and SSM-VR); the NCSN noise levels
+and annealed Langevin dynamics (also run on a VE model); Euler-Maruyama and reverse-diffusion
+predictors, the Langevin corrector with the signal-to-noise step size and the PC sampler; the
+probability-flow ODE sampler; the exact log-likelihood with bits/dim; a time-conditioned MLP for
+2D points and a U-Net of the DDPM++ family (small for digits; the paper's DDPM++ cont. for
+cifar10, 61,804,419 parameters).
+
+Not implemented: NCSN++'s FIR resampling, progressive input/output pyramids and Gaussian
+Fourier time features (VE models use the DDPM++ network here); the "deep" variants; the
+ancestral-sampling predictor; likelihood weighting (Song et al. 2021b) and importance-sampled t;
+controllable generation, inpainting and colorization (SDE paper Sec. 5); NCSNv2's techniques
+other than Technique 1; the denoising step after ODE sampling; FID and IS.
+
+Data conventions: 2D points are used as they are (float, inside the box info.lim). Images arrive
+as integer levels k in {0..L-1} and live in model space as y = (k + u) / L * 2 - 1 in [-1, 1),
+u ~ U[0, 1)^D (`dequantize`): training on fresh u every batch keeps the density and the bits/dim
+about the same variable; `quantize` maps samples back to levels.
+
+Run it
+  python score_sde.py                                    # 8gaussians, VP SDE, a few minutes on a CPU
+  python score_sde.py --eval runs/score_sde-8gaussians/ckpt.pt   # exact NLL by the ODE vs the true entropy
+  python score_sde.py --sample runs/score_sde-8gaussians/ckpt.pt --sampler ode
+  python score_sde.py --sde ve --out runs/score_sde-ve   # then --sample runs/score_sde-ve/ckpt.pt --sampler ald
+  python score_sde.py --dataset digits                   # 8x8 digits, small U-Net, bits/dim
+  python score_sde.py --dataset cifar10                  # DDPM++ cont., the paper's settings
+
+Map from the papers to the names below (SDE paper unless named)
+  Eq. 5 (forward SDE), Sec. 3.4                    VESDE, VPSDE, SubVPSDE .sde
+  Eq. 9 (VE), Eq. 11 (VP), Eq. 12 (sub-VP)         VESDE, VPSDE, SubVPSDE
+  App. B Eq. 29, App. C (perturbation kernels)     .marginal_prob, .prior_sample, .prior_log_prob
+  Eqs. 8, 10 (SMLD's and DDPM's chains)            .discretize (exact one-step transitions)
+  Eq. 6 (reverse-time SDE)                         euler_maruyama_predictor
+  Eq. 7 (weighted denoising score matching)        dsm_loss, dsm_target, make_score_fn
+  Vincent 2011 (DSM); Hyvarinen 2005 Thm. 1        dsm_target; sliced_score_matching_loss
+  Song et al. 2019 (SSM, SSM-VR); App. A Eq. 19    sliced_score_matching_loss
+  Song & Ermon 2019, Algorithm 1                   ncsn_sigmas, annealed_langevin_dynamics,
+                                                   annealed_langevin_sample (on a VE model)
+  App. E, Eq. 46 (reverse diffusion sampler)       reverse_diffusion_predictor
+  App. G, Algorithms 1-5 (PC sampling)             pc_sample, langevin_corrector
+  Eq. 13 (probability-flow ODE), Sec. 4.3          probability_flow_drift, ode_sample
+  App. D.2, Eqs. 39-40 (exact likelihood)          ode_log_likelihood, divergence_exact,
+                                                   divergence_hutchinson
+  Dormand & Prince 1980 (RK5(4) with FSAL)         dopri5_step, odeint_dopri5
+  uniform dequantisation (Theis et al. 2016)       dequantize, quantize, dequantized_nll,
+                                                   bits_per_dim
+  App. H and the official DDPM++ cont. config      UNet, ResBlock, AttnBlock
+  App. C (t in [eps, 1]: eps = 1e-5 in training    dsm_loss(eps), ode_log_likelihood(eps),
+    and likelihoods, 1e-3 for VP sampling)         .sampling_eps
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (EMA, Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range,
+                    density_on_grid, dispatch, entropy_estimate, flag, get_device, init_distributed,
+                    load_checkpoint, load_dataset, load_weights, open_run, output_dir, parse_config,
+                    report_files, resume, save_density, save_image_grid, save_scatter, save_training,
+                    saved_config, seed_everything, user_errors, wrap_ddp)
+
+
+def _bc(v, x):
+    """A per-example coefficient v ((B,) or scalar) shaped to broadcast against x (B, ...)."""
+    v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+    return v.reshape(-1, *([1] * (x.dim() - 1))) if v.dim() else v
+
+
+def _randn(shape, like, generator=None):
+    return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def _sum_dims(x):
+    return x.reshape(x.shape[0], -1).sum(1)
+
+
+# ----------------------------------------------------------------------------------------
+# NCSN: noise levels and annealed Langevin dynamics (Song & Ermon 2019)
+# ----------------------------------------------------------------------------------------
+
+def ncsn_sigmas(sigma_1=1.0, sigma_L=0.01, L=10):
+    """The noise levels sigma_1 > ... > sigma_L, a geometric sequence (Song & Ermon 2019; their
+    experiments on data in [0, 1] take sigma_1 = 1, sigma_L = 0.01, L = 10). Returns (L,) float64."""
+    if not (sigma_1 > sigma_L > 0 and L >= 2):
+        raise ValueError(f"noise levels need sigma_1 > sigma_L > 0 and L >= 2; got {sigma_1}, {sigma_L}, {L}")
+    return torch.exp(torch.linspace(math.log(sigma_1), math.log(sigma_L), L, dtype=torch.float64))
+
+
+@torch.inference_mode()
+def annealed_langevin_dynamics(score_fn, x, sigmas, eps=2e-5, n_steps_each=100, generator=None):
+    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1), batched:
+
+        for i = 1..L:   alpha_i = eps * sigma_i^2 / sigma_L^2
+            for t = 1..T:   x <- x + alpha_i / 2 * s(x, sigma_i) + sqrt(alpha_i) z,  z ~ N(0, I)
+
+    score_fn(x, sigma) is a noise-conditional score with sigma (B,); x the initial samples
+    (the paper draws them uniformly; for a VE model N(0, sigma_1^2 I) is natural). The paper
+    uses eps = 2e-5 and T = 100; eps / sigma_L^2 sets how fast each level mixes (a relaxation
+    time of about 2 sigma_L^2 / eps = 10 steps where sigma_i dominates the data's spread).
+    Unadjusted, so biased by O(alpha_i) at each level. Returns the last x, without a denoising
+    step (as Algorithm 1). (Code of the NCSN family writes the step x + a s + sqrt(2 a) z with
+    a = eps sigma_i^2 / sigma_L^2: twice Algorithm 1's step for the same eps.)
+    """
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    if eps <= 0 or n_steps_each < 1 or len(sigmas) < 1:
+        raise ValueError(f"annealed Langevin needs eps > 0, n_steps_each >= 1 and noise levels; "
+                         f"got {eps}, {n_steps_each}, {len(sigmas)}")
+    sigma_L = sigmas[-1].item()
+    for sigma in sigmas.tolist():
+        alpha = eps * sigma ** 2 / sigma_L ** 2          # step size alpha_i
+        s_vec = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+        for _ in range(n_steps_each):
+            x = x + 0.5 * alpha * score_fn(x, s_vec) + math.sqrt(alpha) * _randn(x.shape, x, generator)
+    return x
+
+
+# ----------------------------------------------------------------------------------------
+# The SDEs (SDE paper Sec. 3.4, App. B and App. C)
+# ----------------------------------------------------------------------------------------
+
+class _LinearSDE:
+    """dx = f(x, t) dt + g(t) dw on t in [0, T], T = 1 (SDE paper Eq. 5), with a drift linear in
+    x, so that every perturbation kernel is Gaussian,
+
+        p_0t(x(t) | x(0)) = N(m(t) x(0), sigma(t)^2 I),
+
+    with m(t) = exp(log_mean_coeff(t)) and sigma(t) = std(t) given by each subclass. Every
+    method takes t as a (B,) tensor (or a scalar) and works in the dtype of its tensor input.
+    """
+
+    T = 1.0
+    prior_std = 1.0
+    sampling_eps = 1e-3   # App. C: samplers stop at t = eps, 1e-3 for VP (DDPM's x_1), 1e-5 for VE
+
+    def marginal_prob(self, x0, t):
+        """The mean m(t) x0 and std sigma(t) of p_0t(x(t) | x(0) = x0) (App. B Eq. 29, App. C),
+        closed form.
+        Returns (mean shaped like x0, std (B,))."""
+        return _bc(torch.exp(self.log_mean_coeff(t)), x0) * x0, self.std(t)
+
+    def prior_sample(self, shape, device="cpu", dtype=torch.float32, generator=None):
+        """x(T) ~ pi = N(0, prior_std^2 I), the SDE paper's prior for each SDE."""
+        return self.prior_std * torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    def prior_log_prob(self, z):
+        """log pi(z) = -D/2 log(2 pi s^2) - ||z||^2 / (2 s^2) per example (B,), s = prior_std."""
+        D = z[0].numel()
+        return -0.5 * D * math.log(2 * math.pi * self.prior_std ** 2) - _sum_dims(z ** 2) / (2 * self.prior_std ** 2)
+
+
+class VESDE(_LinearSDE):
+    """Variance exploding SDE (SDE paper Eq. 9), the continuous limit of SMLD / NCSN:
+
+        dx = sqrt(d[sigma^2(t)]/dt) dw,   sigma(t) = sigma_min (sigma_max / sigma_min)^t,
+        f = 0,  g(t) = sigma(t) sqrt(2 log(sigma_max / sigma_min)),  prior N(0, sigma_max^2 I).
+
+    Convention: App. B's Eq. 29 writes the kernel as N(x0, [sigma(t)^2 - sigma(0)^2] I), with
+    sigma(0) = 0 by SMLD's convention; App. C, for this geometric sigma(t), gives N(x0, sigma(t)^2 I)
+    on t in (0, 1], which is used here (and in the official code): p_0 is the data convolved with
+    N(0, sigma_min^2 I), and the kernel from it is exactly consistent with the SDE for all t.
+    """
+
+    sampling_eps = 1e-5   # App. C: VE samplers run down to t = 1e-5
+
+    def __init__(self, sigma_min=0.01, sigma_max=50.0):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"VE SDE needs 0 < sigma_min < sigma_max; got {sigma_min}, {sigma_max}")
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.log_ratio = math.log(sigma_max / sigma_min)
+        self.prior_std = sigma_max
+
+    def std(self, t):
+        return self.sigma_min * torch.exp(t * self.log_ratio)
+
+    def log_mean_coeff(self, t):
+        return torch.zeros_like(torch.as_tensor(t))
+
+    def t_of_sigma(self, sigma):
+        """The time at which sigma(t) = sigma (to run NCSN's sampler on a VE model)."""
+        return torch.log(sigma / self.sigma_min) / self.log_ratio
+
+    def sde(self, x, t):
+        """(f(x, t), g(t)): f = 0, g = sigma(t) sqrt(2 log(sigma_max / sigma_min)), g (B,)."""
+        return torch.zeros_like(x), self.std(t) * math.sqrt(2 * self.log_ratio)
+
+    def discretize(self, t, t_prev):
+        """The exact transition x_t = a x_{t_prev} + G z (SMLD's Markov chain, Eq. 8:
+        x_i = x_{i-1} + sqrt(sigma_i^2 - sigma_{i-1}^2) z): a = 1, G^2 = sigma(t)^2 - sigma(t_prev)^2.
+        In the paper's form x_{i+1} = x_i + f_i(x_i) + G_i z_i, f_i(x) = (a - 1) x."""
+        s = self.std(t)
+        G = s * torch.sqrt(-torch.expm1(2 * self.log_ratio * (t_prev - t)))  # sigma^2 (1 - (sigma_prev/sigma)^2)
+        return torch.ones_like(s), G
+
+
+class VPSDE(_LinearSDE):
+    """Variance preserving SDE (SDE paper Eq. 11), the continuous limit of DDPM:
+
+        dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw,   beta(t) = beta_min + t (beta_max - beta_min),
+        kernel N(x0 e^{-1/2 int_0^t beta}, (1 - e^{-int_0^t beta}) I)  (App. B Eq. 29),  prior N(0, I).
+    """
+
+    def __init__(self, beta_min=0.1, beta_max=20.0):
+        if not 0 <= beta_min < beta_max:
+            raise ValueError(f"VP SDE needs 0 <= beta_min < beta_max; got {beta_min}, {beta_max}")
+        self.beta_min, self.beta_max = beta_min, beta_max
+
+    def beta(self, t):
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def log_mean_coeff(self, t):
+        """log m(t) = -1/2 int_0^t beta(s) ds = -1/2 beta_min t - 1/4 (beta_max - beta_min) t^2."""
+        return -0.5 * self.beta_min * t - 0.25 * (self.beta_max - self.beta_min) * t ** 2
+
+    def std(self, t):
+        return torch.sqrt(-torch.expm1(2 * self.log_mean_coeff(t)))  # sqrt(1 - m^2)
+
+    def sde(self, x, t):
+        """(f(x, t), g(t)): f = -1/2 beta(t) x, g = sqrt(beta(t)), g (B,)."""
+        beta = self.beta(t)
+        return -0.5 * _bc(beta, x) * x, torch.sqrt(beta)
+
+    def discretize(self, t, t_prev):
+        """The exact transition x_t = a x_{t_prev} + G z: DDPM's chain x_i = sqrt(1 - beta_i)
+        x_{i-1} + sqrt(beta_i) z (Eq. 10) with beta_i = 1 - m(t)^2 / m(t_prev)^2 =
+        1 - a^2. (App. C uses beta_i = beta(t_i) / N, the same to first order in 1/N.)"""
+        delta = self.log_mean_coeff(t) - self.log_mean_coeff(t_prev)   # log a
+        return torch.exp(delta), torch.sqrt(-torch.expm1(2 * delta))
+
+
+class SubVPSDE(VPSDE):
+    """sub-VP SDE (SDE paper Eq. 12), whose variance stays below the VP SDE's:
+
+        dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - e^{-2 int_0^t beta})) dw,
+        kernel N(x0 e^{-1/2 int_0^t beta}, (1 - e^{-int_0^t beta})^2 I)  (App. B Eq. 29),  prior N(0, I).
+    """
+
+    def std(self, t):
+        return -torch.expm1(2 * self.log_mean_coeff(t))  # 1 - m^2
+
+    def sde(self, x, t):
+        beta = self.beta(t)
+        discount = -torch.expm1(4 * self.log_mean_coeff(t))  # 1 - e^{-2 int beta} = 1 - m^4
+        return -0.5 * _bc(beta, x) * x, torch.sqrt(beta * discount)
+
+    def discretize(self, t, t_prev):
+        """The exact transition x_t = a x_{t_prev} + G z of the linear SDE (the paper gives no
+        chain for sub-VP; the official code discretises it by Euler-Maruyama): a = m(t) / m(t_prev) and
+        G^2 = sigma(t)^2 - a^2 sigma(t_prev)^2 = (1 - a^2)(1 - m(t)^2 m(t_prev)^2)."""
+        lt, lp = self.log_mean_coeff(t), self.log_mean_coeff(t_prev)
+        delta = lt - lp
+        return torch.exp(delta), torch.sqrt(-torch.expm1(2 * delta) * -torch.expm1(2 * (lt + lp)))
+
+
+SDES = {"ve": VESDE, "vp": VPSDE, "subvp": SubVPSDE}
+
+
+def probability_flow_drift(sde, score_fn, x, t):
+    """The probability-flow ODE's velocity (SDE paper Eq. 13): f~(x, t) = f(x, t) - 1/2 g(t)^2 s(x, t)."""
+    f, g = sde.sde(x, t)
+    return f - 0.5 * _bc(g ** 2, x) * score_fn(x, t)
+
+
+# ----------------------------------------------------------------------------------------
+# Training objectives: denoising (Eq. 7) and sliced score matching
+# ----------------------------------------------------------------------------------------
+
+def make_score_fn(model, sde):
+    """s_theta(x, t) = -model(x, t) / sigma(t): the network predicts the noise z of
+    x_t = m x0 + sigma z (as the official code's VP models and, up to sign, its VE models with
+    scale_by_sigma), so that dsm_loss becomes ||model(x_t, t) - z||^2 / D."""
+    def score_fn(x, t):
+        return -model(x, t) / _bc(sde.std(t), x)
+    return score_fn
+
+
+def _sample_t(x0, eps, T, generator):
+    if not 0 < eps < T:
+        raise ValueError(f"eps {eps} is out of range; accepted: 0 < eps < {T}")
+    return eps + (T - eps) * torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
+
+
+def dsm_target(sde, x_t, x0, t):
+    """grad_{x_t} log p_0t(x_t | x0) = -(x_t - m(t) x0) / sigma(t)^2, the regression target of
+    denoising score matching (Vincent 2011; SDE paper Eq. 7). Its mean given x_t is the score of
+    the perturbed data, grad log p_t(x_t), so the loss is minimised by the true score."""
+    mean, std = sde.marginal_prob(x0, t)
+    return -(x_t - mean) / _bc(std, x_t) ** 2
+
+
+def dsm_loss(score_fn, sde, x0, t=None, z=None, eps=1e-5, generator=None):
+    """Denoising score matching with lambda(t) = sigma(t)^2 (SDE paper Eq. 7) per example (B,):
+
+        lambda(t) || s(x_t, t) - grad log p_0t(x_t | x0) ||^2 / D,   x_t = m(t) x0 + sigma(t) z,
+
+    with t ~ U(eps, T) and z ~ N(0, I) unless given. lambda = sigma^2 is proportional to
+    1 / E||grad log p_0t||^2, the paper's choice; the summand equals ||sigma s + z||^2 / D. It is
+    averaged over the D dimensions (Eq. 7's squared norm is D times this). eps = 1e-5 as the
+    official code; the network then never sees t below it.
+    """
+    if t is None:
+        t = _sample_t(x0, eps, sde.T, generator)
+    if z is None:
+        z = _randn(x0.shape, x0, generator)
+    mean, std = sde.marginal_prob(x0, t)
+    x_t = mean + _bc(std, x0) * z
+    target = dsm_target(sde, x_t, x0, t)
+    return (_bc(std, x0) ** 2 * (score_fn(x_t, t) - target) ** 2).reshape(x0.shape[0], -1).mean(1)
+
+
+def sliced_score_matching_loss(score_fn, sde, x0, t=None, z=None, v=None, eps=1e-5,
+                               variance_reduction=True, generator=None):
+    """Sliced score matching (Song, Garg, Shi & Ermon 2019) on the perturbed data x_t ~ p_t,
+    with Eq. 7's weighting (the SDE paper's App. A, Eq. 19), per example (B,):
+
+        SSM:     lambda(t) [2 v^T (ds/dx) v + (v^T s)^2] / D,     v ~ N(0, I)
+        SSM-VR:  lambda(t) [2 v^T (ds/dx) v + ||s||^2] / D        (variance_reduction=True)
+
+    This is twice the paper's objective, so that its expectation equals dsm_loss's up to a
+    constant independent of s: by Hyvarinen 2005 (Thm. 1) E[tr ds/dx + 1/2 ||s||^2] =
+    1/2 E||s - grad log p_t||^2 - 1/2 E||grad log p_t||^2, and E_v[v^T A v] = tr A. Unlike DSM it
+    needs no kernel, only samples of p_t, at the cost of a vector-Jacobian product (kept in the
+    graph, create_graph=True, so that training backpropagates through it).
+    """
+    if t is None:
+        t = _sample_t(x0, eps, sde.T, generator)
+    if z is None:
+        z = _randn(x0.shape, x0, generator)
+    if v is None:
+        v = _randn(x0.shape, x0, generator)
+    mean, std = sde.marginal_prob(x0, t)
+    with torch.enable_grad():
+        x_t = (mean + _bc(std, x0) * z).detach().requires_grad_(True)
+        s = score_fn(x_t, t)
+        (grad_sv,) = torch.autograd.grad((s * v).sum(), x_t, create_graph=True)
+    vJv = _sum_dims(grad_sv * v)                                     # v^T (ds/dx) v
+    square = _sum_dims(s ** 2) if variance_reduction else _sum_dims(s * v) ** 2
+    return std ** 2 * (2 * vJv + square) / x0[0].numel()
+
+
+LOSSES = ("dsm", "ssm", "ssm-vr")
+
+
+def training_loss(model, sde, x0, loss="dsm", eps=1e-5, generator=None):
+    """The training objective per example (B,) for a network `model(x, t)` that predicts the
+    noise (`make_score_fn`): "dsm" (Eq. 7 with lambda = sigma^2, `dsm_loss`), or sliced score
+    matching with the same weighting (App. A Eq. 19, `sliced_score_matching_loss`): "ssm" with
+    (v^T s)^2, "ssm-vr" with ||s||^2. t ~ U(eps, T); it calls model's forward, so a
+    DistributedDataParallel wrapper's gradient hooks fire."""
+    score_fn = make_score_fn(model, sde)
+    if loss == "dsm":
+        return dsm_loss(score_fn, sde, x0, eps=eps, generator=generator)
+    if loss in ("ssm", "ssm-vr"):
+        return sliced_score_matching_loss(score_fn, sde, x0, eps=eps, variance_reduction=loss == "ssm-vr",
+                                          generator=generator)
+    raise ValueError(f"loss {loss!r} is unknown; accepted: {', '.join(LOSSES)}")
+
+
+# ----------------------------------------------------------------------------------------
+# Sampling the reverse-time SDE: predictors, the Langevin corrector, PC (SDE paper Sec. 4)
+# ----------------------------------------------------------------------------------------
+
+def euler_maruyama_predictor(sde, score_fn, x, t, t_next, generator=None):
+    """One Euler-Maruyama step of the reverse-time SDE (SDE paper Eq. 6)
+
+        dx = [f(x, t) - g(t)^2 s(x, t)] dt + g(t) dw-bar,
+
+    from t down to t_next < t: x_mean = x - [f - g^2 s] dt, x = x_mean + g sqrt(dt) z,
+    dt = t - t_next. Returns (x, x_mean)."""
+    f, g = sde.sde(x, t)
+    dt = _bc(t - t_next, x)
+    x_mean = x - (f - _bc(g ** 2, x) * score_fn(x, t)) * dt
+    return x_mean + _bc(g, x) * dt.sqrt() * _randn(x.shape, x, generator), x_mean
+
+
+def reverse_diffusion_predictor(sde, score_fn, x, t, t_next, generator=None):
+    """The reverse diffusion sampler (SDE paper App. E, Eq. 46): for the forward discretisation
+    x_{i+1} = x_i + f_i(x_i) + G_i z_i (`discretize`, from t_next to t here),
+
+        x_i = x_{i+1} - f_{i+1}(x_{i+1}) + G_{i+1}^2 s(x_{i+1}, t) + G_{i+1} z.
+
+    Returns (x, x_mean); x_mean is the last step's output when denoising."""
+    a, G = sde.discretize(t, t_next)
+    x_mean = x - _bc(a - 1, x) * x + _bc(G ** 2, x) * score_fn(x, t)
+    return x_mean + _bc(G, x) * _randn(x.shape, x, generator), x_mean
+
+
+PREDICTORS = {"reverse_diffusion": reverse_diffusion_predictor, "euler_maruyama": euler_maruyama_predictor}
+
+
+def langevin_corrector(score_fn, x, t, snr, alpha=1.0, generator=None):
+    """One Langevin MCMC step on p_t with the signal-to-noise step size (SDE paper App. G,
+    Algorithm 4 (VE, alpha = 1) and Algorithm 5 (VP, alpha_i = 1 - beta_i)):
+
+        eps = 2 alpha (r ||z|| / ||s||)^2,   x <- x + eps s(x, t) + sqrt(2 eps) z,
+
+    so that ||eps s|| / ||sqrt(2 eps) z|| = r sqrt(alpha): r (`snr`) sets the ratio of the
+    drift to the noise. ||z|| and ||s|| are averaged over the batch (App. G's advice for large
+    batches: a per-example ||s|| can vanish at a mode of 2D data and make the step explode).
+    Returns (x, x_mean)."""
+    s = score_fn(x, t)
+    z = _randn(x.shape, x, generator)
+    z_norm, s_norm = (v.reshape(v.shape[0], -1).norm(dim=1).mean() for v in (z, s))
+    step = 2 * _bc(alpha, x) * (snr * z_norm / s_norm) ** 2
+    x_mean = x + step * s
+    return x_mean + torch.sqrt(2 * step) * z, x_mean
+
+
+def _time_grid(sde, n_steps, eps, like):
+    if n_steps < 1:
+        raise ValueError(f"n_steps {n_steps} is out of range; accepted: n_steps >= 1")
+    if not 0 < eps < sde.T:
+        raise ValueError(f"eps {eps} is out of range; accepted: 0 < eps < {sde.T}")
+    return torch.linspace(sde.T, eps, n_steps + 1, dtype=like.dtype, device=like.device)
+
+
+@torch.inference_mode()
+def pc_sample(sde, score_fn, shape, n_steps=1000, predictor="reverse_diffusion", corrector="langevin",
+              snr=0.16, n_corrector_steps=1, eps=1e-3, denoise=True, device="cpu", dtype=torch.float32,
+              generator=None):
+    """Predictor-corrector sampling (SDE paper Sec. 4.2; App. G, Algorithm 1, and Algorithms 2
+    (VE) and 3 (VP) with the reverse diffusion predictor and the Langevin corrector).
+
+    x(T) ~ pi; on the grid t_0 = T > t_1 > ... > t_N = eps (N = n_steps, uniform), at each t_i:
+    `n_corrector_steps` Langevin steps on p_{t_i} (alpha = a^2 of the step, 1 for VE and
+    1 - beta_i for VP), then one predictor step to t_{i+1}. The corrector runs before the
+    predictor, as in the official code (Algorithm 1 writes the predictor first: the same
+    alternation, started one step later), so no score is evaluated at t = eps. predictor:
+    "reverse_diffusion", "euler_maruyama" or None; corrector: "langevin" or None (so
+    predictor="euler_maruyama", corrector=None is the plain reverse-SDE sampler). denoise: return
+    the last step's mean, without its noise. The paper: N = 1000, snr = 0.16, one corrector
+    step. Costs N (1 + n_corrector_steps) score evaluations.
+    """
+    if predictor is not None and predictor not in PREDICTORS:
+        raise ValueError(f"predictor {predictor!r} is unknown; accepted: {', '.join(PREDICTORS)} or None")
+    if corrector not in ("langevin", None):
+        raise ValueError(f"corrector {corrector!r} is unknown; accepted: 'langevin' or None")
+    if corrector and (snr <= 0 or n_corrector_steps < 1):
+        raise ValueError(f"the corrector needs snr > 0 and n_corrector_steps >= 1; got {snr}, {n_corrector_steps}")
+    x = sde.prior_sample(shape, device, dtype, generator)
+    ts = _time_grid(sde, n_steps, eps, x)
+    x_mean = x
+    for i in range(n_steps):
+        t, t_next = ts[i].expand(shape[0]), ts[i + 1].expand(shape[0])
+        if corrector:
+            alpha = sde.discretize(t, t_next)[0] ** 2
+            for _ in range(n_corrector_steps):
+                x, x_mean = langevin_corrector(score_fn, x, t, snr, alpha, generator)
+        if predictor:
+            x, x_mean = PREDICTORS[predictor](sde, score_fn, x, t, t_next, generator)
+    return x_mean if denoise else x
+
+
+def annealed_langevin_sample(sde, score_fn, shape, n_levels=10, n_steps_each=100, eps=2e-5, device="cpu",
+                             dtype=torch.float32, generator=None):
+    """Song & Ermon's Algorithm 1 run on a VE SDE model: the noise levels sigma_i geometric from
+    sigma_max down to sigma_min (`ncsn_sigmas`), each scored at the time t_i with sigma(t_i) =
+    sigma_i (`VESDE.t_of_sigma`), from x ~ N(0, sigma_max^2 I), the VE prior. The VE SDE is SMLD's
+    continuous limit (Eq. 9), so its score at sigma(t) is NCSN's s(x, sigma). Costs
+    n_levels * n_steps_each score evaluations. Returns the samples (no denoising step)."""
+    if not isinstance(sde, VESDE):
+        raise ValueError(f"annealed Langevin dynamics needs a VE SDE (noise levels sigma); got {type(sde).__name__}")
+    sigmas = ncsn_sigmas(sde.sigma_max, sde.sigma_min, n_levels)
+    x = sde.prior_sample(shape, device, dtype, generator)
+
+    def score_at_sigma(x, sigma):
+        return score_fn(x, sde.t_of_sigma(sigma))
+
+    return annealed_langevin_dynamics(score_at_sigma, x, sigmas, eps, n_steps_each, generator)
+
+
+# ----------------------------------------------------------------------------------------
+# An adaptive ODE solver: Dormand-Prince 5(4)
+# ----------------------------------------------------------------------------------------
+
+# Dormand & Prince 1980 (Hairer, Norsett & Wanner, "Solving ODEs I", Table II.5.2): nodes c,
+# stages a, the 5th-order weights b (equal to the last row of a: first same as last) and the
+# embedded 4th-order weights b4.
+_DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+_DP_A = ((),
+         (1 / 5,),
+         (3 / 40, 9 / 40),
+         (44 / 45, -56 / 15, 32 / 9),
+         (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+         (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+         (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
+_DP_B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
+_DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+
+
+def dopri5_step(f, t, y, h, k1):
+    """One Dormand-Prince step of size h from (t, y), k1 = f(t, y) already known.
+
+    Returns (y5, err, k7): y5 the 5th-order solution (the one kept: local extrapolation),
+    err = y5 - y4 against the embedded 4th-order solution (the local error estimate, O(h^5)),
+    and k7 = f(t + h, y5), the next step's k1 (first same as last: 6 evaluations per step).
+    """
+    k = [k1]
+    for i in range(1, 7):
+        y_i = y + h * sum(a * k_j for a, k_j in zip(_DP_A[i], k) if a != 0.0)
+        k.append(f(t + _DP_C[i] * h, y_i))
+        if i == 6:
+            y5 = y_i                      # the last stage is evaluated at the 5th-order solution
+    err = h * sum((b5 - b4) * k_j for b5, b4, k_j in zip(_DP_B5, _DP_B4, k))
+    return y5, err, k[6]
+
+
+def _error_norm(v):
+    """max over examples of the RMS over each example's components: every example of the batch
+    meets the tolerance, not only their average."""
+    return v.reshape(v.shape[0], -1).pow(2).mean(1).sqrt().max().item()
+
+
+def odeint_dopri5(f, y0, t0, t1, rtol=1e-5, atol=1e-5, h0=None, max_steps=100_000):
+    """Solve dy/dt = f(t, y), y(t0) = y0, to t1 (either direction) by Dormand-Prince 5(4) with
+    step-size control (Hairer, Norsett & Wanner, "Solving ODEs I", Sec. II.4).
+
+    y0 (B, ...) holds B independent systems solved with one step size. A step is accepted when
+
+        max_b RMS_b( err / (atol + rtol max(|y|, |y5|)) ) <= 1,
+
+    and the next step is h min(10, max(0.2, 0.9 err^(-1/5))) (no growth after a rejection).
+    The first step follows Hairer's starting-step algorithm unless h0 is given. The global error
+    is typically a small multiple of the tolerances. Returns (y(t1), nfe), nfe the number of
+    evaluations of f. Raises RuntimeError when the step size underflows or after max_steps.
+    """
+    if rtol <= 0 or atol <= 0:
+        raise ValueError(f"tolerances must be positive; got rtol={rtol}, atol={atol}")
+    nfe = 0
+
+    def fun(t, y):
+        nonlocal nfe
+        nfe += 1
+        return f(t, y)
+
+    t0, t1 = float(t0), float(t1)
+    direction = 1.0 if t1 >= t0 else -1.0
+    span = abs(t1 - t0)
+    if span == 0:
+        return y0, 0
+    t, y = t0, y0
+    k1 = fun(t, y)
+    if h0 is None:
+        scale = atol + rtol * y.abs()
+        d0, d1 = _error_norm(y / scale), _error_norm(k1 / scale)
+        h = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+        h = min(h, span)
+        f1 = fun(t + direction * h, y + direction * h * k1)
+        d2 = _error_norm((f1 - k1) / scale) / h
+        h1 = max(1e-6, h * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** 0.2
+        h = min(100 * h, h1)
+    else:
+        h = abs(float(h0))
+    h = min(h, span)
+    steps, rejected_last = 0, False
+    while direction * (t1 - t) > 0:
+        steps += 1
+        if steps > max_steps:
+            raise RuntimeError(f"ODE solver: more than {max_steps} steps between t = {t0} and {t1}")
+        last = h >= abs(t1 - t)
+        if last:
+            h = abs(t1 - t)
+        if h < 1e-14 * max(1.0, abs(t)):
+            raise RuntimeError(f"ODE solver: step size underflow at t = {t}")
+        y_new, err, k7 = dopri5_step(fun, t, y, direction * h, k1)
+        scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
+        err_norm = _error_norm(err / scale)
+        if err_norm <= 1.0:
+            t = t1 if last else t + direction * h
+            y, k1 = y_new, k7
+            factor = 10.0 if err_norm == 0 else min(10.0, max(0.2, 0.9 * err_norm ** -0.2))
+            h *= min(1.0, factor) if rejected_last else factor
+            rejected_last = False
+        else:
+            h *= max(0.2, 0.9 * err_norm ** -0.2)
+            rejected_last = True
+    return y, nfe
+
+
+# ----------------------------------------------------------------------------------------
+# The probability-flow ODE: sampling and the exact likelihood (SDE paper Sec. 4.3, App. D)
+# ----------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def ode_sample(sde, score_fn, shape, rtol=1e-5, atol=1e-5, eps=1e-3, z=None, device="cpu",
+               dtype=torch.float32, generator=None):
+    """Samples by integrating the probability-flow ODE (Eq. 13) from x(T) = z ~ pi down to
+    t = eps with `odeint_dopri5` (App. D.4: RK45 at rtol = atol = 1e-5, eps = 1e-3 for VP and
+    1e-5 for VE, `sde.sampling_eps`). Deterministic given z: the inverse of the map that
+    `ode_log_likelihood` follows. Returns (x(eps), nfe)."""
+    if not 0 < eps < sde.T:
+        raise ValueError(f"eps {eps} is out of range; accepted: 0 < eps < {sde.T}")
+    x = sde.prior_sample(shape, device, dtype, generator) if z is None else z
+
+    def velocity(t, x):
+        return probability_flow_drift(sde, score_fn, x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
+
+    return odeint_dopri5(velocity, x, sde.T, eps, rtol, atol)
+
+
+def divergence_exact(f_x, x):
+    """div f = sum_i d f_i / d x_i per example (B,), by one vector-Jacobian product per
+    dimension: exact, D times the cost of a gradient (for 2D points). f_x = f(x) must be
+    computed from x with x.requires_grad, each example from its own input only."""
+    f_flat = f_x.reshape(f_x.shape[0], -1)
+    div = torch.zeros(f_x.shape[0], dtype=f_x.dtype, device=f_x.device)
+    for i in range(f_flat.shape[1]):
+        (grad,) = torch.autograd.grad(f_flat[:, i].sum(), x, retain_graph=True)
+        div = div + grad.reshape(grad.shape[0], -1)[:, i]
+    return div
+
+
+def divergence_hutchinson(f_x, x, v):
+    """The Hutchinson-Skilling estimate v^T (df/dx) v of div f per example (B,), one
+    vector-Jacobian product: unbiased when E[v v^T] = I (Gaussian or Rademacher v); Rademacher
+    has the smaller variance, 2 sum_{i != j} A_ij^2 against Gaussian's 2 ||A||_F^2 (A
+    symmetrised). Same requirements on f_x as divergence_exact."""
+    (grad,) = torch.autograd.grad((f_x * v).sum(), x)
+    return _sum_dims(grad * v)
+
+
+@torch.no_grad()
+def ode_log_likelihood(sde, score_fn, x, divergence="exact", noise="rademacher", eps=1e-5,
+                       rtol=1e-5, atol=1e-5, prior_log_prob=None, generator=None):
+    """The exact log-likelihood of the probability-flow model (SDE paper App. D.2, Eqs. 38-40),
+    per example.
+
+    Integrates the augmented ODE from t = eps to T,
+
+        d/dt [x(t), delta(t)] = [f~(x, t), div f~(x, t)],   x(eps) = x, delta(eps) = 0,
+
+    with f~ = f - 1/2 g^2 s_theta (Eq. 13), and returns
+
+        log p(x) = log pi(x(T)) + delta(T) = log pi(x(T)) + int_eps^T div f~(x(t), t) dt,
+
+    the instantaneous change of variables: d/dt log p_t(x(t)) = -div f~ along a path of the flow.
+    divergence: "exact" (D vector-Jacobian products, for 2D points) or "hutchinson" (one, for
+    images), its probe v ("rademacher" or "gaussian") drawn once and kept for the whole solve,
+    so the integrand is a smooth ODE and the result an unbiased estimate of the exact value.
+    eps = 1e-5 (App. C) and rtol = atol = 1e-5 (App. D.2). prior_log_prob replaces log pi
+    (a test passes the exact log p_T). x in model space ((k + u)/L * 2 - 1 for images, see
+    `dequantized_nll`). Not under inference_mode: the divergence needs autograd.
+
+    Returns (log_p (B,) in nats, z = x(T), nfe).
+    """
+    if divergence not in ("exact", "hutchinson"):
+        raise ValueError(f"divergence {divergence!r} is unknown; accepted: 'exact', 'hutchinson'")
+    if noise not in ("rademacher", "gaussian"):
+        raise ValueError(f"noise {noise!r} is unknown; accepted: 'rademacher', 'gaussian'")
+    if not 0 < eps < sde.T:
+        raise ValueError(f"eps {eps} is out of range; accepted: 0 < eps < {sde.T}")
+    B, D = x.shape[0], x[0].numel()
+    v = None
+    if divergence == "hutchinson":
+        v = _randn(x.shape, x, generator)
+        if noise == "rademacher":
+            v = torch.sign(v)   # +-1 with probability 1/2 each
+
+    def augmented(t, state):
+        t_vec = torch.full((B,), t, dtype=x.dtype, device=x.device)
+        with torch.enable_grad():
+            x_t = state[:, :D].reshape(x.shape).detach().requires_grad_(True)
+            drift = probability_flow_drift(sde, score_fn, x_t, t_vec)
+            div = divergence_exact(drift, x_t) if v is None else divergence_hutchinson(drift, x_t, v)
+        return torch.cat([drift.detach().reshape(B, D), div.detach()[:, None]], 1)
+
+    state0 = torch.cat([x.reshape(B, D), torch.zeros(B, 1, dtype=x.dtype, device=x.device)], 1)
+    state, nfe = odeint_dopri5(augmented, state0, eps, sde.T, rtol, atol)
+    z, delta = state[:, :D].reshape(x.shape), state[:, D]
+    log_prior = (sde.prior_log_prob if prior_log_prob is None else prior_log_prob)(z)
+    return log_prior + delta, z, nfe
+
+
+# ----------------------------------------------------------------------------------------
+# Discrete data: uniform dequantisation and bits/dim
+# ----------------------------------------------------------------------------------------
+
+def dequantize(x, levels, u=None, generator=None):
+    """Integer levels k in {0..L-1}^D -> model space y = (k + u) / L * 2 - 1 in [-1, 1)^D,
+    u ~ U[0, 1)^D (Theis, van den Oord & Bethge 2016), in the default float dtype. `u` may be
+    given (tests pass a fixed one)."""
+    k = x.to(torch.get_default_dtype()) if not x.is_floating_point() else x
+    if u is None:
+        u = torch.rand(k.shape, generator=generator, device=k.device, dtype=k.dtype)
+    return (k + u) / levels * 2 - 1
+
+
+def quantize(y, levels):
+    """Model space back to levels: floor((y + 1) / 2 * L) clipped to {0..L-1} (the cube y is in)."""
+    return torch.floor((y + 1) / 2 * levels).clamp(0, levels - 1).to(torch.uint8 if levels <= 256 else torch.long)
+
+
+def dequantized_nll(log_p_y, num_dims, levels):
+    """Nats per example of the discrete data from log p_Y(y) at y = dequantize(k):
+
+    the density on model space defines P(k) = int_{[0,1)^D} p_V(k + u) du for v = k + u in
+    [0, L)^D, and y = 2 v / L - 1 gives p_V(v) = p_Y(y) (2 / L)^D. By Jensen's inequality
+
+        -log P(k) <= -E_u[log p_V(k + u)] = -E_u[log p_Y(y)] - D log(2 / L),
+
+    so -log p_Y(y) - D log(2 / L) with one draw of u is an unbiased estimate of an upper bound
+    on the discrete NLL, exact when p_Y is constant on each cube. In bits/dim the offset is
+    log2(L / 2): 7 bits for L = 256 (the official code's `offset`), 3.09 for digits' L = 17.
+    """
+    return -log_p_y - num_dims * math.log(2.0 / levels)
+
+
+def bits_per_dim(nll, num_dims):
+    """nats per example -> bits per dimension: nll / (D ln 2)."""
+    return nll / (num_dims * math.log(2.0))
+
+
+# ----------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------
+
+def timestep_embedding(t, dim, scale=999.0):
+    """Sinusoidal embedding of continuous times t in [0, 1]: [sin(scale t w_i), cos(scale t w_i)],
+    w_i = 10000^(-i / (dim/2 - 1)), at scale * t = 999 t: the official code calls its continuous
+    VP models with 999 t (DDPM's embedding of a step index in 0..999). (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    args = scale * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def _zero(module):
+    # DDPM++ initialises the last layer of every residual branch and the output at zero
+    # (init_scale = 0), so each block starts as the identity and the network as eps = 0.
+    nn.init.zeros_(module.weight)
+    nn.init.zeros_(module.bias)
+    return module
+
+
+class ScoreMLP(nn.Module):
+    """Residual MLP for 2D points (our design): the time embedding enters every block through its
+    own linear layer. model(x (B, dim), t (B,)) -> (B, dim), the noise prediction (make_score_fn)."""
+
+    def __init__(self, dim=2, hidden=128, depth=3):
+        super().__init__()
+        self.hidden = hidden
+        self.temb = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(nn.ModuleList([nn.Linear(hidden, hidden), nn.Linear(hidden, hidden),
+                                                   nn.Linear(hidden, hidden)]) for _ in range(depth))
+        self.out = _zero(nn.Linear(hidden, dim))
+
+    def forward(self, x, t):
+        emb = self.temb(timestep_embedding(t, self.hidden).to(x.dtype))
+        h = self.inp(x)
+        for lin1, lin_t, lin2 in self.blocks:
+            h = h + lin2(F.silu(lin1(F.silu(h)) + lin_t(F.silu(emb))))
+        return self.out(F.silu(h))
+
+
+def _norm(c):
+    return nn.GroupNorm(min(c // 4, 32), c, eps=1e-6)  # DDPM++'s group count
+
+
+class ResBlock(nn.Module):
+    """The BigGAN-type residual block of DDPM++ (SDE paper App. H; Brock et al. 2019):
+
+        h = conv3x3(resample(swish(GN(x)))) + dense(swish(temb)),
+        h = conv3x3(dropout(swish(GN(h))))                       (zero-initialised),
+        out = (skip(resample(x)) + h) / sqrt(2)                  (skip rescaling),
+
+    resample: nearest-neighbour doubling (up) or 2x2 average pooling (down) of both paths, no
+    FIR filter (DDPM++ has none); skip a 1x1 convolution when the block resamples or changes
+    the channel count."""
+
+    def __init__(self, cin, cout, temb_dim, dropout, up=False, down=False):
+        super().__init__()
+        self.up, self.down = up, down
+        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, cout)
+        self.norm2, self.dropout = _norm(cout), nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout or up or down else nn.Identity()
+
+    def _resample(self, x):
+        if self.up:
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if self.down:
+            return F.avg_pool2d(x, 2)
+        return x
+
+    def forward(self, x, temb):
+        h = self.conv1(self._resample(F.silu(self.norm1(x))))
+        h = h + self.temb(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (self.skip(self._resample(x)) + h) / math.sqrt(2.0)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions (DDPM's), output zero-initialised and
+    the sum rescaled by 1/sqrt(2) as DDPM++."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = _norm(c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)  # the three 1x1 projections, fused
+        self.proj = _zero(nn.Conv2d(c, c, 1))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(2, 3).unbind(1)
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C), scale 1/sqrt(C)
+        return (x + self.proj(a.transpose(1, 2).reshape(b, c, h, w))) / math.sqrt(2.0)
+
+
+class UNet(nn.Module):
+    """A U-Net of the DDPM++ family (SDE paper App. H; the official "DDPM++ cont." configuration
+    with ch = 128, ch_mult = (1, 2, 2, 2), num_res_blocks = 4, attention at 16x16, dropout 0.1).
+
+    DDPM's U-Net with the paper's changes: BigGAN-type residual blocks that also do the up- and
+    down-sampling, skip connections rescaled by 1/sqrt(2), 4 residual blocks per resolution, zero
+    initialisation of every residual branch's last layer and of the output. Down path: at each
+    resolution num_res_blocks blocks (attention after each at the `attn_res` sides), then a
+    down-sampling block; middle: block, attention, block; up path: num_res_blocks + 1 blocks
+    on the concatenated skips, attention once per resolution, an up-sampling block. Time:
+    sinusoidal embedding of 999 t and a 2-layer MLP of width 4 ch. Differences from the
+    official code: PyTorch's default initialisation elsewhere (theirs: variance scaling,
+    fan-average, uniform), and VE models get this same network, conditioned on 999 t and scored
+    by -net / sigma(t) like the VP ones (the official VE models are NCSN++ conditioned on sigma(t)
+    by Fourier features; its FIR resampling and input pyramid are not implemented).
+    model(x (B, C, H, W) in model space, t (B,)) -> (B, C, H, W), the noise prediction.
+    """
+
+    def __init__(self, in_ch=3, image_size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4,
+                 attn_res=(16,), dropout=0.1):
+        super().__init__()
+        if image_size % 2 ** (len(ch_mult) - 1):
+            raise ValueError(f"image side {image_size} is not divisible by 2^{len(ch_mult) - 1}; "
+                             f"use fewer channel multipliers")
+        self.ch, temb_dim = ch, 4 * ch
+        self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        skips, c, res = [ch], ch, image_size
+        self.down = nn.ModuleList()
+        for i, mult in enumerate(ch_mult):
+            level = nn.Module()
+            level.blocks, level.attns = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks):
+                level.blocks.append(ResBlock(c, ch * mult, temb_dim, dropout))
+                c = ch * mult
+                level.attns.append(AttnBlock(c) if res in attn_res else nn.Identity())
+                skips.append(c)
+            level.resample = ResBlock(c, c, temb_dim, dropout, down=True) if i < len(ch_mult) - 1 else None
+            if level.resample is not None:
+                skips.append(c)
+                res //= 2
+            self.down.append(level)
+        self.mid = nn.ModuleList([ResBlock(c, c, temb_dim, dropout), AttnBlock(c),
+                                  ResBlock(c, c, temb_dim, dropout)])
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(ch_mult))):
+            level = nn.Module()
+            level.blocks = nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                level.blocks.append(ResBlock(c + skips.pop(), ch * mult, temb_dim, dropout))
+                c = ch * mult
+            level.attn = AttnBlock(c) if res in attn_res else nn.Identity()
+            level.resample = ResBlock(c, c, temb_dim, dropout, up=True) if i > 0 else None
+            if level.resample is not None:
+                res *= 2
+            self.up.append(level)
+        self.norm_out = _norm(c)
+        self.conv_out = _zero(nn.Conv2d(c, in_ch, 3, padding=1))
+
+    def forward(self, x, t):
+        emb = self.temb(timestep_embedding(t, self.ch).to(x.dtype))
+        h = self.conv_in(x)
+        hs = [h]
+        for level in self.down:
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(h, emb))
+                hs.append(h)
+            if level.resample is not None:
+                h = level.resample(h, emb)
+                hs.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        for level in self.up:
+            for block in level.blocks:
+                h = block(torch.cat([h, hs.pop()], dim=1), emb)
+            h = level.attn(h)
+            if level.resample is not None:
+                h = level.resample(h, emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------
+
+SAMPLERS = {"pc": "PC sampler", "ode": "probability-flow ODE", "em": "Euler-Maruyama", "ald": "annealed Langevin"}
+
+
+@dataclass
+class Config(RunConfig):
+    """Defaults train a VP SDE on `8gaussians` on a laptop CPU in minutes; PRESETS follow the papers."""
+    dataset: str = flag("8gaussians", "dataset name (see README): a 2D set, or images (digits, mnist, cifar10, ...)")
+    steps: int = flag(5000, "training steps")
+    batch_size: int = flag(512, "global batch size, split across processes under torchrun (--eval: per ODE solve)")
+    lr: float = flag(2e-3, "Adam learning rate (after warm-up)")
+    save_every: int = flag(2500, "checkpoint and sample picture every this many steps")
+    n_samples: int = flag(1000, "samples in the training pictures and drawn by --sample")
+    # the SDE and the objective
+    sde: str = flag("vp", "forward SDE: ve (Eq. 9), vp (Eq. 11) or subvp (Eq. 12)", choices=tuple(SDES))
+    beta_min: float = flag(0.1, "VP and sub-VP: beta(0)")
+    beta_max: float = flag(20.0, "VP and sub-VP: beta(1)")
+    sigma_min: float = flag(0.01, "VE: sigma(0)")
+    sigma_max: float = flag(10.0, "VE: sigma(1), about the largest distance between two data points "
+                            "(Song & Ermon 2020, Technique 1)")
+    loss: str = flag("dsm", "objective: dsm (denoising score matching, Eq. 7), ssm or ssm-vr (sliced score "
+                     "matching)", choices=LOSSES)
+    # networks
+    hidden: int = flag(128, "width of the MLP used on 2D points")
+    depth: int = flag(3, "residual blocks of the MLP used on 2D points")
+    ch: int = flag(32, "U-Net base channels")
+    ch_mult: tuple = flag((1, 2), "U-Net channel multiplier per resolution")
+    num_res_blocks: int = flag(1, "U-Net residual blocks per resolution")
+    attn_res: tuple = flag((4,), "resolutions (side in pixels) with self-attention")
+    dropout: float = flag(0.0, "dropout in the U-Net's residual blocks")
+    # optimisation
+    warmup: int = flag(100, "linear learning-rate warm-up steps")
+    grad_clip: float = flag(1.0, "gradient-norm clip (0 = off)")
+    ema_decay: float = flag(0.999, "EMA decay of the weights used for sampling and --eval")
+    flip: bool = flag(False, "random horizontal flips of training images")
+    # sampling
+    sampler: str = flag("pc", "pc (reverse diffusion predictor + Langevin corrector), ode (probability flow), "
+                        "em (Euler-Maruyama, no corrector), ald (annealed Langevin dynamics, VE only)",
+                        choices=tuple(SAMPLERS))
+    sample_steps: int = flag(500, "steps N of the pc and em samplers (ald: 10 noise levels of N / 10 steps)")
+    snr: float = flag(0.16, "signal-to-noise ratio r of the Langevin corrector (App. G)")
+    n_corrector: int = flag(1, "Langevin corrector steps per predictor step of pc (0: predictor only)")
+    ald_eps: float = flag(2e-5, "annealed Langevin step scale eps: alpha_i = eps sigma_i^2 / sigma_L^2")
+    rtol: float = flag(1e-5, "relative tolerance of the ODE solver (ode sampler and --eval)")
+    atol: float = flag(1e-5, "absolute tolerance of the ODE solver (ode sampler and --eval)")
+    # evaluation
+    likelihood: str = flag("auto", "divergence in --eval: exact, hutchinson (one probe per solve), or auto "
+                           "(exact on 2D points, hutchinson on images)", choices=("auto", "exact", "hutchinson"))
+    density_tol: float = flag(1e-3, "ODE tolerances of the 128x128 density grid of --eval on 2D sets")
+    eval_n: int = flag(0, "--eval on the first N test examples (0 = all)")
+
+
+_MNIST = dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema_decay=0.9999, sigma_max=50.0, ch=64,
+              ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(14,), dropout=0.1, sample_steps=1000,
+              save_every=5000, n_samples=64)
+
+PRESETS = {
+    "points": dict(),  # the Config defaults: ScoreMLP 128 wide, 3 blocks
+    # 8x8 digits: the Config's small U-Net (748,737 parameters); sigma_max 10 by Technique 1 (the
+    # largest distance between two digits in model space is 9.6, between two 2D points 6.7 to 11.1).
+    "digits": dict(steps=2000, batch_size=128, save_every=1000, n_samples=64),
+    "digits-binary": dict(steps=2000, batch_size=128, save_every=1000, n_samples=64),
+    # 28x28: our scaling of the CIFAR-10 recipe (as ddpm.py's MNIST preset); 28 -> 14 -> 7.
+    "mnist": _MNIST,
+    "fashion-mnist": _MNIST,
+    # DDPM++ cont. (SDE paper Table 2; the official configs/vp/cifar10_ddpmpp_continuous.py and its
+    # defaults): 61,804,419 parameters here; 1.3M iterations, batch 128, Adam 2e-4, warm-up 5000,
+    # gradient clip 1, EMA 0.9999, dropout 0.1, random flips; VE sigma 0.01..50, VP beta 0.1..20,
+    # N = 1000 sampling steps, snr 0.16, one corrector step.
+    "cifar10": dict(steps=1_300_000, batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0, ema_decay=0.9999,
+                    flip=True, sigma_max=50.0, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_res=(16,),
+                    dropout=0.1, sample_steps=1000, snr=0.16, n_corrector=1, save_every=50_000, n_samples=64),
+}
+
+
+def check_config(cfg):
+    """The flags' values that their types let through; the image side against --ch-mult is
+    checked in build, --sampler ald against a checkpoint's SDE in draw_samples."""
+    for name in ("hidden", "depth", "ch", "num_res_blocks", "sample_steps"):
+        check_range(cfg, name, 1)
+    for name in ("warmup", "grad_clip", "n_corrector", "eval_n", "beta_min"):
+        check_range(cfg, name, 0)
+    for name in ("dropout", "ema_decay"):
+        check_range(cfg, name, 0, 1, open_high=True)
+    for name in ("snr", "ald_eps", "rtol", "atol", "density_tol", "sigma_min"):
+        check_range(cfg, name, 0, open_low=True)
+    check_range(cfg, "beta_max", cfg.beta_min, open_low=True)
+    check_range(cfg, "sigma_max", cfg.sigma_min, open_low=True)
+    if not cfg.ch_mult or min(cfg.ch_mult) < 1:
+        raise UserError(f"--ch-mult {','.join(map(str, cfg.ch_mult))} is out of range; accepted: positive "
+                        "multipliers, one per resolution, e.g. 1,2,2,2")
+    if cfg.sampler == "ald" and cfg.sde != "ve" and not (cfg.sample or cfg.eval):
+        raise UserError(f"--sampler ald runs annealed Langevin dynamics on noise levels sigma, which --sde {cfg.sde} "
+                        "does not have; accepted: --sde ve with ald, or --sampler pc, ode or em")
+
+
+# ----------------------------------------------------------------------------------------
+# Data and pictures
+# ----------------------------------------------------------------------------------------
+
+def to_model_space(x, info, generator=None):
+    """2D points as they are; image levels k dequantised afresh, y = (k + u) / L * 2 - 1."""
+    if info.kind == "points":
+        return x.float()
+    return dequantize(x, info.levels, generator=generator)
+
+
+def to_levels(y, info):
+    """Model space back to integer levels (uint8), the cube y lies in (`quantize`)."""
+    return quantize(y, info.levels)
+
+
+def sample_with(cfg, net, sde, shape, device, generator):
+    """Samples in model space by --sampler, and the number of network evaluations they cost."""
+    score_fn = make_score_fn(net, sde)
+    where = dict(device=device, generator=generator)
+    if cfg.sampler == "ode":
+        return ode_sample(sde, score_fn, shape, cfg.rtol, cfg.atol, eps=sde.sampling_eps, **where)
+    if cfg.sampler == "ald":
+        each = max(1, cfg.sample_steps // 10)
+        return annealed_langevin_sample(sde, score_fn, shape, 10, each, cfg.ald_eps, **where), 10 * each
+    if cfg.sampler == "em":
+        x = pc_sample(sde, score_fn, shape, cfg.sample_steps, "euler_maruyama", None, eps=sde.sampling_eps, **where)
+        return x, cfg.sample_steps
+    x = pc_sample(sde, score_fn, shape, cfg.sample_steps, "reverse_diffusion", "langevin" if cfg.n_corrector else None,
+                  cfg.snr, max(cfg.n_corrector, 1), eps=sde.sampling_eps, **where)
+    return x, cfg.sample_steps * (1 + cfg.n_corrector)
+
+
+def sample_title(sampler, sde_name, nfe):
+    return f"{sde_name.upper()} SDE, {SAMPLERS[sampler]}, NFE {nfe}"
+
+
+def save_samples(x, path, info, title):
+    """Samples in model space as a scatter (points) or a grid of images (their levels)."""
+    if info.kind == "points":
+        save_scatter(x.cpu(), path, lim=info.lim, title=title)
+    else:
+        save_image_grid(to_levels(x, info).cpu(), path, levels=info.levels, title=title)
+
+
+SWEEP_RATIOS = (0.03, 0.1, 0.3, 1.0, 3.0)
+
+
+def sweep_times(sde, ratios=SWEEP_RATIOS):
+    """The first times at which the kernel's noise-to-signal ratio sigma(t) / m(t) reaches each
+    ratio (T where it never does): comparable noise levels whatever the SDE."""
+    t = torch.linspace(1e-5, sde.T, 100_001, dtype=torch.float64)
+    r = sde.std(t) / torch.exp(sde.log_mean_coeff(t))
+    return t[torch.searchsorted(r, torch.tensor(ratios, dtype=torch.float64)).clamp(max=len(t) - 1)]
+
+
+def save_score_field(net, sde, x0, path, info, device, n=20):
+    """The learned score across noise levels (t from `sweep_times`). 2D points: arrows of
+    sigma(t) s(x, t) = -net(x, t) on an n x n grid, drawn as directions coloured by their length,
+    over the perturbed data x_t = m(t) x_0 + sigma(t) z in grey. Images: for each image of x0, a
+    row of x_t above a row of Tweedie's estimate E[x_0 | x_t] = (x_t + sigma^2 s(x_t, t)) / m."""
+    times = sweep_times(sde).tolist()
+    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    tt = torch.tensor(times, dtype=torch.float64)
+    m, sigma = torch.exp(sde.log_mean_coeff(tt)).tolist(), sde.std(tt).tolist()
+    if info.kind == "image":
+        noisy, denoised = [], []
+        with torch.inference_mode():
+            for t, m_t, s_t in zip(times, m, sigma):
+                x_t = (m_t * x0 + s_t * z).to(device)
+                noisy.append(x_t.cpu())
+                denoised.append(((x_t - s_t * net(x_t, torch.full((len(x0),), t, device=device))) / m_t).cpu())
+        rows = [torch.stack(column)[:, i] for i in range(len(x0)) for column in (noisy, denoised)]
+        grid = (torch.cat(rows).clamp(-1, 1) + 1) / 2  # (2 * len(x0) * len(times), C, H, W)
+        save_image_grid(grid, path, nrow=len(times), title="odd rows: x_t = m x_0 + sigma z; even rows: Tweedie's "
+                        "(x_t + sigma^2 s(x_t, t)) / m; columns: sigma / m = "
+                        + ", ".join(f"{r:g}" for r in SWEEP_RATIOS))
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lim = info.lim
+    c = torch.linspace(-lim, lim, n)
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    grid = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
+    fig, axes = plt.subplots(1, len(times), figsize=(2.9 * len(times), 3.3), squeeze=False)
+    for ax, t, m_t, s_t in zip(axes[0], times, m, sigma):
+        with torch.inference_mode():
+            v = -net(grid.to(device), torch.full((len(grid),), t, device=device)).cpu()  # sigma s
+        length = v.norm(dim=1)
+        u = v / length.clamp_min(1e-12)[:, None]
+        x_t = m_t * x0 + s_t * z
+        ax.scatter(x_t[:, 0], x_t[:, 1], s=1, c="0.8")
+        ax.quiver(grid[:, 0], grid[:, 1], u[:, 0], u[:, 1], length, cmap="viridis", pivot="mid", angles="xy",
+                  scale_units="xy", scale=1 / (0.8 * 2 * lim / (n - 1)), width=0.006)
+        ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal")
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title(f"t = {t:.3g}, sigma(t) = {s_t:.3g}", fontsize=9)
+    fig.suptitle("score directions, coloured by |sigma(t) s(x, t)|; grey: the perturbed data x_t", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# Run code
+# ----------------------------------------------------------------------------------------
+
+MODEL = "score_sde"
+
+
+def build(cfg, info):
+    """(network, SDE) for a configuration and the data's description: the MLP on 2D points, the
+    U-Net on images."""
+    sde = VESDE(cfg.sigma_min, cfg.sigma_max) if cfg.sde == "ve" else SDES[cfg.sde](cfg.beta_min, cfg.beta_max)
+    if info.kind == "points":
+        if cfg.flip:
+            raise UserError(f"--flip flips images; {info.name} is a set of 2D points: leave --flip out")
+        return ScoreMLP(info.shape[0], cfg.hidden, cfg.depth), sde
+    c, h, w = info.shape
+    if h != w or h % 2 ** (len(cfg.ch_mult) - 1):
+        raise UserError(f"--ch-mult {','.join(map(str, cfg.ch_mult))} halves the side {len(cfg.ch_mult) - 1} "
+                        f"times; {info.name} has {h}x{w} images: use fewer multipliers")
+    return UNet(c, h, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_res, cfg.dropout), sde
+
+
+def train(cfg):
+    """Score matching with the weighting of Eq. 7 (t ~ U(1e-5, 1)), Adam with warm-up, gradient
+    clipping and an EMA of the weights; under torchrun every process trains on its slice of the
+    global batch (DDP)."""
+    dist = init_distributed(cfg.device)
+    out = open_run(cfg, MODEL, dist)
+    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+    info = ds.info
+    seed_everything(cfg.seed)  # the same initial weights on every process
+    net, sde = build(cfg, info)
+    net.to(dist.device)
+    ema = EMA(net, cfg.ema_decay)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
+    if cfg.resume:
+        step = resume(cfg, MODEL, dist, model=net, ema=ema, opt=opt, batches=batches)
+    else:
+        step = 0
+        seed_everything(cfg.seed + dist.rank)  # noise differs between processes
+    start = step
+    model = wrap_ddp(net, dist, cfg.compile)  # DDP over the processes, then torch.compile
+    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
+    amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+    shape = (cfg.n_samples, *info.shape)
+
+    def checkpoint_and_samples():
+        save_training(out, MODEL, step, cfg, info, dist, model=net, ema=ema, opt=opt, batches=batches)
+        if dist.is_main and not stop.requested:
+            with stop.interruptible():  # the checkpoint is whole: a signal may stop the pictures at once
+                g = torch.Generator(device=dist.device).manual_seed(cfg.seed)  # not the training's RNG
+                x, nfe = sample_with(cfg, ema.model, sde, shape, dist.device, g)
+                save_samples(x, out / f"samples_{step}.png", info, f"{sample_title(cfg.sampler, cfg.sde, nfe)}, "
+                             f"step {step}")
+
+    with StopSignal() as stop:
+        while step < cfg.steps:
+            x, _ = next(batches)
+            x0 = to_model_space(x, info)  # images: fresh dequantisation noise every batch
+            if cfg.flip:
+                x0 = torch.where(torch.rand(x0.shape[0], 1, 1, 1, device=x0.device) < 0.5, x0.flip(3), x0)
+            for group in opt.param_groups:  # linear warm-up
+                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+            with amp:
+                loss = training_loss(model, sde, x0, cfg.loss).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            ema.update(net)
+            step += 1
+            value = dist.mean(loss)
+            check_finite(value, step)
+            logger.log(step, cfg.batch_size, loss=value)
+            stopping = dist.any(stop.requested)
+            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+                checkpoint_and_samples()
+            if stopping:
+                if dist.is_main:
+                    print(f"stopped at step {step}; {out / 'ckpt.pt'} saved; continue with --resume", flush=True)
+                break
+        if step == start:  # --steps 0, or nothing left to train: still leave a checkpoint
+            checkpoint_and_samples()
+        if dist.is_main and not stop.requested:
+            with stop.interruptible():
+                g = torch.Generator().manual_seed(cfg.seed)
+                x0 = to_model_space(ds.data[:4], info, g) if info.kind == "image" else ds.data[:2000]
+                save_score_field(ema.model, sde, x0, out / "score_field.png", info, dist.device)
+    logger.close()
+    dist.close()
+    if dist.is_main:
+        report_files(out, ["ckpt.pt", f"samples_{step}.png", "score_field.png", "metrics.jsonl", "loss.png"])
+
+
+def evaluate(cfg):
+    """--eval CKPT: the exact test-set NLL of the probability-flow model (App. D.2) in nats per
+    example, and bits/dim of the dequantised images (an upper bound on the discrete NLL); on 2D
+    sets also the true entropy, density.npz and density.png (the ODE density beside the truth)."""
+    (net, sde), saved, info = load(cfg.eval, get_device(cfg.device))
+    device = next(net.parameters()).device
+    out = output_dir(cfg, cfg.eval)
+    ds = load_dataset(info.name, "test", cfg.data_dir)
+    divergence = cfg.likelihood if cfg.likelihood != "auto" else "exact" if info.kind == "points" else "hutchinson"
+    score_fn = make_score_fn(net, sde)
+    data = ds.data[:cfg.eval_n] if cfg.eval_n else ds.data
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    nats, nfes, start = [], [], time.perf_counter()
+    for x in data.split(cfg.batch_size):  # ode_log_likelihood runs under no_grad, never inference_mode
+        y = to_model_space(x.to(device), info, generator=g)
+        log_p, _, nfe = ode_log_likelihood(sde, score_fn, y, divergence, rtol=cfg.rtol, atol=cfg.atol, generator=g)
+        nats.append((dequantized_nll(log_p, info.dims, info.levels) if info.kind == "image" else -log_p).double().cpu())
+        nfes.append(nfe)
+    v = torch.cat(nats)
+    fields = dict(nll=v.mean().item(), nll_se=v.std().item() / math.sqrt(len(v)) if len(v) > 1 else 0.0, n=len(v),
+                  sde=saved.sde, divergence=divergence, rtol=cfg.rtol, atol=cfg.atol, nfe=sum(nfes) / len(nfes),
+                  seconds=round(time.perf_counter() - start, 1))
+    if info.kind == "image":
+        fields["bits_per_dim"] = bits_per_dim(fields["nll"], info.dims)
+    else:
+        if ds.log_prob is not None:
+            fields["entropy"], fields["entropy_se"] = entropy_estimate(info.name)
+
+        def log_density(points):
+            return ode_log_likelihood(sde, score_fn, points.to(device), "exact", rtol=cfg.density_tol,
+                                      atol=cfg.density_tol)[0].cpu()
+
+        start = time.perf_counter()
+        grid = density_on_grid(log_density, info.lim, n=128)
+        np.savez(out / "density.npz", log_density=grid, lim=info.lim)
+        # the model is a normalised density: its mass on the box should be about 1 (less what lies outside)
+        fields["density_mass"] = float(np.exp(grid).sum() * (2 * info.lim / 128) ** 2)
+        fields["density_seconds"] = round(time.perf_counter() - start, 1)
+        truth = density_on_grid(ds.log_prob, info.lim, n=128) if ds.log_prob is not None else ds.data
+        save_density({"true density" if ds.log_prob is not None else "test data": truth,
+                      f"{saved.sde.upper()} SDE, ODE likelihood": grid}, out / "density.png", info.lim)
+    Logger(out, 0).event("eval", split="test", **fields)
+    report_files(out, ["metrics.jsonl", "density.npz", "density.png"])
+    return fields
+
+
+def draw_samples(cfg):
+    """--sample CKPT: n_samples by --sampler from the EMA network (samples.png, samples.pt: levels
+    for images, points for 2D sets) and a "sample" event with samples per second and the NFE."""
+    (net, sde), saved, info = load(cfg.sample, get_device(cfg.device))
+    device = next(net.parameters()).device
+    out = output_dir(cfg, cfg.sample)
+    if cfg.sampler == "ald" and not isinstance(sde, VESDE):
+        raise UserError(f"--sampler ald needs a VE SDE's noise levels; {cfg.sample} was trained with --sde "
+                        f"{saved.sde}: use --sampler pc, ode or em")
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    start = time.perf_counter()
+    x, nfe = sample_with(cfg, net, sde, (cfg.n_samples, *info.shape), device, g)
+    seconds = time.perf_counter() - start
+    save_samples(x, out / "samples.png", info, sample_title(cfg.sampler, saved.sde, nfe))
+    torch.save(to_levels(x, info).cpu() if info.kind == "image" else x.cpu(), out / "samples.pt")
+    Logger(out, 0).event("sample", n=cfg.n_samples, seconds=round(seconds, 3), samples_per_s=cfg.n_samples / seconds,
+                         sampler=cfg.sampler, nfe=nfe, sde=saved.sde)
+    report_files(out, ["samples.png", "samples.pt", "metrics.jsonl"])
+    return x
+
+
+def load(path, device="cpu"):
+    """((EMA network, SDE), its training Config, its data's description) from a checkpoint."""
+    ckpt = load_checkpoint(path, MODEL)
+    cfg, info = saved_config(Config, ckpt)
+    net, sde = build(cfg, info)
+    load_weights(net, ckpt["ema"]["model"], path)
+    return (net.to(device).eval(), sde), cfg, info
+
+
+def main(argv=None):
+    """Train (default), or --eval CKPT, or --sample CKPT; a user's mistake exits with one line."""
+    with user_errors():
+        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
+        check_config(cfg)
+        return dispatch(cfg, train, evaluate, draw_samples)
+
+
+if __name__ == "__main__":
+    main()
