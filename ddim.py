@@ -984,6 +984,7 @@ def train(cfg):
     sample_steps, skip = cfg.sample_steps or cfg.timesteps, cfg.skip or "linear"
 
     def checkpoint_and_samples():
+        """The checkpoint (a collective), then on rank 0 a sample grid, stopped at once by a signal."""
         save_training(out, MODEL, step, cfg, info, dist, model=net, ema=ema, opt=opt, batches=batches)
         if dist.is_main and not cfg.train_classifier:
             with stop.interruptible():  # the checkpoint is whole: a signal may stop the pictures at once

@@ -728,6 +728,7 @@ def train(cfg):
     noise = None if cfg.sampler == "sgld" else cfg.noise
 
     def checkpoint_and_samples():
+        """The checkpoint (a collective), then on rank 0 the pictures, stopped at once by a signal."""
         save_training(out, MODEL, step, cfg, info, dist, model=net, opt=opt, batches=batches, buffer=buffer)
         if dist.is_main:
             with stop.interruptible():  # the checkpoint is whole: a signal may stop the pictures at once

@@ -343,6 +343,7 @@ class AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, f, t0, t1, opts, stats, error_mask, n, *y0_and_params):
+        """Solve forwards without a graph, keeping y(t1) and the parameters for the backward solve."""
         y0, params = y0_and_params[:n], y0_and_params[n:]
         y1, info = odeint(f, y0, t0, t1, opts, error_mask)  # autograd is off inside Function.forward
         if stats is not None:
@@ -356,11 +357,13 @@ class AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *a1):
+        """Chen et al. Algorithm 1: solve [y, a, g] from t1 back to t0; return dL/dy0 and dL/dtheta."""
         n, f = ctx.n, ctx.f
         saved = ctx.saved_tensors
         y1, params = saved[:n], saved[n:]
 
         def adjoint_dynamics(t, s):
+            """d/dt [y, a, g] = [f, -a^T df/dy, -a^T df/dtheta] (Chen et al. Eqs. 4-5)."""
             y, a = s[:n], s[n:2 * n]
             with torch.enable_grad():
                 y = tuple(yi.detach().requires_grad_(True) for yi in y)
@@ -472,6 +475,7 @@ def augmented_dynamics(net, noise=None, regularize=False):
     (create_graph) only when called with gradients enabled (training by backpropagation, or the
     adjoint's backward pass), so evaluation under torch.no_grad stores nothing."""
     def dynamics(t, state):
+        """d/dt (z, Delta[, R_K, R_J]) = (f, Tr(df/dz)[, kinetic, Jacobian]) at time t."""
         z = state[0]
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
@@ -509,6 +513,7 @@ class CNF(nn.Module):
         self.net, self.T = net, float(T)
 
     def forward(self, x, opts, stats=None, generator=None):
+        """x (data side, t = 0) -> (z at t = T, log|det dz/dx| = int Tr df/dz dt (B,), penalties (B, 2))."""
         noise = hutchinson_noise(x, opts.noise, opts.probes, generator) if opts.trace == "hutchinson" else None
         zero = x.new_zeros(x.shape[0])
         state = (x, zero) + ((zero, zero) if opts.regularize else ())
@@ -519,6 +524,7 @@ class CNF(nn.Module):
         return out[0], -out[1], reg
 
     def inverse(self, z, opts, stats=None):
+        """z (base side, t = T) -> x at t = 0: the same ODE integrated backwards."""
         dynamics = lambda t, s: (self.net(t, s[0]),)
         return integrate(dynamics, (z,), self.T, 0.0, opts, stats, tuple(self.net.parameters()))[0]
 
@@ -660,6 +666,8 @@ class Multiscale(nn.Module):
             self.next = Multiscale((2 * c, h // 2, w // 2), n_scales - 1, n_blocks, make_net, T)
 
     def forward(self, x, opts, stats=None, generator=None):
+        """x (B, C, H, W) -> (z, log|det dz/dx| (B,), penalties (B, 2)): blocks, squeeze, blocks,
+        half the variables factored out, the other half to the next scale."""
         log_det, reg = x.new_zeros(x.shape[0]), x.new_zeros(x.shape[0], 2)
         blocks = list(self.pre) if self.last else list(self.pre) + [squeeze] + list(self.post)
         for block in blocks:
@@ -675,6 +683,7 @@ class Multiscale(nn.Module):
         return unsqueeze(torch.cat([z_out, z_rest], 1)), log_det + ld, reg + r
 
     def inverse(self, z, opts, stats=None):
+        """z -> x: the scales undone from the last to the first."""
         if not self.last:
             z_out, z_rest = squeeze(z).chunk(2, dim=1)
             z = torch.cat([z_out, self.next.inverse(z_rest, opts, stats)], 1)

@@ -911,6 +911,7 @@ class UNet(nn.Module):
         self.conv_out = _zero(nn.Conv2d(c, in_ch, 3, padding=1))
 
     def forward(self, x, t):
+        """x (B, C, H, W), t (B,) in [0, 1] -> (B, C, H, W): the noise the score is made from."""
         emb = self.temb(timestep_embedding(t, self.ch).to(x.dtype))
         h = self.conv_in(x)
         hs = [h]

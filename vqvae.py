@@ -818,6 +818,7 @@ def train(cfg):
     shown = ds.data[:32] if info.kind == "image" else ds.data[:2000]  # the inputs of the reconstructions
 
     def checkpoint_and_pictures():
+        """The checkpoint (a collective), then on rank 0 the pictures, stopped at once by a signal."""
         save_training(out, MODEL, step, cfg, info, dist, **parts)
         if dist.is_main:
             with stop.interruptible():  # the checkpoint is whole: a signal may stop the pictures at once
