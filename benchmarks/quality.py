@@ -3,8 +3,8 @@
     python benchmarks/quality.py [--steps 2000] [--n 1000] [--models ddpm gpt ...]
 
 For each model file present: trains it on digits (the runs of likelihood.py are reused when the
-command is the same), draws `--n` samples through `--sample` (which writes samples.pt), and
-computes the Frechet distance d^2 = |mu_s - mu_t|^2 + Tr(S_s + S_t - 2 (S_s S_t)^(1/2))
+command is the same), draws `--n` samples through `--sample` (which writes samples.pt; n samples
+written after the checkpoint are reused), and computes the Frechet distance d^2 = |mu_s - mu_t|^2 + Tr(S_s + S_t - 2 (S_s S_t)^(1/2))
 (Heusel et al. 2017, arXiv 1706.08500) between the 64-dimensional features of the small
 classifier of digits_classifier.py on the samples and on the 300 test images. The floor is the
 same distance for `--n` images of the training split (real data, different images); the
@@ -42,6 +42,16 @@ def features(net, images, levels):
     return net.features(x).numpy()
 
 
+def reused_samples(out, n):
+    """The samples an earlier run of this script drew from the same checkpoint (samples.pt written
+    after ckpt.pt, n of them), or None."""
+    path, ckpt = out / "samples.pt", out / "ckpt.pt"
+    if not path.exists() or path.stat().st_mtime < ckpt.stat().st_mtime:
+        return None
+    samples = torch.load(path, weights_only=True)
+    return samples if len(samples) == n else None
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=2000)
@@ -61,8 +71,10 @@ def main():
             out = train(m, "digits", args.steps, ["--batch-size", 64], args.fresh)
         except Unsupported:
             continue
-        run(m, ["--sample", out / "ckpt.pt", "--n-samples", args.n, "--out", out], out / "log.txt")
-        samples = torch.load(out / "samples.pt", weights_only=True)
+        samples = reused_samples(out, args.n)
+        if samples is None:
+            run(m, ["--sample", out / "ckpt.pt", "--n-samples", args.n, "--out", out], out / "log.txt")
+            samples = torch.load(out / "samples.pt", weights_only=True)
         samples = samples.reshape(-1, 1, 8, 8)
         rows.append(f"| `{m}.py` | {frechet_distance(features(net, samples, 17), test_features):.2f} |")
     cmd = "python benchmarks/quality.py" + (f" --steps {args.steps}" if args.steps != 2000 else "")
