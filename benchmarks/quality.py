@@ -4,11 +4,12 @@
 
 For each model file present: trains it on digits (the runs of likelihood.py are reused when the
 command is the same), draws `--n` samples through `--sample` (which writes samples.pt; n samples
-written after the checkpoint are reused), and computes the Frechet distance d^2 = |mu_s -
-mu_t|^2 + Tr(S_s + S_t - 2 (S_s S_t)^(1/2)) (Heusel et al. 2017, arXiv 1706.08500) between the
-64-dimensional features of the small classifier of digits_classifier.py on the samples and on
-the 300 test images. The floor is the same distance for `--n` images of the training split (real
-data, different images); the classifier's accuracy on the test split is stated beside the table.
+written after the checkpoint are reused), and computes the Frechet distance
+d^2 = |mu_s - mu_t|^2 + Tr(S_s + S_t - 2 (S_s S_t)^(1/2)) (Heusel et al. 2017, arXiv 1706.08500)
+between the 64-dimensional features of the small classifier of digits_classifier.py on the
+samples and on the 300 test images. The floor is the same distance for `--n` images of the
+training split (real data, different images); the classifier's accuracy on the test split is
+stated beside the table.
 """
 import argparse
 import sys
