@@ -14,7 +14,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "bench"
 RESULTS = ROOT / "benchmarks" / "results"
-ALL_MODELS = ("pixelcnn", "gpt", "vae", "vqvae", "ddpm", "ddim", "ebm", "score_sde", "realnvp", "ffjord")
+# in the README's family order: autoregressive, latent-variable, flows, diffusion and score, energy
+ALL_MODELS = ("pixelcnn", "gpt", "vae", "vqvae", "realnvp", "ffjord", "ddpm", "ddim", "score_sde", "ebm")
 
 
 def present_models():

@@ -103,7 +103,8 @@ def main():
     md = (f"### Likelihood\n\nTest-set NLL after {args.steps} training steps (batch {BATCH['8gaussians']} on the "
           f"2D sets, {BATCH['digits']} on digits; otherwise each model's preset). The 2D values are continuous "
           "NLLs (or their upper bounds, for models with a variational bound), to be read against the true "
-          "entropy; digits bits/dim are of the 17-level data. In the figure each panel's colour scale ends at "
+          "entropy; digits bits/dim are of the 17-level data; n/a where the model file reports no likelihood "
+          "(its `--eval` says why). In the figure each panel's colour scale ends at "
           "its 99.5th percentile. Evaluation flags beyond the defaults: "
           + "; ".join(f"`{m}.py` on {kind} data `{' '.join(f)}`" for (m, kind), f in EVAL_FLAGS.items())
           + ". Produced by "
