@@ -6,7 +6,7 @@ Trains each model file present through its command line on 8gaussians, checkerbo
 (batch 256) and on digits (batch 64), for the same number of steps with the model's preset for
 the dataset otherwise, then runs its `--eval` on the test split. Writes a markdown table (test
 NLL in nats next to the true entropy for the 2D sets, bits/dim for digits) into README.md and
-benchmarks/results/likelihood.md, and one figure of every model's learned density next to the
+benchmarks/results/likelihood.md, and one figure of the learned density of every model that has one next to the
 true one (benchmarks/results/likelihood_density.png). Runs are kept in runs/bench/ and reused
 when the same command finished before (--fresh retrains).
 """
@@ -98,7 +98,7 @@ def main():
         cells.append(f"{dig[1]:.3f}" if dig and dig[1] is not None else "n/a")
         lines.append(f"| `{m}.py` | " + " | ".join(cells) + " |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    figure(results, models, RESULTS / "likelihood_density.png")
+    figure(results, [m for m in models if any((m, d) in results for d in POINTS)], RESULTS / "likelihood_density.png")
     cmd = "python benchmarks/likelihood.py" + (f" --steps {args.steps}" if args.steps != 2000 else "")
     md = (f"### Likelihood\n\nTest-set NLL after {args.steps} training steps (batch {BATCH['8gaussians']} on the "
           f"2D sets, {BATCH['digits']} on digits; otherwise each model's preset). The 2D values are continuous "
