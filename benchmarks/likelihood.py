@@ -6,9 +6,9 @@ Trains each model file present through its command line on 8gaussians, checkerbo
 (batch 256) and on digits (batch 64), for the same number of steps with the model's preset for
 the dataset otherwise, then runs its `--eval` on the test split. Writes a markdown table (test
 NLL in nats next to the true entropy for the 2D sets, bits/dim for digits) into README.md and
-benchmarks/results/likelihood.md, and one figure of the learned density of every model that has one next to the
-true one (benchmarks/results/likelihood_density.png). Runs are kept in runs/bench/ and reused
-when the same command finished before (--fresh retrains).
+benchmarks/results/likelihood.md, and one figure of the learned density of every model that has
+one, next to the true one (benchmarks/results/likelihood_density.png). Runs are kept in
+runs/bench/ and reused when the same command finished before (--fresh retrains).
 """
 import argparse
 import sys
