@@ -7,8 +7,8 @@ et al. 2020) and the same network with `--px-weight 0` (the cross-entropy alone:
 same architecture, its Langevin chains run but unused) through the command line, for the same steps
 with the digits preset otherwise, reads the test accuracy from their `--eval`, and puts them beside
 the shipped digits classifier of digits_classifier.py (a different, smaller network trained with
-one-pixel shifts). Writes a table into README.md and benchmarks/results/jem-accuracy.md. Runs are kept in
-runs/bench/ and reused when the same command finished before (--fresh retrains).
+one-pixel shifts). Writes a table into README.md and benchmarks/results/jem-accuracy.md. Runs are
+kept in runs/bench/ and reused when the same command finished before (--fresh retrains).
 """
 import argparse
 import json
