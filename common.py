@@ -103,19 +103,22 @@ class RunConfig:
     save_every: int = flag(500, "steps between checkpoints and sample grids")
 
 
-def parse_config(cls, presets, argv=None, doc=None, kinds=("image", "points", "text")):
+def parse_config(cls, presets, argv=None, doc=None, kinds=("image", "points", "text"), arch_presets=None):
     """Build the configuration: dataclass defaults, then the preset of the chosen dataset
-    (`presets[dataset]`, else `presets[kind]`), then the flags typed on the command line.
+    (`presets[dataset]`, else `presets[kind]`), then the flags typed on the command line. With
+    `--arch A` and A in `arch_presets`, `arch_presets[A]` takes the place of `presets`.
     The shared flags are checked here; a model file checks its own in `check_config`."""
-    parser = _build_parser(cls, presets, doc)
+    parser = _build_parser(cls, presets, doc, arch_presets or {})
     typed = vars(parser.parse_args(argv))
-    dataset = typed.get("dataset", _field_default(next(f for f in dataclasses.fields(cls) if f.name == "dataset")))
+    default = {f.name: _field_default(f) for f in dataclasses.fields(cls)}
+    dataset = typed.get("dataset", default["dataset"])
     try:
         kind = _dataset_kind(dataset)
     except UserError as e:
         parser.error(str(e))
     if kind not in kinds:
         parser.error(f"--dataset {dataset} is {kind} data; this model accepts {', '.join(kinds)} data")
+    presets = (arch_presets or {}).get(typed.get("arch", default.get("arch")), presets)
     cfg = cls(**{**presets.get(dataset, presets.get(kind, {})), **typed})
     _check_shared_flags(cfg, parser)
     return cfg
@@ -428,8 +431,8 @@ class Logger:
         self.total, self.enabled, self.every = total_steps, enabled, every
         self.print_every = print_every if print_every is not None else (1.0 if sys.stdout.isatty() else 10.0)
         self.sums, self.counts, self.count, self.examples, self.step = {}, {}, 0, 0, None
-        self.t_start = self.t_window = self.t_printed = time.perf_counter()  # create it just before the loop
-        self.first_step = None
+        self.t_start = self.t_window = self.t_printed = time.perf_counter()
+        self.first_step, self._pauses = None, 0
 
     def log(self, step, n, **metrics):
         if not self.enabled:
@@ -446,6 +449,22 @@ class Logger:
         if step % self.every == 0 or step == self.total:
             _write_window(self, now)
 
+    def restart_clock(self):
+        """Time from now: what came before the loop (building, resuming) is not training."""
+        self.t_start = self.t_window = self.t_printed = time.perf_counter()
+
+    @contextmanager
+    def paused(self):
+        """Time spent inside (checkpoints, pictures) counts neither in examples/s nor in the ETA."""
+        t0, self._pauses = time.perf_counter(), self._pauses + 1
+        try:
+            yield
+        finally:
+            self._pauses -= 1
+            if not self._pauses:  # the outermost pause moves the clocks once
+                dt = time.perf_counter() - t0
+                self.t_start, self.t_window = self.t_start + dt, self.t_window + dt
+
     def event(self, name, **fields):
         if not self.enabled:
             return
@@ -460,6 +479,97 @@ class Logger:
         if self.path.exists():
             _plot_metrics(self.path, self.path.with_name("loss.png"))
 
+
+
+class Training:
+    """What every train() repeats, so that the loop in the model file shows the model's own step:
+
+        with Training(cfg, MODEL) as run:        # processes, run folder, stop signal, logger
+            ...build the network, optimiser, batches...
+            step = run.start(info, model=net, opt=opt, batches=batches)   # --resume, or 0
+            for step in run.steps(step, pictures):
+                ...one step of the model's objective...
+                run.log(loss=loss)
+        run.report(["ckpt.pt", ...])
+
+    `steps` yields the number of steps done before each step; after each it writes the
+    checkpoint every --save-every steps, at the last step and at a stop (SIGINT/SIGTERM), and
+    once for --steps 0; `pictures(step)` follows each checkpoint on rank 0 (none at a stop).
+    Pictures and checkpoints do not count in the examples/s that the logger reports."""
+
+    def __init__(self, cfg, model_name):
+        self.cfg, self.model_name, self.step, self.parts, self.info = cfg, model_name, 0, {}, None
+
+    def __enter__(self):
+        self.dist = init_distributed(self.cfg.device)
+        self.device = self.dist.device
+        self.out = open_run(self.cfg, self.model_name, self.dist)
+        self.stop = StopSignal().__enter__()
+        self.logger = Logger(self.out, self.cfg.steps, enabled=self.dist.is_main, every=self.cfg.log_every)
+        return self
+
+    def start(self, info, **parts):
+        """The step to train from: `--resume` restores every part (model, ema, opt, batches, ...)
+        and the random state; a fresh run seeds each process with seed + rank (the weights are
+        already alike everywhere; the noise must differ)."""
+        self.info, self.parts = info, parts
+        if self.cfg.resume:
+            return resume(self.cfg, self.model_name, self.dist, **parts)
+        seed_everything(self.cfg.seed + self.dist.rank)
+        return 0
+
+    def steps(self, step, pictures=None):
+        """Yield step, step + 1, ..., cfg.steps - 1, checkpointing after each as the class says."""
+        cfg, dist = self.cfg, self.dist
+        start = self.step = step
+        self.logger.restart_clock()
+        while self.step < cfg.steps:
+            yield self.step
+            self.step += 1
+            stopping = dist.any(self.stop.requested)
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps or stopping:
+                self.checkpoint(None if stopping else pictures)
+            if stopping:
+                if dist.is_main:
+                    print(f"stopped at step {self.step}; {self.out / 'ckpt.pt'} saved; continue with --resume",
+                          flush=True)
+                return
+        if self.step == start:  # --steps 0, or nothing left to train: still a checkpoint
+            self.checkpoint(pictures)
+
+    def checkpoint(self, pictures=None):
+        """Save ckpt.pt (a collective), then draw `pictures(step)` on rank 0."""
+        with self.logger.paused():
+            save_training(self.out, self.model_name, self.step, self.cfg, self.info, self.dist, **self.parts)
+            if pictures is not None:
+                self.draw(pictures, self.step)
+
+    def draw(self, picture, *args):
+        """picture(*args) on rank 0 unless a stop was asked for; a signal stops it at once."""
+        if self.dist.is_main and not self.stop.requested:
+            with self.logger.paused(), self.stop.interruptible():
+                picture(*args)
+
+    def log(self, **metrics):
+        """Log the step just taken: tensors are averaged over the processes, and a non-finite
+        `loss` stops the run. Returns the logged values."""
+        values = {k: self.dist.mean(v) if torch.is_tensor(v) else v for k, v in metrics.items()}
+        if "loss" in values:
+            check_finite(values["loss"], self.step + 1)
+        self.logger.log(self.step + 1, self.cfg.batch_size, **values)
+        return values
+
+    def __exit__(self, kind, *exc):
+        self.stop.__exit__(kind, *exc)
+        if kind is None:
+            self.logger.close()
+            self.dist.close()
+        return False
+
+    def report(self, names):
+        """The last line of a training run: the files it wrote (rank 0)."""
+        if self.dist.is_main:
+            report_files(self.out, names)
 
 
 # ----------------------------------------------------------------------------------------
@@ -516,9 +626,11 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _build_parser(cls, presets, doc):
-    epilog = "presets (applied by --dataset before the flags you type):\n" + "\n".join(
-        f"  {name}: " + " ".join(f"{k}={_show(v)}" for k, v in p.items()) for name, p in presets.items())
+def _build_parser(cls, presets, doc, arch_presets):
+    tables = [("presets (applied by --dataset before the flags you type)", presets),
+              *((f"presets with --arch {arch}", table) for arch, table in arch_presets.items())]
+    epilog = "\n".join(f"{title}:\n" + "\n".join(f"  {name}: " + " ".join(f"{k}={_show(v)}" for k, v in p.items())
+                                                  for name, p in table.items()) for title, table in tables)
     parser = _Parser(description=(doc or "").strip().split("\n\n")[0], epilog=epilog,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(cls)

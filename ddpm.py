@@ -58,11 +58,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (EMA, Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range,
-                    density_on_grid, dispatch, entropy_estimate, flag, get_device, init_distributed,
-                    load_checkpoint, load_dataset, load_weights, open_run, output_dir, parse_config,
-                    report_files, resume, save_density, save_image_grid, save_scatter, save_training,
-                    saved_config, seed_everything, user_errors, wrap_ddp)
+from common import (Batches, EMA, Logger, RunConfig, Training, UserError, check_range, density_on_grid, dispatch,
+                    entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
+                    parse_config, report_files, save_density, save_image_grid, save_scatter, saved_config,
+                    seed_everything, user_errors, wrap_ddp)
 
 
 # ----------------------------------------------------------------------------------------
@@ -673,6 +672,12 @@ def check_config(cfg):
                         "multipliers, one per resolution, e.g. 1,2,2,2")
 
 
+def learning_rate(step, cfg):
+    """The learning rate of step `step` (0-based): linear warm-up over cfg.warmup steps, then
+    constant (Ho et al. 2020, App. B)."""
+    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+
+
 # ----------------------------------------------------------------------------------------
 # Data and pictures
 # ----------------------------------------------------------------------------------------
@@ -787,49 +792,37 @@ def build(cfg, info):
 def train(cfg):
     """Algorithm 1 of Ho et al. with Adam, warm-up, gradient clipping and an EMA of the weights;
     under torchrun every process trains on its slice of the global batch (DDP)."""
-    dist = init_distributed(cfg.device)
-    out = open_run(cfg, MODEL, dist)
-    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    info = ds.info
-    seed_everything(cfg.seed)
-    net, diffusion = build(cfg, info)
-    net.to(dist.device)
-    ema = EMA(net, cfg.ema_decay)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
-    if cfg.resume:
-        step = resume(cfg, MODEL, dist, model=net, ema=ema, opt=opt, batches=batches)
-    else:
-        step = 0
-        seed_everything(cfg.seed + dist.rank)  # the same initial weights everywhere, noise per process
-    start = step
-    model = wrap_ddp(net, dist, cfg.compile)
-    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
-    amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-    shape = (100 if cfg.cond else cfg.n_samples, *info.shape)
+    with Training(cfg, MODEL) as run:
+        ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        info = ds.info
+        seed_everything(cfg.seed)  # the same initial weights on every process
+        net, diffusion = build(cfg, info)
+        net.to(run.device)
+        ema = EMA(net, cfg.ema_decay)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        batches = Batches(ds, cfg.batch_size, run.dist, seed=cfg.seed)
+        step = run.start(info, model=net, ema=ema, opt=opt, batches=batches)
+        model = wrap_ddp(net, run.dist, cfg.compile)
+        amp = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+        shape = (100 if cfg.cond else cfg.n_samples, *info.shape)
 
-    def checkpoint_and_samples():
-        save_training(out, MODEL, step, cfg, info, dist, model=net, ema=ema, opt=opt, batches=batches)
-        if dist.is_main and not stop.requested:
-            with stop.interruptible():  # the checkpoint is whole: a signal may stop the pictures at once
-                g = torch.Generator(device=dist.device).manual_seed(cfg.seed)
-                x = diffusion.sample(ema.model, shape, sample_labels(shape[0], cfg, info, dist.device),
-                                     cfg.guidance, cfg.sample_steps, dist.device, g)
-                save_samples(x, out / f"samples_{step}.png", info)
+        def samples(step):
+            g = torch.Generator(device=run.device).manual_seed(cfg.seed)
+            x = diffusion.sample(ema.model, shape, sample_labels(shape[0], cfg, info, run.device), cfg.guidance,
+                                 cfg.sample_steps, run.device, g)
+            save_samples(x, run.out / f"samples_{step}.png", info)
 
-    with StopSignal() as stop:
-        if dist.is_main and step == 0:
-            with stop.interruptible():
-                x0 = to_model_space(ds.data[:1] if info.kind == "image" else ds.data[:cfg.n_samples], info)
-                forward_figure(diffusion, x0, out / "forward.png", info)
-        while step < cfg.steps:
+        if step == 0:
+            x0 = to_model_space(ds.data[:1] if info.kind == "image" else ds.data[:cfg.n_samples], info)
+            run.draw(forward_figure, diffusion, x0, run.out / "forward.png", info)
+        for step in run.steps(step, samples):
             x, y = next(batches)
             x0 = to_model_space(x, info)
             if cfg.flip:
                 x0 = torch.where(torch.rand(x0.shape[0], 1, 1, 1, device=x0.device) < 0.5, x0.flip(3), x0)
             y = drop_labels(y, cfg.p_uncond, info.num_classes) if cfg.cond else None
-            for group in opt.param_groups:  # linear warm-up (Ho et al. App. B)
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, cfg)
             with amp:
                 loss = diffusion.training_loss(model, x0, y).mean()
             opt.zero_grad(set_to_none=True)
@@ -838,26 +831,9 @@ def train(cfg):
                 torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             opt.step()
             ema.update(net)
-            step += 1
-            value = dist.mean(loss)
-            check_finite(value, step)
-            logger.log(step, cfg.batch_size, loss=value)
-            stopping = dist.any(stop.requested)
-            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                checkpoint_and_samples()
-            if stopping:
-                if dist.is_main:
-                    print(f"stopped at step {step}; {out / 'ckpt.pt'} saved; continue with --resume")
-                break
-        if step == start:  # --steps 0, or nothing left to train: still leave a checkpoint
-            checkpoint_and_samples()
-        if dist.is_main and not stop.requested:
-            with stop.interruptible():
-                reverse_figure(diffusion, ema.model, out / "reverse.png", info, cfg, dist.device)
-    logger.close()
-    dist.close()
-    if dist.is_main:
-        report_files(out, ["ckpt.pt", f"samples_{step}.png", "forward.png", "reverse.png", "loss.png"])
+            run.log(loss=loss)
+        run.draw(reverse_figure, diffusion, ema.model, run.out / "reverse.png", info, cfg, run.device)
+    run.report(["ckpt.pt", f"samples_{run.step}.png", "forward.png", "reverse.png", "loss.png"])
 
 
 def evaluate(cfg):

@@ -14,12 +14,36 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "bench"
 RESULTS = ROOT / "benchmarks" / "results"
-# in the README's family order: autoregressive, latent-variable, flows, diffusion and score, energy
-ALL_MODELS = ("pixelcnn", "gpt", "vae", "vqvae", "realnvp", "ffjord", "ddpm", "ddim", "score_sde", "ebm")
+# Every system a table has a row for: label -> (model file, training flags beyond the defaults),
+# in the README's family order: autoregressive, latent-variable, flows, diffusion and score, energy.
+# A system's checkpoint remembers its flags, so --eval and --sample need only the checkpoint.
+SYSTEMS = {
+    "pixelcnn": ("pixelcnn", []),
+    "gpt": ("gpt", []),
+    "vae": ("vae", []),
+    "vqvae": ("vqvae", []),
+    "realnvp": ("realnvp", []),
+    "ffjord": ("ffjord", []),
+    "ddpm": ("ddpm", []),
+    "ddim": ("ddim", []),
+    "score_sde": ("score_sde", []),
+    "ebm": ("ebm", []),
+}
 
 
-def present_models():
-    return [m for m in ALL_MODELS if (ROOT / f"{m}.py").exists()]
+def present_systems():
+    return [label for label, (model, _) in SYSTEMS.items() if (ROOT / f"{model}.py").exists()]
+
+
+def model_of(label):
+    """The model file that runs a system."""
+    return SYSTEMS[label][0]
+
+
+def shown(label):
+    """How a table names a system: `vae.py --posterior iaf`."""
+    model, flags = SYSTEMS[label]
+    return " ".join([f"`{model}.py`", *flags])
 
 
 class Unsupported(Exception):
@@ -54,20 +78,22 @@ def last_event(out, name):
     return events[-1]
 
 
-def train(model, dataset, steps, extra=(), fresh=False):
-    """Train `model` on `dataset` for `steps` (or reuse a finished run of the same command);
-    returns the run folder."""
-    out = RUNS / f"{model}-{dataset}-{steps}"
+def train(label, dataset, steps, extra=(), fresh=False):
+    """Train the system `label` on `dataset` for `steps` (or reuse a finished run of the same
+    command); returns the run folder."""
+    model, flags = SYSTEMS[label]
+    out = RUNS / f"{re.sub(r'[^A-Za-z0-9_.]+', '-', label)}-{dataset}-{steps}"
     ckpt = out / "ckpt.pt"
     stamp = out / "command.json"
-    command = {"model": model, "dataset": dataset, "steps": steps, "extra": list(map(str, extra))}
+    command = {"model": model, "dataset": dataset, "steps": steps, "extra": list(map(str, [*flags, *extra]))}
     if not fresh and ckpt.exists() and stamp.exists() and json.loads(stamp.read_text()) == command:
         return out
     out.mkdir(parents=True, exist_ok=True)
     for old in out.iterdir():
         if old.is_file():
             old.unlink()
-    run(model, ["--dataset", dataset, "--steps", steps, "--out", out, "--save-every", steps, *extra], out / "log.txt")
+    run(model, ["--dataset", dataset, "--steps", steps, "--out", out, "--save-every", steps, *flags, *extra],
+        out / "log.txt")
     stamp.write_text(json.dumps(command))
     return out
 

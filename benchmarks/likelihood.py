@@ -15,8 +15,8 @@ import sys
 
 import numpy as np
 
-from _runs import (RESULTS, ROOT, Unsupported, last_event, present_models, read_metrics, run, stamp, train,
-                   write_section)
+from _runs import (RESULTS, ROOT, Unsupported, last_event, model_of, present_systems, read_metrics, run, shown,
+                   stamp, train, write_section)
 
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
@@ -30,14 +30,14 @@ EVAL_FLAGS = {("vae", "points"): ["--k-eval", "1000"]}  # IWAE-1000 instead of I
 
 
 def evaluate(model, dataset, steps, fresh):
-    """(nll nats, bits/dim or None, run folder) of one model on one dataset, or None if refused.
+    """(nll nats, bits/dim or None, run folder) of one system on one dataset, or None if refused.
     A finished evaluation of the same training run is reused."""
     try:
         out = train(model, dataset, steps, ["--batch-size", BATCH[dataset]], fresh)
         if not any(r.get("event") == "eval" for r in read_metrics(out)) or not (out / "density.npz").exists() \
                 and dataset in POINTS:
-            flags = EVAL_FLAGS.get((model, "points" if dataset in POINTS else "image"), [])
-            run(model, ["--eval", out / "ckpt.pt", "--out", out, *flags], out / "log.txt")
+            flags = EVAL_FLAGS.get((model_of(model), "points" if dataset in POINTS else "image"), [])
+            run(model_of(model), ["--eval", out / "ckpt.pt", "--out", out, *flags], out / "log.txt")
     except Unsupported:
         return None
     e = last_event(out, "eval")
@@ -77,10 +77,10 @@ def figure(results, models, path):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--models", nargs="*", default=None)
+    p.add_argument("--models", nargs="*", default=None, help="systems (labels of _runs.SYSTEMS); default all")
     p.add_argument("--fresh", action="store_true")
     args = p.parse_args()
-    models = args.models or present_models()
+    models = args.models or present_systems()
     results = {}
     for m in models:
         for d in (*POINTS, "digits"):
@@ -96,7 +96,7 @@ def main():
         cells = [f"{results[(m, d)][0]:.3f}" if (m, d) in results else "n/a" for d in POINTS]
         dig = results.get((m, "digits"))
         cells.append(f"{dig[1]:.3f}" if dig and dig[1] is not None else "n/a")
-        lines.append(f"| `{m}.py` | " + " | ".join(cells) + " |")
+        lines.append(f"| {shown(m)} | " + " | ".join(cells) + " |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     figure(results, [m for m in models if any((m, d) in results for d in POINTS)], RESULTS / "likelihood_density.png")
     cmd = "python benchmarks/likelihood.py" + (f" --steps {args.steps}" if args.steps != 2000 else "")

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import torch
 
-from _runs import ROOT, Unsupported, present_models, run, stamp, train, write_section
+from _runs import ROOT, Unsupported, model_of, present_systems, run, shown, stamp, train, write_section
 from digits_classifier import load_classifier
 
 sys.path.insert(0, str(ROOT))
@@ -57,7 +57,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--models", nargs="*", default=None)
+    p.add_argument("--models", nargs="*", default=None, help="systems (labels of _runs.SYSTEMS); default all")
     p.add_argument("--fresh", action="store_true")
     args = p.parse_args()
     net, accuracy = load_classifier()
@@ -66,7 +66,7 @@ def main():
     g = torch.Generator().manual_seed(0)
     real = train_set.data[torch.randperm(len(train_set.data), generator=g)[: args.n]]
     rows = [f"| training images (floor) | {frechet_distance(features(net, real, 17), test_features):.2f} |"]
-    for m in args.models or present_models():
+    for m in args.models or present_systems():
         print(f"{m} ...", flush=True)
         try:
             out = train(m, "digits", args.steps, ["--batch-size", 64], args.fresh)
@@ -74,10 +74,10 @@ def main():
             continue
         samples = reused_samples(out, args.n)
         if samples is None:
-            run(m, ["--sample", out / "ckpt.pt", "--n-samples", args.n, "--out", out], out / "log.txt")
+            run(model_of(m), ["--sample", out / "ckpt.pt", "--n-samples", args.n, "--out", out], out / "log.txt")
             samples = torch.load(out / "samples.pt", weights_only=True)
         samples = samples.reshape(-1, 1, 8, 8)
-        rows.append(f"| `{m}.py` | {frechet_distance(features(net, samples, 17), test_features):.2f} |")
+        rows.append(f"| {shown(m)} | {frechet_distance(features(net, samples, 17), test_features):.2f} |")
     cmd = "python benchmarks/quality.py" + (f" --steps {args.steps}" if args.steps != 2000 else "")
     md = (f"### Sample quality on digits\n\nFrechet distance between classifier features of {args.n} samples and "
           f"of the 300 test images (lower is better), each model trained for {args.steps} steps at batch 64. "

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from _runs import ROOT, RUNS, Unsupported, last_event, present_models, read_metrics, run, stamp, write_section
+from _runs import (ROOT, RUNS, SYSTEMS, Unsupported, last_event, present_systems, read_metrics, run, shown, stamp,
+                   write_section)
 
 sys.path.insert(0, str(ROOT))
 
@@ -48,17 +49,18 @@ def matmul_flops_per_second(n=2048, repeats=10):
     return 2 * n**3 / best
 
 
-def flops_per_step(model, k=2):
-    """FLOPs of one training step of `model` on digits, counted in a fresh process."""
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import speed; print(speed._count({model!r}, {k}))"
+def flops_per_step(label, k=2):
+    """FLOPs of one training step of the system `label` on digits, counted in a fresh process."""
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import speed; print(speed._count({label!r}, {k}))"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     return float(r.stdout.strip().splitlines()[-1])
 
 
-def _count(model, k):
+def _count(label, k):
     # FlopCounterMode fails on weight-normalised modules run under inference_mode (torch 2.13), as
     # the samplers are; in this process only, no_grad stands in for it (the same FLOPs are done).
     torch.inference_mode = lambda mode=True: torch.no_grad()
+    model, flags = SYSTEMS[label]
     module = importlib.import_module(model)
     totals = []
     for steps in (k, 2 * k):
@@ -66,30 +68,31 @@ def _count(model, k):
                 contextlib.redirect_stdout(io.StringIO()):
             module.main(["--dataset", "digits", "--steps", str(steps), "--batch-size", str(BATCH), "--out", out,
                          "--n-samples", "1", "--save-every", "1000000", "--log-every", "1000000", "--device", "cpu",
-                         *STAGE_FLAGS.get(model, [])])
+                         *flags, *STAGE_FLAGS.get(model, [])])
         totals.append(counter.get_total_flops())
     return (totals[1] - totals[0]) / k
 
 
-def model_rows(models, steps, peak):
+def model_rows(labels, steps, peak):
     rows = []
-    for m in models:
-        print(f"{m} ...", flush=True)
-        out = RUNS / f"speed-{m}"
+    for label in labels:
+        print(f"{label} ...", flush=True)
+        model, flags = SYSTEMS[label]
+        out = RUNS / ("speed-" + "-".join(label.replace("--", "").split()))
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
         try:
-            run(m, ["--dataset", "digits", "--steps", steps, "--batch-size", BATCH, "--out", out, "--overwrite",
-                    "--log-every", steps // 2, "--save-every", steps, "--n-samples", 1, *STAGE_FLAGS.get(m, [])],
-                out / "log.txt")
+            run(model, ["--dataset", "digits", "--steps", steps, "--batch-size", BATCH, "--out", out, "--overwrite",
+                        "--log-every", steps // 2, "--save-every", steps, "--n-samples", 1, *flags,
+                        *STAGE_FLAGS.get(model, [])], out / "log.txt")
         except Unsupported:
             continue
         train_speed = [r["ex_per_s"] for r in read_metrics(out) if "step" in r][-1]
-        run(m, ["--sample", out / "ckpt.pt", "--n-samples", 64, "--out", out], out / "log.txt")
+        run(model, ["--sample", out / "ckpt.pt", "--n-samples", 64, "--out", out], out / "log.txt")
         sample = last_event(out, "sample")
-        flops = flops_per_step(m)
+        flops = flops_per_step(label)
         achieved = flops * train_speed / BATCH
-        name = " ".join([f"`{m}.py`", *STAGE_FLAGS.get(m, [])])
+        name = " ".join([shown(label), *STAGE_FLAGS.get(model, [])])
         rows.append(f"| {name} | {train_speed:.0f} | {sample['samples_per_s']:.2f} | {flops / BATCH / 1e6:.1f} | "
                     f"{achieved / 1e9:.2f} | {achieved / peak:.1%} |")
     return rows
@@ -119,7 +122,7 @@ def main():
     p.add_argument("--no-libraries", action="store_true")
     args = p.parse_args()
     peak = matmul_flops_per_second()
-    rows = model_rows(args.models or present_models(), args.steps, peak)
+    rows = model_rows(args.models or present_systems(), args.steps, peak)
     md = (f"### Speed\n\nOn digits at batch {BATCH}, CPU. The machine's float32 matrix multiply reaches "
           f"{peak / 1e9:.1f} GFLOP/s. Produced by {stamp('python benchmarks/speed.py')}.\n\n"
           "| model | train examples/s | samples/s | training MFLOP per example | achieved GFLOP/s | of matmul peak |\n"

@@ -1,11 +1,17 @@
-"""Test configuration: hypothesis profiles, the path to the project's root, and `without_common`,
-which runs a model file's mathematics with common.py replaced.
+"""Test configuration and the helpers every test file shares: hypothesis profiles, the project's
+root and its model files, `events` (a run's event lines), `run_main` (a model file's command line
+in this process), `torchrun` (a model file under torchrun), and `without_common`, which runs a
+model file's mathematics with common.py replaced.
 
 The `ci` profile (chosen when the CI environment variable is set) is derandomised, so every
 run draws the same examples, with few examples and no deadline: the whole suite stays within
 10 minutes on two cores. `dev` draws new examples each run, a few more of them.
 """
+import importlib
+import json
 import os
+import socket
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -21,6 +27,41 @@ settings.register_profile("ci", derandomize=True, max_examples=10, deadline=None
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+MODEL_FILES = sorted(p.stem for p in ROOT.glob("*.py") if p.stem in
+                     ("pixelcnn", "gpt", "vae", "vqvae", "ddpm", "ddim", "ebm", "score_sde", "realnvp", "ffjord"))
+
+
+def subprocess_env():
+    """The environment of a model file run as a program: one thread, the project importable."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def events(out, name=None):
+    """The event lines of <out>/metrics.jsonl (or of that file itself), those named `name` if given."""
+    path = out if str(out).endswith(".jsonl") else os.path.join(out, "metrics.jsonl")
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    return [r for r in lines if "event" in r and (name is None or r["event"] == name)]
+
+
+def run_main(model, argv):
+    """`<model>.main(argv)` in this process (no interpreter start-up); returns what it returns."""
+    return importlib.import_module(model).main([str(a) for a in argv])
+
+
+def torchrun(model, argv, nproc=2, timeout=300):
+    """`torchrun --nproc_per_node=nproc <model>.py argv` on gloo CPU processes; the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(ROOT / f"{model}.py"),
+                           *map(str, argv), "--device", "cpu"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(autouse=True)

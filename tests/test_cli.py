@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT
-from test_common import MODEL_FILES, _env
+from conftest import MODEL_FILES, ROOT, events, run_main, subprocess_env, torchrun
+
+_env = subprocess_env
 
 TINY = ["--dataset", "8gaussians", "--batch-size", "32", "--n-samples", "4"]
 
@@ -113,15 +114,47 @@ def test_user_mistakes_are_one_line_errors(model, tmp_path, capsys):
 def test_torchrun_two_gloo_processes(model, tmp_path):
     """The model file trains under torchrun with DistributedDataParallel on two CPU processes;
     only rank 0 writes the run folder."""
-    from test_common import _free_port
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(ROOT / f"{model}.py"), *TINY,
-                        "--steps", "3", "--log-every", "1", "--out", str(tmp_path), "--device", "cpu"],
-                       env=_env(), capture_output=True, text=True, timeout=300)
+    r = torchrun(model, [*TINY, "--steps", "3", "--log-every", "1", "--out", tmp_path])
     assert r.returncode == 0, r.stderr[-2000:]
     assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
     steps = [m["step"] for m in common._read_metrics(tmp_path / "metrics.jsonl") if "step" in m]
     assert steps == [1, 2, 3]  # one line a step: rank 1 wrote nothing
+
+
+def _same(a, b, where="ckpt"):
+    """Every tensor and number in two checkpoints' contents equal (recursively), bit for bit."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+RESUME_FLAGS = {"vqvae": ["--stage", "ae"]}  # --stage both splits --steps, so 2 + 2 would not be 4
+
+
+@pytest.mark.parametrize("model", MODEL_FILES)
+def test_resume_is_bit_exact(model, tmp_path):
+    """4 steps in one run, or 2 and then 2 more with --resume: the same weights, optimiser and
+    EMA states, random states and data stream, and the same losses logged for steps 3 and 4."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    flags = [*TINY, "--save-every", "2", "--log-every", "1", *RESUME_FLAGS.get(model, [])]
+    run_main(model, [*flags, "--out", a, "--steps", "4"])
+    run_main(model, [*flags, "--out", b, "--steps", "2"])
+    run_main(model, [*flags, "--out", b, "--steps", "4", "--resume"])
+    ca, cb = common.load_checkpoint(a / "ckpt.pt"), common.load_checkpoint(b / "ckpt.pt")
+    assert ca["step"] == cb["step"] == 4
+    _same({k: v for k, v in ca.items() if k != "config"}, {k: v for k, v in cb.items() if k != "config"})
+    loss = {d: {r["step"]: r["loss"] for r in common._read_metrics(d / "metrics.jsonl") if "loss" in r}
+            for d in (a, b)}
+    assert [loss[a][s] for s in (3, 4)] == [loss[b][s] for s in (3, 4)]
 
 
 # ----------------------------------------------------------------------------------------

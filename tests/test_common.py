@@ -31,14 +31,9 @@ from hypothesis import given, strategies as st
 
 import common
 from common import UserError
-from conftest import ROOT
+from conftest import MODEL_FILES, ROOT, free_port, subprocess_env
 
-MODEL_FILES = sorted(p.stem for p in ROOT.glob("*.py") if p.stem in
-                     ("pixelcnn", "gpt", "vae", "vqvae", "ddpm", "ddim", "ebm", "score_sde", "realnvp", "ffjord"))
-
-
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+_env = subprocess_env
 
 
 # ----------------------------------------------------------------------------------------
@@ -594,10 +589,7 @@ dist.close()
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = free_port
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path):

@@ -7,8 +7,7 @@ import inspect
 
 import pytest
 
-from conftest import ROOT
-from test_common import MODEL_FILES
+from conftest import MODEL_FILES, ROOT
 
 BANNERS = ("# Networks", "# Configuration", "# Data and pictures", "# Run code")
 RUN_CODE = (  # name, parameters (with defaults), in this order at the end of every file
