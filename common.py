@@ -132,9 +132,7 @@ class Dataset:
     sample: typing.Optional[typing.Callable] = None
 
 
-IMAGE_SETS = ("digits", "digits-binary", "mnist", "fashion-mnist", "cifar10")
 POINTS_LIM = 4.0  # every 2D set lies in [-4, 4]^2
-SPLITS = ("train", "test")
 
 
 def load_dataset(name, split="train", root=None):
@@ -877,7 +875,6 @@ class Dist:
     `mean`, `any` and `sum` are collectives every process must call."""
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -913,7 +910,7 @@ def init_distributed(device="auto"):
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return Dist(rank, world_size, local_rank, dev)
+    return Dist(rank, world_size, dev)
 
 
 def _all_reduce(tensors, dist, op):
@@ -948,12 +945,6 @@ def _leave_process_group(dist):
 
 # --- files: atomic writes that follow the umask, metrics lines
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write(path, write):
     """`write(f)` into a temporary file beside `path`, fsynced, given the mode open() would give,
     renamed over `path` (atomic on POSIX), and the rename made durable."""
@@ -964,7 +955,9 @@ def _atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -1111,6 +1104,10 @@ POINT_SETS = tuple(_POINT_SETS)
 _POINTS_N, _POINTS_SEED = 10_000, {"train": 1, "test": 2}
 
 
+IMAGE_SETS = ("digits", "digits-binary", "mnist", "fashion-mnist", "cifar10")
+SPLITS = ("train", "test")
+
+
 def _dataset_kind(name):
     """'image', 'points' or 'text' for a dataset name, without loading anything."""
     if name in IMAGE_SETS:
@@ -1145,11 +1142,8 @@ SOURCES = {
 
 def _data_root(root=None):
     """The download cache: `root`, else $GENMODELS_DATA, else <user cache>/genmodels."""
-    if root:
-        return Path(root)
-    if os.environ.get("GENMODELS_DATA"):
-        return Path(os.environ["GENMODELS_DATA"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "genmodels"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "genmodels"
+    return Path(root or os.environ.get("GENMODELS_DATA") or cache)
 
 
 class _BadTransfer(Exception):
