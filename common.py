@@ -1,8 +1,8 @@
 """Plumbing shared by the model files; no model mathematics lives here.
 
-Above the MACHINERY line is everything a model file's train(), evaluate(), draw_samples() and
-load() call; below it, what those rely on. A model file needs this file alone (plus data/ for
-`digits`). Every random number comes from torch, so checkpoints resume bit-exactly.
+Above the MACHINERY line: the configuration and all that a model file's train(), evaluate(),
+draw_samples() and load() call. Below it: the command line, run folders, checkpoint writing,
+processes, downloads and drawing. A model file needs this file alone (plus data/ for `digits`).
 """
 from __future__ import annotations
 
@@ -244,8 +244,8 @@ class Training:
         """Save ckpt.pt (a collective), then draw `pictures(step)` on rank 0; neither counts in examples/s."""
         with self.logger.paused():
             save_training(self.out, self.model_name, self.step, self.cfg, self.info, self.dist, **self.parts)
-            if pictures is not None:
-                self.draw(pictures, self.step)
+        if pictures is not None:
+            self.draw(pictures, self.step)
 
     def draw(self, picture, *args):
         """picture(*args) on rank 0 unless a stop was asked for; a stop signal interrupts it."""
@@ -310,7 +310,7 @@ class Logger:
         self.print_every = print_every if print_every is not None else (1.0 if sys.stdout.isatty() else 10.0)
         self.sums, self.counts, self.count, self.examples, self.step = {}, {}, 0, 0, None
         self.t_start = self.t_window = self.t_printed = time.perf_counter()
-        self.first_step, self._pauses = None, 0
+        self.first_step = None
 
     def log(self, step, n, **metrics):
         if not self.enabled:
@@ -334,14 +334,12 @@ class Logger:
     @contextmanager
     def paused(self):
         """Time inside counts neither in examples/s nor in the ETA."""
-        t0, self._pauses = time.perf_counter(), self._pauses + 1
+        t0 = time.perf_counter()
         try:
             yield
         finally:
-            self._pauses -= 1
-            if not self._pauses:  # the outermost pause moves the clocks once
-                dt = time.perf_counter() - t0
-                self.t_start, self.t_window = self.t_start + dt, self.t_window + dt
+            dt = time.perf_counter() - t0
+            self.t_start, self.t_window = self.t_start + dt, self.t_window + dt
 
     def event(self, name, **fields):
         if self.enabled:
@@ -705,7 +703,7 @@ def open_run(cfg, model, dist):
     path, error = _run_dir(cfg, model), None
     if dist.is_main:
         try:
-            _claim_run_folder(path, model, resuming=bool(cfg.resume), overwrite=cfg.overwrite)
+            _claim_run_folder(path, resuming=bool(cfg.resume), overwrite=cfg.overwrite)
         except UserError as e:
             error = e
     if dist.any(error is not None):
@@ -738,7 +736,7 @@ def _make_writable_dir(path):
         raise UserError(f"--out {path} cannot be used ({e.strerror}); give a folder you can write to") from None
 
 
-def _claim_run_folder(path, model, resuming, overwrite):
+def _claim_run_folder(path, resuming, overwrite):
     _make_writable_dir(path)
     _lock_run_folder(path)
     held = [n for n in _RUN_OUTPUTS if (path / n).exists()]
@@ -785,8 +783,8 @@ def save_checkpoint(path, state):
 
 
 def save_training(out, model_name, step, cfg, info, dist, /, **parts):
-    """<out>/ckpt.pt: model file, step, configuration, data description, every process's random
-    state and each part's state_dict(). A collective; rank 0 writes."""
+    """<out>/ckpt.pt: model file, step, configuration, data description, each part's state_dict()
+    and every process's torch generator states (all its randomness); a collective, rank 0 writes."""
     rng = _gather_rng_states(dist)
     if dist.is_main:
         save_checkpoint(Path(out) / "ckpt.pt", dict(
@@ -1127,7 +1125,8 @@ _MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
 SOURCES = {
     "mnist": {"urls": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
               "files": dict(zip(_MNIST_FILES, ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
-                                               "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c")))},
+                                               "9fb629c4189551a2d022fa330f9573f3",
+                                               "ec29112dd5afa0611ce80d1b7f02629c")))},
     "fashion-mnist": {"urls": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
                       "files": dict(zip(_MNIST_FILES, ("8d4fb7e6c68d591d4c3dfef9ec88bf0d",
                                                        "25c81989df183df01b3e8a0aad5dffbe",
