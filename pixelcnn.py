@@ -557,6 +557,10 @@ class PixelCNN(nn.Module):
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, y)
+        return self.head(h)
+
+    def head(self, h):
+        """The output layers (PixelRNN Sec. 3.4 / Table 1): ReLU, 1x1 mask B, ReLU, 1x1 mask B -> logits."""
         return self.out2(F.relu(self.out1(F.relu(h))))
 
 
@@ -761,10 +765,194 @@ class PixelCNNpp(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
+# Row LSTM (van den Oord, Kalchbrenner & Kavukcuoglu 2016, arXiv 1601.06759, Sec. 3.1)
+# ----------------------------------------------------------------------------------------
+
+def lstm_cell(gates, c_prev):
+    """[o, f, i, g] = [sigmoid, sigmoid, sigmoid, tanh](gates), c = f * c_prev + i * g,
+    h = o * tanh(c) (PixelRNN Eq. 3). gates (B, 4h, ...) with unit u's four gates at 4u .. 4u + 3
+    (gate_conv) -> (h, c), each (B, h, ...)."""
+    o, f, i = torch.sigmoid(gates[:, 0::4]), torch.sigmoid(gates[:, 1::4]), torch.sigmoid(gates[:, 2::4])
+    c = f * c_prev + i * torch.tanh(gates[:, 3::4])
+    return o * torch.tanh(c), c
+
+
+def gate_conv(c_in, h, kernel, colors):
+    """K^is: a mask-B convolution from c_in maps to the 4h gates, the four gates of unit u (maps
+    4u .. 4u + 3) masked as unit u of h maps, so that each unit lies in one colour group (Sec. 3.4)."""
+    conv = MaskedConv2d(c_in, 4 * h, kernel, "B", colors)
+    kh, kw = conv.kernel_size
+    conv.mask = causal_mask(h, c_in, kh, kw, (conv.pad[2], conv.pad[0]), "B", colors).repeat_interleave(4, 0)
+    return conv
+
+
+class RowLSTMLayer(nn.Module):
+    """A residual Row LSTM layer (PixelRNN Sec. 3.1, Sec. 3.4, Fig. 5): 2h maps in; the
+    input-to-state K^is, a k x 1 convolution over the row masked with mask B and the colour
+    groups, gives the 4h gates of every row at once; the state-to-state K^ss, an unmasked k x 1
+    convolution over the previous row's h_{i-1}, is added row by row, top to bottom (Eq. 3); a
+    1x1 mask-B convolution takes h back to 2h maps, added to the input. With num_classes > 0,
+    a per-class bias on the gates (Gated PixelCNN Eq. 4's bias, our placement)."""
+
+    def __init__(self, h, k, colors, num_classes=0):
+        super().__init__()
+        self.h = h
+        self.input_to_state = gate_conv(2 * h, h, (1, k), colors)  # over the row, up to the pixel
+        self.state_to_state = nn.Conv1d(h, 4 * h, k, padding=k // 2)          # over the row above
+        self.out = MaskedConv2d(h, 2 * h, 1, "B", colors)
+        self.cond = nn.Embedding(num_classes, 4 * h) if num_classes else None
+
+    def gates_from_input(self, x, y=None):
+        """K^is * x (+ the label's bias): (B, 2h, H', W) -> (B, 4h, H', W); no row is mixed."""
+        return self.input_to_state(x) + _label_bias(self.cond, y)
+
+    def step(self, gates_is, state):
+        """One row: gates_is (B, 4h, W) and state (h_{i-1}, c_{i-1}) -> (h_i, c_i), each (B, h, W)."""
+        h_prev, c_prev = state
+        return lstm_cell(gates_is + self.state_to_state(h_prev), c_prev)
+
+    def zero_state(self, x):
+        z = x.new_zeros(x.shape[0], self.h, x.shape[-1])
+        return z, z
+
+    def forward(self, x, y=None):
+        gates, state, hs = self.gates_from_input(x, y), self.zero_state(x), []
+        for i in range(x.shape[2]):
+            state = self.step(gates[:, :, i], state)
+            hs.append(state[0])
+        return x + self.out(torch.stack(hs, dim=2))
+
+
+class RowLSTM(PixelCNN):
+    """The Row LSTM PixelRNN (PixelRNN Sec. 3.1, Table 1): PixelCNN's k0 x k0 mask-A convolution
+    to 2h maps, n_layers residual RowLSTMLayers, PixelCNN's output layers and softmax. Its
+    receptive field is a triangle (Fig. 4): d rows above the pixel it reaches k0 // 2 + (d - 1)(k // 2)
+    columns to the right, on the pixel's own row k0 // 2 + n_layers (k // 2) pixels to the left;
+    the earlier pixels outside it (up-right, far left on the row) are not seen."""
+
+    def __init__(self, channels=1, levels=17, h=32, n_layers=4, kernel=3, first_kernel=7, out_hidden=128,
+                 num_classes=0):
+        super().__init__(channels, levels, h, 0, kernel, first_kernel, out_hidden, num_classes)
+        self.blocks = nn.ModuleList(RowLSTMLayer(h, kernel, channels, num_classes) for _ in range(n_layers))
+        self.field_rows = None  # the whole image above
+
+    def forward(self, x, y=None, row=None, cache=None):
+        """x (B, C, H, W) in [-1, 1] -> logits (B, C*L, H, W). With row=i, the logits of row i
+        alone, (B, C*L, 1, W), from the states (h, c) of row i - 1 of every layer, kept in `cache`
+        and carried one row down when the sampler moves on (a fresh cache runs rows 0 .. i - 1)."""
+        if row is None:
+            return super().forward(x, y)
+        cache = {} if cache is None else cache
+        if cache.get("row") != row:
+            done, states = cache.get("row"), cache.get("states")
+            if done is None or done > row:  # a fresh cache (or an earlier row): from the top
+                done, states = 0, [block.zero_state(x) for block in self.blocks]
+            for r in range(done, row):  # rows < i are final: carry their states down
+                states = self._row(x, y, r, states)[1]
+            cache.update(row=row, states=states)
+        return self._row(x, y, row, cache["states"])[0]
+
+    def _row(self, x, y, r, states):
+        """Row r through every layer from the states of row r - 1: (logits (B, C*L, 1, W), states of row r)."""
+        a = self.inp(x[:, :, max(0, r - self.inp.pad[2]):r + 1])[:, :, -1:]  # mask A: rows r - k0 // 2 .. r
+        new = []
+        for block, state in zip(self.blocks, states):
+            state = block.step(block.gates_from_input(a, y)[:, :, 0], state)
+            a = a + block.out(state[0].unsqueeze(2))
+            new.append(state)
+        return self.head(a), new
+
+
+# ----------------------------------------------------------------------------------------
+# Diagonal BiLSTM (van den Oord, Kalchbrenner & Kavukcuoglu 2016, arXiv 1601.06759, Sec. 3.2)
+# ----------------------------------------------------------------------------------------
+
+def skew(x):
+    """(B, C, H, W) -> (B, C, H, W + H - 1): row r moved right by r, so that the diagonals
+    become columns (PixelRNN Sec. 3.2, Fig. 3); zeros elsewhere. Pad each row to W + H, read the
+    flat rows with a stride one shorter."""
+    B, C, H, W = x.shape
+    flat = F.pad(x, (0, H)).flatten(2)[:, :, :H * (W + H - 1)]
+    return flat.reshape(B, C, H, W + H - 1)
+
+
+def unskew(s, W):
+    """The inverse of skew: (B, C, H, W + H - 1) -> (B, C, H, W), row r read from column r on."""
+    B, C, H, _ = s.shape
+    return F.pad(s.flatten(2), (0, H)).reshape(B, C, H, W + H)[..., :W]
+
+
+class DiagonalLSTM(nn.Module):
+    """One direction of the Diagonal BiLSTM (PixelRNN Sec. 3.2): on the skewed gates, column by
+    column left to right, the state-to-state K^ss is a 2 x 1 convolution over the previous
+    column's h (rows r - 1 and r), so the state at pixel (r, c) follows those at (r, c - 1) and
+    (r - 1, c): it sees every pixel (r', c') with r' <= r, c' <= c."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.h = h
+        self.state_to_state = nn.Conv1d(h, 4 * h, 2)
+
+    def forward(self, gates):
+        """gates (B, 4h, H, W) of K^is * x -> h (B, h, H, W)."""
+        B, _, H, W = gates.shape
+        g = skew(gates)
+        h = c = gates.new_zeros(B, self.h, H)
+        hs = []
+        for k in range(g.shape[-1]):
+            h, c = lstm_cell(g[..., k] + self.state_to_state(F.pad(h, (1, 0))), c)  # rows r - 1, r
+            hs.append(h)
+        return unskew(torch.stack(hs, dim=-1), W)
+
+
+class DiagonalBiLSTMLayer(nn.Module):
+    """A residual Diagonal BiLSTM layer (PixelRNN Sec. 3.2, Sec. 3.4, Table 1): from 2h maps, a
+    1x1 mask-B K^is per direction (the gates); the left-to-right DiagonalLSTM, and the same run
+    on the image mirrored left-right, whose output (it sees (r, c' >= c), the future) is shifted
+    down one row so that pixel (r, c) reads the state of (r - 1, c): r' < r, c' >= c. Their sum
+    sees every earlier pixel; a 1x1 mask-B convolution back to 2h maps, added to the input."""
+
+    def __init__(self, h, colors, num_classes=0):
+        super().__init__()
+        self.input_to_state = nn.ModuleList(gate_conv(2 * h, h, 1, colors) for _ in range(2))
+        self.lstm = nn.ModuleList(DiagonalLSTM(h) for _ in range(2))
+        self.out = MaskedConv2d(h, 2 * h, 1, "B", colors)
+        self.cond = nn.Embedding(num_classes, 8 * h) if num_classes else None
+
+    def forward(self, x, y=None):
+        bias = _label_bias(self.cond, y)
+        b_lr, b_rl = bias.chunk(2, dim=1) if torch.is_tensor(bias) else (bias, bias)
+        left_to_right = self.lstm[0](self.input_to_state[0](x) + b_lr)
+        right_to_left = self.lstm[1](self.input_to_state[1](x.flip(3)) + b_rl).flip(3)
+        return x + self.out(left_to_right + down_shift(right_to_left))
+
+
+class DiagonalBiLSTM(PixelCNN):
+    """The Diagonal BiLSTM PixelRNN (PixelRNN Sec. 3.2, Table 1): PixelCNN's k0 x k0 mask-A
+    convolution to 2h maps, n_layers residual DiagonalBiLSTMLayers, PixelCNN's output layers and
+    softmax. Each layer sees every earlier position (Fig. 4), so the network sees every earlier
+    pixel, but the last sub-pixel of the row above when it lies beyond the first layer's reach,
+    which no network with a mask-A first layer can see from further left (tests/test_pixelcnn.py)."""
+
+    def __init__(self, channels=1, levels=17, h=32, n_layers=4, first_kernel=7, out_hidden=128, num_classes=0):
+        super().__init__(channels, levels, h, 0, 3, first_kernel, out_hidden, num_classes)
+        self.blocks = nn.ModuleList(DiagonalBiLSTMLayer(h, channels, num_classes) for _ in range(n_layers))
+        self.field_rows = None  # the whole image above
+
+    def forward(self, x, y=None, row=None, cache=None):
+        """x (B, C, H, W) in [-1, 1] -> logits (B, C*L, H, W); with row=i, row i alone from the
+        rows 0 .. i (no row below reaches it; the states are recomputed, not carried)."""
+        if row is not None:
+            return super().forward(x[:, :, :row + 1], y)[:, :, -1:]
+        return super().forward(x, y)
+
+
+# ----------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------
 
-ARCHS = ("gated", "pixelcnn", "pixelcnn++")
+ARCHS = ("gated", "pixelcnn", "pixelcnn++", "rowlstm", "diagonal-bilstm")
+RNNS = ("rowlstm", "diagonal-bilstm")  # PixelRNN's recurrent networks
 
 
 @dataclasses.dataclass
@@ -777,15 +965,18 @@ class Config(RunConfig):
     save_every: int = flag(500, "steps between checkpoints and sample grids")
     # the network and its likelihood
     arch: str = flag("gated", "network: gated (Gated PixelCNN), pixelcnn (the plain masked stack, with its blind "
-                     "spot) or pixelcnn++; the likelihood follows it (a softmax over the levels, or PixelCNN++'s "
-                     "logistic mixture), and each architecture has its own presets (ARCH_PRESETS, README)",
-                     choices=ARCHS)
-    hidden: int = flag(32, "feature maps: p of the gated stacks, h of the plain residual blocks (2h between "
-                           "them), PixelCNN++'s filters; gated: a multiple of the colour channels")
-    layers: int = flag(6, "gated layers; residual blocks of the plain PixelCNN; PixelCNN++'s ResNet layers per stage")
-    kernel: int = flag(3, "kernel size (odd) of the gated and plain layers after the first")
-    first_kernel: int = flag(7, "kernel size (odd) of the first, mask-A layer (gated, plain)")
-    out_hidden: int = flag(128, "maps of the 1x1 layer before the softmax (gated, plain)")
+                     "spot), pixelcnn++, rowlstm or diagonal-bilstm (PixelRNN); the likelihood follows it (a "
+                     "softmax over the levels, or PixelCNN++'s logistic mixture), and each architecture has its "
+                     "own presets (ARCH_PRESETS)", choices=ARCHS)
+    hidden: int = flag(32, "feature maps: p of the gated stacks, h of the plain residual blocks and of the LSTM "
+                           "layers (2h between them), PixelCNN++'s filters; gated: a multiple of the colour "
+                           "channels")
+    layers: int = flag(6, "gated layers; residual blocks of the plain PixelCNN; LSTM layers; PixelCNN++'s ResNet "
+                          "layers per stage")
+    kernel: int = flag(3, "kernel size (odd) of the gated and plain layers after the first; k of the Row LSTM's "
+                          "k x 1 convolutions")
+    first_kernel: int = flag(7, "kernel size (odd) of the first, mask-A layer (gated, plain, LSTMs)")
+    out_hidden: int = flag(128, "maps of the 1x1 layer before the softmax (gated, plain, LSTMs)")
     n_mix: int = flag(5, "components of the discretized logistic mixture (pixelcnn++)")
     dropout: float = flag(0.0, "dropout in PixelCNN++'s ResNet layers (Salimans et al. Sec. 2.5; pixelcnn++ only)")
     cond: bool = flag(False, "class-conditional: a learned bias per class in every layer (Gated PixelCNN Eq. 4)")
@@ -859,6 +1050,28 @@ ARCH_PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 ARCH_PRESETS["pixelcnn++"]["fashion-mnist"] = ARCH_PRESETS["pixelcnn++"]["mnist"]
+# PixelRNN (van den Oord et al. 2016): the kernels are Table 1's (7x7 mask A first; Row LSTM 3 x 1
+# input-to-state and state-to-state; Diagonal BiLSTM 1x1 and 2 x 1); the depths and widths h are
+# those the issue cites from Sec. 5 (not checked against the paper's text here); the width of the
+# output layers, the optimiser and the number of steps are ours (the same as the PixelCNN's presets).
+_CIFAR10_RNN = dict(hidden=128, layers=12, kernel=3, first_kernel=7, out_hidden=1024, batch_size=64, lr=1e-3,
+                    warmup=1000, steps=200_000, ema_decay=0.9995, save_every=10_000, n_samples=16)
+ARCH_PRESETS["rowlstm"] = {
+    # ours: 4 Row LSTM layers of h = 32 on small images (digits: 8 rows)
+    "image": dict(hidden=32, layers=4, kernel=3, first_kernel=7, out_hidden=128),
+    # 12 layers of h = 128; published: Row LSTM 3.07 bits/dim. A GPU preset.
+    "cifar10": _CIFAR10_RNN,
+    "points": PRESETS["points"],
+}
+ARCH_PRESETS["diagonal-bilstm"] = {
+    "image": dict(hidden=32, layers=4, kernel=3, first_kernel=7, out_hidden=128),
+    # binarised MNIST, 7 layers of h = 16; published: 79.20 nats. Output width 64 and the optimiser are ours.
+    "mnist": dict(binarize=True, hidden=16, layers=7, kernel=3, first_kernel=7, out_hidden=64, batch_size=64,
+                  lr=1e-3, warmup=500, steps=50_000, ema_decay=0.9995, save_every=5000, n_samples=16),
+    # 12 layers of h = 128; published: Diagonal BiLSTM 3.00 bits/dim. A GPU preset.
+    "cifar10": _CIFAR10_RNN,
+    "points": PRESETS["points"],
+}
 
 
 def check_config(cfg):
@@ -877,6 +1090,9 @@ def check_config(cfg):
     check_range(cfg, "lr_decay", 0, 1, open_low=True)
     for name in ("beta1", "beta2", "ema_decay", "dropout"):
         check_range(cfg, name, 0, 1, open_high=True)
+    if cfg.arch == "diagonal-bilstm" and cfg.kernel != 3:
+        raise UserError(f"--kernel {cfg.kernel} is not used by --arch diagonal-bilstm (its convolutions are 1x1 "
+                        "and 2 x 1, PixelRNN Sec. 3.2); accepted: --kernel 3, or --arch rowlstm, gated or pixelcnn")
     if cfg.dropout and cfg.arch != "pixelcnn++":
         raise UserError(f"--dropout {cfg.dropout} is PixelCNN++'s (Salimans et al. Sec. 2.5); accepted: "
                         "--arch pixelcnn++, or --dropout 0")
@@ -1025,9 +1241,11 @@ def build(cfg, info):
         accepted = f"a multiple of {C}" if cfg.arch == "gated" else f"at least {C}"
         raise UserError(f"--hidden {cfg.hidden} does not split into {C} colour groups (PixelRNN Sec. 3.4); "
                         f"accepted: {accepted}")
-    network = GatedPixelCNN if cfg.arch == "gated" else PixelCNN
-    return network(C, model_levels(cfg, info), cfg.hidden, cfg.layers, cfg.kernel, cfg.first_kernel, cfg.out_hidden,
-                   classes)
+    levels = model_levels(cfg, info)
+    if cfg.arch == "diagonal-bilstm":
+        return DiagonalBiLSTM(C, levels, cfg.hidden, cfg.layers, cfg.first_kernel, cfg.out_hidden, classes)
+    network = {"gated": GatedPixelCNN, "pixelcnn": PixelCNN, "rowlstm": RowLSTM}[cfg.arch]
+    return network(C, levels, cfg.hidden, cfg.layers, cfg.kernel, cfg.first_kernel, cfg.out_hidden, classes)
 
 
 def train(cfg):
