@@ -69,8 +69,6 @@ a conditional network; model(x, y, row=i, cache=dict) returns row i alone, (B, P
 what the fast sampler calls. P = C * L for the softmax (channel c's logits at c*L .. c*L+L-1) and
 K (1 + 2C + C(C-1)/2) for a K-component mixture.
 """
-from __future__ import annotations
-
 import dataclasses
 import math
 import time
@@ -94,15 +92,14 @@ LOG_SCALE_MIN = -7.0  # floor of a logistic's log-scale, as the official PixelCN
 # Masked convolutions
 # ----------------------------------------------------------------------------------------
 
-def channel_groups(n: int, colors: int) -> torch.Tensor:
+def channel_groups(n, colors):
     """The colour group (0 = R, 1 = G, 2 = B) of each of n feature maps: the maps are split into
     `colors` contiguous groups of near-equal size, as PixelRNN Sec. 3.4 splits the maps of every
     layer into one group per colour. (n,) int64."""
     return torch.arange(n) * colors // n
 
 
-def causal_mask(c_out: int, c_in: int, kh: int, kw: int, centre: tuple[int, int], mask_type: str,
-                colors: int) -> torch.Tensor:
+def causal_mask(c_out, c_in, kh, kw, centre, mask_type, colors):
     """The 0/1 mask (c_out, c_in, kh, kw) of a masked convolution (PixelRNN Sec. 3.4, Fig. 2).
 
     The tap `centre` sits on the output's own pixel. Taps before it in raster order (rows above,
@@ -133,8 +130,7 @@ class MaskedConv2d(nn.Conv2d):
     the arguments); the masked weights are stored and counted, and stay zero in effect.
     """
 
-    def __init__(self, c_in: int, c_out: int, kernel_size, mask_type: str, colors: int = 1,
-                 centre: tuple[int, int] | None = None):
+    def __init__(self, c_in, c_out, kernel_size, mask_type, colors=1, centre=None):
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
         super().__init__(c_in, c_out, (kh, kw))
         ci, cj = centre if centre is not None else (kh // 2, kw // 2)
@@ -150,14 +146,14 @@ class MaskedConv2d(nn.Conv2d):
 # Gated activation units and the two stacks
 # ----------------------------------------------------------------------------------------
 
-def gate(x: torch.Tensor) -> torch.Tensor:
+def gate(x):
     """y = tanh(W_f * x) * sigmoid(W_g * x) (Gated PixelCNN Eq. 2), on the 2p pre-activations x
     (B, 2p, H, W) -> (B, p, H, W). f and g are interleaved (f_k = x[2k], g_k = x[2k+1]) so that
     each pair falls in one colour group of channel_groups (p a multiple of the colours)."""
     return torch.tanh(x[:, 0::2]) * torch.sigmoid(x[:, 1::2])
 
 
-def _label_bias(emb: nn.Embedding | None, y: torch.Tensor | None) -> torch.Tensor | float:
+def _label_bias(emb, y):
     """V^T h for a one-hot h: the row of the label's embedding, shaped (B, C, 1, 1) (Eq. 4)."""
     if emb is None:
         return 0.0
@@ -179,7 +175,7 @@ class GatedBlock(nn.Module):
     per class (Eq. 4).
     """
 
-    def __init__(self, c_in: int, p: int, k: int, mask_type: str, colors: int = 1, num_classes: int = 0):
+    def __init__(self, c_in, p, k, mask_type, colors=1, num_classes=0):
         super().__init__()
         if p % colors:
             raise ValueError(f"hidden width {p} is not a multiple of the {colors} colour channels")
@@ -213,7 +209,7 @@ class GatedBlock(nn.Module):
 # Likelihoods
 # ----------------------------------------------------------------------------------------
 
-def bin_centre(x: torch.Tensor, levels: int) -> torch.Tensor:
+def bin_centre(x, levels):
     """Integer levels 0..L-1 -> the centres c_x = 2x / (L - 1) - 1 of L bins of width 2 / (L - 1)
     tiling [-1 - d, 1 + d], d = 1 / (L - 1): the networks' input and the grid of Salimans Eq. 2
     (their x +- 0.5 on 0..255 is c_x +- d here)."""
@@ -222,7 +218,7 @@ def bin_centre(x: torch.Tensor, levels: int) -> torch.Tensor:
     return 2.0 * x / (levels - 1) - 1.0
 
 
-def categorical_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def categorical_log_prob(logits, x):
     """log p(x_{i,c} | x_<(i,c)) under a softmax over the L levels of each sub-pixel (PixelRNN
     Sec. 2.2). logits (B, C*L, H, W), channel c's logits at c*L .. c*L + L - 1; x (B, C, H, W)
     integer levels -> (B, C, H, W) in nats, at least float32."""
@@ -234,8 +230,7 @@ def categorical_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return logp.gather(2, x.long().unsqueeze(2)).squeeze(2)
 
 
-def discretized_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor,
-                                  levels: int) -> torch.Tensor:
+def discretized_logistic_log_prob(x, mean, log_scale, levels):
     """log P(x) for a logistic(mean, s = e^log_scale) integrated over the bin of level x
     (Salimans et al. 2017, Eq. 2, one component), elementwise.
 
@@ -265,14 +260,14 @@ def discretized_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale
     return torch.where(x == 0, log_cdf_a, torch.where(x == levels - 1, log_sf_b, interior))
 
 
-def mixture_channels(colors: int, n_mix: int) -> int:
+def mixture_channels(colors, n_mix):
     """Output maps of a K-component mixture over C channels: K (1 + 2C + C(C-1)/2) (mixture
     logits; a mean and a log-scale per channel; one coefficient per earlier channel); 10 K for RGB
     (Salimans et al. Sec. 2.2)."""
     return n_mix * (1 + 2 * colors + colors * (colors - 1) // 2)
 
 
-def unpack_mixture(out: torch.Tensor, colors: int):
+def unpack_mixture(out, colors):
     """Split the network's output (B, P, *spatial) into the mixture's parameters.
 
     Layout along dim 1: K mixture logits, then C*K means, C*K log-scales and C(C-1)/2 * K
@@ -305,7 +300,7 @@ def _channel_mean(mean, coeff, values, c):
     return m
 
 
-def logistic_mixture_log_prob(out: torch.Tensor, x: torch.Tensor, levels: int) -> torch.Tensor:
+def logistic_mixture_log_prob(out, x, levels):
     """Per-sub-pixel conditional log-probabilities under PixelCNN++'s discretized logistic mixture
     (Salimans et al. 2017, Eq. 2 with the channel dependencies of Sec. 2.2).
 
@@ -327,7 +322,7 @@ def logistic_mixture_log_prob(out: torch.Tensor, x: torch.Tensor, levels: int) -
     return torch.cat([upto[:, :1], upto[:, 1:] - upto[:, :-1]], dim=1)
 
 
-def log_prob(out: torch.Tensor, x: torch.Tensor, levels: int, likelihood: str) -> torch.Tensor:
+def log_prob(out, x, levels, likelihood):
     """log p(x_{i,c} | everything before it in raster order, R -> G -> B within a pixel), the
     factors of the chain rule p(x) = prod p(x_{i,c} | x_<(i,c)) (Gated PixelCNN Eq. 1), from the
     network's output: (B, C, H, W) in nats."""
@@ -341,7 +336,7 @@ def log_prob(out: torch.Tensor, x: torch.Tensor, levels: int, likelihood: str) -
     raise ValueError(f"likelihood {likelihood!r} is not accepted; use one of {LIKELIHOODS}")
 
 
-def nll(model, x: torch.Tensor, levels: int, likelihood: str, y: torch.Tensor | None = None) -> torch.Tensor:
+def nll(model, x, levels, likelihood, y=None):
     """-log p(x) = -sum over sub-pixels of log p(x_{i,c} | x_<(i,c)): the exact NLL of the integer
     levels x (B, C, H, W), per example in nats, (B,), from one network evaluation (the masks make
     every conditional available at once)."""
@@ -349,7 +344,7 @@ def nll(model, x: torch.Tensor, levels: int, likelihood: str, y: torch.Tensor | 
     return -log_prob(out, x, levels, likelihood).flatten(1).sum(1)
 
 
-def bits_per_dim(nll_nats, num_dims: int):
+def bits_per_dim(nll_nats, num_dims):
     """Bits per sub-pixel: nll / (D ln 2), D = C*H*W.
 
     The likelihoods are distributions over the L integer levels themselves (no dequantisation
@@ -363,17 +358,17 @@ def bits_per_dim(nll_nats, num_dims: int):
 # Sampling
 # ----------------------------------------------------------------------------------------
 
-def _dtype_of(model) -> torch.dtype:
+def _dtype_of(model):
     p = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     return p.dtype if p is not None and p.is_floating_point() else torch.get_default_dtype()
 
 
-def _device_of(model) -> torch.device:
+def _device_of(model):
     p = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     return p.device if p is not None else torch.device("cpu")
 
 
-def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_categorical(logits, generator=None):
     """One draw per row of logits (n, L) by the inverse CDF of the softmax: the number of
     cumulative probabilities <= u, u ~ U[0, total). One uniform per row, whatever the logits, so
     two samplers fed the same generator consume it alike. The cumulative sums are in float64
@@ -387,8 +382,7 @@ def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None =
     return (cdf <= u * cdf[..., -1:]).sum(-1).clamp(max=p.shape[-1] - 1)
 
 
-def sample_mixture_pixel(out: torch.Tensor, levels: int, colors: int,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_mixture_pixel(out, levels, colors, generator=None):
     """Draw whole pixels from the discretized logistic mixture: out (n, P) -> levels (n, C).
 
     k ~ softmax(logits); then for c = R, G, B in turn: z ~ logistic(mean_c, s_c) by the inverse
@@ -415,9 +409,9 @@ def sample_mixture_pixel(out: torch.Tensor, levels: int, colors: int,
 
 
 @torch.inference_mode()
-def sample(model, n: int, shape, levels: int, likelihood: str = "categorical", y: torch.Tensor | None = None,
-           x: torch.Tensor | None = None, start: int = 0, fast: bool = True,
-           generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+def sample(model, n, shape, levels, likelihood="categorical", y=None,
+           x=None, start=0, fast=True,
+           generator=None, device=None):
     """Ancestral sampling in raster order: n images (n, C, H, W) of integer levels (uint8).
 
     Pixel by pixel, left to right, top to bottom; within a pixel R, then G, then B. One network
@@ -455,7 +449,7 @@ def sample(model, n: int, shape, levels: int, likelihood: str = "categorical", y
     if y is not None:
         y = y.to(device)
     inp = bin_centre(x.to(_dtype_of(model)), levels)
-    cache: dict = {}
+    cache = {}
 
     def output_row(i):  # the network's output at row i, (n, P, W)
         if fast:
@@ -479,12 +473,12 @@ def sample(model, n: int, shape, levels: int, likelihood: str = "categorical", y
 # 2D points as a 1 x 2 image of bins (ours, as gpt.py does with two tokens)
 # ----------------------------------------------------------------------------------------
 
-def bin_width(lim: float, bins: int) -> float:
+def bin_width(lim, bins):
     """Width w = 2 lim / bins of a coordinate's bin over [-lim, lim]."""
     return 2 * lim / bins
 
 
-def point_levels(x: torch.Tensor, lim: float, bins: int) -> torch.Tensor:
+def point_levels(x, lim, bins):
     """Points (B, 2) -> a 1 x 2 image of bin indices (B, 1, 1, 2): x's bin, then y's, so the
     raster order is p(x bin) p(y bin | x bin). Points outside the square fall in the edge bins."""
     if x.ndim != 2 or x.shape[1] != 2:
@@ -492,7 +486,7 @@ def point_levels(x: torch.Tensor, lim: float, bins: int) -> torch.Tensor:
     return torch.floor((x + lim) / bin_width(lim, bins)).long().clamp(0, bins - 1).view(-1, 1, 1, 2)
 
 
-def levels_to_points(levels: torch.Tensor, lim: float, bins: int, generator: torch.Generator | None = None):
+def levels_to_points(levels, lim, bins, generator=None):
     """Bin images (B, 1, 1, 2) -> points (B, 2) drawn uniformly inside their bin's square: a
     sample of the piecewise-uniform density whose log is points_log_prob."""
     b = levels.reshape(-1, 2).to(torch.float32)
@@ -500,7 +494,7 @@ def levels_to_points(levels: torch.Tensor, lim: float, bins: int, generator: tor
     return (b + u) * bin_width(lim, bins) - lim
 
 
-def points_log_prob(model, x: torch.Tensor, lim: float, bins: int, likelihood: str = "categorical") -> torch.Tensor:
+def points_log_prob(model, x, lim, bins, likelihood="categorical"):
     """log p(x) of points (B, 2) under the piecewise-uniform density: the model's probability of
     the pair of bins spread evenly over their square of area w^2, so
     log p(x) = -nll(bins) - 2 log w: the continuous NLL is the discrete NLL + 2 log w. (B,) nats."""
@@ -517,7 +511,7 @@ class ResidualBlock(nn.Module):
     num_classes > 0, a per-class bias after the k x k convolution (Gated PixelCNN Eq. 4's bias,
     our placement)."""
 
-    def __init__(self, h: int, k: int, colors: int, num_classes: int = 0):
+    def __init__(self, h, k, colors, num_classes=0):
         super().__init__()
         self.conv1 = MaskedConv2d(2 * h, h, 1, "B", colors)
         self.conv2 = MaskedConv2d(h, h, k, "B", colors)
@@ -538,8 +532,8 @@ class PixelCNN(nn.Module):
 
     likelihood = "categorical"
 
-    def __init__(self, channels: int = 1, levels: int = 17, h: int = 32, n_blocks: int = 5,
-                 kernel: int = 3, first_kernel: int = 7, out_hidden: int = 128, num_classes: int = 0):
+    def __init__(self, channels=1, levels=17, h=32, n_blocks=5,
+                 kernel=3, first_kernel=7, out_hidden=128, num_classes=0):
         super().__init__()
         self.channels, self.levels, self.num_classes = channels, levels, num_classes
         self.inp = MaskedConv2d(channels, 2 * h, first_kernel, "A", channels)
@@ -572,8 +566,8 @@ class GatedPixelCNN(nn.Module):
 
     likelihood = "categorical"
 
-    def __init__(self, channels: int = 1, levels: int = 17, p: int = 32, n_layers: int = 6,
-                 kernel: int = 3, first_kernel: int = 7, out_hidden: int = 128, num_classes: int = 0):
+    def __init__(self, channels=1, levels=17, p=32, n_layers=6,
+                 kernel=3, first_kernel=7, out_hidden=128, num_classes=0):
         super().__init__()
         self.channels, self.levels, self.num_classes = channels, levels, num_classes
         self.blocks = nn.ModuleList(
@@ -613,7 +607,7 @@ class GatedPixelCNN(nn.Module):
 
 # PixelCNN++ (Salimans et al. 2017, Sec. 2.3-2.5; the layer shapes follow the official code).
 
-def _wn(module: nn.Module, dim: int = 0) -> nn.Module:
+def _wn(module, dim=0):
     """Weight normalisation w = g v / ||v|| per output map (Salimans & Kingma 2016), used on every
     layer of the official PixelCNN++ code (its data-dependent initialisation is not reproduced)."""
     return nn.utils.parametrizations.weight_norm(module, dim=dim)
@@ -671,7 +665,7 @@ class GatedResnet(nn.Module):
     of concat_elu(a), the short-cut input, Sec. 2.4]; dropout on concat_elu(c1) (Sec. 2.5);
     c2 = conv(.) to 2F maps [+ a per-class bias]; x + c2_a * sigmoid(c2_b)."""
 
-    def __init__(self, F_: int, right: bool, aux: int = 0, dropout: float = 0.0, num_classes: int = 0):
+    def __init__(self, F_, right, aux=0, dropout=0.0, num_classes=0):
         super().__init__()
         kernel = (2, 2) if right else (2, 3)
         self.conv1 = ShiftedConv2d(2 * F_, F_, kernel, right=right)
@@ -706,8 +700,7 @@ class PixelCNNpp(nn.Module):
 
     likelihood = "mixture"
 
-    def __init__(self, channels: int = 3, nr_filters: int = 160, nr_resnet: int = 5, n_mix: int = 10,
-                 dropout: float = 0.5, num_classes: int = 0):
+    def __init__(self, channels=3, nr_filters=160, nr_resnet=5, n_mix=10, dropout=0.5, num_classes=0):
         super().__init__()
         F_, c_in = nr_filters, channels + 1
         self.channels, self.num_classes = channels, num_classes
@@ -1003,7 +996,7 @@ class Config(RunConfig):
 # Presets: {dataset or kind: Config fields}; parse_config applies PRESETS[dataset], else PRESETS[kind].
 # The training recipes of the softmax networks are ours: the papers' optimisers are not stated in
 # what we could check. Parameter counts are tested (tests/test_pixelcnn.py).
-PRESETS: dict[str, dict] = {
+PRESETS = {
     # The Config defaults: 6 gated layers of 32 maps, 122,001 parameters on digits.
     "digits": dict(),
     "digits-binary": dict(),
@@ -1021,7 +1014,7 @@ PRESETS: dict[str, dict] = {
 }
 PRESETS["fashion-mnist"] = PRESETS["mnist"]
 
-ARCH_PRESETS: dict[str, dict[str, dict]] = {
+ARCH_PRESETS = {
     "gated": PRESETS,
     "pixelcnn": {
         # 5 residual blocks of h = 32 (2h = 64 maps between them): 80,913 parameters on digits.
