@@ -1,50 +1,39 @@
 """GPT and image GPT: autoregressive transformers for text, pixels and 2D points.
 
 Papers
-  Vaswani et al. 2017, Attention Is All You Need, arXiv 1706.03762 (attention, Eq. 1).
-  Radford et al. 2018, Improving Language Understanding by Generative Pre-Training (GPT; OpenAI
-    report, no arXiv id): the decoder-only language model, Eq. 1-2, tied input/output embeddings.
-  Radford et al. 2019, Language Models are Unsupervised Multitask Learners (GPT-2; OpenAI report,
-    no arXiv id): Eq. 1, pre-LayerNorm blocks, final LayerNorm, residual init 1/sqrt(N) (Sec. 2.3).
-  Chen et al. 2020, Generative Pretraining from Pixels (iGPT; ICML 2020, no arXiv id): the same
-    model on pixels in raster order with a reduced colour palette, Eq. 1-2.
-  Holtzman et al. 2020, The Curious Case of Neural Text Degeneration, arXiv 1904.09751 (top-p);
-  Fan et al. 2018, Hierarchical Neural Story Generation, arXiv 1805.04833 (top-k).
-
-What is implemented
-  The GPT-2 network (learned positions, pre-LN blocks, causal attention through
-  scaled_dot_product_attention, tanh-GELU MLP, tied output layer, GPT-2 initialisation); the exact
-  likelihood by the chain rule; a batched sampler with a key-value cache, temperature, top-k and
-  top-p; training with AdamW (decay on matrices only), warm-up + cosine learning rate, gradient
-  clipping, bf16 autocast (--amp) and torch.compile (--compile), single process or torchrun/DDP.
-  Data: images as one token per pixel in raster order (iGPT), character-level text, and 2D points
-  as two tokens (x bin, y bin) whose piecewise-uniform density gives a continuous NLL.
-  `--arch gpt2` gives GPT-2 small's shape (12 layers, 12 heads, 768 wide, context 1024) over the
-  dataset's preset; the flags typed still win.
-  Not implemented: BPE tokenisation (text is character level, so --arch gpt2 is the GPT-2
-  architecture, not its tokenizer or weights), iGPT's k-means palette (we use uniform bit
-  truncation, stated below), iGPT's BERT objective, linear probes and fine-tuning.
+  Vaswani et al. 2017, "Attention Is All You Need", arXiv 1706.03762 (attention, Eq. 1).
+  Radford et al. 2018 (GPT) and 2019 (GPT-2), OpenAI reports, no arXiv ids: the decoder-only
+    language model, tied embeddings, pre-LayerNorm blocks and the 1/sqrt(N) residual init.
+  Chen et al. 2020, "Generative Pretraining from Pixels" (iGPT, ICML 2020, no arXiv id): pixels in
+    raster order, one token per pixel, the k-means colour palette (Sec. 3.1).
+  Fan et al. 2018, arXiv 1805.04833 (top-k); Holtzman et al. 2020, arXiv 1904.09751 (top-p).
+Implemented: the GPT-2 network (--arch gpt2: GPT-2 small's shape), the exact likelihood, a batched
+sampler with a key-value cache, temperature, top-k and top-p; AdamW, warm-up + cosine, clipping,
+bf16 (--amp), torch.compile, DDP. Images one token per pixel: a uniform palette (the top
+--image-bits bits of each channel; digits' 17 levels exactly) or --palette kmeans (k = 512 centres
+fitted once on training pixels; the NLL is then the palette tokens', not bits/dim of the pixels);
+character-level text; 2D points as two bin tokens with a piecewise-uniform density.
+Not implemented: BPE tokenisation or GPT-2's weights, iGPT's BERT objective, linear probes,
+fine-tuning.
 
 Run it
-  python gpt.py                                   # image GPT on 8x8 digits (17 grey levels)
-  python gpt.py --dataset shakespeare             # character GPT, nanoGPT's shakespeare-char setting
-  python gpt.py --dataset shakespeare --arch gpt2 # GPT-2 small's shape on characters (a GPU run)
-  python gpt.py --eval runs/gpt-digits/ckpt.pt    # exact test NLL, bits/dim (or bits/char)
-  python gpt.py --sample runs/gpt-digits/ckpt.pt --n-samples 64 --top-p 0.9
+  python gpt.py [--dataset shakespeare|cifar10] [--arch gpt2] [--palette kmeans]
+  python gpt.py --sample runs/gpt-digits/ckpt.pt --top-p 0.9      # samples, completions
+  python gpt.py --eval runs/gpt-digits/ckpt.pt                     # exact test NLL, bits/dim (or /char)
 
-Paper -> code
-  Vaswani Eq. 1, softmax(QK^T/sqrt(d_k))V, causal  causal_attention (KVCache for sampling)
-  Chen Sec. 2.1 raster order, Sec. 3.2 palette     image_tokens, tokens_to_image, image_levels
-  piecewise-uniform density on bins (ours)         point_tokens, tokens_to_points, points_log_prob
-  Radford 2019 Eq. 1 / Chen Eq. 1, chain rule      nll (exact, per sequence, nats), bits_per_dim
-  Radford 2018 Eq. 1 / Chen Eq. 2, L_AR            sequence_loss
-  Holtzman Eq. 2-3 / Fan et al. top-k              top_p_filter / top_k_filter, sample_next, generate
-  Radford 2018 Sec. 4.1 (warm-up + cosine, L2 on   learning_rate, configure_optimizer
-    non-bias/gain weights)
-  Vaswani Sec. 3.2.2, multi-head attention         CausalSelfAttention
-  Radford 2018 Eq. 2, h_0 = U W_e + W_p,           GPT.forward (token + position embeddings,
-    P(u) = softmax(h_n W_e^T)                        output layer tied to W_e)
-  Radford 2019 Sec. 2.3, pre-LN + final LN, init   Block, GPT._init_weights
+Map (u_t the tokens, h the residual stream)
+  Vaswani Eq. 1                 softmax(Q K^T / sqrt(d_k) + causal mask) V        causal_attention, KVCache
+  Vaswani Sec. 3.2.2            multi-head, W^O                                   CausalSelfAttention
+  Radford 2018 Eq. 2            h_0 = U W_e + W_p, P(u) = softmax(h_n W_e^T)      GPT.forward
+  Radford 2019 Sec. 2.3         pre-LN blocks, final LN, W ~ N(0, 0.02/sqrt(2n))  Block, GPT._init_weights
+  Radford 2019 Eq. 1, Chen Eq. 1  log p(u) = sum_t log p(u_t | u_<t)              nll, bits_per_dim
+  Radford 2018 Eq. 1, Chen Eq. 2  L_AR = E[-log p(u)] / T                         sequence_loss
+  Chen Sec. 2.1, 3.2            raster order, token = sum_c q_c Q^(C-1-c)        image_tokens, tokens_to_image
+  Chen Sec. 3.1 (k-means)       tok(x) = argmin_k ||x - mu_k||^2, Lloyd's steps   nearest_centre, fit_palette
+  Fan et al., Holtzman Eq. 2-3  top-k, nucleus V(p), renormalised softmax         top_k_filter, top_p_filter
+  autoregressive sampling       u_t ~ p(u_t | u_<t), cached keys and values       generate, sample_next
+  Radford 2018 Sec. 4.1         warm-up + cosine, decay on matrices only          learning_rate, configure_optimizer
+  2D points (ours)              log p(x) = log P(bins) - 2 log w                  points_log_prob
 """
 import dataclasses
 import math
@@ -60,7 +49,9 @@ from common import (Batches, Logger, RunConfig, Training, UserError, check_range
                     save_density, save_image_grid, save_scatter, saved_config, seed_everything, user_errors,
                     wrap_ddp)
 
-# --- attention (Vaswani et al. 2017) and its key-value cache
+# ----------------------------------------------------------------------------------------
+# Attention (Vaswani et al. 2017) and its key-value cache
+# ----------------------------------------------------------------------------------------
 
 
 def causal_attention(q, k, v, dropout_p=0.0):
@@ -105,7 +96,9 @@ class KVCache:
         self.length = 0
 
 
-# --- data as token sequences (Chen et al. 2020 for pixels; bins for 2D points)
+# ----------------------------------------------------------------------------------------
+# Data as token sequences (Chen et al. 2020 for pixels; bins for 2D points)
+# ----------------------------------------------------------------------------------------
 
 
 def image_levels(levels, channels, bits):
@@ -145,7 +138,9 @@ def tokens_to_image(tok, shape, qlevels):
     return q.view(-1, C, H, W).to(torch.uint8)
 
 
-# --- the k-means colour palette (Chen et al. 2020, Sec. 3.1)
+# ----------------------------------------------------------------------------------------
+# The k-means colour palette (Chen et al. 2020, Sec. 3.1)
+# ----------------------------------------------------------------------------------------
 
 
 def nearest_centre(x, centres, chunk=16384):
@@ -238,7 +233,9 @@ def text_windows(data, T):
     return data[starts[:, None] + torch.arange(T + 1)]
 
 
-# --- the likelihood by the chain rule, and the training objective
+# ----------------------------------------------------------------------------------------
+# The likelihood by the chain rule, and the training objective
+# ----------------------------------------------------------------------------------------
 
 
 def nll(net, idx):
@@ -283,7 +280,9 @@ def dataset_nll(net, seqs, batch_size=256):
     return torch.cat([nll(net, seqs[i:i + batch_size].to(device)).cpu() for i in range(0, len(seqs), batch_size)])
 
 
-# --- sampling: filters (Fan et al. 2018; Holtzman et al. 2020) and the batched sampler
+# ----------------------------------------------------------------------------------------
+# Sampling: filters (Fan et al. 2018; Holtzman et al. 2020) and the batched sampler
+# ----------------------------------------------------------------------------------------
 
 
 def top_k_filter(logits, k):
@@ -362,7 +361,9 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, 
     return idx
 
 
-# --- the optimiser (Radford et al. 2018, Sec. 4.1)
+# ----------------------------------------------------------------------------------------
+# The optimiser (Radford et al. 2018, Sec. 4.1)
+# ----------------------------------------------------------------------------------------
 
 
 def configure_optimizer(net, lr, betas=(0.9, 0.99), weight_decay=0.1):

@@ -1,73 +1,42 @@
-"""PixelCNN, Gated PixelCNN and PixelCNN++: autoregressive image models with an exact likelihood.
+"""PixelCNN, PixelRNN (Row LSTM, Diagonal BiLSTM), Gated PixelCNN, PixelCNN++: autoregressive image models.
 
 Papers
-  van den Oord, Kalchbrenner & Kavukcuoglu 2016, "Pixel Recurrent Neural Networks", arXiv 1601.06759
-    (PixelRNN): pixels as discrete variables with a softmax (Sec. 2.2), masked convolutions with
-    masks A and B and the R -> G -> B order of the sub-pixels of a pixel (Sec. 3.4, Fig. 2), the
-    PixelCNN, a stack of masked convolutions (Sec. 3.5) with residual blocks (Fig. 5).
-  van den Oord, Kalchbrenner, Vinyals, Espeholt, Graves & Kavukcuoglu 2016, "Conditional Image
-    Generation with PixelCNN Decoders", arXiv 1606.05328 (Gated PixelCNN): the gated activation
-    (Eq. 2), vertical and horizontal stacks that remove the blind spot (Sec. 2.2, Fig. 2), the
-    class-conditional bias (Eq. 4).
-  Salimans, Karpathy, Chen & Kingma 2017, "PixelCNN++: Improving the PixelCNN with Discretized
-    Logistic Mixture Likelihood and Other Modifications", arXiv 1701.05517: the discretized
-    logistic mixture (Eq. 2) over whole pixels with linear channel dependencies (Sec. 2.2),
-    down/up-sampling (Sec. 2.3), short-cut connections (Sec. 2.4), dropout (Sec. 2.5); where the
-    paper is silent, its official code (github.com/openai/pixel-cnn, pixel_cnn_pp/ and train.py).
-
-Implemented
-  MaskedConv2d with masks A and B and the colour-group channel masks; the plain PixelCNN (masked
-  convolutions only, with its blind spot); the Gated PixelCNN with vertical and horizontal stacks,
-  the vertical-to-horizontal link, gated units and a class-conditional bias; PixelCNN++ (shifted
-  convolutions, two streams, three resolutions with short-cuts, concat-ELU gated ResNet layers,
-  dropout, weight normalisation, class-conditional bias) with its 53.7M-parameter CIFAR-10 shape
-  and the official code's optimiser; two likelihoods per example in nats, both normalised over the
-  discrete levels: a softmax over the L levels of each sub-pixel, and the discretized logistic
-  mixture over whole pixels with its channel dependencies, computed accurately in the far tails;
-  bits/dim; a batched raster-order sampler with image completion (the top half given) and a fast
-  path that recomputes only what a new sub-pixel changes; class-conditional training and sampling
-  (--cond); binarised images (--binarize); 2D points as a 1 x 2 "image" of bins (ours, below).
-  Not implemented: PixelRNN's Row LSTM and Diagonal BiLSTM and its multi-scale model; the Gated
-  PixelCNN's location-dependent conditioning (Eq. 5) and its use as an auto-encoder decoder;
-  PixelCNN++'s data-dependent initialisation and its energy-distance variant; Ramachandran et
-  al.'s per-layer caches (arXiv 1704.06001), so PixelCNN++ samples only somewhat faster than naively.
+  van den Oord, Kalchbrenner & Kavukcuoglu 2016, "Pixel Recurrent Neural Networks", arXiv 1601.06759:
+    the softmax over levels, masks A/B with R -> G -> B, the PixelCNN, Row LSTM, Diagonal BiLSTM.
+  van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders", arXiv 1606.05328.
+  Salimans, Karpathy, Chen & Kingma 2017, "PixelCNN++", arXiv 1701.05517; where it is silent, its
+    official code (github.com/openai/pixel-cnn).
+Implemented: every network above with its likelihood (a softmax over the L levels of each sub-pixel,
+or PixelCNN++'s discretized logistic mixture over whole pixels), the exact NLL in nats and bits/dim
+of the discrete data (no dequantisation), a batched raster-order sampler with image completion and a
+fast path (the Gated stacks' vertical stack once per row, the Row LSTM's states carried row by row),
+class-conditional biases (--cond), binarised images (--binarize), 2D points as a 1 x 2 image of bins.
+Not implemented: PixelRNN's multi-scale model, the Gated PixelCNN's location-dependent conditioning
+and decoder use, PixelCNN++'s data-dependent initialisation, per-layer sampling caches (1704.06001).
 
 Run it
-  python pixelcnn.py                                          # Gated PixelCNN on 8x8 digits, CPU minutes
-  python pixelcnn.py --sample runs/pixelcnn-digits/ckpt.pt    # samples and completions
-  python pixelcnn.py --eval runs/pixelcnn-digits/ckpt.pt      # test-set NLL, bits/dim
-  python pixelcnn.py --cond                                   # class-conditional
-  python pixelcnn.py --arch pixelcnn                          # the plain masked stack (blind spot)
-  python pixelcnn.py --dataset mnist --binarize               # binarised MNIST (nats per image)
-  python pixelcnn.py --dataset cifar10                        # Gated PixelCNN, 256-way softmax
-  python pixelcnn.py --dataset cifar10 --arch pixelcnn++      # PixelCNN++, logistic mixture
-  python pixelcnn.py --dataset 8gaussians                     # 2D points as two binned coordinates
+  python pixelcnn.py [--arch rowlstm|diagonal-bilstm|pixelcnn|pixelcnn++] [--dataset cifar10]
+  python pixelcnn.py --sample runs/pixelcnn-digits/ckpt.pt      # samples and completions
+  python pixelcnn.py --eval runs/pixelcnn-digits/ckpt.pt        # test NLL, bits/dim
 
-Data: images are integer levels x in {0..L-1} (uint8, (B, C, H, W)). The networks see the bin
-centres bin_centre(x) = 2x / (L - 1) - 1 in [-1, 1]; the likelihoods take the integer levels and
-are distributions over them, so bits/dim are of the discrete data (no dequantisation, no offset).
-2D points (ours, as gpt.py does): each coordinate falls in one of `bins` bins over [-lim, lim],
-and the point is a 1 x 2 image of bins (x, then y) with L = bins; spreading a bin pair's
-probability uniformly over its square gives a density, log p(x) = log P(bins) - 2 log w.
+Map (x_i a sub-pixel in raster order, R -> G -> B; c_x = 2x / (L - 1) - 1 the bin centre)
+  chain rule, Oord Eq. 1           p(x) = prod_i p(x_i | x_<i)                 log_prob, nll, bits_per_dim
+  softmax, Oord Sec. 2.2           p(x_i = l | .) = softmax(logits_i)_l         categorical_log_prob
+  masks, Oord Sec. 3.4, Fig. 2     A: g_in < g_out, B: g_in <= g_out at centre   causal_mask, MaskedConv2d
+  PixelCNN, Oord Sec. 3.5, Fig. 5  7x7 A, residual (1x1, kxk B, 1x1), 2 x 1x1   PixelCNN, ResidualBlock
+  LSTM, Oord Eq. 3                 c = f*c' + i*g, h = o*tanh(c)                 lstm_cell, gate_conv
+  Row LSTM, Oord Sec. 3.1          gates = K^ss (*) h_{i-1} + K^is (*) x_i       RowLSTMLayer, RowLSTM
+  Diagonal BiLSTM, Oord Sec. 3.2   skew, column LSTM, R-to-L shifted down a row  skew, DiagonalBiLSTM
+  Gated PixelCNN Eq. 2, 4          tanh(W_f*x + V_f h) * sigmoid(W_g*x + V_g h)  gate, GatedBlock
+  Salimans Eq. 2, Sec. 2.2         sum_k pi_k prod_c [s((c_x+d-mu)/s) - s((c_x-d-mu)/s)]
+                                                                                 logistic_mixture_log_prob
+  Salimans Sec. 2.3-2.5            two streams, 3 resolutions, short-cuts        PixelCNNpp, GatedResnet
+  ancestral sampling               x_i ~ p(x_i | x_<i), one pass per sub-pixel   sample
+  2D points (ours)                 log p(x) = log P(bins) - 2 log w              points_log_prob
 
-Map from the papers to the names below
-  PixelRNN Sec. 3.4, Fig. 2 (masks A, B; R -> G -> B)    causal_mask, channel_groups, MaskedConv2d
-  PixelRNN Sec. 2.2 (softmax over the levels)            categorical_log_prob
-  PixelRNN Sec. 3.5, Fig. 5 (PixelCNN, residual block)   PixelCNN, ResidualBlock
-  Gated PixelCNN Eq. 2 (tanh(W_f*x) * sigmoid(W_g*x))    gate
-  Gated PixelCNN Sec. 2.2, Fig. 2 (two stacks, link)     GatedBlock.vertical, GatedBlock.horizontal
-  Gated PixelCNN Eq. 4 (class-conditional bias)          GatedBlock (v_cond, h_cond), ResidualBlock.cond
-  Salimans Eq. 2 (discretized logistic, open edges)      discretized_logistic_log_prob
-  Salimans Eq. 2 + Sec. 2.2 (mixture, channel means)     unpack_mixture, logistic_mixture_log_prob
-  chain rule p(x) = prod_i p(x_i | x_<i) (Oord Eq. 1)    log_prob, nll, bits_per_dim
-  raster-order ancestral sampling                        sample, sample_categorical, sample_mixture_pixel
-  piecewise-uniform density on bins (ours)               point_levels, levels_to_points, points_log_prob
-  Salimans Sec. 2.3-2.5, official code (network)         PixelCNNpp, GatedResnet, ShiftedConv2d, ShiftedDeconv2d
-
-The networks are called as model(x, y=None) -> out (B, P, H, W), x in [-1, 1], y (B,) labels for
-a conditional network; model(x, y, row=i, cache=dict) returns row i alone, (B, P, 1, W), and is
-what the fast sampler calls. P = C * L for the softmax (channel c's logits at c*L .. c*L+L-1) and
-K (1 + 2C + C(C-1)/2) for a K-component mixture.
+Networks are called model(x, y=None) -> (B, P, H, W), x in [-1, 1] (y: labels); model(x, y, row=i,
+cache=dict) returns row i alone, what the fast sampler calls. P = C * L for the softmax (channel c's
+logits at c*L .. c*L+L-1) and K (1 + 2C + C(C-1)/2) for a K-component mixture.
 """
 import dataclasses
 import math
@@ -78,11 +47,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (EMA, Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range,
-                    density_on_grid, dispatch, entropy_estimate, flag, get_device, init_distributed,
-                    load_checkpoint, load_dataset, load_weights, open_run, output_dir, parse_config,
-                    report_files, resume, save_density, save_image_grid, save_scatter, save_training,
-                    saved_config, seed_everything, user_errors, wrap_ddp)
+from common import (EMA, Batches, Logger, RunConfig, Training, UserError, check_range, density_on_grid, dispatch,
+                    entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
+                    parse_config, report_files, save_density, save_image_grid, save_scatter, saved_config,
+                    seed_everything, user_errors, wrap_ddp)
 
 LIKELIHOODS = ("categorical", "mixture")
 LOG_SCALE_MIN = -7.0  # floor of a logistic's log-scale, as the official PixelCNN++ code
@@ -344,14 +312,9 @@ def nll(model, x, levels, likelihood, y=None):
     return -log_prob(out, x, levels, likelihood).flatten(1).sum(1)
 
 
-def bits_per_dim(nll_nats, num_dims):
-    """Bits per sub-pixel: nll / (D ln 2), D = C*H*W.
-
-    The likelihoods are distributions over the L integer levels themselves (no dequantisation
-    noise, no density, hence no -D log(bin width) offset and no scaling term), so this is the
-    discrete NLL in bits the papers report for 8-bit data; for digits it is of the 17-level data.
-    """
-    return nll_nats / (num_dims * math.log(2))
+def bits_per_dim(nats, dims):
+    """Nats per example -> bits per dimension: nats / (dims ln 2)."""
+    return nats / (dims * math.log(2))
 
 
 # ----------------------------------------------------------------------------------------
@@ -605,7 +568,7 @@ class GatedPixelCNN(nn.Module):
         return self.out2(F.relu(self.out1(F.relu(h))))
 
 
-# PixelCNN++ (Salimans et al. 2017, Sec. 2.3-2.5; the layer shapes follow the official code).
+# --- PixelCNN++ (Salimans et al. 2017, Sec. 2.3-2.5; the layer shapes follow the official code)
 
 def _wn(module, dim=0):
     """Weight normalisation w = g v / ||v|| per output map (Salimans & Kingma 2016), used on every
@@ -1032,12 +995,17 @@ ARCH_PRESETS = {
         "mnist": dict(hidden=64, layers=5, n_mix=5, dropout=0.5, batch_size=64, lr=1e-3, beta1=0.95, beta2=0.9995,
                       warmup=0, schedule="exponential", lr_decay=0.99999, ema_decay=0.9995, steps=100_000,
                       save_every=5000, n_samples=16),
-        # The official code's CIFAR-10 model and recipe (openai/pixel-cnn train.py): 160 filters, 5
-        # ResNet layers per stage, 10 components, dropout 0.5 (53,659,080 parameters); batch 96 (12 on
-        # each of 8 GPUs), Adam (0.95, 0.9995), lr 1e-3 times 0.999995 every step, Polyak averaging
-        # 0.9995, no warm-up (it has a data-dependent initialisation, not reproduced here). The number
-        # of steps is ours (its README: about 5 days on 8 GPUs to 2.92 bits/dim).
-        "cifar10": dict(hidden=160, layers=5, n_mix=10, dropout=0.5, batch_size=96, lr=1e-3, beta1=0.95,
+        # CIFAR-10, each value's source: the paper (Salimans et al. 2017) for the discretized logistic
+        # mixture, the three resolutions, short-cuts and dropout; the official code (openai/pixel-cnn,
+        # train.py in its final, archived version, and pixel_cnn_pp/) for every number: 160 filters
+        # (--nr_filters), 5 ResNet layers per stage (--nr_resnet), 10 components (--nr_logistic_mix),
+        # dropout 0.5 (--dropout_p), batch 128 = 16 per GPU (--batch_size) x 8 GPUs (--nr_gpu) (an
+        # earlier train.py had 12 per GPU, 96), Adam betas (0.95, 0.9995) (its adam_updates call), lr
+        # 1e-3 (--learning_rate) times 0.999995 before every update (--lr_decay), Polyak averaging 0.9995
+        # (--polyak_decay); no warm-up (it has a data-dependent initialisation, not reproduced here).
+        # 53,659,080 parameters. Ours: the number of steps (its README: about 5 days on 8 GPUs to
+        # 2.92 bits/dim), the checkpoint cadence and the samples drawn.
+        "cifar10": dict(hidden=160, layers=5, n_mix=10, dropout=0.5, batch_size=128, lr=1e-3, beta1=0.95,
                         beta2=0.9995, warmup=0, schedule="exponential", lr_decay=0.999995, ema_decay=0.9995,
                         steps=1_000_000, save_every=10_000, n_samples=16),
     },
@@ -1045,8 +1013,8 @@ ARCH_PRESETS = {
 ARCH_PRESETS["pixelcnn++"]["fashion-mnist"] = ARCH_PRESETS["pixelcnn++"]["mnist"]
 # PixelRNN (van den Oord et al. 2016): the kernels are Table 1's (7x7 mask A first; Row LSTM 3 x 1
 # input-to-state and state-to-state; Diagonal BiLSTM 1x1 and 2 x 1); the depths and widths h are
-# those the issue cites from Sec. 5 (not checked against the paper's text here); the width of the
-# output layers, the optimiser and the number of steps are ours (the same as the PixelCNN's presets).
+# Sec. 5's as commonly cited (not re-checked against the paper's text here); the width of the output
+# layers, the optimiser and the number of steps are ours (the same as the PixelCNN's presets).
 _CIFAR10_RNN = dict(hidden=128, layers=12, kernel=3, first_kernel=7, out_hidden=1024, batch_size=64, lr=1e-3,
                     warmup=1000, steps=200_000, ema_decay=0.9995, save_every=10_000, n_samples=16)
 ARCH_PRESETS["rowlstm"] = {
@@ -1093,8 +1061,9 @@ def check_config(cfg):
 
 def learning_rate(step, cfg):
     """The learning rate of step `step` (0-based): linear warm-up over --warmup steps, then the
-    cosine decay to --min-lr at --decay-steps (or --steps), or lr * lr_decay^(step + 1) as the
-    official PixelCNN++ code multiplies before every update, or constant."""
+    cosine decay to --min-lr at --decay-steps (or --steps) (Loshchilov & Hutter 2017, arXiv
+    1608.03983, Eq. 5), or lr * lr_decay^(step + 1) as the official PixelCNN++ code multiplies
+    before every update, or constant."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.schedule == "exponential":
@@ -1245,29 +1214,24 @@ def train(cfg):
     """Maximum likelihood: the exact NLL of each training batch (one network evaluation, the masks
     give every conditional at once) with Adam and an EMA of the weights; under torchrun every
     process trains on its slice of the global batch (DDP)."""
-    dist = init_distributed(cfg.device)
-    out = open_run(cfg, MODEL, dist)
-    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    info = ds.info
-    seed_everything(cfg.seed)  # the same initial weights on every process
-    net = build(cfg, info).to(dist.device)
-    ema = EMA(net, cfg.ema_decay)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
-    if cfg.resume:
-        step = resume(cfg, MODEL, dist, model=net, ema=ema, opt=opt, batches=batches)
-    else:
-        step = 0
-        seed_everything(cfg.seed + dist.rank)  # dropout differs between processes
-    start = step
-    model = wrap_ddp(net, dist, cfg.compile)  # DDP over the processes, then torch.compile
-    test = load_dataset(cfg.dataset, "test", cfg.data_dir) if info.kind == "image" else None  # completions
-    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
-    levels, dims = model_levels(cfg, info), math.prod(image_shape(info))
-    amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-    fast = not cfg.naive_sampler
-    with StopSignal() as stop:
-        while step < cfg.steps:
+    with Training(cfg, MODEL) as run:
+        ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        info = ds.info
+        seed_everything(cfg.seed)  # the same initial weights on every process
+        net = build(cfg, info).to(run.device)
+        ema = EMA(net, cfg.ema_decay)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        batches = Batches(ds, cfg.batch_size, run.dist, seed=cfg.seed)
+        step = run.start(info, model=net, ema=ema, opt=opt, batches=batches)
+        model = wrap_ddp(net, run.dist, cfg.compile)
+        test = load_dataset(cfg.dataset, "test", cfg.data_dir) if info.kind == "image" else None  # completions
+        levels, dims = model_levels(cfg, info), math.prod(image_shape(info))
+        amp = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+
+        def pictures(step):
+            write_pictures(ema.model, cfg, info, run.out, step, run.logger, test, fast=not cfg.naive_sampler)
+
+        for step in run.steps(step, pictures):
             lr = learning_rate(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -1281,30 +1245,9 @@ def train(cfg):
                 torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             opt.step()
             ema.update(net)
-            step += 1
-            value = dist.mean(loss)
-            check_finite(value, step)
-            bits = {"bits_per_dim": value / math.log(2)} if info.kind == "image" else {}
-            logger.log(step, cfg.batch_size, loss=value, **bits, lr=lr)
-            stopping = dist.any(stop.requested)
-            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                save_training(out, MODEL, step, cfg, info, dist, model=net, ema=ema, opt=opt, batches=batches)
-                if dist.is_main and not stopping:  # asked to stop: no pictures, say how to continue
-                    with stop.interruptible():  # a signal now stops at once; the checkpoint is whole
-                        write_pictures(ema.model, cfg, info, out, step, logger, test, fast)
-            if stopping:
-                if dist.is_main:
-                    print(f"stopped at step {step}; continue with --resume", flush=True)
-                break
-        if step == start:  # --steps 0, or nothing left to train: still a checkpoint
-            save_training(out, MODEL, step, cfg, info, dist, model=net, ema=ema, opt=opt, batches=batches)
-            if dist.is_main:
-                with stop.interruptible():
-                    write_pictures(ema.model, cfg, info, out, step, logger, test, fast)
-    logger.close()
-    dist.close()
-    if dist.is_main:
-        report_files(out, ["ckpt.pt", f"samples_{step}.png", f"completion_{step}.png", "metrics.jsonl", "loss.png"])
+            bits = {"bits_per_dim": loss / math.log(2)} if info.kind == "image" else {}
+            run.log(loss=loss, **bits, lr=lr)
+    run.report(["ckpt.pt", f"samples_{run.step}.png", f"completion_{run.step}.png", "metrics.jsonl", "loss.png"])
 
 
 def evaluate(cfg):
@@ -1374,11 +1317,9 @@ def load(path, device="cpu"):
 
 def main(argv=None):
     """Train (default), or --eval CKPT, or --sample CKPT; a user's mistake exits with one line.
-    The presets are the architecture's: PRESETS for the Gated PixelCNN, ARCH_PRESETS[--arch] else."""
+    The presets are the architecture's: ARCH_PRESETS[--arch] (PRESETS for the Gated PixelCNN)."""
     with user_errors():
-        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
-        if cfg.arch != "gated":
-            cfg = parse_config(Config, ARCH_PRESETS[cfg.arch], argv, doc=__doc__, kinds=("image", "points"))
+        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"), arch_presets=ARCH_PRESETS)
         check_config(cfg)
         return dispatch(cfg, train, evaluate, draw_samples)
 
