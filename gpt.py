@@ -239,12 +239,8 @@ def text_windows(data, T):
 
 
 def nll(net, idx):
-    """-log p(idx_1 .. idx_{T-1} | idx_0) = -sum_t log p(idx_t | idx_<t) in nats, per sequence (B,).
-
-    The chain rule of Radford et al. 2019, Eq. 1 and Chen et al. 2020, Eq. 1, exact: each factor is
-    the softmax of the logits at position t-1. With a start token as idx_0 this is -log p(data).
-    net: (B, T-1) -> logits (B, T-1, V), causal.
-    """
+    """-log p(idx_1 .. idx_{T-1} | idx_0) = -sum_t log p(idx_t | idx_<t) in nats per sequence (B,), the
+    chain rule (Radford et al. 2019, Eq. 1; Chen et al. 2020, Eq. 1); net (B, T-1) -> logits, causal."""
     logits = net(idx[:, :-1])
     logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # fp32 at least
     return -logp.gather(-1, idx[:, 1:, None]).squeeze(-1).sum(1)
@@ -319,21 +315,16 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None):
-    """Autoregressive sampling, batched, on the model's device: idx (B, T0) -> (B, T0 + max_new_tokens).
-
-    With use_cache each step feeds one token and reads the keys and values of the others from a
-    KVCache; without it each step recomputes the whole context. Both see the same context: once
-    the text outgrows the learned positions (block_size), the window jumps forward to keep the
-    last block_size // 2 tokens (re-encoded, the cache rebuilt), so every token is predicted from
-    at least half a context, and the cached and the uncached sampler draw the same tokens.
-    Runs under inference_mode; the result is an ordinary tensor (usable with autograd).
-    """
+    """u_t ~ p(u_t | u_<t) for t = T0 .. T0 + max_new_tokens - 1, batched: idx (B, T0) -> (B, T0 +
+    max_new_tokens); with use_cache the keys and values come from a KVCache (the same tokens)."""
     with torch.inference_mode():
         out = _generate(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
-    return out.clone()
+    return out.clone()  # an ordinary tensor (inference tensors refuse autograd)
 
 
 def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator):
+    # past the learned positions the window jumps to keep the last block_size // 2 tokens (re-encoded,
+    # the cache rebuilt): every token has at least half a context, cached or not
     block = model.config.block_size
     keep = max(1, block // 2)
     was_training = model.training
@@ -908,7 +899,8 @@ def evaluate(cfg):
     """--eval CKPT: the exact test-set likelihood, nats per image (bits/dim; with --palette kmeans
     the palette tokens' NLL, bits per token), per character (bits/char) or per point (with
     density.npz and density.png)."""
-    net, saved, info, palette = load(cfg.eval, get_device(cfg.device))
+    net, saved, info = load(cfg.eval, get_device(cfg.device))
+    palette = load_palette(cfg.eval, next(net.parameters()).device)
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir or saved.data_dir)
     logger = Logger(out, 0)
@@ -948,7 +940,8 @@ def draw_samples(cfg):
     """--sample CKPT: samples.png (or samples.txt) and samples.pt, completions of test images, and a
     "sample" event with samples per second. The sampling flags are the ones typed now; the way data
     becomes tokens is the checkpoint's."""
-    net, saved, info, palette = load(cfg.sample, get_device(cfg.device))
+    net, saved, info = load(cfg.sample, get_device(cfg.device))
+    palette = load_palette(cfg.sample, next(net.parameters()).device)
     out = output_dir(cfg, cfg.sample)
     cfg = dataclasses.replace(cfg, **{name: getattr(saved, name) for name in DATA_FLAGS})
     logger = Logger(out, 0)
@@ -965,14 +958,18 @@ def draw_samples(cfg):
 
 
 def load(path, device="cpu"):
-    """(network in evaluation mode on `device`, its Config, its DataInfo, the k-means palette's
-    centres on `device` or None) from a checkpoint of gpt.py."""
+    """(network in evaluation mode on `device`, its Config, its DataInfo) from a checkpoint of gpt.py."""
     ckpt = load_checkpoint(path, MODEL)
     cfg, info = saved_config(Config, ckpt)
     net = build(cfg, info)
     load_weights(net, ckpt["model"], path)
-    palette = ckpt["palette"]["centres"].to(device) if cfg.palette == "kmeans" else None
-    return net.to(device).eval(), cfg, info, palette
+    return net.to(device).eval(), cfg, info
+
+
+def load_palette(path, device="cpu"):
+    """The k-means palette's centres (K, C) on `device` from a checkpoint of --palette kmeans, else None."""
+    ckpt = load_checkpoint(path, MODEL)
+    return ckpt["palette"]["centres"].to(device) if "palette" in ckpt else None
 
 
 def main(argv=None):

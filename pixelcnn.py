@@ -199,24 +199,9 @@ def categorical_log_prob(logits, x):
 
 
 def discretized_logistic_log_prob(x, mean, log_scale, levels):
-    """log P(x) for a logistic(mean, s = e^log_scale) integrated over the bin of level x
-    (Salimans et al. 2017, Eq. 2, one component), elementwise.
-
-    P(x) = sigmoid(a) - sigmoid(b), a = (c_x + d - mean) / s, b = (c_x - d - mean) / s, with the
-    bin centre c_x and half-width d of bin_centre; the first bin is open to -inf (P = sigmoid(a))
-    and the last to +inf (P = 1 - sigmoid(b)), so the L probabilities sum to 1. mean and s are in
-    the [-1, 1] units of bin_centre; x holds integer levels.
-
-    Precision: the interior is computed from the identity
-        sigmoid(a) - sigmoid(b) = sigmoid(a) (1 - sigmoid(b)) (1 - e^(b - a)),
-    as log sigmoid(a) + log sigmoid(-b) + log(-expm1(-2d/s)): three terms each accurate in
-    relative terms, so log P keeps its relative precision however far the bin lies from the
-    mean (the plain difference underflows to 0 in the left tail and cancels catastrophically in
-    the right). b - a = -2d/s is formed directly, never by subtracting a and b. The official code
-    (pixel_cnn_pp/nn.py) instead falls back, where sigmoid(a) - sigmoid(b) < 1e-5, to the
-    density at the bin's centre times its width, log pdf(c_x) + log 2d, a midpoint-rule
-    approximation; with the exact identity that special case is not needed.
-    """
+    """log P(x) = log[sigmoid(a) - sigmoid(b)], a = (c_x + d - mean) / s, b = (c_x - d - mean) / s, of a
+    logistic(mean, s = e^log_scale) over the bin of level x (Salimans et al. 2017, Eq. 2, one
+    component), the first bin open to -inf and the last to +inf; c_x, d of bin_centre; elementwise."""
     d = 1.0 / (levels - 1)
     c = bin_centre(x.to(mean.dtype), levels)
     inv_s = torch.exp(-log_scale)
@@ -224,6 +209,9 @@ def discretized_logistic_log_prob(x, mean, log_scale, levels):
     b = (c - d - mean) * inv_s
     log_cdf_a = F.logsigmoid(a)    # log F(c + d): the whole first bin
     log_sf_b = F.logsigmoid(-b)    # log (1 - F(c - d)): the whole last bin
+    # sigmoid(a) - sigmoid(b) = sigmoid(a) sigmoid(-b) (1 - e^(b - a)), b - a = -2d/s: three factors each
+    # accurate in relative terms, however far in a tail (the plain difference underflows or cancels; the
+    # official code falls back to a midpoint rule there instead)
     interior = log_cdf_a + log_sf_b + torch.log(-torch.expm1(-2.0 * d * inv_s))
     return torch.where(x == 0, log_cdf_a, torch.where(x == levels - 1, log_sf_b, interior))
 
@@ -269,16 +257,10 @@ def _channel_mean(mean, coeff, values, c):
 
 
 def logistic_mixture_log_prob(out, x, levels):
-    """Per-sub-pixel conditional log-probabilities under PixelCNN++'s discretized logistic mixture
-    (Salimans et al. 2017, Eq. 2 with the channel dependencies of Sec. 2.2).
-
-    One mixture over the whole pixel: P(x_ij) = sum_k pi_k prod_c P_k(x_c | x_<c), each P_k a
-    discretized logistic whose mean depends linearly on the earlier channels' values. The network
-    sees no channel of its own pixel, so the pixel's sub-pixels share one output. Returned, for
-    channel c, is log P(x_c | x_<c, context) = log sum_k pi_k prod_{c2 <= c} P_k(x_c2 | .) -
-    log sum_k pi_k prod_{c2 < c} P_k(x_c2 | .): each is a distribution over the L levels, and
-    their sum over c is log P(x_ij). out (B, P, H, W), x (B, C, H, W) levels -> (B, C, H, W).
-    """
+    """log P(x_c | x_<c, context) = log sum_k pi_k prod_{c2 <= c} P_k(x_c2 | .) - log sum_k pi_k
+    prod_{c2 < c} P_k(x_c2 | .) under PixelCNN++'s mixture over whole pixels, each P_k a discretized
+    logistic whose mean moves with the earlier channels (Salimans et al. 2017, Eq. 2, Sec. 2.2);
+    out (B, P, H, W), x (B, C, H, W) levels -> (B, C, H, W), summing over c to log P(x_ij)."""
     C = x.shape[1]
     out = out.to(torch.promote_types(out.dtype, torch.float32))
     logit_pi, mean, log_scale, coeff = unpack_mixture(out, C)     # (B, K, H, W), (B, C, K, H, W), ...
@@ -332,16 +314,13 @@ def _device_of(model):
 
 
 def sample_categorical(logits, generator=None):
-    """One draw per row of logits (n, L) by the inverse CDF of the softmax: the number of
-    cumulative probabilities <= u, u ~ U[0, total). One uniform per row, whatever the logits, so
-    two samplers fed the same generator consume it alike. The cumulative sums are in float64
-    (float32 on MPS) and u is scaled by their total, so a level of zero probability (an empty
-    interval) is never drawn and rounding of the sum cannot push u past the last level.
-    (n,) int64."""
+    """One draw per row of logits (n, L) by the inverse CDF of the softmax, one uniform per row
+    whatever the logits (two samplers fed the same generator consume it alike). (n,) int64."""
     p = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     wide = torch.float32 if p.device.type == "mps" else torch.float64  # MPS has no float64
     cdf = p.to(wide).cumsum(-1)
     u = torch.rand(p.shape[:-1] + (1,), generator=generator, device=p.device, dtype=wide)
+    # u scaled by the total: a level of zero probability is never drawn, rounding never passes the last
     return (cdf <= u * cdf[..., -1:]).sum(-1).clamp(max=p.shape[-1] - 1)
 
 

@@ -288,8 +288,9 @@ def test_cli_kmeans_palette_reports_the_tokens_nll(tmp_path, monkeypatch):
     gpt.main(["--eval", str(out / "ckpt.pt")])
     ev = events(out, "eval")[-1]
     assert ev["palette"] == 16 and "not comparable with bits/dim" in ev["likelihood"] and "bits_per_dim" not in ev
-    net, cfg, _, centres = gpt.load(out / "ckpt.pt")
-    assert cfg.palette == "kmeans" and net.config.vocab_size == 16
+    net, cfg, _ = gpt.load(out / "ckpt.pt")
+    centres = gpt.load_palette(out / "ckpt.pt")
+    assert cfg.palette == "kmeans" and net.config.vocab_size == 16 and torch.equal(centres, ckpt["palette"]["centres"])
     nats = 0.0
     with torch.no_grad():
         for img in sets["test"].data:
@@ -429,7 +430,7 @@ def test_cli_text_file(tmp_path, capsys):
     # the value (issue 16): -log p of every predicted character, recomputed from the network's
     # logits one character at a time from the start of its window, over the characters predicted
     # (a window's first character is context, not a prediction)
-    net, _, info, _ = gpt.load(out / "ckpt.pt")
+    net, _, info = gpt.load(out / "ckpt.pt")
     text = txt.read_text()
     ids = torch.tensor([info.vocab.index(c) for c in text[int(0.9 * len(text)):]])
     total, count = 0.0, 0
