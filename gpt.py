@@ -601,6 +601,8 @@ def check_config(cfg):
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n-embd {cfg.n_embd} is not divisible by --n-head {cfg.n_head}; "
                         "use a width that is a multiple of the heads")
+    if cfg.palette != "kmeans" and cfg.palette_size != 512:
+        raise UserError(f"--palette-size {cfg.palette_size} is the k-means palette's; accepted: with --palette kmeans")
     if cfg.palette == "kmeans" and cfg.image_bits:
         raise UserError(f"--image-bits {cfg.image_bits} truncates the uniform palette's channels; accepted with "
                         "--palette kmeans: --image-bits 0")

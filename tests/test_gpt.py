@@ -486,7 +486,8 @@ def test_resume_equals_uninterrupted_training_on_text(tmp_path):
                                        (["--palette", "kmeans"], "--palette kmeans"),
                                        (["--dataset", "8gaussians", "--palette", "kmeans"], "--palette kmeans"),
                                        (["--palette", "kmeans", "--image-bits", "3"], "--image-bits"),
-                                       (["--palette-size", "1"], "--palette-size")])
+                                       (["--palette", "kmeans", "--palette-size", "1"], "--palette-size"),
+                                       (["--palette-size", "64"], "--palette-size")])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, flag, monkeypatch):
     if flag == "--image-bits":  # no download: a tiny 8-bit colour set in place of cifar10
         fake = common.Dataset(common.DataInfo("cifar10", "image", (3, 2, 2), levels=256, num_classes=10), "train",
