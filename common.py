@@ -152,19 +152,16 @@ def load_dataset(name, split="train", root=None):
 
 
 class Batches:
-    """Endless training batches on `dist.device`: (images uint8, labels), (fresh points, None) or
-    (text windows int64 (b, block_size + 1), None). Every process draws the same global batch
-    and keeps its slice, so N processes together see what one process would."""
+    """Endless training batches on `dist.device`: (images uint8, labels) or (fresh points, None)
+    (gpt.py draws its text windows itself). Every process draws the same global batch and keeps
+    its slice, so N processes together see what one process would."""
 
-    def __init__(self, ds, batch_size, dist=None, seed=0, block_size=None):
+    def __init__(self, ds, batch_size, dist=None, seed=0):
         self.dist = dist or Dist()
         if batch_size % self.dist.world_size:
             raise UserError(f"--batch-size {batch_size} does not split over {self.dist.world_size} processes; "
                             f"use a multiple of {self.dist.world_size}")
-        self.ds, self.kind, self.batch_size, self.block_size = ds, ds.info.kind, batch_size, block_size
-        if self.kind == "text" and (block_size is None or len(ds.data) <= block_size + 1):
-            raise UserError(f"{ds.info.name} has {len(ds.data)} tokens in its {ds.split} split; "
-                            f"a context of {block_size} needs more")
+        self.ds, self.kind, self.batch_size = ds, ds.info.kind, batch_size
         self.generator = torch.Generator().manual_seed(_stream_seed(seed, "batches"))
         self.data = ds.data.to(self.dist.device) if self.kind != "points" else None
         self.labels = ds.labels.to(self.dist.device) if ds.labels is not None else None
@@ -178,9 +175,6 @@ class Batches:
         device, g, n = self.dist.device, self.generator, self.batch_size
         if self.kind == "points":
             return self.ds.sample(n, g)[self.part].to(device), None
-        if self.kind == "text":
-            start = torch.randint(len(self.data) - self.block_size - 1, (n,), generator=g)[self.part]
-            return self.data[(start[:, None] + torch.arange(self.block_size + 1)).to(device)], None
         i = torch.randint(len(self.data), (n,), generator=g)[self.part].to(device)
         return self.data[i], (self.labels[i] if self.labels is not None else None)
 

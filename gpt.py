@@ -632,7 +632,7 @@ class TextWindows:
     """Training batches of a token stream: windows (B, T + 1) int64 starting at uniformly drawn
     positions (their first token is context only), on dist.device. Every process draws the global
     batch from a generator seeded alike and keeps its slice, as common.Batches does for the other
-    kinds; its stream is the one Batches(block_size=T) drew before this moved here."""
+    kinds."""
 
     def __init__(self, ds, batch_size, block_size, dist, seed=0):
         if batch_size % dist.world_size:
