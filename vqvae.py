@@ -84,11 +84,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range,
-                    density_on_grid, dispatch, entropy_estimate, flag, get_device, init_distributed,
-                    load_checkpoint, load_dataset, load_weights, open_run, output_dir, parse_config,
-                    report_files, resume, save_density, save_image_grid, save_scatter, save_training,
-                    saved_config, seed_everything, user_errors, wrap_ddp)
+from common import (Batches, Logger, RunConfig, Training, UserError, check_range, density_on_grid, dispatch,
+                    entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
+                    parse_config, report_files, save_density, save_image_grid, save_scatter, saved_config,
+                    seed_everything, user_errors, wrap_ddp)
 
 
 # ----------------------------------------------------------------------------------------
@@ -155,7 +154,11 @@ def decoder_log_prob(x, out, levels=None):
 def vq_terms(z_e, z_q):
     """The two vector-quantisation terms of Eq. 3, summed over latent positions and dimensions,
     per example (B,): codebook ||sg[z_e] - e||^2 (its gradient moves the codes only) and
-    commitment ||z_e - sg[e]||^2 (it moves the encoder only)."""
+    commitment ||z_e - sg[e]||^2 (it moves the encoder only). Tuples of maps (VQ-VAE-2's top
+    and bottom) give the sums over the maps (Razavi et al. Sec. 3.1: each level's own terms)."""
+    if isinstance(z_e, tuple):
+        terms = [vq_terms(e, q) for e, q in zip(z_e, z_q)]
+        return sum(t[0] for t in terms), sum(t[1] for t in terms)
     return _sum_per_example((z_e.detach() - z_q) ** 2), _sum_per_example((z_e - z_q.detach()) ** 2)
 
 
@@ -164,8 +167,8 @@ def vqvae_loss(model, x, target, beta=0.25, codebook_loss=True, levels=None):
     L = -log p(x | z_q(x)) + ||sg[z_e(x)] - e||^2 + beta ||z_e(x) - sg[e]||^2.
 
     With codebook_loss False the codebook term is left out: the codes then move by the EMA of
-    App. A.1 (ema_codebook_update). model(x) -> (decoder output, z_e, z_q, codes), as VQVAE;
-    x is the encoder's input, target the data the decoder scores (levels or points). Returns a
+    App. A.1 (ema_codebook_update). model(x) -> (decoder output, z_e, z_q, codes), as VQVAE
+    (tuples of the two maps for VQVAE2); x is the encoder's input, target the data the decoder scores (levels or points). Returns a
     dict of the per-example loss and its terms, with z_e and codes for the codebook statistics.
     """
     out, z_e, z_q, codes = model(x)
@@ -255,27 +258,30 @@ def perplexity(counts):
 # The prior over code maps (Sec. 3.3), the bound, and sampling
 # ----------------------------------------------------------------------------------------
 
-def prior_nll(prior, codes, num_codes):
+def prior_nll(prior, codes, num_codes, cond=None):
     """-log p(z) per example (B,) in nats, by the chain rule over the L = h w codes in raster
     order: p(z) = prod_t p(z_t | z_<t) (the autoregressive prior of Sec. 3.3). codes (B, L) int;
     prior(idx) -> logits (B, T, K) must be causal; its input starts with the token `num_codes`,
-    which it never predicts, so p sums to 1 over the K^L code maps."""
+    which it never predicts, so p sums to 1 over the K^L code maps. With `cond` (B, S), codes
+    the prior reads whole (VQ-VAE-2's top map): -log p(z | cond), by prior(idx, cond)."""
     start = torch.full((codes.shape[0], 1), num_codes, dtype=torch.long, device=codes.device)
-    logits = prior(torch.cat([start, codes[:, :-1]], 1))
+    idx = torch.cat([start, codes[:, :-1]], 1)
+    logits = prior(idx) if cond is None else prior(idx, cond)
     logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     return -logp.gather(-1, codes[..., None]).squeeze(-1).sum(1)
 
 
 @torch.inference_mode()
-def sample_codes(prior, n, length, num_codes, generator=None, temperature=1.0):
+def sample_codes(prior, n, length, num_codes, generator=None, temperature=1.0, cond=None):
     """n code maps (n, length) drawn from the prior one code at a time (ancestral sampling), on
-    the generator's device (the CPU without one); temperature divides the logits."""
+    the generator's device (the CPU without one); temperature divides the logits; `cond` (n, S)
+    the codes a conditional prior reads (prior_nll)."""
     if temperature <= 0:
         raise ValueError(f"temperature {temperature} must be > 0")
     device = generator.device if generator is not None else torch.device("cpu")
     seq = torch.full((n, 1), num_codes, dtype=torch.long, device=device)
     for _ in range(length):
-        logits = prior(seq)[:, -1].float() / temperature
+        logits = (prior(seq) if cond is None else prior(seq, cond))[:, -1].float() / temperature
         seq = torch.cat([seq, torch.multinomial(F.softmax(logits, -1), 1, generator=generator)], 1)
     return seq[:, 1:]
 
@@ -300,23 +306,30 @@ def exact_log_likelihood(model, prior, target, latent_shape, num_codes, levels=N
     K^L code maps (L = prod(latent_shape)): the exact likelihood the bound of nll_bound is an
     upper bound of (its sum holds the term of z(x)). Feasible for a few codes only: a 2D point's
     single code, or a toy model. model.decode(codes (M, *latent_shape)) -> decoder outputs."""
-    L = math.prod(latent_shape)
-    if num_codes ** L > max_maps:
-        raise ValueError(f"{num_codes}^{L} code maps are too many to enumerate (at most {max_maps})")
-    device = target.device
-    maps = torch.cartesian_prod(*[torch.arange(num_codes, device=device)] * L).reshape(-1, L)
-    log_prior = -prior_nll(prior, maps, num_codes)  # (M,)
-    out = model.decode(maps.reshape(-1, *latent_shape))
+    maps = all_code_maps(num_codes, math.prod(latent_shape), target.device, max_maps)
+    return log_marginal(target, model.decode(maps.reshape(-1, *latent_shape)), -prior_nll(prior, maps, num_codes),
+                        levels)
+
+
+def all_code_maps(num_codes, length, device=None, max_maps=2**16):
+    """Every one of the K^L code maps, (K^L, L) int64, for exact sums over z."""
+    if num_codes ** length > max_maps:
+        raise ValueError(f"{num_codes}^{length} code maps are too many to enumerate (at most {max_maps})")
+    return torch.cartesian_prod(*[torch.arange(num_codes, device=device)] * length).reshape(-1, length)
+
+
+def log_marginal(target, out, log_prior, levels=None):
+    """log sum_m p(z_m) p(x | z_m) per example (B,): out (M, ...) the decoder's output for each
+    of M code maps z_m, log_prior (M,) their log-probabilities."""
     B = target.shape[0]
     log_joint = torch.stack([decoder_log_prob(target, out[m:m + 1].expand(B, *out.shape[1:]), levels)
-                             for m in range(maps.shape[0])], 1) + log_prior
+                             for m in range(out.shape[0])], 1) + log_prior
     return torch.logsumexp(log_joint, 1)
 
 
-def bits_per_dim(nll_nats, num_dims):
-    """Bits per dimension from a per-example NLL in nats: nll / (D ln 2). The decoder is
-    normalised over the integer levels, so no offset for a rescaling is needed."""
-    return nll_nats / (num_dims * math.log(2.0))
+def bits_per_dim(nats, dims):
+    """Nats per example -> bits per dimension: nats / (dims ln 2)."""
+    return nats / (dims * math.log(2))
 
 
 def decoder_mean(out, levels=None):
@@ -348,6 +361,49 @@ def generate(model, prior, n, latent_shape, num_codes, levels=None, mode=False, 
     """Samples of the generative model: z ~ p(z) (sample_codes), then x ~ p(x | e_z) (or its mode)."""
     codes = sample_codes(prior, n, math.prod(latent_shape), num_codes, generator, temperature)
     out = model.decode(codes.reshape(n, *latent_shape))
+    return decoder_sample(out, levels, mode, generator)
+
+
+# ----------------------------------------------------------------------------------------
+# VQ-VAE-2 (Razavi et al. 2019, arXiv 1906.00446)
+# ----------------------------------------------------------------------------------------
+# Two code maps: z_top at half the side of z_bottom (VQVAE2 below: the bottom encoder reads the
+# decoded top, the decoder reads both), each quantised, straight-through and EMA-updated as
+# above; a prior p(z_top) p(z_bottom | z_top) (HierarchicalPrior), trained after the autoencoder
+# on its codes (Sec. 3.2, Algorithm 2).
+
+def hierarchical_nll_bound(model, prior, x, target, levels=None):
+    """-log p(x) <= -log p(x | z_top, z_bottom) - log p(z_top) - log p(z_bottom | z_top) per
+    example (B,), in nats: nll_bound's bound (q one-hot at the nearest codes of both maps, Eq. 1)
+    with the prior factorised over the two maps as Razavi et al. Sec. 3.2 samples it. model(x) ->
+    (decoder output, z_e, z_q, (top codes, bottom codes)), prior(top, bottom) -> the two NLLs.
+    Returns (bound, reconstruction NLL, top prior NLL, bottom prior NLL, decoder output, codes)."""
+    out, _, _, codes = model(x)
+    recon = -decoder_log_prob(target, out, levels)
+    nll_top, nll_bottom = prior(*codes)
+    return recon + nll_top + nll_bottom, recon, nll_top, nll_bottom, out, codes
+
+
+def hierarchical_exact_log_likelihood(model, prior, target, top_shape, bottom_shape, num_codes, levels=None,
+                                      max_maps=2**16):
+    """log p(x) = log sum_{z_top, z_bottom} p(z_top) p(z_bottom | z_top) p(x | z_top, z_bottom) per
+    example (B,), in nats, by enumerating all K^(L_top + L_bottom) pairs of maps (a toy model):
+    what hierarchical_nll_bound bounds. model.decode(top, bottom) -> decoder outputs."""
+    L_top = math.prod(top_shape)
+    maps = all_code_maps(num_codes, L_top + math.prod(bottom_shape), target.device, max_maps)
+    top, bottom = maps[:, :L_top].reshape(-1, *top_shape), maps[:, L_top:].reshape(-1, *bottom_shape)
+    nll_top, nll_bottom = prior(top, bottom)
+    return log_marginal(target, model.decode(top, bottom), -nll_top - nll_bottom, levels)
+
+
+@torch.inference_mode()
+def hierarchical_generate(model, prior, n, top_shape, bottom_shape, num_codes, levels=None, mode=False,
+                          generator=None, temperature=1.0):
+    """Samples (Razavi et al. Sec. 3.2): z_top ~ p(z_top), then z_bottom ~ p(z_bottom | z_top),
+    then x ~ p(x | z_top, z_bottom) (or its mode). prior.top and prior.bottom are CodePriors."""
+    top = sample_codes(prior.top, n, math.prod(top_shape), num_codes, generator, temperature)
+    bottom = sample_codes(prior.bottom, n, math.prod(bottom_shape), num_codes, generator, temperature, cond=top)
+    out = model.decode(top.reshape(n, *top_shape), bottom.reshape(n, *bottom_shape))
     return decoder_sample(out, levels, mode, generator)
 
 
@@ -433,8 +489,8 @@ class PointDecoder(nn.Module):
         return self.net(z[:, 0])
 
 
-class VQVAE(nn.Module):
-    """Encoder -> quantize -> decoder, and the codebook with its EMA statistics.
+class Codebook(nn.Module):
+    """The K codes of one code map and their EMA statistics.
 
     The codebook (K, D) is a parameter trained by the codebook term of Eq. 3 (ema False) or
     moved by ema_codebook_update (ema True; it then takes no gradient). Buffers: cluster_size
@@ -444,9 +500,8 @@ class VQVAE(nn.Module):
     with its encoder outputs (a data-dependent initialisation).
     """
 
-    def __init__(self, encoder, decoder, num_codes, code_dim, ema=True, decay=0.99, eps=1e-5, restart_after=100):
+    def __init__(self, num_codes, code_dim, ema=True, decay=0.99, eps=1e-5, restart_after=100):
         super().__init__()
-        self.encoder, self.decoder = encoder, decoder
         self.num_codes, self.ema, self.decay, self.eps, self.restart_after = num_codes, ema, decay, eps, restart_after
         codebook = torch.empty(num_codes, code_dim).uniform_(-1 / num_codes, 1 / num_codes)
         self.codebook = nn.Parameter(codebook, requires_grad=not ema)
@@ -454,19 +509,9 @@ class VQVAE(nn.Module):
         self.register_buffer("embed_sum", codebook.clone())
         self.register_buffer("unused", torch.full((num_codes,), restart_after, dtype=torch.long))
 
-    def forward(self, x):
-        """x in model space -> (decoder output, z_e, z_q, codes); the decoder sees z_st."""
-        z_e = self.encoder(x)
-        codes, z_q, z_st = quantize(z_e, self.codebook)
-        return self.decoder(z_st), z_e, z_q, codes
-
-    def encode(self, x):
-        """The code map z(x): (B, *latent_shape) int64."""
-        return quantize(self.encoder(x), self.codebook)[0]
-
-    def decode(self, codes):
-        """Decoder output for code maps (B, *latent_shape)."""
-        return self.decoder(F.embedding(codes, self.codebook))
+    def codebooks(self):
+        """The code maps' codebooks, top first: here the one."""
+        return [self]
 
     @torch.no_grad()
     def update_codebook(self, counts, sums, candidates):
@@ -487,24 +532,112 @@ class VQVAE(nn.Module):
         return int(dead.sum())
 
 
+class VQVAE(Codebook):
+    """Encoder -> quantize -> decoder around one Codebook (its parameters are VQVAE's own)."""
+
+    def __init__(self, encoder, decoder, num_codes, code_dim, ema=True, decay=0.99, eps=1e-5, restart_after=100):
+        super().__init__(num_codes, code_dim, ema, decay, eps, restart_after)
+        self.encoder, self.decoder = encoder, decoder
+
+    def forward(self, x):
+        """x in model space -> (decoder output, z_e, z_q, codes); the decoder sees z_st."""
+        z_e = self.encoder(x)
+        codes, z_q, z_st = quantize(z_e, self.codebook)
+        return self.decoder(z_st), z_e, z_q, codes
+
+    def encode(self, x):
+        """The code map z(x): (B, *latent_shape) int64."""
+        return quantize(self.encoder(x), self.codebook)[0]
+
+    def decode(self, codes):
+        """Decoder output for code maps (B, *latent_shape)."""
+        return self.decoder(F.embedding(codes, self.codebook))
+
+
+class VQVAE2(nn.Module):
+    """Razavi et al. Sec. 3.1, Fig. 2a, Algorithm 1: two code maps of K codes of dimension D.
+
+    The bottom encoder's trunk maps x to features at 1 / 2^down of the side; the top encoder
+    halves them once more to z_e_top, quantised with the `top` Codebook; the top decoder maps the
+    straight-through e_top back to the bottom's resolution, where it joins the trunk's features in
+    a 1x1 convolution to give z_e_bottom (the bottom encoder conditioned on the decoded top),
+    quantised with the `bottom` Codebook; the decoder reads the bottom codes beside the top codes
+    upsampled once (a stride-2 4x4 transposed convolution). (B, C, H, W) -> decoder output as
+    ConvDecoder's, with maps (H / 2^(down+1), W / 2^(down+1)) and (H / 2^down, W / 2^down)."""
+
+    def __init__(self, in_ch, levels, hidden, res_blocks, down, num_codes, code_dim, **codebook):
+        super().__init__()
+        self.trunk = ConvEncoder(in_ch, hidden, res_blocks, down, hidden)
+        self.encoder_top = ConvEncoder(hidden, hidden, res_blocks, 1, code_dim)
+        self.decoder_top = ConvDecoder(code_dim, 1, hidden, res_blocks, 1, code_dim)  # 1 "level": D real outputs
+        self.encoder_bottom = nn.Linear(hidden + code_dim, code_dim)  # a 1x1 convolution, channels last
+        self.upsample = nn.ConvTranspose2d(code_dim, code_dim, 4, stride=2, padding=1)
+        self.decoder = ConvDecoder(in_ch, levels, hidden, res_blocks, down, 2 * code_dim)
+        self.top, self.bottom = Codebook(num_codes, code_dim, **codebook), Codebook(num_codes, code_dim, **codebook)
+        self.num_codes = num_codes
+
+    def codebooks(self):
+        """The code maps' codebooks, top first."""
+        return [self.top, self.bottom]
+
+    def quantize_both(self, x):
+        """Algorithm 1's encoder: ((z_e_top, z_e_bottom), quantize(top), quantize(bottom))."""
+        h = self.trunk(x)  # (B, h, w, hidden)
+        z_e_top = self.encoder_top(h.permute(0, 3, 1, 2))  # (B, h/2, w/2, D)
+        top = quantize(z_e_top, self.top.codebook)
+        decoded_top = self.decoder_top(top[2])[:, :, 0].permute(0, 2, 3, 1)  # (B, h, w, D)
+        z_e_bottom = self.encoder_bottom(torch.cat([h, decoded_top], -1))
+        return (z_e_top, z_e_bottom), top, quantize(z_e_bottom, self.bottom.codebook)
+
+    def _decode(self, e_top, e_bottom):
+        up = self.upsample(e_top.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.decoder(torch.cat([e_bottom, up], -1))
+
+    def forward(self, x):
+        """x in model space -> (decoder output, (z_e_top, z_e_bottom), (z_q_top, z_q_bottom),
+        (codes_top, codes_bottom)); the decoder sees both z_st."""
+        z_e, (c_top, q_top, st_top), (c_bottom, q_bottom, st_bottom) = self.quantize_both(x)
+        return self._decode(st_top, st_bottom), z_e, (q_top, q_bottom), (c_top, c_bottom)
+
+    def encode(self, x):
+        """The code maps (z_top(x), z_bottom(x)), int64."""
+        _, top, bottom = self.quantize_both(x)
+        return top[0], bottom[0]
+
+    def decode(self, top, bottom):
+        """Decoder output for code maps top (B, h/2, w/2) and bottom (B, h, w)."""
+        return self._decode(F.embedding(top, self.top.codebook), F.embedding(bottom, self.bottom.codebook))
+
+
 class PriorBlock(nn.Module):
     """Pre-LayerNorm transformer block: causal multi-head self-attention (Vaswani et al. Eq. 1,
-    Sec. 3.2.2) and a GELU MLP of width 4 d, each a residual branch."""
+    Sec. 3.2.2) and a GELU MLP of width 4 d, each a residual branch; with `cross`, between them
+    a non-causal attention from every position to a conditioning sequence (Sec. 3.2.3's
+    encoder-decoder attention)."""
 
-    def __init__(self, width, heads, dropout):
+    def __init__(self, width, heads, dropout, cross=False):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
         self.drop = nn.Dropout(dropout)
+        if cross:
+            self.ln_cross, self.q_cross = nn.LayerNorm(width), nn.Linear(width, width)
+            self.kv_cross, self.proj_cross = nn.Linear(width, 2 * width), nn.Linear(width, width)
 
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = (t.reshape(B, T, self.heads, C // self.heads).transpose(1, 2)
-                   for t in self.qkv(self.ln1(x)).split(C, dim=2))
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, C)))
+    def _attend(self, q, k, v, causal):
+        B, T, C = q.shape
+        q, k, v = (t.reshape(B, t.shape[1], self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
+        return a.transpose(1, 2).reshape(B, T, C)
+
+    def forward(self, x, cond=None):
+        C = x.shape[2]
+        x = x + self.drop(self.proj(self._attend(*self.qkv(self.ln1(x)).split(C, dim=2), causal=True)))
+        if cond is not None:  # cond (B, S, width): every position reads all of it
+            k, v = self.kv_cross(cond).split(C, dim=2)
+            x = x + self.drop(self.proj_cross(self._attend(self.q_cross(self.ln_cross(x)), k, v, causal=False)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -512,29 +645,60 @@ class CodePrior(nn.Module):
     """The prior over code maps: a causal transformer over the L codes in raster order, with
     learned positions and a start token (id num_codes, input only). idx (B, T) -> logits
     (B, T, K) of the next code at every position. `updates` counts the optimiser steps it has
-    had (0: untrained). For a 2D point (L = 1) it is a learned categorical over the K codes."""
+    had (0: untrained). For a 2D point (L = 1) it is a learned categorical over the K codes.
+    With cond_length S > 0 it is conditional: forward(idx, cond) with cond (B, S) codes, embedded
+    with their own positions and read whole by cross-attention in every block."""
 
-    def __init__(self, num_codes, length, layers=4, heads=4, width=128, dropout=0.0):
+    def __init__(self, num_codes, length, layers=4, heads=4, width=128, dropout=0.0, cond_length=0):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
-        self.num_codes, self.length = num_codes, length
+        self.num_codes, self.length, self.cond_length = num_codes, length, cond_length
         self.tok = nn.Embedding(num_codes + 1, width)
         self.pos = nn.Embedding(length, width)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(PriorBlock(width, heads, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(PriorBlock(width, heads, dropout, cross=cond_length > 0) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_codes)
+        if cond_length:
+            self.cond_tok, self.cond_pos = nn.Embedding(num_codes, width), nn.Embedding(cond_length, width)
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
-    def forward(self, idx):
+    def forward(self, idx, cond=None):
         T = idx.shape[1]
         if T > self.length:
             raise ValueError(f"{T} positions exceed the prior's {self.length}")
+        if (cond is None) != (self.cond_length == 0) or (cond is not None and cond.shape[1] != self.cond_length):
+            raise ValueError(f"this prior reads {self.cond_length} conditioning codes, "
+                             f"given {None if cond is None else cond.shape[1]}")
+        if cond is not None:
+            cond = self.drop(self.cond_tok(cond) + self.cond_pos(torch.arange(cond.shape[1], device=idx.device)))
         x = self.drop(self.tok(idx) + self.pos(torch.arange(T, device=idx.device)))
         for block in self.blocks:
-            x = block(x)
+            x = block(x, cond)
         return self.head(self.ln_f(x))
+
+
+class HierarchicalPrior(nn.Module):
+    """VQ-VAE-2's prior p(z_top) p(z_bottom | z_top) (Razavi et al. Sec. 3.2): `top` a CodePrior
+    over the top map, `bottom` a CodePrior over the bottom map that reads the whole top map by
+    cross-attention (our choice where the paper uses PixelCNNs with self-attention and a
+    conditioning stack). forward(top (B, h/2, w/2), bottom (B, h, w)) -> (-log p(z_top),
+    -log p(z_bottom | z_top)), each (B,). `updates` counts the optimiser steps both have had."""
+
+    def __init__(self, num_codes, top_length, bottom_length, layers=4, heads=4, width=128, dropout=0.0):
+        super().__init__()
+        self.num_codes = num_codes
+        self.top = CodePrior(num_codes, top_length, layers, heads, width, dropout)
+        self.bottom = CodePrior(num_codes, bottom_length, layers, heads, width, dropout, cond_length=top_length)
+
+    @property
+    def updates(self):
+        return self.top.updates
+
+    def forward(self, top, bottom):
+        top, bottom = top.reshape(top.shape[0], -1), bottom.reshape(bottom.shape[0], -1)
+        return prior_nll(self.top, top, self.num_codes), prior_nll(self.bottom, bottom, self.num_codes, cond=top)
 
 
 # ----------------------------------------------------------------------------------------
@@ -565,6 +729,9 @@ class Config(RunConfig):
     decay: float = flag(0.99, "EMA decay gamma of the codebook statistics (App. A.1)")
     laplace_eps: float = flag(1e-5, "Laplace smoothing of the EMA cluster sizes")
     restart_after: int = flag(100, "re-seed a code unused for this many steps with an encoder output (0 = never)")
+    levels: int = flag(1, "code maps: 1 (VQ-VAE) or 2 (VQ-VAE-2: a top map at half the side of the bottom map, "
+                       "whose side --down sets; a top prior and a bottom prior conditioned on the top codes)",
+                       choices=(1, 2))
     # the prior
     prior_lr: float = flag(1e-3, "Adam learning rate of the prior")
     prior_layers: int = flag(2, "transformer blocks of the prior")
@@ -581,7 +748,11 @@ class Config(RunConfig):
 
 
 PRESETS = {
-    "digits": dict(),  # the Config defaults: 8x8 -> 4x4 codes of K = 32; a 2-layer prior over 16 positions
+    # The Config defaults: 8x8 -> 4x4 codes of K = 32; a 2-layer prior over 16 positions. With
+    # --levels 2 the bottom map stays 4x4 (1/2 of the side) under a 2x2 top map (1/4): the paper's
+    # ratio of 2 between the maps (1/4 and 1/8 of 256), one level up, since 1/8 of 8 leaves a
+    # single top code and 1/4 a bottom map of 2x2, too coarse to carry the strokes.
+    "digits": dict(),
     # 2D points: one code per point, a Gaussian per code; K = 64 codes (our choice).
     "points": dict(steps=4000, batch_size=256, lr=2e-3, codes=64, code_dim=8, hidden=128,
                    prior_layers=1, prior_width=32, prior_heads=2, prior_dropout=0.0, restart_after=20,
@@ -609,6 +780,7 @@ def check_config(cfg):
         check_range(cfg, name, 1)
     for name in ("down", "res_blocks", "beta", "laplace_eps", "restart_after", "grad_clip", "eval_n"):
         check_range(cfg, name, 0)
+    check_range(cfg, "levels", 1, 2)
     check_range(cfg, "ae_fraction", 0, 1)
     check_range(cfg, "decay", 0, 1, open_high=True)
     check_range(cfg, "prior_dropout", 0, 1, open_high=True)
@@ -632,15 +804,26 @@ def to_model_space(x, info):
 
 
 def latent_shape(cfg, info):
-    """The code map's shape: (H / 2^down, W / 2^down) for images, (1,) for a 2D point."""
+    """The (bottom) code map's shape: (H / 2^down, W / 2^down) for images, (1,) for a 2D point."""
     if info.kind == "points":
         return (1,)
     return (info.shape[1] // 2 ** cfg.down, info.shape[2] // 2 ** cfg.down)
 
 
+def top_shape(cfg, info):
+    """VQ-VAE-2's top code map: half the bottom map's side."""
+    h, w = latent_shape(cfg, info)
+    return (h // 2, w // 2)
+
+
 def decoder_levels(info):
     """The categorical decoder's level count, None for the Gaussian decoder of points."""
     return None if info.kind == "points" else info.levels
+
+
+def per_map(v):
+    """A model output's per-map values as a list: [v], or VQ-VAE-2's [top, bottom]."""
+    return list(v) if isinstance(v, tuple) else [v]
 
 
 def stage_of(cfg, step, prior):
@@ -654,19 +837,25 @@ def stage_of(cfg, step, prior):
 
 def draw(vqvae, prior, cfg, info, n, generator, mode=None):
     """n samples in data space: uint8 levels (n, C, H, W) or float points (n, 2)."""
-    mode = cfg.decode == "mode" if mode is None else mode
-    x = generate(vqvae, prior, n, latent_shape(cfg, info), cfg.codes, decoder_levels(info),
-                 mode and info.kind == "image", generator, cfg.temperature)
+    mode = (cfg.decode == "mode" if mode is None else mode) and info.kind == "image"
+    if cfg.levels == 2:
+        x = hierarchical_generate(vqvae, prior, n, top_shape(cfg, info), latent_shape(cfg, info), cfg.codes,
+                                  decoder_levels(info), mode, generator, cfg.temperature)
+    else:
+        x = generate(vqvae, prior, n, latent_shape(cfg, info), cfg.codes, decoder_levels(info), mode, generator,
+                     cfg.temperature)
     return x.to(torch.uint8) if info.kind == "image" else x.float()
 
 
 @torch.no_grad()
 def code_counts(vqvae, data, info, batch_size=1024):
-    """How often each code is used over a data set (its whole code maps): (K,) on the CPU."""
-    device = vqvae.codebook.device
+    """How often each code is used over a data set (its whole code maps; VQ-VAE-2's bottom map):
+    (K,) on the CPU."""
+    device = _device(vqvae)
     counts = torch.zeros(vqvae.num_codes, dtype=torch.long)
     for i in range(0, len(data), batch_size):
         codes = vqvae.encode(to_model_space(data[i:i + batch_size].to(device), info))
+        codes = codes[-1] if isinstance(codes, tuple) else codes
         counts += torch.bincount(codes.reshape(-1).cpu(), minlength=vqvae.num_codes)
     return counts
 
@@ -677,6 +866,10 @@ def save_samples(x, path, info, title):
         save_scatter(x.cpu(), path, lim=info.lim, title=title)
     else:
         save_image_grid(x.cpu(), path, levels=info.levels, nrow=10 if x.shape[0] % 10 == 0 else None, title=title)
+
+
+def _device(module):
+    return next(module.parameters()).device
 
 
 def _pyplot():
@@ -691,7 +884,7 @@ def save_reconstructions(vqvae, x, path, info, cols=8):
     """Images: rows of inputs, each followed by a row of their reconstructions (the most
     probable level of every pixel given the codes). Points: the points coloured by their code,
     with each used code's decoder mean (a cross)."""
-    device = vqvae.codebook.device
+    device = _device(vqvae)
     out, _, _, codes = vqvae(to_model_space(x.to(device), info))
     if info.kind == "image":
         rec = out.argmax(2).to(torch.uint8).cpu()
@@ -743,7 +936,7 @@ def save_code_usage(counts, metrics_path, path):
 def write_density(vqvae, prior, cfg, info, ds, out):
     """density.npz: the model's exact log-density (the mixture over its K codes) on
     common.density_on_grid's 128 x 128 grid; density.png beside the truth and exp(-bound)."""
-    device = vqvae.codebook.device
+    device = _device(vqvae)
 
     @torch.inference_mode()
     def exact(x):
@@ -768,81 +961,74 @@ MODEL = "vqvae"
 
 
 def build(cfg, info):
-    """(VQVAE, CodePrior) for a configuration and the data's description."""
-    if info.kind == "image":
-        c, h, w = info.shape
-        if h % 2 ** cfg.down or w % 2 ** cfg.down:
-            raise UserError(f"--down {cfg.down} halves the side {cfg.down} times; {info.name} has {h}x{w} images: "
-                            f"use a --down whose 2^N divides {h} and {w}")
-        encoder = ConvEncoder(c, cfg.hidden, cfg.res_blocks, cfg.down, cfg.code_dim)
-        decoder = ConvDecoder(c, info.levels, cfg.hidden, cfg.res_blocks, cfg.down, cfg.code_dim)
-    else:
-        encoder, decoder = PointEncoder(info.shape[0], cfg.hidden, cfg.code_dim), \
-            PointDecoder(info.shape[0], cfg.hidden, cfg.code_dim)
-    vqvae = VQVAE(encoder, decoder, cfg.codes, cfg.code_dim, ema=cfg.codebook == "ema", decay=cfg.decay,
-                  eps=cfg.laplace_eps, restart_after=cfg.restart_after)
-    prior = CodePrior(cfg.codes, math.prod(latent_shape(cfg, info)), cfg.prior_layers, cfg.prior_heads,
-                      cfg.prior_width, cfg.prior_dropout)
-    return vqvae, prior
+    """(VQVAE, CodePrior), or (VQVAE2, HierarchicalPrior) with --levels 2, for a configuration
+    and the data's description."""
+    codebook = dict(ema=cfg.codebook == "ema", decay=cfg.decay, eps=cfg.laplace_eps, restart_after=cfg.restart_after)
+    prior_size = (cfg.prior_layers, cfg.prior_heads, cfg.prior_width, cfg.prior_dropout)
+    if info.kind == "points":
+        if cfg.levels == 2:
+            raise UserError(f"--levels 2 needs images (a code map to halve); {info.name} is a set of 2D points, "
+                            "each one code: use --levels 1")
+        return VQVAE(PointEncoder(info.shape[0], cfg.hidden, cfg.code_dim), PointDecoder(info.shape[0], cfg.hidden,
+                     cfg.code_dim), cfg.codes, cfg.code_dim, **codebook), CodePrior(cfg.codes, 1, *prior_size)
+    c, h, w = info.shape
+    down = cfg.down + cfg.levels - 1  # the top map of --levels 2 halves the side once more
+    if h % 2 ** down or w % 2 ** down:
+        raise UserError(f"--down {cfg.down} with --levels {cfg.levels} halves the side {down} times; {info.name} has "
+                        f"{h}x{w} images: use a --down whose 2^(N + levels - 1) divides {h} and {w}")
+    L = math.prod(latent_shape(cfg, info))
+    if cfg.levels == 2:
+        return VQVAE2(c, info.levels, cfg.hidden, cfg.res_blocks, cfg.down, cfg.codes, cfg.code_dim, **codebook), \
+            HierarchicalPrior(cfg.codes, math.prod(top_shape(cfg, info)), L, *prior_size)
+    encoder = ConvEncoder(c, cfg.hidden, cfg.res_blocks, cfg.down, cfg.code_dim)
+    decoder = ConvDecoder(c, info.levels, cfg.hidden, cfg.res_blocks, cfg.down, cfg.code_dim)
+    return VQVAE(encoder, decoder, cfg.codes, cfg.code_dim, **codebook), CodePrior(cfg.codes, L, *prior_size)
 
 
 def train(cfg):
     """Eq. 3 with Adam on the autoencoder (straight-through gradients, EMA or loss codebook, dead
     codes restarted), then maximum likelihood of the prior on the frozen autoencoder's codes;
     under torchrun every process trains on its slice of the global batch (DDP)."""
-    dist = init_distributed(cfg.device)
-    out = open_run(cfg, MODEL, dist)
-    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    info = ds.info
-    seed_everything(cfg.seed)  # the same initial weights on every process
-    vqvae, prior = build(cfg, info)
-    vqvae.to(dist.device)
-    prior.to(dist.device)
-    opt = torch.optim.Adam([p for p in vqvae.parameters() if p.requires_grad], lr=cfg.lr)
-    prior_opt = torch.optim.Adam(prior.parameters(), lr=cfg.prior_lr)
-    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
-    parts = dict(model=vqvae, prior=prior, opt=opt, prior_opt=prior_opt, batches=batches)
-    if cfg.resume:
-        step = resume(cfg, MODEL, dist, **parts)
-    else:
-        step = 0
-        seed_everything(cfg.seed + dist.rank)  # dropout and restarts draw per process
-    if cfg.stage == "ae" and int(prior.updates) > 0:
-        raise UserError("the prior in this checkpoint has trained on its autoencoder's codes; training the "
-                        "autoencoder further would change them: use --stage prior, or start afresh with --overwrite")
-    start = step
-    model, model_prior = wrap_ddp(vqvae, dist, cfg.compile), wrap_ddp(prior, dist, cfg.compile)
-    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
-    amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-    levels, L = decoder_levels(info), math.prod(latent_shape(cfg, info))
-    shown = ds.data[:32] if info.kind == "image" else ds.data[:2000]  # the inputs of the reconstructions
+    with Training(cfg, MODEL) as run:
+        ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        info = ds.info
+        seed_everything(cfg.seed)  # the same initial weights on every process
+        vqvae, prior = build(cfg, info)
+        vqvae.to(run.device)
+        prior.to(run.device)
+        opt = torch.optim.Adam([p for p in vqvae.parameters() if p.requires_grad], lr=cfg.lr)
+        prior_opt = torch.optim.Adam(prior.parameters(), lr=cfg.prior_lr)
+        batches = Batches(ds, cfg.batch_size, run.dist, seed=cfg.seed)
+        step = run.start(info, model=vqvae, prior=prior, opt=opt, prior_opt=prior_opt, batches=batches)
+        if cfg.stage == "ae" and int(prior.updates) > 0:
+            raise UserError("the prior in this checkpoint has trained on its autoencoder's codes; training the "
+                            "autoencoder further would change them: use --stage prior, or start afresh with --overwrite")
+        model, model_prior = wrap_ddp(vqvae, run.dist, cfg.compile), wrap_ddp(prior, run.dist, cfg.compile)
+        amp = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+        levels = decoder_levels(info)
+        shown = ds.data[:32] if info.kind == "image" else ds.data[:2000]  # the inputs of the reconstructions
 
-    def checkpoint_and_pictures():
-        """The checkpoint (a collective), then on rank 0 the pictures, stopped at once by a signal."""
-        save_training(out, MODEL, step, cfg, info, dist, **parts)
-        if dist.is_main:
-            with stop.interruptible():  # the checkpoint is whole: a signal may stop the pictures at once
-                g = torch.Generator(device=dist.device).manual_seed(cfg.seed)
-                prior.eval()  # no dropout while sampling
-                x = draw(vqvae, prior, cfg, info, cfg.n_samples, g)
-                prior.train()
-                untrained = " (the prior is untrained)" if int(prior.updates) == 0 else ""
-                save_samples(x, out / f"samples_{step}.png", info, f"prior samples, step {step}{untrained}")
-                save_reconstructions(vqvae, shown, out / f"recon_{step}.png", info)
+        def pictures(step):
+            g = torch.Generator(device=run.device).manual_seed(cfg.seed)
+            prior.eval()  # no dropout while sampling
+            x = draw(vqvae, prior, cfg, info, cfg.n_samples, g)
+            prior.train()
+            untrained = " (the prior is untrained)" if int(prior.updates) == 0 else ""
+            save_samples(x, run.out / f"samples_{step}.png", info, f"prior samples, step {step}{untrained}")
+            save_reconstructions(vqvae, shown, run.out / f"recon_{step}.png", info)
 
-    with StopSignal() as stop:
         stage = None
-        while step < cfg.steps:
+        for step in run.steps(step, pictures):
             if stage != stage_of(cfg, step, prior):
                 if stage is not None:  # a window of metrics holds one stage's lines only
-                    logger.close()
-                    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
+                    run.logger.close()
+                    run.logger = Logger(run.out, cfg.steps, enabled=run.dist.is_main, every=cfg.log_every)
                 stage = stage_of(cfg, step, prior)
-                logger.event("stage", trains="autoencoder" if stage == "ae" else "prior", from_step=step)
+                run.logger.event("stage", trains="autoencoder" if stage == "ae" else "prior", from_step=step)
             x, _ = next(batches)
             x_in = to_model_space(x, info)
             target = x if info.kind == "image" else x_in
-            if stage == "ae":  # Eq. 3; the codes move after the optimiser step (EMA, restarts)
+            if stage == "ae":  # Eq. 3 (on each map); the codes move after the optimiser step (EMA, restarts)
                 with amp:
                     terms = vqvae_loss(model, x_in, target, cfg.beta, cfg.codebook == "loss", levels)
                 loss = terms["loss"].mean()
@@ -851,71 +1037,72 @@ def train(cfg):
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(vqvae.parameters(), cfg.grad_clip)
                 opt.step()
-                counts, sums = codebook_statistics(terms["z_e"], terms["codes"], cfg.codes)
-                candidates = random_encoder_outputs(terms["z_e"], cfg.codes) * (dist.rank == 0)  # rank 0's
-                counts, sums, candidates = dist.sum(counts, sums, candidates)
-                restarted = vqvae.update_codebook(counts, sums, candidates)
-                metrics = dict(recon=dist.mean(terms["recon"].mean()), commitment=dist.mean(terms["commitment"].mean()),
-                               perplexity=float(perplexity(counts)), restarted=restarted)
+                restarted, used = 0, []
+                for book, z_e, codes in zip(vqvae.codebooks(), *map(per_map, (terms["z_e"], terms["codes"]))):
+                    counts, sums = codebook_statistics(z_e, codes, cfg.codes)
+                    candidates = random_encoder_outputs(z_e, cfg.codes) * (run.dist.rank == 0)  # rank 0's
+                    counts, sums, candidates = run.dist.sum(counts, sums, candidates)
+                    restarted += book.update_codebook(counts, sums, candidates)
+                    used.append(float(perplexity(counts)))
+                top = dict(perplexity_top=used[0]) if cfg.levels == 2 else {}
+                metrics = dict(recon=terms["recon"].mean(), commitment=terms["commitment"].mean(),
+                               perplexity=used[-1], **top, restarted=restarted)
             else:  # the prior: maximum likelihood of the frozen autoencoder's code maps
                 with torch.no_grad():
-                    codes = vqvae.encode(x_in).reshape(x.shape[0], L)
+                    codes = vqvae.encode(x_in)
                 with amp:
-                    loss = prior_nll(model_prior, codes, cfg.codes).mean()
+                    if cfg.levels == 2:
+                        nll_top, nll_bottom = model_prior(*codes)
+                        loss = (nll_top + nll_bottom).mean()
+                    else:
+                        loss = prior_nll(model_prior, codes.reshape(x.shape[0], -1), cfg.codes).mean()
                 prior_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(prior.parameters(), cfg.grad_clip)
                 prior_opt.step()
-                prior.updates += 1
-                metrics = {}
-            step += 1
-            value = dist.mean(loss)
-            check_finite(value, step)
-            logger.log(step, cfg.batch_size, loss=value, **metrics)
-            stopping = dist.any(stop.requested)
-            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                checkpoint_and_pictures()
-            if stopping:
-                if dist.is_main:
-                    print(f"stopped at step {step}; {out / 'ckpt.pt'} saved; continue with --resume", flush=True)
-                break
-        if step == start:  # --steps 0, or nothing left to train: still a checkpoint
-            checkpoint_and_pictures()
-        if dist.is_main and not stop.requested:
-            with stop.interruptible():
-                save_code_usage(code_counts(vqvae, ds.data[:10_000], info), out / "metrics.jsonl", out / "codes.png")
-    logger.close()
-    dist.close()
-    if dist.is_main:
-        if int(prior.updates) == 0:
-            print("note: the prior has not trained yet (its samples are noise): continue with --stage prior --resume")
-        report_files(out, ["ckpt.pt", f"samples_{step}.png", f"recon_{step}.png", "codes.png", "metrics.jsonl",
-                           "loss.png"])
+                prior.updates.add_(1)
+                metrics = dict(prior_top=nll_top.mean(), prior_bottom=nll_bottom.mean()) if cfg.levels == 2 else {}
+            run.log(loss=loss, **metrics)
+        run.draw(lambda: save_code_usage(code_counts(vqvae, ds.data[:10_000], info), run.out / "metrics.jsonl",
+                                         run.out / "codes.png"))
+    if run.dist.is_main and int(prior.updates) == 0:
+        print("note: the prior has not trained yet (its samples are noise): continue with --stage prior --resume")
+    run.report(["ckpt.pt", f"samples_{run.step}.png", f"recon_{run.step}.png", "codes.png", "metrics.jsonl",
+                "loss.png"])
 
 
 def evaluate(cfg):
     """--eval CKPT: the test-set bound -log p(x | z_q(x)) - log p(z(x)) with the learned prior,
-    in nats per example and bits/dim, its two terms, the uniform prior's bound, the
-    reconstruction error and the codes' perplexity; on 2D sets also the exact NLL (the mixture
-    over the K codes), density.npz and density.png."""
+    in nats per example and bits/dim, its terms (with --levels 2 the top and the bottom prior's
+    NLLs), the uniform prior's bound, the reconstruction error and the codes' perplexity; on 2D
+    sets also the exact NLL (the mixture over the K codes), density.npz and density.png."""
     (vqvae, prior), saved, info = load(cfg.eval, get_device(cfg.device))
-    device = vqvae.codebook.device
+    device = _device(vqvae)
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir)
     data = ds.data[:cfg.eval_n] if cfg.eval_n else ds.data
-    levels, L = decoder_levels(info), math.prod(latent_shape(saved, info))
+    levels = decoder_levels(info)
+    L = math.prod(latent_shape(saved, info)) + (math.prod(top_shape(saved, info)) if saved.levels == 2 else 0)
     parts = collections.defaultdict(list)
     start = time.time()
     with torch.inference_mode():
         for i in range(0, len(data), cfg.batch_size):
             x = data[i:i + cfg.batch_size].to(device)
             x_in = to_model_space(x, info)
-            bound, recon, prior_term, dec, codes = nll_bound(vqvae, prior, x_in, x if levels else x_in, saved.codes,
-                                                             levels)
-            target = x.float() / (info.levels - 1) if levels else x_in  # pixels in [0, 1] for the error
-            mse = ((decoder_mean(dec, levels) - target) ** 2).reshape(len(x), -1).mean(1)
-            for name, value in (("bound", bound), ("recon", recon), ("prior", prior_term), ("mse", mse)):
+            target = x if levels else x_in
+            if saved.levels == 2:
+                bound, recon, nll_top, nll_bottom, dec, codes = hierarchical_nll_bound(vqvae, prior, x_in, target,
+                                                                                       levels)
+                terms = dict(prior=nll_top + nll_bottom, prior_top=nll_top, prior_bottom=nll_bottom)
+                parts["codes_top"].append(codes[0].reshape(-1).cpu())
+                codes = codes[1]
+            else:
+                bound, recon, prior_term, dec, codes = nll_bound(vqvae, prior, x_in, target, saved.codes, levels)
+                terms = dict(prior=prior_term)
+            pixels = x.float() / (info.levels - 1) if levels else x_in  # pixels in [0, 1] for the error
+            mse = ((decoder_mean(dec, levels) - pixels) ** 2).reshape(len(x), -1).mean(1)
+            for name, value in dict(bound=bound, recon=recon, mse=mse, **terms).items():
                 parts[name].append(value.double().cpu())
             parts["codes"].append(codes.reshape(-1).cpu())
             if info.kind == "points":
@@ -929,6 +1116,10 @@ def evaluate(cfg):
                  recon_mse=v["mse"].mean().item(), perplexity=float(perplexity(counts)),
                  codes_used=int((counts > 0).sum()), prior_updates=int(prior.updates),
                  seconds=round(time.time() - start, 1))
+    if saved.levels == 2:  # the bottom map's perplexity and codes above, the top map's here
+        counts_top = torch.bincount(v["codes_top"], minlength=saved.codes)
+        extra.update(prior_top_nll=v["prior_top"].mean().item(), prior_bottom_nll=v["prior_bottom"].mean().item(),
+                     perplexity_top=float(perplexity(counts_top)), codes_used_top=int((counts_top > 0).sum()))
     if info.kind == "image":
         extra["bits_per_dim"] = bits_per_dim(nll, info.dims)
         extra["uniform_prior_bits_per_dim"] = bits_per_dim(extra["uniform_prior_nll"], info.dims)
@@ -948,7 +1139,7 @@ def draw_samples(cfg):
     (vqvae, prior), saved, info = load(cfg.sample, get_device(cfg.device))
     out = output_dir(cfg, cfg.sample)
     run = dataclasses.replace(saved, decode=cfg.decode, temperature=cfg.temperature)
-    g = torch.Generator(device=vqvae.codebook.device).manual_seed(cfg.seed)
+    g = torch.Generator(device=_device(vqvae)).manual_seed(cfg.seed)
     start = time.time()
     x = draw(vqvae, prior, run, info, cfg.n_samples, g)
     seconds = time.time() - start
