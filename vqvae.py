@@ -1,75 +1,51 @@
-"""VQ-VAE: a discrete autoencoder with straight-through gradients, an EMA codebook, an
-autoregressive prior over its code maps, and a likelihood bound in bits/dim.
+"""VQ-VAE and VQ-VAE-2: discrete autoencoders with straight-through gradients, EMA codebooks,
+autoregressive priors over their code maps, and a likelihood bound in bits/dim.
 
 Papers
-  van den Oord, Vinyals & Kavukcuoglu 2017, "Neural Discrete Representation Learning",
-    arXiv 1711.00937 (VQ-VAE: Eqs. 1-3, Sec. 3.2 straight-through, App. A.1 EMA codebook).
+  van den Oord, Vinyals & Kavukcuoglu 2017, "Neural Discrete Representation Learning", arXiv 1711.00937.
   Razavi, van den Oord & Vinyals 2019, "Generating Diverse High-Fidelity Images with VQ-VAE-2",
-    arXiv 1906.00446 (the two-level hierarchy: NOT implemented here).
-  Vaswani et al. 2017, "Attention Is All You Need", arXiv 1706.03762 (the causal transformer
-    that serves as the prior over the codes).
+    arXiv 1906.00446 (--levels 2).
+  Vaswani et al. 2017, "Attention Is All You Need", arXiv 1706.03762 (the priors' transformer).
 
-Implemented: nearest-code quantisation with the straight-through estimator; the loss of Eq. 3
-(reconstruction log-likelihood, codebook term, commitment term with beta = 0.25); the EMA
-codebook of App. A.1 (decay 0.99) with Laplace-smoothed cluster sizes as in the authors' Sonnet
-module, or the codebook term instead (--codebook loss); restart of dead codes (a code unused
-for --restart-after steps is re-seeded with an encoder output); the codebook perplexity; an
-autoregressive prior over the flattened code map (a causal transformer, our choice where the
-paper uses a PixelCNN), trained on the codes of the training set after the autoencoder;
-ancestral sampling (prior samples -> decoder); the bound -log p(x) <= -log p(x | z_q(x)) -
-log p(z(x)) per example in nats and bits/dim, with a decoder normalised over the discrete
-levels; the exact marginal likelihood by enumerating every code map where that is feasible (a
-2D point set's single code). Networks: the paper's CIFAR-10 encoder and decoder (stride-2 4x4
-convolutions and residual 3x3 blocks of 256 units) scaled by flags, MLPs for 2D points.
-Not implemented: VQ-VAE-2's hierarchy of code maps and its PixelSNAIL priors; the paper's
-PixelCNN prior; the audio, video and speaker-conversion models; class-conditional priors.
+Implemented: nearest-code quantisation, straight-through gradients, the loss of Eq. 3 (beta 0.25),
+the EMA codebook of App. A.1 (Laplace-smoothed as the authors' Sonnet module) or the codebook term
+(--codebook loss), dead codes re-seeded from encoder outputs (ours); a causal-transformer prior
+trained on the frozen autoencoder's codes (ours where the paper uses a PixelCNN); the bound
+-log p(x) <= -log p(x | z(x)) - log p(z(x)) in nats and bits/dim, the decoder a categorical over
+the L levels of every sub-pixel, so no dequantisation (2D points: a Gaussian per code, and the
+exact mixture density).
+VQ-VAE-2: a top map at half the side of the bottom map (--down sets the bottom: 4x4 under 2x2 for
+digits, 8x8 under 4x4 for CIFAR-10), the bottom encoder reading the decoded top, the decoder both;
+a top prior and a bottom prior that reads the whole top map by cross-attention (the paper:
+PixelCNNs with self-attention); the bound with both priors' NLLs. Networks: Sec. 4.1's text (all
+256 wide, residual blocks right after the strided convolutions). DeepMind's Sonnet example differs:
+a 3x3 convolution follows the strided ones, the first strided and the first transposed convolution
+are half as wide, the residual 3x3s 32 wide; its decoder's input 3x3 convolution is ours
+(PRESETS["cifar10"] has the details).
+Not implemented: PixelCNN/PixelSNAIL priors, VQ-VAE-2's third level, class conditioning and
+rejection sampling; the audio, video and speaker models.
 
-Training: --steps counts both stages. The autoencoder trains for the first --ae-fraction of
-them (Eq. 3 under a uniform prior, as in the paper), then the prior on the codes of the frozen
-autoencoder; --stage ae trains only the former, --stage prior --resume only the latter.
-
-The model. An encoder maps x to z_e(x), an (h, w) map of D-dimensional vectors; each vector is
-replaced by its nearest code e_k of a codebook of K vectors (the discrete latent z, an (h, w)
-map of integers in [0, K)), and the decoder gives p(x | z_q) from the code vectors z_q = e_z.
-The generative model is z ~ p(z) (the prior over code maps), x ~ p(x | e_z). The posterior
-q(z | x) is one-hot at z(x) (Eq. 1), so its ELBO is log p(x | z_q(x)) + log p(z(x)): with a
-uniform prior KL = h w log K (Sec. 3.1), with the learned prior KL = -log p(z(x)). `--eval`
-reports the learned prior's bound as `nll` (and the uniform prior's beside it).
-
-Data conventions: images arrive as integer levels 0..L-1; the encoder sees x / (L - 1) * 2 - 1
-and the decoder is an independent categorical over the L levels of every sub-pixel, so
-p(x | z_q) sums to 1 over the L^(C H W) images and bits/dim = bound / (C H W ln 2) are those of
-the discrete data, with no dequantisation (17 levels for digits, 256 for CIFAR-10). 2D points
-are continuous: the encoder maps a point to one code (h w = 1), the decoder is a Gaussian with
-a mean and a diagonal variance per code, and the prior a categorical over the K codes: a
-mixture of K Gaussians found like K-means, whose bound is on the continuous NLL in nats and
-whose exact density log sum_k p(k) N(x; mu_k, sigma_k^2) is enumerated for density.npz.
-
-Run it
-  python vqvae.py                                   # digits: autoencoder, then prior (CPU, minutes)
+Run it (--steps counts both stages: the autoencoder for --ae-fraction of them, then the prior)
+  python vqvae.py [--levels 2]                      # digits, CPU, minutes
+  python vqvae.py --eval runs/vqvae-digits/ckpt.pt  # the bound in bits/dim, each prior's NLL
   python vqvae.py --sample runs/vqvae-digits/ckpt.pt
-  python vqvae.py --eval runs/vqvae-digits/ckpt.pt  # the bound in bits/dim, reconstruction error
-  python vqvae.py --steps 1500 --stage ae           # the autoencoder alone, then ...
-  python vqvae.py --stage prior --resume --steps 3000   # ... the prior on its codes
-  python vqvae.py --dataset cifar10                 # the paper's CIFAR-10 autoencoder
-  python vqvae.py --dataset 8gaussians              # 2D points: K-means-like Gaussian mixture
+  (--stage ae, then --stage prior --resume: one stage at a time; --dataset cifar10: Sec. 4.1)
 
-Map from the paper to the names below
-  Eq. 1 (q(z = k | x) one-hot at the nearest code)    quantize (codes)
-  Eq. 2 (z_q(x) = e_k)                                quantize (z_q)
-  Sec. 3.2 (straight-through gradient, z_e <- z_q)    quantize (z_st)
-  Eq. 3 (log p(x|z_q) + ||sg[z_e] - e||^2             vqvae_loss, vq_terms, decoder_log_prob
-         + beta ||z_e - sg[e]||^2)
-  App. A.1 (EMA: N_i, m_i, e_i = m_i / N_i)           codebook_statistics, ema_codebook_update
-  dead-code restart (not in the paper; ours)          update_unused, random_encoder_outputs,
-                                                      restart_dead_codes
-  codebook perplexity exp(H(usage))                   perplexity
-  Sec. 3.3 (prior over z, fit after training)         prior_nll, sample_codes, CodePrior
-  Sec. 3.1 (KL = log K under a uniform prior), Sec. 3
-    (log p(x) >= log p(x | z_q(x)) p(z_q(x)))         nll_bound, bits_per_dim
-  exact log p(x) = log sum_z p(z) p(x | e_z)          exact_log_likelihood
-  sampling: prior -> decoder                          generate, decoder_sample
-  Sec. 4.1 (encoder, decoder, residual blocks)        ConvEncoder, ConvDecoder, ResBlock
+Paper -> code
+  VQ-VAE Eq. 1-2      z = argmin_k ||z_e - e_k||, z_q = e_z               quantize
+  VQ-VAE Sec. 3.2     z_st = sg[z_q] + z_e - sg[z_e] (gradient copied)   quantize
+  VQ-VAE Eq. 3        -log p(x|z_q) + ||sg[z_e] - e||^2                   vqvae_loss, vq_terms,
+                        + beta ||z_e - sg[e]||^2                          decoder_log_prob
+  VQ-VAE App. A.1     N <- g N + (1-g) n, m <- g m + (1-g) sum z, e = m/N  ema_codebook_update, Codebook
+  (ours)              codes unused for T steps <- encoder outputs         restart_dead_codes
+  VQ-VAE Sec. 3.3     p(z) = prod_t p(z_t | z_<t)                         prior_nll, sample_codes, CodePrior
+  VQ-VAE Sec. 3       -log p(x) <= -log p(x|z_q(x)) - log p(z(x))         nll_bound, bits_per_dim
+  exact               log p(x) = log sum_z p(z) p(x|e_z)                  exact_log_likelihood
+  VQ-VAE-2 Alg. 1     e_top = Q(E_top(x)), e_bot = Q(E_bot(x, D_top(e_top))), x^ = D(e_top, e_bot)   VQVAE2
+  VQ-VAE-2 Sec. 3.2   p(z_top) p(z_bot | z_top)                           HierarchicalPrior
+  bound, two maps     -log p(x|z_top,z_bot) - log p(z_top) - log p(z_bot|z_top)  hierarchical_nll_bound
+  exact, two maps     log sum_{z_top,z_bot} p(z_top) p(z_bot|z_top) p(x|.)  hierarchical_exact_log_likelihood
+  VQ-VAE-2 Alg. 2     z_top ~ p, z_bot ~ p(.|z_top), x ~ p(x|z_top,z_bot)  hierarchical_generate
 """
 from __future__ import annotations
 
@@ -96,31 +72,22 @@ from common import (Batches, Logger, RunConfig, Training, UserError, check_range
 
 def quantize(z_e, codebook, chunk=2**22):
     """Nearest-code quantisation (van den Oord et al. Eqs. 1-2) and the straight-through
-    estimator (Sec. 3.2).
-
-    z_e: (..., D) encoder outputs, codebook: (K, D) the codes e_1..e_K. Returns
-      codes (...) int64: argmin_k ||z_e - e_k||^2 (Eq. 1), ties going to the lowest k;
-      z_q (..., D): e_codes (Eq. 2), differentiable in the codebook only;
-      z_st (..., D): the decoder's input, equal to z_q in value and to z_e in gradient: the
-        gradient at the decoder's input is copied to the encoder's output (Sec. 3.2). Written
-        sg[z_q] + (z_e - sg[z_e]), the same estimator as z_e + sg[z_q - z_e], but its value is
-        z_q exactly (the usual form rounds: 0.9 + (0.1 - 0.9) = 0.09999999999999998).
-    Distances are sums of squared differences (no |z|^2 - 2 z.e + |e|^2, which cancels and can
-    break ties), in float32 at least, over chunks of rows holding at most `chunk` elements.
-    """
+    estimator (Sec. 3.2). z_e (..., D), codebook (K, D) -> codes (...) = argmin_k ||z_e - e_k||^2
+    (ties to the lowest k), z_q = e_codes (differentiable in the codebook only), and the decoder's
+    input z_st = sg[z_q] + (z_e - sg[z_e]): z_q in value, z_e in gradient."""
     if z_e.shape[-1] != codebook.shape[-1] or codebook.dim() != 2:
         raise ValueError(f"z_e (..., {z_e.shape[-1]}) and codebook {tuple(codebook.shape)} need the same last dim D")
     K, D = codebook.shape
     dtype = torch.promote_types(z_e.dtype, torch.float32)
-    with torch.no_grad():
+    with torch.no_grad():  # sums of squared differences: |z|^2 - 2 z.e + |e|^2 cancels and can break ties
         flat, e = z_e.detach().reshape(-1, D).to(dtype), codebook.detach().to(dtype)
-        rows = max(1, chunk // (K * D))
+        rows = max(1, chunk // (K * D))  # chunks of at most `chunk` elements
         codes = torch.cat([((flat[i:i + rows, None, :] - e[None]) ** 2).sum(-1).argmin(1)
                            for i in range(0, flat.shape[0], rows)]) if flat.shape[0] else \
             torch.zeros(0, dtype=torch.long, device=z_e.device)
     codes = codes.reshape(z_e.shape[:-1])
     z_q = F.embedding(codes, codebook)
-    z_st = z_q.detach() + (z_e - z_e.detach())
+    z_st = z_q.detach() + (z_e - z_e.detach())  # z_e + sg[z_q - z_e] would round: 0.9 + (0.1 - 0.9) != 0.1
     return codes, z_q, z_st
 
 
@@ -163,14 +130,10 @@ def vq_terms(z_e, z_q):
 
 
 def vqvae_loss(model, x, target, beta=0.25, codebook_loss=True, levels=None):
-    """The loss of Eq. 3 per example (B,) in nats:
-    L = -log p(x | z_q(x)) + ||sg[z_e(x)] - e||^2 + beta ||z_e(x) - sg[e]||^2.
-
-    With codebook_loss False the codebook term is left out: the codes then move by the EMA of
-    App. A.1 (ema_codebook_update). model(x) -> (decoder output, z_e, z_q, codes), as VQVAE
-    (tuples of the two maps for VQVAE2); x is the encoder's input, target the data the decoder scores (levels or points). Returns a
-    dict of the per-example loss and its terms, with z_e and codes for the codebook statistics.
-    """
+    """The loss of Eq. 3 per example (B,) in nats: -log p(x | z_q(x)) + ||sg[z_e(x)] - e||^2
+    + beta ||z_e(x) - sg[e]||^2, without the codebook term when the EMA moves the codes
+    (codebook_loss False). model(x) -> (decoder output, z_e, z_q, codes) (tuples of both maps for
+    VQVAE2); target is what the decoder scores. A dict of the terms, z_e and codes."""
     out, z_e, z_q, codes = model(x)
     recon = -decoder_log_prob(target, out, levels)
     codebook, commitment = vq_terms(z_e, z_q)
@@ -193,15 +156,11 @@ def codebook_statistics(z_e, codes, num_codes):
 
 
 def ema_codebook_update(codebook, cluster_size, embed_sum, counts, sums, decay=0.99, eps=1e-5):
-    """The EMA codebook update of App. A.1, with decay gamma:
-        N_i <- gamma N_i + (1 - gamma) n_i,   m_i <- gamma m_i + (1 - gamma) sum_j z_{i,j},
-        e_i = m_i / N~_i,
-    N~_i = (N_i + eps) / (n + K eps) * n with n = sum_i N_i: the Laplace smoothing of the
-    authors' Sonnet module (VectorQuantizerEMA), so that a code whose N_i has decayed towards 0
-    does not divide by it; sum_i N~_i = n. With gamma = 0 and eps = 0 every used code sits at the
-    mean of the encoder outputs assigned to it (a K-means step). A code with N~_i = 0 (eps = 0
-    and never used) keeps its vector. Returns the new (cluster_size, embed_sum, codebook).
-    """
+    """The EMA codebook update of App. A.1 with decay gamma: N_i <- gamma N_i + (1 - gamma) n_i,
+    m_i <- gamma m_i + (1 - gamma) sum_j z_{i,j}, e_i = m_i / N~_i, with the Laplace smoothing
+    N~_i = (N_i + eps) / (n + K eps) n, n = sum_i N_i, of the authors' Sonnet module
+    (VectorQuantizerEMA). A code with N~_i = 0 keeps its vector. Returns the new (cluster_size,
+    embed_sum, codebook)."""
     if not 0 <= decay <= 1 or eps < 0:
         raise ValueError(f"decay {decay} must be in [0, 1] and eps {eps} >= 0")
     K = cluster_size.shape[0]
@@ -287,14 +246,9 @@ def sample_codes(prior, n, length, num_codes, generator=None, temperature=1.0, c
 
 
 def nll_bound(model, prior, x, target, num_codes, levels=None):
-    """The bound -log p(x) <= -log p(x | z_q(x)) - log p(z(x)) per example (B,), in nats.
-
-    q(z | x) is one-hot at the nearest codes z(x) (Eq. 1) and has entropy 0, so the ELBO is
-    log p(x | z_q(x)) - KL(q || p) with KL = -log p(z(x)): log K per latent under the uniform
-    prior of training (Sec. 3.1), the prior's NLL of the code map under the learned one (here):
-    the bound log p(x) >= log p(x | z_q(x)) p(z_q(x)) the paper states in Sec. 3.
-    Returns (bound, reconstruction NLL, prior NLL, decoder output, codes), the first three (B,).
-    """
+    """The bound -log p(x) <= -log p(x | z_q(x)) - log p(z(x)) per example (B,), in nats (Sec. 3;
+    q(z|x) is one-hot at z(x), Eq. 1, so the ELBO's KL is -log p(z(x)); log K per code under the
+    uniform prior of Sec. 3.1). Returns (bound, reconstruction NLL, prior NLL, decoder output, codes)."""
     out, _, _, codes = model(x)
     recon = -decoder_log_prob(target, out, levels)
     prior_term = prior_nll(prior, codes.reshape(codes.shape[0], -1), num_codes)
@@ -425,8 +379,10 @@ class ResBlock(nn.Module):
 
 class ConvEncoder(nn.Module):
     """Sec. 4.1: `down` stride-2 4x4 convolutions, then `res_blocks` residual blocks, all `hidden`
-    units wide (2 and 2 of 256 for CIFAR-10), then a 1x1 convolution to the code dimension D (our
-    addition, so that D need not equal the width). (B, C, H, W) -> (B, H / 2^down, W / 2^down, D)."""
+    units wide (2 and 2 of 256 for CIFAR-10), then a 1x1 convolution to the code dimension D (as
+    the Sonnet example's; the paper is silent), so that D need not equal the width. No 3x3
+    convolution between the strided ones and the residual blocks, unlike the Sonnet example
+    (PRESETS["cifar10"]). (B, C, H, W) -> (B, H / 2^down, W / 2^down, D)."""
 
     def __init__(self, in_ch, hidden, res_blocks, down, code_dim):
         super().__init__()
@@ -443,8 +399,9 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Sec. 4.1: a 3x3 convolution from D to `hidden`, `res_blocks` residual blocks, then `down`
-    stride-2 4x4 transposed convolutions, the last giving C * levels logits per pixel.
+    """Sec. 4.1: a 3x3 convolution from D to `hidden` (no activation after it, as the Sonnet
+    example's), `res_blocks` residual blocks, then `down` stride-2 4x4 transposed convolutions,
+    all `hidden` wide but the last, which gives C * levels logits per pixel.
     (B, h, w, D) -> (B, C, levels, h 2^down, w 2^down)."""
 
     def __init__(self, out_ch, levels, hidden, res_blocks, down, code_dim):
@@ -762,6 +719,14 @@ PRESETS = {
     # gamma 0.99 (App. A.1), beta 0.25. The 8x8 code map with K = 512 is our reading of the paper
     # (K = 512 is stated for ImageNet; K and D for CIFAR-10 are not verified); D = 64 is ours, as is
     # the prior (a transformer where the paper used a PixelCNN) and its 250k further steps.
+    # The networks follow Sec. 4.1's text. DeepMind's Sonnet example (examples/vqvae_example.ipynb,
+    # read 2026-12-06) builds them otherwise: its encoder's first stride-2 convolution is half as
+    # wide, and a 3x3 convolution with a ReLU follows the two strided ones (here the residual blocks
+    # follow them directly); its residual blocks' 3x3 convolutions are 32 wide (256 here) and its
+    # width 128. Its decoder's input convolution is the one here (3x3, D -> width, no ReLU before
+    # the residual blocks), but its first transposed convolution halves the width and its last
+    # gives 3 colour means for a squared error (here 256 logits per sub-pixel, a categorical).
+    # --levels 2: an 8x8 bottom map under a 4x4 top map (1/4 and 1/8 of the side, the paper's ratios).
     "cifar10": dict(steps=500_000, batch_size=128, lr=2e-4, codes=512, code_dim=64, hidden=256, down=2,
                     res_blocks=2, decay=0.99, beta=0.25, prior_lr=3e-4, prior_layers=8, prior_width=256,
                     prior_heads=8, prior_dropout=0.1, save_every=10_000),

@@ -580,8 +580,20 @@ def test_cifar10_encoder_and_decoder_follow_the_paper():
     assert [(c.kernel_size, c.out_channels) for c in strided] == [((4, 4), 256)] * 2
     assert sum(isinstance(c, vqvae.ResBlock) for c in enc.modules()) == 2
     assert enc(torch.zeros(1, 3, 32, 32)).shape == (1, 8, 8, 64)
+    # as the module docstring states against the Sonnet example: the residual blocks follow the
+    # strided convolutions and their ReLU directly (no 3x3 convolution between), all 256 wide
+    layers = list(enc.net)
+    last = max(i for i, c in enumerate(layers) if isinstance(c, torch.nn.Conv2d) and c.stride == (2, 2))
+    assert isinstance(layers[last + 1], torch.nn.ReLU) and isinstance(layers[last + 2], vqvae.ResBlock)
+    assert all(c.out_channels == 256 for b in enc.modules() if isinstance(b, vqvae.ResBlock)
+               for c in (b.conv3, b.conv1))
     dec = ConvDecoder(3, 256, cfg.hidden, cfg.res_blocks, cfg.down, cfg.code_dim)
     assert dec(torch.zeros(1, 8, 8, 64)).shape == (1, 3, 256, 32, 32)
+    first = dec.net[0]  # the Sonnet example's input convolution: 3x3, D -> width, stride 1, no activation
+    assert isinstance(first, torch.nn.Conv2d) and (first.in_channels, first.out_channels) == (64, 256)
+    assert first.kernel_size == (3, 3) and first.stride == (1, 1) and isinstance(dec.net[1], vqvae.ResBlock)
+    widths = [c.out_channels for c in dec.modules() if isinstance(c, torch.nn.ConvTranspose2d)]
+    assert widths == [256, 3 * 256]  # the first transposed convolution keeps the width (Sonnet: half)
     assert cfg.codes == 512 and cfg.beta == 0.25 and cfg.decay == 0.99 and cfg.lr == 2e-4
 
 
