@@ -932,8 +932,8 @@ def build(cfg, info):
     prior_size = (cfg.prior_layers, cfg.prior_heads, cfg.prior_width, cfg.prior_dropout)
     if info.kind == "points":
         if cfg.levels == 2:
-            raise UserError(f"--levels 2 needs images (a code map to halve); {info.name} is a set of 2D points, "
-                            "each one code: use --levels 1")
+            raise UserError(f"--levels 2 accepts image data only (it halves a code map); {info.name} is 2D points, "
+                            "one code each: use --levels 1")
         return VQVAE(PointEncoder(info.shape[0], cfg.hidden, cfg.code_dim), PointDecoder(info.shape[0], cfg.hidden,
                      cfg.code_dim), cfg.codes, cfg.code_dim, **codebook), CodePrior(cfg.codes, 1, *prior_size)
     c, h, w = info.shape
