@@ -29,7 +29,8 @@ Run it (--steps counts both stages: the autoencoder for --ae-fraction of them, t
   python vqvae.py [--levels 2]                      # digits, CPU, minutes
   python vqvae.py --eval runs/vqvae-digits/ckpt.pt  # the bound in bits/dim, each prior's NLL
   python vqvae.py --sample runs/vqvae-digits/ckpt.pt
-  (--stage ae, then --stage prior --resume: one stage at a time; --dataset cifar10: Sec. 4.1)
+  (--stage ae, then --stage prior --resume: one stage at a time; --dataset cifar10: Sec. 4.1;
+   --dataset 8gaussians: one code per point, a K-means-like mixture of Gaussians)
 
 Paper -> code
   VQ-VAE Eq. 1-2      z = argmin_k ||z_e - e_k||, z_q = e_z               quantize
@@ -38,9 +39,12 @@ Paper -> code
                         + beta ||z_e - sg[e]||^2                          decoder_log_prob
   VQ-VAE App. A.1     N <- g N + (1-g) n, m <- g m + (1-g) sum z, e = m/N  ema_codebook_update, Codebook
   (ours)              codes unused for T steps <- encoder outputs         restart_dead_codes
+  usage               perplexity exp(H(n_i / sum n))                      perplexity
   VQ-VAE Sec. 3.3     p(z) = prod_t p(z_t | z_<t)                         prior_nll, sample_codes, CodePrior
   VQ-VAE Sec. 3       -log p(x) <= -log p(x|z_q(x)) - log p(z(x))         nll_bound, bits_per_dim
   exact               log p(x) = log sum_z p(z) p(x|e_z)                  exact_log_likelihood
+  VQ-VAE Sec. 3       z ~ p(z), x ~ p(x|e_z)                              generate, decoder_sample
+  VQ-VAE Sec. 4.1     stride-2 4x4 convolutions, residual 3x3 blocks      ConvEncoder, ConvDecoder, ResBlock
   VQ-VAE-2 Alg. 1     e_top = Q(E_top(x)), e_bot = Q(E_bot(x, D_top(e_top))), x^ = D(e_top, e_bot)   VQVAE2
   VQ-VAE-2 Sec. 3.2   p(z_top) p(z_bot | z_top)                           HierarchicalPrior
   bound, two maps     -log p(x|z_top,z_bot) - log p(z_top) - log p(z_bot|z_top)  hierarchical_nll_bound
@@ -967,10 +971,11 @@ def train(cfg):
         step = run.start(info, model=vqvae, prior=prior, opt=opt, prior_opt=prior_opt, batches=batches)
         if cfg.stage == "ae" and int(prior.updates) > 0:
             raise UserError("the prior in this checkpoint has trained on its autoencoder's codes; training the "
-                            "autoencoder further would change them: use --stage prior, or start afresh with --overwrite")
+                            "autoencoder further would change them: use --stage prior, or start afresh with "
+                            "--overwrite")
         model, model_prior = wrap_ddp(vqvae, run.dist, cfg.compile), wrap_ddp(prior, run.dist, cfg.compile)
         amp = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-        levels = decoder_levels(info)
+        pixel_levels = decoder_levels(info)  # None for points; not cfg.levels, the code maps
         shown = ds.data[:32] if info.kind == "image" else ds.data[:2000]  # the inputs of the reconstructions
 
         def pictures(step):
@@ -995,7 +1000,7 @@ def train(cfg):
             target = x if info.kind == "image" else x_in
             if stage == "ae":  # Eq. 3 (on each map); the codes move after the optimiser step (EMA, restarts)
                 with amp:
-                    terms = vqvae_loss(model, x_in, target, cfg.beta, cfg.codebook == "loss", levels)
+                    terms = vqvae_loss(model, x_in, target, cfg.beta, cfg.codebook == "loss", pixel_levels)
                 loss = terms["loss"].mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -1047,7 +1052,7 @@ def evaluate(cfg):
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir)
     data = ds.data[:cfg.eval_n] if cfg.eval_n else ds.data
-    levels = decoder_levels(info)
+    pixel_levels = decoder_levels(info)
     L = math.prod(latent_shape(saved, info)) + (math.prod(top_shape(saved, info)) if saved.levels == 2 else 0)
     parts = collections.defaultdict(list)
     start = time.time()
@@ -1055,18 +1060,19 @@ def evaluate(cfg):
         for i in range(0, len(data), cfg.batch_size):
             x = data[i:i + cfg.batch_size].to(device)
             x_in = to_model_space(x, info)
-            target = x if levels else x_in
+            target = x if pixel_levels else x_in
             if saved.levels == 2:
-                bound, recon, nll_top, nll_bottom, dec, codes = hierarchical_nll_bound(vqvae, prior, x_in, target,
-                                                                                       levels)
+                bound, recon, nll_top, nll_bottom, dec, codes = hierarchical_nll_bound(
+                    vqvae, prior, x_in, target, pixel_levels)
                 terms = dict(prior=nll_top + nll_bottom, prior_top=nll_top, prior_bottom=nll_bottom)
                 parts["codes_top"].append(codes[0].reshape(-1).cpu())
                 codes = codes[1]
             else:
-                bound, recon, prior_term, dec, codes = nll_bound(vqvae, prior, x_in, target, saved.codes, levels)
+                bound, recon, prior_term, dec, codes = nll_bound(vqvae, prior, x_in, target, saved.codes,
+                                                                 pixel_levels)
                 terms = dict(prior=prior_term)
-            pixels = x.float() / (info.levels - 1) if levels else x_in  # pixels in [0, 1] for the error
-            mse = ((decoder_mean(dec, levels) - pixels) ** 2).reshape(len(x), -1).mean(1)
+            pixels = x.float() / (info.levels - 1) if pixel_levels else x_in  # pixels in [0, 1] for the error
+            mse = ((decoder_mean(dec, pixel_levels) - pixels) ** 2).reshape(len(x), -1).mean(1)
             for name, value in dict(bound=bound, recon=recon, mse=mse, **terms).items():
                 parts[name].append(value.double().cpu())
             parts["codes"].append(codes.reshape(-1).cpu())

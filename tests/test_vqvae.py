@@ -4,11 +4,6 @@ oracle for Gaussian-mixture data, and the command line end to end."""
 import itertools
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -621,7 +616,7 @@ def test_cli_digits_trains_both_stages_samples_and_evaluates(tmp_path):
     assert ev["uniform_prior_nll"] == pytest.approx(ev["recon_nll"] + 16 * math.log(8))
     assert 1 <= ev["perplexity"] <= ev["codes_used"] <= 8
     run_main("vqvae", ["--sample", str(out / "ckpt.pt"), "--out", str(tmp_path / "s"), "--n-samples", "5",
-                "--decode", "sample"])
+                       "--decode", "sample"])
     x = torch.load(tmp_path / "s" / "samples.pt", weights_only=True)
     assert x.shape == (5, 1, 8, 8) and x.dtype == torch.uint8 and int(x.max()) < 17
     assert events(tmp_path / "s", "sample")[-1]["n"] == 5 and (tmp_path / "s" / "samples.png").is_file()
@@ -673,8 +668,8 @@ def test_levels_1_is_the_one_level_model(tmp_path):
 
 
 def test_cli_points_density_is_the_exact_mixture(tmp_path):
-    run_main("vqvae", ["--dataset", "8gaussians", "--out", str(tmp_path), "--steps", "4", "--save-every", "4", "--codebook", "loss",
-                *TINY])
+    run_main("vqvae", ["--dataset", "8gaussians", "--out", str(tmp_path), "--steps", "4", "--save-every", "4",
+                       "--codebook", "loss", *TINY])
     assert (tmp_path / "recon_4.png").is_file() and (tmp_path / "codes.png").is_file()
     result = run_main("vqvae", ["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "50"])
     assert result["exact_nll"] <= result["nll"] and "entropy" in result and "bits_per_dim" not in result
