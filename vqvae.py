@@ -331,11 +331,10 @@ def generate(model, prior, n, latent_shape, num_codes, levels=None, mode=False, 
 # on its codes (Sec. 3.2, Algorithm 2).
 
 def hierarchical_nll_bound(model, prior, x, target, levels=None):
-    """-log p(x) <= -log p(x | z_top, z_bottom) - log p(z_top) - log p(z_bottom | z_top) per
-    example (B,), in nats: nll_bound's bound (q one-hot at the nearest codes of both maps, Eq. 1)
-    with the prior factorised over the two maps as Razavi et al. Sec. 3.2 samples it. model(x) ->
-    (decoder output, z_e, z_q, (top codes, bottom codes)), prior(top, bottom) -> the two NLLs.
-    Returns (bound, reconstruction NLL, top prior NLL, bottom prior NLL, decoder output, codes)."""
+    """-log p(x) <= -log p(x | z_top, z_bottom) - log p(z_top) - log p(z_bottom | z_top) per example
+    (B,), in nats: nll_bound's bound (q one-hot on both maps, Eq. 1) with Razavi et al.'s prior
+    (Sec. 3.2); prior(top, bottom) -> the two NLLs. Returns (bound, reconstruction NLL, top NLL,
+    bottom NLL, decoder output, (top codes, bottom codes))."""
     out, _, _, codes = model(x)
     recon = -decoder_log_prob(target, out, levels)
     nll_top, nll_bottom = prior(*codes)
