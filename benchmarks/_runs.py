@@ -24,6 +24,7 @@ SYSTEMS = {
     "gpt": ("gpt", []),
     "vae": ("vae", []),
     "vqvae": ("vqvae", []),
+    "vqvae --levels 2": ("vqvae", ["--levels", "2"]),
     "realnvp": ("realnvp", []),
     "ffjord": ("ffjord", []),
     "ddpm": ("ddpm", []),
