@@ -528,9 +528,23 @@ def parse_config(cls, presets, argv=None, doc=None, kinds=("image", "points", "t
     if kind not in kinds:
         parser.error(f"--dataset {dataset} is {kind} data; this model accepts {', '.join(kinds)} data")
     presets = (arch_presets or {}).get(typed.get("arch", default.get("arch")), presets)
-    cfg = cls(**{**presets.get(dataset, presets.get(kind, {})), **typed})
+    resumed = _resumed_flags(cls, typed, default) if "resume" in typed else {}
+    cfg = cls(**{**presets.get(dataset, presets.get(kind, {})), **resumed, **typed})
     _check_shared_flags(cfg, parser)
     return cfg
+
+
+def _resumed_flags(cls, typed, default):
+    """What --resume keeps from its checkpoint: every flag not typed now, except those that say
+    where and how this command runs. Nothing when the checkpoint is absent (resume() says so)."""
+    model = Path(sys.modules[cls.__module__].__file__).stem
+    where = argparse.Namespace(out=typed.get("out"), dataset=typed.get("dataset", default["dataset"]))
+    path = _run_dir(where, model) / "ckpt.pt" if typed["resume"] == "auto" else Path(typed["resume"])
+    if not path.is_file():
+        return {}
+    saved, _ = saved_config(cls, load_checkpoint(path, model))
+    here = {"resume", "overwrite", "sample", "eval", "out", "device", "data_dir", "compile", "amp"}
+    return {k: v for k, v in dataclasses.asdict(saved).items() if k not in here}
 
 
 class _Parser(argparse.ArgumentParser):

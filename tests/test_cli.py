@@ -199,7 +199,7 @@ def test_a_checkpoint_of_another_model_file_is_a_one_line_error(model, tiny_run,
         _one_line_error(code, err, f"written by {writer}")
 
 
-def _network_flag(module, cfg, info):
+def _network_flag(module, cfg, info, change=lambda v: v + 1):
     """A flag of the model's own (an int) whose change changes the network's weights' shapes."""
     def shapes(c):
         built = module.build(c, info)
@@ -211,8 +211,8 @@ def _network_flag(module, cfg, info):
         if f.name in shared or type(value) is not int or value < 1:
             continue
         try:
-            if shapes(dataclasses.replace(cfg, **{f.name: value + 1})) != base:
-                return f.name, value + 1
+            if shapes(dataclasses.replace(cfg, **{f.name: change(value)})) != base:
+                return f.name, change(value)
         except Exception:
             continue
     raise AssertionError(f"{module.__name__}: no integer flag changes the network")
@@ -228,6 +228,21 @@ def test_resuming_with_a_flag_that_changes_the_network_names_the_flag(model, tin
     code, _, err = _main(model, [*TINY, "--out", tmp_path, "--resume", "--steps", 4, flag, value], capsys)
     _one_line_error(code, err, f"{flag} {value - 1} (now {value})", "--overwrite")
     assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
+
+
+@pytest.mark.parametrize("model", MODEL_FILES)
+def test_resume_keeps_the_flags_of_its_checkpoint(model, tiny_run, tmp_path):
+    """A run trained with a network flag changed resumes with no flag repeated (bare --resume in
+    its folder, the dataset too): the checkpoint's configuration is the run's."""
+    module = importlib.import_module(model)
+    cfg, info = common.saved_config(module.Config, common.load_checkpoint(tiny_run(model)))
+    name, value = _network_flag(module, cfg, info, change=lambda v: 2 * v)  # widths stay even
+    flag = "--" + name.replace("_", "-")
+    run_main(model, [*TINY, "--out", tmp_path, "--steps", 1, flag, value])
+    run_main(model, ["--out", tmp_path, "--resume", "--steps", 2])
+    ckpt = common.load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 2 and ckpt["config"][name] == value and ckpt["config"]["dataset"] == "8gaussians"
+    assert ckpt["config"]["batch_size"] == 32 and ckpt["config"]["resume"] == "auto"
 
 
 @pytest.mark.parametrize("model", MODEL_FILES)
