@@ -1,49 +1,49 @@
-"""RealNVP: density estimation with real-valued non-volume preserving flows.
+"""RealNVP, Glow and MAF: normalizing flows with an exact likelihood, coupling and autoregressive.
 
 Papers
   Dinh, Sohl-Dickstein & Bengio 2017, "Density estimation using Real NVP", arXiv 1605.08803.
-  Dinh, Krueger & Bengio 2014, "NICE: Non-linear independent components estimation",
-      arXiv 1410.8516: additive coupling, the special case s = 0 (`--coupling additive`).
-  Kingma & Dhariwal 2018, "Glow", arXiv 1807.03039, Sec. 3.1: ActNorm (`--norm act`).
+  Dinh, Krueger & Bengio 2014, "NICE", arXiv 1410.8516: additive coupling (`--coupling additive`).
+  Kingma & Dhariwal 2018, "Glow: Generative Flow with Invertible 1x1 Convolutions", arXiv 1807.03039.
+  Papamakarios, Pavlakou & Murray 2017, "Masked Autoregressive Flow for Density Estimation", arXiv
+      1705.07057, with MADE (Germain, Gregor, Murray & Larochelle 2015, arXiv 1502.03509).
+  Theis, van den Oord & Bethge 2016, arXiv 1511.01844, Sec. 3.1: the dequantisation bound (`nll`).
 
-A flow is a bijection f from data x to a latent z ~ N(0, I). Every layer here maps
-`forward(x) -> (z, log_det)`, log_det = log |det dz/dx| per example, and `inverse(z) -> x`,
-so layers compose and each can be checked alone (tests/test_realnvp.py checks every
-log-determinant against an autograd Jacobian and every inverse to float64 precision).
-The likelihood takes the flow as a callable x -> (z, log_det): `log_prob(flow, x)`,
-`nll(flow, x, discrete)`.
-
-Implemented: affine coupling layers with a bounded scale and their additive (NICE) special
-case; checkerboard and channel-wise masks; squeeze; the multi-scale architecture with half
-of the variables factored out at each scale; batch normalisation as a flow layer (running
-statistics in evaluation) or ActNorm; uniform dequantisation and the logit preprocessing as a
-flow with its log-determinant, so `nll` is the negative log-likelihood of the *discrete*
-data (a bound, see `nll`) in nats and bits/dim as in the paper; MLP couplings for
-the 2D sets. Not implemented: the paper's running-average batch norm variant (App. E; ours
-is the ordinary exponential running average), its bottleneck residual blocks, the "ordered"
-squeeze of the official code, and data augmentation (flips).
+A flow maps data x to z ~ N(0, I); every layer is `forward(x) -> (z, log|det dz/dx|)` and
+`inverse(z) -> x`, so layers compose and each is checked alone against an autograd Jacobian
+(tests/test_realnvp.py). The likelihood takes the flow as a callable: `log_prob`, `nll`.
+Implemented: RealNVP's affine couplings (bounded scale), checkerboard and channel masks, squeeze,
+the multi-scale architecture, batch norm or ActNorm as flow layers, the logit preprocessing;
+Glow (`--arch glow`): ActNorm, the invertible 1x1 convolution (plain or `--conv1x1 lu`), its
+coupling, levels with a learned prior at each split, sampling at a temperature; MAF
+(`--arch maf`): MADE layers with reversed orderings and batch norm between them, on points
+and on flattened images with RealNVP's preprocessing. `nll` is of the *discrete* data for
+images (a bound), so bits/dim compare across the three. Not implemented: RealNVP's
+running-average batch norm (App. E), its bottleneck blocks and flips; Glow's learned top prior,
+Adamax, Polyak averaging, class conditioning; MAF's mixture-of-Gaussians base (MAF MoG).
 
 Run it
-  python realnvp.py                                       # 8gaussians: learned density next to the true one
-  python realnvp.py --dataset digits                      # 8x8 digits, multi-scale convolutional flow
-  python realnvp.py --eval runs/realnvp-digits/ckpt.pt    # test NLL (nats) and bits/dim
-  python realnvp.py --sample runs/realnvp-digits/ckpt.pt --n-samples 64 --temperature 0.8
+  python realnvp.py                                      # 8gaussians: density next to the true one
+  python realnvp.py --dataset digits --arch glow         # 8x8 digits (also: --arch realnvp, maf)
+  python realnvp.py --eval runs/realnvp-digits/ckpt.pt   # test NLL (nats) and bits/dim
+  python realnvp.py --sample runs/realnvp-digits/ckpt.pt --n-samples 64 --temperature 0.7
 
 Paper -> code (Dinh et al. 2017 unless named)
-  Eq. 3        log p_X(x) = log p_Z(f(x)) + log|det df/dx^T|       change_of_variables, log_prob
-  Eqs. 4-5     affine coupling y_b = x_b * exp(s(x_a)) + t(x_a)      coupling_forward
-  Eq. 6        triangular Jacobian, log det = sum_j s(x_a)_j          coupling_forward (log_det)
-  Eqs. 7-8     the inverse of a coupling                              coupling_inverse
-  Sec. 3.3     sampling by the inverse, x = f^{-1}(z), z ~ N(0, I)    RealNVP.sample
-  Eq. 9        the masked form b*x + (1-b)*(x*exp(s(b*x)) + t(b*x))   coupling_forward, coupling_inverse
-  Sec. 3.4     checkerboard and channel-wise masks (Fig. 3)           checkerboard_mask, channel_mask
-  Sec. 3.6     squeeze, multi-scale, factoring out half               squeeze, unsqueeze, Scale
-  Sec. 3.7     batch normalisation as a flow layer                    BatchNormFlow
-  Sec. 3.7     deep residual networks for s and t                     ResNet (images), MLP (2D)
-  Sec. 4.1     dequantisation, logit(alpha + (1-2 alpha) x/K)         dequantize, LogitPreprocess, nll
-  Sec. 4.1     L2 5e-5 on the weight-scale parameters                 scale_weight_penalty
-  NICE 3.2     additive coupling                                      AffineCoupling(affine=False)
-  Glow Sec 3.1 ActNorm with data-dependent initialisation             ActNorm, initialize_actnorm
+  Eq. 3         log p_X(x) = log p_Z(f(x)) + log|det df/dx^T|          change_of_variables, log_prob
+  Eqs. 4-6, 9   y = b x + (1-b)(x exp(s(b x)) + t(b x)), log det = sum s coupling_forward
+  Eqs. 7-8      x = b y + (1-b)(y - t(b y)) exp(-s(b y))                coupling_inverse, AffineCoupling
+  Secs. 3.4-3.6 checkerboard / channel masks, squeeze, factor out half  *_mask, squeeze, Scale
+  Sec. 3.7      batch norm as a flow layer; ResNets for s, t            BatchNormFlow, ResNet, MLP (2D)
+  Sec. 4.1      v = x + u, logit(a + (1-2a) v/K), Jensen bound          dequantize, LogitPreprocess, nll
+  NICE Sec. 3.2 additive coupling, s = 0                                AffineCoupling(affine=False)
+  Glow 3.1      ActNorm y = (x - b) e^-s, data-dependent init           ActNorm, initialize_actnorm
+  Glow 3.2      y = W x per pixel, log det = h w log|det W|;            InvConv1x1
+                W = P L (U + diag s), log|det W| = sum log|s|           InvConv1x1(lu=True)
+  Glow 3.3      (h, t) = NN(x_b), y_a = sigmoid(h + 2) x_a + t          GlowCoupling, GlowNet
+  Glow Fig. 2   K steps per level; split z_2 ~ N(mu(z_1), sigma(z_1))   glow_step, GlowLevel, SplitPrior
+  Glow Sec. 6   z ~ N(0, T^2 I): sampling at a temperature T            RealNVP.sample
+  MADE Sec. 4   masks 1[m(k) >= m(j)], output 1[m(d) > m(k)]            made_masks, MaskedLinear, MADE
+  MAF Sec. 3.1  x_i = u_i exp(alpha_i) + mu_i, log det = -sum alpha_i   MaskedAutoregressive
+  MAF Sec. 4    orderings reversed, batch norm between layers           maf_flow, Flattened (images)
 """
 from __future__ import annotations
 
@@ -742,9 +742,9 @@ class MaskedAutoregressive(nn.Module):
 
 
 def maf_flow(dim, n_layers, hidden, norm="batch"):
-    """MAF (Sec. 3; experiments Sec. 4): n_layers MADE layers, the ordering reversed from one
-    to the next, a normalisation flow layer between consecutive ones (the paper's batch norm,
-    `BatchNormFlow`; or "act", "none")."""
+    """MAF (Papamakarios et al. 2017, Sec. 3; experiments Sec. 4): n_layers MADE layers, the
+    ordering reversed from one to the next, a normalisation flow layer between consecutive ones
+    (the paper's batch norm, `BatchNormFlow`; or "act", "none")."""
     layers = []
     for k in range(n_layers):
         order = list(range(dim)) if k % 2 == 0 else list(reversed(range(dim)))
@@ -757,7 +757,7 @@ def maf_flow(dim, n_layers, hidden, norm="batch"):
 
 class Flattened(nn.Module):
     """A flow on vectors applied to x (B, *shape) flattened to (B, D) in raster order (MAF on
-    images, Sec. 4.3); z comes back in x's shape, the log-determinant unchanged."""
+    MNIST and CIFAR-10, Sec. 4); z comes back in x's shape, the log-determinant unchanged."""
 
     def __init__(self, flow):
         super().__init__()
@@ -877,7 +877,8 @@ class Config(RunConfig):
     lr: float = flag(1e-3, "Adam learning rate")
     save_every: int = flag(1000, "steps between checkpoints and pictures")
     arch: str = flag("realnvp", "the flow: realnvp (Dinh et al. 2017), glow (Kingma & Dhariwal 2018) or maf "
-                     "(Papamakarios et al. 2017); each has its presets (ARCH_PRESETS)", choices=("realnvp", "glow", "maf"))
+                     "(Papamakarios et al. 2017); each has its presets (ARCH_PRESETS)",
+                     choices=("realnvp", "glow", "maf"))
     n_couplings: int = flag(8, "2D: number of coupling layers (masks alternate); glow: K, steps of flow per level "
                             "(2D: in all); maf: MADE layers")
     hidden: int = flag(128, "2D: width of the two hidden layers of each coupling MLP; maf: of each MADE")
@@ -1069,7 +1070,8 @@ def build(cfg, info):
     if info.kind == "points":
         (dim,) = info.shape
         if cfg.arch == "glow":
-            body = glow_point_flow(dim, cfg.n_couplings, lambda i, o: GlowNet(i, o, cfg.hidden, image=False), lu, affine)
+            net = lambda i, o: GlowNet(i, o, cfg.hidden, image=False)  # noqa: E731
+            body = glow_point_flow(dim, cfg.n_couplings, net, lu, affine)
         elif cfg.arch == "maf":
             body = maf_flow(dim, cfg.n_couplings, cfg.hidden, cfg.norm)
         else:
@@ -1119,7 +1121,8 @@ def train(cfg):
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             opt.step()
-            run.log(loss=nats.detach(), **({"bits_per_dim": bits_per_dim(nats.detach(), info.dims)} if discrete else {}))
+            nats = nats.detach()
+            run.log(loss=nats, **({"bits_per_dim": bits_per_dim(nats, info.dims)} if discrete else {}))
     run.report(["ckpt.pt", f"samples_{run.step}.png", "latent.png", "density.png", "metrics.jsonl", "loss.png"])
 
 

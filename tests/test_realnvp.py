@@ -1,10 +1,12 @@
 """Tests of realnvp.py: every identity against an independent computation.
 
 Invertibility to float64 precision and log-determinants against the slogdet of
-torch.autograd.functional.jacobian, for every layer type and the whole flow; the density
-integrating to one by quadrature; the discrete likelihood against hand computation and
-closed forms; normalisation layers in both modes; the command line end to end and resume;
-the mathematics and the networks with common.py replaced.
+torch.autograd.functional.jacobian, for every layer type (RealNVP's couplings and
+normalisations; Glow's 1x1 convolutions, plain and LU, its coupling, split prior and levels;
+MAF's layers) and the whole flows; MADE's masks by autograd; the split prior against
+torch.distributions; the densities integrating to one by quadrature; the discrete likelihood
+against hand computation and closed forms; the command line end to end for every --arch, resume
+and torchrun; the mathematics and the networks with common.py replaced.
 """
 import math
 
@@ -659,7 +661,7 @@ def test_glow_levels_squeeze_at_each_level_and_split_half():
 
 
 def test_glow_sample_at_a_temperature_is_the_inverse_of_scaled_prior_draws():
-    """Sampling with temperature T (Sec. 5? "temperature"): z ~ N(0, T^2 I) through the inverse,
+    """Sampling with temperature T (Glow, Sec. 6): z ~ N(0, T^2 I) through the inverse,
     so at each split z_2 = mu(h) + sigma(h) T eps, Glow's reduced-temperature prior."""
     model = glow_images(1, 4, 2, K=1, seed=3)
     torch.manual_seed(5)
@@ -777,7 +779,7 @@ def single_process_only(*args, **kwargs):
 def test_cli_2d_end_to_end_eval_and_sample(tmp_path, monkeypatch):
     out = tmp_path / "run"
     run_main("realnvp", ["--dataset", "8gaussians", "--steps", "4", "--batch-size", "32", "--hidden", "8",
-            "--n-couplings", "2", "--out", str(out), "--log-every", "2"])
+                         "--n-couplings", "2", "--out", str(out), "--log-every", "2"])
     for f in ("ckpt.pt", "samples_4.png", "density.png", "latent.png", "metrics.jsonl", "loss.png"):
         assert (out / f).exists(), f
     monkeypatch.setattr(common, "init_distributed", single_process_only)  # issue 16: not even under torchrun
@@ -794,8 +796,8 @@ def test_cli_2d_end_to_end_eval_and_sample(tmp_path, monkeypatch):
 
 def test_cli_digits_end_to_end_eval_and_sample(tmp_path, monkeypatch):
     out = tmp_path / "digits"
-    run_main("realnvp", ["--dataset", "digits", "--steps", "2", "--batch-size", "8", "--n-blocks", "1", "--n-features", "4",
-            "--n-samples", "4", "--out", str(out)])
+    run_main("realnvp", ["--dataset", "digits", "--steps", "2", "--batch-size", "8", "--n-blocks", "1",
+                         "--n-features", "4", "--n-samples", "4", "--out", str(out)])
     for f in ("ckpt.pt", "samples_2.png", "latent.png", "loss.png"):
         assert (out / f).exists(), f
     monkeypatch.setattr(common, "init_distributed", single_process_only)
@@ -843,7 +845,8 @@ def test_arch_presets_replace_the_presets_and_cifar10_glow_follows_the_paper():
                               arch_presets=R.ARCH_PRESETS)
     assert (cfg.n_couplings, cfg.n_scales, cfg.n_features, cfg.norm, cfg.coupling) == (32, 3, 512, "act", "affine")
     assert (cfg.batch_size, cfg.lr) == (512, 1e-3)
-    maf = common.parse_config(R.Config, R.PRESETS, ["--arch", "maf", "--dataset", "digits"], arch_presets=R.ARCH_PRESETS)
+    maf = common.parse_config(R.Config, R.PRESETS, ["--arch", "maf", "--dataset", "digits"],
+                              arch_presets=R.ARCH_PRESETS)
     assert maf.norm == "batch" and maf.l2 == 0.0
     default = common.parse_config(R.Config, R.PRESETS, ["--dataset", "digits"], arch_presets=R.ARCH_PRESETS)
     assert default.arch == "realnvp" and default.n_blocks == R.PRESETS["digits"]["n_blocks"]
@@ -918,7 +921,6 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     pa, pb = params(tmp_path / "ddp" / "ckpt.pt"), params(tmp_path / "one" / "ckpt.pt")
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6)
-
 
 
 # ----------------------------------------------------------------------------------------
