@@ -459,12 +459,12 @@ def nll(flow, x, discrete=False, u=None):
         P(x) = int_{[0,1)^D} p_Y((x + u)/K) K^{-D} du = E_u[ p_V(x + u) ],
         p_V(v) = p_Y(v / K) K^{-D}   (the density of v = K y),
 
-    and by Jensen's inequality (Theis, van den Oord & Bethge 2016, arXiv 1511.01844)
+    and by Jensen's inequality (Theis, van den Oord & Bethge 2016, arXiv 1511.01844, Sec. 3.1)
 
         log P(x) >= E_u[log p_V(x + u)] = E_u[log p_Y((x + u)/K)] - D log K.
 
-    `log_prob` of v already includes -D log K and the logit's log-determinant
-    (LogitPreprocess), so nll = -log p_V(x + u) with one draw of u (`dequantize`; `u` may be
+    `log_prob` of v already includes -D log K and the preprocessing's log-determinant
+    (LogitPreprocess; Glow's CenterPreprocess), so nll = -log p_V(x + u) with one draw of u (`dequantize`; `u` may be
     given) is an unbiased estimate of the bound -E_u[log p_V(x + u)] >= -log P(x). Bits/dim =
     nll / (D ln 2), as the paper reports. Integer x is computed in u's dtype when u is given,
     else in the default dtype."""

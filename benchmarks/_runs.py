@@ -23,6 +23,8 @@ SYSTEMS = {
     "vae": ("vae", []),
     "vqvae": ("vqvae", []),
     "realnvp": ("realnvp", []),
+    "realnvp --arch glow": ("realnvp", ["--arch", "glow"]),
+    "realnvp --arch maf": ("realnvp", ["--arch", "maf"]),
     "ffjord": ("ffjord", []),
     "ddpm": ("ddpm", []),
     "ddim": ("ddim", []),
