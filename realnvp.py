@@ -178,6 +178,11 @@ def _feature_stats_dims(x):
     return [0] + list(range(2, x.dim()))  # statistics per feature/channel: over batch and space
 
 
+def _channelwise(v, x):
+    """v (C,) reshaped to (1, C, 1, ..., 1) so that it broadcasts against x (B, C, ...)."""
+    return v.view(1, -1, *([1] * (x.dim() - 2))).to(x.dtype)
+
+
 class BatchNormFlow(nn.Module):
     """Batch normalisation as a flow layer (Dinh et al. 2017, Sec. 3.7):
 
@@ -199,9 +204,6 @@ class BatchNormFlow(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features))
         self._batch_stats = None
 
-    def _view(self, v, x):
-        return v.view(1, -1, *([1] * (x.dim() - 2))).to(x.dtype)
-
     def forward(self, x):
         """y = (x - mean) / sqrt(var + eps) * exp(log_gamma) + beta, log_det = sum over the
         dimensions of log_gamma - 0.5 log(var + eps): batch statistics in training (the per-example
@@ -215,8 +217,8 @@ class BatchNormFlow(nn.Module):
             self._batch_stats = (mean.detach(), var.detach())
         else:
             mean, var = self.running_mean, self.running_var
-        y = (x - self._view(mean, x)) * torch.rsqrt(self._view(var, x) + self.eps)
-        y = y * self._view(self.log_gamma.exp(), x) + self._view(self.beta, x)
+        y = (x - _channelwise(mean, x)) * torch.rsqrt(_channelwise(var, x) + self.eps)
+        y = y * _channelwise(self.log_gamma.exp(), x) + _channelwise(self.beta, x)
         per_feature = self.log_gamma.to(x.dtype) - 0.5 * torch.log(var.to(x.dtype) + self.eps)
         log_det = per_feature.sum() * math.prod(x.shape[2:])
         return y, log_det.expand(x.shape[0])
@@ -226,8 +228,8 @@ class BatchNormFlow(nn.Module):
             mean, var = self._batch_stats
         else:
             mean, var = self.running_mean, self.running_var
-        x = (y - self._view(self.beta, y)) * self._view((-self.log_gamma).exp(), y)
-        return x * torch.sqrt(self._view(var, y) + self.eps) + self._view(mean, y)
+        x = (y - _channelwise(self.beta, y)) * _channelwise((-self.log_gamma).exp(), y)
+        return x * torch.sqrt(_channelwise(var, y) + self.eps) + _channelwise(mean, y)
 
 
 class ActNorm(nn.Module):
@@ -250,18 +252,15 @@ class ActNorm(nn.Module):
         self.log_scale.copy_(x.std(dims, unbiased=False).clamp_min(1e-6).log())
         self.initialized.fill_(True)
 
-    def _view(self, v, x):
-        return v.view(1, -1, *([1] * (x.dim() - 2))).to(x.dtype)
-
     def forward(self, x):
         if not self.initialized and self.training:
             self.initialize(x)
-        y = (x - self._view(self.shift, x)) * self._view((-self.log_scale).exp(), x)
+        y = (x - _channelwise(self.shift, x)) * _channelwise((-self.log_scale).exp(), x)
         log_det = -self.log_scale.to(x.dtype).sum() * math.prod(x.shape[2:])
         return y, log_det.expand(x.shape[0])
 
     def inverse(self, y):
-        return y * self._view(self.log_scale.exp(), y) + self._view(self.shift, y)
+        return y * _channelwise(self.log_scale.exp(), y) + _channelwise(self.shift, y)
 
 # ----------------------------------------------------------------------------------------
 # Composing flows: the 2D flow and the multi-scale architecture (Sec. 3.6)
