@@ -957,6 +957,9 @@ def check_config(cfg):
     if cfg.arch == "maf" and cfg.coupling != "affine":
         raise UserError(f"--coupling {cfg.coupling} with --arch maf: MAF has no coupling layers; accepted: "
                         "--coupling affine (the default)")
+    if cfg.arch != "realnvp" and cfg.l2:
+        raise UserError(f"--l2 {cfg.l2} acts on RealNVP's weight-norm and coupling scales, which --arch {cfg.arch} "
+                        "does not have; accepted: --l2 0 (its preset)")
     if cfg.arch != "glow" and cfg.conv1x1 != "plain":
         raise UserError(f"--conv1x1 {cfg.conv1x1} is Glow's; accepted with --arch {cfg.arch}: plain (the default), "
                         "or use --arch glow")

@@ -856,6 +856,7 @@ def test_arch_presets_replace_the_presets_and_cifar10_glow_follows_the_paper():
     (["--arch", "glow", "--norm", "batch"], "error: --norm batch with --arch glow"),
     (["--arch", "maf", "--coupling", "additive"], "error: --coupling additive with --arch maf"),
     (["--conv1x1", "lu"], "error: --conv1x1 lu is Glow's"),
+    (["--arch", "maf", "--dataset", "digits", "--l2", "5e-05"], "error: --l2 5e-05 acts on RealNVP's"),
     (["--arch", "flow++"], "error: argument --arch: invalid choice: 'flow++' (choose from 'realnvp', 'glow', 'maf')"),
     (["--warmup", "-1"], "error: --warmup -1 is out of range"),
     (["--arch", "glow", "--dataset", "digits", "--n-scales", "4"], "error: --n-scales 4 does not fit 8x8"),
