@@ -646,8 +646,8 @@ def test_whole_glow_inverts_and_logdet_matches_jacobian(c, n_levels, lu, seed):
 
 
 def test_glow_levels_squeeze_at_each_level_and_split_half():
-    """Fig. 2b: L levels of K steps; level i works on 4^i C / 2^(i-1) channels of side H / 2^i,
-    and each split passes half its channels on."""
+    """Fig. 2b: L levels of K steps; level i (from 1) works on 2^(i+1) C channels of side H / 2^i
+    (a squeeze, then half of the channels factored out before the next squeeze)."""
     model = glow_images(1, 8, 3, K=2)
     level, seen = model.body, []
     while True:
