@@ -724,18 +724,24 @@ class MaskedAutoregressive(nn.Module):
     log|det du/dx| = -sum_i alpha_i (triangular Jacobian), and sampling u -> x takes D passes:
     after pass k the first k variables of the ordering are final."""
 
-    def __init__(self, order, hidden):
+    def __init__(self, order, hidden, alpha_max=5.0):
         super().__init__()
-        self.made = MADE(order, hidden)
+        self.made, self.alpha_max = MADE(order, hidden), alpha_max
+
+    def mu_alpha(self, x):
+        mu, alpha = self.made(x)
+        # |alpha| < alpha_max, alpha ~ MADE's output near 0 (ours: with the paper's unbounded alpha
+        # a trained flow overflows float32 a little outside the data, exp(-alpha) compounding over layers)
+        return mu, self.alpha_max * torch.tanh(alpha / self.alpha_max)
 
     def forward(self, x):
-        mu, alpha = self.made(x)
+        mu, alpha = self.mu_alpha(x)
         return (x - mu) * torch.exp(-alpha), -alpha.sum(1)
 
     def inverse(self, u):
         x = torch.zeros_like(u)
         for _ in range(u.shape[1]):
-            mu, alpha = self.made(x)
+            mu, alpha = self.mu_alpha(x)
             x = u * torch.exp(alpha) + mu
         return x
 

@@ -710,10 +710,12 @@ def test_maf_layer_d_pass_inverse_inverts_one_pass_forward_and_logdet(D, seed, d
     x = torch.randn(3, D, dtype=F64, generator=torch.Generator().manual_seed(seed))
     check_layer(layer, x)
     roundtrip(layer, x)
-    mu, alpha = layer.made(x)
+    mu, alpha = layer.mu_alpha(x)
     u, log_det = layer(x)
     torch.testing.assert_close(x, u * alpha.exp() + mu, rtol=0, atol=1e-12)  # x_i = u_i exp(alpha_i) + mu_i
     torch.testing.assert_close(log_det, -alpha.sum(1), rtol=0, atol=0)
+    raw = layer.made(x)[1]  # the bound: alpha = 5 tanh(raw / 5), within 5, and raw's near 0
+    assert torch.all(alpha.abs() < 5) and torch.all((alpha - raw).abs() <= raw.abs() ** 3 / 75 + 1e-15)
 
 
 @given(n_layers=st.integers(1, 5), norm=st.sampled_from(["batch", "act", "none"]))
