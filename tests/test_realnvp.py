@@ -8,6 +8,7 @@ torch.distributions; the densities integrating to one by quadrature; the discret
 against hand computation and closed forms; the command line end to end for every --arch, resume
 and torchrun; the mathematics and the networks with common.py replaced.
 """
+import dataclasses
 import math
 
 import numpy as np
@@ -815,7 +816,8 @@ def test_cli_digits_end_to_end_eval_and_sample(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("arch,dataset,extra", [
     ("glow", "8gaussians", ["--hidden", "8", "--n-couplings", "2", "--conv1x1", "lu"]),
-    ("glow", "digits", ["--n-features", "4", "--n-couplings", "1", "--n-scales", "2", "--n-samples", "4"]),
+    ("glow", "digits", ["--n-features", "4", "--n-couplings", "1", "--n-scales", "2", "--n-samples", "4",
+                        "--preprocess", "center"]),
     ("maf", "8gaussians", ["--hidden", "8", "--n-couplings", "2"]),
     ("maf", "digits", ["--hidden", "16", "--n-couplings", "2", "--n-samples", "4"]),
 ])
@@ -846,7 +848,13 @@ def test_arch_presets_replace_the_presets_and_cifar10_glow_follows_the_paper():
     cfg = common.parse_config(R.Config, R.PRESETS, ["--arch", "glow", "--dataset", "cifar10"],
                               arch_presets=R.ARCH_PRESETS)
     assert (cfg.n_couplings, cfg.n_scales, cfg.n_features, cfg.norm, cfg.coupling) == (32, 3, 512, "act", "affine")
-    assert (cfg.batch_size, cfg.lr) == (512, 1e-3)
+    assert (cfg.batch_size, cfg.lr, cfg.preprocess) == (512, 1e-3, "center")
+    assert isinstance(R.build(dataclasses.replace(cfg, n_couplings=1, n_features=4), common.DataInfo(
+        "cifar10", "image", (3, 32, 32), levels=256)).pre, R.CenterPreprocess)
+    glow_digits = common.parse_config(R.Config, R.PRESETS, ["--arch", "glow", "--dataset", "digits"],
+                                      arch_presets=R.ARCH_PRESETS)
+    assert glow_digits.preprocess == "logit" and isinstance(R.build(glow_digits, image_info(1, 8)).pre,
+                                                             R.LogitPreprocess)
     maf = common.parse_config(R.Config, R.PRESETS, ["--arch", "maf", "--dataset", "digits"],
                               arch_presets=R.ARCH_PRESETS)
     assert maf.norm == "batch" and maf.l2 == 0.0
@@ -861,6 +869,7 @@ def test_arch_presets_replace_the_presets_and_cifar10_glow_follows_the_paper():
     (["--arch", "maf", "--dataset", "digits", "--l2", "5e-05"], "error: --l2 5e-05 acts on RealNVP's"),
     (["--arch", "flow++"], "error: argument --arch: invalid choice: 'flow++' (choose from 'realnvp', 'glow', 'maf')"),
     (["--warmup", "-1"], "error: --warmup -1 is out of range"),
+    (["--preprocess", "center"], "error: --preprocess center is for images"),
     (["--arch", "glow", "--dataset", "digits", "--n-scales", "4"], "error: --n-scales 4 does not fit 8x8"),
 ])
 def test_new_flags_refuse_nonsense_in_one_line(tmp_path, capsys, argv, start):
