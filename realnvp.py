@@ -14,13 +14,13 @@ A flow maps data x to z ~ N(0, I); every layer is `forward(x) -> (z, log|det dz/
 Implemented: RealNVP's affine couplings (bounded scale), checkerboard and channel masks, squeeze,
 the multi-scale architecture, batch norm or ActNorm as flow layers, the logit preprocessing;
 Glow (`--arch glow`): ActNorm, the invertible 1x1 convolution (plain or `--conv1x1 lu`), its
-coupling, levels with a learned prior at each split, sampling at a temperature, its input
-centring v/K - 1/2 (`--preprocess center`; its cifar10 preset); MAF
-(`--arch maf`): MADE layers with reversed orderings and batch norm between them, on points
-and on flattened images with RealNVP's preprocessing. `nll` is of the *discrete* data for
-images (a bound), so bits/dim compare across the three. Not implemented: RealNVP's
-running-average batch norm (App. E), its bottleneck blocks and flips; Glow's learned top prior,
-Adamax, Polyak averaging, class conditioning; MAF's mixture-of-Gaussians base (MAF MoG).
+coupling, levels with a learned prior at each split, sampling at a temperature, its input map
+v/K - 1/2 (`--preprocess center`, its cifar10 preset); MAF (`--arch maf`): MADE layers with
+reversed orderings and batch norm between them, on points and on flattened images. `nll` is of
+the *discrete* data for images (a bound), so bits/dim compare across the three. Ours: MAF's
+log-scale bounded, 5 tanh(alpha / 5); Glow's NN without the official code's output rescaling.
+Not implemented: RealNVP's running-average batch norm (App. E), its bottleneck blocks and flips;
+Glow's learned top prior, Adamax, Polyak averaging, class conditioning; MAF MoG.
 
 Run it
   python realnvp.py                                      # 8gaussians: density next to the true one
@@ -35,7 +35,6 @@ Paper -> code (Dinh et al. 2017 unless named)
   Secs. 3.4-3.6 checkerboard / channel masks, squeeze, factor out half  *_mask, squeeze, Scale
   Sec. 3.7      batch norm as a flow layer; ResNets for s, t            BatchNormFlow, ResNet, MLP (2D)
   Sec. 4.1      v = x + u, logit(a + (1-2a) v/K), Jensen bound          dequantize, LogitPreprocess, nll
-  Glow code     y = v/K - 1/2, log det = -D log K                       CenterPreprocess
   NICE Sec. 3.2 additive coupling, s = 0                                AffineCoupling(affine=False)
   Glow 3.1      ActNorm y = (x - b) e^-s, data-dependent init           ActNorm, initialize_actnorm
   Glow 3.2      y = W x per pixel, log det = h w log|det W|;            InvConv1x1
@@ -43,6 +42,7 @@ Paper -> code (Dinh et al. 2017 unless named)
   Glow 3.3      (h, t) = NN(x_b), y_a = sigmoid(h + 2) x_a + t          GlowCoupling, GlowNet
   Glow Fig. 2   K steps per level; split z_2 ~ N(mu(z_1), sigma(z_1))   glow_step, GlowLevel, SplitPrior
   Glow Sec. 6   z ~ N(0, T^2 I): sampling at a temperature T            RealNVP.sample
+  Glow code     y = v/K - 1/2, log det = -D log K                       CenterPreprocess
   MADE Sec. 4   masks 1[m(k) >= m(j)], output 1[m(d) > m(k)]            made_masks, MaskedLinear, MADE
   MAF Sec. 3.1  x_i = u_i exp(alpha_i) + mu_i, log det = -sum alpha_i   MaskedAutoregressive
   MAF Sec. 4    orderings reversed, batch norm between layers           maf_flow, Flattened (images)
