@@ -26,6 +26,8 @@ SYSTEMS = {
     "vqvae": ("vqvae", []),
     "vqvae --levels 2": ("vqvae", ["--levels", "2"]),
     "realnvp": ("realnvp", []),
+    "realnvp --arch glow": ("realnvp", ["--arch", "glow"]),
+    "realnvp --arch maf": ("realnvp", ["--arch", "maf"]),
     "ffjord": ("ffjord", []),
     "ddpm": ("ddpm", []),
     "ddim": ("ddim", []),
