@@ -625,6 +625,7 @@ class CodePrior(nn.Module):
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
     def forward(self, idx, cond=None):
+        """idx (B, T) inputs (start token first), cond (B, S) or None -> logits (B, T, K)."""
         T = idx.shape[1]
         if T > self.length:
             raise ValueError(f"{T} positions exceed the prior's {self.length}")
