@@ -27,7 +27,7 @@ of its paths the instantaneous change of variables (App. D.2, Eq. 39) gives
 
 so with a score network s_theta in place of grad log p_t and the prior pi in place of p_T, the
 model is a flow and log p_theta(x) is its *exact* log-density, not a bound: `ode_log_likelihood`
-integrates [x, int div] from t = eps to T with `odeint_dopri5` (adaptive Dormand-Prince 5(4),
+integrates [x, int div] from t = eps to T with `dopri5` (adaptive Dormand-Prince 5(4),
 written below, with error control and a count of network evaluations). The divergence is exact
 for 2D points (`divergence_exact`, one vector-Jacobian product per dimension) and the unbiased
 Hutchinson-Skilling estimate v^T (df/dx) v for images (`divergence_hutchinson`, App. D.2 Eq. 40),
@@ -79,15 +79,13 @@ Map from the papers to the names below (SDE paper unless named)
   Eq. 13 (probability-flow ODE), Sec. 4.3          probability_flow_drift, ode_sample
   App. D.2, Eqs. 39-40 (exact likelihood)          ode_log_likelihood, divergence_exact,
                                                    divergence_hutchinson
-  Dormand & Prince 1980 (RK5(4) with FSAL)         dopri5_step, odeint_dopri5
+  Dormand & Prince 1980 (RK5(4) with FSAL)         dopri5_step, dopri5
   uniform dequantisation (Theis et al. 2016)       dequantize, quantize, dequantized_nll,
                                                    bits_per_dim
   App. H and the official DDPM++ cont. config      UNet, ResBlock, AttnBlock
   App. C (t in [eps, 1]: eps = 1e-5 in training    dsm_loss(eps), ode_log_likelihood(eps),
     and likelihoods, 1e-3 for VP sampling)         .sampling_eps
 """
-from __future__ import annotations
-
 import math
 import time
 from dataclasses import dataclass
@@ -104,10 +102,9 @@ from common import (EMA, Batches, Logger, RunConfig, StopSignal, UserError, chec
                     saved_config, seed_everything, user_errors, wrap_ddp)
 
 
-def _bc(v, x):
-    """A per-example coefficient v ((B,) or scalar) shaped to broadcast against x (B, ...)."""
-    v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
-    return v.reshape(-1, *([1] * (x.dim() - 1))) if v.dim() else v
+def _expand(v, x):
+    """v (B,) reshaped to (B, 1, ..., 1) so that it broadcasts against x (B, ...)."""
+    return v.reshape(-1, *([1] * (x.dim() - 1)))
 
 
 def _randn(shape, like, generator=None):
@@ -128,6 +125,24 @@ def ncsn_sigmas(sigma_1=1.0, sigma_L=0.01, L=10):
     if not (sigma_1 > sigma_L > 0 and L >= 2):
         raise ValueError(f"noise levels need sigma_1 > sigma_L > 0 and L >= 2; got {sigma_1}, {sigma_L}, {L}")
     return torch.exp(torch.linspace(math.log(sigma_1), math.log(sigma_L), L, dtype=torch.float64))
+
+
+def ncsn_loss(score_fn, sigmas, x0, labels=None, z=None, generator=None):
+    """The NCSN objective (Song & Ermon 2019, Eqs. 5-6) with lambda(sigma) = sigma^2, per example (B,):
+
+        lambda(sigma_i) 1/2 || s(x~, sigma_i) + (x~ - x) / sigma_i^2 ||^2 = 1/2 || sigma_i s(x~, sigma_i) + z ||^2,
+
+    x~ = x + sigma_i z, z ~ N(0, I), with one level i ~ U{1..L} per example (`labels`, drawn
+    unless given): an unbiased estimate of Eq. 6's average over the L levels. score_fn(x, sigma)
+    takes sigma (B,)."""
+    sigmas = torch.as_tensor(sigmas, dtype=x0.dtype, device=x0.device)
+    if labels is None:
+        labels = torch.randint(len(sigmas), (x0.shape[0],), generator=generator, device=x0.device)
+    if z is None:
+        z = _randn(x0.shape, x0, generator)
+    sigma = sigmas[labels]
+    x_tilde = x0 + _expand(sigma, x0) * z
+    return 0.5 * _sum_dims((_expand(sigma, x0) * score_fn(x_tilde, sigma) + z) ** 2)
 
 
 @torch.inference_mode()
@@ -180,7 +195,7 @@ class _LinearSDE:
         """The mean m(t) x0 and std sigma(t) of p_0t(x(t) | x(0) = x0) (App. B Eq. 29, App. C),
         closed form.
         Returns (mean shaped like x0, std (B,))."""
-        return _bc(torch.exp(self.log_mean_coeff(t)), x0) * x0, self.std(t)
+        return _expand(torch.exp(self.log_mean_coeff(t)), x0) * x0, self.std(t)
 
     def prior_sample(self, shape, device="cpu", dtype=torch.float32, generator=None):
         """x(T) ~ pi = N(0, prior_std^2 I), the SDE paper's prior for each SDE."""
@@ -261,7 +276,7 @@ class VPSDE(_LinearSDE):
     def sde(self, x, t):
         """(f(x, t), g(t)): f = -1/2 beta(t) x, g = sqrt(beta(t)), g (B,)."""
         beta = self.beta(t)
-        return -0.5 * _bc(beta, x) * x, torch.sqrt(beta)
+        return -0.5 * _expand(beta, x) * x, torch.sqrt(beta)
 
     def discretize(self, t, t_prev):
         """The exact transition x_t = a x_{t_prev} + G z: DDPM's chain x_i = sqrt(1 - beta_i)
@@ -284,7 +299,7 @@ class SubVPSDE(VPSDE):
     def sde(self, x, t):
         beta = self.beta(t)
         discount = -torch.expm1(4 * self.log_mean_coeff(t))  # 1 - e^{-2 int beta} = 1 - m^4
-        return -0.5 * _bc(beta, x) * x, torch.sqrt(beta * discount)
+        return -0.5 * _expand(beta, x) * x, torch.sqrt(beta * discount)
 
     def discretize(self, t, t_prev):
         """The exact transition x_t = a x_{t_prev} + G z of the linear SDE (the paper gives no
@@ -301,7 +316,7 @@ SDES = {"ve": VESDE, "vp": VPSDE, "subvp": SubVPSDE}
 def probability_flow_drift(sde, score_fn, x, t):
     """The probability-flow ODE's velocity (SDE paper Eq. 13): f~(x, t) = f(x, t) - 1/2 g(t)^2 s(x, t)."""
     f, g = sde.sde(x, t)
-    return f - 0.5 * _bc(g ** 2, x) * score_fn(x, t)
+    return f - 0.5 * _expand(g ** 2, x) * score_fn(x, t)
 
 
 # ----------------------------------------------------------------------------------------
@@ -313,8 +328,15 @@ def make_score_fn(model, sde):
     x_t = m x0 + sigma z (as the official code's VP models and, up to sign, its VE models with
     scale_by_sigma), so that dsm_loss becomes ||model(x_t, t) - z||^2 / D."""
     def score_fn(x, t):
-        return -model(x, t) / _bc(sde.std(t), x)
+        return -model(x, t) / _expand(sde.std(t), x)
     return score_fn
+
+
+def make_ncsn_score_fn(model, sde):
+    """NCSN's s(x, sigma) from a network of the VE SDE's time, at t = `sde.t_of_sigma(sigma)`:
+    t is affine in log sigma, so the network is conditioned on log sigma_i (not on the index i)."""
+    score_fn = make_score_fn(model, sde)
+    return lambda x, sigma: score_fn(x, sde.t_of_sigma(sigma))
 
 
 def _sample_t(x0, eps, T, generator):
@@ -328,7 +350,7 @@ def dsm_target(sde, x_t, x0, t):
     denoising score matching (Vincent 2011; SDE paper Eq. 7). Its mean given x_t is the score of
     the perturbed data, grad log p_t(x_t), so the loss is minimised by the true score."""
     mean, std = sde.marginal_prob(x0, t)
-    return -(x_t - mean) / _bc(std, x_t) ** 2
+    return -(x_t - mean) / _expand(std, x_t) ** 2
 
 
 def dsm_loss(score_fn, sde, x0, t=None, z=None, eps=1e-5, generator=None):
@@ -346,9 +368,9 @@ def dsm_loss(score_fn, sde, x0, t=None, z=None, eps=1e-5, generator=None):
     if z is None:
         z = _randn(x0.shape, x0, generator)
     mean, std = sde.marginal_prob(x0, t)
-    x_t = mean + _bc(std, x0) * z
+    x_t = mean + _expand(std, x0) * z
     target = dsm_target(sde, x_t, x0, t)
-    return (_bc(std, x0) ** 2 * (score_fn(x_t, t) - target) ** 2).reshape(x0.shape[0], -1).mean(1)
+    return (_expand(std, x0) ** 2 * (score_fn(x_t, t) - target) ** 2).reshape(x0.shape[0], -1).mean(1)
 
 
 def sliced_score_matching_loss(score_fn, sde, x0, t=None, z=None, v=None, eps=1e-5,
@@ -373,7 +395,7 @@ def sliced_score_matching_loss(score_fn, sde, x0, t=None, z=None, v=None, eps=1e
         v = _randn(x0.shape, x0, generator)
     mean, std = sde.marginal_prob(x0, t)
     with torch.enable_grad():
-        x_t = (mean + _bc(std, x0) * z).detach().requires_grad_(True)
+        x_t = (mean + _expand(std, x0) * z).detach().requires_grad_(True)
         s = score_fn(x_t, t)
         (grad_sv,) = torch.autograd.grad((s * v).sum(), x_t, create_graph=True)
     vJv = _sum_dims(grad_sv * v)                                     # v^T (ds/dx) v
@@ -381,21 +403,67 @@ def sliced_score_matching_loss(score_fn, sde, x0, t=None, z=None, v=None, eps=1e
     return std ** 2 * (2 * vJv + square) / x0[0].numel()
 
 
-LOSSES = ("dsm", "ssm", "ssm-vr")
+def divergence_exact(f_x, x, create_graph=False):
+    """div f = sum_i d f_i / d x_i per example (B,), by one vector-Jacobian product per
+    dimension: exact, D times the cost of a gradient (for 2D points). f_x = f(x) must be
+    computed from x with x.requires_grad, each example from its own input only; create_graph
+    keeps the divergence differentiable (for training on it)."""
+    f_flat = f_x.reshape(f_x.shape[0], -1)
+    div = torch.zeros(f_x.shape[0], dtype=f_x.dtype, device=f_x.device)
+    for i in range(f_flat.shape[1]):
+        (grad,) = torch.autograd.grad(f_flat[:, i].sum(), x, retain_graph=True, create_graph=create_graph)
+        div = div + grad.reshape(grad.shape[0], -1)[:, i]
+    return div
 
 
-def training_loss(model, sde, x0, loss="dsm", eps=1e-5, generator=None):
+def hyvarinen_score_matching(score_fn, x, create_graph=False):
+    """The integrand of Hyvarinen's objective (Hyvarinen 2005, Thm. 1) per example (B,):
+
+        J(s) = E_p[ tr(grad_x s(x)) + 1/2 ||s(x)||^2 ] = 1/2 E_p||s - grad log p||^2 - 1/2 E_p||grad log p||^2
+
+    (integration by parts, p s -> 0 at infinity), with the exact divergence. score_fn(x)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        s = score_fn(x)
+        return divergence_exact(s, x, create_graph) + 0.5 * _sum_dims(s ** 2)
+
+
+def score_matching_loss(score_fn, sde, x0, t=None, z=None, eps=1e-5, generator=None):
+    """Exact score matching on the perturbed data x_t ~ p_t with Eq. 7's weighting, per example (B,):
+
+        lambda(t) [2 tr(ds/dx) + ||s||^2] / D  =  2 lambda(t) J(s(., t)) / D    (`hyvarinen_score_matching`),
+
+    `sliced_score_matching_loss` with the exact trace in place of v^T (ds/dx) v: its expectation
+    equals dsm_loss's up to a constant independent of s. D vector-Jacobian products (2D points)."""
+    if t is None:
+        t = _sample_t(x0, eps, sde.T, generator)
+    if z is None:
+        z = _randn(x0.shape, x0, generator)
+    mean, std = sde.marginal_prob(x0, t)
+    J = hyvarinen_score_matching(lambda x: score_fn(x, t), mean + _expand(std, x0) * z, create_graph=True)
+    return std ** 2 * 2 * J / x0[0].numel()
+
+
+LOSSES = ("dsm", "ssm", "ssm-vr", "sm")
+
+
+def training_loss(model, sde, x0, loss="dsm", eps=1e-5, generator=None, sigmas=None):
     """The training objective per example (B,) for a network `model(x, t)` that predicts the
-    noise (`make_score_fn`): "dsm" (Eq. 7 with lambda = sigma^2, `dsm_loss`), or sliced score
-    matching with the same weighting (App. A Eq. 19, `sliced_score_matching_loss`): "ssm" with
-    (v^T s)^2, "ssm-vr" with ||s||^2. t ~ U(eps, T); it calls model's forward, so a
-    DistributedDataParallel wrapper's gradient hooks fire."""
+    noise (`make_score_fn`): "dsm" (Eq. 7 with lambda = sigma^2, `dsm_loss`), sliced score
+    matching with the same weighting (App. A Eq. 19, `sliced_score_matching_loss`: "ssm" with
+    (v^T s)^2, "ssm-vr" with ||s||^2), or exact score matching ("sm", `score_matching_loss`);
+    t ~ U(eps, T). With NCSN's levels `sigmas` (a VE sde): `ncsn_loss` / D instead (averaged over
+    the dimensions as dsm_loss). It calls model's forward, so DDP's gradient hooks fire."""
+    if sigmas is not None:
+        return ncsn_loss(make_ncsn_score_fn(model, sde), sigmas, x0, generator=generator) / x0[0].numel()
     score_fn = make_score_fn(model, sde)
     if loss == "dsm":
         return dsm_loss(score_fn, sde, x0, eps=eps, generator=generator)
     if loss in ("ssm", "ssm-vr"):
         return sliced_score_matching_loss(score_fn, sde, x0, eps=eps, variance_reduction=loss == "ssm-vr",
                                           generator=generator)
+    if loss == "sm":
+        return score_matching_loss(score_fn, sde, x0, eps=eps, generator=generator)
     raise ValueError(f"loss {loss!r} is unknown; accepted: {', '.join(LOSSES)}")
 
 
@@ -411,9 +479,9 @@ def euler_maruyama_predictor(sde, score_fn, x, t, t_next, generator=None):
     from t down to t_next < t: x_mean = x - [f - g^2 s] dt, x = x_mean + g sqrt(dt) z,
     dt = t - t_next. Returns (x, x_mean)."""
     f, g = sde.sde(x, t)
-    dt = _bc(t - t_next, x)
-    x_mean = x - (f - _bc(g ** 2, x) * score_fn(x, t)) * dt
-    return x_mean + _bc(g, x) * dt.sqrt() * _randn(x.shape, x, generator), x_mean
+    dt = _expand(t - t_next, x)
+    x_mean = x - (f - _expand(g ** 2, x) * score_fn(x, t)) * dt
+    return x_mean + _expand(g, x) * dt.sqrt() * _randn(x.shape, x, generator), x_mean
 
 
 def reverse_diffusion_predictor(sde, score_fn, x, t, t_next, generator=None):
@@ -424,8 +492,8 @@ def reverse_diffusion_predictor(sde, score_fn, x, t, t_next, generator=None):
 
     Returns (x, x_mean); x_mean is the last step's output when denoising."""
     a, G = sde.discretize(t, t_next)
-    x_mean = x - _bc(a - 1, x) * x + _bc(G ** 2, x) * score_fn(x, t)
-    return x_mean + _bc(G, x) * _randn(x.shape, x, generator), x_mean
+    x_mean = x - _expand(a - 1, x) * x + _expand(G ** 2, x) * score_fn(x, t)
+    return x_mean + _expand(G, x) * _randn(x.shape, x, generator), x_mean
 
 
 PREDICTORS = {"reverse_diffusion": reverse_diffusion_predictor, "euler_maruyama": euler_maruyama_predictor}
@@ -444,7 +512,8 @@ def langevin_corrector(score_fn, x, t, snr, alpha=1.0, generator=None):
     s = score_fn(x, t)
     z = _randn(x.shape, x, generator)
     z_norm, s_norm = (v.reshape(v.shape[0], -1).norm(dim=1).mean() for v in (z, s))
-    step = 2 * _bc(alpha, x) * (snr * z_norm / s_norm) ** 2
+    alpha = torch.as_tensor(alpha, dtype=x.dtype, device=x.device).expand(x.shape[0])
+    step = 2 * _expand(alpha, x) * (snr * z_norm / s_norm) ** 2
     x_mean = x + step * s
     return x_mean + torch.sqrt(2 * step) * z, x_mean
 
@@ -554,7 +623,7 @@ def _error_norm(v):
     return v.reshape(v.shape[0], -1).pow(2).mean(1).sqrt().max().item()
 
 
-def odeint_dopri5(f, y0, t0, t1, rtol=1e-5, atol=1e-5, h0=None, max_steps=100_000):
+def dopri5(f, y0, t0, t1, rtol=1e-5, atol=1e-5, max_steps=100_000):
     """Solve dy/dt = f(t, y), y(t0) = y0, to t1 (either direction) by Dormand-Prince 5(4) with
     step-size control (Hairer, Norsett & Wanner, "Solving ODEs I", Sec. II.4).
 
@@ -563,7 +632,7 @@ def odeint_dopri5(f, y0, t0, t1, rtol=1e-5, atol=1e-5, h0=None, max_steps=100_00
         max_b RMS_b( err / (atol + rtol max(|y|, |y5|)) ) <= 1,
 
     and the next step is h min(10, max(0.2, 0.9 err^(-1/5))) (no growth after a rejection).
-    The first step follows Hairer's starting-step algorithm unless h0 is given. The global error
+    The first step follows Hairer's starting-step algorithm. The global error
     is typically a small multiple of the tolerances. Returns (y(t1), nfe), nfe the number of
     evaluations of f. Raises RuntimeError when the step size underflows or after max_steps.
     """
@@ -583,18 +652,14 @@ def odeint_dopri5(f, y0, t0, t1, rtol=1e-5, atol=1e-5, h0=None, max_steps=100_00
         return y0, 0
     t, y = t0, y0
     k1 = fun(t, y)
-    if h0 is None:
-        scale = atol + rtol * y.abs()
-        d0, d1 = _error_norm(y / scale), _error_norm(k1 / scale)
-        h = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-        h = min(h, span)
-        f1 = fun(t + direction * h, y + direction * h * k1)
-        d2 = _error_norm((f1 - k1) / scale) / h
-        h1 = max(1e-6, h * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** 0.2
-        h = min(100 * h, h1)
-    else:
-        h = abs(float(h0))
+    scale = atol + rtol * y.abs()   # Hairer's starting step
+    d0, d1 = _error_norm(y / scale), _error_norm(k1 / scale)
+    h = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
     h = min(h, span)
+    f1 = fun(t + direction * h, y + direction * h * k1)
+    d2 = _error_norm((f1 - k1) / scale) / h
+    h1 = max(1e-6, h * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** 0.2
+    h = min(100 * h, h1, span)
     steps, rejected_last = 0, False
     while direction * (t1 - t) > 0:
         steps += 1
@@ -628,7 +693,7 @@ def odeint_dopri5(f, y0, t0, t1, rtol=1e-5, atol=1e-5, h0=None, max_steps=100_00
 def ode_sample(sde, score_fn, shape, rtol=1e-5, atol=1e-5, eps=1e-3, z=None, device="cpu",
                dtype=torch.float32, generator=None):
     """Samples by integrating the probability-flow ODE (Eq. 13) from x(T) = z ~ pi down to
-    t = eps with `odeint_dopri5` (App. D.4: RK45 at rtol = atol = 1e-5, eps = 1e-3 for VP and
+    t = eps with `dopri5` (App. D.4: RK45 at rtol = atol = 1e-5, eps = 1e-3 for VP and
     1e-5 for VE, `sde.sampling_eps`). Deterministic given z: the inverse of the map that
     `ode_log_likelihood` follows. Returns (x(eps), nfe)."""
     if not 0 < eps < sde.T:
@@ -638,19 +703,7 @@ def ode_sample(sde, score_fn, shape, rtol=1e-5, atol=1e-5, eps=1e-3, z=None, dev
     def velocity(t, x):
         return probability_flow_drift(sde, score_fn, x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
 
-    return odeint_dopri5(velocity, x, sde.T, eps, rtol, atol)
-
-
-def divergence_exact(f_x, x):
-    """div f = sum_i d f_i / d x_i per example (B,), by one vector-Jacobian product per
-    dimension: exact, D times the cost of a gradient (for 2D points). f_x = f(x) must be
-    computed from x with x.requires_grad, each example from its own input only."""
-    f_flat = f_x.reshape(f_x.shape[0], -1)
-    div = torch.zeros(f_x.shape[0], dtype=f_x.dtype, device=f_x.device)
-    for i in range(f_flat.shape[1]):
-        (grad,) = torch.autograd.grad(f_flat[:, i].sum(), x, retain_graph=True)
-        div = div + grad.reshape(grad.shape[0], -1)[:, i]
-    return div
+    return dopri5(velocity, x, sde.T, eps, rtol, atol)
 
 
 def divergence_hutchinson(f_x, x, v):
@@ -708,7 +761,7 @@ def ode_log_likelihood(sde, score_fn, x, divergence="exact", noise="rademacher",
         return torch.cat([drift.detach().reshape(B, D), div.detach()[:, None]], 1)
 
     state0 = torch.cat([x.reshape(B, D), torch.zeros(B, 1, dtype=x.dtype, device=x.device)], 1)
-    state, nfe = odeint_dopri5(augmented, state0, eps, sde.T, rtol, atol)
+    state, nfe = dopri5(augmented, state0, eps, sde.T, rtol, atol)
     z, delta = state[:, :D].reshape(x.shape), state[:, D]
     log_prior = (sde.prior_log_prob if prior_log_prob is None else prior_log_prob)(z)
     return log_prior + delta, z, nfe
@@ -748,9 +801,9 @@ def dequantized_nll(log_p_y, num_dims, levels):
     return -log_p_y - num_dims * math.log(2.0 / levels)
 
 
-def bits_per_dim(nll, num_dims):
-    """nats per example -> bits per dimension: nll / (D ln 2)."""
-    return nll / (num_dims * math.log(2.0))
+def bits_per_dim(nats, dims):
+    """Nats per example -> bits per dimension: nats / (dims ln 2)."""
+    return nats / (dims * math.log(2))
 
 
 # ----------------------------------------------------------------------------------------
@@ -807,13 +860,13 @@ class ResBlock(nn.Module):
         h = conv3x3(dropout(swish(GN(h))))                       (zero-initialised),
         out = (skip(resample(x)) + h) / sqrt(2)                  (skip rescaling),
 
-    resample: nearest-neighbour doubling (up) or 2x2 average pooling (down) of both paths, no
-    FIR filter (DDPM++ has none); skip a 1x1 convolution when the block resamples or changes
-    the channel count."""
+    resample: nearest-neighbour doubling (up) or 2x2 average pooling (down) of both paths, or
+    with `fir` (a 1D kernel, NCSN++) the FIR resampling `fir_upsample` / `fir_downsample`; skip a
+    1x1 convolution when the block resamples or changes the channel count."""
 
-    def __init__(self, cin, cout, temb_dim, dropout, up=False, down=False):
+    def __init__(self, cin, cout, temb_dim, dropout, up=False, down=False, fir=None):
         super().__init__()
-        self.up, self.down = up, down
+        self.up, self.down, self.fir = up, down, fir
         self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.temb = nn.Linear(temb_dim, cout)
         self.norm2, self.dropout = _norm(cout), nn.Dropout(dropout)
@@ -822,9 +875,9 @@ class ResBlock(nn.Module):
 
     def _resample(self, x):
         if self.up:
-            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+            return fir_upsample(x, self.fir) if self.fir else F.interpolate(x, scale_factor=2.0, mode="nearest")
         if self.down:
-            return F.avg_pool2d(x, 2)
+            return fir_downsample(x, self.fir) if self.fir else F.avg_pool2d(x, 2)
         return x
 
     def forward(self, x, temb):
@@ -870,8 +923,9 @@ class UNet(nn.Module):
     """
 
     def __init__(self, in_ch=3, image_size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4,
-                 attn_res=(16,), dropout=0.1):
+                 attn_res=(16,), dropout=0.1, fir=None):
         super().__init__()
+        self.fir = fir
         if image_size % 2 ** (len(ch_mult) - 1):
             raise ValueError(f"image side {image_size} is not divisible by 2^{len(ch_mult) - 1}; "
                              f"use fewer channel multipliers")
@@ -888,7 +942,7 @@ class UNet(nn.Module):
                 c = ch * mult
                 level.attns.append(AttnBlock(c) if res in attn_res else nn.Identity())
                 skips.append(c)
-            level.resample = ResBlock(c, c, temb_dim, dropout, down=True) if i < len(ch_mult) - 1 else None
+            level.resample = ResBlock(c, c, temb_dim, dropout, down=True, fir=fir) if i < len(ch_mult) - 1 else None
             if level.resample is not None:
                 skips.append(c)
                 res //= 2
@@ -903,16 +957,19 @@ class UNet(nn.Module):
                 level.blocks.append(ResBlock(c + skips.pop(), ch * mult, temb_dim, dropout))
                 c = ch * mult
             level.attn = AttnBlock(c) if res in attn_res else nn.Identity()
-            level.resample = ResBlock(c, c, temb_dim, dropout, up=True) if i > 0 else None
+            level.resample = ResBlock(c, c, temb_dim, dropout, up=True, fir=fir) if i > 0 else None
             if level.resample is not None:
                 res *= 2
             self.up.append(level)
         self.norm_out = _norm(c)
         self.conv_out = _zero(nn.Conv2d(c, in_ch, 3, padding=1))
 
+    def embed(self, t, x):
+        return self.temb(timestep_embedding(t, self.ch).to(x.dtype))
+
     def forward(self, x, t):
         """x (B, C, H, W), t (B,) in [0, 1] -> (B, C, H, W): the noise the score is made from."""
-        emb = self.temb(timestep_embedding(t, self.ch).to(x.dtype))
+        emb = self.embed(t, x)
         h = self.conv_in(x)
         hs = [h]
         for level in self.down:
@@ -930,6 +987,130 @@ class UNet(nn.Module):
             if level.resample is not None:
                 h = level.resample(h, emb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# --- NCSN++ (SDE paper App. H; the official configs/ve/cifar10_ncsnpp_continuous.py)
+
+def _upfirdn2d(x, k, up=1, down=1, pad=(0, 0)):
+    """Upsample by inserting up - 1 zeros after each pixel, pad with zeros (pad[0] before,
+    pad[1] after, both axes), convolve each channel with the 2D filter k, keep every down-th
+    pixel: StyleGAN2's upfirdn2d (Karras et al. 2020), in plain PyTorch. (B, C, H, W)."""
+    B, C, H, W = x.shape
+    if up > 1:
+        x = F.pad(x.reshape(B, C, H, 1, W, 1), (0, up - 1, 0, 0, 0, up - 1)).reshape(B, C, H * up, W * up)
+    x = F.pad(x, (pad[0], pad[1], pad[0], pad[1]))
+    w = k.flip(0, 1).to(x)[None, None].expand(C, 1, *k.shape)   # a convolution, not a correlation
+    return F.conv2d(x, w, stride=down, groups=C)
+
+
+def fir_filter(k, gain=1.0):
+    """The separable 2D filter outer(k, k) normalised to sum to `gain` (a constant image is
+    scaled by gain away from the border)."""
+    k = torch.as_tensor(k, dtype=torch.float64)
+    k = torch.outer(k, k)
+    return k / k.sum() * gain
+
+
+def fir_upsample(x, k=(1, 3, 3, 1), factor=2):
+    """Zero insertion then the FIR low-pass k of gain factor^2 (the inserted zeros take their
+    share): (B, C, H, W) -> (B, C, factor H, factor W); zeros outside the image (as StyleGAN2)."""
+    p = len(k) - factor
+    return _upfirdn2d(x, fir_filter(k, factor ** 2), up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
+
+
+def fir_downsample(x, k=(1, 3, 3, 1), factor=2):
+    """The FIR low-pass k of gain 1, then every factor-th pixel: (B, C, H, W) -> (B, C, H / factor, W / factor)."""
+    p = len(k) - factor
+    return _upfirdn2d(x, fir_filter(k), down=factor, pad=((p + 1) // 2, p // 2))
+
+
+class FIRConvDown(nn.Module):
+    """A 3x3 convolution of stride 2 after the FIR low-pass k (StyleGAN2's fused conv_downsample_2d,
+    one padding for both): the input pyramid's down-sampling in NCSN++ (progressive_input="residual")."""
+
+    def __init__(self, cin, cout, k=(1, 3, 3, 1)):
+        super().__init__()
+        self.k, self.conv = k, nn.Conv2d(cin, cout, 3, stride=2)
+
+    def forward(self, x):
+        p = len(self.k) - 2 + 2     # (filter taps - factor) + (conv taps - 1)
+        return self.conv(_upfirdn2d(x, fir_filter(self.k), pad=((p + 1) // 2, p // 2)))
+
+
+class NCSNpp(UNet):
+    """NCSN++ (SDE paper App. H, the official "NCSN++ cont." configuration for VE): the DDPM++
+    U-Net above with
+
+      - Gaussian Fourier features of log sigma(t) (Tancik et al. 2020): [sin 2 pi w log sigma,
+        cos 2 pi w log sigma], w ~ N(0, fourier_scale^2)^ch fixed (a buffer), in place of the
+        sinusoidal embedding of 999 t; sigma(t) = sigma_min (sigma_max / sigma_min)^t (VE);
+      - FIR resampling (kernel `fir`, [1, 3, 3, 1]) in the up- and down-sampling blocks;
+      - progressive growing of the input (`progressive_input`): "input_skip" adds a 1x1
+        convolution of the FIR-downsampled image after each down-sampling; "residual" (the
+        config) keeps a pyramid p <- (FIRConvDown(p) + h) / sqrt(2), h <- p;
+      - of the output (`progressive`): "output_skip" sums the FIR-upsampled output of the
+        coarser resolution with a conv3x3(swish(GN(h))) at each resolution (the config: "none");
+      - skip connections rescaled by 1/sqrt(2) (ResBlock, AttnBlock, the pyramid).
+
+    The official config trains on data in [0, 1] (centered = False) with sigma 0.01..50 and maps
+    the network's input to 2x - 1; in model space [-1, 1] the same process has sigma 0.02..100
+    (ARCH_PRESETS). Its score is h / sigma (scale_by_sigma); here -h / sigma (`make_score_fn`)."""
+
+    def __init__(self, in_ch=3, image_size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_res=(16,),
+                 dropout=0.1, sigma_min=0.01, sigma_max=50.0, fir=(1, 3, 3, 1), fourier_scale=16.0,
+                 progressive_input="residual", progressive="none"):
+        if progressive_input not in ("none", "input_skip", "residual") or progressive not in ("none", "output_skip"):
+            raise ValueError(f"progressive_input {progressive_input!r} or progressive {progressive!r} is unknown; "
+                             "accepted: none, input_skip, residual and none, output_skip")
+        super().__init__(in_ch, image_size, ch, ch_mult, num_res_blocks, attn_res, dropout, fir)
+        self.log_sigma_min, self.log_ratio = math.log(sigma_min), math.log(sigma_max / sigma_min)
+        self.progressive_input, self.progressive = progressive_input, progressive
+        self.register_buffer("fourier_w", torch.randn(ch) * fourier_scale)
+        self.temb[0] = nn.Linear(2 * ch, 4 * ch)
+        widths = [ch * m for m in ch_mult[:-1]]                  # the channels after each down-sampling
+        if progressive_input == "input_skip":
+            self.pyramid_in = nn.ModuleList(nn.Conv2d(in_ch, c, 1) for c in widths)
+        elif progressive_input == "residual":
+            self.pyramid_in = nn.ModuleList(FIRConvDown(cin, c, fir) for cin, c in zip([in_ch] + widths, widths))
+        if progressive == "output_skip":                         # one head per resolution, coarsest first
+            self.pyramid_out = nn.ModuleList(nn.Sequential(_norm(ch * m), nn.SiLU(), _zero(nn.Conv2d(ch * m, in_ch, 3,
+                                             padding=1))) for m in reversed(ch_mult))
+            del self.norm_out, self.conv_out
+
+    def embed(self, t, x):
+        log_sigma = self.log_sigma_min + t.to(self.fourier_w.dtype) * self.log_ratio
+        proj = 2 * math.pi * log_sigma[:, None] * self.fourier_w[None]
+        return self.temb(torch.cat([torch.sin(proj), torch.cos(proj)], 1).to(x.dtype))
+
+    def forward(self, x, t):
+        """x (B, C, H, W), t (B,) in [0, 1] -> (B, C, H, W): the noise the score is made from."""
+        emb, pyramid = self.embed(t, x), x
+        h = self.conv_in(x)
+        hs = [h]
+        for i, level in enumerate(self.down):
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(h, emb))
+                hs.append(h)
+            if level.resample is not None:
+                h = level.resample(h, emb)
+                if self.progressive_input == "input_skip":
+                    pyramid = fir_downsample(pyramid, self.fir)
+                    h = h + self.pyramid_in[i](pyramid)
+                elif self.progressive_input == "residual":
+                    h = pyramid = (self.pyramid_in[i](pyramid) + h) / math.sqrt(2.0)
+                hs.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        out = None
+        for i, level in enumerate(self.up):
+            for block in level.blocks:
+                h = block(torch.cat([h, hs.pop()], dim=1), emb)
+            h = level.attn(h)
+            if self.progressive == "output_skip":
+                head = self.pyramid_out[i](h)
+                out = head if out is None else fir_upsample(out, self.fir) + head
+            if level.resample is not None:
+                h = level.resample(h, emb)
+        return out if self.progressive == "output_skip" else self.conv_out(F.silu(self.norm_out(h)))
 
 
 # ----------------------------------------------------------------------------------------

@@ -547,7 +547,7 @@ def test_odeint_meets_its_tolerance_on_a_linear_ode(seed, log_tol, backwards):
     y0 = torch.randn(3, 4, generator=g, dtype=f64)
     t0, t1 = (2.0, 0.0) if backwards else (0.0, 2.0)
     calls = []
-    y, nfe = S.odeint_dopri5(lambda t, y: calls.append(t) or y @ A.T, y0, t0, t1, rtol=tol, atol=tol)
+    y, nfe = S.dopri5(lambda t, y: calls.append(t) or y @ A.T, y0, t0, t1, rtol=tol, atol=tol)
     exact = y0 @ torch.linalg.matrix_exp((t1 - t0) * A).T
     assert ((y - exact).abs() / (tol + tol * exact.abs())).max() <= 10.0
     assert nfe == len(calls)
@@ -568,7 +568,7 @@ def test_odeint_agrees_with_scipy_on_a_nonlinear_ode(tol):
         return [y[1], (1 - y[0] ** 2) * y[1] - y[0]]
     ref = integrate.solve_ivp(rhs, (0, 5), [2.0, 0.0], method="DOP853", rtol=1e-13, atol=1e-13).y[:, -1]
     rk45 = integrate.solve_ivp(rhs, (0, 5), [2.0, 0.0], method="RK45", rtol=tol, atol=tol)
-    y, nfe = S.odeint_dopri5(van_der_pol, torch.tensor([[2.0, 0.0]], dtype=f64), 0.0, 5.0, rtol=tol, atol=tol)
+    y, nfe = S.dopri5(van_der_pol, torch.tensor([[2.0, 0.0]], dtype=f64), 0.0, 5.0, rtol=tol, atol=tol)
     y = y[0].numpy()
     assert (np.abs(y - ref) / (tol + tol * np.abs(ref))).max() < 3
     assert nfe == rk45.nfev
@@ -578,10 +578,10 @@ def test_odeint_agrees_with_scipy_on_a_nonlinear_ode(tol):
 def test_odeint_error_control_is_per_example():
     """A batch of a calm and a fast system needs as many steps as the fast one alone: the norm is
     the largest per-example error, so the calm one cannot dilute the fast one's error."""
-    _, nfe_fast = S.odeint_dopri5(lambda t, y: -30 * y, torch.ones(1, 1, dtype=f64), 0.0, 1.0)
+    _, nfe_fast = S.dopri5(lambda t, y: -30 * y, torch.ones(1, 1, dtype=f64), 0.0, 1.0)
     two = torch.tensor([[1.0], [1.0]], dtype=f64)
     rates = torch.tensor([[1.0], [30.0]], dtype=f64)
-    y, nfe_batch = S.odeint_dopri5(lambda t, y: -rates * y, two, 0.0, 1.0)
+    y, nfe_batch = S.dopri5(lambda t, y: -rates * y, two, 0.0, 1.0)
     assert nfe_batch == nfe_fast
     torch.testing.assert_close(y[:, 0], torch.exp(-rates[:, 0]), rtol=1e-4, atol=1e-5)
 
@@ -690,7 +690,7 @@ def test_fresh_networks_output_zero():
     lambda: S.ode_log_likelihood(S.VPSDE(), lambda x, t: x, torch.zeros(2, 2), divergence="trace"),
     lambda: S.ode_log_likelihood(S.VPSDE(), lambda x, t: x, torch.zeros(2, 2), eps=0.0),
     lambda: S.dsm_loss(lambda x, t: x, S.VPSDE(), torch.zeros(2, 2), eps=2.0),
-    lambda: S.odeint_dopri5(lambda t, y: y, torch.zeros(1, 1), 0.0, 1.0, rtol=0.0),
+    lambda: S.dopri5(lambda t, y: y, torch.zeros(1, 1), 0.0, 1.0, rtol=0.0),
     lambda: S.UNet(3, 30, 32, (1, 2, 2)),
 ])
 def test_bad_arguments_raise_value_error(call):
