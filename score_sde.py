@@ -88,6 +88,7 @@ Map from the papers to the names below (SDE paper unless named)
 """
 import math
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,11 +96,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (EMA, Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range,
-                    density_on_grid, dispatch, entropy_estimate, flag, get_device, init_distributed,
-                    load_checkpoint, load_dataset, load_weights, open_run, output_dir, parse_config,
-                    report_files, resume, save_density, save_image_grid, save_scatter, save_training,
-                    saved_config, seed_everything, user_errors, wrap_ddp)
+from common import (EMA, Batches, Logger, RunConfig, Training, UserError, check_range, density_on_grid, dispatch,
+                    entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
+                    parse_config, report_files, save_density, save_image_grid, save_scatter, saved_config,
+                    seed_everything, user_errors, wrap_ddp)
 
 
 def _expand(v, x):
@@ -1118,6 +1118,7 @@ class NCSNpp(UNet):
 # ----------------------------------------------------------------------------------------
 
 SAMPLERS = {"pc": "PC sampler", "ode": "probability-flow ODE", "em": "Euler-Maruyama", "ald": "annealed Langevin"}
+ARCHS = ("ddpmpp", "ncsnpp")
 
 
 @dataclass
@@ -1130,15 +1131,24 @@ class Config(RunConfig):
     save_every: int = flag(2500, "checkpoint and sample picture every this many steps")
     n_samples: int = flag(1000, "samples in the training pictures and drawn by --sample")
     # the SDE and the objective
-    sde: str = flag("vp", "forward SDE: ve (Eq. 9), vp (Eq. 11) or subvp (Eq. 12)", choices=tuple(SDES))
+    sde: str = flag("vp", "forward SDE: ve (Eq. 9), vp (Eq. 11) or subvp (Eq. 12); or ncsn: NCSN's --n-levels "
+                    "discrete noise levels (Song & Ermon 2019), the VE kernels at those sigmas only",
+                    choices=(*SDES, "ncsn"))
+    n_levels: int = flag(10, "NCSN's L noise levels, geometric from --sigma-max to --sigma-min (--sde ncsn and "
+                         "--sampler ald)")
     beta_min: float = flag(0.1, "VP and sub-VP: beta(0)")
     beta_max: float = flag(20.0, "VP and sub-VP: beta(1)")
     sigma_min: float = flag(0.01, "VE: sigma(0)")
     sigma_max: float = flag(10.0, "VE: sigma(1), about the largest distance between two data points "
                             "(Song & Ermon 2020, Technique 1)")
     loss: str = flag("dsm", "objective: dsm (denoising score matching, Eq. 7), ssm or ssm-vr (sliced score "
-                     "matching)", choices=LOSSES)
+                     "matching), sm (exact score matching, 2D points); --sde ncsn: its Eqs. 5-6 (dsm)", choices=LOSSES)
     # networks
+    arch: str = flag("ddpmpp", "image network: ddpmpp (the DDPM++ U-Net) or ncsnpp (NCSN++, for --sde ve or ncsn)",
+                     choices=ARCHS)
+    progressive_input: str = flag("residual", "NCSN++ input pyramid: none, input_skip or residual",
+                                  choices=("none", "input_skip", "residual"))
+    progressive: str = flag("none", "NCSN++ output pyramid: none or output_skip", choices=("none", "output_skip"))
     hidden: int = flag(128, "width of the MLP used on 2D points")
     depth: int = flag(3, "residual blocks of the MLP used on 2D points")
     ch: int = flag(32, "U-Net base channels")
@@ -1152,10 +1162,11 @@ class Config(RunConfig):
     ema_decay: float = flag(0.999, "EMA decay of the weights used for sampling and --eval")
     flip: bool = flag(False, "random horizontal flips of training images")
     # sampling
-    sampler: str = flag("pc", "pc (reverse diffusion predictor + Langevin corrector), ode (probability flow), "
-                        "em (Euler-Maruyama, no corrector), ald (annealed Langevin dynamics, VE only)",
-                        choices=tuple(SAMPLERS))
-    sample_steps: int = flag(500, "steps N of the pc and em samplers (ald: 10 noise levels of N / 10 steps)")
+    sampler: str = flag("auto", "pc (reverse diffusion predictor + Langevin corrector), ode (probability flow), "
+                        "em (Euler-Maruyama, no corrector), ald (annealed Langevin dynamics, VE and NCSN), auto "
+                        "(ald for --sde ncsn, else pc); --sample and --eval: the checkpoint's unless typed",
+                        choices=("auto", *SAMPLERS))
+    sample_steps: int = flag(500, "steps N of the pc and em samplers (ald: --n-levels levels of N / L steps)")
     snr: float = flag(0.16, "signal-to-noise ratio r of the Langevin corrector (App. G)")
     n_corrector: int = flag(1, "Langevin corrector steps per predictor step of pc (0: predictor only)")
     ald_eps: float = flag(2e-5, "annealed Langevin step scale eps: alpha_i = eps sigma_i^2 / sigma_L^2")
@@ -1166,6 +1177,7 @@ class Config(RunConfig):
                            "(exact on 2D points, hutchinson on images)", choices=("auto", "exact", "hutchinson"))
     density_tol: float = flag(1e-3, "ODE tolerances of the 128x128 density grid of --eval on 2D sets")
     eval_n: int = flag(0, "--eval on the first N test examples (0 = all)")
+    eval_repeats: int = flag(1, "--eval: passes over the test set, each with fresh dequantisation and probes")
 
 
 _MNIST = dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema_decay=0.9999, sigma_max=50.0, ch=64,
@@ -1183,18 +1195,35 @@ PRESETS = {
     "fashion-mnist": _MNIST,
     # DDPM++ cont. (SDE paper Table 2; the official configs/vp/cifar10_ddpmpp_continuous.py and its
     # defaults): 61,804,419 parameters here; 1.3M iterations, batch 128, Adam 2e-4, warm-up 5000,
-    # gradient clip 1, EMA 0.9999, dropout 0.1, random flips; VE sigma 0.01..50, VP beta 0.1..20,
-    # N = 1000 sampling steps, snr 0.16, one corrector step.
+    # gradient clip 1, EMA 0.9999, dropout 0.1, random flips; VP beta 0.1..20. Sampling as that
+    # config: pc with predictor euler_maruyama and corrector none, N = 1000, eps 1e-3, the last
+    # step's mean (noise_removal). Likelihood as run_lib.evaluate with bpd_dataset "test": the
+    # test split, 5 passes each with fresh uniform dequantisation (bits/dim averaged over them),
+    # likelihood.py's RK45 at rtol = atol = 1e-5 from eps = 1e-5, one Rademacher probe per solve.
+    # (--sde ve here: this network and sigma 0.01..50 on [-1, 1]; the VE paper preset is --arch ncsnpp.)
     "cifar10": dict(steps=1_300_000, batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0, ema_decay=0.9999,
                     flip=True, sigma_max=50.0, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_res=(16,),
-                    dropout=0.1, sample_steps=1000, snr=0.16, n_corrector=1, save_every=50_000, n_samples=64),
+                    dropout=0.1, sampler="em", sample_steps=1000, snr=0.16, n_corrector=0, rtol=1e-5, atol=1e-5,
+                    eval_repeats=5, save_every=50_000, n_samples=64),
 }
+
+# --arch ncsnpp: NCSN++ on the VE SDE. cifar10: NCSN++ cont. (SDE paper Table 3, FID 2.38; the official
+# configs/ve/cifar10_ncsnpp_continuous.py): 62,758,787 trainable parameters (theirs, counted with their
+# code: the same, plus 128 fixed Fourier frequencies); EMA 0.999; sigma 0.01..50 on their [0, 1] data is
+# 0.02..100 on our [-1, 1] (the same process: x~ = x + sigma z maps to y~ = y + 2 sigma z, and
+# ||sigma s + z||^2 is unchanged); pc with reverse_diffusion and one Langevin step at snr 0.16, N = 1000,
+# eps 1e-5; evaluation as the VP preset. Ours: the loss averaged over dimensions (theirs: summed,
+# reduce_mean False, before the clip at 1); PyTorch's default initialisation (theirs: fan-average uniform).
+ARCH_PRESETS = {"ncsnpp": {**{name: {**p, "sde": "ve"} for name, p in PRESETS.items() if name != "points"},
+                           "cifar10": dict(PRESETS["cifar10"], sde="ve", sigma_min=0.02, sigma_max=100.0,
+                                           ema_decay=0.999, sampler="pc", n_corrector=1)}}
 
 
 def check_config(cfg):
-    """The flags' values that their types let through; the image side against --ch-mult is
-    checked in build, --sampler ald against a checkpoint's SDE in draw_samples."""
-    for name in ("hidden", "depth", "ch", "num_res_blocks", "sample_steps"):
+    """The flags' values that their types let through; the image side against --ch-mult and the
+    data against --loss sm and --arch are checked in build, --sampler against a checkpoint's SDE
+    in draw_samples."""
+    for name in ("hidden", "depth", "ch", "num_res_blocks", "sample_steps", "eval_repeats"):
         check_range(cfg, name, 1)
     for name in ("warmup", "grad_clip", "n_corrector", "eval_n", "beta_min"):
         check_range(cfg, name, 0)
@@ -1207,9 +1236,27 @@ def check_config(cfg):
     if not cfg.ch_mult or min(cfg.ch_mult) < 1:
         raise UserError(f"--ch-mult {','.join(map(str, cfg.ch_mult))} is out of range; accepted: positive "
                         "multipliers, one per resolution, e.g. 1,2,2,2")
-    if cfg.sampler == "ald" and cfg.sde != "ve" and not (cfg.sample or cfg.eval):
+    check_range(cfg, "n_levels", 2)
+    if cfg.sample or cfg.eval:
+        return
+    if cfg.sampler == "ald" and cfg.sde not in ("ve", "ncsn"):
         raise UserError(f"--sampler ald runs annealed Langevin dynamics on noise levels sigma, which --sde {cfg.sde} "
-                        "does not have; accepted: --sde ve with ald, or --sampler pc, ode or em")
+                        "does not have; accepted: --sde ve or ncsn with ald, or --sampler pc, ode or em")
+    if cfg.sde == "ncsn" and (cfg.loss != "dsm" or cfg.sampler not in ("auto", "ald")):
+        raise UserError(f"--sde ncsn is trained by its Eqs. 5-6 on {cfg.n_levels} levels and sampled by annealed "
+                        f"Langevin dynamics (--loss {cfg.loss}, --sampler {cfg.sampler} given); accepted: --loss dsm, "
+                        "--sampler auto or ald")
+    if cfg.arch == "ncsnpp" and cfg.sde not in ("ve", "ncsn"):
+        raise UserError(f"--arch ncsnpp is conditioned on log sigma, which --sde {cfg.sde} does not have; "
+                        "accepted: --arch ncsnpp with --sde ve or ncsn, or --arch ddpmpp")
+    if cfg.arch != "ncsnpp" and (cfg.progressive_input, cfg.progressive) != ("residual", "none"):
+        raise UserError("--progressive-input and --progressive shape NCSN++'s pyramids; accepted: with --arch ncsnpp")
+
+
+def learning_rate(step, cfg):
+    """The learning rate of step `step` (0-based): linear warm-up over cfg.warmup steps, then
+    constant (the official score_sde code's optimization_manager: lr min(step / warmup, 1))."""
+    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
 
 
 # ----------------------------------------------------------------------------------------
@@ -1228,16 +1275,23 @@ def to_levels(y, info):
     return quantize(y, info.levels)
 
 
+def sampler_of(cfg):
+    """--sampler, with auto resolved: annealed Langevin dynamics for NCSN, else the PC sampler."""
+    return cfg.sampler if cfg.sampler != "auto" else "ald" if cfg.sde == "ncsn" else "pc"
+
+
 def sample_with(cfg, net, sde, shape, device, generator):
     """Samples in model space by --sampler, and the number of network evaluations they cost."""
     score_fn = make_score_fn(net, sde)
     where = dict(device=device, generator=generator)
-    if cfg.sampler == "ode":
+    sampler = sampler_of(cfg)
+    if sampler == "ode":
         return ode_sample(sde, score_fn, shape, cfg.rtol, cfg.atol, eps=sde.sampling_eps, **where)
-    if cfg.sampler == "ald":
-        each = max(1, cfg.sample_steps // 10)
-        return annealed_langevin_sample(sde, score_fn, shape, 10, each, cfg.ald_eps, **where), 10 * each
-    if cfg.sampler == "em":
+    if sampler == "ald":   # NCSN: the levels it was trained on (ncsn_sigmas(sigma_max, sigma_min, L))
+        each = max(1, cfg.sample_steps // cfg.n_levels)
+        x = annealed_langevin_sample(sde, score_fn, shape, cfg.n_levels, each, cfg.ald_eps, **where)
+        return x, cfg.n_levels * each
+    if sampler == "em":
         x = pc_sample(sde, score_fn, shape, cfg.sample_steps, "euler_maruyama", None, eps=sde.sampling_eps, **where)
         return x, cfg.sample_steps
     x = pc_sample(sde, score_fn, shape, cfg.sample_steps, "reverse_diffusion", "langevin" if cfg.n_corrector else None,
@@ -1245,8 +1299,8 @@ def sample_with(cfg, net, sde, shape, device, generator):
     return x, cfg.sample_steps * (1 + cfg.n_corrector)
 
 
-def sample_title(sampler, sde_name, nfe):
-    return f"{sde_name.upper()} SDE, {SAMPLERS[sampler]}, NFE {nfe}"
+def sample_title(cfg, nfe):
+    return f"{'NCSN' if cfg.sde == 'ncsn' else cfg.sde.upper() + ' SDE'}, {SAMPLERS[sampler_of(cfg)]}, NFE {nfe}"
 
 
 def save_samples(x, path, info, title):
@@ -1325,117 +1379,123 @@ MODEL = "score_sde"
 
 def build(cfg, info):
     """(network, SDE) for a configuration and the data's description: the MLP on 2D points, the
-    U-Net on images."""
-    sde = VESDE(cfg.sigma_min, cfg.sigma_max) if cfg.sde == "ve" else SDES[cfg.sde](cfg.beta_min, cfg.beta_max)
+    U-Net (--arch) on images. NCSN's network is the VE SDE's, used at its levels' times."""
+    ve = cfg.sde in ("ve", "ncsn")
+    sde = VESDE(cfg.sigma_min, cfg.sigma_max) if ve else SDES[cfg.sde](cfg.beta_min, cfg.beta_max)
     if info.kind == "points":
-        if cfg.flip:
-            raise UserError(f"--flip flips images; {info.name} is a set of 2D points: leave --flip out")
+        for wrong, name in ((cfg.flip, "--flip"), (cfg.arch != "ddpmpp", f"--arch {cfg.arch}")):
+            if wrong:
+                raise UserError(f"{name} is for images; {info.name} is a set of 2D points: leave {name} out")
         return ScoreMLP(info.shape[0], cfg.hidden, cfg.depth), sde
+    if cfg.loss == "sm":
+        raise UserError(f"--loss sm takes D = {info.dims} backward passes per step on {info.name}; accepted: "
+                        "2D points, or --loss ssm-vr (sliced) or dsm on images")
     c, h, w = info.shape
     if h != w or h % 2 ** (len(cfg.ch_mult) - 1):
         raise UserError(f"--ch-mult {','.join(map(str, cfg.ch_mult))} halves the side {len(cfg.ch_mult) - 1} "
                         f"times; {info.name} has {h}x{w} images: use fewer multipliers")
+    if cfg.arch == "ncsnpp":
+        return NCSNpp(c, h, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_res, cfg.dropout, cfg.sigma_min,
+                      cfg.sigma_max, progressive_input=cfg.progressive_input, progressive=cfg.progressive), sde
     return UNet(c, h, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_res, cfg.dropout), sde
 
 
 def train(cfg):
-    """Score matching with the weighting of Eq. 7 (t ~ U(1e-5, 1)), Adam with warm-up, gradient
-    clipping and an EMA of the weights; under torchrun every process trains on its slice of the
-    global batch (DDP)."""
-    dist = init_distributed(cfg.device)
-    out = open_run(cfg, MODEL, dist)
-    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    info = ds.info
-    seed_everything(cfg.seed)  # the same initial weights on every process
-    net, sde = build(cfg, info)
-    net.to(dist.device)
-    ema = EMA(net, cfg.ema_decay)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
-    if cfg.resume:
-        step = resume(cfg, MODEL, dist, model=net, ema=ema, opt=opt, batches=batches)
-    else:
-        step = 0
-        seed_everything(cfg.seed + dist.rank)  # noise differs between processes
-    start = step
-    model = wrap_ddp(net, dist, cfg.compile)  # DDP over the processes, then torch.compile
-    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
-    amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-    shape = (cfg.n_samples, *info.shape)
+    """Score matching with the weighting of Eq. 7 (t ~ U(1e-5, 1)), or NCSN's objective on its
+    levels, Adam with warm-up, gradient clipping and an EMA of the weights; under torchrun every
+    process trains on its slice of the global batch (DDP)."""
+    with Training(cfg, MODEL) as run:
+        ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        info = ds.info
+        seed_everything(cfg.seed)  # the same initial weights on every process
+        net, sde = build(cfg, info)
+        net.to(run.device)
+        ema = EMA(net, cfg.ema_decay)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        batches = Batches(ds, cfg.batch_size, run.dist, seed=cfg.seed)
+        step = run.start(info, model=net, ema=ema, opt=opt, batches=batches)
+        model = wrap_ddp(net, run.dist, cfg.compile)
+        amp = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+        sigmas = ncsn_sigmas(cfg.sigma_max, cfg.sigma_min, cfg.n_levels) if cfg.sde == "ncsn" else None
 
-    def checkpoint_and_samples():
-        save_training(out, MODEL, step, cfg, info, dist, model=net, ema=ema, opt=opt, batches=batches)
-        if dist.is_main and not stop.requested:
-            with stop.interruptible():  # the checkpoint is whole: a signal may stop the pictures at once
-                g = torch.Generator(device=dist.device).manual_seed(cfg.seed)  # not the training's RNG
-                x, nfe = sample_with(cfg, ema.model, sde, shape, dist.device, g)
-                save_samples(x, out / f"samples_{step}.png", info, f"{sample_title(cfg.sampler, cfg.sde, nfe)}, "
-                             f"step {step}")
+        def samples(step):
+            g = torch.Generator(device=run.device).manual_seed(cfg.seed)  # not the training's RNG
+            x, nfe = sample_with(cfg, ema.model, sde, (cfg.n_samples, *info.shape), run.device, g)
+            save_samples(x, run.out / f"samples_{step}.png", info, f"{sample_title(cfg, nfe)}, step {step}")
 
-    with StopSignal() as stop:
-        while step < cfg.steps:
+        for step in run.steps(step, samples):
             x, _ = next(batches)
             x0 = to_model_space(x, info)  # images: fresh dequantisation noise every batch
             if cfg.flip:
                 x0 = torch.where(torch.rand(x0.shape[0], 1, 1, 1, device=x0.device) < 0.5, x0.flip(3), x0)
-            for group in opt.param_groups:  # linear warm-up
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, cfg)
             with amp:
-                loss = training_loss(model, sde, x0, cfg.loss).mean()
+                loss = training_loss(model, sde, x0, cfg.loss, sigmas=sigmas).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             opt.step()
             ema.update(net)
-            step += 1
-            value = dist.mean(loss)
-            check_finite(value, step)
-            logger.log(step, cfg.batch_size, loss=value)
-            stopping = dist.any(stop.requested)
-            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                checkpoint_and_samples()
-            if stopping:
-                if dist.is_main:
-                    print(f"stopped at step {step}; {out / 'ckpt.pt'} saved; continue with --resume", flush=True)
-                break
-        if step == start:  # --steps 0, or nothing left to train: still leave a checkpoint
-            checkpoint_and_samples()
-        if dist.is_main and not stop.requested:
-            with stop.interruptible():
-                g = torch.Generator().manual_seed(cfg.seed)
-                x0 = to_model_space(ds.data[:4], info, g) if info.kind == "image" else ds.data[:2000]
-                save_score_field(ema.model, sde, x0, out / "score_field.png", info, dist.device)
-    logger.close()
-    dist.close()
-    if dist.is_main:
-        report_files(out, ["ckpt.pt", f"samples_{step}.png", "score_field.png", "metrics.jsonl", "loss.png"])
+            run.log(loss=loss)
+        g = torch.Generator().manual_seed(cfg.seed)
+        x0 = to_model_space(ds.data[:4], info, g) if info.kind == "image" else ds.data[:2000]
+        run.draw(save_score_field, ema.model, sde, x0, run.out / "score_field.png", info, run.device)
+    run.report(["ckpt.pt", f"samples_{run.step}.png", "score_field.png", "metrics.jsonl", "loss.png"])
+
+
+SETTINGS = ("sampler", "sample_steps", "snr", "n_corrector", "ald_eps", "rtol", "atol", "likelihood", "eval_repeats")
+
+
+def with_checkpoint_settings(cfg, saved):
+    """The command line's configuration with the checkpoint's SDE and, for each sampling and
+    evaluation flag left at its default, the checkpoint's value: --sample and --eval on a preset's
+    checkpoint run the preset's sampler and evaluation."""
+    default = Config()
+    kept = {k: getattr(saved, k) for k in SETTINGS if getattr(cfg, k) == getattr(default, k)}
+    return dataclasses.replace(cfg, sde=saved.sde, n_levels=saved.n_levels, **kept)
 
 
 def evaluate(cfg):
     """--eval CKPT: the exact test-set NLL of the probability-flow model (App. D.2) in nats per
-    example, and bits/dim of the dequantised images (an upper bound on the discrete NLL); on 2D
-    sets also the true entropy, density.npz and density.png (the ODE density beside the truth)."""
+    example, and bits/dim of the dequantised images (an upper bound on the discrete NLL),
+    averaged over --eval-repeats passes (with the standard error over the passes); on 2D sets also
+    the true entropy, density.npz and density.png (the ODE density beside the truth). NCSN has no
+    likelihood: its test-set objective (Eq. 6, every level) instead."""
     (net, sde), saved, info = load(cfg.eval, get_device(cfg.device))
+    cfg = with_checkpoint_settings(cfg, saved)
     device = next(net.parameters()).device
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir)
-    divergence = cfg.likelihood if cfg.likelihood != "auto" else "exact" if info.kind == "points" else "hutchinson"
-    score_fn = make_score_fn(net, sde)
     data = ds.data[:cfg.eval_n] if cfg.eval_n else ds.data
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    nats, nfes, start = [], [], time.perf_counter()
-    for x in data.split(cfg.batch_size):  # ode_log_likelihood runs under no_grad, never inference_mode
-        y = to_model_space(x.to(device), info, generator=g)
-        log_p, _, nfe = ode_log_likelihood(sde, score_fn, y, divergence, rtol=cfg.rtol, atol=cfg.atol, generator=g)
-        nats.append((dequantized_nll(log_p, info.dims, info.levels) if info.kind == "image" else -log_p).double().cpu())
-        nfes.append(nfe)
-    v = torch.cat(nats)
-    fields = dict(nll=v.mean().item(), nll_se=v.std().item() / math.sqrt(len(v)) if len(v) > 1 else 0.0, n=len(v),
-                  sde=saved.sde, divergence=divergence, rtol=cfg.rtol, atol=cfg.atol, nfe=sum(nfes) / len(nfes),
-                  seconds=round(time.perf_counter() - start, 1))
+    if saved.sde == "ncsn":
+        return evaluate_ncsn(cfg, net, sde, data, info, out, g)
+    divergence = cfg.likelihood if cfg.likelihood != "auto" else "exact" if info.kind == "points" else "hutchinson"
+    score_fn = make_score_fn(net, sde)
+    passes, nfes, start = [], [], time.perf_counter()
+    for _ in range(cfg.eval_repeats):   # each pass: fresh dequantisation u and probes v
+        nats = []
+        for x in data.split(cfg.batch_size):  # ode_log_likelihood runs under no_grad, never inference_mode
+            y = to_model_space(x.to(device), info, generator=g)
+            log_p, _, nfe = ode_log_likelihood(sde, score_fn, y, divergence, rtol=cfg.rtol, atol=cfg.atol,
+                                               generator=g)
+            nats.append((dequantized_nll(log_p, info.dims, info.levels) if info.kind == "image" else -log_p)
+                        .double().cpu())
+            nfes.append(nfe)
+        passes.append(torch.cat(nats))
+    v, per_pass = torch.cat(passes), torch.stack([p.mean() for p in passes])
+    fields = dict(nll=v.mean().item(), nll_se=v.std().item() / math.sqrt(len(v)) if len(v) > 1 else 0.0,
+                  n=len(passes[0]), repeats=cfg.eval_repeats, sde=saved.sde, divergence=divergence, rtol=cfg.rtol,
+                  atol=cfg.atol, nfe=sum(nfes) / len(nfes), seconds=round(time.perf_counter() - start, 1))
+    if cfg.eval_repeats > 1:   # the spread of the passes' means: dequantisation and probe noise
+        fields["nll_se_repeats"] = per_pass.std().item() / math.sqrt(cfg.eval_repeats)
     if info.kind == "image":
         fields["bits_per_dim"] = bits_per_dim(fields["nll"], info.dims)
+        if cfg.eval_repeats > 1:
+            fields["bits_per_dim_repeats"] = [bits_per_dim(p.item(), info.dims) for p in per_pass]
+            fields["bits_per_dim_se_repeats"] = bits_per_dim(fields["nll_se_repeats"], info.dims)
     else:
         if ds.log_prob is not None:
             fields["entropy"], fields["entropy_se"] = entropy_estimate(info.name)
@@ -1458,23 +1518,51 @@ def evaluate(cfg):
     return fields
 
 
+@torch.inference_mode()
+def evaluate_ncsn(cfg, net, sde, data, info, out, g):
+    """NCSN's test-set objective (Song & Ermon 2019, Eq. 6, summed over dimensions as the paper):
+    every example at every level, one z each; "loss" and its standard error, per level too."""
+    sigmas = ncsn_sigmas(sde.sigma_max, sde.sigma_min, cfg.n_levels)
+    device = next(net.parameters()).device
+    score_fn = make_ncsn_score_fn(net, sde)
+    per_level = []
+    for i in range(cfg.n_levels):
+        values = []
+        for x in data.split(cfg.batch_size):
+            x0 = to_model_space(x.to(device), info, generator=g)
+            labels = torch.full((x0.shape[0],), i, device=device)
+            values.append(ncsn_loss(score_fn, sigmas, x0, labels, _randn(x0.shape, x0, g)).double().cpu())
+        per_level.append(torch.cat(values))
+    v = torch.stack(per_level).mean(0)   # Eq. 6's average over the levels, per example
+    fields = dict(loss=v.mean().item(), loss_se=v.std().item() / math.sqrt(len(v)) if len(v) > 1 else 0.0,
+                  n=len(v), sde="ncsn", levels=cfg.n_levels, loss_per_level=[p.mean().item() for p in per_level])
+    Logger(out, 0).event("eval", split="test", **fields)
+    report_files(out, ["metrics.jsonl"])
+    return fields
+
+
 def draw_samples(cfg):
     """--sample CKPT: n_samples by --sampler from the EMA network (samples.png, samples.pt: levels
     for images, points for 2D sets) and a "sample" event with samples per second and the NFE."""
     (net, sde), saved, info = load(cfg.sample, get_device(cfg.device))
+    cfg = with_checkpoint_settings(cfg, saved)
     device = next(net.parameters()).device
     out = output_dir(cfg, cfg.sample)
-    if cfg.sampler == "ald" and not isinstance(sde, VESDE):
+    sampler = sampler_of(cfg)
+    if sampler == "ald" and not isinstance(sde, VESDE):
         raise UserError(f"--sampler ald needs a VE SDE's noise levels; {cfg.sample} was trained with --sde "
                         f"{saved.sde}: use --sampler pc, ode or em")
+    if saved.sde == "ncsn" and sampler != "ald":
+        raise UserError(f"{cfg.sample} is an NCSN, trained at {saved.n_levels} noise levels only; accepted: "
+                        "--sampler ald or auto")
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()
     x, nfe = sample_with(cfg, net, sde, (cfg.n_samples, *info.shape), device, g)
     seconds = time.perf_counter() - start
-    save_samples(x, out / "samples.png", info, sample_title(cfg.sampler, saved.sde, nfe))
+    save_samples(x, out / "samples.png", info, sample_title(cfg, nfe))
     torch.save(to_levels(x, info).cpu() if info.kind == "image" else x.cpu(), out / "samples.pt")
     Logger(out, 0).event("sample", n=cfg.n_samples, seconds=round(seconds, 3), samples_per_s=cfg.n_samples / seconds,
-                         sampler=cfg.sampler, nfe=nfe, sde=saved.sde)
+                         sampler=sampler, nfe=nfe, sde=saved.sde)
     report_files(out, ["samples.png", "samples.pt", "metrics.jsonl"])
     return x
 
@@ -1491,7 +1579,7 @@ def load(path, device="cpu"):
 def main(argv=None):
     """Train (default), or --eval CKPT, or --sample CKPT; a user's mistake exits with one line."""
     with user_errors():
-        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
+        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"), arch_presets=ARCH_PRESETS)
         check_config(cfg)
         return dispatch(cfg, train, evaluate, draw_samples)
 
