@@ -1,90 +1,54 @@
 """Score-based generative models: score matching, NCSN, and score SDEs with an exact likelihood.
 
 Papers
-  Hyvarinen 2005, "Estimation of Non-Normalized Statistical Models by Score Matching", JMLR 6.
-  Vincent 2011, "A Connection Between Score Matching and Denoising Autoencoders", Neural
-    Computation 23 (denoising score matching).
-  Song, Garg, Shi & Ermon 2019, "Sliced Score Matching", arXiv 1905.07088.
-  Song & Ermon 2019, "Generative Modeling by Estimating Gradients of the Data Distribution",
-    arXiv 1907.05600 (NCSN: noise-conditional scores, annealed Langevin dynamics).
-  Song & Ermon 2020, "Improved Techniques for Training Score-Based Generative Models",
-    arXiv 2006.09011 (Technique 1: sigma_max about the largest distance between data points).
-  Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole 2021, "Score-Based Generative Modeling
-    through Stochastic Differential Equations", arXiv 2011.13456 ("the SDE paper" below).
-  Dormand & Prince 1980, "A family of embedded Runge-Kutta formulae", J. Comput. Appl. Math. 6;
-    Hutchinson 1990 and Skilling 1989 (the trace estimator); Grathwohl et al. 2019, FFJORD,
-    arXiv 1810.01367 (the instantaneous change of variables with that estimator).
+  Hyvarinen 2005, JMLR 6 (score matching, Thm. 1); Vincent 2011, Neural Computation 23 (denoising).
+  Song, Garg, Shi & Ermon 2019, arXiv 1905.07088 (sliced score matching).
+  Song & Ermon 2019, arXiv 1907.05600 (NCSN: noise-conditional scores, annealed Langevin dynamics);
+    Song & Ermon 2020, arXiv 2006.09011 (Technique 1: sigma_max ~ the largest distance between points).
+  Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole 2021, arXiv 2011.13456 ("SDE paper": VE/VP/sub-VP
+    SDEs, PC and ODE samplers, the exact likelihood, DDPM++ and NCSN++); Dormand & Prince 1980 (RK5(4)).
 
-The exact likelihood, the centre of this file. A diffusion SDE dx = f dt + g dw has marginals
-p_t; the probability-flow ODE (SDE paper Eq. 13)
+The probability-flow ODE dx/dt = f - 1/2 g^2 s_theta (Eq. 13) has the SDE's marginals and is a
+continuous normalizing flow, so log p_theta(x) = log pi(x(T)) + int div f~ dt is exact up to the solver's
+tolerance (and, for images, the Hutchinson probe's noise); on images bits/dim bound the discrete NLL.
 
-    dx/dt = f~(x, t) = f(x, t) - 1/2 g(t)^2 grad_x log p_t(x)
-
-has the same marginals, and being deterministic it is a continuous normalizing flow. Along one
-of its paths the instantaneous change of variables (App. D.2, Eq. 39) gives
-
-    log p_0(x(0)) = log p_T(x(T)) + int_0^T div f~(x(t), t) dt,
-
-so with a score network s_theta in place of grad log p_t and the prior pi in place of p_T, the
-model is a flow and log p_theta(x) is its *exact* log-density, not a bound: `ode_log_likelihood`
-integrates [x, int div] from t = eps to T with `dopri5` (adaptive Dormand-Prince 5(4),
-written below, with error control and a count of network evaluations). The divergence is exact
-for 2D points (`divergence_exact`, one vector-Jacobian product per dimension) and the unbiased
-Hutchinson-Skilling estimate v^T (df/dx) v for images (`divergence_hutchinson`, App. D.2 Eq. 40),
-with v drawn once per solve so that the integrand stays a smooth ODE. The only approximations
-are the solver's tolerance and, for images, the estimator's noise; on discrete data the uniform
-dequantisation makes bits/dim an upper bound on the discrete NLL (`dequantized_nll`).
-
-Implemented: the VE, VP and sub-VP SDEs (drift, diffusion, closed-form perturbation kernels,
-prior sampling and log-density, exact one-step discretisations); denoising score matching with
-lambda(t) = sigma(t)^2 (Eq. 7) and sliced score matching (SSM and SSM-VR); the NCSN noise levels
-and annealed Langevin dynamics (also run on a VE model); Euler-Maruyama and reverse-diffusion
-predictors, the Langevin corrector with the signal-to-noise step size and the PC sampler; the
-probability-flow ODE sampler; the exact log-likelihood with bits/dim; a time-conditioned MLP for
-2D points and a U-Net of the DDPM++ family (small for digits; the paper's DDPM++ cont. for
-cifar10, 61,804,419 parameters).
-
-Not implemented: NCSN++'s FIR resampling, progressive input/output pyramids and Gaussian
-Fourier time features (VE models use the DDPM++ network here); the "deep" variants; the
-ancestral-sampling predictor; likelihood weighting (Song et al. 2021b) and importance-sampled t;
-controllable generation, inpainting and colorization (SDE paper Sec. 5); NCSNv2's techniques
-other than Technique 1; the denoising step after ODE sampling; FID and IS.
-
-Data conventions: 2D points are used as they are (float, inside the box info.lim). Images arrive
-as integer levels k in {0..L-1} and live in model space as y = (k + u) / L * 2 - 1 in [-1, 1),
-u ~ U[0, 1)^D (`dequantize`): training on fresh u every batch keeps the density and the bits/dim
-about the same variable; `quantize` maps samples back to levels.
+Implemented: the VE, VP and sub-VP SDEs (closed-form kernels, exact one-step transitions); denoising,
+sliced and exact (2D points) score matching with lambda = sigma^2; NCSN (--sde ncsn) trained on L
+geometric levels, the network conditioned on log sigma_i (through the VE time t_i), sampled by annealed
+Langevin dynamics; Euler-Maruyama and reverse-diffusion predictors, the Langevin corrector, PC and ODE
+samplers; the exact likelihood; an MLP for points, the DDPM++ U-Net and NCSN++ (--arch ncsnpp), both at
+the official cifar10 configurations' parameter counts. Not implemented: the "deep" variants, the
+ancestral predictor, likelihood weighting, controllable generation (Sec. 5), NCSN v1's RefineNet with
+conditional instance norm, NCSNv2 beyond Technique 1, FID and IS.
 
 Run it
-  python score_sde.py                                    # 8gaussians, VP SDE, a few minutes on a CPU
-  python score_sde.py --eval runs/score_sde-8gaussians/ckpt.pt   # exact NLL by the ODE vs the true entropy
+  python score_sde.py                                            # 8gaussians, VP SDE, minutes on a CPU
+  python score_sde.py --eval runs/score_sde-8gaussians/ckpt.pt   # exact NLL beside the true entropy
   python score_sde.py --sample runs/score_sde-8gaussians/ckpt.pt --sampler ode
-  python score_sde.py --sde ve --out runs/score_sde-ve   # then --sample runs/score_sde-ve/ckpt.pt --sampler ald
-  python score_sde.py --dataset digits                   # 8x8 digits, small U-Net, bits/dim
-  python score_sde.py --dataset cifar10                  # DDPM++ cont., the paper's settings
+  (--sde ncsn: NCSN; --loss sm: exact score matching; --dataset cifar10 [--arch ncsnpp]: DDPM++/NCSN++ cont.)
 
-Map from the papers to the names below (SDE paper unless named)
-  Eq. 5 (forward SDE), Sec. 3.4                    VESDE, VPSDE, SubVPSDE .sde
-  Eq. 9 (VE), Eq. 11 (VP), Eq. 12 (sub-VP)         VESDE, VPSDE, SubVPSDE
-  App. B Eq. 29, App. C (perturbation kernels)     .marginal_prob, .prior_sample, .prior_log_prob
-  Eqs. 8, 10 (SMLD's and DDPM's chains)            .discretize (exact one-step transitions)
-  Eq. 6 (reverse-time SDE)                         euler_maruyama_predictor
-  Eq. 7 (weighted denoising score matching)        dsm_loss, dsm_target, make_score_fn
-  Vincent 2011 (DSM); Hyvarinen 2005 Thm. 1        dsm_target; sliced_score_matching_loss
-  Song et al. 2019 (SSM, SSM-VR); App. A Eq. 19    sliced_score_matching_loss
-  Song & Ermon 2019, Algorithm 1                   ncsn_sigmas, annealed_langevin_dynamics,
-                                                   annealed_langevin_sample (on a VE model)
-  App. E, Eq. 46 (reverse diffusion sampler)       reverse_diffusion_predictor
-  App. G, Algorithms 1-5 (PC sampling)             pc_sample, langevin_corrector
-  Eq. 13 (probability-flow ODE), Sec. 4.3          probability_flow_drift, ode_sample
-  App. D.2, Eqs. 39-40 (exact likelihood)          ode_log_likelihood, divergence_exact,
-                                                   divergence_hutchinson
-  Dormand & Prince 1980 (RK5(4) with FSAL)         dopri5_step, dopri5
-  uniform dequantisation (Theis et al. 2016)       dequantize, quantize, dequantized_nll,
-                                                   bits_per_dim
-  App. H and the official DDPM++ cont. config      UNet, ResBlock, AttnBlock
-  App. C (t in [eps, 1]: eps = 1e-5 in training    dsm_loss(eps), ode_log_likelihood(eps),
-    and likelihoods, 1e-3 for VP sampling)         .sampling_eps
+Paper -> code (SDE paper unless named)
+  Hyvarinen Thm. 1     E[tr ds/dx + 1/2 ||s||^2] = 1/2 E||s - grad log p||^2 + c   hyvarinen_score_matching,
+                                                                                   score_matching_loss
+  Vincent; Eq. 7       sigma^2 ||s(x_t, t) - grad log p_0t(x_t | x0)||^2            dsm_loss, make_score_fn
+  SSM; App. A Eq. 19   sigma^2 [2 v^T (ds/dx) v + (v^T s)^2 or ||s||^2]            sliced_score_matching_loss
+  NCSN Eqs. 5-6        1/L sum_i sigma_i^2 1/2 E||s(x + sigma_i z, sigma_i) + z/sigma_i||^2   ncsn_loss, ncsn_sigmas
+  NCSN Algorithm 1     x += alpha_i/2 s(x, sigma_i) + sqrt(alpha_i) z              annealed_langevin_dynamics
+  Eqs. 9, 11, 12       dx = f(x, t) dt + g(t) dw                                    VESDE, VPSDE, SubVPSDE
+  App. B Eq. 29; C     p_0t(x_t | x0) = N(m(t) x0, sigma(t)^2 I)                    .marginal_prob, .prior_*
+  Eqs. 8, 10           x_i = a x_{i-1} + G z  (SMLD's and DDPM's chains)            .discretize
+  Eq. 6; App. E Eq. 46 dx = [f - g^2 s] dt + g dw-bar; reverse diffusion            *_predictor
+  App. G Algs. 1-5     Langevin eps = 2 alpha (r ||z|| / ||s||)^2, corrector first  langevin_corrector, pc_sample
+  Eq. 13; App. D.2     dx/dt = f - 1/2 g^2 s;  log p(x) = log pi(x(T)) + int div    ode_sample, ode_log_likelihood,
+                       (Eqs. 39-40, Hutchinson-Skilling v^T (df/dx) v)              divergence_exact / _hutchinson
+  Dormand-Prince 1980  RK5(4), FSAL, Hairer's step control                          dopri5_step, dopri5
+  Theis et al. 2016    -log P(k) <= -E_u log p(k + u) (derived in realnvp.py)       dequantized_nll, bits_per_dim
+  App. H               DDPM++: BigGAN blocks, skips / sqrt(2); NCSN++: Fourier      UNet, ResBlock, AttnBlock;
+                       features of log sigma, FIR resampling, pyramids             NCSNpp, fir_upsample, ...
+
+Conventions: images live as y = (k + u) / L * 2 - 1 in [-1, 1), fresh u every batch; t in [eps, 1],
+eps = 1e-5 for training and likelihoods, 1e-3 (VP) or 1e-5 (VE) for sampling; the networks predict the
+noise, s = -net(x, t) / sigma(t); the cifar10 presets' departures from the official code are at PRESETS.
 """
 import math
 import time
@@ -147,19 +111,13 @@ def ncsn_loss(score_fn, sigmas, x0, labels=None, z=None, generator=None):
 
 @torch.inference_mode()
 def annealed_langevin_dynamics(score_fn, x, sigmas, eps=2e-5, n_steps_each=100, generator=None):
-    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1), batched:
+    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1), batched, from x:
 
         for i = 1..L:   alpha_i = eps * sigma_i^2 / sigma_L^2
             for t = 1..T:   x <- x + alpha_i / 2 * s(x, sigma_i) + sqrt(alpha_i) z,  z ~ N(0, I)
 
-    score_fn(x, sigma) is a noise-conditional score with sigma (B,); x the initial samples
-    (the paper draws them uniformly; for a VE model N(0, sigma_1^2 I) is natural). The paper
-    uses eps = 2e-5 and T = 100; eps / sigma_L^2 sets how fast each level mixes (a relaxation
-    time of about 2 sigma_L^2 / eps = 10 steps where sigma_i dominates the data's spread).
-    Unadjusted, so biased by O(alpha_i) at each level. Returns the last x, without a denoising
-    step (as Algorithm 1). (Code of the NCSN family writes the step x + a s + sqrt(2 a) z with
-    a = eps sigma_i^2 / sigma_L^2: twice Algorithm 1's step for the same eps.)
-    """
+    score_fn(x, sigma) with sigma (B,). The paper: eps = 2e-5, T = 100. Returns the last x (no
+    denoising step, as Algorithm 1)."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     if eps <= 0 or n_steps_each < 1 or len(sigmas) < 1:
         raise ValueError(f"annealed Langevin needs eps > 0, n_steps_each >= 1 and noise levels; "
@@ -169,6 +127,7 @@ def annealed_langevin_dynamics(score_fn, x, sigmas, eps=2e-5, n_steps_each=100, 
         alpha = eps * sigma ** 2 / sigma_L ** 2          # step size alpha_i
         s_vec = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
         for _ in range(n_steps_each):
+            # (the NCSN family's code steps x + a s + sqrt(2 a) z: twice Algorithm 1's step for one eps)
             x = x + 0.5 * alpha * score_fn(x, s_vec) + math.sqrt(alpha) * _randn(x.shape, x, generator)
     return x
 
@@ -356,13 +315,10 @@ def dsm_target(sde, x_t, x0, t):
 def dsm_loss(score_fn, sde, x0, t=None, z=None, eps=1e-5, generator=None):
     """Denoising score matching with lambda(t) = sigma(t)^2 (SDE paper Eq. 7) per example (B,):
 
-        lambda(t) || s(x_t, t) - grad log p_0t(x_t | x0) ||^2 / D,   x_t = m(t) x0 + sigma(t) z,
+        lambda(t) || s(x_t, t) - grad log p_0t(x_t | x0) ||^2 / D = ||sigma s + z||^2 / D,
 
-    with t ~ U(eps, T) and z ~ N(0, I) unless given. lambda = sigma^2 is proportional to
-    1 / E||grad log p_0t||^2, the paper's choice; the summand equals ||sigma s + z||^2 / D. It is
-    averaged over the D dimensions (Eq. 7's squared norm is D times this). eps = 1e-5 as the
-    official code; the network then never sees t below it.
-    """
+    x_t = m(t) x0 + sigma(t) z, t ~ U(eps, T) and z ~ N(0, I) unless given; averaged over the D
+    dimensions (Eq. 7 sums them)."""
     if t is None:
         t = _sample_t(x0, eps, sde.T, generator)
     if z is None:
@@ -417,11 +373,8 @@ def divergence_exact(f_x, x, create_graph=False):
 
 
 def hyvarinen_score_matching(score_fn, x, create_graph=False):
-    """The integrand of Hyvarinen's objective (Hyvarinen 2005, Thm. 1) per example (B,):
-
-        J(s) = E_p[ tr(grad_x s(x)) + 1/2 ||s(x)||^2 ] = 1/2 E_p||s - grad log p||^2 - 1/2 E_p||grad log p||^2
-
-    (integration by parts, p s -> 0 at infinity), with the exact divergence. score_fn(x)."""
+    """The integrand of Hyvarinen's J(s) = E_p[tr(grad_x s) + 1/2 ||s||^2] (Hyvarinen 2005, Thm. 1:
+    J = 1/2 E_p||s - grad log p||^2 + a constant) per example (B,), exact divergence; score_fn(x)."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         s = score_fn(x)
@@ -472,11 +425,8 @@ def training_loss(model, sde, x0, loss="dsm", eps=1e-5, generator=None, sigmas=N
 # ----------------------------------------------------------------------------------------
 
 def euler_maruyama_predictor(sde, score_fn, x, t, t_next, generator=None):
-    """One Euler-Maruyama step of the reverse-time SDE (SDE paper Eq. 6)
-
-        dx = [f(x, t) - g(t)^2 s(x, t)] dt + g(t) dw-bar,
-
-    from t down to t_next < t: x_mean = x - [f - g^2 s] dt, x = x_mean + g sqrt(dt) z,
+    """One Euler-Maruyama step of the reverse-time SDE dx = [f - g^2 s] dt + g dw-bar (SDE paper
+    Eq. 6) from t down to t_next: x_mean = x - [f - g^2 s] dt, x = x_mean + g sqrt(dt) z,
     dt = t - t_next. Returns (x, x_mean)."""
     f, g = sde.sde(x, t)
     dt = _expand(t - t_next, x)
@@ -485,12 +435,9 @@ def euler_maruyama_predictor(sde, score_fn, x, t, t_next, generator=None):
 
 
 def reverse_diffusion_predictor(sde, score_fn, x, t, t_next, generator=None):
-    """The reverse diffusion sampler (SDE paper App. E, Eq. 46): for the forward discretisation
-    x_{i+1} = x_i + f_i(x_i) + G_i z_i (`discretize`, from t_next to t here),
-
-        x_i = x_{i+1} - f_{i+1}(x_{i+1}) + G_{i+1}^2 s(x_{i+1}, t) + G_{i+1} z.
-
-    Returns (x, x_mean); x_mean is the last step's output when denoising."""
+    """The reverse diffusion sampler (SDE paper App. E, Eq. 46) for the forward discretisation
+    x_{i+1} = x_i + f_i(x_i) + G_i z_i (`discretize`): x_i = x_{i+1} - f_{i+1} + G_{i+1}^2 s + G_{i+1} z.
+    Returns (x, x_mean)."""
     a, G = sde.discretize(t, t_next)
     x_mean = x - _expand(a - 1, x) * x + _expand(G ** 2, x) * score_fn(x, t)
     return x_mean + _expand(G, x) * _randn(x.shape, x, generator), x_mean
@@ -501,16 +448,12 @@ PREDICTORS = {"reverse_diffusion": reverse_diffusion_predictor, "euler_maruyama"
 
 def langevin_corrector(score_fn, x, t, snr, alpha=1.0, generator=None):
     """One Langevin MCMC step on p_t with the signal-to-noise step size (SDE paper App. G,
-    Algorithm 4 (VE, alpha = 1) and Algorithm 5 (VP, alpha_i = 1 - beta_i)):
-
-        eps = 2 alpha (r ||z|| / ||s||)^2,   x <- x + eps s(x, t) + sqrt(2 eps) z,
-
-    so that ||eps s|| / ||sqrt(2 eps) z|| = r sqrt(alpha): r (`snr`) sets the ratio of the
-    drift to the noise. ||z|| and ||s|| are averaged over the batch (App. G's advice for large
-    batches: a per-example ||s|| can vanish at a mode of 2D data and make the step explode).
+    Algorithms 4 (VE, alpha = 1) and 5 (VP, alpha_i = 1 - beta_i)): eps = 2 alpha (r ||z|| / ||s||)^2,
+    x <- x + eps s(x, t) + sqrt(2 eps) z, so that ||eps s|| / ||sqrt(2 eps) z|| = r sqrt(alpha).
     Returns (x, x_mean)."""
     s = score_fn(x, t)
     z = _randn(x.shape, x, generator)
+    # norms averaged over the batch (App. G): a per-example ||s|| can vanish at a mode of 2D data
     z_norm, s_norm = (v.reshape(v.shape[0], -1).norm(dim=1).mean() for v in (z, s))
     alpha = torch.as_tensor(alpha, dtype=x.dtype, device=x.device).expand(x.shape[0])
     step = 2 * _expand(alpha, x) * (snr * z_norm / s_norm) ** 2
@@ -787,17 +730,10 @@ def quantize(y, levels):
 
 
 def dequantized_nll(log_p_y, num_dims, levels):
-    """Nats per example of the discrete data from log p_Y(y) at y = dequantize(k):
-
-    the density on model space defines P(k) = int_{[0,1)^D} p_V(k + u) du for v = k + u in
-    [0, L)^D, and y = 2 v / L - 1 gives p_V(v) = p_Y(y) (2 / L)^D. By Jensen's inequality
-
-        -log P(k) <= -E_u[log p_V(k + u)] = -E_u[log p_Y(y)] - D log(2 / L),
-
-    so -log p_Y(y) - D log(2 / L) with one draw of u is an unbiased estimate of an upper bound
-    on the discrete NLL, exact when p_Y is constant on each cube. In bits/dim the offset is
-    log2(L / 2): 7 bits for L = 256 (the official code's `offset`), 3.09 for digits' L = 17.
-    """
+    """-log p_Y(y) - D log(2 / L) at y = dequantize(k): an unbiased one-sample estimate of the
+    uniform-dequantisation bound on the discrete NLL -log P(k) (Theis et al. 2016, Sec. 3.1;
+    derived in realnvp.py), with the Jacobian (2 / L)^D of y = 2 (k + u) / L - 1; in bits/dim the
+    offset is log2(L / 2), 7 bits for L = 256 (the official code's `offset`)."""
     return -log_p_y - num_dims * math.log(2.0 / levels)
 
 
