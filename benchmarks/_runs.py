@@ -107,17 +107,44 @@ def stamp(command):
     return f"`{command}` on {machine()}, {datetime.date.today().isoformat()}"
 
 
-def write_section(name, markdown):
-    """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` in README.md
-    (adding the pair before `<!-- results-end -->` the first time), and save it to results/."""
+def merge_rows(table, rows, command):
+    """Store `rows` ({label: [cells]}) measured now by `command` in results/<table>.json, beside
+    the rows measured before for other systems; returns every stored row in SYSTEMS order as
+    (label, cells, measured), so a table can be brought up to date one system at a time."""
+    path = RESULTS / f"{table}.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    now = stamp(command)
+    stored.update({label: {"cells": cells, "measured": now} for label, cells in rows.items()})
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.md").write_text(markdown + "\n")
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    path.write_text(json.dumps(stored, indent=1) + "\n")
+    return [(label, stored[label]["cells"], stored[label]["measured"]) for label in SYSTEMS if label in stored]
+
+
+def provenance(rows):
+    """One line per distinct measurement: which rows it produced, with its command, machine and date."""
+    runs = {}
+    for label, _, measured in rows:
+        runs.setdefault(measured, []).append(label)
+    if len(runs) == 1:
+        return f"Produced by {next(iter(runs))}."
+    return "Produced by: " + "; ".join(f"rows {', '.join(labels)}: {measured}" for measured, labels in runs.items()) + "."
+
+
+def write_section(name, markdown, page=None):
+    """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` in `page` (README.md,
+    or a model's benchmarks/results/<model>.md), adding the pair at its end the first time (in the
+    README, before `<!-- results-end -->`). README sections are also saved as results/<name>.md."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    page = Path(page) if page else ROOT / "README.md"
+    if page.name == "README.md":
+        (RESULTS / f"{name}.md").write_text(markdown + "\n")
+    text = page.read_text() if page.exists() else f"# {page.stem}.py: measured results\n"
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{markdown}\n{end}"
     if start in text:
         text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
+    elif "<!-- results-end -->" in text:
         text = text.replace("<!-- results-end -->", f"{block}\n\n<!-- results-end -->", 1)
-    readme.write_text(text)
+    else:
+        text = text.rstrip("\n") + f"\n\n{block}\n"
+    page.write_text(text)

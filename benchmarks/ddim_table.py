@@ -10,8 +10,8 @@ clipped to [-1, 1], as `ddim.py --sample` does), timing each. Sample quality is 
 distance of quality.py (its classifier's features of the samples against the 300 test images;
 lower is better); speed is images per second on this machine. Song et al.'s CIFAR-10 FIDs
 (Table 1) stand beside it as context: a different data set and a different measure, the same
-trend. Writes the tables into README.md between <!-- ddim-table:start --> and
-<!-- ddim-table:end --> and into benchmarks/results/ddim-table.md. The cost is about
+trend. Writes the tables into benchmarks/results/ddim.md
+(between <!-- ddim-table:start --> and <!-- ddim-table:end -->). The cost is about
 3 x 1180 network calls on batches of `--n` images: some 20 minutes on 2 CPU cores for n = 1000.
 """
 import argparse
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from _runs import ROOT, stamp, train, write_section
+from _runs import RESULTS, ROOT, stamp, train, write_section
 from digits_classifier import load_classifier
 from quality import features, frechet_distance
 
@@ -71,7 +71,7 @@ def main():
           f"({accuracy:.1%} test accuracy), against the 300 test images. Produced by {stamp(cmd)}.\n\n{ours}\n\n"
           "Song et al. 2021, Table 1: CIFAR-10 FID (a different data set and measure; context for the trend "
           f"only).\n\n{published}")
-    write_section("ddim-table", md)
+    write_section("ddim-table", md, RESULTS / "ddim.md")
     print(md)
 
 

@@ -11,14 +11,14 @@ the forward solve and of the backward pass (the mean of the first and of the las
 steps) and the rejected dopri5 steps per step. The backward NFE is what the backward pass
 differentiates: with backpropagation the evaluations kept in the graph (6 per accepted dopri5
 step, each a vector-Jacobian product), with the adjoint the evaluations of its backward solve
-(each an evaluation and a vector-Jacobian product). Writes the table into README.md and
-benchmarks/results/ffjord-nfe.md. Runs are kept in runs/bench/ and reused when the same command
+(each an evaluation and a vector-Jacobian product). Writes the table into
+benchmarks/results/ffjord.md. Runs are kept in runs/bench/ and reused when the same command
 finished before (--fresh retrains).
 """
 import argparse
 import json
 
-from _runs import RUNS, last_event, read_metrics, run, stamp, write_section
+from _runs import RESULTS, RUNS, last_event, read_metrics, run, stamp, write_section
 
 VARIANTS = (  # (label, flags)
     ("dopri5, backpropagation", []),
@@ -85,7 +85,7 @@ def main():
           f"{stamp(cmd)}.\n\n| variant | train examples/s | forward NFE (start -> end) | backward NFE "
           "(start -> end) | rejected | test NLL (nats) | eval NFE |\n|---|---|---|---|---|---|---|\n"
           + "\n".join(rows))
-    write_section("ffjord-nfe", md)
+    write_section("ffjord-nfe", md, RESULTS / "ffjord.md")
     print(md)
 
 

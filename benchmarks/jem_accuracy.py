@@ -7,13 +7,13 @@ et al. 2020) and the same network with `--px-weight 0` (the cross-entropy alone:
 same architecture, its Langevin chains run but unused) through the command line, for the same steps
 with the digits preset otherwise, reads the test accuracy from their `--eval`, and puts them beside
 the shipped digits classifier of digits_classifier.py (a different, smaller network trained with
-one-pixel shifts). Writes a table into README.md and benchmarks/results/jem-accuracy.md. Runs are
+one-pixel shifts). Writes a table into benchmarks/results/ebm.md. Runs are
 kept in runs/bench/ and reused when the same command finished before (--fresh retrains).
 """
 import argparse
 import json
 
-from _runs import RUNS, last_event, read_metrics, run, stamp, write_section
+from _runs import RESULTS, RUNS, last_event, read_metrics, run, stamp, write_section
 from digits_classifier import load_classifier
 
 VARIANTS = {  # name: (description, extra flags)
@@ -57,7 +57,7 @@ def main():
     md = (f"### JEM on digits\n\nTest accuracy on the 300 test digits after {args.steps} training steps (the digits "
           f"preset of `ebm.py` otherwise: batch 64, 20 Langevin steps per step from the replay buffer). Produced by "
           f"{stamp(cmd)}.\n\n| classifier | test accuracy |\n|---|---|\n" + "\n".join(rows))
-    write_section("jem-accuracy", md)
+    write_section("jem-accuracy", md, RESULTS / "ebm.md")
     print(md)
 
 

@@ -11,12 +11,13 @@ one, next to the true one (benchmarks/results/likelihood_density.png). Runs are 
 runs/bench/ and reused when the same command finished before (--fresh retrains).
 """
 import argparse
+import re
 import sys
 
 import numpy as np
 
-from _runs import (RESULTS, ROOT, Unsupported, last_event, model_of, present_systems, read_metrics, run, shown,
-                   stamp, train, write_section)
+from _runs import (RESULTS, ROOT, Unsupported, last_event, merge_rows, model_of, present_systems, provenance,
+                   read_metrics, run, shown, train, write_section)
 
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
@@ -46,28 +47,40 @@ def evaluate(model, dataset, steps, fresh):
     return e["nll"], e.get("bits_per_dim"), out
 
 
-def figure(results, models, path):
+def density_grids(label, results=None):
+    """{dataset: (n, n) log-density} of a system's 2D runs, stored (float16) in results/density/
+    when `results` holds this run's, so the figure can be redrawn after a partial run."""
+    path = RESULTS / "density" / f"{re.sub(r'[^A-Za-z0-9_.]+', '-', label)}.npz"
+    if results is not None:
+        grids = {d: np.load(results[(label, d)][2] / "density.npz")["log_density"]
+                 for d in POINTS if (label, d) in results}
+        if grids:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(path, **{d: g.astype(np.float16) for d, g in grids.items()})
+    return dict(np.load(path)) if path.exists() else {}
+
+
+def figure(labels, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(POINTS), 1 + len(models), figsize=(2.4 * (1 + len(models)), 2.5 * len(POINTS)),
+    grids = {label: density_grids(label) for label in labels}
+    fig, axes = plt.subplots(len(POINTS), 1 + len(labels), figsize=(2.4 * (1 + len(labels)), 2.5 * len(POINTS)),
                              squeeze=False)
     for i, d in enumerate(POINTS):
         ds = common.load_dataset(d, "test")
         panels = [("true", common.density_on_grid(ds.log_prob, ds.info.lim, n=128))]
-        for m in models:
-            r = results.get((m, d))
-            panels.append((m, np.load(r[2] / "density.npz")["log_density"] if r else None))
+        panels += [(label.replace(" --", "\n--"), grids[label].get(d)) for label in labels]
         for ax, (title, logp) in zip(axes[i], panels):
             if logp is not None:
                 # the colour scale stops at the 99.5th percentile: bounds estimated by sampling
                 # (VAE, DDPM) have heavy-tailed grid values that would otherwise black out the picture
-                dens = np.exp(logp)
+                dens = np.exp(logp.astype(np.float64))
                 ax.imshow(dens, origin="lower", extent=(-ds.info.lim, ds.info.lim, -ds.info.lim, ds.info.lim), cmap="magma",
                           vmin=0, vmax=np.percentile(dens, 99.5))
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(title if i == 0 else "")
+            ax.set_title(title if i == 0 else "", fontsize=8)
         axes[i][0].set_ylabel(d)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -77,38 +90,51 @@ def figure(results, models, path):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--models", nargs="*", default=None, help="systems (labels of _runs.SYSTEMS); default all")
+    p.add_argument("--models", nargs="*", default=None,
+                   help="systems (labels of _runs.SYSTEMS) to measure now; the table keeps the others' stored rows")
     p.add_argument("--fresh", action="store_true")
     args = p.parse_args()
-    models = args.models or present_systems()
+    labels = args.models or present_systems()
     results = {}
-    for m in models:
+    for m in labels:
         for d in (*POINTS, "digits"):
             print(f"{m} on {d} ...", flush=True)
             r = evaluate(m, d, args.steps, args.fresh)
             if r:
                 results[(m, d)] = r
+    rows = {}
+    for m in labels:
+        density_grids(m, results)
+        cells = [f"{results[(m, d)][0]:.3f}" if (m, d) in results else "n/a" for d in POINTS]
+        dig = results.get((m, "digits"))
+        rows[m] = cells + [f"{dig[1]:.3f}" if dig and dig[1] is not None else "n/a"]
+    cmd = "python benchmarks/likelihood.py" + (f" --steps {args.steps}" if args.steps != 2000 else "") + \
+        (" --models " + " ".join(f"'{m}'" for m in args.models) if args.models else "")
+    merged = merge_rows("likelihood", rows, cmd)
     entropy = {d: common.entropy_estimate(d, n=1_000_000) for d in POINTS}
     head = "| model | " + " | ".join(f"{d} NLL (nats)" for d in POINTS) + " | digits (bits/dim) |"
     lines = [head, "|---" * (len(POINTS) + 2) + "|",
              "| true entropy | " + " | ".join(f"{entropy[d][0]:.3f} ± {entropy[d][1]:.3f}" for d in POINTS) + " | |"]
-    for m in models:
-        cells = [f"{results[(m, d)][0]:.3f}" if (m, d) in results else "n/a" for d in POINTS]
-        dig = results.get((m, "digits"))
-        cells.append(f"{dig[1]:.3f}" if dig and dig[1] is not None else "n/a")
-        lines.append(f"| {shown(m)} | " + " | ".join(cells) + " |")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    figure(results, [m for m in models if any((m, d) in results for d in POINTS)], RESULTS / "likelihood_density.png")
-    cmd = "python benchmarks/likelihood.py" + (f" --steps {args.steps}" if args.steps != 2000 else "")
+    lines += [f"| {shown(m)} | " + " | ".join(cells) + " |" for m, cells, _ in merged]
+    with_density = [m for m, cells, _ in merged if any(c != "n/a" for c in cells[:len(POINTS)])]
+    stored = [m for m in with_density if density_grids(m)]
+    if stored == with_density:  # every row's density is stored: the one figure
+        figure(with_density, RESULTS / "likelihood_density.png")
+        pictures = "![learned densities](benchmarks/results/likelihood_density.png)"
+    else:  # rows measured before densities were stored keep the figure they were drawn in
+        figure(stored, RESULTS / "likelihood_density_recent.png")
+        pictures = ("![learned densities](benchmarks/results/likelihood_density.png)\n\n"
+                    "Rows measured since (their densities):\n\n"
+                    "![learned densities, recent rows](benchmarks/results/likelihood_density_recent.png)")
     md = (f"### Likelihood\n\nTest-set NLL after {args.steps} training steps (batch {BATCH['8gaussians']} on the "
           f"2D sets, {BATCH['digits']} on digits; otherwise each model's preset). The 2D values are continuous "
           "NLLs (or their upper bounds, for models with a variational bound), to be read against the true "
           "entropy; digits bits/dim are of the 17-level data; n/a where the model file reports no likelihood "
           "(its `--eval` says why). In the figure each panel's colour scale ends at "
-          "its 99.5th percentile. Evaluation flags beyond the defaults: "
+          "its 99.5th percentile. "
+          "Evaluation flags beyond the defaults: "
           + "; ".join(f"`{m}.py` on {kind} data `{' '.join(f)}`" for (m, kind), f in EVAL_FLAGS.items())
-          + ". Produced by "
-          f"{stamp(cmd)}.\n\n" + "\n".join(lines) +
+          + f". {provenance(merged)}\n\n" + "\n".join(lines) +
           "\n\n![learned densities](benchmarks/results/likelihood_density.png)")
     write_section("likelihood", md)
     print(md)

@@ -7,16 +7,15 @@ For each configuration, through pixelcnn.py's command line: a checkpoint of the 
 then `--sample` with the fast sampler and with `--naive-sampler` (which runs the whole network on the
 whole image for every sub-pixel), the same number of samples from the same seed; the two must give
 the same samples, and the table says so. Samples per second are those of the `sample` event (the
-sampling alone, no pictures, no completions). Writes the table into README.md between
-`<!-- pixelcnn-sampler:start -->` and `<!-- pixelcnn-sampler:end -->`, and to
-benchmarks/results/pixelcnn-sampler.md. The 28x28 configuration downloads MNIST once.
+sampling alone, no pictures, no completions). Writes the table into
+benchmarks/results/pixelcnn.md between `<!-- pixelcnn-sampler:start -->` and `<!-- pixelcnn-sampler:end -->`. The 28x28 configuration downloads MNIST once.
 """
 import argparse
 import sys
 
 import torch
 
-from _runs import RUNS, last_event, run, stamp, write_section
+from _runs import RESULTS, RUNS, last_event, run, stamp, write_section
 
 # name: (flags of the training run, samples drawn, what the row is)
 CONFIGS = {
@@ -79,7 +78,7 @@ def main():
           "|---|---|---|---|---|---|---|\n" + "\n".join(rows))
     if skipped:
         md += "\n\nNot measured (the dataset could not be downloaded): " + "; ".join(skipped) + "."
-    write_section("pixelcnn-sampler", md)
+    write_section("pixelcnn-sampler", md, RESULTS / "pixelcnn.md")
     print(md)
     if not all("| yes |" in r for r in rows):
         sys.exit("the fast and the naive sampler gave different samples")

@@ -9,15 +9,18 @@ d^2 = |mu_s - mu_t|^2 + Tr(S_s + S_t - 2 (S_s S_t)^(1/2)) (Heusel et al. 2017, a
 between the 64-dimensional features of the small classifier of digits_classifier.py on the
 samples and on the 300 test images. The floor is the same distance for `--n` images of the
 training split (real data, different images); the classifier's accuracy on the test split is
-stated beside the table.
+stated beside the table. It also saves the first 36 samples of each system as the gallery the
+README shows (benchmarks/results/gallery/<system>.png).
 """
 import argparse
+import re
 import sys
 
 import numpy as np
 import torch
 
-from _runs import ROOT, Unsupported, model_of, present_systems, run, shown, stamp, train, write_section
+from _runs import (RESULTS, ROOT, Unsupported, merge_rows, model_of, present_systems, provenance, run, shown, train,
+                   write_section)
 from digits_classifier import load_classifier
 
 sys.path.insert(0, str(ROOT))
@@ -65,7 +68,8 @@ def main():
     test_features = features(net, test.data, 17)
     g = torch.Generator().manual_seed(0)
     real = train_set.data[torch.randperm(len(train_set.data), generator=g)[: args.n]]
-    rows = [f"| training images (floor) | {frechet_distance(features(net, real, 17), test_features):.2f} |"]
+    floor = frechet_distance(features(net, real, 17), test_features)
+    rows = {}
     for m in args.models or present_systems():
         print(f"{m} ...", flush=True)
         try:
@@ -77,13 +81,19 @@ def main():
             run(model_of(m), ["--sample", out / "ckpt.pt", "--n-samples", args.n, "--out", out], out / "log.txt")
             samples = torch.load(out / "samples.pt", weights_only=True)
         samples = samples.reshape(-1, 1, 8, 8)
-        rows.append(f"| {shown(m)} | {frechet_distance(features(net, samples, 17), test_features):.2f} |")
-    cmd = "python benchmarks/quality.py" + (f" --steps {args.steps}" if args.steps != 2000 else "")
+        gallery = RESULTS / "gallery" / f"{re.sub(r'[^A-Za-z0-9_.]+', '-', m)}.png"
+        gallery.parent.mkdir(parents=True, exist_ok=True)
+        common.save_image_grid(samples[:36].float() / 16 if not samples.is_floating_point() else samples[:36],
+                               gallery, nrow=6, title=shown(m).replace("`", ""))
+        rows[m] = [f"{frechet_distance(features(net, samples, 17), test_features):.2f}"]
+    cmd = "python benchmarks/quality.py" + (f" --steps {args.steps}" if args.steps != 2000 else "") + \
+        (" --models " + " ".join(f"'{m}'" for m in args.models) if args.models else "")
+    merged = merge_rows("quality", rows, cmd)
     md = (f"### Sample quality on digits\n\nFrechet distance between classifier features of {args.n} samples and "
           f"of the 300 test images (lower is better), each model trained for {args.steps} steps at batch 64. "
           f"The classifier (`benchmarks/digits_classifier.py`, weights shipped) reaches {accuracy:.1%} accuracy "
-          f"on the test split. Produced by {stamp(cmd)}.\n\n| samples from | Frechet distance |\n|---|---|\n"
-          + "\n".join(rows))
+          f"on the test split. {provenance(merged)}\n\n| samples from | Frechet distance |\n|---|---|\n"
+          f"| training images (floor) | {floor:.2f} |\n" + "\n".join(f"| {shown(m)} | {c[0]} |" for m, c, _ in merged))
     write_section("quality", md)
     print(md)
 

@@ -10,8 +10,8 @@ and the mass of the ODE density on the 128 x 128 grid. Then, in this process, dr
 from each checkpoint with each sampler (pc, em, ode; ald on the VE model), timing them, and
 scores them by the squared maximum mean discrepancy to the test set with a Gaussian kernel of
 width 0.3 (the std of the mixture's components), unbiased; the floor is the same for n fresh
-draws of the data. Writes the tables into README.md between <!-- score-sde-table:start --> and
-<!-- score-sde-table:end --> and into benchmarks/results/score-sde-table.md. About 10 minutes of
+draws of the data. Writes the tables into benchmarks/results/score_sde.md
+(between <!-- score-sde-table:start --> and <!-- score-sde-table:end -->). About 10 minutes of
 one CPU core at the defaults.
 """
 import argparse
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from _runs import ROOT, RUNS, last_event, run, stamp, write_section
+from _runs import RESULTS, ROOT, RUNS, last_event, run, stamp, write_section
 
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
@@ -106,7 +106,7 @@ def main():
           f"(Gaussian kernel of width {WIDTH}, unbiased, x 1000; {args.n} fresh draws of the data give "
           f"{1e3 * mmd2(fresh_data, test.data):.2f}).\n\n"
           "| SDE | sampler | NFE | samples/s | MMD^2 x 1000 |\n|---|---|---|---|---|\n" + "\n".join(sampler_rows))
-    write_section("score-sde-table", md)
+    write_section("score-sde-table", md, RESULTS / "score_sde.md")
     print(md)
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from _runs import (ROOT, RUNS, SYSTEMS, Unsupported, last_event, present_systems, read_metrics, run, shown, stamp,
-                   write_section)
+from _runs import (ROOT, RUNS, SYSTEMS, Unsupported, last_event, merge_rows, present_systems, provenance, read_metrics,
+                   run, shown, stamp, write_section)
 
 sys.path.insert(0, str(ROOT))
 
@@ -74,7 +74,7 @@ def _count(label, k):
 
 
 def model_rows(labels, steps, peak):
-    rows = []
+    rows = {}
     for label in labels:
         print(f"{label} ...", flush=True)
         model, flags = SYSTEMS[label]
@@ -92,9 +92,8 @@ def model_rows(labels, steps, peak):
         sample = last_event(out, "sample")
         flops = flops_per_step(label)
         achieved = flops * train_speed / BATCH
-        name = " ".join([shown(label), *STAGE_FLAGS.get(model, [])])
-        rows.append(f"| {name} | {train_speed:.0f} | {sample['samples_per_s']:.2f} | {flops / BATCH / 1e6:.1f} | "
-                    f"{achieved / 1e9:.2f} | {achieved / peak:.1%} |")
+        rows[label] = [f"{train_speed:.0f}", f"{sample['samples_per_s']:.2f}", f"{flops / BATCH / 1e6:.1f}",
+                       f"{achieved / 1e9:.2f}", f"{achieved / peak:.1%}"]
     return rows
 
 
@@ -123,10 +122,14 @@ def main():
     args = p.parse_args()
     peak = matmul_flops_per_second()
     rows = model_rows(args.models or present_systems(), args.steps, peak)
-    md = (f"### Speed\n\nOn digits at batch {BATCH}, CPU. The machine's float32 matrix multiply reaches "
-          f"{peak / 1e9:.1f} GFLOP/s. Produced by {stamp('python benchmarks/speed.py')}.\n\n"
-          "| model | train examples/s | samples/s | training MFLOP per example | achieved GFLOP/s | of matmul peak |\n"
-          "|---|---|---|---|---|---|\n" + "\n".join(rows))
+    cmd = "python benchmarks/speed.py" + (" --models " + " ".join(f"'{m}'" for m in args.models) if args.models else "")
+    merged = merge_rows("speed", {label: [*cells, f"{peak / 1e9:.0f}"] for label, cells in rows.items()}, cmd)
+    table = [" ".join([shown(m), *STAGE_FLAGS.get(SYSTEMS[m][0], [])]) for m, _, _ in merged]
+    md = (f"### Speed\n\nOn digits at batch {BATCH}, CPU. The machine's float32 matrix-multiply peak varies between "
+          f"runs, so each row gives the peak measured with it; compare rows measured together. {provenance(merged)}\n\n"
+          "| model | train examples/s | samples/s | training MFLOP per example | achieved GFLOP/s | of matmul peak | "
+          "peak GFLOP/s |\n|---|---|---|---|---|---|---|\n"
+          + "\n".join(f"| {name} | " + " | ".join(cells) + " |" for name, (_, cells, _) in zip(table, merged)))
     if not args.no_libraries:
         md += "\n\n" + "\n\n".join(library_sections())
     write_section("speed", md)

@@ -27,6 +27,9 @@ settings.register_profile("ci", derandomize=True, max_examples=10, deadline=None
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+# One torch thread per test process: the README's command runs one worker process per core, and
+# a second thread only spins at OpenMP barriers when its core is taken (issue 22's measurements).
+torch.set_num_threads(1)
 
 MODEL_FILES = sorted(p.stem for p in ROOT.glob("*.py") if p.stem in
                      ("pixelcnn", "gpt", "vae", "vqvae", "ddpm", "ddim", "ebm", "score_sde", "realnvp", "ffjord"))
