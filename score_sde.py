@@ -852,9 +852,8 @@ class UNet(nn.Module):
     on the concatenated skips, attention once per resolution, an up-sampling block. Time:
     sinusoidal embedding of 999 t and a 2-layer MLP of width 4 ch. Differences from the
     official code: PyTorch's default initialisation elsewhere (theirs: variance scaling,
-    fan-average, uniform), and VE models get this same network, conditioned on 999 t and scored
-    by -net / sigma(t) like the VP ones (the official VE models are NCSN++ conditioned on sigma(t)
-    by Fourier features; its FIR resampling and input pyramid are not implemented).
+    fan-average, uniform); with --arch ddpmpp VE models get this same network, conditioned on
+    999 t (the official VE models are NCSN++, `NCSNpp`, --arch ncsnpp).
     model(x (B, C, H, W) in model space, t (B,)) -> (B, C, H, W), the noise prediction.
     """
 
