@@ -18,7 +18,7 @@ from scipy import integrate, stats
 
 import common
 import score_sde as S
-from conftest import events
+from conftest import events, run_main
 
 f64 = torch.float64
 SETTINGS = settings(max_examples=10, deadline=None)
@@ -1053,10 +1053,10 @@ def test_eval_of_an_untrained_model_on_points_is_its_closed_form(sde_name, tmp_p
     """--steps 0 leaves the zero-initialised output layer, so --eval must give the closed-form
     NLL of untrained_log_density on the test points and the Gaussian's mass on the box for the
     density grid: a sign, a factor or a missing term of the likelihood would show here."""
-    S.main(POINTS + ["--sde", sde_name, "--steps", "0", "--out", str(tmp_path)])
+    run_main("score_sde", POINTS + ["--sde", sde_name, "--steps", "0", "--out", str(tmp_path)])
     for name in ("ckpt.pt", "samples_0.png", "score_field.png"):
         assert (tmp_path / name).is_file(), name
-    result = S.main(["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "50", "--density-tol", "1e-2", "--device", "cpu"])
+    result = run_main("score_sde", ["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "50", "--density-tol", "1e-2", "--device", "cpu"])
     test = common.load_dataset("8gaussians", "test").data[:50]
     log_p, s = untrained_log_density(sde_name, test)
     assert result["nll"] == pytest.approx(-log_p.mean().item(), abs=1e-3)
@@ -1074,8 +1074,8 @@ def test_eval_of_an_untrained_model_on_digits_is_its_closed_form_in_bits_per_dim
     = -beta/2 ||v||^2 = -beta D / 2), so --eval must reproduce the closed form on the very
     dequantised test images it drew (the seed's first draws), with the -D log(2 / L) of
     dequantized_nll; bits/dim = nll / (D ln 2)."""
-    S.main(DIGITS + ["--steps", "0", "--out", str(tmp_path)])
-    result = S.main(["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "6", "--batch-size", "6", "--seed", "3",
+    run_main("score_sde", DIGITS + ["--steps", "0", "--out", str(tmp_path)])
+    result = run_main("score_sde", ["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "6", "--batch-size", "6", "--seed", "3",
                      "--device", "cpu"])
     images = common.load_dataset("digits", "test").data[:6]
     y = S.dequantize(images, 17, generator=torch.Generator().manual_seed(3))
@@ -1086,14 +1086,14 @@ def test_eval_of_an_untrained_model_on_digits_is_its_closed_form_in_bits_per_dim
 
 
 def test_points_train_sample_and_eval_with_sliced_score_matching(tmp_path):
-    S.main(POINTS + ["--steps", "3", "--save-every", "2", "--loss", "ssm-vr", "--out", str(tmp_path)])
+    run_main("score_sde", POINTS + ["--steps", "3", "--save-every", "2", "--loss", "ssm-vr", "--out", str(tmp_path)])
     for name in ("ckpt.pt", "samples_2.png", "samples_3.png", "score_field.png", "metrics.jsonl", "loss.png"):
         assert (tmp_path / name).is_file(), name
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     for sampler, nfe in [("pc", 2 * 10), ("em", 10), ("ode", None)]:
         out = tmp_path / sampler
-        S.main(["--sample", str(tmp_path / "ckpt.pt"), "--sampler", sampler, "--sample-steps", "10", "--n-samples", "7",
+        run_main("score_sde", ["--sample", str(tmp_path / "ckpt.pt"), "--sampler", sampler, "--sample-steps", "10", "--n-samples", "7",
                 "--out", str(out), "--device", "cpu"])
         x = torch.load(out / "samples.pt", weights_only=True)
         assert x.shape == (7, 2) and x.dtype == torch.float32 and torch.isfinite(x).all()
@@ -1102,12 +1102,12 @@ def test_points_train_sample_and_eval_with_sliced_score_matching(tmp_path):
 
 
 def test_digits_train_sample_and_annealed_langevin_on_ve(tmp_path):
-    S.main(DIGITS + ["--sde", "ve", "--sigma-max", "10", "--steps", "2", "--sampler", "ald", "--sample-steps", "20",
+    run_main("score_sde", DIGITS + ["--sde", "ve", "--sigma-max", "10", "--steps", "2", "--sampler", "ald", "--sample-steps", "20",
                      "--out", str(tmp_path)])
     for name in ("ckpt.pt", "samples_2.png", "score_field.png", "loss.png"):
         assert (tmp_path / name).is_file(), name
     for sampler, nfe in [("ald", 20), ("ode", None)]:
-        S.main(["--sample", str(tmp_path / "ckpt.pt"), "--sampler", sampler, "--sample-steps", "20", "--n-samples", "3",
+        run_main("score_sde", ["--sample", str(tmp_path / "ckpt.pt"), "--sampler", sampler, "--sample-steps", "20", "--n-samples", "3",
                 "--rtol", "1e-3", "--atol", "1e-3", "--out", str(tmp_path / sampler), "--device", "cpu"])
         levels = torch.load(tmp_path / sampler / "samples.pt", weights_only=True)
         assert levels.shape == (3, 1, 8, 8) and levels.dtype == torch.uint8 and levels.max() < 17
@@ -1120,8 +1120,8 @@ def test_eval_repeats_report_the_standard_error_over_the_passes(tmp_path):
     order of the run's generator; the untrained model's closed form gives each pass's mean, their
     average is nll and their standard error std / sqrt(R) is reported in bits/dim. beta_max 0.3
     keeps the prior's scale near 1, so that the density, and the passes, differ with u."""
-    S.main(DIGITS + ["--steps", "0", "--eval-repeats", "3", "--beta-max", "0.3", "--out", str(tmp_path)])
-    result = S.main(["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "5", "--batch-size", "5", "--device", "cpu"])
+    run_main("score_sde", DIGITS + ["--steps", "0", "--eval-repeats", "3", "--beta-max", "0.3", "--out", str(tmp_path)])
+    result = run_main("score_sde", ["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "5", "--batch-size", "5", "--device", "cpu"])
     images = common.load_dataset("digits", "test").data[:5]
     g = torch.Generator().manual_seed(0)
     means = []
@@ -1142,16 +1142,16 @@ def test_ncsn_trains_samples_and_evaluates_without_repeating_the_flag(tmp_path):
     """--sde ncsn with NCSN++ on digits: the checkpoint remembers both, so --sample draws by
     annealed Langevin dynamics over its L levels (NFE = L x steps per level) and --eval reports
     Eq. 6 on the test set, every level, with no flag repeated."""
-    S.main(DIGITS + ["--sde", "ncsn", "--arch", "ncsnpp", "--n-levels", "4", "--steps", "2", "--out", str(tmp_path)])
+    run_main("score_sde", DIGITS + ["--sde", "ncsn", "--arch", "ncsnpp", "--n-levels", "4", "--steps", "2", "--out", str(tmp_path)])
     for name in ("ckpt.pt", "samples_2.png", "score_field.png", "loss.png"):
         assert (tmp_path / name).is_file(), name
-    S.main(["--sample", str(tmp_path / "ckpt.pt"), "--sample-steps", "8", "--n-samples", "3", "--out",
+    run_main("score_sde", ["--sample", str(tmp_path / "ckpt.pt"), "--sample-steps", "8", "--n-samples", "3", "--out",
             str(tmp_path / "s"), "--device", "cpu"])
     levels = torch.load(tmp_path / "s" / "samples.pt", weights_only=True)
     assert levels.shape == (3, 1, 8, 8) and levels.dtype == torch.uint8
     event = events(tmp_path / "s", "sample")[-1]
     assert (event["sampler"], event["nfe"], event["sde"]) == ("ald", 8, "ncsn")
-    result = S.main(["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "4", "--device", "cpu"])
+    result = run_main("score_sde", ["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "4", "--device", "cpu"])
     assert result["sde"] == "ncsn" and result["levels"] == 4 and len(result["loss_per_level"]) == 4
     assert result["loss"] == pytest.approx(np.mean(result["loss_per_level"])) and result["loss"] > 0
 
@@ -1177,10 +1177,10 @@ def test_ncsn_training_loss_is_eq_6_per_dimension_of_the_network():
 
 
 def test_points_train_and_eval_with_exact_score_matching(tmp_path):
-    S.main(POINTS + ["--steps", "3", "--loss", "sm", "--out", str(tmp_path)])
+    run_main("score_sde", POINTS + ["--steps", "3", "--loss", "sm", "--out", str(tmp_path)])
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
-    result = S.main(["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "20", "--density-tol", "1e-1", "--device", "cpu"])
+    result = run_main("score_sde", ["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "20", "--density-tol", "1e-1", "--device", "cpu"])
     assert math.isfinite(result["nll"])
 
 
@@ -1188,9 +1188,9 @@ def test_resume_is_bit_exact(tmp_path):
     """Dequantisation noise, flips, dropout, t and z all come from the saved random state."""
     flags = DIGITS + ["--save-every", "2", "--flip", "--dropout", "0.1", "--sample-steps", "2"]
     a, b = tmp_path / "a", tmp_path / "b"
-    S.main(flags + ["--out", str(a), "--steps", "4"])
-    S.main(flags + ["--out", str(b), "--steps", "2"])
-    S.main(flags + ["--out", str(b), "--steps", "4", "--resume"])
+    run_main("score_sde", flags + ["--out", str(a), "--steps", "4"])
+    run_main("score_sde", flags + ["--out", str(b), "--steps", "2"])
+    run_main("score_sde", flags + ["--out", str(b), "--steps", "4", "--resume"])
     ca, cb = (torch.load(p / "ckpt.pt", weights_only=True) for p in (a, b))
     assert ca["step"] == cb["step"] == 4
     for key in ("model",):
@@ -1201,7 +1201,7 @@ def test_resume_is_bit_exact(tmp_path):
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):
-    S.main(POINTS + ["--steps", "0", "--out", str(tmp_path / "vp")])
+    run_main("score_sde", POINTS + ["--steps", "0", "--out", str(tmp_path / "vp")])
     for argv, words in [(POINTS + ["--sampler", "ald"], "--sde ve"),
                         (["--sample", str(tmp_path / "vp" / "ckpt.pt"), "--sampler", "ald"], "--sde vp"),
                         (["--beta-max", "0.05"], "--beta-max"),
@@ -1219,12 +1219,12 @@ def test_user_errors_are_one_line(tmp_path, capsys):
                         (["--eval-repeats", "0"], "--eval-repeats")]:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
-            S.main(argv + ["--out", str(tmp_path / "o"), "--device", "cpu"])
+            run_main("score_sde", argv + ["--out", str(tmp_path / "o"), "--device", "cpu"])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith("error:") and "\n" not in err and words in err, (argv, err)
-    S.main(POINTS + ["--steps", "0", "--sde", "ncsn", "--out", str(tmp_path / "ncsn")])
+    run_main("score_sde", POINTS + ["--steps", "0", "--sde", "ncsn", "--out", str(tmp_path / "ncsn")])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        S.main(["--sample", str(tmp_path / "ncsn" / "ckpt.pt"), "--sampler", "ode", "--device", "cpu"])
+        run_main("score_sde", ["--sample", str(tmp_path / "ncsn" / "ckpt.pt"), "--sampler", "ode", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err and "--sampler ald or auto" in err, err
