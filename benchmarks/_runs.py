@@ -32,6 +32,7 @@ SYSTEMS = {
     "ddpm": ("ddpm", []),
     "ddim": ("ddim", []),
     "score_sde": ("score_sde", []),
+    "score_sde --loss sm": ("score_sde", ["--loss", "sm"]),
     "ebm": ("ebm", []),
 }
 
