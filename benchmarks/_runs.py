@@ -24,6 +24,7 @@ SYSTEMS = {
     "vqvae": ("vqvae", []),
     "realnvp": ("realnvp", []),
     "ffjord": ("ffjord", []),
+    "ffjord --arch residual": ("ffjord", ["--arch", "residual"]),
     "ddpm": ("ddpm", []),
     "ddim": ("ddim", []),
     "score_sde": ("score_sde", []),

@@ -991,7 +991,7 @@ def single_process_only(*args, **kwargs):
 
 def test_cli_2d_end_to_end_eval_and_sample(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    M.main([*TINY_2D, "--steps", "3", "--out", str(out), "--log-every", "1"])
+    run_main("ffjord", [*TINY_2D, "--steps", "3", "--out", str(out), "--log-every", "1"])
     for f in ("ckpt.pt", "samples_3.png", "density.png", "trajectory.png", "nfe.png", "metrics.jsonl", "loss.png"):
         assert (out / f).exists(), f
     lines = [r for r in common._read_metrics(out / "metrics.jsonl") if "step" in r]
@@ -1000,7 +1000,7 @@ def test_cli_2d_end_to_end_eval_and_sample(tmp_path, monkeypatch):
         assert r["nfe_forward"] == 2 + 6 * (r["solver_steps"] + r["rejected"])
         assert r["nfe_backward"] == 6 * r["solver_steps"]
     monkeypatch.setattr(common, "init_distributed", single_process_only)
-    fields = M.main(["--eval", str(out / "ckpt.pt"), "--out", str(out)])
+    fields = run_main("ffjord", ["--eval", str(out / "ckpt.pt"), "--out", str(out)])
     (ev,) = events(out, "eval")
     assert ev["nll"] == fields["nll"] and ev["n"] == 10_000 and ev["split"] == "test"
     assert (ev["solver"], ev["atol"], ev["rtol"], ev["trace"]) == ("dopri5", 1e-5, 1e-5, "exact")
@@ -1009,7 +1009,7 @@ def test_cli_2d_end_to_end_eval_and_sample(tmp_path, monkeypatch):
         assert d["log_density"].shape == (128, 128) and float(d["lim"]) == 4.0
         cell = (8 / 128) ** 2  # a 3-step flow is near N(0, I): nearly all its mass lies in the box
         assert 0.97 < np.exp(d["log_density"]).sum() * cell < 1.001
-    M.main(["--sample", str(out / "ckpt.pt"), "--n-samples", "10", "--out", str(out / "s")])
+    run_main("ffjord", ["--sample", str(out / "ckpt.pt"), "--n-samples", "10", "--out", str(out / "s")])
     assert torch.load(out / "s" / "samples.pt", weights_only=True).shape == (10, 2)
     (ev,) = events(out / "s", "sample")
     assert ev["n"] == 10 and ev["nfe"] > 0 and (out / "s" / "trajectory.png").exists()
@@ -1019,7 +1019,7 @@ def test_cli_digits_end_to_end_eval_and_sample(tmp_path, monkeypatch):
     """The digits preset (rk4, Hutchinson, RNODE penalties): training logs bits/dim, the NFE and
     the penalties; --eval scores with dopri5 and 4 Hutchinson probes; samples are levels."""
     out = tmp_path / "digits"
-    M.main([*TINY_DIGITS, "--steps", "2", "--out", str(out), "--log-every", "1"])
+    run_main("ffjord", [*TINY_DIGITS, "--steps", "2", "--out", str(out), "--log-every", "1"])
     for f in ("ckpt.pt", "samples_2.png", "nfe.png", "loss.png"):
         assert (out / f).exists(), f
     line = [r for r in common._read_metrics(out / "metrics.jsonl") if "step" in r][-1]
@@ -1028,11 +1028,11 @@ def test_cli_digits_end_to_end_eval_and_sample(tmp_path, monkeypatch):
     assert line["kinetic"] > 0 and line["jacobian"] >= 0
     assert line["loss"] == pytest.approx(line["nll"] + 0.01 * (line["kinetic"] + line["jacobian"]))
     monkeypatch.setattr(common, "init_distributed", single_process_only)
-    M.main(["--eval", str(out / "ckpt.pt"), "--batch-size", "150"])
+    run_main("ffjord", ["--eval", str(out / "ckpt.pt"), "--batch-size", "150"])
     (ev,) = events(out, "eval")
     assert ev["n"] == 300 and (ev["solver"], ev["trace"], ev["probes"]) == ("dopri5", "hutchinson", 4)
     assert ev["bits_per_dim"] == pytest.approx(ev["nll"] / (64 * math.log(2)))
-    M.main(["--sample", str(out / "ckpt.pt"), "--n-samples", "4"])
+    run_main("ffjord", ["--sample", str(out / "ckpt.pt"), "--n-samples", "4"])
     samples = torch.load(out / "samples.pt", weights_only=True)
     assert samples.shape == (4, 1, 8, 8) and samples.dtype == torch.uint8 and int(samples.max()) <= 16
 
@@ -1092,9 +1092,9 @@ def params(path):
 def test_resume_equals_uninterrupted_run(tmp_path, argv):
     a, b = tmp_path / "a", tmp_path / "b"
     argv = argv + ["--save-every", "2"]  # pictures in the middle of the run must not change it
-    M.main(argv + ["--steps", "4", "--out", str(a)])
-    M.main(argv + ["--steps", "2", "--out", str(b)])
-    M.main(argv + ["--steps", "4", "--out", str(b), "--resume"])
+    run_main("ffjord", argv + ["--steps", "4", "--out", str(a)])
+    run_main("ffjord", argv + ["--steps", "2", "--out", str(b)])
+    run_main("ffjord", argv + ["--steps", "4", "--out", str(b), "--resume"])
     pa, pb = params(a / "ckpt.pt"), params(b / "ckpt.pt")
     assert pa.keys() == pb.keys()
     for k in pa:
@@ -1104,17 +1104,17 @@ def test_resume_equals_uninterrupted_run(tmp_path, argv):
 def test_the_step_cap_stops_training_with_one_line_naming_the_step(tmp_path, capsys):
     """--max-steps is the guard against the NFE blowing up: the solve that exceeds it stops the
     run with one line naming the step and the cures, and the last checkpoint stays."""
-    M.main([*TINY_2D, "--steps", "2", "--out", str(tmp_path)])
+    run_main("ffjord", [*TINY_2D, "--steps", "2", "--out", str(tmp_path)])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        M.main([*TINY_2D, "--steps", "4", "--out", str(tmp_path), "--resume", "--max-steps", "1"])
+        run_main("ffjord", [*TINY_2D, "--steps", "4", "--out", str(tmp_path), "--resume", "--max-steps", "1"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err, err
     assert "at step 3" in err and "max_steps=1" in err and "last checkpoint" in err
     assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
     for command in ("--eval", "--sample"):  # the same cap in evaluation, with the evaluation's flags
         with pytest.raises(SystemExit) as e:
-            M.main([command, str(tmp_path / "ckpt.pt"), "--max-steps", "1", "--out", str(tmp_path / "e")])
+            run_main("ffjord", [command, str(tmp_path / "ckpt.pt"), "--max-steps", "1", "--out", str(tmp_path / "e")])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and "\n" not in err and f"{command} failed" in err and "--eval-atol" in err, err
 
@@ -1138,7 +1138,7 @@ def test_the_step_cap_stops_training_with_one_line_naming_the_step(tmp_path, cap
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, words):
     with pytest.raises(SystemExit) as e:
-        M.main(argv + ["--steps", "1", "--out", str(tmp_path / "run")])
+        run_main("ffjord", argv + ["--steps", "1", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err and words in err, err
     if "--n-scales" not in argv:  # the flags alone are checked before anything is written
