@@ -25,21 +25,21 @@ Run it
     python ffjord.py --arch residual --dataset digits   # Residual Flow; --sample CKPT draws samples
 
 Paper -> code
-    Chen'18 Sec. 2     z(t1) = ODESolve(z(t0), f, t0, t1)                  odeint, rk4, dopri5
-    Chen'18 Alg. 1     da/dt = -a^T df/dz, dL/dtheta = -int a^T df/dtheta   AdjointSolve, integrate
-    Chen'18 Thm. 1     d log p(z(t))/dt = -Tr(df/dz)                        augmented_dynamics, CNF
-    FFJORD Sec. 3.1    Tr(A) = E[e^T A e], e fixed for a solve             trace_hutchinson, hutchinson_noise
-    FFJORD App. B.1    N CNFs, squeeze, N CNFs, factor out half           Multiscale, squeeze
-    (official code)    logit(alpha + (1 - 2 alpha) (x + u) / K)            dequantize, LogitPreprocess, nll
-    RNODE              int ||f||^2 / 2D dt, int ||df/dz||_F^2 / D dt         kinetic_energy, rnode_loss
-    Hairer II.4        err / (atol + rtol max(|y|, |y_new|)), max over y   _error_ratio, dopri5
-    i-ResNet Sec. 3    W~ = W / max(1, sigma / c), sigma by power iteration SpectralNormLinear
-    ResFlow Sec. 4.1   LipSwish(x) = x sigmoid(beta x) / 1.1               LipSwish
-    i-ResNet Eq. 6-7   log det(I + J) = sum_k (-1)^(k+1) tr(J^k) / k        log_det_power_series
-    ResFlow Thm. 1     sum_{k<=N} (-1)^(k+1) v^T J^k v / (k P(N >= k))     roulette_weights, sample_n_terms
-    ResFlow Eq. 8      E[(sum_k (-1)^k v^T J^k / P(N >= k)) dJ v]           log_det_power_series(neumann)
-    i-ResNet Alg. 1    x <- y - g(x)                                        fixed_point_inverse
-    (exact scoring)    log |det(I + J_g)| by slogdet                        log_det_exact
+    Chen'18 Sec. 2    z(t1) = ODESolve(z(t0), f, t0, t1)               odeint, rk4, dopri5
+    Chen'18 Alg. 1    da/dt = -a^T df/dz, dg/dt = -a^T df/dtheta       AdjointSolve, integrate
+    Chen'18 Thm. 1    d log p(z(t))/dt = -Tr(df/dz)                    augmented_dynamics, CNF
+    FFJORD Sec. 3.1   Tr(A) = E[e^T A e], e fixed for a solve          trace_hutchinson, hutchinson_noise
+    FFJORD App. B.1   N CNFs, squeeze, N CNFs, factor out half         Multiscale, squeeze
+    (official code)   logit(alpha + (1 - 2 alpha) (x + u) / K)         dequantize, LogitPreprocess, nll
+    RNODE             int ||f||^2 / 2D dt, int ||df/dz||_F^2 / D dt    kinetic_energy, rnode_loss
+    Hairer II.4       max over y of ||err / (atol + rtol |y|)||_RMS    _error_ratio, dopri5
+    i-ResNet          W~ = W / max(1, sigma / c), sigma = u^T W v      SpectralNormLinear
+    ResFlow           LipSwish(x) = x sigmoid(beta x) / 1.1            LipSwish
+    i-ResNet          log det(I + J) = sum_k (-1)^(k+1) tr(J^k) / k    log_det_power_series
+    ResFlow Thm. 1    sum_{k<=N} (-1)^(k+1) v^T J^k v / (k P(N >= k))  roulette_weights, sample_n_terms
+    ResFlow           E[(sum_k (-1)^k v^T J^k / P(N >= k)) dJ v]       log_det_power_series(neumann)
+    i-ResNet Alg. 1   x <- y - g(x)                                    fixed_point_inverse
+    (exact scoring)   log |det(I + J_g)| by slogdet                    log_det_exact
 """
 from __future__ import annotations
 
@@ -436,6 +436,12 @@ def augmented_dynamics(net, noise=None, regularize=False):
     return dynamics
 
 
+# Every flow here maps forward(x, opts) -> (z, log_det, reg), log_det = log |det dz/dx| per
+# example and reg the RNODE integrals, and inverse(z, opts) -> x (as realnvp.py's layers, without
+# reg). Data sit at t = 0 and the N(0, I) base at t = T (the official code's direction). The
+# dynamics must treat examples independently (no batch norm inside f): only then is the trace of
+# the batch's Jacobian the sum of the per-example traces.
+
 def standard_normal_log_prob(z):
     """log N(z; 0, I) summed over all but the batch dimension: (B, ...) -> (B,). The base density."""
     return -0.5 * (z.pow(2) + LOG_2PI).flatten(1).sum(1)
@@ -716,22 +722,22 @@ def rnode_loss(nats, reg, lambda_k=0.0, lambda_j=0.0):
 # Residual Flows (Behrmann et al. 2019, arXiv 1811.00995; Chen et al. 2019, arXiv 1906.02735)
 # ----------------------------------------------------------------------------------------
 # An invertible residual network: blocks f(x) = x + g(x) with Lip(g) < 1 are invertible (Banach's
-# fixed-point theorem, Behrmann et al. Sec. 2), and log p(x) = log N(F(x); 0, I) + sum over blocks
+# fixed-point theorem; Behrmann et al.), and log p(x) = log N(F(x); 0, I) + sum over blocks
 # of log det(I + J_g). A ResidualFlow maps x -> (z, log_det, reg) like a CNFStack (reg is zero), so
 # FFJORD, log_prob and nll above serve both families; opts is a LogDetOptions here.
 
 @dataclasses.dataclass
 class LogDetOptions:
     """How the residual blocks compute log det(I + J_g): "roulette" (the unbiased Russian-roulette
-    estimator, Chen et al. Theorem 1), "series" (the power series truncated after n_terms,
-    Behrmann et al. Eq. 7: biased) or "exact" (slogdet of the autograd Jacobian, D passes). The
+    estimator, Chen et al. 2019, Theorem 1), "series" (the power series truncated after n_terms,
+    Behrmann et al.: biased) or "exact" (slogdet of the autograd Jacobian, D passes). The
     fixed-point inverse stops when an update moves no coordinate more than fp_atol + fp_rtol |y|."""
     method: str = "roulette"
     n_terms: int = 10           # series: terms kept
     n_exact: int = 2            # roulette: terms always computed; N = n_exact + Geometric(p)
     p: float = 0.5              # roulette: P(N >= k) = (1 - p)^(k - n_exact) for k > n_exact
     probes: int = 1             # Hutchinson probes averaged
-    neumann: bool = False       # gradients by the Neumann series (Chen et al. Eq. 8)
+    neumann: bool = False       # gradients by Chen et al.'s Neumann gradient series
     fp_atol: float = 1e-6
     fp_rtol: float = 1e-5
     fp_max_iter: int = 1000
@@ -748,7 +754,7 @@ class LogDetOptions:
 
 
 class SpectralNormLinear(nn.Module):
-    """A linear layer with spectral norm at most c (Behrmann et al. Sec. 3, after Miyato et al.
+    """A linear layer with spectral norm at most c (Behrmann et al., after Miyato et al.
     2018): W~ = W / max(1, sigma / c), sigma = u^T W v estimated by power iteration,
     v <- W^T u / |W^T u|, u <- W v / |W v|. The vectors are buffers, advanced by
     `power_iteration` (ResidualBlock does n_power_iterations steps at every training forward), so
@@ -785,7 +791,7 @@ class SpectralNormLinear(nn.Module):
 
 
 class LipSwish(nn.Module):
-    """Chen et al. 2019 Sec. 4.1: LipSwish(x) = x sigmoid(beta x) / 1.1, beta = softplus(b) > 0
+    """Chen et al. 2019's LipSwish(x) = x sigmoid(beta x) / 1.1, beta = softplus(b) > 0
     learned. Swish's slope never exceeds 1.0998 whatever beta, so Lip(LipSwish) <= 1."""
 
     def __init__(self):
@@ -813,7 +819,7 @@ def log_det_exact(g_x, x, create_graph=False):
 
 
 def roulette_weights(n, n_exact, p):
-    """1 / P(N >= k) for k = 1..n, N = n_exact + G, P(G >= m) = (1 - p)^m (Chen et al. Thm. 1)."""
+    """1 / P(N >= k) for k = 1..n, N = n_exact + G, P(G >= m) = (1 - p)^m (Chen et al. 2019, Thm. 1)."""
     return [(1 - p) ** -max(0, k - n_exact) for k in range(1, n + 1)]
 
 
@@ -826,16 +832,16 @@ def sample_n_terms(n_exact, p, generator=None):
 
 
 def log_det_power_series(g_x, x, v, weights, neumann=False):
-    """log det(I + J_g) = sum_k (-1)^(k+1) tr(J_g^k) / k (Behrmann et al. Eq. 6, converges for
+    """log det(I + J_g) = sum_k (-1)^(k+1) tr(J_g^k) / k (Behrmann et al., converges for
     Lip(g) < 1), estimated per example as
 
         sum_{k=1}^{n} (-1)^(k+1) / k * w_k * v^T J^k v,      n = len(weights),
 
     with Hutchinson probes v (probes, B, D), E[v v^T] = I, averaged: w_k = 1 is the truncated series
-    (Behrmann et al. Eq. 7), w_k = 1 / P(N >= k) with n = N random the Russian-roulette estimator,
-    unbiased for the infinite series (Chen et al. Thm. 1). v^T J^k is k vector-Jacobian products.
+    (Behrmann et al.), w_k = 1 / P(N >= k) with n = N random the Russian-roulette estimator,
+    unbiased for the infinite series (Chen et al. 2019, Thm. 1). v^T J^k is k vector-Jacobian products.
     Gradients (when enabled): by backpropagation through those products, or with `neumann` by
-    Chen et al. Eq. 8, d log det / d theta = E[(sum_{k=0}^{n} (-1)^k w_k v^T J^k) (dJ/dtheta) v]
+    Chen et al.'s Neumann gradient series, d log det / d theta = E[(sum_{k=0}^{n} (-1)^k w_k v^T J^k) (dJ/dtheta) v]
     (w_0 = 1): the bracket is built without a graph and one more product carries the gradient, so
     memory does not grow with n. g_x, x (B, D) -> (B,)."""
     grad = torch.is_grad_enabled()
@@ -850,7 +856,7 @@ def log_det_power_series(g_x, x, v, weights, neumann=False):
                 w[vi] = w[vi] + ((-1) ** k * wk) * u.detach()
     if neumann and grad:
         surrogate = sum((_vjp(g_x, x, w[vi], create_graph=True) * v[vi]).sum(1) for vi in range(v.shape[0]))
-        surrogate = surrogate / v.shape[0]  # its gradient is Eq. 8's; its value is not used
+        surrogate = surrogate / v.shape[0]  # its gradient is the series'; its value is not used
         value = value.detach() + surrogate - surrogate.detach()
     return value
 
@@ -885,7 +891,7 @@ def fixed_point_inverse(g, y, atol=1e-6, rtol=1e-5, max_iter=1000):
 class ResidualBlock(nn.Module):
     """f(x) = x + g(x), g = SN-Linear, LipSwish, ..., SN-Linear on flat vectors (B, D): each
     linear map has spectral norm <= c and LipSwish is 1-Lipschitz, so Lip(g) <= c < 1 (Behrmann
-    et al. Sec. 3; Chen et al. Sec. 4). forward: x -> (f(x), log det(I + J_g(x))); inverse by
+    et al.; Chen et al.). forward: x -> (f(x), log det(I + J_g(x))); inverse by
     fixed-point iteration."""
 
     def __init__(self, dim, hidden=64, n_hidden=2, coeff=0.97, n_power_iterations=1):
@@ -1083,12 +1089,12 @@ class Config(RunConfig):
                         "(official toy code: 0.9)")
     n_power_iterations: int = flag(5, "residual: power-iteration steps per training step for each spectral norm "
                                    "(official toy code: 5; 200 before evaluation, as --eval and --sample do)")
-    logdet: str = flag("roulette", "residual: log det(I + J_g) in training: roulette (unbiased, Chen et al. Thm. 1) "
-                       "or series (truncated after --n-terms, biased)", choices=("roulette", "series"))
+    logdet: str = flag("roulette", "residual: log det(I + J_g) in training: roulette (unbiased, Chen et al. 2019, "
+                       "Thm. 1) or series (truncated after --n-terms, biased)", choices=("roulette", "series"))
     n_terms: int = flag(10, "residual: terms of the truncated series (--logdet series)")
     n_exact_terms: int = flag(2, "residual: terms the Russian roulette always computes")
     roulette_p: float = flag(0.5, "residual: the roulette draws N = n_exact_terms + Geometric(p)")
-    neumann_grad: bool = flag(False, "residual: gradients of the log-det by the Neumann series (Chen et al. Eq. 8; "
+    neumann_grad: bool = flag(False, "residual: gradients of the log-det by the Neumann series (Chen et al. 2019; "
                               "memory independent of the number of terms)")
 
 
@@ -1178,8 +1184,9 @@ def check_config(cfg):
         check_range(cfg, name, 1)
     check_range(cfg, "n_exact_terms", 0)
     if cfg.arch == "residual":
-        cnf_only = [f for f, on in (("--adjoint", cfg.adjoint), ("--kinetic", cfg.kinetic), ("--jacobian", cfg.jacobian),
-                                    ("--solver rk4", cfg.solver == "rk4"), ("--trace hutchinson", cfg.trace == "hutchinson")) if on]
+        cnf_only = [f for f, on in (("--adjoint", cfg.adjoint), ("--kinetic", cfg.kinetic),
+                                    ("--jacobian", cfg.jacobian), ("--solver rk4", cfg.solver == "rk4"),
+                                    ("--trace hutchinson", cfg.trace == "hutchinson")) if on]
         if cnf_only:
             raise UserError(f"{', '.join(cnf_only)} do not apply to --arch residual (no ODE is solved); with --arch "
                             f"residual the flow's flags are --coeff, --n-power-iterations, --logdet, --n-terms, "

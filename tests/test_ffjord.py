@@ -149,7 +149,8 @@ def test_dopri5_agrees_with_scipy_dop853_on_a_nonlinear_ode():
     lv_n = lambda t, y: np.array([1.5 * y[0] - y[0] * y[1], -3 * y[1] + y[0] * y[1]])
     lv_t = lambda t, y: (1.5 * y[0] - y[0] * y[1], -3 * y[1] + y[0] * y[1])  # a tuple state of two tensors
     ref = solve_ivp(lv_n, (0, 5), [2.0, 1.0], method="DOP853", rtol=1e-13, atol=1e-13)
-    y, _ = M.dopri5(lv_t, (torch.tensor(2.0, dtype=F64), torch.tensor(1.0, dtype=F64)), 0.0, 5.0, rtol=1e-9, atol=1e-9, max_steps=100_000)
+    y, _ = M.dopri5(lv_t, (torch.tensor(2.0, dtype=F64), torch.tensor(1.0, dtype=F64)), 0.0, 5.0, rtol=1e-9, atol=1e-9,
+                    max_steps=100_000)
     np.testing.assert_allclose([y[0].item(), y[1].item()], ref.y[:, -1], rtol=0, atol=1e-7)
 
 
@@ -646,7 +647,7 @@ def autograd_jacobian(fn, x):
 
 def contraction(seed, D=3, lip=0.55):
     """g(x) = A x + 0.05 sin(B x) with ||A||_2 = lip, ||B||_2 = 1, so Lip(g) <= lip + 0.05 < 0.71:
-    the Russian roulette with p = 0.5 then has a finite variance (Chen et al. Sec. 3.1)."""
+    the Russian roulette with p = 0.5 then has a finite variance (the sum of L^(2k) / (1 - p)^k converges)."""
     gen = torch.Generator().manual_seed(seed)
     A, B = torch.randn(D, D, generator=gen, dtype=F64), torch.randn(D, D, generator=gen, dtype=F64)
     A, B = lip * A / torch.linalg.matrix_norm(A, 2), B / torch.linalg.matrix_norm(B, 2)
@@ -698,7 +699,7 @@ def test_power_iteration_runs_in_training_steps_only():
 
 def test_lipswish_is_one_lipschitz_and_the_bound_is_tight():
     """LipSwish's slope, by autograd on a fine grid, stays below 1 for several beta and reaches
-    1.0998/1.1 > 0.999 (Chen et al. Sec. 4.1)."""
+    1.0998/1.1 > 0.999 (Chen et al. 2019's LipSwish)."""
     act = M.LipSwish().double()
     for b in (-3.0, 0.0, 0.5413, 3.0):
         with torch.no_grad():
@@ -800,7 +801,7 @@ def test_russian_roulette_mean_equals_the_exact_log_det_within_its_standard_erro
 
 @pytest.mark.parametrize("method", ["series", "roulette"])
 def test_neumann_gradient_equals_backprop_and_the_exact_gradient(method):
-    """Chen et al. Eq. 8: with the same draws (seeded), the Neumann-series gradient and
+    """Chen et al.'s Neumann gradient series: with the same draws (seeded), the Neumann-series gradient and
     backpropagation through the series give the same value; with exact traces (basis probes)
     and 60 terms (L^60 < 1e-15) both gradients, in the parameters and in x, equal those of
     slogdet(I + J_g) by autograd. For the roulette the gradients agree in expectation only, so
