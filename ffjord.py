@@ -1186,9 +1186,10 @@ def check_config(cfg):
     if cfg.arch == "residual":
         cnf_only = [f for f, on in (("--adjoint", cfg.adjoint), ("--kinetic", cfg.kinetic),
                                     ("--jacobian", cfg.jacobian), ("--solver rk4", cfg.solver == "rk4"),
-                                    ("--trace hutchinson", cfg.trace == "hutchinson")) if on]
+                                    ("--trace hutchinson", cfg.trace == "hutchinson"),
+                                    ("--noise gaussian", cfg.noise == "gaussian")) if on]
         if cnf_only:
-            raise UserError(f"{', '.join(cnf_only)} do not apply to --arch residual (no ODE is solved); with --arch "
+            raise UserError(f"{', '.join(cnf_only)}: not used by --arch residual (no ODE is solved); with --arch "
                             f"residual the flow's flags are --coeff, --n-power-iterations, --logdet, --n-terms, "
                             f"--n-exact-terms, --roulette-p, --neumann-grad")
     elif cfg.neumann_grad or cfg.logdet != "roulette":
