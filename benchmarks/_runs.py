@@ -19,9 +19,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 # A system's checkpoint remembers its flags, so --eval and --sample need only the checkpoint.
 SYSTEMS = {
     "pixelcnn": ("pixelcnn", []),
+    "pixelcnn --arch rowlstm": ("pixelcnn", ["--arch", "rowlstm"]),
+    "pixelcnn --arch diagonal-bilstm": ("pixelcnn", ["--arch", "diagonal-bilstm"]),
     "gpt": ("gpt", []),
     "vae": ("vae", []),
     "vqvae": ("vqvae", []),
+    "vqvae --levels 2": ("vqvae", ["--levels", "2"]),
     "realnvp": ("realnvp", []),
     "ffjord": ("ffjord", []),
     "ffjord --arch residual": ("ffjord", ["--arch", "residual"]),
