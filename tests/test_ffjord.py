@@ -5,13 +5,15 @@ adjoint's gradients against backpropagation through the solver; Hutchinson's est
 the exact trace with Monte-Carlo tolerances from the standard error; the log-density change
 against log|det| of autograd Jacobians of the flow map and against -t Tr(A) for linear fields;
 the 2D density integrating to one; inverses; the RNODE integrals against quadrature; the paper
-architecture's parameter count against a hand count; the mathematics without common.py; and the
-command line end to end on 8gaussians and digits (train, --eval, --sample, bit-exact --resume,
-the solver's step cap and the refused flags as one-line errors).
+architecture's parameter count against a hand count; the tuple state's error ratio against the
+fast component's norm. Residual Flows: the spectral norm against torch.linalg.matrix_norm, the
+fixed-point inverse, the truncated series against slogdet with its tail bound, the Russian
+roulette's mean against slogdet within its standard error, the Neumann gradient against
+autograd's gradient of slogdet, the density integrating to one. The mathematics without
+common.py; and the command line end to end on 8gaussians and digits for both architectures
+(train, --eval, --sample, bit-exact --resume, the step cap and the refused flags as one-line errors).
 """
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
