@@ -1409,9 +1409,9 @@ def train(cfg):
             opt.step()
             metrics = dict(loss=loss, nll=nats.mean())  # tensors: run.log averages them over processes
             if cnf:
-                metrics.update({k: torch.tensor(float(v)) for k, v in dict(
-                    nfe_forward=stats.nfe_forward, nfe_backward=stats.nfe_backward, solver_steps=stats.steps,
-                    rejected=stats.rejected).items()})
+                counts = dict(nfe_forward=stats.nfe_forward, nfe_backward=stats.nfe_backward,
+                              solver_steps=stats.steps, rejected=stats.rejected)
+                metrics.update({k: torch.tensor(float(v)) for k, v in counts.items()})
             if cnf and opts.regularize:
                 metrics.update(kinetic=reg[:, 0].mean(), jacobian=reg[:, 1].mean())
             if discrete:
