@@ -29,6 +29,7 @@ SYSTEMS = {
     "realnvp --arch glow": ("realnvp", ["--arch", "glow"]),
     "realnvp --arch maf": ("realnvp", ["--arch", "maf"]),
     "ffjord": ("ffjord", []),
+    "ffjord --arch residual": ("ffjord", ["--arch", "residual"]),
     "ddpm": ("ddpm", []),
     "ddim": ("ddim", []),
     "score_sde": ("score_sde", []),
