@@ -134,8 +134,7 @@ def main():
           "its 99.5th percentile. "
           "Evaluation flags beyond the defaults: "
           + "; ".join(f"`{m}.py` on {kind} data `{' '.join(f)}`" for (m, kind), f in EVAL_FLAGS.items())
-          + f". {provenance(merged)}\n\n" + "\n".join(lines) +
-          "\n\n![learned densities](benchmarks/results/likelihood_density.png)")
+          + f". {provenance(merged)}\n\n" + "\n".join(lines) + "\n\n" + pictures)
     write_section("likelihood", md)
     print(md)
 
