@@ -87,10 +87,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (EMA, Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range, dispatch,
-                    flag, get_device, init_distributed, load_checkpoint, load_dataset, load_weights, open_run,
-                    output_dir, parse_config, report_files, resume, save_image_grid, save_scatter, save_training,
-                    saved_config, seed_everything, user_errors, wrap_ddp)
+from common import (EMA, Batches, Logger, RunConfig, Training, UserError, check_range, dispatch, flag, get_device,
+                    load_checkpoint, load_dataset, load_weights, output_dir, parse_config, report_files,
+                    save_image_grid, save_scatter, saved_config, seed_everything, user_errors, wrap_ddp)
 
 
 # ----------------------------------------------------------------------------------------
@@ -141,9 +140,9 @@ def make_alphas_cumprod(betas):
     return torch.cumprod(1.0 - torch.as_tensor(betas, dtype=torch.float64, device="cpu"), 0)
 
 
-def _at(table, t, x):
-    """table[t] (table: (T,) float64) shaped (B, 1, ..., 1) to broadcast against x, in x's dtype."""
-    return table.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+def _expand(v, x):
+    """v (B,) reshaped to (B, 1, ..., 1) so that it broadcasts against x (B, ...)."""
+    return v.reshape(-1, *([1] * (x.dim() - 1)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -155,7 +154,7 @@ def q_sample(x0, t, noise, alphas_cumprod):
 
     x0, noise: (B, ...); t: (B,) int indices. Every q_sigma below has these marginals.
     """
-    ab = _at(alphas_cumprod, t, x0)
+    ab = _expand(alphas_cumprod.to(x0)[t], x0)  # float64 table -> x's dtype and device
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
 
@@ -241,24 +240,38 @@ def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, sigma, noise=None, clip_x0=
 
 
 def timestep_subsequence(T, S, skip="linear"):
-    """The sub-sequence tau of S timesteps the sampler visits (Song et al. Sec. 4.2, App. D.2).
+    """The sub-sequence tau of the T timesteps the sampler visits (Song et al. Sec. 4.2, App. D.2),
+    as increasing 0-based indices (index 0 is the paper's t = 1):
 
-    In the paper's time 1..T: linear tau_i = floor(c i), quadratic tau_i = floor(c i^2), for
-    i = 1..S, with c = T / S or T / S^2 so that tau_S = T (App. C.1 requires tau_S = T: x_T is
-    the prior's sample). Quadratic spacing puts more steps at small t (the paper's choice for
-    CIFAR-10, linear for the other sets); where floor(c i^2) < i (small i when S^2 > T) it takes
-    i instead, keeping tau strictly increasing (our choice; the paper leaves it open). S = T
-    gives every step. Returns (S,) int64 indices tau_i - 1: increasing, in [0, T), ending at T - 1.
+      "uniform"    range(0, T, T // S)                              Song et al.'s runner, --skip_type uniform
+      "quad"       int(s) for s in linspace(0, sqrt(0.8 T), S)^2   Song et al.'s runner, --skip_type quad
+      "linear"     floor(T i / S) - 1, i = 1..S                     ours: ends at T - 1
+      "quadratic"  max(floor(T i^2 / S^2), i) - 1                   ours: ends at T - 1, strictly increasing
+
+    The authors' two start at index 0 and stop short of T - 1 (uniform, T = 1000, S = 50: 0..980),
+    so their first step takes x_T ~ N(0, I) as x at tau_S; "uniform" has ceil(T / (T // S))
+    entries (S when S divides T) and "quad" repeats an index where the squares are under 1 apart
+    (a step from an index to itself leaves x unchanged). Ours keep tau_S = T (App. C.1).
     """
     if not 1 <= S <= T:
         raise ValueError(f"S = {S} sampling steps; accepted: 1 <= S <= T = {T}")
+    if skip == "uniform":
+        return torch.arange(0, T, T // S, dtype=torch.int64)
+    if skip == "quad":
+        # numpy.linspace's arithmetic (i * step, the last point set to the end), so that int() sees
+        # the same float64 values as the authors' code
+        end = math.sqrt(T * 0.8)
+        s = torch.arange(S, dtype=torch.float64) * (end / (S - 1)) if S > 1 else torch.zeros(1, dtype=torch.float64)
+        if S > 1:
+            s[-1] = end
+        return (s * s).to(torch.int64)  # int() truncates; the values are >= 0
     i = torch.arange(1, S + 1, dtype=torch.int64)
     if skip == "linear":
         tau = (T * i) // S  # exact integer floor(T i / S)
     elif skip == "quadratic":
         tau = torch.maximum((T * i * i) // (S * S), i)
     else:
-        raise ValueError(f"unknown sub-sequence {skip!r}; accepted: linear, quadratic")
+        raise ValueError(f"unknown sub-sequence {skip!r}; accepted: uniform, quad, linear, quadratic")
     return tau - 1
 
 
@@ -408,7 +421,7 @@ def guided_eps(model, x_t, t, alphas_cumprod, y=None, guidance=0.0, classifier=N
         if classifier is None or y is None:
             raise ValueError("classifier guidance needs a classifier and labels y")
         grad = classifier_grad(classifier, x_t, t, y)
-        eps = eps - (1 - _at(alphas_cumprod, t, x_t)).sqrt() * classifier_scale * grad
+        eps = eps - (1 - _expand(alphas_cumprod.to(x_t)[t], x_t)).sqrt() * classifier_scale * grad
     return eps
 
 
@@ -698,8 +711,12 @@ class Config(RunConfig):
     # DDIM sampling
     sample_steps: int = flag(50, "S: sampling steps on a sub-sequence tau of the T (0 = all T)")
     eta: float = flag(0.0, "eta of Song et al. Eq. 16: 0 = DDIM (deterministic), 1 = DDPM's posterior variance")
-    skip: typing.Optional[str] = flag(None, "the sub-sequence tau: linear or quadratic (Song et al. App. D.2); unset: "
-                                      "the checkpoint's when sampling, else linear", choices=("linear", "quadratic"))
+    skip: typing.Optional[str] = flag(None, "the sub-sequence tau: uniform or quad (Song et al.'s code), linear or "
+                                      "quadratic (ours, ending at T); unset: the checkpoint's, else the paper's (quad "
+                                      "on cifar10, uniform on other images) or linear on 2D points",
+                                      choices=("uniform", "quad", "linear", "quadratic"))
+    clip_x0: bool = flag(True, "clip the predicted x_0 to [-1, 1] when sampling images (ours, as ddpm.py; Song et "
+                         "al.'s code does not: --no-clip-x0)")
     # classifier guidance
     train_classifier: bool = flag(False, "train the noise-aware classifier p(y | x_t, t) of classifier guidance "
                                   "instead of the epsilon-network (run folder runs/ddim-<dataset>-classifier)")
@@ -714,20 +731,23 @@ class Config(RunConfig):
 
 
 PRESETS = {
-    # Ho et al. 2020, Sec. 4 and App. B, as ddpm.py (35,746,307 parameters); the quadratic
-    # sub-sequence is Song et al.'s choice for CIFAR-10 (App. D.2).
+    # Ho et al. 2020, Sec. 4 and App. B, as ddpm.py (35,746,307 parameters); tau "quad" as Song
+    # et al. sample CIFAR-10 (App. D.2; their runner's --skip_type quad).
     "cifar10": dict(steps=800_000, batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0,
                     ema_decay=0.9999, flip=True, timesteps=1000, schedule="linear", ch=128,
                     ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1,
-                    save_every=10_000, skip="quadratic"),
-    # ddpm.py's: the CIFAR-10 recipe scaled to 28x28 (28 -> 14 -> 7); attention at 14x14.
+                    save_every=10_000, skip="quad"),
+    # ddpm.py's: the CIFAR-10 recipe scaled to 28x28 (28 -> 14 -> 7); attention at 14x14; tau
+    # "uniform" as Song et al. sample their other data sets (App. D.2).
     "mnist": dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema_decay=0.9999,
                   ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(14,), dropout=0.1,
-                  save_every=5000),
+                  save_every=5000, skip="uniform"),
     "fashion-mnist": dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema_decay=0.9999,
                           ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(14,),
-                          dropout=0.1, save_every=5000),
-    "digits": dict(),  # the Config defaults
+                          dropout=0.1, save_every=5000, skip="uniform"),
+    # the Config defaults; tau "uniform" by paper_skip (not set here: --sample parses this preset,
+    # and a set value would override the checkpoint's)
+    "digits": dict(),
     # ddpm.py's 2D preset (MLP network, T = 200) but for the schedule. The deterministic first
     # step from x_T multiplies the error of the network's epsilon by about
     # sqrt(alpha_bar_prev / alpha_bar_T): with the cosine schedule (its last beta clipped at
@@ -762,6 +782,20 @@ def check_config(cfg):
         raise UserError("--train-classifier trains p(y | x_t, t), which takes no label; drop --cond")
     if cfg.classifier and not cfg.sample:
         raise UserError("--classifier guides sampling; give it with --sample CKPT")
+
+
+def learning_rate(step, cfg):
+    """The learning rate of step `step` (0-based): linear warm-up over cfg.warmup steps, then
+    constant (Ho et al. 2020, App. B)."""
+    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+
+
+def paper_skip(info):
+    """The sub-sequence Song et al. sample with (App. D.2): quad on CIFAR-10, uniform on their other
+    image sets; linear (ours, ending at T) on 2D points, where the first step starts from x_T."""
+    if info.kind == "points":
+        return "linear"
+    return "quad" if info.name == "cifar10" else "uniform"
 
 
 # ----------------------------------------------------------------------------------------
@@ -859,14 +893,13 @@ def save_panels(rows, path, info, title, nrow=4):
 def sweep_figure(net, alphas_cumprod, path, info, n, skip, guide, device, seed):
     """Song et al. Table 1 as pictures: n samples from one shared x_T for S in {10, 20, 50, 100, T}
     (columns) and eta in {0, 0.5, 1} (rows). With eta = 0 the columns converge to one picture as
-    S grows; eta = 1 is DDPM on the sub-sequence. `guide`: the sampler's label, guidance and
-    classifier arguments for n examples, as a function of n."""
+    S grows; eta = 1 is DDPM on the sub-sequence. `guide`: the sampler's label, guidance,
+    classifier and clipping arguments for n examples, as a function of n."""
     x_T = torch.randn((n, *info.shape), generator=torch.Generator(device=device).manual_seed(seed), device=device)
     rows = {}
     for eta in (0.0, 0.5, 1.0):
         rows[f"eta = {eta:g}"] = {
-            f"S = {S}": ddim_sample(net, alphas_cumprod, x_T=x_T, steps=S, eta=eta, skip=skip,
-                                    clip_x0=info.kind == "image", **guide(n),
+            f"S = {S}": ddim_sample(net, alphas_cumprod, x_T=x_T, steps=S, eta=eta, skip=skip, **guide(n),
                                     generator=torch.Generator(device=device).manual_seed(seed + 1))
             for S in picture_steps(len(alphas_cumprod))}
     save_panels(rows, path, info, f"DDIM from one shared x_T: S steps ({skip} tau) by eta")
@@ -904,7 +937,7 @@ def interpolation_figure(net, alphas_cumprod, path, info, steps, skip, guide, de
     args = guide(pairs)
     if args["y"] is not None:
         args["y"] = args["y"].repeat_interleave(k)  # one label per row
-    x = ddim_sample(net, alphas_cumprod, x_T=x_T, steps=steps, skip=skip, clip_x0=info.kind == "image", **args)
+    x = ddim_sample(net, alphas_cumprod, x_T=x_T, steps=steps, skip=skip, **args)
     title = f"slerp in x_T, DDIM S = {steps}, eta = 0"
     if info.kind == "image":
         save_image_grid(to_levels(x, info).cpu(), path, levels=info.levels, nrow=k, title=title)
@@ -961,48 +994,36 @@ def train(cfg):
     folder of its own. Under torchrun every process trains on its slice of the global batch (DDP)."""
     if cfg.train_classifier and not cfg.out:
         cfg = dataclasses.replace(cfg, out=str(Path("runs") / f"{MODEL}-{Path(cfg.dataset).stem}-classifier"))
-    dist = init_distributed(cfg.device)
-    out = open_run(cfg, MODEL, dist)
-    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    info = ds.info
-    seed_everything(cfg.seed)
-    net, alphas_cumprod = build(cfg, info)
-    net.to(dist.device)
-    ema = EMA(net, cfg.ema_decay)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
-    if cfg.resume:
-        step = resume(cfg, MODEL, dist, model=net, ema=ema, opt=opt, batches=batches)
-    else:
-        step = 0
-        seed_everything(cfg.seed + dist.rank)  # the same initial weights everywhere, noise per process
-    start = step
-    model = wrap_ddp(net, dist, cfg.compile)
-    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
-    amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-    shape = (100 if cfg.cond else cfg.n_samples, *info.shape)
-    sample_steps, skip = cfg.sample_steps or cfg.timesteps, cfg.skip or "linear"
+    with Training(cfg, MODEL) as run:
+        ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        info = ds.info
+        seed_everything(cfg.seed)  # the same initial weights on every process
+        net, alphas_cumprod = build(cfg, info)
+        net.to(run.device)
+        ema = EMA(net, cfg.ema_decay)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        batches = Batches(ds, cfg.batch_size, run.dist, seed=cfg.seed)
+        step = run.start(info, model=net, ema=ema, opt=opt, batches=batches)
+        model = wrap_ddp(net, run.dist, cfg.compile)
+        amp = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+        shape = (100 if cfg.cond else cfg.n_samples, *info.shape)
+        sample_steps, skip = cfg.sample_steps or cfg.timesteps, cfg.skip or paper_skip(info)
 
-    def checkpoint_and_samples():
-        """The checkpoint (a collective), then on rank 0 a sample grid, stopped at once by a signal."""
-        save_training(out, MODEL, step, cfg, info, dist, model=net, ema=ema, opt=opt, batches=batches)
-        if dist.is_main and not cfg.train_classifier:
-            with stop.interruptible():  # the checkpoint is whole: a signal may stop the pictures at once
-                g = torch.Generator(device=dist.device).manual_seed(cfg.seed)
-                x = ddim_sample(ema.model, alphas_cumprod, shape, steps=sample_steps, eta=cfg.eta, skip=skip,
-                                y=sample_labels(shape[0], cfg.cond, info, dist.device), guidance=cfg.guidance,
-                                clip_x0=info.kind == "image", device=dist.device, generator=g)
-                save_samples(x, out / f"samples_{step}.png", info,
-                             f"step {step}: DDIM S = {sample_steps}, eta = {cfg.eta:g}, EMA weights")
+        def samples(step):
+            g = torch.Generator(device=run.device).manual_seed(cfg.seed)
+            x = ddim_sample(ema.model, alphas_cumprod, shape, steps=sample_steps, eta=cfg.eta, skip=skip,
+                            y=sample_labels(shape[0], cfg.cond, info, run.device), guidance=cfg.guidance,
+                            clip_x0=cfg.clip_x0 and info.kind == "image", device=run.device, generator=g)
+            save_samples(x, run.out / f"samples_{step}.png", info,
+                         f"step {step}: DDIM S = {sample_steps} ({skip} tau), eta = {cfg.eta:g}, EMA weights")
 
-    with StopSignal() as stop:
-        while step < cfg.steps:
+        for step in run.steps(step, None if cfg.train_classifier else samples):
             x, y = next(batches)
             x0 = to_model_space(x, info)
             if cfg.flip:
                 x0 = torch.where(torch.rand(x0.shape[0], 1, 1, 1, device=x0.device) < 0.5, x0.flip(3), x0)
-            for group in opt.param_groups:  # linear warm-up (Ho et al. App. B)
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, cfg)
             with amp:
                 if cfg.train_classifier:
                     loss = classifier_loss(model, x0, y, alphas_cumprod).mean()
@@ -1015,23 +1036,8 @@ def train(cfg):
                 torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             opt.step()
             ema.update(net)
-            step += 1
-            value = dist.mean(loss)
-            check_finite(value, step)
-            logger.log(step, cfg.batch_size, loss=value)
-            stopping = dist.any(stop.requested)
-            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                checkpoint_and_samples()
-            if stopping:
-                if dist.is_main:
-                    print(f"stopped at step {step}; {out / 'ckpt.pt'} saved; continue with --resume")
-                break
-        if step == start:  # --steps 0, or nothing left to train: still leave a checkpoint
-            checkpoint_and_samples()
-    logger.close()
-    dist.close()
-    if dist.is_main:
-        report_files(out, ["ckpt.pt", f"samples_{step}.png", "loss.png"])
+            run.log(loss=loss)
+    run.report(["ckpt.pt", f"samples_{run.step}.png", "loss.png"])
 
 
 def evaluate(cfg):
@@ -1070,7 +1076,7 @@ def evaluate(cfg):
         if not steps:
             raise UserError(f"--eval-steps {','.join(map(str, cfg.eval_steps))} all exceed the checkpoint's "
                             f"T = {T}; accepted: step counts from 1 to {T}")
-        skip = cfg.skip or saved.skip or "linear"
+        skip = cfg.skip or saved.skip or paper_skip(info)
         squared = dict.fromkeys(steps, 0.0)
         for i in range(0, n, cfg.batch_size):
             x0 = to_model_space(ds.data[i:min(i + cfg.batch_size, n)].to(device), info)
@@ -1118,23 +1124,24 @@ def draw_samples(cfg):
                             f"--schedule {saved.schedule}; train the classifier with the network's")
         classifier.requires_grad_(False)  # guidance differentiates with respect to x_t only
     out = output_dir(cfg, cfg.sample)
-    steps, skip = cfg.sample_steps or T, cfg.skip or saved.skip or "linear"
+    steps, skip = cfg.sample_steps or T, cfg.skip or saved.skip or paper_skip(info)
 
-    def guide(n):  # the sampler's label and guidance arguments for n examples
+    def guide(n):  # the sampler's label, guidance and clipping arguments for n examples
         return dict(y=sample_labels(n, saved.cond or classifier is not None, info, device), guidance=cfg.guidance,
-                    classifier=classifier, classifier_scale=cfg.classifier_scale if classifier is not None else 0.0)
+                    classifier=classifier, classifier_scale=cfg.classifier_scale if classifier is not None else 0.0,
+                    clip_x0=cfg.clip_x0 and info.kind == "image")
 
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.time()
     x = ddim_sample(net, alphas_cumprod, (cfg.n_samples, *info.shape), steps=steps, eta=cfg.eta, skip=skip,
-                    clip_x0=info.kind == "image", device=device, generator=g, **guide(cfg.n_samples))
+                    device=device, generator=g, **guide(cfg.n_samples))
     seconds = time.time() - start
-    title = f"DDIM S = {steps} ({skip} tau), eta = {cfg.eta:g}" + (f", guidance w = {cfg.guidance:g}" * bool(
+    title = f"DDIM S = {steps} ({skip} tau{', x0 clipped' * guide(1)['clip_x0']}), eta = {cfg.eta:g}" + (f", guidance w = {cfg.guidance:g}" * bool(
         cfg.guidance)) + (f", classifier scale {cfg.classifier_scale:g}" * (classifier is not None))
     save_samples(x, out / "samples.png", info, title)
     torch.save(to_levels(x, info).cpu() if info.kind == "image" else x.cpu(), out / "samples.pt")
     Logger(out, 0).event("sample", n=cfg.n_samples, seconds=round(seconds, 3), samples_per_s=cfg.n_samples / seconds,
-                         steps=steps, eta=cfg.eta, skip=skip, guidance=cfg.guidance,
+                         steps=steps, eta=cfg.eta, skip=skip, clip_x0=guide(1)["clip_x0"], guidance=cfg.guidance,
                          classifier_scale=cfg.classifier_scale if classifier is not None else 0.0)
     # the figures show --n-samples examples, at most 16 images (8 reconstructed) or 1000 points
     n = min(cfg.n_samples, 16 if info.kind == "image" else 1000)
