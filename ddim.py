@@ -1136,12 +1136,14 @@ def draw_samples(cfg):
     x = ddim_sample(net, alphas_cumprod, (cfg.n_samples, *info.shape), steps=steps, eta=cfg.eta, skip=skip,
                     device=device, generator=g, **guide(cfg.n_samples))
     seconds = time.time() - start
-    title = f"DDIM S = {steps} ({skip} tau{', x0 clipped' * guide(1)['clip_x0']}), eta = {cfg.eta:g}" + (f", guidance w = {cfg.guidance:g}" * bool(
-        cfg.guidance)) + (f", classifier scale {cfg.classifier_scale:g}" * (classifier is not None))
+    clipped = guide(1)["clip_x0"]
+    title = (f"DDIM S = {steps} ({skip} tau{', x0 clipped' * clipped}), eta = {cfg.eta:g}"
+             + f", guidance w = {cfg.guidance:g}" * bool(cfg.guidance)
+             + f", classifier scale {cfg.classifier_scale:g}" * (classifier is not None))
     save_samples(x, out / "samples.png", info, title)
     torch.save(to_levels(x, info).cpu() if info.kind == "image" else x.cpu(), out / "samples.pt")
     Logger(out, 0).event("sample", n=cfg.n_samples, seconds=round(seconds, 3), samples_per_s=cfg.n_samples / seconds,
-                         steps=steps, eta=cfg.eta, skip=skip, clip_x0=guide(1)["clip_x0"], guidance=cfg.guidance,
+                         steps=steps, eta=cfg.eta, skip=skip, clip_x0=clipped, guidance=cfg.guidance,
                          classifier_scale=cfg.classifier_scale if classifier is not None else 0.0)
     # the figures show --n-samples examples, at most 16 images (8 reconstructed) or 1000 points
     n = min(cfg.n_samples, 16 if info.kind == "image" else 1000)
