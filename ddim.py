@@ -3,76 +3,45 @@ trained as a DDPM, with classifier and classifier-free guidance.
 
 Papers
   Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models", arXiv 2010.02502 (DDIM).
-  Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv 2006.11239 (the
-    schedule, the U-Net and L_simple: a DDIM is trained exactly as a DDPM).
-  Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models", arXiv 2102.09672
-    (the cosine schedule).
-  Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis", arXiv 2105.05233
-    (classifier guidance with a noise-aware classifier, in epsilon form for DDIM: Algorithm 2).
+  Ho, Jain & Abbeel 2020, arXiv 2006.11239 (schedule, U-Net, L_simple: a DDIM trains as a DDPM);
+    Nichol & Dhariwal 2021, arXiv 2102.09672 (the cosine schedule).
+  Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis", arXiv 2105.05233.
   Ho & Salimans 2021, "Classifier-Free Diffusion Guidance", arXiv 2207.12598.
 
-The idea. L_simple depends on the data only through the marginals q(x_t | x_0), so the network
-that a DDPM trains is just as good for a whole family of non-Markovian forward processes
-q_sigma (Song et al. Eq. 7) with those marginals, each with its own generative process (Eq. 12)
-and each definable on any sub-sequence tau of the T steps (Sec. 4.2). sigma = 0 (eta = 0) makes
-sampling deterministic: x_T is then a latent code that can be inverted from an image by running
-the same ODE forwards (Eq. 14) and interpolated (Sec. 5.3); eta = 1 is DDPM's ancestral sampler
-with the posterior variance beta-tilde. The network and its checkpoint are ddpm.py's
-epsilon-prediction model, so a ddpm.py checkpoint samples here unchanged.
+Implemented: q_sigma and the DDIM update for any 0 <= eta <= 1 on a sub-sequence tau, the authors'
+(uniform, quad, as their runner computes them) or ours (linear, quadratic: ending at T); the
+deterministic encoder x_0 -> x_T and slerp; classifier-free and classifier guidance with a
+noise-aware classifier; ddpm.py's networks, whose checkpoints sample here. Ours, not the authors':
+images sample with x0_hat clipped to [-1, 1] and eps recomputed from it (as ddpm.py: a short tau's
+first steps stay in the data range); --no-clip-x0 samples as their generalized_steps. Not
+implemented: a likelihood (--eval reports Table 2's reconstruction error), Table 1's sigma-hat
+sampler (ddpm.py --sample-steps), higher-order solvers, the ADM network and its attention pool.
 
-Implemented: the generalised forward process q_sigma(x_{t-1} | x_t, x_0); the predicted x_0;
-the DDIM update with sigma_t(eta) for any 0 <= eta <= 1 on linear or quadratic sub-sequences of
-S steps; the deterministic encoder x_0 -> x_T (the ODE of Eq. 14 run forwards) and the
-reconstruction x_T -> x_0; slerp interpolation of latents; classifier-free guidance;
-classifier guidance with a noise-aware classifier p(y | x_t, t) and its training loss
-(cross-entropy on noised inputs); L_simple for the epsilon-network; the DDPM U-Net (the
-35.7M-parameter CIFAR-10 model as a preset), an MLP for 2D points, and noise-aware classifiers
-for both.
-Not implemented: a likelihood (with eta = 0 the model is implicit; ddpm.py's --eval reports the
-variational bound of a network trained by ddpm.py, the same network with the same objective;
-here --eval reports the reconstruction error against S of Song et al. Table 2); the "sigma-hat"
-sampler of Song et al. Table 1 and App. D.3 (DDPM with variance beta, which is ddpm.py's
---sample-steps with "fixedlarge"); higher-order ODE solvers (PNDM, DPM-Solver); Dhariwal &
-Nichol's ADM network and the attention pool of their classifier (a mean pool here);
-x0-prediction checkpoints, and learned variances beyond their epsilon channels (DDIM's variance
-is sigma_t(eta)).
+Run it (also: a ddpm.py checkpoint; --cond --guidance 2; --train-classifier, then --classifier CKPT)
+  python ddim.py                                     # the epsilon-network on 8x8 digits (CPU, minutes)
+  python ddim.py --sample runs/ddim-digits/ckpt.pt   # S = 50, eta = 0; S-by-eta grid, reconstructions, slerp
+  python ddim.py --eval runs/ddim-digits/ckpt.pt     # test reconstruction error against S (Table 2)
 
-Data conventions (as ddpm.py): images arrive as integer levels 0..L-1 and are used at
-x / (L - 1) * 2 - 1 in [-1, 1] (`clip_x0` clips the predicted x_0 to that range); 2D points are
-used as they are.
+Paper -> code (Song et al. unless named; their alpha_t is alpha_bar_t = alphas_cumprod[t])
+  Eq. 4         x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps                  q_sample
+  Eq. 7         q_sigma(x_{t-1} | x_t, x_0) = N(sqrt(alpha_bar_{t-1}) x_0
+                  + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps, sigma_t^2 I)              q_sigma_posterior
+  Eq. 9         x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_bar_t)     predict_x0, predict_eps
+  Eq. 12        x_{t-1} = sqrt(alpha_bar_{t-1}) x0_hat
+                  + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps_theta + sigma_t z          ddim_step
+  Eq. 16        sigma_t(eta) = eta sqrt((1 - ab_{t-1}) / (1 - ab_t)) sqrt(1 - ab_t / ab_{t-1})   ddim_sigma
+  App. D.2      tau: range(0, T, T // S), or int(s) for s in linspace(0, sqrt(0.8 T), S)^2   timestep_subsequence
+  Eqs. 10, 12   x_T ~ N(0, I), then Eq. 12 from tau_S down to tau_1                     ddim_sample_chain, ddim_sample
+  Eqs. 13-14    d(x_t / sqrt(ab_t)) = eps_theta d sqrt((1 - ab_t) / ab_t), run upwards   ddim_encode
+  Sec. 5.3      slerp(z0, z1, a) = (sin((1 - a) th) z0 + sin(a th) z1) / sin th          slerp
+  Ho Eq. 14     L_simple = || eps - eps_theta(x_t, t) ||^2                               l_simple
+  H&S Eq. 6     eps~ = (1 + w) eps_theta(x_t, y) - w eps_theta(x_t)                      guided_eps, drop_labels
+  D&N Alg. 2    eps^ = eps_theta - sqrt(1 - ab_t) s grad_x log p_phi(y | x_t)            guided_eps, classifier_grad
+  D&N Sec. 4    -log p_phi(y | x_t, t) on noised data                                   classifier_loss, UNetClassifier
+  Ho App. B     the U-Net (ddpm.py's, with its names)                                   UNet, PointMLP
 
-Run it
-  python ddim.py                                      # train the epsilon-network on 8x8 digits (CPU, minutes)
-  python ddim.py --sample runs/ddim-digits/ckpt.pt    # samples (S = 50, eta = 0), a grid of S by eta,
-                                                      # reconstructions and interpolations
-  python ddim.py --sample runs/ddpm-digits/ckpt.pt --sample-steps 20   # a ddpm.py checkpoint, by DDIM
-  python ddim.py --eval runs/ddim-digits/ckpt.pt      # test reconstruction error against S (Table 2)
-  python ddim.py --cond                               # class-conditional: --sample ... --guidance 2
-  python ddim.py --train-classifier                   # noise-aware classifier: runs/ddim-digits-classifier
-  python ddim.py --sample runs/ddim-digits/ckpt.pt --classifier runs/ddim-digits-classifier/ckpt.pt
-  python ddim.py --dataset cifar10                    # the DDPM paper's CIFAR-10 model, quadratic tau
-
-Map from the papers to the names below (Song et al. write alpha_t for Ho et al.'s alpha_bar_t;
-here it is alphas_cumprod[t], as in ddpm.py)
-  Ho et al. Eq. 4 / Song et al. Eq. 4 (q(x_t | x_0))      q_sample
-  Ho et al. Sec. 4, Nichol & Dhariwal Eq. 17 (schedules)  linear_beta_schedule, cosine_beta_schedule,
-                                                          make_betas, make_alphas_cumprod
-  Song et al. Eq. 7 (q_sigma(x_{t-1} | x_t, x_0))         q_sigma_posterior
-  Song et al. Eq. 9 (predicted x_0)                       predict_x0, predict_eps
-  Song et al. Eq. 12, App. D.3 (the DDIM update)          ddim_step
-  Song et al. Eq. 16 (sigma_tau_i(eta))                   ddim_sigma
-  Song et al. Sec. 4.2, App. C.1, App. D.2 (tau)          timestep_subsequence
-  Song et al. Eqs. 10 and 12 on tau (sampling)            ddim_sample_chain, ddim_sample
-  Song et al. Sec. 4.3, Eqs. 13-14, Sec. 5.4 (encoding)   ddim_encode; decoding is ddim_sample(eta=0)
-  Song et al. Sec. 5.3, App. D.5 Eq. 67 (slerp)           slerp
-  Ho et al. Eq. 14 (L_simple), Algorithm 1                l_simple
-  Ho & Salimans Eq. 6 and Algorithm 1                     guided_eps, drop_labels
-  Dhariwal & Nichol Algorithm 2, Sec. 4.2                 guided_eps, classifier_grad
-  Dhariwal & Nichol Sec. 4 (classifier on noisy x_t)      classifier_loss, UNetClassifier, PointClassifier
-  Ho et al. Sec. 4 and App. B (network)                   UNet (PointMLP for 2D points)
-
-Timesteps are integer tensors in [0, T): index 0 is the paper's t = 1, index T - 1 is t = T;
-alpha_bar_0 := 1 (Song et al., below Eq. 12) belongs to x_0 and is not stored.
+Timesteps are integer tensors in [0, T): index 0 is the paper's t = 1; alpha_bar_0 := 1 belongs
+to x_0 and is not stored. Images are levels 0..L-1 used at x / (L - 1) * 2 - 1 in [-1, 1].
 """
 from __future__ import annotations
 
@@ -98,20 +67,13 @@ from common import (EMA, Batches, Logger, RunConfig, Training, UserError, check_
 # ddpm.py's, so that its checkpoints mean the same thing here.
 
 def linear_beta_schedule(T, beta_start=1e-4, beta_end=0.02):
-    """beta_t linear from beta_start to beta_end (Ho et al. Sec. 4: 1e-4 to 0.02 for T = 1000).
-
-    `make_betas` scales both ends by 1000 / T for other T (Nichol & Dhariwal's scaling).
-    Returns (T,) float64.
-    """
+    """beta_t linear from beta_start to beta_end, (T,) float64 (Ho et al. Sec. 4: 1e-4 to 0.02, T = 1000)."""
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64, device="cpu")
 
 
 def cosine_beta_schedule(T, s=0.008):
-    """Nichol & Dhariwal Eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos((t/T + s)/(1 + s) * pi/2)^2.
-
-    beta_t = 1 - alpha_bar(t) / alpha_bar(t - 1), clipped at 0.999 to avoid the singularity
-    at t = T. Returns (T,) float64.
-    """
+    """beta_t = 1 - alpha_bar(t) / alpha_bar(t - 1), (T,) float64, with alpha_bar(t) = f(t) / f(0),
+    f(t) = cos((t/T + s)/(1 + s) * pi/2)^2 (Nichol & Dhariwal Eq. 17), clipped at 0.999 (their Sec. 3.2)."""
     steps = torch.arange(T + 1, dtype=torch.float64, device="cpu")
     f = torch.cos((steps / T + s) / (1 + s) * math.pi / 2) ** 2
     alpha_bar = f / f[0]
@@ -131,12 +93,9 @@ def make_betas(schedule, T):
 
 
 def make_alphas_cumprod(betas):
-    """alpha_bar_t = prod_{s <= t} (1 - beta_s), (T,) float64 on the CPU: Song et al.'s alpha_t.
-
-    Everything DDIM needs from the schedule is this table (Song et al. App. C.2: the alphas
-    alone determine the betas). Kept in float64: 1 - alpha_bar_t near t = 1 and
-    alpha_bar_t near t = T are small numbers that float32 would round.
-    """
+    """alpha_bar_t = prod_{s <= t} (1 - beta_s), (T,) float64 on the CPU: Song et al.'s alpha_t, all
+    that DDIM needs of the schedule (their App. C.2)."""
+    # float64: 1 - alpha_bar_t near t = 1 and alpha_bar_t near t = T are small numbers float32 would round
     return torch.cumprod(1.0 - torch.as_tensor(betas, dtype=torch.float64, device="cpu"), 0)
 
 
@@ -159,15 +118,9 @@ def q_sample(x0, t, noise, alphas_cumprod):
 
 
 def q_sigma_posterior(x0, x_t, alpha_bar_t, alpha_bar_prev, sigma):
-    """q_sigma(x_{t-1} | x_t, x_0) = N(mean, sigma^2 I) (Song et al. Eq. 7): returns (mean, sigma^2).
-
-    mean = sqrt(alpha_bar_{t-1}) x_0 + sqrt(1 - alpha_bar_{t-1} - sigma^2) (x_t - sqrt(alpha_bar_t) x_0)
-                                                                            / sqrt(1 - alpha_bar_t).
-    Chosen so that q_sigma(x_{t-1} | x_0) = N(sqrt(alpha_bar_{t-1}) x_0, (1 - alpha_bar_{t-1}) I)
-    for every 0 <= sigma^2 <= 1 - alpha_bar_{t-1} (Lemma 1 of App. B); on a sub-sequence tau,
-    t-1 stands for tau_{i-1} (App. C.1). sigma = ddim_sigma(..., eta=1) gives DDPM's posterior
-    (Ho et al. Eqs. 6-7). The alphas and sigma are scalars: every example is at the same step.
-    """
+    """(mean, sigma^2) of q_sigma(x_{t-1} | x_t, x_0) = N(sqrt(alpha_bar_{t-1}) x_0 + sqrt(1 - alpha_bar_{t-1}
+    - sigma^2) (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t), sigma^2 I) (Song et al. Eq. 7), whose
+    marginals are Eq. 4's for every sigma (Lemma 1); scalar alphas and sigma, t-1 standing for tau_{i-1}."""
     mean = (math.sqrt(alpha_bar_prev) * x0
             + _direction_coef(alpha_bar_prev, sigma) * (x_t - math.sqrt(alpha_bar_t) * x0)
             / math.sqrt(1 - alpha_bar_t))
@@ -205,32 +158,18 @@ def _check_eta(eta):
 
 
 def ddim_sigma(alpha_bar_t, alpha_bar_prev, eta):
-    """Song et al. Eq. 16: sigma_tau_i(eta) = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t))
-                                                  sqrt(1 - alpha_bar_t / alpha_bar_prev).
-
-    eta = 0 is DDIM (deterministic), eta = 1 is DDPM's posterior standard deviation
-    sqrt(beta-tilde) on the sub-sequence (Ho et al. Eq. 7 with beta = 1 - alpha_bar_t / alpha_bar_prev).
-    Zero at the last step, where alpha_bar_prev = alpha_bar_0 = 1. Scalars in, a float out.
-    """
+    """sigma(eta) = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev)
+    (Song et al. Eq. 16): 0 is DDIM, 1 DDPM's sqrt(beta-tilde) on the sub-sequence. Scalars in, a float out."""
     _check_eta(eta)
     return eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev))
 
 
 def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, sigma, noise=None, clip_x0=False):
-    """One step of the generative process, Song et al. Eq. 12 (App. D.3 on a sub-sequence):
-
-        x_{t-1} = sqrt(alpha_bar_{t-1}) x0_hat                      "predicted x_0" (Eq. 9)
-                  + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps       "direction pointing to x_t"
-                  + sigma_t z,  z ~ N(0, I)                          "random noise"
-
-    i.e. a draw from q_sigma(x_{t-1} | x_t, x0_hat) (Eq. 10). `noise` is z (ignored, and may be
-    None, when sigma = 0). With clip_x0, x0_hat is clipped to [-1, 1] (image data) and eps is
-    recomputed from it so that both terms describe the same x_0. With sigma = 0 the same
-    formula maps x_t to any other noise level, up or down (Eq. 13): `ddim_encode` uses it
-    upwards. Scalars alpha_bar_t, alpha_bar_prev, sigma. Returns (x_{t-1}, x0_hat).
-    """
+    """(x_{t-1}, x0_hat): x_{t-1} = sqrt(alpha_bar_{t-1}) x0_hat + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps
+    + sigma_t z (Song et al. Eq. 12; App. D.3 on a sub-sequence), z = `noise` (unused when sigma = 0).
+    With sigma = 0 it maps x_t to any other noise level, up or down (Eq. 13). Scalar alphas and sigma."""
     x0 = predict_x0(x_t, eps, alpha_bar_t)
-    if clip_x0:
+    if clip_x0:  # ours (image data): x0_hat in [-1, 1], eps recomputed so both terms describe one x_0
         x0 = x0.clamp(-1, 1)
         eps = predict_eps(x_t, x0, alpha_bar_t)
     x_prev = math.sqrt(alpha_bar_prev) * x0 + _direction_coef(alpha_bar_prev, sigma) * eps
@@ -328,28 +267,15 @@ def ddim_sample(model, alphas_cumprod, shape=None, **kwargs):
 
 @torch.no_grad()  # as the sampler: its codes may go on to a classifier-guided decoding
 def ddim_encode(model, alphas_cumprod, x0, steps=None, skip="linear", y=None, guidance=0.0):
-    """The deterministic encoder x_0 -> x_T: the ODE of Song et al. Eq. 14 run forwards
-    (Sec. 4.3; Sec. 5.4 uses it for reconstruction), on the same tau as the sampler.
-
-    With the paper's sigma(t) = sqrt((1 - alpha_bar_t) / alpha_bar_t) (a noise-to-signal ratio,
-    not sigma_t(eta)) and x_bar = x / sqrt(alpha_bar),
-    d x_bar = eps(x_t, t) d sigma; the sampler with eta = 0 is its Euler discretisation
-    (Eq. 13), and here the same Euler step is taken upwards, 0 -> tau_1 -> ... -> tau_S:
-
-        x_bar_{tau_i} = x_bar_{tau_{i-1}} + (sigma_{tau_i} - sigma_{tau_{i-1}}) eps(x_{tau_{i-1}}, tau_{i-1}),
-
-    the slope taken where each step starts. For the first step, from x_0 (sigma = 0, a noise
-    level the network never saw), the slope is taken at index 0 (t = 1), the nearest trained
-    level. Encoding then decoding errs by O(1/S) (the two Euler schemes take their slopes at
-    opposite ends of each step) and the error falls as S grows (Song et al. Table 2).
-    x0: (B, ...) in model space. Returns x_T (B, ...).
-    """
+    """x_T (B, ...) from x_0: Euler steps of Song et al. Eq. 14, d x_bar = eps(x_t, t) d sigma with
+    x_bar = x / sqrt(alpha_bar), sigma = sqrt((1 - alpha_bar) / alpha_bar), upwards along tau (Sec. 4.3),
+    each slope taken where its step starts; decoding by ddim_sample(eta=0) errs by O(1/S) (Table 2)."""
     T = len(alphas_cumprod)
     tau = timestep_subsequence(T, steps or T, skip)
     x, ab_prev, prev = x0, 1.0, 0
     for index in tau.tolist():
         ab_t = float(alphas_cumprod[index])
-        t = torch.full((x.shape[0],), prev, dtype=torch.long, device=x.device)
+        t = torch.full((x.shape[0],), prev, dtype=torch.long, device=x.device)  # from x_0: t = 1, the nearest level
         eps = guided_eps(model, x, t, alphas_cumprod, y, guidance)
         x, _ = ddim_step(x, eps, ab_prev, ab_t, 0.0)  # Eq. 13 from alpha_bar_prev up to alpha_bar_t
         ab_prev, prev = ab_t, index
@@ -398,21 +324,11 @@ def classifier_grad(classifier, x_t, t, y):
 
 
 def guided_eps(model, x_t, t, alphas_cumprod, y=None, guidance=0.0, classifier=None, classifier_scale=0.0):
-    """The epsilon the sampler uses at x_t, with both kinds of guidance:
-
-    - classifier-free (Ho & Salimans Eq. 6): eps~ = (1 + w) eps(x_t, y) - w eps(x_t, null),
-      the unconditional call (y = None: the null label) made only when w != 0, so w = 0 is
-      exactly the conditional model;
-    - classifier guidance in epsilon form (Dhariwal & Nichol Sec. 4.2, Algorithm 2):
-      eps^ = eps - sqrt(1 - alpha_bar_t) s grad_{x_t} log p_phi(y | x_t, t), i.e. the score
-      grad log p(x_t) = -eps / sqrt(1 - alpha_bar_t) plus s times the classifier's; with s = 1
-      and an exact classifier this is the epsilon of p(x_t | y). The classifier is not called
-      when s = 0.
-    Only the first C channels of the network's output are epsilon (a learned-variance network
-    of ddpm.py has 2C). x_t: (B, C, ...); t: (B,) indices; y: (B,) labels or None.
-    """
+    """The sampler's epsilon at x_t (B, C, ...): eps~ = (1 + w) eps(x_t, y) - w eps(x_t, null) (Ho &
+    Salimans Eq. 6), then eps^ = eps~ - sqrt(1 - alpha_bar_t) s grad_x log p_phi(y | x_t, t) (Dhariwal &
+    Nichol Algorithm 2); each extra call made only when its weight is not 0. y: (B,) labels or None."""
     c = x_t.shape[1]
-    eps = model(x_t, t, y)[:, :c]
+    eps = model(x_t, t, y)[:, :c]  # a learned-variance network of ddpm.py outputs 2C channels
     if guidance != 0:
         if y is None:
             raise ValueError("classifier-free guidance needs labels y and a class-conditional model")

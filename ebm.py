@@ -2,66 +2,41 @@
 and an exactly normalised density on 2D data.
 
 Papers
-  Du & Mordatch 2019, "Implicit Generation and Generalization in Energy-Based Models",
-    arXiv 1903.08689 (IGEBM: Langevin sampling from a replay buffer, the L2 energy regulariser,
-    Algorithm 1; the sampler settings of its CIFAR-10 run are in the official code's README).
+  Du & Mordatch 2019, "Implicit Generation and Generalization in Energy-Based Models", arXiv 1903.08689
+    (IGEBM: Langevin sampling from a replay buffer, the L2 energy regulariser, Algorithm 1).
   Grathwohl et al. 2020, "Your Classifier is Secretly an Energy Based Model and You Should Treat
-    it Like One", arXiv 1912.03263 (JEM: a classifier's logits as an energy, Secs. 3-4).
+    it Like One", arXiv 1912.03263 (JEM).
   Welling & Teh 2011, "Bayesian Learning via Stochastic Gradient Langevin Dynamics", ICML (SGLD).
-  Song & Kingma 2021, "How to Train Your Energy-Based Models", arXiv 2101.03288 (the gradient of
-    the log-likelihood as a data term minus a model term, Eqs. 3-4).
-  Hinton 2002, "Training Products of Experts by Minimizing Contrastive Divergence", Neural
-    Computation 14(8) (contrastive divergence); Tieleman 2008, "Training Restricted Boltzmann
-    Machines using Approximations to the Likelihood Gradient", ICML (persistent chains).
+  Song & Kingma 2021, "How to Train Your Energy-Based Models", arXiv 2101.03288 (Eqs. 3-4).
+  Hinton 2002, Neural Computation 14(8) (contrastive divergence); Tieleman 2008, ICML (persistent chains).
 
-Implemented: the energy E(x) and the density p(x) = exp(-E(x)) / Z; the contrastive-divergence
-loss whose gradient is the maximum-likelihood gradient E_data[grad E] - E_model[grad E], with Du &
-Mordatch's regulariser alpha (E(x+)^2 + E(x-)^2); Langevin dynamics in two forms, SGLD as Welling
-& Teh write it (step eps/2 on the gradient, noise of variance eps) and the decoupled form of Du &
-Mordatch's code (step and noise chosen apart, the gradient optionally clipped); chains kept inside
-the box the data live in by reflection; the replay buffer of persistent chains with a fraction
-restarted from uniform noise at every draw; JEM (logits f(x)[y] give p(y|x) by softmax and
-E(x) = -logsumexp_y f(x)[y]; the objective log p(y|x) + log p(x)); on 2D data the exact
-log-likelihood, log Z by quadrature over the data box on which the density lives; an MLP energy
-for 2D points and a residual convolutional energy for images (the IGEBM CIFAR-10 network as a
-preset). Not implemented: a likelihood for images (AIS, Neal 2001, is not implemented, so image
-runs report energies and, with --jem, accuracy instead of bits/dim); IGEBM's class-conditional
-models, its dropout in the CIFAR-10 network and its FIFO buffer of past samples (here the buffer is
-a fixed array of persistent chains, as in JEM's code); JEM's Wide-ResNet preset; FID and IS.
+Implemented: the contrastive-divergence loss with Du & Mordatch's regulariser; Langevin dynamics
+as SGLD and in the decoupled form of Du & Mordatch's code (step and noise apart, gradient clip),
+reflected into the box the data live in; the replay buffer with restarts; JEM, with --jem applying
+JEM's settings (see JEM); on 2D data the exact log-likelihood, log Z by quadrature over the box;
+an MLP energy for points and a residual convolutional energy for images (IGEBM's block layout,
+not its network: see ImageEnergy). Not implemented: a likelihood for images (AIS), IGEBM's
+class-conditional models and FIFO buffer, JEM's Wide-ResNet, FID and IS.
+The density lives on a box (images in [0, 1]^D, dequantised (k + u) / L; points in [-lim, lim]^2;
+E = +inf outside), so on 2D data Z is the integral over the box. The decoupled sampler samples
+exp(-E / T), T = sigma^2 / (2 lambda): that is the density of a model trained with it.
 
-The densities. Every model here lives on a box: images in [0, 1]^D (levels k dequantised to
-(k + u) / L, u ~ U[0, 1), as Du & Mordatch's code does with L = 256), 2D points in
-[-lim, lim]^2 (the box every 2D set of the project lies in). E is +infinity outside the box, so
-the mass outside it is exactly zero, Langevin chains are reflected at its walls, and on 2D data
-Z = integral over the box of exp(-E), computed by the midpoint rule on a fine grid, is the whole
-normaliser: the test NLL is exact up to the quadrature error (checked against the grid of half the
-resolution and reported). The true densities of 8gaussians, checkerboard and rings put less than
-1e-6 of their mass outside the box (tested), so the truncation costs nothing measurable.
-The temperature. SGLD samples exp(-E); the decoupled form samples exp(-E / T) with
-T = sigma^2 / (2 lambda) (5e-5 with the digits preset), so a model trained with it is the density
-exp(-E / T) / Z_T, and that is what --eval normalises on 2D data (T is reported). The default 2D
-preset uses SGLD, T = 1.
-
-Run it
+Run it (also: --dataset digits --jem; --dataset cifar10, IGEBM's sampler settings)
   python ebm.py                                       # 8gaussians: exp(-E)/Z beside the true density
-  python ebm.py --eval runs/ebm-8gaussians/ckpt.pt    # exact test NLL (nats), density.npz/png
   python ebm.py --sample runs/ebm-8gaussians/ckpt.pt  # replay-buffer chains continued, and chains from noise
-  python ebm.py --dataset digits                      # an image EBM (samples from buffer and fresh chains)
-  python ebm.py --dataset digits --jem                # JEM: test accuracy and samples
-  python ebm.py --dataset cifar10                     # IGEBM's sampler settings and ResNet energy
+  python ebm.py --eval runs/ebm-8gaussians/ckpt.pt    # exact test NLL (nats), density.npz/png
 
-Map from the papers to the names below
-  p(x) = exp(-E(x)) / Z (Song & Kingma Eq. 1)            energy_from_logits, log_prob_2d
-  grad log p = -grad E - grad log Z (Song & Kingma Eq. 3)  contrastive_divergence (docstring)
-  grad log Z = E_model[-grad E] (Song & Kingma Eq. 4)      contrastive_divergence, training_loss
-  L2 regulariser alpha (E+^2 + E-^2) (Du & Mordatch)     contrastive_divergence
-  Langevin dynamics / SGLD (Welling & Teh)               sgld_update, langevin
-  decoupled step and noise (Du & Mordatch's code)        decoupled_update, langevin_temperature
-  replay buffer, 5% restarts (Du & Mordatch)             ReplayBuffer
-  training algorithm (Du & Mordatch Algorithm 1)         train (the loop), training_loss
-  JEM p(y|x), E(x) = -LogSumExp_y f(x)[y] (Sec. 3)        class_log_probs, energy_from_logits
-  JEM log p(x, y) = log p(y|x) + log p(x) (Sec. 4)        training_loss with labels
-  Z by quadrature on the data box (ours, 2D)             log_partition_2d, log_prob_2d
+Paper -> code
+  Song & Kingma Eq. 1   p(x) = exp(-E(x)) / Z                                   energy_from_logits, log_prob_2d
+  Song & Kingma Eqs. 3-4  grad_theta log p(x) = -grad E(x) + E_{x- ~ p}[grad E(x-)]   contrastive_divergence
+  Du & Mordatch         L = E(x+) - E(x-) + alpha (E(x+)^2 + E(x-)^2)          contrastive_divergence, training_loss
+  Welling & Teh         x' = x - (eps / 2) grad E(x) + sqrt(eps) z                sgld_update, langevin
+  Du & Mordatch's code  x' = x - lambda grad E(x) + sigma z, T = sigma^2 / (2 lambda)   decoupled_update,
+                                                                                 langevin_temperature
+  Du & Mordatch Alg. 1  persistent chains, 5% restarted from uniform noise      ReplayBuffer, train
+  Grathwohl Sec. 3      p(y | x) = softmax_y f(x), E(x) = -LogSumExp_y f(x)[y]   class_log_probs, energy_from_logits
+  Grathwohl Sec. 4      log p(x, y) = log p(y | x) + log p(x)                   training_loss with labels, JEM
+  (ours, 2D)            log Z = log sum over grid cells of exp(-E) h^2          log_partition_2d, log_prob_2d
 """
 from __future__ import annotations
 
@@ -91,11 +66,7 @@ from common import (Batches, Logger, RunConfig, Training, UserError, check_range
 # E(x) = -f(x).
 
 def energy_from_logits(logits):
-    """E(x) = -LogSumExp_y f(x)[y] (Grathwohl et al. Sec. 3): (B, K) -> (B,).
-
-    p(x) = sum_y p(x, y) with p(x, y) = exp(f(x)[y]) / Z, so exp(-E(x)) = sum_y exp(f(x)[y]).
-    Adding a constant c to every logit of an example lowers its energy by exactly c.
-    """
+    """E(x) = -LogSumExp_y f(x)[y], (B, K) -> (B,): p(x) = sum_y exp(f(x)[y]) / Z (Grathwohl et al. Sec. 3)."""
     if logits.dim() != 2:
         raise ValueError(f"logits of shape {tuple(logits.shape)}; expected (batch, classes)")
     return -torch.logsumexp(logits, dim=1)
@@ -117,18 +88,9 @@ def energy(model, x):
 # ----------------------------------------------------------------------------------------
 
 def contrastive_divergence(e_pos, e_neg, alpha=0.0):
-    """The loss whose gradient is the negative log-likelihood's (Song & Kingma Eqs. 3-4), plus
-    Du & Mordatch's regulariser of the energies' magnitude:
-
-        L = mean E(x+) - mean E(x-) + alpha (mean E(x+)^2 + mean E(x-)^2)
-
-    e_pos: energies (B,) of data x+; e_neg: energies (M,) of samples x- of the model, computed
-    from x- with no graph back to the parameters through x- (the sampler's dependence on theta
-    is not differentiated). Then grad L = E_data[grad E] - E_model[grad E] (+ the regulariser's
-    2 alpha E grad E terms), and since grad log p(x) = -grad E(x) - grad log Z (Eq. 3) with
-    grad log Z = E_model[-grad E] (Eq. 4), E_data[grad log p] = -(E_data[grad E] - E_model[grad E]):
-    descending L ascends the likelihood when x- ~ p_theta. The value of L is not the NLL.
-    """
+    """L = mean E(x+) - mean E(x-) + alpha (mean E(x+)^2 + mean E(x-)^2): its gradient is the NLL's,
+    E_data[grad E] - E_model[grad E] (Song & Kingma Eqs. 3-4), plus Du & Mordatch's regulariser.
+    e_pos (B,) of data, e_neg (M,) of model samples x- taken with no graph through x-; L is not the NLL."""
     if e_pos.dim() != 1 or e_neg.dim() != 1:
         raise ValueError("contrastive_divergence takes per-example energies of shape (B,)")
     return e_pos.mean() - e_neg.mean() + alpha * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
@@ -180,22 +142,16 @@ def energy_grad(energy_fn, x):
 
 
 def sgld_update(x, grad, step_size, z):
-    """Welling & Teh's Langevin update: x' = x - (eps / 2) grad E(x) + sqrt(eps) z, z ~ N(0, I).
-
-    The noise variance equals the step, so for small eps the chain samples p(x) ~ exp(-E(x)):
-    the Euler-Maruyama step of dx = -grad E(x) dt / 2 + dW over time eps (on a Gaussian energy
-    its stationary covariance is known in closed form; the tests check it)."""
+    """x' = x - (eps / 2) grad E(x) + sqrt(eps) z, z ~ N(0, I) (Welling & Teh): for small eps the chain
+    samples exp(-E(x))."""
     return x - 0.5 * step_size * grad + math.sqrt(step_size) * z
 
 
 def decoupled_update(x, grad, step_size, noise, z):
-    """Du & Mordatch's code: x' = x - lambda grad E(x) + sigma z, z ~ N(0, I), with lambda and sigma
-    chosen apart (their CIFAR-10 setting: lambda = 10, sigma = 0.005 on images in [0, 1]).
-
-    It is SGLD for the tempered density exp(-E / T) with T = sigma^2 / (2 lambda) and step
-    2 lambda T: with lambda = 10, sigma = 0.005 that is T = 1.25e-6, nearly gradient descent.
-    Their code adds the noise before taking the gradient; the order only shifts where the chain
-    starts and stops."""
+    """x' = x - lambda grad E(x) + sigma z, z ~ N(0, I) (Du & Mordatch's code, lambda and sigma apart):
+    SGLD for exp(-E / T), T = sigma^2 / (2 lambda) (see langevin_temperature)."""
+    # their code adds the noise before taking the gradient: the order only shifts where the chain
+    # starts and stops
     return x - step_size * grad + noise * z
 
 
@@ -470,8 +426,9 @@ PRESETS = {
     # eps = 0.005 per training step continue persistent chains from the buffer.
     "points": dict(sampler="sgld", sgld_steps=20, step_size=0.005, alpha=0.1),  # the Config defaults
     # 8x8 digits (17 levels, dequantised into [0, 1]): the decoupled sampler with JEM's code's
-    # settings (20 steps, step 1, noise 0.01) and IGEBM's clipping of grad E (at 0.03 here: with
-    # --jem the classifier's logits grow and unclipped chains jump from wall to wall), Adam with
+    # numbers (20 steps, step 1, noise 0.01, on [0, 1] here where theirs are on [-1, 1]: steps four
+    # times as long at the same temperature; --jem uses theirs, see JEM) and IGEBM's clip of grad E (at 0.03
+    # here: with a classifier's logits unclipped chains jump from wall to wall), Adam with
     # beta1 = 0 as IGEBM's code, a small residual energy (ours). Other image sets without a preset
     # of their own (mnist, fashion-mnist, digits-binary) start from it too.
     "digits": dict(steps=2000, batch_size=64, lr=1e-3, beta1=0.0, save_every=500, n_samples=50,
