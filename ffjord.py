@@ -1,94 +1,45 @@
-"""FFJORD: continuous normalizing flows, with their own ODE solvers, the adjoint method and
-Hutchinson's trace estimator.
+"""FFJORD and Residual Flows: free-form Jacobians with stochastic log-determinants.
 
-Papers
-  Chen, Rubanova, Bettencourt & Duvenaud 2018, "Neural Ordinary Differential Equations",
-      arXiv 1806.07366: the adjoint method (Sec. 2, Eqs. 4-5, Algorithm 1) and the
-      instantaneous change of variables (Sec. 4, Theorem 1).
-  Grathwohl, Chen, Bettencourt, Sutskever & Duvenaud 2019, "FFJORD: Free-form Continuous
-      Dynamics for Scalable Reversible Generative Models", arXiv 1810.01367: Hutchinson's
-      trace estimator with the noise fixed for a whole solve (Sec. 3.1), the multiscale
-      architecture for images (App. B.1).
-  Finlay, Jacobsen, Nurbekyan & Oberman 2020, "How to train your neural ODE: the world of
-      Jacobian and kinetic regularization", arXiv 2002.02798 (RNODE): penalties on the kinetic
-      energy and on the Jacobian's Frobenius norm that keep the dynamics easy to integrate.
-  Dormand & Prince 1980, "A family of embedded Runge-Kutta formulae" (the 5(4) pair), with the
-      step-size control and starting step of Hairer, Norsett & Wanner 1993, "Solving Ordinary
-      Differential Equations I", Sec. II.4.
+Papers: Chen et al. 2018, Neural ODEs, arXiv 1806.07366 (adjoint, instantaneous change of
+variables); Grathwohl et al. 2019, FFJORD, arXiv 1810.01367; Finlay et al. 2020, RNODE, arXiv
+2002.02798; Behrmann et al. 2019, i-ResNet, arXiv 1811.00995; Chen et al. 2019, Residual Flows,
+arXiv 1906.02735; Dormand & Prince 1980 with Hairer et al. 1993 Sec. II.4 (dopri5).
 
-A continuous normalizing flow moves a point by an ODE, dz/dt = f(z, t), from the data x = z(0)
-to z(T), and the log-density along the path changes by the trace of the Jacobian (Chen et al.
-Theorem 1): d log p(z(t)) / dt = -Tr(df/dz). With a standard normal base at t = T,
-
-    log p(x) = log N(z(T); 0, I) + int_0^T Tr(df/dz(t)) dt,
-
-and a sample is x = z(0), integrating the ODE backwards from z(T) ~ N(0, I). Any network f is
-allowed: the flow map of an ODE is invertible by construction. Every flow layer here maps
-`forward(x, opts) -> (z, log_det, reg)` with log_det = log |det dz/dx| per example (for a CNF
-block int_0^T Tr(df/dz) dt) and reg the RNODE integrals, and `inverse(z, opts) -> x`, as the
-layers of realnvp.py do (without reg).
-
-Implemented: fixed-step RK4 and adaptive Dormand-Prince 5(4) with atol/rtol error control,
-written out below and counting function evaluations; the augmented system [f, -Tr(df/dz)]
-with the exact trace (one autograd pass per dimension) or Hutchinson's estimator with
-Rademacher or Gaussian noise drawn once per solve (several probes averaged for evaluation);
-the adjoint method as a torch.autograd.Function, and plain backpropagation through the solver
-as the alternative; RNODE's kinetic-energy and Jacobian-Frobenius regularisers, integrated
-along the same solve; uniform dequantisation and the logit preprocessing as a flow layer,
-so `nll` is in nats of the discrete data and bits/dim follow (as realnvp.py); the multiscale
-architecture of FFJORD App. B.1; concatsquash dynamics for 2D data (the official toy default).
-The adjoint's backward solve leaves the parameter-gradient integrals out of its error control
-(the "seminorm" of Kidger, Chen & Lyons 2021, arXiv 2009.09457; the original code and
-torchdiffeq's default included them, at the cost of more backward steps).
-Not implemented: the learned end time T of the official code (train_T; T is fixed here),
-spectral normalisation, the bottleneck/autoencoder dynamics, Adams and BDF solvers, the
-tabular and VAE experiments. One solve serves a whole batch (shared steps, as in the
-official code), so one hard example makes the whole batch take small steps.
-
-The number of function evaluations (NFE)
-  An adaptive solver takes as many steps as the dynamics need, and FFJORD's dynamics tend to
-  get harder to integrate as training goes on: users of the official code report the NFE
-  blowing up during training. Here every solve reports its NFE (`SolveStats`:
-  nfe_forward, and nfe_backward, filled in during `loss.backward()`), and there are four
-  ways to keep it bounded: the tolerances (`SolveOptions.atol/rtol`), a cap on the steps of
-  one solve (`max_steps`, a ValueError saying what to do beyond it), the RNODE regularisers
-  (`regularize=True`, weights lambda_K = lambda_J = 0.01 in RNODE's scripts), and the
-  fixed-step RK4 (NFE = 4 T / step_size per block, RNODE's training solver for MNIST).
+Implemented: --arch cnf (default): log p(x) = log N(z(T)) + int_0^T Tr(df/dz) dt with the ODE
+solvers written out (rk4; dopri5 with error control, NFE counted, a step cap), the exact trace
+or Hutchinson's with noise fixed per solve, the adjoint or backpropagation, RNODE's penalties,
+concatsquash dynamics (2D) and the multiscale model (images). --arch residual: blocks x + g(x),
+Lip(g) < 1 by spectral normalisation, the log-det by the truncated series or the Russian
+roulette, the Neumann gradient, exact slogdet for scoring, inverse by fixed-point iteration
+(2D points and flattened images). Images: uniform dequantisation + logit, bits/dim.
+Not implemented: the learned end time T, Adams/BDF solvers, bottleneck dynamics, tabular and
+VAE experiments; Residual Flows' convolutional multiscale nets, ActNorm, induced mixed norms.
+Presets (each value's source is cited at PRESETS): mnist and cifar10 follow FFJORD App. B.1 and
+the official train_cnf.py, except T (fixed here, learned there) and where the paper and the code
+differ (batch 900 and the drop to 1e-4 from the paper; warm-up and flips from the code); digits
+is RNODE's MNIST recipe (rk4, lambda 0.01) with a smaller network and batch for a CPU.
 
 Run it
-    python ffjord.py                                        # 8gaussians: density beside the true one, trajectories, NFE
-    python ffjord.py --eval runs/ffjord-8gaussians/ckpt.pt  # exact-trace NLL (nats) against the true entropy
-    python ffjord.py --sample runs/ffjord-8gaussians/ckpt.pt --n-samples 2000
-    python ffjord.py --adjoint --kinetic 0.01 --jacobian 0.01   # the adjoint method, RNODE's penalties
-    python ffjord.py --dataset digits                       # small multiscale model on 8x8 digits (rk4, RNODE)
-    python ffjord.py --dataset cifar10                      # the paper's multiscale model (App. B.1; a GPU run)
+    python ffjord.py                                    # CNF on 8gaussians: density, trajectories, NFE
+    python ffjord.py --eval runs/ffjord-8gaussians/ckpt.pt  # exact NLL (nats) beside the true entropy
+    python ffjord.py --arch residual --dataset digits   # Residual Flow; --sample CKPT draws samples
 
 Paper -> code
-    Chen Sec. 2          z(t1) = ODESolve(z(t0), f, t0, t1, theta)          odeint, rk4, dopri5
-    Chen Eqs. 4-5, Alg 1 adjoint a(t) = dL/dz(t), da/dt = -a^T df/dz,        AdjointSolve, integrate
-                         dL/dtheta = -int_t1^t0 a^T df/dtheta dt
-    Chen Theorem 1       d log p(z(t))/dt = -Tr(df/dz(t))                    augmented_dynamics
-    FFJORD Sec. 2        log p(z(t1)) = log p(z(t0)) - int Tr(df/dz) dt      CNF.forward, log_prob, CNFStack
-    FFJORD Sec. 3.1      Tr(A) = E[e^T A e], e fixed for a whole solve        trace_hutchinson, hutchinson_noise
-    FFJORD Sec. 3.1      exact trace, one pass per dimension (2D data)       trace_exact
-    FFJORD App. B.1      multiscale: N CNFs, squeeze, N CNFs, factor out     Multiscale, squeeze, default_n_scales
-    (official code)      dequantisation, logit(alpha + (1-2 alpha) x/K)       dequantize, LogitPreprocess, nll
-    RNODE                int ||f||^2 dt and int ||df/dz||_F^2 dt penalties   kinetic_energy, trace_* (frobenius),
-                                                                             rnode_loss
-    Dormand-Prince 5(4)  embedded pair, local extrapolation, FSAL            DOPRI5_*, dopri5
-    Hairer II.4          error norm, step-size control, starting step        _error_ratio, dopri5, _initial_step
-    (official code)      concatsquash layers (2D), concat convolutions        ConcatSquashLinear, ConcatConv2d
-
-Conventions: data at t = 0, the N(0, I) base at t = T (the official code's direction):
-`forward` integrates 0 -> T (density), `inverse` T -> 0 (sampling). Points are used as they
-are; images arrive as integer levels 0..K-1, are dequantised to v = x + u in [0, K] and
-mapped by the logit (see `nll`). The dynamics must treat examples independently (no
-batch norm inside f): the trace of the batch Jacobian is the sum of the per-example traces
-only then. --eval, --sample and the pictures always integrate with dopri5 at --eval-atol and
---eval-rtol, so the continuous flow is scored whatever solver trained it. --compile and --amp
-are refused: training differentiates the network twice (the trace is a vector-Jacobian
-product inside the loss), which torch.compile does not support, and bfloat16 is far coarser
-than the solver's tolerances.
+    Chen'18 Sec. 2    z(t1) = ODESolve(z(t0), f, t0, t1)               odeint, rk4, dopri5
+    Chen'18 Alg. 1    da/dt = -a^T df/dz, dg/dt = -a^T df/dtheta       AdjointSolve, integrate
+    Chen'18 Thm. 1    d log p(z(t))/dt = -Tr(df/dz)                    augmented_dynamics, CNF
+    FFJORD Sec. 3.1   Tr(A) = E[e^T A e], e fixed for a solve          trace_hutchinson, hutchinson_noise
+    FFJORD App. B.1   N CNFs, squeeze, N CNFs, factor out half         Multiscale, squeeze
+    (official code)   logit(alpha + (1 - 2 alpha) (x + u) / K)         dequantize, LogitPreprocess, nll
+    RNODE             int ||f||^2 / 2D dt, int ||df/dz||_F^2 / D dt    kinetic_energy, rnode_loss
+    Hairer II.4       max over y of ||err / (atol + rtol |y|)||_RMS    _error_ratio, dopri5
+    i-ResNet          W~ = W / max(1, sigma / c), sigma = u^T W v      SpectralNormLinear
+    ResFlow           LipSwish(x) = x sigmoid(beta x) / 1.1            LipSwish
+    i-ResNet          log det(I + J) = sum_k (-1)^(k+1) tr(J^k) / k    log_det_power_series
+    ResFlow Thm. 1    sum_{k<=N} (-1)^(k+1) v^T J^k v / (k P(N >= k))  roulette_weights, sample_n_terms
+    ResFlow           E[(sum_k (-1)^k v^T J^k / P(N >= k)) dJ v]       log_det_power_series(neumann)
+    i-ResNet Alg. 1   x <- y - g(x)                                    fixed_point_inverse
+    (exact scoring)   log |det(I + J_g)| by slogdet                    log_det_exact
 """
 from __future__ import annotations
 
@@ -103,11 +54,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range, density_on_grid,
-                    dispatch, entropy_estimate, flag, get_device, init_distributed, load_checkpoint, load_dataset,
-                    load_weights, open_run, output_dir, parse_config, report_files, resume, save_density,
-                    save_image_grid, save_scatter, save_training, saved_config, seed_everything, user_errors,
-                    wrap_ddp)
+from common import (Batches, Logger, RunConfig, Training, UserError, check_range, density_on_grid, dispatch,
+                    entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
+                    parse_config, report_files, save_density, save_image_grid, save_scatter, saved_config,
+                    seed_everything, user_errors, wrap_ddp)
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -154,18 +104,11 @@ class SolveOptions:
 
 @dataclasses.dataclass
 class SolveStats:
-    """Counts accumulated over every solve that is given this object.
-
-    nfe_forward: evaluations of the dynamics in the forward solves (dopri5: 2 to choose the
-    first step, then 6 per attempted step; rk4: 4 per step). nfe_backward: the evaluations the
-    backward pass differentiates through. With the adjoint it is the NFE of the backward solve
-    of Algorithm 1 (each evaluation of its dynamics costs one f and one vector-Jacobian
-    product) and it is only known once `loss.backward()` has run; with backpropagation through
-    the solver it is the evaluations kept in the graph (6 per accepted dopri5 step, 4 per rk4
-    step), each costing one vector-Jacobian product. steps, rejected: accepted and rejected
-    steps of the forward solves (rk4 never rejects)."""
-    nfe_forward: int = 0
-    nfe_backward: int = 0
+    """Counts over every solve given this object: the NFE of the forward solves, and of the
+    backward pass (the adjoint's backward solve, known after loss.backward(); or the
+    evaluations kept in the graph by backpropagation); accepted and rejected forward steps."""
+    nfe_forward: int = 0    # dopri5: 2 to choose the first step, then 6 per attempted step; rk4: 4 per step
+    nfe_backward: int = 0   # backprop: 6 per accepted dopri5 step, 4 per rk4 step
     steps: int = 0
     rejected: int = 0
 
@@ -251,7 +194,7 @@ def _initial_step(f, t0, y0, f0, direction, length, atol, rtol, mask):
     return min(100 * h0, h1, length)
 
 
-def dopri5(f, y0, t0, t1, atol=1e-5, rtol=1e-5, max_steps=1000, error_mask=None):
+def dopri5(f, y0, t0, t1, rtol=1e-5, atol=1e-5, max_steps=1000, error_mask=None):
     """Adaptive Dormand-Prince 5(4) from t0 to t1 (t1 < t0 integrates backwards). Returns (y1, info).
 
     Each step evaluates the 7 stages (6 new evaluations thanks to FSAL), advances with the 5th-order
@@ -320,7 +263,7 @@ def odeint(f, y0, t0, t1, opts, error_mask=None):
     y0 a tuple of tensors; returns (y1, info) with info = {nfe, nfe_graph, steps, rejected}."""
     if opts.method == "rk4":
         return rk4(f, y0, t0, t1, opts.step_size, opts.max_steps)
-    return dopri5(f, y0, t0, t1, opts.atol, opts.rtol, opts.max_steps, error_mask)
+    return dopri5(f, y0, t0, t1, rtol=opts.rtol, atol=opts.atol, max_steps=opts.max_steps, error_mask=error_mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -479,8 +422,8 @@ def augmented_dynamics(net, noise=None, regularize=False):
         z = state[0]
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            if not z.requires_grad:  # a view of a fresh leaf, not the leaf: torch's FlopCounterMode
-                z = z.detach().requires_grad_(True).view_as(z)  # (benchmarks/speed.py) cannot grad to a leaf
+            if not z.requires_grad:
+                z = z.detach().requires_grad_(True)
             f_z = net(t, z)
             if noise is None:
                 trace, frob = trace_exact(f_z, z, create_graph)
@@ -492,6 +435,12 @@ def augmented_dynamics(net, noise=None, regularize=False):
         return out if create_graph else tuple(o.detach() for o in out)
     return dynamics
 
+
+# Every flow here maps forward(x, opts) -> (z, log_det, reg), log_det = log |det dz/dx| per
+# example and reg the RNODE integrals, and inverse(z, opts) -> x (as realnvp.py's layers, without
+# reg). Data sit at t = 0 and the N(0, I) base at t = T (the official code's direction). The
+# dynamics must treat examples independently (no batch norm inside f): only then is the trace of
+# the batch's Jacobian the sum of the per-example traces.
 
 def standard_normal_log_prob(z):
     """log N(z; 0, I) summed over all but the batch dimension: (B, ...) -> (B,). The base density."""
@@ -614,9 +563,9 @@ class LogitPreprocess(nn.Module):
         return self.levels * (torch.sigmoid(w) - self.alpha) / (1 - 2 * self.alpha)
 
 
-def bits_per_dim(nll, num_dims):
-    """nats per example -> bits per dimension: nll / (D ln 2)."""
-    return nll / (num_dims * math.log(2))
+def bits_per_dim(nats, dims):
+    """Nats per example -> bits per dimension: nats / (dims ln 2)."""
+    return nats / (dims * math.log(2))
 
 
 def squeeze(x):
@@ -745,13 +694,10 @@ def log_prob(flow, x, opts, stats=None, generator=None):
 def nll(flow, x, opts, stats=None, generator=None, discrete=False, u=None):
     """Negative log-likelihood per example in nats (B,), and reg (B, 2); training minimises its mean.
 
-    Points (discrete=False): -log p(x). Images (discrete=True): x holds integer levels
-    {0..K-1}^D and the flow is a density of v = x + u in [0, K]^D (the logit's log-det includes
-    -D log K). The discrete probability is P(x) = int_{[0,1)^D} p_V(x + u) du, and by Jensen
-    (Theis et al. 2016, arXiv 1511.01844) log P(x) >= E_u[log p_V(x + u)]: one draw of u gives
-    an unbiased estimate of that bound on -log P(x). Bits/dim = nll / (D ln 2), as FFJORD
-    reports (its code: -(log p(y) / D - log 256) / log 2 with y = (x + u) / 256, the same
-    number). Integer x is computed in u's dtype when u is given, else in the default dtype."""
+    Points: -log p(x). Images (discrete=True): x holds integer levels and the flow is a density
+    of v = x + u in [0, K]^D; one draw of u gives an unbiased estimate of the bound
+    -E_u[log p(x + u)] >= -log P(x) (Theis et al. 2016, Sec. 3.1; derived in realnvp.py), the
+    number FFJORD's code reports as bits/dim. Integer x takes u's dtype, else the default one."""
     if discrete:
         if not x.is_floating_point():
             x = x.to(u.dtype if u is not None else torch.get_default_dtype())
@@ -770,6 +716,241 @@ def rnode_loss(nats, reg, lambda_k=0.0, lambda_j=0.0):
     if lambda_j:
         loss = loss + lambda_j * reg[:, 1].mean()
     return loss
+
+
+# ----------------------------------------------------------------------------------------
+# Residual Flows (Behrmann et al. 2019, arXiv 1811.00995; Chen et al. 2019, arXiv 1906.02735)
+# ----------------------------------------------------------------------------------------
+# An invertible residual network: blocks f(x) = x + g(x) with Lip(g) < 1 are invertible (Banach's
+# fixed-point theorem; Behrmann et al.), and log p(x) = log N(F(x); 0, I) + sum over blocks
+# of log det(I + J_g). A ResidualFlow maps x -> (z, log_det, reg) like a CNFStack (reg is zero), so
+# FFJORD, log_prob and nll above serve both families; opts is a LogDetOptions here.
+
+@dataclasses.dataclass
+class LogDetOptions:
+    """How the residual blocks compute log det(I + J_g): "roulette" (the unbiased Russian-roulette
+    estimator, Chen et al. 2019, Theorem 1), "series" (the power series truncated after n_terms,
+    Behrmann et al.: biased) or "exact" (slogdet of the autograd Jacobian, D passes). The
+    fixed-point inverse stops when an update moves no coordinate more than fp_atol + fp_rtol |y|."""
+    method: str = "roulette"
+    n_terms: int = 10           # series: terms kept
+    n_exact: int = 2            # roulette: terms always computed; N = n_exact + Geometric(p)
+    p: float = 0.5              # roulette: P(N >= k) = (1 - p)^(k - n_exact) for k > n_exact
+    probes: int = 1             # Hutchinson probes averaged
+    neumann: bool = False       # gradients by Chen et al.'s Neumann gradient series
+    fp_atol: float = 1e-6
+    fp_rtol: float = 1e-5
+    fp_max_iter: int = 1000
+
+    def __post_init__(self):
+        if self.method not in ("roulette", "series", "exact"):
+            raise ValueError(f"log-det method {self.method!r} is not known; accepted: roulette, series, exact")
+        if self.n_terms < 1 or self.n_exact < 0 or self.probes < 1 or self.fp_max_iter < 1:
+            raise ValueError(f"n_terms {self.n_terms}, n_exact {self.n_exact}, probes {self.probes}, fp_max_iter "
+                             f"{self.fp_max_iter} are out of range; they take n_terms, probes, fp_max_iter >= 1 "
+                             f"and n_exact >= 0")
+        if not 0 < self.p < 1:
+            raise ValueError(f"roulette p {self.p} is out of range; it takes a number in (0, 1)")
+
+
+class SpectralNormLinear(nn.Module):
+    """A linear layer with spectral norm at most c (Behrmann et al., after Miyato et al.
+    2018): W~ = W / max(1, sigma / c), sigma = u^T W v estimated by power iteration,
+    v <- W^T u / |W^T u|, u <- W v / |W v|. The vectors are buffers, advanced by
+    `power_iteration` (ResidualBlock does n_power_iterations steps at every training forward), so
+    the estimate tracks W as it learns and evaluation and sampling see one fixed function."""
+
+    def __init__(self, d_in, d_out, coeff=0.97, n_power_iterations=1):
+        super().__init__()
+        if not 0 < coeff < 1:
+            raise ValueError(f"coeff {coeff} is out of range; it takes a number in (0, 1)")
+        self.coeff, self.n_power_iterations = coeff, n_power_iterations
+        layer = nn.Linear(d_in, d_out)  # nn.Linear's initialisation
+        self.weight, self.bias = layer.weight, layer.bias
+        self.register_buffer("u", F.normalize(torch.randn(d_out), dim=0))
+        self.register_buffer("v", F.normalize(torch.randn(d_in), dim=0))
+
+    @torch.no_grad()
+    def power_iteration(self, n):
+        """n steps of the power iteration on W^T W, stored in the buffers u and v."""
+        w = self.weight.detach()
+        u, v = self.u, self.v
+        for _ in range(n):
+            v = F.normalize(w.T @ u, dim=0)
+            u = F.normalize(w @ v, dim=0)
+        self.u.copy_(u)
+        self.v.copy_(v)
+
+    def normalized_weight(self):
+        """W~ = W / max(1, sigma / c); the gradient flows through W and sigma, not through u, v."""
+        sigma = self.u @ self.weight @ self.v
+        return self.weight / torch.clamp(sigma / self.coeff, min=1.0)
+
+    def forward(self, x):
+        return F.linear(x, self.normalized_weight(), self.bias)
+
+
+class LipSwish(nn.Module):
+    """Chen et al. 2019's LipSwish(x) = x sigmoid(beta x) / 1.1, beta = softplus(b) > 0
+    learned. Swish's slope never exceeds 1.0998 whatever beta, so Lip(LipSwish) <= 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Parameter(torch.tensor(math.log(math.e - 1)))  # beta = softplus(b) = 1 at the start
+
+    def forward(self, x):
+        return x * torch.sigmoid(F.softplus(self.b) * x) / 1.1
+
+
+def _vjp(g_x, x, u, create_graph):
+    """u^T J_g for every example at once (examples are independent): (B, D)."""
+    return torch.autograd.grad(g_x, x, u, create_graph=create_graph, retain_graph=True, materialize_grads=True)[0]
+
+
+def log_det_exact(g_x, x, create_graph=False):
+    """log |det(I + J_g)| per example from the full Jacobian (one autograd pass per dimension,
+    as trace_exact) and torch.linalg.slogdet: exact, O(D) passes, for 2D points and small images.
+    g_x, x (B, D) -> (B,)."""
+    B, D = x.shape
+    rows = [_vjp(g_x, x, torch.nn.functional.one_hot(torch.full((B,), d, device=x.device), D).to(x), create_graph)
+            for d in range(D)]
+    jac = torch.stack(rows, 1)  # (B, D, D): row d is d g_d / d x
+    return torch.linalg.slogdet(torch.eye(D, dtype=x.dtype, device=x.device) + jac)[1]
+
+
+def roulette_weights(n, n_exact, p):
+    """1 / P(N >= k) for k = 1..n, N = n_exact + G, P(G >= m) = (1 - p)^m (Chen et al. 2019, Thm. 1)."""
+    return [(1 - p) ** -max(0, k - n_exact) for k in range(1, n + 1)]
+
+
+def sample_n_terms(n_exact, p, generator=None):
+    """N = n_exact + G, G ~ Geometric(p) on {0, 1, ...} by inversion: G = floor(log U / log(1 - p))
+    has P(G >= m) = P(U <= (1 - p)^m) = (1 - p)^m. One draw serves a whole batch (Chen et al.'s code)."""
+    device = generator.device if generator is not None else "cpu"
+    u = torch.rand((), generator=generator, device=device, dtype=torch.float64).item()
+    return n_exact + math.floor(math.log(max(u, 1e-300)) / math.log(1 - p))
+
+
+def log_det_power_series(g_x, x, v, weights, neumann=False):
+    """log det(I + J_g) = sum_k (-1)^(k+1) tr(J_g^k) / k (Behrmann et al., converges for
+    Lip(g) < 1), estimated per example as
+
+        sum_{k=1}^{n} (-1)^(k+1) / k * w_k * v^T J^k v,      n = len(weights),
+
+    with Hutchinson probes v (probes, B, D), E[v v^T] = I, averaged: w_k = 1 is the truncated series
+    (Behrmann et al.), w_k = 1 / P(N >= k) with n = N random the Russian-roulette estimator,
+    unbiased for the infinite series (Chen et al. 2019, Thm. 1). v^T J^k is k vector-Jacobian products.
+    Gradients (when enabled): by backpropagation through those products, or with `neumann` by
+    Chen et al.'s Neumann gradient series, d log det / d theta = E[(sum_{k=0}^{n} (-1)^k w_k v^T J^k) (dJ/dtheta) v]
+    (w_0 = 1): the bracket is built without a graph and one more product carries the gradient, so
+    memory does not grow with n. g_x, x (B, D) -> (B,)."""
+    grad = torch.is_grad_enabled()
+    value = x.new_zeros(x.shape[0])
+    w = v.clone() if neumann else None  # sum_k (-1)^k w_k v^T J^k, from k = 0
+    for vi in range(v.shape[0]):
+        u = v[vi]
+        for k, wk in enumerate(weights, start=1):
+            u = _vjp(g_x, x, u, create_graph=grad and not neumann)  # v^T J^k
+            value = value + ((-1) ** (k + 1) / k * wk) * (u * v[vi]).sum(1) / v.shape[0]
+            if neumann:
+                w[vi] = w[vi] + ((-1) ** k * wk) * u.detach()
+    if neumann and grad:
+        surrogate = sum((_vjp(g_x, x, w[vi], create_graph=True) * v[vi]).sum(1) for vi in range(v.shape[0]))
+        surrogate = surrogate / v.shape[0]  # its gradient is the series'; its value is not used
+        value = value.detach() + surrogate - surrogate.detach()
+    return value
+
+
+def residual_log_det(g_x, x, opts, generator=None):
+    """log det(I + J_g) per example by the method of `opts` (a LogDetOptions); x (B, D) requires grad."""
+    if opts.method == "exact":
+        return log_det_exact(g_x, x, create_graph=torch.is_grad_enabled())
+    if opts.method == "series":
+        weights = [1.0] * opts.n_terms
+    else:
+        weights = roulette_weights(sample_n_terms(opts.n_exact, opts.p, generator), opts.n_exact, opts.p)
+    v = hutchinson_noise(x, "rademacher", opts.probes, generator)
+    return log_det_power_series(g_x, x, v, weights, opts.neumann)
+
+
+def fixed_point_inverse(g, y, atol=1e-6, rtol=1e-5, max_iter=1000):
+    """x with x + g(x) = y by the iteration x <- y - g(x) from x = y (Behrmann et al. Alg. 1): a
+    contraction when Lip(g) < 1, so it converges geometrically; after an update of size d the
+    remaining error is at most d Lip(g) / (1 - Lip(g)). Raises ValueError after max_iter updates."""
+    x = y
+    for _ in range(max_iter):
+        x_new = y - g(x)
+        done = ((x_new - x).abs() <= atol + rtol * y.abs()).all()
+        x = x_new
+        if done:
+            return x
+    raise ValueError(f"the fixed-point inverse did not converge in {max_iter} iterations (atol={atol}, rtol={rtol}): "
+                     f"Lip(g) is close to 1; lower the coefficient of the spectral normalisation")
+
+
+class ResidualBlock(nn.Module):
+    """f(x) = x + g(x), g = SN-Linear, LipSwish, ..., SN-Linear on flat vectors (B, D): each
+    linear map has spectral norm <= c and LipSwish is 1-Lipschitz, so Lip(g) <= c < 1 (Behrmann
+    et al.; Chen et al.). forward: x -> (f(x), log det(I + J_g(x))); inverse by
+    fixed-point iteration."""
+
+    def __init__(self, dim, hidden=64, n_hidden=2, coeff=0.97, n_power_iterations=1):
+        super().__init__()
+        dims = [dim] + [hidden] * n_hidden + [dim]
+        self.linears = nn.ModuleList(SpectralNormLinear(a, b, coeff, n_power_iterations)
+                                     for a, b in zip(dims[:-1], dims[1:]))
+        self.acts = nn.ModuleList(LipSwish() for _ in range(n_hidden))
+
+    def g(self, x):
+        h = x
+        for linear, act in zip(self.linears[:-1], self.acts):
+            h = act(linear(h))
+        return self.linears[-1](h)
+
+    def forward(self, x, opts, generator=None):
+        """x (B, D) -> (x + g(x), log det(I + J_g(x)) (B,)), with a graph only when gradients are on."""
+        grad = torch.is_grad_enabled()
+        if grad and self.training:  # a training step: the spectral norms' estimates follow W
+            for linear in self.linears:
+                linear.power_iteration(linear.n_power_iterations)
+        with torch.enable_grad():
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            g_x = self.g(x)
+            log_det = residual_log_det(g_x, x, opts, generator)
+        y = x + g_x
+        return (y, log_det) if grad else (y.detach(), log_det.detach())
+
+    def inverse(self, y, opts):
+        return fixed_point_inverse(self.g, y, opts.fp_atol, opts.fp_rtol, opts.fp_max_iter)
+
+
+class ResidualFlow(nn.ModuleList):
+    """Residual blocks one after the other on the flattened example (B, *shape) -> (B, D):
+    log-determinants add; the inverse undoes the blocks from the last by fixed-point iteration.
+    The same interface as CNFStack (reg is zero)."""
+
+    def forward(self, x, opts, stats=None, generator=None):
+        h, log_det = x.reshape(x.shape[0], -1), x.new_zeros(x.shape[0])
+        for block in self:
+            h, ld = block(h, opts, generator)
+            log_det = log_det + ld
+        return h.reshape(x.shape), log_det, x.new_zeros(x.shape[0], 2)
+
+    def inverse(self, z, opts, stats=None):
+        h = z.reshape(z.shape[0], -1)
+        for block in reversed(self):
+            h = block.inverse(h, opts)
+        return h.reshape(z.shape)
+
+    @torch.inference_mode()
+    def trajectory(self, z, n_times, opts):
+        """The points after each block from the base (z) to the data side: (n_blocks + 1, *z.shape);
+        n_times is not used (a block is one step)."""
+        path = [z.reshape(z.shape[0], -1)]
+        for block in reversed(self):
+            path.append(block.inverse(path[-1], opts))
+        return torch.stack(path).reshape(len(path), *z.shape)
 
 
 # ----------------------------------------------------------------------------------------
@@ -862,6 +1043,8 @@ class Config(RunConfig):
     """Defaults: the official code's toy setting on 8gaussians (a CPU, minutes); PRESETS follow
     FFJORD App. B.1 for MNIST and CIFAR-10 and RNODE's fixed-step recipe for the 8x8 digits."""
     dataset: str = flag("8gaussians", "dataset: a 2D set (8gaussians, checkerboard, rings, ...) or an image set")
+    arch: str = flag("cnf", "the flow: cnf (FFJORD's continuous flow) or residual (Residual Flows: x + g(x), "
+                     "Lip(g) < 1)", choices=("cnf", "residual"))
     steps: int = flag(1000, "training steps (optimiser updates)")
     batch_size: int = flag(256, "global batch size (--eval: examples per solve)")
     lr: float = flag(1e-3, "Adam learning rate")
@@ -901,31 +1084,78 @@ class Config(RunConfig):
     warmup: int = flag(0, "linear learning-rate warm-up steps (official image code: 1000)")
     lr_drop: int = flag(0, "step from which the learning rate is a tenth of --lr (paper: half-way; 0 = never)")
     flip: bool = flag(False, "random horizontal flips of training images (official CIFAR-10 code)")
+    # --arch residual (n_blocks, hidden, n_hidden size its blocks, on 2D points and flattened images)
+    coeff: float = flag(0.9, "residual: spectral norm bound c < 1 of every linear map, so Lip(g) <= c "
+                        "(official toy code: 0.9)")
+    n_power_iterations: int = flag(5, "residual: power-iteration steps per training step for each spectral norm "
+                                   "(official toy code: 5; 200 before evaluation, as --eval and --sample do)")
+    logdet: str = flag("roulette", "residual: log det(I + J_g) in training: roulette (unbiased, Chen et al. 2019, "
+                       "Thm. 1) or series (truncated after --n-terms, biased)", choices=("roulette", "series"))
+    n_terms: int = flag(10, "residual: terms of the truncated series (--logdet series)")
+    n_exact_terms: int = flag(2, "residual: terms the Russian roulette always computes")
+    roulette_p: float = flag(0.5, "residual: the roulette draws N = n_exact_terms + Geometric(p)")
+    neumann_grad: bool = flag(False, "residual: gradients of the log-det by the Neumann series (Chen et al. 2019; "
+                              "memory independent of the number of terms)")
 
 
-_DIGITS = dict(  # RNODE's MNIST recipe, scaled down: rk4 with 4 steps per block, lambda_K = lambda_J = 0.01
-    steps=2000, batch_size=64, lr=1e-3, weight_decay=0.0, solver="rk4", step_size=0.25, time_length=1.0,
-    trace="hutchinson", kinetic=0.01, jacobian=0.01, n_blocks=1, n_scales=2, width=32, depth=2, alpha=0.05)
-# FFJORD App. B.1 (../shared/PAPERS.md): blocks of N = 2 CNFs, 3 scales (MNIST) or 4 (CIFAR-10),
-# 3 concat convolutions of 64 channels with softplus, T = 1, Rademacher Hutchinson noise,
-# dopri5 at 1e-5, Adam 1e-3 then 1e-4 after 250 of 500 epochs, batch 900; the official code's
-# alpha 1e-6, 1000 warm-up steps and flips on CIFAR-10. 500 epochs of 60000 (50000) images at
-# batch 900 are 33,334 (27,778) steps. MNIST 800,636 parameters, CIFAR-10 1,358,868 (tested).
-_PAPER = dict(batch_size=900, lr=1e-3, weight_decay=0.0, warmup=1000, solver="dopri5", atol=1e-5, rtol=1e-5,
-              trace="hutchinson", noise="rademacher", time_length=1.0, n_blocks=2, width=64, depth=3, alpha=1e-6,
-              save_every=1000)
+# Sources of the presets' values (issue 29): [B.1] FFJORD App. B.1 as recorded in
+# ../shared/PAPERS.md; [cnf] the official rtqichen/ffjord train_cnf.py defaults and its README's
+# command (--dims 64,64,64 --num_blocks 2 --layer_type concat --multiscale True --rademacher True);
+# [toy] its train_toy.py; [rnode] cfinlay/ffjord-rnode train.py defaults and
+# example-scripts/mnist.sh (--solver rk4 --step_size 0.25 --kinetic-energy 0.01
+#   --jacobian-norm2 0.01 --alpha 1e-5); [ours] chosen here.
+_DIGITS = dict(  # RNODE's MNIST recipe on a CPU budget
+    solver="rk4", step_size=0.25,       # [rnode] mnist.sh: rk4, 4 steps per block of T = 1
+    kinetic=0.01, jacobian=0.01,        # [rnode] mnist.sh
+    time_length=1.0,                    # [rnode] train.py: T = 1, not learned (train_T False)
+    trace="hutchinson",                 # [rnode] one Hutchinson sample (div_samples 1); noise: ours, Rademacher
+    lr=1e-3, weight_decay=0.0,          # [rnode] train.py
+    steps=2000, batch_size=64,          # [ours] a CPU budget ([rnode]: batch 200, 100 epochs, 1000 warm-up steps)
+    n_blocks=1, width=32, depth=2,      # [ours] small ([rnode]: 2 blocks of 64,64,64)
+    n_scales=2,                         # [cnf] squeeze while both sides are >= 4 (8x8 -> 2 scales)
+    alpha=0.05)                         # [ours] as realnvp.py ([rnode]: 1e-5 in mnist.sh, 0.05 in cifar10.sh)
+_PAPER = dict(
+    n_blocks=2, width=64, depth=3,      # [B.1] blocks of N = 2 CNFs, 3 convolutions of 64 filters; [cnf] README
+    trace="hutchinson", noise="rademacher",  # [cnf] divergence_fn approximate, --rademacher True
+    solver="dopri5", atol=1e-5, rtol=1e-5,   # [cnf] defaults
+    time_length=1.0,                    # [cnf] time_length 1.0; it is learned there (train_T True), fixed here
+    alpha=1e-6,                         # [cnf] --alpha 1e-6
+    lr=1e-3, weight_decay=0.0,          # [B.1] Adam 1e-3; [cnf] weight decay 0
+    warmup=1000,                        # [cnf] warmup_iters 1000 (the paper does not mention it)
+    batch_size=900,                     # [B.1] batch 900 ([cnf] default: 200)
+    save_every=1000)                    # [ours]
+# [B.1] 500 epochs with the learning rate 1e-3 then 1e-4 from epoch 250 ([cnf]: 1000 epochs, no
+# drop, no gradient clipping): 500 epochs of 60,000 (50,000) images at batch 900 are 33,334
+# (27,778) steps. [cnf] flips the CIFAR-10 training images. Scales: [B.1] 3 for MNIST, 4 for
+# CIFAR-10. MNIST 800,636 parameters, CIFAR-10 1,358,868 (tested).
 
 PRESETS = {
-    # The official toy setting (train_toy.py): concatsquash 64-64-64 with tanh, T = 0.5, the
-    # exact trace, dopri5 at 1e-5, Adam 1e-3 with weight decay 1e-5 (batch 100 and 10000
-    # iterations there; 1000 steps of 256 here, minutes on a CPU). 9,224 parameters.
+    # [toy] (README: --dims 64-64-64 --layer_type concatsquash): tanh, T = 0.5 (learned there,
+    # fixed here), the exact trace (brute_force), dopri5 at 1e-5, Adam 1e-3 with weight decay 1e-5;
+    # batch 100 and 10,000 iterations there, the Config defaults here (1000 steps of 256: [ours],
+    # minutes on a CPU). 9,224 parameters.
     "points": dict(n_samples=2000),
-    # 8x8 digits: 2 scales of one block each, 32-channel networks: 33,670 parameters.
-    "digits": _DIGITS,
-    "image": _DIGITS,  # other small image sets (digits-binary)
+    "digits": _DIGITS,                  # 33,670 parameters
+    "image": _DIGITS,                   # other small image sets (digits-binary)
     "mnist": dict(_PAPER, steps=33_334, lr_drop=16_667, n_scales=3),
-    "fashion-mnist": dict(_PAPER, steps=33_334, lr_drop=16_667, n_scales=3),
+    "fashion-mnist": dict(_PAPER, steps=33_334, lr_drop=16_667, n_scales=3),  # [ours] MNIST's
     "cifar10": dict(_PAPER, steps=27_778, lr_drop=13_889, n_scales=4, flip=True),
+}
+
+# With --arch residual: Chen et al.'s official train_toy.py scaled down. It has 100 blocks of
+# 2-128-128-128-128-2, batch 500, 50,000 iterations, coeff 0.9, 5 power iterations, the roulette
+# with geometric N, Adam 1e-3 with weight decay 1e-5. Ours: 8 blocks of 2-64-64-64-2, the steps
+# and batch of the CNF's toy run (one budget for both), and Adam 3e-3 (after 1000 steps on
+# 8gaussians 1e-3 ends 0.89 nats above the true entropy, 3e-3 0.30). Digits: 8 blocks of
+# 64-128-128-64 on the flattened, logit-preprocessed image (ours; the paper's image models are
+# convolutional and multiscale, not implemented).
+ARCH_PRESETS = {
+    "residual": {
+        "points": dict(n_samples=2000, n_blocks=8, hidden=64, n_hidden=3, lr=3e-3),
+        "digits": dict(steps=2000, batch_size=64, weight_decay=0.0, n_blocks=8, hidden=128, n_hidden=2,
+                       alpha=0.05),
+        "image": dict(steps=2000, batch_size=64, weight_decay=0.0, n_blocks=8, hidden=128, n_hidden=2, alpha=0.05),
+    },
 }
 
 
@@ -948,19 +1178,54 @@ def check_config(cfg):
     for name in ("max_steps", "eval_probes", "n_blocks", "hidden", "width", "depth"):
         check_range(cfg, name, 1)
     check_range(cfg, "alpha", 0, 0.5, open_high=True)
+    check_range(cfg, "coeff", 0, 1, open_low=True, open_high=True)
+    check_range(cfg, "roulette_p", 0, 1, open_low=True, open_high=True)
+    for name in ("n_power_iterations", "n_terms"):
+        check_range(cfg, name, 1)
+    check_range(cfg, "n_exact_terms", 0)
+    if cfg.arch == "residual":
+        cnf_only = [f for f, on in (("--adjoint", cfg.adjoint), ("--kinetic", cfg.kinetic),
+                                    ("--jacobian", cfg.jacobian), ("--solver rk4", cfg.solver == "rk4"),
+                                    ("--trace hutchinson", cfg.trace == "hutchinson"),
+                                    ("--noise gaussian", cfg.noise == "gaussian")) if on]
+        if cnf_only:
+            raise UserError(f"{', '.join(cnf_only)}: not used by --arch residual (no ODE is solved); with --arch "
+                            f"residual the flow's flags are --coeff, --n-power-iterations, --logdet, --n-terms, "
+                            f"--n-exact-terms, --roulette-p, --neumann-grad")
+    elif cfg.neumann_grad or cfg.logdet != "roulette":
+        raise UserError("--neumann-grad and --logdet apply to --arch residual only; add --arch residual or drop them")
+
+
+def learning_rate(step, cfg):
+    """The learning rate of step `step` (0-based): linear warm-up over --warmup steps (the official
+    train_cnf.py's update_lr), then --lr, a tenth of it from step --lr-drop (FFJORD App. B.1)."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+    return lr * 0.1 if cfg.lr_drop and step >= cfg.lr_drop else lr
+
+
+EXACT_LOGDET_DIMS = 256  # --arch residual scores with the exact log-det up to this many dimensions
 
 
 def train_options(cfg):
-    """The SolveOptions of a training step; RNODE's integrals are carried only when weighted."""
+    """The options of a training step: SolveOptions (RNODE's integrals carried only when weighted),
+    or LogDetOptions for --arch residual."""
+    if cfg.arch == "residual":
+        return LogDetOptions(cfg.logdet, cfg.n_terms, cfg.n_exact_terms, cfg.roulette_p, neumann=cfg.neumann_grad)
     return SolveOptions(cfg.solver, cfg.atol, cfg.rtol, cfg.step_size, cfg.max_steps, cfg.adjoint, cfg.trace,
                         cfg.noise, probes=1, regularize=cfg.kinetic > 0 or cfg.jacobian > 0)
 
 
-def eval_options(cfg, info):
+def eval_options(cfg, info, trained=None):
     """--eval, --sample and the pictures: dopri5 at the evaluation tolerances whatever solver
     trained the model (so the continuous flow is what is scored); the exact trace on 2D data,
-    Hutchinson with --eval-probes probes on images."""
-    points = info.kind == "points"
+    Hutchinson with --eval-probes probes on images. --arch residual: the exact log-det up to
+    EXACT_LOGDET_DIMS dimensions (2D points, digits), else the roulette with --eval-probes probes.
+    trained: the checkpoint's Config (its --arch), when cfg is that of --eval or --sample."""
+    points, trained = info.kind == "points", trained or cfg
+    if trained.arch == "residual":
+        exact = info.dims <= EXACT_LOGDET_DIMS
+        return LogDetOptions("exact" if exact else "roulette", n_exact=trained.n_exact_terms, p=trained.roulette_p,
+                             probes=1 if exact else cfg.eval_probes)
     return SolveOptions("dopri5", cfg.eval_atol, cfg.eval_rtol, max_steps=cfg.max_steps,
                         trace="exact" if points else "hutchinson", noise=cfg.noise,
                         probes=1 if points else cfg.eval_probes)
@@ -969,17 +1234,12 @@ def eval_options(cfg, info):
 @contextmanager
 def solver_failures(what, then="", flags="--max-steps, --atol, --rtol, --kinetic, --jacobian, --solver rk4"):
     """A solver's ValueError (beyond --max-steps, a step size underflow, dynamics that are not
-    finite) becomes one line: what failed, the solver's reason, what happens now, the flags to try."""
+    finite, a fixed-point inverse that does not converge) becomes one line: what failed, the
+    reason, what happens now, the flags to try."""
     try:
         yield
     except ValueError as e:
         raise UserError(f"{what}: {e}{then} (the flags: {flags})") from None
-
-
-def learning_rate(cfg, step):
-    """Linear warm-up over --warmup steps, then --lr, a tenth of it from step --lr-drop."""
-    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
-    return lr * 0.1 if cfg.lr_drop and step >= cfg.lr_drop else lr
 
 
 # ----------------------------------------------------------------------------------------
@@ -989,6 +1249,7 @@ def learning_rate(cfg, step):
 # Data go into the flow as they come: points as floats, images as integer levels that `nll`
 # dequantises (discrete = info.kind == "image"); samples come back the same way.
 
+NAMES = {"cnf": "FFJORD", "residual": "Residual Flow"}  # the pictures' titles
 GRID_CHUNK = 4096  # points per solve on the density grid: 4 solves for 128 x 128
 
 
@@ -1003,12 +1264,12 @@ def save_samples(x, path, info, title=None):
 @torch.no_grad()
 def model_log_density(net, lim, opts, n=128):
     """log p(x) of the 2D flow on common.density_on_grid's n x n grid of [-lim, lim]^2, GRID_CHUNK
-    points per solve (under no_grad: the trace makes its own graph inside the dynamics)."""
+    points per solve (under no_grad: the trace and the log-det make their own graphs inside)."""
     device = net._anchor.device
     return density_on_grid(lambda p: log_prob(net, p.to(device), opts)[0].cpu(), lim, n, chunk=GRID_CHUNK)
 
 
-def save_trajectory(path_points, path, lim, n_panels=6):
+def save_trajectory(path_points, path, lim, n_panels=6, name="FFJORD"):
     """Points from the base (t = T, left) to the data (t = 0, right), coloured by their angle in
     the base, so one sees where each part of N(0, I) goes. path_points (n_times, N, 2)."""
     import matplotlib
@@ -1026,9 +1287,9 @@ def save_trajectory(path_points, path, lim, n_panels=6):
         ax.set_xticks([])
         ax.set_yticks([])
         frac = 1 - k / (len(p) - 1)
-        ax.set_title("base, t = T" if k == 0 else "data, t = 0" if k == len(p) - 1 else f"t = {frac:.2f} T",
+        ax.set_title("base" if k == 0 else "data" if k == len(p) - 1 else f"{frac:.2f} of the way back",
                      fontsize=9)
-    fig.suptitle("FFJORD: samples integrated from the base to the data", fontsize=9)
+    fig.suptitle(f"{name}: samples carried from the base to the data", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -1076,14 +1337,14 @@ def _draw_pictures(net, out, step, cfg, ds):
     device = net._anchor.device
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     x = net.sample(cfg.n_samples, opts, g)
-    save_samples(x, out / f"samples_{step}.png", info, title=f"FFJORD samples, step {step}")
+    save_samples(x, out / f"samples_{step}.png", info, title=f"{NAMES[cfg.arch]} samples, step {step}")
     save_nfe(out / "metrics.jsonl", out / "nfe.png")
     if info.kind == "points":
         truth = density_on_grid(ds.log_prob, info.lim) if ds.log_prob else ds.data
         save_density({"true" if ds.log_prob else "training data": truth,
-                      "FFJORD": model_log_density(net, info.lim, opts)}, out / "density.png", info.lim)
+                      NAMES[cfg.arch]: model_log_density(net, info.lim, opts)}, out / "density.png", info.lim)
         z = torch.randn(min(cfg.n_samples, 1000), *info.shape, generator=g, device=device)
-        save_trajectory(net.body.trajectory(z, 6, opts), out / "trajectory.png", info.lim)
+        save_trajectory(net.body.trajectory(z, 6, opts), out / "trajectory.png", info.lim, name=NAMES[cfg.arch])
 
 
 # ----------------------------------------------------------------------------------------
@@ -1095,7 +1356,13 @@ MODEL = "ffjord"
 
 def build(cfg, info):
     """The flow for a configuration and the data's description: stacked CNFs with concatsquash
-    dynamics on points; the multiscale architecture with the logit preprocessing on images."""
+    dynamics on points, the multiscale architecture on images (after the logit preprocessing);
+    with --arch residual, residual blocks on the flattened points or images."""
+    levels = dict(levels=info.levels, alpha=cfg.alpha) if info.kind == "image" else {}
+    if cfg.arch == "residual":
+        body = ResidualFlow(ResidualBlock(info.dims, cfg.hidden, cfg.n_hidden, cfg.coeff, cfg.n_power_iterations)
+                            for _ in range(cfg.n_blocks))
+        return FFJORD(body, info.shape, **levels)
     if info.kind == "points":
         (dim,) = info.shape
         body = CNFStack(CNF(ConcatSquashMLP(dim, cfg.hidden, cfg.n_hidden), cfg.time_length)
@@ -1108,37 +1375,30 @@ def build(cfg, info):
                         f"{w} are divisible by 2^(n_scales - 1), or 0 for the default")
     body = Multiscale(info.shape, n_scales, cfg.n_blocks, lambda ch: ODEConvNet(ch, (cfg.width,) * cfg.depth),
                       cfg.time_length)
-    return FFJORD(body, info.shape, levels=info.levels, alpha=cfg.alpha)
+    return FFJORD(body, info.shape, **levels)
 
 
 def train(cfg):
-    """Maximum likelihood by the instantaneous change of variables (FFJORD Sec. 2) with Adam,
-    plus RNODE's penalties when weighted, the NFE of every step logged; under torchrun every
-    process trains on its slice of the global batch (DDP)."""
-    dist = init_distributed(cfg.device)
-    out = open_run(cfg, MODEL, dist)
-    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    info, discrete = ds.info, ds.info.kind == "image"
-    seed_everything(cfg.seed)  # the same initial weights on every process
-    net = build(cfg, info).to(dist.device)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
-    if cfg.resume:
-        step = resume(cfg, MODEL, dist, model=net, opt=opt, batches=batches)
-    else:
-        step = 0
-        seed_everything(cfg.seed + dist.rank)  # Hutchinson and dequantisation noise differ between processes
-    start = step
-    model = wrap_ddp(net, dist, cfg.compile)  # DDP over the processes (check_config refuses --compile)
-    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
-    opts = train_options(cfg)
-    with StopSignal() as stop:
-        while step < cfg.steps:
+    """Maximum likelihood by the instantaneous change of variables (FFJORD Sec. 2; with --arch
+    residual, by the residual blocks' log-det estimator) with Adam, plus RNODE's penalties when
+    weighted, the NFE of every step logged; under torchrun every process trains on its slice of
+    the global batch (DDP)."""
+    with Training(cfg, MODEL) as run:
+        ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        info, discrete, cnf = ds.info, ds.info.kind == "image", cfg.arch == "cnf"
+        seed_everything(cfg.seed)  # the same initial weights on every process
+        net = build(cfg, info).to(run.device)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        batches = Batches(ds, cfg.batch_size, run.dist, seed=cfg.seed)
+        step = run.start(info, model=net, opt=opt, batches=batches)  # noise differs between processes
+        model = wrap_ddp(net, run.dist, cfg.compile)  # check_config refuses --compile
+        opts = train_options(cfg)
+        for step in run.steps(step, lambda step: save_pictures(net, run.out, step, cfg, ds)):
             x, _ = next(batches)
             if cfg.flip:
                 x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
             for group in opt.param_groups:
-                group["lr"] = learning_rate(cfg, step)
+                group["lr"] = learning_rate(step, cfg)
             stats = SolveStats()  # this step's NFE; nfe_backward is known after backward()
             with solver_failures(f"the ODE solve failed at step {step + 1}",
                                  "; training stopped and the last checkpoint on disk is kept"):
@@ -1147,38 +1407,18 @@ def train(cfg):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             opt.step()
-            step += 1
-            value = dist.mean(loss)
-            check_finite(value, step)
-            nats_value = dist.mean(nats.mean())
-            metrics = dict(loss=value, nll=nats_value, nfe_forward=dist.mean(stats.nfe_forward),
-                           nfe_backward=dist.mean(stats.nfe_backward), solver_steps=dist.mean(stats.steps),
-                           rejected=dist.mean(stats.rejected))
-            if opts.regularize:
-                metrics.update(kinetic=dist.mean(reg[:, 0].mean()), jacobian=dist.mean(reg[:, 1].mean()))
+            metrics = dict(loss=loss, nll=nats.mean())  # tensors: run.log averages them over processes
+            if cnf:
+                counts = dict(nfe_forward=stats.nfe_forward, nfe_backward=stats.nfe_backward,
+                              solver_steps=stats.steps, rejected=stats.rejected)
+                metrics.update({k: torch.tensor(float(v)) for k, v in counts.items()})
+            if cnf and opts.regularize:
+                metrics.update(kinetic=reg[:, 0].mean(), jacobian=reg[:, 1].mean())
             if discrete:
-                metrics["bits_per_dim"] = bits_per_dim(nats_value, info.dims)
-            logger.log(step, cfg.batch_size, **metrics)
-            stopping = dist.any(stop.requested)
-            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                save_training(out, MODEL, step, cfg, info, dist, model=net, opt=opt, batches=batches)
-                if dist.is_main and not stop.requested:  # no pictures at a stop
-                    with stop.interruptible():  # a signal here stops the pictures at once; the checkpoint is whole
-                        save_pictures(net, out, step, cfg, ds)
-            if stopping:
-                if dist.is_main:
-                    print(f"stopped at step {step}; continue with --resume", flush=True)
-                break
-        if step == start:  # --steps 0, or nothing left to train: still a checkpoint
-            save_training(out, MODEL, step, cfg, info, dist, model=net, opt=opt, batches=batches)
-            if dist.is_main and not stop.requested:
-                with stop.interruptible():
-                    save_pictures(net, out, step, cfg, ds)
-    logger.close()
-    dist.close()
-    if dist.is_main:
-        report_files(out, ["ckpt.pt", f"samples_{step}.png", "density.png", "trajectory.png", "nfe.png",
-                           "metrics.jsonl", "loss.png"])
+                metrics["bits_per_dim"] = bits_per_dim(nats.mean(), info.dims)
+            run.log(**metrics)
+    run.report(["ckpt.pt", f"samples_{run.step}.png", "density.png", "trajectory.png", "nfe.png", "metrics.jsonl",
+                "loss.png"])
 
 
 @torch.no_grad()  # not inference_mode: the trace is a derivative taken inside the dynamics
@@ -1191,7 +1431,7 @@ def evaluate(cfg):
     device = net._anchor.device
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir)
-    opts, stats = eval_options(cfg, info), SolveStats()
+    opts, stats = eval_options(cfg, info, saved), SolveStats()
     torch.manual_seed(cfg.seed)  # dequantisation and Hutchinson noise
     start = time.perf_counter()
     parts = ds.data.split(cfg.batch_size)
@@ -1201,9 +1441,13 @@ def evaluate(cfg):
     fields = {"nll": v.mean().item(), "nll_se": v.std().item() / math.sqrt(len(v)), "n": len(v)}
     if info.kind == "image":
         fields["bits_per_dim"] = bits_per_dim(fields["nll"], info.dims)
-    fields.update(solver=opts.method, atol=opts.atol, rtol=opts.rtol, trace=opts.trace,
-                  probes=opts.probes if opts.trace == "hutchinson" else None,
-                  nfe_per_solve=stats.nfe_forward / len(parts), seconds=round(time.perf_counter() - start, 1))
+    if saved.arch == "residual":
+        fields.update(arch="residual", logdet=opts.method, probes=opts.probes if opts.method != "exact" else None)
+    else:
+        fields.update(solver=opts.method, atol=opts.atol, rtol=opts.rtol, trace=opts.trace,
+                      probes=opts.probes if opts.trace == "hutchinson" else None,
+                      nfe_per_solve=stats.nfe_forward / len(parts))
+    fields["seconds"] = round(time.perf_counter() - start, 1)
     if info.kind == "points":
         if ds.log_prob is not None:
             fields["true_entropy"], fields["true_entropy_se"] = entropy_estimate(info.name)
@@ -1212,7 +1456,7 @@ def evaluate(cfg):
             log_density = model_log_density(net, info.lim, opts)
         np.savez(out / "density.npz", log_density=log_density, lim=info.lim)
         truth = density_on_grid(ds.log_prob, info.lim) if ds.log_prob else ds.data
-        save_density({"true" if ds.log_prob else "test data": truth, "FFJORD": log_density},
+        save_density({"true" if ds.log_prob else "test data": truth, NAMES[saved.arch]: log_density},
                      out / "density.png", info.lim)
     Logger(out, 0).event("eval", split="test", dataset=info.name, **fields)
     report_files(out, ["metrics.jsonl", "density.npz", "density.png"])
@@ -1226,19 +1470,21 @@ def draw_samples(cfg):
     net, saved, info = load(cfg.sample, get_device(cfg.device))
     device = net._anchor.device
     out = output_dir(cfg, cfg.sample)
-    opts, stats = eval_options(cfg, info), SolveStats()
+    opts, stats = eval_options(cfg, info, saved), SolveStats()
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     with solver_failures("the ODE solve of --sample failed", flags="--max-steps, --eval-atol, --eval-rtol"):
         t0 = time.perf_counter()
         x = net.sample(cfg.n_samples, opts, g, stats)
         seconds = time.perf_counter() - t0
-        save_samples(x, out / "samples.png", info, title="FFJORD samples")
+        save_samples(x, out / "samples.png", info, title=f"{NAMES[saved.arch]} samples")
         torch.save(x.cpu(), out / "samples.pt")
         if info.kind == "points":
             z = torch.randn(min(cfg.n_samples, 1000), *info.shape, generator=g, device=device)
-            save_trajectory(net.body.trajectory(z, 6, opts), out / "trajectory.png", info.lim)
+            save_trajectory(net.body.trajectory(z, 6, opts), out / "trajectory.png", info.lim, name=NAMES[saved.arch])
+    solver = (dict(solver=opts.method, atol=opts.atol, rtol=opts.rtol, nfe=stats.nfe_forward) if saved.arch == "cnf"
+              else dict(arch="residual"))
     Logger(out, 0).event("sample", n=cfg.n_samples, seconds=seconds, samples_per_s=cfg.n_samples / max(seconds, 1e-9),
-                         solver=opts.method, atol=opts.atol, rtol=opts.rtol, nfe=stats.nfe_forward)
+                         **solver)
     report_files(out, ["samples.png", "samples.pt", "trajectory.png", "metrics.jsonl"])
     return x
 
@@ -1250,13 +1496,16 @@ def load(path, device="cpu"):
     cfg, info = saved_config(Config, ckpt)
     net = build(cfg, info)
     load_weights(net, ckpt["model"], path)
+    for m in net.modules():  # residual: the spectral norms to convergence (train_toy.py does 200 before testing)
+        if isinstance(m, SpectralNormLinear):
+            m.power_iteration(200)
     return net.to(device).eval(), cfg, info
 
 
 def main(argv=None):
     """Train (default), or --eval CKPT, or --sample CKPT; a user's mistake exits with one line."""
     with user_errors():
-        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
+        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"), arch_presets=ARCH_PRESETS)
         check_config(cfg)
         return dispatch(cfg, train, evaluate, draw_samples)
 

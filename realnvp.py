@@ -1,49 +1,51 @@
-"""RealNVP: density estimation with real-valued non-volume preserving flows.
+"""RealNVP, Glow and MAF: normalizing flows with an exact likelihood, coupling and autoregressive.
 
 Papers
   Dinh, Sohl-Dickstein & Bengio 2017, "Density estimation using Real NVP", arXiv 1605.08803.
-  Dinh, Krueger & Bengio 2014, "NICE: Non-linear independent components estimation",
-      arXiv 1410.8516: additive coupling, the special case s = 0 (`--coupling additive`).
-  Kingma & Dhariwal 2018, "Glow", arXiv 1807.03039, Sec. 3.1: ActNorm (`--norm act`).
+  Dinh, Krueger & Bengio 2014, "NICE", arXiv 1410.8516: additive coupling (`--coupling additive`).
+  Kingma & Dhariwal 2018, "Glow: Generative Flow with Invertible 1x1 Convolutions", arXiv 1807.03039.
+  Papamakarios, Pavlakou & Murray 2017, "Masked Autoregressive Flow for Density Estimation", arXiv
+      1705.07057, with MADE (Germain, Gregor, Murray & Larochelle 2015, arXiv 1502.03509).
+  Theis, van den Oord & Bethge 2016, arXiv 1511.01844, Sec. 3.1: the dequantisation bound (`nll`).
 
-A flow is a bijection f from data x to a latent z ~ N(0, I). Every layer here maps
-`forward(x) -> (z, log_det)`, log_det = log |det dz/dx| per example, and `inverse(z) -> x`,
-so layers compose and each can be checked alone (tests/test_realnvp.py checks every
-log-determinant against an autograd Jacobian and every inverse to float64 precision).
-The likelihood takes the flow as a callable x -> (z, log_det): `log_prob(flow, x)`,
-`nll(flow, x, discrete)`.
-
-Implemented: affine coupling layers with a bounded scale and their additive (NICE) special
-case; checkerboard and channel-wise masks; squeeze; the multi-scale architecture with half
-of the variables factored out at each scale; batch normalisation as a flow layer (running
-statistics in evaluation) or ActNorm; uniform dequantisation and the logit preprocessing as a
-flow with its log-determinant, so `nll` is the negative log-likelihood of the *discrete*
-data (a bound, see `nll`) in nats and bits/dim as in the paper; MLP couplings for
-the 2D sets. Not implemented: the paper's running-average batch norm variant (App. E; ours
-is the ordinary exponential running average), its bottleneck residual blocks, the "ordered"
-squeeze of the official code, and data augmentation (flips).
+A flow maps data x to z ~ N(0, I); every layer is `forward(x) -> (z, log|det dz/dx|)` and
+`inverse(z) -> x`, so layers compose and each is checked alone against an autograd Jacobian
+(tests/test_realnvp.py). The likelihood takes the flow as a callable: `log_prob`, `nll`.
+Implemented: RealNVP's affine couplings (bounded scale), checkerboard and channel masks, squeeze,
+the multi-scale architecture, batch norm or ActNorm as flow layers, the logit preprocessing;
+Glow (`--arch glow`): ActNorm, the invertible 1x1 convolution (plain or `--conv1x1 lu`), its
+coupling, levels with a learned prior at each split, sampling at a temperature, its input map
+v/K - 1/2 (`--preprocess center`, its cifar10 preset); MAF (`--arch maf`): MADE layers with
+reversed orderings and batch norm between them, on points and on flattened images. `nll` is of
+the *discrete* data for images (a bound), so bits/dim compare across the three. Ours: MAF's
+log-scale bounded, 5 tanh(alpha / 5); Glow's NN without the official code's output rescaling.
+Not implemented: RealNVP's running-average batch norm (App. E), its bottleneck blocks and flips;
+Glow's learned top prior, Adamax, Polyak averaging, class conditioning; MAF MoG.
 
 Run it
-  python realnvp.py                                       # 8gaussians: learned density next to the true one
-  python realnvp.py --dataset digits                      # 8x8 digits, multi-scale convolutional flow
-  python realnvp.py --eval runs/realnvp-digits/ckpt.pt    # test NLL (nats) and bits/dim
-  python realnvp.py --sample runs/realnvp-digits/ckpt.pt --n-samples 64 --temperature 0.8
+  python realnvp.py                                      # 8gaussians: density next to the true one
+  python realnvp.py --dataset digits --arch glow         # 8x8 digits (also: --arch realnvp, maf)
+  python realnvp.py --eval runs/realnvp-digits/ckpt.pt   # test NLL (nats) and bits/dim
+  python realnvp.py --sample runs/realnvp-digits/ckpt.pt --n-samples 64 --temperature 0.7
 
 Paper -> code (Dinh et al. 2017 unless named)
-  Eq. 3        log p_X(x) = log p_Z(f(x)) + log|det df/dx^T|       change_of_variables, log_prob
-  Eqs. 4-5     affine coupling y_b = x_b * exp(s(x_a)) + t(x_a)      coupling_forward
-  Eq. 6        triangular Jacobian, log det = sum_j s(x_a)_j          coupling_forward (log_det)
-  Eqs. 7-8     the inverse of a coupling                              coupling_inverse
-  Sec. 3.3     sampling by the inverse, x = f^{-1}(z), z ~ N(0, I)    RealNVP.sample
-  Eq. 9        the masked form b*x + (1-b)*(x*exp(s(b*x)) + t(b*x))   coupling_forward, coupling_inverse
-  Sec. 3.4     checkerboard and channel-wise masks (Fig. 3)           checkerboard_mask, channel_mask
-  Sec. 3.6     squeeze, multi-scale, factoring out half               squeeze, unsqueeze, Scale
-  Sec. 3.7     batch normalisation as a flow layer                    BatchNormFlow
-  Sec. 3.7     deep residual networks for s and t                     ResNet (images), MLP (2D)
-  Sec. 4.1     dequantisation, logit(alpha + (1-2 alpha) x/K)         dequantize, LogitPreprocess, nll
-  Sec. 4.1     L2 5e-5 on the weight-scale parameters                 scale_weight_penalty
-  NICE 3.2     additive coupling                                      AffineCoupling(affine=False)
-  Glow Sec 3.1 ActNorm with data-dependent initialisation             ActNorm, initialize_actnorm
+  Eq. 3         log p_X(x) = log p_Z(f(x)) + log|det df/dx^T|          change_of_variables, log_prob
+  Eqs. 4-6, 9   y = b x + (1-b)(x exp(s(b x)) + t(b x)), log det = sum s coupling_forward
+  Eqs. 7-8      x = b y + (1-b)(y - t(b y)) exp(-s(b y))                coupling_inverse, AffineCoupling
+  Secs. 3.4-3.6 checkerboard / channel masks, squeeze, factor out half  *_mask, squeeze, Scale
+  Sec. 3.7      batch norm as a flow layer; ResNets for s, t            BatchNormFlow, ResNet, MLP (2D)
+  Sec. 4.1      v = x + u, logit(a + (1-2a) v/K), Jensen bound          dequantize, LogitPreprocess, nll
+  NICE Sec. 3.2 additive coupling, s = 0                                AffineCoupling(affine=False)
+  Glow 3.1      ActNorm y = (x - b) e^-s, data-dependent init           ActNorm, initialize_actnorm
+  Glow 3.2      y = W x per pixel, log det = h w log|det W|;            InvConv1x1
+                W = P L (U + diag s), log|det W| = sum log|s|           InvConv1x1(lu=True)
+  Glow 3.3      (h, t) = NN(x_b), y_a = sigmoid(h + 2) x_a + t          GlowCoupling, GlowNet
+  Glow Fig. 2   K steps per level; split z_2 ~ N(mu(z_1), sigma(z_1))   glow_step, GlowLevel, SplitPrior
+  Glow Sec. 6   z ~ N(0, T^2 I): sampling at a temperature T            RealNVP.sample
+  Glow code     y = v/K - 1/2, log det = -D log K                       CenterPreprocess
+  MADE Sec. 4   masks 1[m(k) >= m(j)], output 1[m(d) > m(k)]            made_masks, MaskedLinear, MADE
+  MAF Sec. 3.1  x_i = u_i exp(alpha_i) + mu_i, log det = -sum alpha_i   MaskedAutoregressive
+  MAF Sec. 4    orderings reversed, batch norm between layers           maf_flow, Flattened (images)
 """
 from __future__ import annotations
 
@@ -56,11 +58,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range,
-                    density_on_grid, dispatch, entropy_estimate, flag, get_device, init_distributed,
-                    load_checkpoint, load_dataset, load_weights, open_run, output_dir, parse_config,
-                    report_files, resume, save_density, save_image_grid, save_scatter, save_training,
-                    saved_config, seed_everything, user_errors, wrap_ddp)
+from common import (POINT_SETS, Batches, Logger, RunConfig, Training, UserError, check_range, density_on_grid, dispatch,
+                    entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
+                    parse_config, report_files, save_density, save_image_grid, save_scatter, saved_config,
+                    seed_everything, user_errors, wrap_ddp)
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -179,6 +180,11 @@ def _feature_stats_dims(x):
     return [0] + list(range(2, x.dim()))  # statistics per feature/channel: over batch and space
 
 
+def _channelwise(v, x):
+    """v (C,) reshaped to (1, C, 1, ..., 1) so that it broadcasts against x (B, C, ...)."""
+    return v.view(1, -1, *([1] * (x.dim() - 2))).to(x.dtype)
+
+
 class BatchNormFlow(nn.Module):
     """Batch normalisation as a flow layer (Dinh et al. 2017, Sec. 3.7):
 
@@ -200,9 +206,6 @@ class BatchNormFlow(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features))
         self._batch_stats = None
 
-    def _view(self, v, x):
-        return v.view(1, -1, *([1] * (x.dim() - 2))).to(x.dtype)
-
     def forward(self, x):
         """y = (x - mean) / sqrt(var + eps) * exp(log_gamma) + beta, log_det = sum over the
         dimensions of log_gamma - 0.5 log(var + eps): batch statistics in training (the per-example
@@ -216,8 +219,8 @@ class BatchNormFlow(nn.Module):
             self._batch_stats = (mean.detach(), var.detach())
         else:
             mean, var = self.running_mean, self.running_var
-        y = (x - self._view(mean, x)) * torch.rsqrt(self._view(var, x) + self.eps)
-        y = y * self._view(self.log_gamma.exp(), x) + self._view(self.beta, x)
+        y = (x - _channelwise(mean, x)) * torch.rsqrt(_channelwise(var, x) + self.eps)
+        y = y * _channelwise(self.log_gamma.exp(), x) + _channelwise(self.beta, x)
         per_feature = self.log_gamma.to(x.dtype) - 0.5 * torch.log(var.to(x.dtype) + self.eps)
         log_det = per_feature.sum() * math.prod(x.shape[2:])
         return y, log_det.expand(x.shape[0])
@@ -227,8 +230,8 @@ class BatchNormFlow(nn.Module):
             mean, var = self._batch_stats
         else:
             mean, var = self.running_mean, self.running_var
-        x = (y - self._view(self.beta, y)) * self._view((-self.log_gamma).exp(), y)
-        return x * torch.sqrt(self._view(var, y) + self.eps) + self._view(mean, y)
+        x = (y - _channelwise(self.beta, y)) * _channelwise((-self.log_gamma).exp(), y)
+        return x * torch.sqrt(_channelwise(var, y) + self.eps) + _channelwise(mean, y)
 
 
 class ActNorm(nn.Module):
@@ -251,18 +254,15 @@ class ActNorm(nn.Module):
         self.log_scale.copy_(x.std(dims, unbiased=False).clamp_min(1e-6).log())
         self.initialized.fill_(True)
 
-    def _view(self, v, x):
-        return v.view(1, -1, *([1] * (x.dim() - 2))).to(x.dtype)
-
     def forward(self, x):
         if not self.initialized and self.training:
             self.initialize(x)
-        y = (x - self._view(self.shift, x)) * self._view((-self.log_scale).exp(), x)
+        y = (x - _channelwise(self.shift, x)) * _channelwise((-self.log_scale).exp(), x)
         log_det = -self.log_scale.to(x.dtype).sum() * math.prod(x.shape[2:])
         return y, log_det.expand(x.shape[0])
 
     def inverse(self, y):
-        return y * self._view(self.log_scale.exp(), y) + self._view(self.shift, y)
+        return y * _channelwise(self.log_scale.exp(), y) + _channelwise(self.shift, y)
 
 # ----------------------------------------------------------------------------------------
 # Composing flows: the 2D flow and the multi-scale architecture (Sec. 3.6)
@@ -401,20 +401,22 @@ class LogitPreprocess(nn.Module):
         return self.levels * (torch.sigmoid(w) - self.alpha) / (1 - 2 * self.alpha)
 
 
-def bits_per_dim(nll, num_dims):
-    """nats per example -> bits per dimension: nll / (D ln 2)."""
-    return nll / (num_dims * math.log(2))
+def bits_per_dim(nats, dims):
+    """Nats per example -> bits per dimension: nats / (dims ln 2)."""
+    return nats / (dims * math.log(2))
+
 
 class RealNVP(nn.Module):
-    """A flow with a standard normal prior: `body` (a flow layer) after the optional
-    preprocessing (images: `LogitPreprocess`). x is continuous: points, or dequantised
-    images v = x + u in [0, K]^D. Its forward is the flow, x -> (z, log|det dz/dx|), which
-    `log_prob` and `nll` call; `sample` runs it backwards from the prior."""
+    """A flow with a standard normal prior: `body` (a flow layer) after the preprocessing
+    `pre` (images: `LogitPreprocess(levels, alpha)` unless another flow layer is given). x is
+    continuous: points, or dequantised images v = x + u in [0, K]^D. Its forward is the flow,
+    x -> (z, log|det dz/dx|), which `log_prob` and `nll` call; `sample` runs it backwards from
+    the prior. Glow and MAF are RealNVPs with another body (and Glow with another `pre`)."""
 
-    def __init__(self, body, event_shape, levels=None, alpha=0.05):
+    def __init__(self, body, event_shape, levels=None, alpha=0.05, pre=None):
         super().__init__()
         self.body, self.event_shape, self.levels = body, tuple(event_shape), levels
-        self.pre = LogitPreprocess(levels, alpha) if levels else None
+        self.pre = pre if pre is not None else LogitPreprocess(levels, alpha) if levels else None
         self.register_buffer("_anchor", torch.zeros(()))  # the model's device and dtype
 
     def forward(self, x):
@@ -458,12 +460,12 @@ def nll(flow, x, discrete=False, u=None):
         P(x) = int_{[0,1)^D} p_Y((x + u)/K) K^{-D} du = E_u[ p_V(x + u) ],
         p_V(v) = p_Y(v / K) K^{-D}   (the density of v = K y),
 
-    and by Jensen's inequality (Theis, van den Oord & Bethge 2016, arXiv 1511.01844)
+    and by Jensen's inequality (Theis, van den Oord & Bethge 2016, arXiv 1511.01844, Sec. 3.1)
 
         log P(x) >= E_u[log p_V(x + u)] = E_u[log p_Y((x + u)/K)] - D log K.
 
-    `log_prob` of v already includes -D log K and the logit's log-determinant
-    (LogitPreprocess), so nll = -log p_V(x + u) with one draw of u (`dequantize`; `u` may be
+    `log_prob` of v already includes -D log K and the preprocessing's log-determinant
+    (LogitPreprocess; Glow's CenterPreprocess), so nll = -log p_V(x + u) with one draw of u (`dequantize`; `u` may be
     given) is an unbiased estimate of the bound -E_u[log p_V(x + u)] >= -log P(x). Bits/dim =
     nll / (D ln 2), as the paper reports. Integer x is computed in u's dtype when u is given,
     else in the default dtype."""
@@ -493,6 +495,287 @@ def initialize_actnorm(flow, batches, discrete=False):
         with torch.no_grad():
             flow.train()
             nll(flow, next(batches)[0], discrete)
+
+
+# ----------------------------------------------------------------------------------------
+# Glow (Kingma & Dhariwal 2018, arXiv 1807.03039)
+# ----------------------------------------------------------------------------------------
+
+# A step of flow is ActNorm (above), an invertible 1x1 convolution and an affine coupling
+# (Sec. 3, Fig. 2a, Table 1); L levels of K steps make the multi-scale flow (Fig. 2b). Every
+# layer here works on (B, C, H, W) images and on (B, C) vectors alike (2D points: C = 2, no
+# pixels), so Glow also runs on the 2D sets.
+
+def conv1x1(x, W):
+    """y = W x at every position: the 1x1 convolution of x (B, C, ...) with the C x C matrix W."""
+    return torch.einsum("ij,bj...->bi...", W.to(x.dtype), x).to(x.dtype)  # back from autocast's dtype
+
+
+class InvConv1x1(nn.Module):
+    """The invertible 1x1 convolution (Kingma & Dhariwal 2018, Sec. 3.2): y = W x at each of the
+    h x w positions, log|det dy/dx| = h w log|det W|, W initialised as a random rotation
+    (log|det W| = 0). lu=True: the LU-decomposed form W = P L (U + diag(s)), P a fixed
+    permutation, L unit lower-triangular, U strictly upper-triangular, so
+    log|det W| = sum_i log|s_i| costs O(C) instead of O(C^3)."""
+
+    def __init__(self, channels, lu=False):
+        super().__init__()
+        self.lu = lu
+        w = torch.linalg.qr(torch.randn(channels, channels))[0]
+        if not lu:
+            self.weight = nn.Parameter(w)
+            return
+        P, L, U = torch.linalg.lu(w)
+        s = torch.diagonal(U)
+        self.register_buffer("P", P)
+        self.register_buffer("sign_s", torch.sign(s))
+        self.register_buffer("lower", torch.tril(torch.ones(channels, channels), -1))
+        self.L, self.U = nn.Parameter(L), nn.Parameter(torch.triu(U, 1))
+        self.log_s = nn.Parameter(s.abs().log())
+
+    def weight_and_logdet(self):
+        """(W, log|det W|)."""
+        if not self.lu:
+            return self.weight, torch.linalg.slogdet(self.weight)[1]
+        eye = torch.eye(self.L.shape[0], dtype=self.L.dtype, device=self.L.device)
+        L = self.L * self.lower + eye
+        U = self.U * self.lower.T + torch.diag(self.sign_s * self.log_s.exp())
+        return self.P @ L @ U, self.log_s.sum()
+
+    def forward(self, x):
+        W, log_det_W = self.weight_and_logdet()
+        log_det = log_det_W.to(x.dtype) * math.prod(x.shape[2:])  # h * w (1 for vectors)
+        return conv1x1(x, W), log_det.expand(x.shape[0])
+
+    def inverse(self, y):
+        return conv1x1(y, torch.linalg.inv(self.weight_and_logdet()[0]))
+
+
+class GlowCoupling(nn.Module):
+    """Glow's affine coupling (Sec. 3.3, Table 1): x = (x_a, x_b) split along the channels,
+    (h, t) = NN(x_b), s = sigmoid(h + 2), y_a = s * x_a + t, y_b = x_b, log|det| = sum log s.
+    It is the masked coupling of Dinh et al. (`coupling_forward`, b = 1 on x_b) with the
+    log-scale log sigmoid(h + 2) (the official code's bounded scale, s < 1; the paper writes
+    exp(log s)). NN's last layer starts at zero (Sec. 3.3). affine=False: additive, s = 1."""
+
+    def __init__(self, channels, net, event_dims, affine=True):
+        super().__init__()
+        self.ca, self.net, self.affine = channels // 2, net, affine  # x_a: the first C // 2 channels
+        b = (torch.arange(channels) >= self.ca).float()
+        self.register_buffer("mask", b.reshape(channels, *([1] * (event_dims - 1))))
+
+    def st(self, xb_masked):
+        h, t = self.net(xb_masked[:, self.ca:]).to(xb_masked.dtype).chunk(2, dim=1)
+        log_s = F.logsigmoid(h + 2) if self.affine else torch.zeros_like(t)
+        pad = xb_masked[:, self.ca:].new_zeros(xb_masked[:, self.ca:].shape)  # nothing on x_b
+        return torch.cat([log_s, pad], 1), torch.cat([t, pad], 1)
+
+    def forward(self, x):
+        return coupling_forward(x, self.mask.to(x.dtype), self.st)
+
+    def inverse(self, y):
+        return coupling_inverse(y, self.mask.to(y.dtype), self.st)
+
+
+def glow_step(channels, make_net, event_dims, lu=False, affine=True):
+    """One step of flow (Sec. 3, Fig. 2a): ActNorm, invertible 1x1 convolution, affine coupling.
+    `make_net(c_in, c_out)` returns the coupling's NN."""
+    return FlowSequence([ActNorm(channels), InvConv1x1(channels, lu),
+                         GlowCoupling(channels, make_net(channels - channels // 2, 2 * (channels // 2)),
+                                      event_dims, affine)])
+
+
+class SplitPrior(nn.Module):
+    """Glow's split with a learned prior (Sec. 3, Fig. 2b; the official code's split2d):
+    x = (h, z) along the channels, z ~ N(mu(h), sigma(h)^2) with (mu, log sigma) = NN(h),
+    NN's last layer zero (the prior starts as N(0, I)). Written as a flow,
+    eps = (z - mu(h)) / sigma(h), log|det| = -sum log sigma(h), so that
+    log N(eps; 0, I) + log|det| = log N(z; mu(h), sigma(h)^2) and the prior of the whole flow
+    stays N(0, I); sampling eps ~ N(0, T^2 I) gives z = mu + sigma * T * eps, Glow's temperature."""
+
+    def __init__(self, channels, net):
+        super().__init__()
+        self.ch, self.net = channels - channels // 2, net  # h: the first channels - C // 2
+
+    def mu_log_sigma(self, h):
+        return self.net(h).to(h.dtype).chunk(2, dim=1)
+
+    def forward(self, x):
+        h, z = x[:, :self.ch], x[:, self.ch:]
+        mu, log_sigma = self.mu_log_sigma(h)
+        return torch.cat([h, (z - mu) * torch.exp(-log_sigma)], 1), -log_sigma.flatten(1).sum(1)
+
+    def inverse(self, y):
+        h, eps = y[:, :self.ch], y[:, self.ch:]
+        mu, log_sigma = self.mu_log_sigma(h)
+        return torch.cat([h, mu + torch.exp(log_sigma) * eps], 1)
+
+
+class GlowLevel(nn.Module):
+    """Levels of Glow's multi-scale architecture (Sec. 3, Fig. 2b; Dinh et al. 2017, Sec. 3.6):
+    squeeze, K steps of flow, then, but for the last level, a split with the learned prior
+    whose factored-out half eps leaves and whose other half goes on to the next level. As in
+    `Scale` the latents are put back at their pixels, so z has the shape of x.
+    shape = (C, H, W) with H and W divisible by 2^n_levels; make_net(c_in, c_out) builds the
+    couplings' NN, make_prior(c_in, c_out) the split's."""
+
+    def __init__(self, shape, n_levels, K, make_net, make_prior, lu=False, affine=True):
+        super().__init__()
+        c, h, w = shape
+        if n_levels < 1 or h % 2 ** n_levels or w % 2 ** n_levels:
+            raise ValueError(f"{n_levels} levels need n_levels >= 1 and {h}x{w} divisible by 2^n_levels")
+        self.steps = FlowSequence([glow_step(4 * c, make_net, 3, lu, affine) for _ in range(K)])
+        self.last = n_levels == 1
+        if not self.last:
+            self.split = SplitPrior(4 * c, make_prior(2 * c, 4 * c))
+            self.next = GlowLevel((2 * c, h // 2, w // 2), n_levels - 1, K, make_net, make_prior, lu, affine)
+
+    def forward(self, x):
+        y, log_det = self.steps(squeeze(x))
+        if self.last:
+            return unsqueeze(y), log_det
+        y, ld_split = self.split(y)
+        h, eps = y.chunk(2, dim=1)
+        z_rest, ld_next = self.next(h)
+        return unsqueeze(torch.cat([z_rest, eps], 1)), log_det + ld_split + ld_next
+
+    def inverse(self, z):
+        y = squeeze(z)
+        if not self.last:
+            z_rest, eps = y.chunk(2, dim=1)
+            y = self.split.inverse(torch.cat([self.next.inverse(z_rest), eps], 1))
+        return unsqueeze(self.steps.inverse(y))
+
+
+def glow_point_flow(dim, K, make_net, lu=False, affine=True):
+    """K steps of flow on R^dim (the vectors as dim channels of one pixel): Glow on the 2D sets."""
+    return FlowSequence([glow_step(dim, make_net, 1, lu, affine) for _ in range(K)])
+
+
+class CenterPreprocess(nn.Module):
+    """Glow's input map (the official code: x / 2^bits - 1/2) as a flow layer on the dequantised
+    v in [0, K]^D: y = v / K - 1/2, log|det| = -D log K, the same -D log K as in
+    LogitPreprocess, so `nll` is again a bound on -log P(x) of the discrete data."""
+
+    def __init__(self, levels):
+        super().__init__()
+        self.levels = levels
+
+    def forward(self, v):
+        return v / self.levels - 0.5, v.new_full((v.shape[0],), -math.prod(v.shape[1:]) * math.log(self.levels))
+
+    def inverse(self, y):
+        return (y + 0.5) * self.levels
+
+
+# ----------------------------------------------------------------------------------------
+# MAF (Papamakarios, Pavlakou & Murray 2017, arXiv 1705.07057)
+# ----------------------------------------------------------------------------------------
+
+# Each layer is an autoregressive Gaussian whose mean and log-scale come from a MADE
+# (Germain, Gregor, Murray & Larochelle 2015, arXiv 1502.03509): one network pass gives
+# every (mu_i, alpha_i) with the dependence on x_{<i} only, enforced by masks.
+
+def made_masks(order, hidden, n_hidden=2):
+    """MADE's masks (Germain et al. 2015, Sec. 4): degrees m(x_d) = 1 + position of d in `order`
+    (a permutation of 0..D-1); hidden degrees in 1..D-1 (assigned in turn here; the paper draws
+    them at random); hidden masks 1[m(k) >= m(j)], output masks 1[m(x_d) > m(k)], so output d
+    depends only on the inputs before d in the ordering. Returns [(H, D), (H, H)..., (D, H)]."""
+    D = len(order)
+    m_in = torch.empty(D, dtype=torch.long)
+    m_in[torch.as_tensor(order)] = torch.arange(1, D + 1)
+    m_hidden = torch.arange(hidden) % max(D - 1, 1) + 1
+    masks = [(m_hidden[:, None] >= m_in[None, :]).float()]
+    masks += [(m_hidden[:, None] >= m_hidden[None, :]).float() for _ in range(n_hidden - 1)]
+    return masks + [(m_in[:, None] > m_hidden[None, :]).float()]
+
+
+class MaskedLinear(nn.Linear):
+    """A linear layer whose weight is multiplied by a fixed 0/1 mask (MADE, Sec. 4)."""
+
+    def __init__(self, mask):
+        super().__init__(mask.shape[1], mask.shape[0])
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class MADE(nn.Module):
+    """A Gaussian MADE (Papamakarios et al. 2017, Sec. 3.1; Germain et al. 2015): x (B, D) ->
+    (mu, alpha), each (B, D), with (mu_i, alpha_i) a function of x_{<i} in `order`. Two ReLU
+    hidden layers of `hidden` units; the output layer starts at zero (ours: each layer starts
+    as the identity, as the couplings do)."""
+
+    def __init__(self, order, hidden):
+        super().__init__()
+        m1, m2, m_out = made_masks(order, hidden)
+        self.net = nn.Sequential(MaskedLinear(m1), nn.ReLU(), MaskedLinear(m2), nn.ReLU(),
+                                 MaskedLinear(torch.cat([m_out, m_out])))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x):
+        return self.net(x).chunk(2, dim=1)
+
+
+class MaskedAutoregressive(nn.Module):
+    """One MAF layer (Papamakarios et al. 2017, Sec. 3.1):
+        x_i = u_i exp(alpha_i) + mu_i,  (mu_i, alpha_i) = MADE(x_{<i}),
+    so the density direction x -> u is one pass, u = (x - mu(x)) exp(-alpha(x)) with
+    log|det du/dx| = -sum_i alpha_i (triangular Jacobian), and sampling u -> x takes D passes:
+    after pass k the first k variables of the ordering are final."""
+
+    def __init__(self, order, hidden, alpha_max=5.0):
+        super().__init__()
+        self.made, self.alpha_max = MADE(order, hidden), alpha_max
+
+    def mu_alpha(self, x):
+        mu, alpha = self.made(x)
+        # |alpha| < alpha_max, alpha ~ MADE's output near 0 (ours: with the paper's unbounded alpha
+        # a trained flow overflows float32 a little outside the data, exp(-alpha) compounding over layers)
+        return mu, self.alpha_max * torch.tanh(alpha / self.alpha_max)
+
+    def forward(self, x):
+        mu, alpha = self.mu_alpha(x)
+        return (x - mu) * torch.exp(-alpha), -alpha.sum(1)
+
+    def inverse(self, u):
+        x = torch.zeros_like(u)
+        for _ in range(u.shape[1]):
+            mu, alpha = self.mu_alpha(x)
+            x = u * torch.exp(alpha) + mu
+        return x
+
+
+def maf_flow(dim, n_layers, hidden, norm="batch"):
+    """MAF (Papamakarios et al. 2017, Sec. 3; experiments Sec. 4): n_layers MADE layers, the
+    ordering reversed from one to the next, a normalisation flow layer between consecutive ones
+    (the paper's batch norm, `BatchNormFlow`; or "act", "none")."""
+    layers = []
+    for k in range(n_layers):
+        order = list(range(dim)) if k % 2 == 0 else list(reversed(range(dim)))
+        layers.append(MaskedAutoregressive(order, hidden))
+        n = norm_layer(norm, dim) if k < n_layers - 1 else None
+        if n is not None:
+            layers.append(n)
+    return FlowSequence(layers)
+
+
+class Flattened(nn.Module):
+    """A flow on vectors applied to x (B, *shape) flattened to (B, D) in raster order (MAF on
+    MNIST and CIFAR-10, Sec. 4); z comes back in x's shape, the log-determinant unchanged."""
+
+    def __init__(self, flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x):
+        z, log_det = self.flow(x.flatten(1))
+        return z.reshape(x.shape), log_det
+
+    def inverse(self, z):
+        return self.flow.inverse(z.flatten(1)).reshape(z.shape)
 
 
 # ----------------------------------------------------------------------------------------
@@ -561,6 +844,34 @@ class ResNet(nn.Module):
         h = self.blocks(self.conv_in(torch.cat([xa, m], 1)))
         return self.conv_out(F.relu(self.bn_out(h)))
 
+
+class GlowNet(nn.Module):
+    """Glow's coupling NN (Kingma & Dhariwal 2018, Sec. 3.3 and the official code): 3x3 conv,
+    ActNorm, ReLU, 1x1 conv, ActNorm, ReLU, then a 3x3 conv that starts at zero, so every
+    coupling starts as y_a = sigmoid(2) x_a. x (B, c_in, H, W) -> (B, c_out, H, W); on vectors
+    (image=False) the convolutions are linear layers."""
+
+    def __init__(self, c_in, c_out, width, image=True):
+        super().__init__()
+        layer = (lambda i, o, k: nn.Conv2d(i, o, k, padding=k // 2)) if image else (lambda i, o, k: nn.Linear(i, o))
+        self.inp, self.norm1 = layer(c_in, width, 3), ActNorm(width)
+        self.mid, self.norm2 = layer(width, width, 1), ActNorm(width)
+        self.out = zero_layer(layer(width, c_out, 3))
+
+    def forward(self, x):
+        h = F.relu(self.norm1(self.inp(x))[0])  # ActNorm as a plain layer here: its log-det is not needed
+        h = F.relu(self.norm2(self.mid(h))[0])
+        return self.out(h)
+
+
+def zero_layer(layer):
+    """`layer` with its weight and bias set to zero (Glow, Sec. 3.3: zero initialisation); the
+    split's prior network is zero_layer(Conv2d(c_in, c_out, 3)), so the prior starts as N(0, I)."""
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 # ----------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------
@@ -572,14 +883,23 @@ class Config(RunConfig):
     batch_size: int = flag(256, "global batch size")
     lr: float = flag(1e-3, "Adam learning rate")
     save_every: int = flag(1000, "steps between checkpoints and pictures")
-    n_couplings: int = flag(8, "2D: number of coupling layers (masks alternate)")
-    hidden: int = flag(128, "2D: width of the two hidden layers of each coupling MLP")
-    n_scales: int = flag(2, "images: scales of the multi-scale architecture (n_scales - 1 squeezes)")
+    arch: str = flag("realnvp", "the flow: realnvp (Dinh et al. 2017), glow (Kingma & Dhariwal 2018) or maf "
+                     "(Papamakarios et al. 2017); each has its presets (ARCH_PRESETS)",
+                     choices=("realnvp", "glow", "maf"))
+    n_couplings: int = flag(8, "2D: number of coupling layers (masks alternate); glow: K, steps of flow per level "
+                            "(2D: in all); maf: MADE layers")
+    hidden: int = flag(128, "2D: width of the two hidden layers of each coupling MLP; maf: of each MADE")
+    n_scales: int = flag(2, "images: scales of the multi-scale architecture (n_scales - 1 squeezes); glow: L levels")
     n_blocks: int = flag(4, "images: residual blocks in each coupling network")
-    n_features: int = flag(32, "images: feature maps in each coupling network")
-    coupling: str = flag("affine", "affine (RealNVP) or additive (NICE: s = 0)", choices=("affine", "additive"))
-    norm: str = flag("act", "normalisation flow layer after each coupling: batch norm (the paper's, images), "
-                     "ActNorm (Glow; 2D default) or none", choices=("batch", "act", "none"))
+    n_features: int = flag(32, "images: feature maps in each coupling network (glow: the width of NN)")
+    coupling: str = flag("affine", "affine (RealNVP, Glow) or additive (NICE: s = 0)", choices=("affine", "additive"))
+    norm: str = flag("act", "normalisation flow layer after each coupling (maf: between MADEs): batch norm (the "
+                     "paper's, images; maf's), ActNorm (Glow; 2D default) or none", choices=("batch", "act", "none"))
+    conv1x1: str = flag("plain", "glow: the invertible 1x1 convolution, plain W or LU-decomposed (Sec. 3.2)",
+                        choices=("plain", "lu"))
+    preprocess: str = flag("logit", "images: logit(alpha + (1 - 2 alpha) v/K) (RealNVP) or center, v/K - 1/2 "
+                           "(Glow's official code)", choices=("logit", "center"))
+    warmup: int = flag(0, "steps of linear learning-rate warm-up (0: constant)")
     alpha: float = flag(0.05, "images: logit preprocessing maps x/K into [alpha, 1 - alpha] (Sec. 4.1)")
     l2: float = flag(0.0, "L2 coefficient on the weight-scale parameters (paper, images: 5e-5)")
     grad_clip: float = flag(100.0, "clip the global gradient norm (official code: 100; 0 = off)")
@@ -610,15 +930,60 @@ PRESETS = {
                     norm="batch", alpha=0.05, l2=5e-5, save_every=5000),
 }
 
+# With --arch glow or maf these take the place of PRESETS. Glow on cifar10 follows the paper
+# (K = 32, L = 3, NN width 512; 3.35 bits/dim reported) and the official code's CIFAR-10
+# command (affine coupling, plain 1x1 convolution, lr 1e-3, 8 GPUs x 64 = batch 512, warm-up
+# over 10 epochs ~ 1000 steps, inputs v/256 - 1/2). Ours: Adam (the code's default is Adamax),
+# the number of steps, the gradient clipping, no learned top prior (learntop) and no data
+# augmentation. The small presets and all of MAF's sizes and learning rates are ours (MAF's
+# numbers are unverified, shared/PAPERS.md); MAF keeps the paper's batch norm between its MADE
+# layers. On digits Glow takes RealNVP's logit: most pixels sit at the end levels 0 and 16, and
+# after 2000 steps the centring gives 2.52 test bits/dim where the logit gives 2.17.
+ARCH_PRESETS = {
+    "glow": {
+        "points": dict(steps=3000, batch_size=256, lr=1e-3, n_couplings=8, hidden=64, norm="act", l2=0.0),
+        "image": dict(steps=2000, batch_size=64, lr=1e-3, warmup=100, n_scales=2, n_couplings=4, n_features=32,
+                      norm="act", l2=0.0, save_every=500),
+        "cifar10": dict(steps=500_000, batch_size=512, lr=1e-3, warmup=1000, n_scales=3, n_couplings=32,
+                        n_features=512, norm="act", l2=0.0, conv1x1="plain", preprocess="center", save_every=5000),
+    },
+    "maf": {
+        "points": dict(steps=3000, batch_size=256, lr=1e-3, n_couplings=5, hidden=128, norm="batch", l2=0.0),
+        "image": dict(steps=2000, batch_size=64, lr=1e-3, n_couplings=5, hidden=256, norm="batch", alpha=0.05,
+                      l2=0.0, save_every=500),
+    },
+}
+
+
 def check_config(cfg):
-    """One-line errors for values the flags' types let through; whether --n-scales fits the
-    images is checked in build (it needs the data)."""
+    """One-line errors for values the flags' types let through, and combinations that make no
+    sense; whether --n-scales fits the images is checked in build (it needs the data)."""
     for name in ("n_couplings", "hidden", "n_scales", "n_features"):
         check_range(cfg, name, 1)
-    for name in ("n_blocks", "l2", "grad_clip"):
+    for name in ("n_blocks", "l2", "grad_clip", "warmup"):
         check_range(cfg, name, 0)
     check_range(cfg, "alpha", 0, 0.5, open_high=True)
     check_range(cfg, "temperature", 0, open_low=True)
+    if cfg.arch == "glow" and cfg.norm != "act":
+        raise UserError(f"--norm {cfg.norm} with --arch glow: Glow's step of flow has ActNorm; accepted: --norm act")
+    if cfg.arch == "maf" and cfg.coupling != "affine":
+        raise UserError(f"--coupling {cfg.coupling} with --arch maf: MAF has no coupling layers; accepted: "
+                        "--coupling affine (the default)")
+    if cfg.arch != "realnvp" and cfg.l2:
+        raise UserError(f"--l2 {cfg.l2} acts on RealNVP's weight-norm and coupling scales, which --arch {cfg.arch} "
+                        "does not have; accepted: --l2 0 (its preset)")
+    if cfg.preprocess != "logit" and cfg.dataset in POINT_SETS:
+        raise UserError(f"--preprocess {cfg.preprocess} is for images; accepted with --dataset {cfg.dataset}: "
+                        "logit (the default, unused on points)")
+    if cfg.arch != "glow" and cfg.conv1x1 != "plain":
+        raise UserError(f"--conv1x1 {cfg.conv1x1} is Glow's; accepted with --arch {cfg.arch}: plain (the default), "
+                        "or use --arch glow")
+
+
+def learning_rate(step, cfg):
+    """The learning rate of step `step` (0-based): linear warm-up over cfg.warmup steps, then
+    constant (Glow's official code warms up over its first 10 epochs; --warmup 0: constant)."""
+    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
 
 
 # ----------------------------------------------------------------------------------------
@@ -627,6 +992,9 @@ def check_config(cfg):
 
 # Data go into the flow as they come: points as floats, images as integer levels that `nll`
 # dequantises (discrete = info.kind == "image"); samples come back the same way.
+
+NAMES = {"realnvp": "RealNVP", "glow": "Glow", "maf": "MAF"}  # --arch as the pictures name it
+
 
 def save_samples(x, path, info, title=None):
     """Samples as a scatter on [-lim, lim]^2 with `title` (points) or an image grid (levels)."""
@@ -658,11 +1026,11 @@ def _draw_pictures(net, out, step, cfg, ds):
     info = ds.info
     net.eval()
     x = net.sample(cfg.n_samples if info.kind != "points" else 2000, cfg.temperature)
-    save_samples(x, out / f"samples_{step}.png", info, title=f"RealNVP samples, step {step}")
+    save_samples(x, out / f"samples_{step}.png", info, title=f"{NAMES[cfg.arch]} samples, step {step}")
     if info.kind == "points":
         truth = density_on_grid(ds.log_prob, info.lim) if ds.log_prob else ds.data
         save_density({"true" if ds.log_prob else "training data": truth,
-                      "RealNVP": model_log_density(net, info.lim)}, out / "density.png", info.lim)
+                      NAMES[cfg.arch]: model_log_density(net, info.lim)}, out / "density.png", info.lim)
         z, _ = net(ds.data[:2000].to(net._anchor))
         save_latent_2d(ds.data[:2000], z.cpu(), out / "latent.png", info.lim)
     else:
@@ -711,47 +1079,58 @@ MODEL = "realnvp"
 
 
 def build(cfg, info):
-    """The flow for a configuration and the data's description: MLP couplings on points, the
-    multi-scale convolutional flow with the logit preprocessing on images."""
-    affine = cfg.coupling == "affine"
+    """The flow for a configuration and the data's description: on points MLP couplings
+    (realnvp), K steps of flow (glow) or MADE layers (maf); on images the multi-scale
+    convolutional flow (realnvp), Glow's levels (glow) or MAF on the flattened image (maf), after
+    the logit preprocessing or Glow's centring (--preprocess)."""
+    affine, lu = cfg.coupling == "affine", cfg.conv1x1 == "lu"
     if info.kind == "points":
         (dim,) = info.shape
-        return RealNVP(point_flow(dim, cfg.n_couplings, lambda m: MLP(dim, cfg.hidden), affine, cfg.norm),
-                       info.shape)
+        if cfg.arch == "glow":
+            net = lambda i, o: GlowNet(i, o, cfg.hidden, image=False)  # noqa: E731
+            body = glow_point_flow(dim, cfg.n_couplings, net, lu, affine)
+        elif cfg.arch == "maf":
+            body = maf_flow(dim, cfg.n_couplings, cfg.hidden, cfg.norm)
+        else:
+            body = point_flow(dim, cfg.n_couplings, lambda m: MLP(dim, cfg.hidden), affine, cfg.norm)
+        return RealNVP(body, info.shape)
     c, h, w = info.shape
-    if h % 2 ** (cfg.n_scales - 1) or w % 2 ** (cfg.n_scales - 1):
-        most = min((h & -h).bit_length(), (w & -w).bit_length())  # 1 + how often both sides can be halved
+    halvings = cfg.n_scales if cfg.arch == "glow" else cfg.n_scales - 1  # glow squeezes at every level
+    if cfg.arch != "maf" and (h % 2 ** halvings or w % 2 ** halvings):
+        most = min((h & -h).bit_length(), (w & -w).bit_length()) - (cfg.arch == "glow")  # how often both halve
         raise UserError(f"--n-scales {cfg.n_scales} does not fit {h}x{w} images (every scale but the last halves "
-                        f"the side); accepted for {info.name}: 1 to {most}")
-    body = Scale(info.shape, cfg.n_scales, lambda m: ResNet(m, cfg.n_features, cfg.n_blocks), affine, cfg.norm)
-    return RealNVP(body, info.shape, levels=info.levels, alpha=cfg.alpha)
+                        f"the side; with --arch glow every level); accepted for {info.name}: 1 to {most}")
+    if cfg.arch == "maf":
+        body = Flattened(maf_flow(info.dims, cfg.n_couplings, cfg.hidden, cfg.norm))
+    elif cfg.arch == "glow":
+        body = GlowLevel(info.shape, cfg.n_scales, cfg.n_couplings, lambda i, o: GlowNet(i, o, cfg.n_features),
+                         lambda i, o: zero_layer(nn.Conv2d(i, o, 3, padding=1)), lu, affine)
+    else:
+        body = Scale(info.shape, cfg.n_scales, lambda m: ResNet(m, cfg.n_features, cfg.n_blocks), affine, cfg.norm)
+    pre = CenterPreprocess(info.levels) if cfg.preprocess == "center" else None  # None: LogitPreprocess
+    return RealNVP(body, info.shape, levels=info.levels, alpha=cfg.alpha, pre=pre)
 
 
 def train(cfg):
     """Maximum likelihood of the (dequantised) data with Adam and, for images, L2 on the scale
     weights (Sec. 4.1); under torchrun every process trains on its slice of the global batch (DDP)."""
-    dist = init_distributed(cfg.device)
-    out = open_run(cfg, MODEL, dist)
-    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    info, discrete = ds.info, ds.info.kind == "image"
-    seed_everything(cfg.seed)  # the same initial weights on every process
-    net = build(cfg, info).to(dist.device)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
-    if cfg.resume:
-        step = resume(cfg, MODEL, dist, model=net, opt=opt, batches=batches)
-    else:
-        step = 0
-        initialize_actnorm(net, batches, discrete)  # Glow Sec. 3.1; DDP then copies rank 0's values
-        seed_everything(cfg.seed + dist.rank)  # different dequantisation noise on every process
-    start = step
-    model = wrap_ddp(net, dist, cfg.compile)  # DDP over the processes, then torch.compile
-    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
-    with StopSignal() as stop:
-        while step < cfg.steps:
+    with Training(cfg, MODEL) as run:
+        ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        info, discrete = ds.info, ds.info.kind == "image"
+        seed_everything(cfg.seed)  # the same initial weights on every process
+        net = build(cfg, info).to(run.device)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        batches = Batches(ds, cfg.batch_size, run.dist, seed=cfg.seed)
+        if not cfg.resume:
+            initialize_actnorm(net, batches, discrete)  # Glow Sec. 3.1; DDP then copies rank 0's values
+        step = run.start(info, model=net, opt=opt, batches=batches)
+        model = wrap_ddp(net, run.dist, cfg.compile)  # DDP over the processes, then torch.compile
+        for step in run.steps(step, pictures=lambda step: save_pictures(net, run.out, step, cfg, ds)):
             model.train()  # the pictures leave the flow in evaluation mode
             x, _ = next(batches)
-            with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, cfg)
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                 nats = nll(model, x, discrete).mean()
             loss = nats + cfg.l2 * scale_weight_penalty(net) if cfg.l2 else nats
             opt.zero_grad(set_to_none=True)
@@ -759,31 +1138,9 @@ def train(cfg):
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             opt.step()
-            step += 1
-            value = dist.mean(nats)
-            check_finite(value, step)
-            logger.log(step, cfg.batch_size, loss=value,
-                       **({"bits_per_dim": bits_per_dim(value, info.dims)} if discrete else {}))
-            stopping = dist.any(stop.requested)
-            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                save_training(out, MODEL, step, cfg, info, dist, model=net, opt=opt, batches=batches)
-                if dist.is_main and not stopping:  # asked to stop: no pictures, say how to continue
-                    with stop.interruptible():  # a signal now stops at once; the checkpoint is whole
-                        save_pictures(net, out, step, cfg, ds)
-            if stopping:
-                if dist.is_main:
-                    print(f"stopped at step {step}; continue with --resume", flush=True)
-                break
-        if step == start:  # --steps 0, or nothing left to train: still a checkpoint
-            save_training(out, MODEL, step, cfg, info, dist, model=net, opt=opt, batches=batches)
-            if dist.is_main:
-                with stop.interruptible():
-                    save_pictures(net, out, step, cfg, ds)
-    logger.close()
-    dist.close()
-    if dist.is_main:
-        report_files(out, ["ckpt.pt", f"samples_{step}.png", "latent.png", "density.png", "metrics.jsonl",
-                           "loss.png"])
+            nats = nats.detach()
+            run.log(loss=nats, **({"bits_per_dim": bits_per_dim(nats, info.dims)} if discrete else {}))
+    run.report(["ckpt.pt", f"samples_{run.step}.png", "latent.png", "density.png", "metrics.jsonl", "loss.png"])
 
 
 @torch.no_grad()
@@ -805,7 +1162,7 @@ def evaluate(cfg):
         log_density = model_log_density(net, info.lim)
         np.savez(out / "density.npz", log_density=log_density, lim=info.lim)
         truth = density_on_grid(ds.log_prob, info.lim) if ds.log_prob else ds.data
-        save_density({"true" if ds.log_prob else "test data": truth, "RealNVP": log_density},
+        save_density({"true" if ds.log_prob else "test data": truth, NAMES[saved.arch]: log_density},
                      out / "density.png", info.lim)
     Logger(out, 0).event("eval", split="test", dataset=info.name, **fields)
     report_files(out, ["metrics.jsonl", "density.npz", "density.png"])
@@ -821,7 +1178,7 @@ def draw_samples(cfg):
     t0 = time.perf_counter()
     x = net.sample(cfg.n_samples, cfg.temperature)
     seconds = time.perf_counter() - t0
-    save_samples(x, out / "samples.png", info, title="RealNVP samples")
+    save_samples(x, out / "samples.png", info, title=f"{NAMES[saved.arch]} samples")
     torch.save(x.cpu(), out / "samples.pt")
     Logger(out, 0).event("sample", n=cfg.n_samples, seconds=seconds, samples_per_s=cfg.n_samples / max(seconds, 1e-9))
     report_files(out, ["samples.png", "samples.pt", "metrics.jsonl"])
@@ -841,7 +1198,7 @@ def load(path, device="cpu"):
 def main(argv=None):
     """Train (default), or --eval CKPT, or --sample CKPT; a user's mistake exits with one line."""
     with user_errors():
-        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
+        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"), arch_presets=ARCH_PRESETS)
         check_config(cfg)
         return dispatch(cfg, train, evaluate, draw_samples)
 

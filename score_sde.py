@@ -1,95 +1,58 @@
 """Score-based generative models: score matching, NCSN, and score SDEs with an exact likelihood.
 
 Papers
-  Hyvarinen 2005, "Estimation of Non-Normalized Statistical Models by Score Matching", JMLR 6.
-  Vincent 2011, "A Connection Between Score Matching and Denoising Autoencoders", Neural
-    Computation 23 (denoising score matching).
-  Song, Garg, Shi & Ermon 2019, "Sliced Score Matching", arXiv 1905.07088.
-  Song & Ermon 2019, "Generative Modeling by Estimating Gradients of the Data Distribution",
-    arXiv 1907.05600 (NCSN: noise-conditional scores, annealed Langevin dynamics).
-  Song & Ermon 2020, "Improved Techniques for Training Score-Based Generative Models",
-    arXiv 2006.09011 (Technique 1: sigma_max about the largest distance between data points).
-  Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole 2021, "Score-Based Generative Modeling
-    through Stochastic Differential Equations", arXiv 2011.13456 ("the SDE paper" below).
-  Dormand & Prince 1980, "A family of embedded Runge-Kutta formulae", J. Comput. Appl. Math. 6;
-    Hutchinson 1990 and Skilling 1989 (the trace estimator); Grathwohl et al. 2019, FFJORD,
-    arXiv 1810.01367 (the instantaneous change of variables with that estimator).
+  Hyvarinen 2005, JMLR 6 (score matching, Thm. 1); Vincent 2011, Neural Computation 23 (denoising).
+  Song, Garg, Shi & Ermon 2019, arXiv 1905.07088 (sliced score matching).
+  Song & Ermon 2019, arXiv 1907.05600 (NCSN: noise-conditional scores, annealed Langevin dynamics);
+    Song & Ermon 2020, arXiv 2006.09011 (Technique 1: sigma_max ~ the largest distance between points).
+  Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole 2021, arXiv 2011.13456 ("SDE paper": VE/VP/sub-VP
+    SDEs, PC and ODE samplers, the exact likelihood, DDPM++ and NCSN++); Dormand & Prince 1980 (RK5(4)).
 
-The exact likelihood, the centre of this file. A diffusion SDE dx = f dt + g dw has marginals
-p_t; the probability-flow ODE (SDE paper Eq. 13)
+The probability-flow ODE dx/dt = f - 1/2 g^2 s_theta (Eq. 13) has the SDE's marginals and is a
+continuous normalizing flow, so log p_theta(x) = log pi(x(T)) + int div f~ dt is exact up to the solver's
+tolerance (and, for images, the Hutchinson probe's noise); on images bits/dim bound the discrete NLL.
 
-    dx/dt = f~(x, t) = f(x, t) - 1/2 g(t)^2 grad_x log p_t(x)
-
-has the same marginals, and being deterministic it is a continuous normalizing flow. Along one
-of its paths the instantaneous change of variables (App. D.2, Eq. 39) gives
-
-    log p_0(x(0)) = log p_T(x(T)) + int_0^T div f~(x(t), t) dt,
-
-so with a score network s_theta in place of grad log p_t and the prior pi in place of p_T, the
-model is a flow and log p_theta(x) is its *exact* log-density, not a bound: `ode_log_likelihood`
-integrates [x, int div] from t = eps to T with `odeint_dopri5` (adaptive Dormand-Prince 5(4),
-written below, with error control and a count of network evaluations). The divergence is exact
-for 2D points (`divergence_exact`, one vector-Jacobian product per dimension) and the unbiased
-Hutchinson-Skilling estimate v^T (df/dx) v for images (`divergence_hutchinson`, App. D.2 Eq. 40),
-with v drawn once per solve so that the integrand stays a smooth ODE. The only approximations
-are the solver's tolerance and, for images, the estimator's noise; on discrete data the uniform
-dequantisation makes bits/dim an upper bound on the discrete NLL (`dequantized_nll`).
-
-Implemented: the VE, VP and sub-VP SDEs (drift, diffusion, closed-form perturbation kernels,
-prior sampling and log-density, exact one-step discretisations); denoising score matching with
-lambda(t) = sigma(t)^2 (Eq. 7) and sliced score matching (SSM and SSM-VR); the NCSN noise levels
-and annealed Langevin dynamics (also run on a VE model); Euler-Maruyama and reverse-diffusion
-predictors, the Langevin corrector with the signal-to-noise step size and the PC sampler; the
-probability-flow ODE sampler; the exact log-likelihood with bits/dim; a time-conditioned MLP for
-2D points and a U-Net of the DDPM++ family (small for digits; the paper's DDPM++ cont. for
-cifar10, 61,804,419 parameters).
-
-Not implemented: NCSN++'s FIR resampling, progressive input/output pyramids and Gaussian
-Fourier time features (VE models use the DDPM++ network here); the "deep" variants; the
-ancestral-sampling predictor; likelihood weighting (Song et al. 2021b) and importance-sampled t;
-controllable generation, inpainting and colorization (SDE paper Sec. 5); NCSNv2's techniques
-other than Technique 1; the denoising step after ODE sampling; FID and IS.
-
-Data conventions: 2D points are used as they are (float, inside the box info.lim). Images arrive
-as integer levels k in {0..L-1} and live in model space as y = (k + u) / L * 2 - 1 in [-1, 1),
-u ~ U[0, 1)^D (`dequantize`): training on fresh u every batch keeps the density and the bits/dim
-about the same variable; `quantize` maps samples back to levels.
+Implemented: the VE, VP and sub-VP SDEs (closed-form kernels, exact one-step transitions); denoising,
+sliced and exact (2D points) score matching with lambda = sigma^2; NCSN (--sde ncsn) trained on L
+geometric levels, the network conditioned on log sigma_i (through the VE time t_i), sampled by annealed
+Langevin dynamics; Euler-Maruyama and reverse-diffusion predictors, the Langevin corrector, PC and ODE
+samplers; the exact likelihood; an MLP for points, the DDPM++ U-Net and NCSN++ (--arch ncsnpp), both at
+the official cifar10 configurations' parameter counts. Not implemented: the "deep" variants, the
+ancestral predictor, likelihood weighting, controllable generation (Sec. 5), NCSN v1's RefineNet with
+conditional instance norm, NCSNv2 beyond Technique 1, FID and IS.
 
 Run it
-  python score_sde.py                                    # 8gaussians, VP SDE, a few minutes on a CPU
-  python score_sde.py --eval runs/score_sde-8gaussians/ckpt.pt   # exact NLL by the ODE vs the true entropy
+  python score_sde.py                                            # 8gaussians, VP SDE, minutes on a CPU
+  python score_sde.py --eval runs/score_sde-8gaussians/ckpt.pt   # exact NLL beside the true entropy
   python score_sde.py --sample runs/score_sde-8gaussians/ckpt.pt --sampler ode
-  python score_sde.py --sde ve --out runs/score_sde-ve   # then --sample runs/score_sde-ve/ckpt.pt --sampler ald
-  python score_sde.py --dataset digits                   # 8x8 digits, small U-Net, bits/dim
-  python score_sde.py --dataset cifar10                  # DDPM++ cont., the paper's settings
+  (--sde ncsn: NCSN; --loss sm: exact score matching; --dataset cifar10 [--arch ncsnpp]: DDPM++/NCSN++ cont.)
 
-Map from the papers to the names below (SDE paper unless named)
-  Eq. 5 (forward SDE), Sec. 3.4                    VESDE, VPSDE, SubVPSDE .sde
-  Eq. 9 (VE), Eq. 11 (VP), Eq. 12 (sub-VP)         VESDE, VPSDE, SubVPSDE
-  App. B Eq. 29, App. C (perturbation kernels)     .marginal_prob, .prior_sample, .prior_log_prob
-  Eqs. 8, 10 (SMLD's and DDPM's chains)            .discretize (exact one-step transitions)
-  Eq. 6 (reverse-time SDE)                         euler_maruyama_predictor
-  Eq. 7 (weighted denoising score matching)        dsm_loss, dsm_target, make_score_fn
-  Vincent 2011 (DSM); Hyvarinen 2005 Thm. 1        dsm_target; sliced_score_matching_loss
-  Song et al. 2019 (SSM, SSM-VR); App. A Eq. 19    sliced_score_matching_loss
-  Song & Ermon 2019, Algorithm 1                   ncsn_sigmas, annealed_langevin_dynamics,
-                                                   annealed_langevin_sample (on a VE model)
-  App. E, Eq. 46 (reverse diffusion sampler)       reverse_diffusion_predictor
-  App. G, Algorithms 1-5 (PC sampling)             pc_sample, langevin_corrector
-  Eq. 13 (probability-flow ODE), Sec. 4.3          probability_flow_drift, ode_sample
-  App. D.2, Eqs. 39-40 (exact likelihood)          ode_log_likelihood, divergence_exact,
-                                                   divergence_hutchinson
-  Dormand & Prince 1980 (RK5(4) with FSAL)         dopri5_step, odeint_dopri5
-  uniform dequantisation (Theis et al. 2016)       dequantize, quantize, dequantized_nll,
-                                                   bits_per_dim
-  App. H and the official DDPM++ cont. config      UNet, ResBlock, AttnBlock
-  App. C (t in [eps, 1]: eps = 1e-5 in training    dsm_loss(eps), ode_log_likelihood(eps),
-    and likelihoods, 1e-3 for VP sampling)         .sampling_eps
+Paper -> code (SDE paper unless named)
+  Hyvarinen Thm. 1     E[tr ds/dx + 1/2 ||s||^2] = 1/2 E||s - grad log p||^2 + c   hyvarinen_score_matching,
+                                                                                   score_matching_loss
+  Vincent; Eq. 7       sigma^2 ||s(x_t, t) - grad log p_0t(x_t | x0)||^2            dsm_loss, make_score_fn
+  SSM; App. A Eq. 19   sigma^2 [2 v^T (ds/dx) v + (v^T s)^2 or ||s||^2]            sliced_score_matching_loss
+  NCSN Eqs. 5-6        1/L sum_i sigma_i^2 1/2 E||s(x + sigma_i z, sigma_i) + z/sigma_i||^2   ncsn_loss, ncsn_sigmas
+  NCSN Algorithm 1     x += alpha_i/2 s(x, sigma_i) + sqrt(alpha_i) z              annealed_langevin_dynamics
+  Eqs. 9, 11, 12       dx = f(x, t) dt + g(t) dw                                    VESDE, VPSDE, SubVPSDE
+  App. B Eq. 29; C     p_0t(x_t | x0) = N(m(t) x0, sigma(t)^2 I)                    .marginal_prob, .prior_*
+  Eqs. 8, 10           x_i = a x_{i-1} + G z  (SMLD's and DDPM's chains)            .discretize
+  Eq. 6; App. E Eq. 46 dx = [f - g^2 s] dt + g dw-bar; reverse diffusion            *_predictor
+  App. G Algs. 1-5     Langevin eps = 2 alpha (r ||z|| / ||s||)^2, corrector first  langevin_corrector, pc_sample
+  Eq. 13; App. D.2     dx/dt = f - 1/2 g^2 s;  log p(x) = log pi(x(T)) + int div    ode_sample, ode_log_likelihood,
+                       (Eqs. 39-40, Hutchinson-Skilling v^T (df/dx) v)              divergence_exact / _hutchinson
+  Dormand-Prince 1980  RK5(4), FSAL, Hairer's step control                          dopri5_step, dopri5
+  Theis et al. 2016    -log P(k) <= -E_u log p(k + u) (derived in realnvp.py)       dequantized_nll, bits_per_dim
+  App. H               DDPM++: BigGAN blocks, skips / sqrt(2); NCSN++: Fourier      UNet, ResBlock, AttnBlock;
+                       features of log sigma, FIR resampling, pyramids             NCSNpp, fir_upsample, ...
+
+Conventions: images live as y = (k + u) / L * 2 - 1 in [-1, 1), fresh u every batch; t in [eps, 1],
+eps = 1e-5 for training and likelihoods, 1e-3 (VP) or 1e-5 (VE) for sampling; the networks predict the
+noise, s = -net(x, t) / sigma(t); the cifar10 presets' departures from the official code are at PRESETS.
 """
-from __future__ import annotations
-
 import math
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,17 +60,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (EMA, Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range,
-                    density_on_grid, dispatch, entropy_estimate, flag, get_device, init_distributed,
-                    load_checkpoint, load_dataset, load_weights, open_run, output_dir, parse_config,
-                    report_files, resume, save_density, save_image_grid, save_scatter, save_training,
-                    saved_config, seed_everything, user_errors, wrap_ddp)
+from common import (EMA, Batches, Logger, RunConfig, Training, UserError, check_range, density_on_grid, dispatch,
+                    entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
+                    parse_config, report_files, save_density, save_image_grid, save_scatter, saved_config,
+                    seed_everything, user_errors, wrap_ddp)
 
 
-def _bc(v, x):
-    """A per-example coefficient v ((B,) or scalar) shaped to broadcast against x (B, ...)."""
-    v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
-    return v.reshape(-1, *([1] * (x.dim() - 1))) if v.dim() else v
+def _expand(v, x):
+    """v (B,) reshaped to (B, 1, ..., 1) so that it broadcasts against x (B, ...)."""
+    return v.reshape(-1, *([1] * (x.dim() - 1)))
 
 
 def _randn(shape, like, generator=None):
@@ -130,21 +91,33 @@ def ncsn_sigmas(sigma_1=1.0, sigma_L=0.01, L=10):
     return torch.exp(torch.linspace(math.log(sigma_1), math.log(sigma_L), L, dtype=torch.float64))
 
 
+def ncsn_loss(score_fn, sigmas, x0, labels=None, z=None, generator=None):
+    """The NCSN objective (Song & Ermon 2019, Eqs. 5-6) with lambda(sigma) = sigma^2, per example (B,):
+
+        lambda(sigma_i) 1/2 || s(x~, sigma_i) + (x~ - x) / sigma_i^2 ||^2 = 1/2 || sigma_i s(x~, sigma_i) + z ||^2,
+
+    x~ = x + sigma_i z, z ~ N(0, I), with one level i ~ U{1..L} per example (`labels`, drawn
+    unless given): an unbiased estimate of Eq. 6's average over the L levels. score_fn(x, sigma)
+    takes sigma (B,)."""
+    sigmas = torch.as_tensor(sigmas, dtype=x0.dtype, device=x0.device)
+    if labels is None:
+        labels = torch.randint(len(sigmas), (x0.shape[0],), generator=generator, device=x0.device)
+    if z is None:
+        z = _randn(x0.shape, x0, generator)
+    sigma = sigmas[labels]
+    x_tilde = x0 + _expand(sigma, x0) * z
+    return 0.5 * _sum_dims((_expand(sigma, x0) * score_fn(x_tilde, sigma) + z) ** 2)
+
+
 @torch.inference_mode()
 def annealed_langevin_dynamics(score_fn, x, sigmas, eps=2e-5, n_steps_each=100, generator=None):
-    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1), batched:
+    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1), batched, from x:
 
         for i = 1..L:   alpha_i = eps * sigma_i^2 / sigma_L^2
             for t = 1..T:   x <- x + alpha_i / 2 * s(x, sigma_i) + sqrt(alpha_i) z,  z ~ N(0, I)
 
-    score_fn(x, sigma) is a noise-conditional score with sigma (B,); x the initial samples
-    (the paper draws them uniformly; for a VE model N(0, sigma_1^2 I) is natural). The paper
-    uses eps = 2e-5 and T = 100; eps / sigma_L^2 sets how fast each level mixes (a relaxation
-    time of about 2 sigma_L^2 / eps = 10 steps where sigma_i dominates the data's spread).
-    Unadjusted, so biased by O(alpha_i) at each level. Returns the last x, without a denoising
-    step (as Algorithm 1). (Code of the NCSN family writes the step x + a s + sqrt(2 a) z with
-    a = eps sigma_i^2 / sigma_L^2: twice Algorithm 1's step for the same eps.)
-    """
+    score_fn(x, sigma) with sigma (B,). The paper: eps = 2e-5, T = 100. Returns the last x (no
+    denoising step, as Algorithm 1)."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     if eps <= 0 or n_steps_each < 1 or len(sigmas) < 1:
         raise ValueError(f"annealed Langevin needs eps > 0, n_steps_each >= 1 and noise levels; "
@@ -154,6 +127,7 @@ def annealed_langevin_dynamics(score_fn, x, sigmas, eps=2e-5, n_steps_each=100, 
         alpha = eps * sigma ** 2 / sigma_L ** 2          # step size alpha_i
         s_vec = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
         for _ in range(n_steps_each):
+            # (the NCSN family's code steps x + a s + sqrt(2 a) z: twice Algorithm 1's step for one eps)
             x = x + 0.5 * alpha * score_fn(x, s_vec) + math.sqrt(alpha) * _randn(x.shape, x, generator)
     return x
 
@@ -180,7 +154,7 @@ class _LinearSDE:
         """The mean m(t) x0 and std sigma(t) of p_0t(x(t) | x(0) = x0) (App. B Eq. 29, App. C),
         closed form.
         Returns (mean shaped like x0, std (B,))."""
-        return _bc(torch.exp(self.log_mean_coeff(t)), x0) * x0, self.std(t)
+        return _expand(torch.exp(self.log_mean_coeff(t)), x0) * x0, self.std(t)
 
     def prior_sample(self, shape, device="cpu", dtype=torch.float32, generator=None):
         """x(T) ~ pi = N(0, prior_std^2 I), the SDE paper's prior for each SDE."""
@@ -261,7 +235,7 @@ class VPSDE(_LinearSDE):
     def sde(self, x, t):
         """(f(x, t), g(t)): f = -1/2 beta(t) x, g = sqrt(beta(t)), g (B,)."""
         beta = self.beta(t)
-        return -0.5 * _bc(beta, x) * x, torch.sqrt(beta)
+        return -0.5 * _expand(beta, x) * x, torch.sqrt(beta)
 
     def discretize(self, t, t_prev):
         """The exact transition x_t = a x_{t_prev} + G z: DDPM's chain x_i = sqrt(1 - beta_i)
@@ -284,7 +258,7 @@ class SubVPSDE(VPSDE):
     def sde(self, x, t):
         beta = self.beta(t)
         discount = -torch.expm1(4 * self.log_mean_coeff(t))  # 1 - e^{-2 int beta} = 1 - m^4
-        return -0.5 * _bc(beta, x) * x, torch.sqrt(beta * discount)
+        return -0.5 * _expand(beta, x) * x, torch.sqrt(beta * discount)
 
     def discretize(self, t, t_prev):
         """The exact transition x_t = a x_{t_prev} + G z of the linear SDE (the paper gives no
@@ -301,7 +275,7 @@ SDES = {"ve": VESDE, "vp": VPSDE, "subvp": SubVPSDE}
 def probability_flow_drift(sde, score_fn, x, t):
     """The probability-flow ODE's velocity (SDE paper Eq. 13): f~(x, t) = f(x, t) - 1/2 g(t)^2 s(x, t)."""
     f, g = sde.sde(x, t)
-    return f - 0.5 * _bc(g ** 2, x) * score_fn(x, t)
+    return f - 0.5 * _expand(g ** 2, x) * score_fn(x, t)
 
 
 # ----------------------------------------------------------------------------------------
@@ -313,8 +287,15 @@ def make_score_fn(model, sde):
     x_t = m x0 + sigma z (as the official code's VP models and, up to sign, its VE models with
     scale_by_sigma), so that dsm_loss becomes ||model(x_t, t) - z||^2 / D."""
     def score_fn(x, t):
-        return -model(x, t) / _bc(sde.std(t), x)
+        return -model(x, t) / _expand(sde.std(t), x)
     return score_fn
+
+
+def make_ncsn_score_fn(model, sde):
+    """NCSN's s(x, sigma) from a network of the VE SDE's time, at t = `sde.t_of_sigma(sigma)`:
+    t is affine in log sigma, so the network is conditioned on log sigma_i (not on the index i)."""
+    score_fn = make_score_fn(model, sde)
+    return lambda x, sigma: score_fn(x, sde.t_of_sigma(sigma))
 
 
 def _sample_t(x0, eps, T, generator):
@@ -328,27 +309,24 @@ def dsm_target(sde, x_t, x0, t):
     denoising score matching (Vincent 2011; SDE paper Eq. 7). Its mean given x_t is the score of
     the perturbed data, grad log p_t(x_t), so the loss is minimised by the true score."""
     mean, std = sde.marginal_prob(x0, t)
-    return -(x_t - mean) / _bc(std, x_t) ** 2
+    return -(x_t - mean) / _expand(std, x_t) ** 2
 
 
 def dsm_loss(score_fn, sde, x0, t=None, z=None, eps=1e-5, generator=None):
     """Denoising score matching with lambda(t) = sigma(t)^2 (SDE paper Eq. 7) per example (B,):
 
-        lambda(t) || s(x_t, t) - grad log p_0t(x_t | x0) ||^2 / D,   x_t = m(t) x0 + sigma(t) z,
+        lambda(t) || s(x_t, t) - grad log p_0t(x_t | x0) ||^2 / D = ||sigma s + z||^2 / D,
 
-    with t ~ U(eps, T) and z ~ N(0, I) unless given. lambda = sigma^2 is proportional to
-    1 / E||grad log p_0t||^2, the paper's choice; the summand equals ||sigma s + z||^2 / D. It is
-    averaged over the D dimensions (Eq. 7's squared norm is D times this). eps = 1e-5 as the
-    official code; the network then never sees t below it.
-    """
+    x_t = m(t) x0 + sigma(t) z, t ~ U(eps, T) and z ~ N(0, I) unless given; averaged over the D
+    dimensions (Eq. 7 sums them)."""
     if t is None:
         t = _sample_t(x0, eps, sde.T, generator)
     if z is None:
         z = _randn(x0.shape, x0, generator)
     mean, std = sde.marginal_prob(x0, t)
-    x_t = mean + _bc(std, x0) * z
+    x_t = mean + _expand(std, x0) * z
     target = dsm_target(sde, x_t, x0, t)
-    return (_bc(std, x0) ** 2 * (score_fn(x_t, t) - target) ** 2).reshape(x0.shape[0], -1).mean(1)
+    return (_expand(std, x0) ** 2 * (score_fn(x_t, t) - target) ** 2).reshape(x0.shape[0], -1).mean(1)
 
 
 def sliced_score_matching_loss(score_fn, sde, x0, t=None, z=None, v=None, eps=1e-5,
@@ -373,7 +351,7 @@ def sliced_score_matching_loss(score_fn, sde, x0, t=None, z=None, v=None, eps=1e
         v = _randn(x0.shape, x0, generator)
     mean, std = sde.marginal_prob(x0, t)
     with torch.enable_grad():
-        x_t = (mean + _bc(std, x0) * z).detach().requires_grad_(True)
+        x_t = (mean + _expand(std, x0) * z).detach().requires_grad_(True)
         s = score_fn(x_t, t)
         (grad_sv,) = torch.autograd.grad((s * v).sum(), x_t, create_graph=True)
     vJv = _sum_dims(grad_sv * v)                                     # v^T (ds/dx) v
@@ -381,21 +359,64 @@ def sliced_score_matching_loss(score_fn, sde, x0, t=None, z=None, v=None, eps=1e
     return std ** 2 * (2 * vJv + square) / x0[0].numel()
 
 
-LOSSES = ("dsm", "ssm", "ssm-vr")
+def divergence_exact(f_x, x, create_graph=False):
+    """div f = sum_i d f_i / d x_i per example (B,), by one vector-Jacobian product per
+    dimension: exact, D times the cost of a gradient (for 2D points). f_x = f(x) must be
+    computed from x with x.requires_grad, each example from its own input only; create_graph
+    keeps the divergence differentiable (for training on it)."""
+    f_flat = f_x.reshape(f_x.shape[0], -1)
+    div = torch.zeros(f_x.shape[0], dtype=f_x.dtype, device=f_x.device)
+    for i in range(f_flat.shape[1]):
+        (grad,) = torch.autograd.grad(f_flat[:, i].sum(), x, retain_graph=True, create_graph=create_graph)
+        div = div + grad.reshape(grad.shape[0], -1)[:, i]
+    return div
 
 
-def training_loss(model, sde, x0, loss="dsm", eps=1e-5, generator=None):
+def hyvarinen_score_matching(score_fn, x, create_graph=False):
+    """The integrand of Hyvarinen's J(s) = E_p[tr(grad_x s) + 1/2 ||s||^2] (Hyvarinen 2005, Thm. 1:
+    J = 1/2 E_p||s - grad log p||^2 + a constant) per example (B,), exact divergence; score_fn(x)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        s = score_fn(x)
+        return divergence_exact(s, x, create_graph) + 0.5 * _sum_dims(s ** 2)
+
+
+def score_matching_loss(score_fn, sde, x0, t=None, z=None, eps=1e-5, generator=None):
+    """Exact score matching on the perturbed data x_t ~ p_t with Eq. 7's weighting, per example (B,):
+
+        lambda(t) [2 tr(ds/dx) + ||s||^2] / D  =  2 lambda(t) J(s(., t)) / D    (`hyvarinen_score_matching`),
+
+    `sliced_score_matching_loss` with the exact trace in place of v^T (ds/dx) v: its expectation
+    equals dsm_loss's up to a constant independent of s. D vector-Jacobian products (2D points)."""
+    if t is None:
+        t = _sample_t(x0, eps, sde.T, generator)
+    if z is None:
+        z = _randn(x0.shape, x0, generator)
+    mean, std = sde.marginal_prob(x0, t)
+    J = hyvarinen_score_matching(lambda x: score_fn(x, t), mean + _expand(std, x0) * z, create_graph=True)
+    return std ** 2 * 2 * J / x0[0].numel()
+
+
+LOSSES = ("dsm", "ssm", "ssm-vr", "sm")
+
+
+def training_loss(model, sde, x0, loss="dsm", eps=1e-5, generator=None, sigmas=None):
     """The training objective per example (B,) for a network `model(x, t)` that predicts the
-    noise (`make_score_fn`): "dsm" (Eq. 7 with lambda = sigma^2, `dsm_loss`), or sliced score
-    matching with the same weighting (App. A Eq. 19, `sliced_score_matching_loss`): "ssm" with
-    (v^T s)^2, "ssm-vr" with ||s||^2. t ~ U(eps, T); it calls model's forward, so a
-    DistributedDataParallel wrapper's gradient hooks fire."""
+    noise (`make_score_fn`): "dsm" (Eq. 7 with lambda = sigma^2, `dsm_loss`), sliced score
+    matching with the same weighting (App. A Eq. 19, `sliced_score_matching_loss`: "ssm" with
+    (v^T s)^2, "ssm-vr" with ||s||^2), or exact score matching ("sm", `score_matching_loss`);
+    t ~ U(eps, T). With NCSN's levels `sigmas` (a VE sde): `ncsn_loss` / D instead (averaged over
+    the dimensions as dsm_loss). It calls model's forward, so DDP's gradient hooks fire."""
+    if sigmas is not None:
+        return ncsn_loss(make_ncsn_score_fn(model, sde), sigmas, x0, generator=generator) / x0[0].numel()
     score_fn = make_score_fn(model, sde)
     if loss == "dsm":
         return dsm_loss(score_fn, sde, x0, eps=eps, generator=generator)
     if loss in ("ssm", "ssm-vr"):
         return sliced_score_matching_loss(score_fn, sde, x0, eps=eps, variance_reduction=loss == "ssm-vr",
                                           generator=generator)
+    if loss == "sm":
+        return score_matching_loss(score_fn, sde, x0, eps=eps, generator=generator)
     raise ValueError(f"loss {loss!r} is unknown; accepted: {', '.join(LOSSES)}")
 
 
@@ -404,28 +425,22 @@ def training_loss(model, sde, x0, loss="dsm", eps=1e-5, generator=None):
 # ----------------------------------------------------------------------------------------
 
 def euler_maruyama_predictor(sde, score_fn, x, t, t_next, generator=None):
-    """One Euler-Maruyama step of the reverse-time SDE (SDE paper Eq. 6)
-
-        dx = [f(x, t) - g(t)^2 s(x, t)] dt + g(t) dw-bar,
-
-    from t down to t_next < t: x_mean = x - [f - g^2 s] dt, x = x_mean + g sqrt(dt) z,
+    """One Euler-Maruyama step of the reverse-time SDE dx = [f - g^2 s] dt + g dw-bar (SDE paper
+    Eq. 6) from t down to t_next: x_mean = x - [f - g^2 s] dt, x = x_mean + g sqrt(dt) z,
     dt = t - t_next. Returns (x, x_mean)."""
     f, g = sde.sde(x, t)
-    dt = _bc(t - t_next, x)
-    x_mean = x - (f - _bc(g ** 2, x) * score_fn(x, t)) * dt
-    return x_mean + _bc(g, x) * dt.sqrt() * _randn(x.shape, x, generator), x_mean
+    dt = _expand(t - t_next, x)
+    x_mean = x - (f - _expand(g ** 2, x) * score_fn(x, t)) * dt
+    return x_mean + _expand(g, x) * dt.sqrt() * _randn(x.shape, x, generator), x_mean
 
 
 def reverse_diffusion_predictor(sde, score_fn, x, t, t_next, generator=None):
-    """The reverse diffusion sampler (SDE paper App. E, Eq. 46): for the forward discretisation
-    x_{i+1} = x_i + f_i(x_i) + G_i z_i (`discretize`, from t_next to t here),
-
-        x_i = x_{i+1} - f_{i+1}(x_{i+1}) + G_{i+1}^2 s(x_{i+1}, t) + G_{i+1} z.
-
-    Returns (x, x_mean); x_mean is the last step's output when denoising."""
+    """The reverse diffusion sampler (SDE paper App. E, Eq. 46) for the forward discretisation
+    x_{i+1} = x_i + f_i(x_i) + G_i z_i (`discretize`): x_i = x_{i+1} - f_{i+1} + G_{i+1}^2 s + G_{i+1} z.
+    Returns (x, x_mean)."""
     a, G = sde.discretize(t, t_next)
-    x_mean = x - _bc(a - 1, x) * x + _bc(G ** 2, x) * score_fn(x, t)
-    return x_mean + _bc(G, x) * _randn(x.shape, x, generator), x_mean
+    x_mean = x - _expand(a - 1, x) * x + _expand(G ** 2, x) * score_fn(x, t)
+    return x_mean + _expand(G, x) * _randn(x.shape, x, generator), x_mean
 
 
 PREDICTORS = {"reverse_diffusion": reverse_diffusion_predictor, "euler_maruyama": euler_maruyama_predictor}
@@ -433,18 +448,15 @@ PREDICTORS = {"reverse_diffusion": reverse_diffusion_predictor, "euler_maruyama"
 
 def langevin_corrector(score_fn, x, t, snr, alpha=1.0, generator=None):
     """One Langevin MCMC step on p_t with the signal-to-noise step size (SDE paper App. G,
-    Algorithm 4 (VE, alpha = 1) and Algorithm 5 (VP, alpha_i = 1 - beta_i)):
-
-        eps = 2 alpha (r ||z|| / ||s||)^2,   x <- x + eps s(x, t) + sqrt(2 eps) z,
-
-    so that ||eps s|| / ||sqrt(2 eps) z|| = r sqrt(alpha): r (`snr`) sets the ratio of the
-    drift to the noise. ||z|| and ||s|| are averaged over the batch (App. G's advice for large
-    batches: a per-example ||s|| can vanish at a mode of 2D data and make the step explode).
+    Algorithms 4 (VE, alpha = 1) and 5 (VP, alpha_i = 1 - beta_i)): eps = 2 alpha (r ||z|| / ||s||)^2,
+    x <- x + eps s(x, t) + sqrt(2 eps) z, so that ||eps s|| / ||sqrt(2 eps) z|| = r sqrt(alpha).
     Returns (x, x_mean)."""
     s = score_fn(x, t)
     z = _randn(x.shape, x, generator)
+    # norms averaged over the batch (App. G): a per-example ||s|| can vanish at a mode of 2D data
     z_norm, s_norm = (v.reshape(v.shape[0], -1).norm(dim=1).mean() for v in (z, s))
-    step = 2 * _bc(alpha, x) * (snr * z_norm / s_norm) ** 2
+    alpha = torch.as_tensor(alpha, dtype=x.dtype, device=x.device).expand(x.shape[0])
+    step = 2 * _expand(alpha, x) * (snr * z_norm / s_norm) ** 2
     x_mean = x + step * s
     return x_mean + torch.sqrt(2 * step) * z, x_mean
 
@@ -554,7 +566,7 @@ def _error_norm(v):
     return v.reshape(v.shape[0], -1).pow(2).mean(1).sqrt().max().item()
 
 
-def odeint_dopri5(f, y0, t0, t1, rtol=1e-5, atol=1e-5, h0=None, max_steps=100_000):
+def dopri5(f, y0, t0, t1, rtol=1e-5, atol=1e-5, max_steps=100_000):
     """Solve dy/dt = f(t, y), y(t0) = y0, to t1 (either direction) by Dormand-Prince 5(4) with
     step-size control (Hairer, Norsett & Wanner, "Solving ODEs I", Sec. II.4).
 
@@ -563,7 +575,7 @@ def odeint_dopri5(f, y0, t0, t1, rtol=1e-5, atol=1e-5, h0=None, max_steps=100_00
         max_b RMS_b( err / (atol + rtol max(|y|, |y5|)) ) <= 1,
 
     and the next step is h min(10, max(0.2, 0.9 err^(-1/5))) (no growth after a rejection).
-    The first step follows Hairer's starting-step algorithm unless h0 is given. The global error
+    The first step follows Hairer's starting-step algorithm. The global error
     is typically a small multiple of the tolerances. Returns (y(t1), nfe), nfe the number of
     evaluations of f. Raises RuntimeError when the step size underflows or after max_steps.
     """
@@ -583,18 +595,14 @@ def odeint_dopri5(f, y0, t0, t1, rtol=1e-5, atol=1e-5, h0=None, max_steps=100_00
         return y0, 0
     t, y = t0, y0
     k1 = fun(t, y)
-    if h0 is None:
-        scale = atol + rtol * y.abs()
-        d0, d1 = _error_norm(y / scale), _error_norm(k1 / scale)
-        h = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-        h = min(h, span)
-        f1 = fun(t + direction * h, y + direction * h * k1)
-        d2 = _error_norm((f1 - k1) / scale) / h
-        h1 = max(1e-6, h * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** 0.2
-        h = min(100 * h, h1)
-    else:
-        h = abs(float(h0))
+    scale = atol + rtol * y.abs()   # Hairer's starting step
+    d0, d1 = _error_norm(y / scale), _error_norm(k1 / scale)
+    h = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
     h = min(h, span)
+    f1 = fun(t + direction * h, y + direction * h * k1)
+    d2 = _error_norm((f1 - k1) / scale) / h
+    h1 = max(1e-6, h * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** 0.2
+    h = min(100 * h, h1, span)
     steps, rejected_last = 0, False
     while direction * (t1 - t) > 0:
         steps += 1
@@ -628,7 +636,7 @@ def odeint_dopri5(f, y0, t0, t1, rtol=1e-5, atol=1e-5, h0=None, max_steps=100_00
 def ode_sample(sde, score_fn, shape, rtol=1e-5, atol=1e-5, eps=1e-3, z=None, device="cpu",
                dtype=torch.float32, generator=None):
     """Samples by integrating the probability-flow ODE (Eq. 13) from x(T) = z ~ pi down to
-    t = eps with `odeint_dopri5` (App. D.4: RK45 at rtol = atol = 1e-5, eps = 1e-3 for VP and
+    t = eps with `dopri5` (App. D.4: RK45 at rtol = atol = 1e-5, eps = 1e-3 for VP and
     1e-5 for VE, `sde.sampling_eps`). Deterministic given z: the inverse of the map that
     `ode_log_likelihood` follows. Returns (x(eps), nfe)."""
     if not 0 < eps < sde.T:
@@ -638,19 +646,7 @@ def ode_sample(sde, score_fn, shape, rtol=1e-5, atol=1e-5, eps=1e-3, z=None, dev
     def velocity(t, x):
         return probability_flow_drift(sde, score_fn, x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
 
-    return odeint_dopri5(velocity, x, sde.T, eps, rtol, atol)
-
-
-def divergence_exact(f_x, x):
-    """div f = sum_i d f_i / d x_i per example (B,), by one vector-Jacobian product per
-    dimension: exact, D times the cost of a gradient (for 2D points). f_x = f(x) must be
-    computed from x with x.requires_grad, each example from its own input only."""
-    f_flat = f_x.reshape(f_x.shape[0], -1)
-    div = torch.zeros(f_x.shape[0], dtype=f_x.dtype, device=f_x.device)
-    for i in range(f_flat.shape[1]):
-        (grad,) = torch.autograd.grad(f_flat[:, i].sum(), x, retain_graph=True)
-        div = div + grad.reshape(grad.shape[0], -1)[:, i]
-    return div
+    return dopri5(velocity, x, sde.T, eps, rtol, atol)
 
 
 def divergence_hutchinson(f_x, x, v):
@@ -708,7 +704,7 @@ def ode_log_likelihood(sde, score_fn, x, divergence="exact", noise="rademacher",
         return torch.cat([drift.detach().reshape(B, D), div.detach()[:, None]], 1)
 
     state0 = torch.cat([x.reshape(B, D), torch.zeros(B, 1, dtype=x.dtype, device=x.device)], 1)
-    state, nfe = odeint_dopri5(augmented, state0, eps, sde.T, rtol, atol)
+    state, nfe = dopri5(augmented, state0, eps, sde.T, rtol, atol)
     z, delta = state[:, :D].reshape(x.shape), state[:, D]
     log_prior = (sde.prior_log_prob if prior_log_prob is None else prior_log_prob)(z)
     return log_prior + delta, z, nfe
@@ -734,23 +730,16 @@ def quantize(y, levels):
 
 
 def dequantized_nll(log_p_y, num_dims, levels):
-    """Nats per example of the discrete data from log p_Y(y) at y = dequantize(k):
-
-    the density on model space defines P(k) = int_{[0,1)^D} p_V(k + u) du for v = k + u in
-    [0, L)^D, and y = 2 v / L - 1 gives p_V(v) = p_Y(y) (2 / L)^D. By Jensen's inequality
-
-        -log P(k) <= -E_u[log p_V(k + u)] = -E_u[log p_Y(y)] - D log(2 / L),
-
-    so -log p_Y(y) - D log(2 / L) with one draw of u is an unbiased estimate of an upper bound
-    on the discrete NLL, exact when p_Y is constant on each cube. In bits/dim the offset is
-    log2(L / 2): 7 bits for L = 256 (the official code's `offset`), 3.09 for digits' L = 17.
-    """
+    """-log p_Y(y) - D log(2 / L) at y = dequantize(k): an unbiased one-sample estimate of the
+    uniform-dequantisation bound on the discrete NLL -log P(k) (Theis et al. 2016, Sec. 3.1;
+    derived in realnvp.py), with the Jacobian (2 / L)^D of y = 2 (k + u) / L - 1; in bits/dim the
+    offset is log2(L / 2), 7 bits for L = 256 (the official code's `offset`)."""
     return -log_p_y - num_dims * math.log(2.0 / levels)
 
 
-def bits_per_dim(nll, num_dims):
-    """nats per example -> bits per dimension: nll / (D ln 2)."""
-    return nll / (num_dims * math.log(2.0))
+def bits_per_dim(nats, dims):
+    """Nats per example -> bits per dimension: nats / (dims ln 2)."""
+    return nats / (dims * math.log(2))
 
 
 # ----------------------------------------------------------------------------------------
@@ -807,13 +796,13 @@ class ResBlock(nn.Module):
         h = conv3x3(dropout(swish(GN(h))))                       (zero-initialised),
         out = (skip(resample(x)) + h) / sqrt(2)                  (skip rescaling),
 
-    resample: nearest-neighbour doubling (up) or 2x2 average pooling (down) of both paths, no
-    FIR filter (DDPM++ has none); skip a 1x1 convolution when the block resamples or changes
-    the channel count."""
+    resample: nearest-neighbour doubling (up) or 2x2 average pooling (down) of both paths, or
+    with `fir` (a 1D kernel, NCSN++) the FIR resampling `fir_upsample` / `fir_downsample`; skip a
+    1x1 convolution when the block resamples or changes the channel count."""
 
-    def __init__(self, cin, cout, temb_dim, dropout, up=False, down=False):
+    def __init__(self, cin, cout, temb_dim, dropout, up=False, down=False, fir=None):
         super().__init__()
-        self.up, self.down = up, down
+        self.up, self.down, self.fir = up, down, fir
         self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.temb = nn.Linear(temb_dim, cout)
         self.norm2, self.dropout = _norm(cout), nn.Dropout(dropout)
@@ -822,9 +811,9 @@ class ResBlock(nn.Module):
 
     def _resample(self, x):
         if self.up:
-            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+            return fir_upsample(x, self.fir) if self.fir else F.interpolate(x, scale_factor=2.0, mode="nearest")
         if self.down:
-            return F.avg_pool2d(x, 2)
+            return fir_downsample(x, self.fir) if self.fir else F.avg_pool2d(x, 2)
         return x
 
     def forward(self, x, temb):
@@ -863,15 +852,15 @@ class UNet(nn.Module):
     on the concatenated skips, attention once per resolution, an up-sampling block. Time:
     sinusoidal embedding of 999 t and a 2-layer MLP of width 4 ch. Differences from the
     official code: PyTorch's default initialisation elsewhere (theirs: variance scaling,
-    fan-average, uniform), and VE models get this same network, conditioned on 999 t and scored
-    by -net / sigma(t) like the VP ones (the official VE models are NCSN++ conditioned on sigma(t)
-    by Fourier features; its FIR resampling and input pyramid are not implemented).
+    fan-average, uniform); with --arch ddpmpp VE models get this same network, conditioned on
+    999 t (the official VE models are NCSN++, `NCSNpp`, --arch ncsnpp).
     model(x (B, C, H, W) in model space, t (B,)) -> (B, C, H, W), the noise prediction.
     """
 
     def __init__(self, in_ch=3, image_size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4,
-                 attn_res=(16,), dropout=0.1):
+                 attn_res=(16,), dropout=0.1, fir=None):
         super().__init__()
+        self.fir = fir
         if image_size % 2 ** (len(ch_mult) - 1):
             raise ValueError(f"image side {image_size} is not divisible by 2^{len(ch_mult) - 1}; "
                              f"use fewer channel multipliers")
@@ -888,7 +877,7 @@ class UNet(nn.Module):
                 c = ch * mult
                 level.attns.append(AttnBlock(c) if res in attn_res else nn.Identity())
                 skips.append(c)
-            level.resample = ResBlock(c, c, temb_dim, dropout, down=True) if i < len(ch_mult) - 1 else None
+            level.resample = ResBlock(c, c, temb_dim, dropout, down=True, fir=fir) if i < len(ch_mult) - 1 else None
             if level.resample is not None:
                 skips.append(c)
                 res //= 2
@@ -903,16 +892,19 @@ class UNet(nn.Module):
                 level.blocks.append(ResBlock(c + skips.pop(), ch * mult, temb_dim, dropout))
                 c = ch * mult
             level.attn = AttnBlock(c) if res in attn_res else nn.Identity()
-            level.resample = ResBlock(c, c, temb_dim, dropout, up=True) if i > 0 else None
+            level.resample = ResBlock(c, c, temb_dim, dropout, up=True, fir=fir) if i > 0 else None
             if level.resample is not None:
                 res *= 2
             self.up.append(level)
         self.norm_out = _norm(c)
         self.conv_out = _zero(nn.Conv2d(c, in_ch, 3, padding=1))
 
+    def embed(self, t, x):
+        return self.temb(timestep_embedding(t, self.ch).to(x.dtype))
+
     def forward(self, x, t):
         """x (B, C, H, W), t (B,) in [0, 1] -> (B, C, H, W): the noise the score is made from."""
-        emb = self.temb(timestep_embedding(t, self.ch).to(x.dtype))
+        emb = self.embed(t, x)
         h = self.conv_in(x)
         hs = [h]
         for level in self.down:
@@ -932,11 +924,136 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+# --- NCSN++ (SDE paper App. H; the official configs/ve/cifar10_ncsnpp_continuous.py)
+
+def _upfirdn2d(x, k, up=1, down=1, pad=(0, 0)):
+    """Upsample by inserting up - 1 zeros after each pixel, pad with zeros (pad[0] before,
+    pad[1] after, both axes), convolve each channel with the 2D filter k, keep every down-th
+    pixel: StyleGAN2's upfirdn2d (Karras et al. 2020), in plain PyTorch. (B, C, H, W)."""
+    B, C, H, W = x.shape
+    if up > 1:
+        x = F.pad(x.reshape(B, C, H, 1, W, 1), (0, up - 1, 0, 0, 0, up - 1)).reshape(B, C, H * up, W * up)
+    x = F.pad(x, (pad[0], pad[1], pad[0], pad[1]))
+    w = k.flip(0, 1).to(x)[None, None].expand(C, 1, *k.shape)   # a convolution, not a correlation
+    return F.conv2d(x, w, stride=down, groups=C)
+
+
+def fir_filter(k, gain=1.0):
+    """The separable 2D filter outer(k, k) normalised to sum to `gain` (a constant image is
+    scaled by gain away from the border)."""
+    k = torch.as_tensor(k, dtype=torch.float64)
+    k = torch.outer(k, k)
+    return k / k.sum() * gain
+
+
+def fir_upsample(x, k=(1, 3, 3, 1), factor=2):
+    """Zero insertion then the FIR low-pass k of gain factor^2 (the inserted zeros take their
+    share): (B, C, H, W) -> (B, C, factor H, factor W); zeros outside the image (as StyleGAN2)."""
+    p = len(k) - factor
+    return _upfirdn2d(x, fir_filter(k, factor ** 2), up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
+
+
+def fir_downsample(x, k=(1, 3, 3, 1), factor=2):
+    """The FIR low-pass k of gain 1, then every factor-th pixel: (B, C, H, W) -> (B, C, H / factor, W / factor)."""
+    p = len(k) - factor
+    return _upfirdn2d(x, fir_filter(k), down=factor, pad=((p + 1) // 2, p // 2))
+
+
+class FIRConvDown(nn.Module):
+    """A 3x3 convolution of stride 2 after the FIR low-pass k (StyleGAN2's fused conv_downsample_2d,
+    one padding for both): the input pyramid's down-sampling in NCSN++ (progressive_input="residual")."""
+
+    def __init__(self, cin, cout, k=(1, 3, 3, 1)):
+        super().__init__()
+        self.k, self.conv = k, nn.Conv2d(cin, cout, 3, stride=2)
+
+    def forward(self, x):
+        p = len(self.k) - 2 + 2     # (filter taps - factor) + (conv taps - 1)
+        return self.conv(_upfirdn2d(x, fir_filter(self.k), pad=((p + 1) // 2, p // 2)))
+
+
+class NCSNpp(UNet):
+    """NCSN++ (SDE paper App. H, the official "NCSN++ cont." configuration for VE): the DDPM++
+    U-Net above with
+
+      - Gaussian Fourier features of log sigma(t) (Tancik et al. 2020): [sin 2 pi w log sigma,
+        cos 2 pi w log sigma], w ~ N(0, fourier_scale^2)^ch fixed (a buffer), in place of the
+        sinusoidal embedding of 999 t; sigma(t) = sigma_min (sigma_max / sigma_min)^t (VE);
+      - FIR resampling (kernel `fir`, [1, 3, 3, 1]) in the up- and down-sampling blocks;
+      - progressive growing of the input (`progressive_input`): "input_skip" adds a 1x1
+        convolution of the FIR-downsampled image after each down-sampling; "residual" (the
+        config) keeps a pyramid p <- (FIRConvDown(p) + h) / sqrt(2), h <- p;
+      - of the output (`progressive`): "output_skip" sums the FIR-upsampled output of the
+        coarser resolution with a conv3x3(swish(GN(h))) at each resolution (the config: "none");
+      - skip connections rescaled by 1/sqrt(2) (ResBlock, AttnBlock, the pyramid).
+
+    The official config trains on data in [0, 1] (centered = False) with sigma 0.01..50 and maps
+    the network's input to 2x - 1; in model space [-1, 1] the same process has sigma 0.02..100
+    (ARCH_PRESETS). Its score is h / sigma (scale_by_sigma); here -h / sigma (`make_score_fn`)."""
+
+    def __init__(self, in_ch=3, image_size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_res=(16,),
+                 dropout=0.1, sigma_min=0.01, sigma_max=50.0, fir=(1, 3, 3, 1), fourier_scale=16.0,
+                 progressive_input="residual", progressive="none"):
+        if progressive_input not in ("none", "input_skip", "residual") or progressive not in ("none", "output_skip"):
+            raise ValueError(f"progressive_input {progressive_input!r} or progressive {progressive!r} is unknown; "
+                             "accepted: none, input_skip, residual and none, output_skip")
+        super().__init__(in_ch, image_size, ch, ch_mult, num_res_blocks, attn_res, dropout, fir)
+        self.log_sigma_min, self.log_ratio = math.log(sigma_min), math.log(sigma_max / sigma_min)
+        self.progressive_input, self.progressive = progressive_input, progressive
+        self.register_buffer("fourier_w", torch.randn(ch) * fourier_scale)
+        self.temb[0] = nn.Linear(2 * ch, 4 * ch)
+        widths = [ch * m for m in ch_mult[:-1]]                  # the channels after each down-sampling
+        if progressive_input == "input_skip":
+            self.pyramid_in = nn.ModuleList(nn.Conv2d(in_ch, c, 1) for c in widths)
+        elif progressive_input == "residual":
+            self.pyramid_in = nn.ModuleList(FIRConvDown(cin, c, fir) for cin, c in zip([in_ch] + widths, widths))
+        if progressive == "output_skip":                         # one head per resolution, coarsest first
+            self.pyramid_out = nn.ModuleList(nn.Sequential(_norm(ch * m), nn.SiLU(), _zero(nn.Conv2d(ch * m, in_ch, 3,
+                                             padding=1))) for m in reversed(ch_mult))
+            del self.norm_out, self.conv_out
+
+    def embed(self, t, x):
+        log_sigma = self.log_sigma_min + t.to(self.fourier_w.dtype) * self.log_ratio
+        proj = 2 * math.pi * log_sigma[:, None] * self.fourier_w[None]
+        return self.temb(torch.cat([torch.sin(proj), torch.cos(proj)], 1).to(x.dtype))
+
+    def forward(self, x, t):
+        """x (B, C, H, W), t (B,) in [0, 1] -> (B, C, H, W): the noise the score is made from."""
+        emb, pyramid = self.embed(t, x), x
+        h = self.conv_in(x)
+        hs = [h]
+        for i, level in enumerate(self.down):
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(h, emb))
+                hs.append(h)
+            if level.resample is not None:
+                h = level.resample(h, emb)
+                if self.progressive_input == "input_skip":
+                    pyramid = fir_downsample(pyramid, self.fir)
+                    h = h + self.pyramid_in[i](pyramid)
+                elif self.progressive_input == "residual":
+                    h = pyramid = (self.pyramid_in[i](pyramid) + h) / math.sqrt(2.0)
+                hs.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        out = None
+        for i, level in enumerate(self.up):
+            for block in level.blocks:
+                h = block(torch.cat([h, hs.pop()], dim=1), emb)
+            h = level.attn(h)
+            if self.progressive == "output_skip":
+                head = self.pyramid_out[i](h)
+                out = head if out is None else fir_upsample(out, self.fir) + head
+            if level.resample is not None:
+                h = level.resample(h, emb)
+        return out if self.progressive == "output_skip" else self.conv_out(F.silu(self.norm_out(h)))
+
+
 # ----------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------
 
 SAMPLERS = {"pc": "PC sampler", "ode": "probability-flow ODE", "em": "Euler-Maruyama", "ald": "annealed Langevin"}
+ARCHS = ("ddpmpp", "ncsnpp")
 
 
 @dataclass
@@ -949,15 +1066,24 @@ class Config(RunConfig):
     save_every: int = flag(2500, "checkpoint and sample picture every this many steps")
     n_samples: int = flag(1000, "samples in the training pictures and drawn by --sample")
     # the SDE and the objective
-    sde: str = flag("vp", "forward SDE: ve (Eq. 9), vp (Eq. 11) or subvp (Eq. 12)", choices=tuple(SDES))
+    sde: str = flag("vp", "forward SDE: ve (Eq. 9), vp (Eq. 11) or subvp (Eq. 12); or ncsn: NCSN's --n-levels "
+                    "discrete noise levels (Song & Ermon 2019), the VE kernels at those sigmas only",
+                    choices=(*SDES, "ncsn"))
+    n_levels: int = flag(10, "NCSN's L noise levels, geometric from --sigma-max to --sigma-min (--sde ncsn and "
+                         "--sampler ald)")
     beta_min: float = flag(0.1, "VP and sub-VP: beta(0)")
     beta_max: float = flag(20.0, "VP and sub-VP: beta(1)")
     sigma_min: float = flag(0.01, "VE: sigma(0)")
     sigma_max: float = flag(10.0, "VE: sigma(1), about the largest distance between two data points "
                             "(Song & Ermon 2020, Technique 1)")
     loss: str = flag("dsm", "objective: dsm (denoising score matching, Eq. 7), ssm or ssm-vr (sliced score "
-                     "matching)", choices=LOSSES)
+                     "matching), sm (exact score matching, 2D points); --sde ncsn: its Eqs. 5-6 (dsm)", choices=LOSSES)
     # networks
+    arch: str = flag("ddpmpp", "image network: ddpmpp (the DDPM++ U-Net) or ncsnpp (NCSN++, for --sde ve or ncsn)",
+                     choices=ARCHS)
+    progressive_input: str = flag("residual", "NCSN++ input pyramid: none, input_skip or residual",
+                                  choices=("none", "input_skip", "residual"))
+    progressive: str = flag("none", "NCSN++ output pyramid: none or output_skip", choices=("none", "output_skip"))
     hidden: int = flag(128, "width of the MLP used on 2D points")
     depth: int = flag(3, "residual blocks of the MLP used on 2D points")
     ch: int = flag(32, "U-Net base channels")
@@ -971,10 +1097,11 @@ class Config(RunConfig):
     ema_decay: float = flag(0.999, "EMA decay of the weights used for sampling and --eval")
     flip: bool = flag(False, "random horizontal flips of training images")
     # sampling
-    sampler: str = flag("pc", "pc (reverse diffusion predictor + Langevin corrector), ode (probability flow), "
-                        "em (Euler-Maruyama, no corrector), ald (annealed Langevin dynamics, VE only)",
-                        choices=tuple(SAMPLERS))
-    sample_steps: int = flag(500, "steps N of the pc and em samplers (ald: 10 noise levels of N / 10 steps)")
+    sampler: str = flag("auto", "pc (reverse diffusion predictor + Langevin corrector), ode (probability flow), "
+                        "em (Euler-Maruyama, no corrector), ald (annealed Langevin dynamics, VE and NCSN), auto "
+                        "(ald for --sde ncsn, else pc); --sample and --eval: the checkpoint's unless typed",
+                        choices=("auto", *SAMPLERS))
+    sample_steps: int = flag(500, "steps N of the pc and em samplers (ald: --n-levels levels of N / L steps)")
     snr: float = flag(0.16, "signal-to-noise ratio r of the Langevin corrector (App. G)")
     n_corrector: int = flag(1, "Langevin corrector steps per predictor step of pc (0: predictor only)")
     ald_eps: float = flag(2e-5, "annealed Langevin step scale eps: alpha_i = eps sigma_i^2 / sigma_L^2")
@@ -985,6 +1112,7 @@ class Config(RunConfig):
                            "(exact on 2D points, hutchinson on images)", choices=("auto", "exact", "hutchinson"))
     density_tol: float = flag(1e-3, "ODE tolerances of the 128x128 density grid of --eval on 2D sets")
     eval_n: int = flag(0, "--eval on the first N test examples (0 = all)")
+    eval_repeats: int = flag(1, "--eval: passes over the test set, each with fresh dequantisation and probes")
 
 
 _MNIST = dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema_decay=0.9999, sigma_max=50.0, ch=64,
@@ -1002,18 +1130,37 @@ PRESETS = {
     "fashion-mnist": _MNIST,
     # DDPM++ cont. (SDE paper Table 2; the official configs/vp/cifar10_ddpmpp_continuous.py and its
     # defaults): 61,804,419 parameters here; 1.3M iterations, batch 128, Adam 2e-4, warm-up 5000,
-    # gradient clip 1, EMA 0.9999, dropout 0.1, random flips; VE sigma 0.01..50, VP beta 0.1..20,
-    # N = 1000 sampling steps, snr 0.16, one corrector step.
+    # gradient clip 1, EMA 0.9999, dropout 0.1, random flips; VP beta 0.1..20. Sampling as that
+    # config: pc with predictor euler_maruyama and corrector none, N = 1000, eps 1e-3, the last
+    # step's mean (noise_removal). Likelihood as run_lib.evaluate with bpd_dataset "test": the
+    # test split, 5 passes each with fresh uniform dequantisation (bits/dim averaged over them),
+    # likelihood.py's RK45 (scipy's Dormand-Prince 5(4), as dopri5) at rtol = atol = 1e-5 from
+    # eps = 1e-5, one Rademacher probe per solve. Ours: the error norm is the largest per-example RMS
+    # (theirs: the RMS over the whole flattened batch of 1024 images), so at least as strict.
+    # (--sde ve here: this network and sigma 0.01..50 on [-1, 1]; the VE paper preset is --arch ncsnpp.)
     "cifar10": dict(steps=1_300_000, batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0, ema_decay=0.9999,
                     flip=True, sigma_max=50.0, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_res=(16,),
-                    dropout=0.1, sample_steps=1000, snr=0.16, n_corrector=1, save_every=50_000, n_samples=64),
+                    dropout=0.1, sampler="em", sample_steps=1000, snr=0.16, n_corrector=0, rtol=1e-5, atol=1e-5,
+                    eval_repeats=5, save_every=50_000, n_samples=64),
 }
+
+# --arch ncsnpp: NCSN++ on the VE SDE. cifar10: NCSN++ cont. (SDE paper Table 3, FID 2.38; the official
+# configs/ve/cifar10_ncsnpp_continuous.py): 62,758,787 trainable parameters (theirs, counted with their
+# code: the same, plus 128 fixed Fourier frequencies); EMA 0.999; sigma 0.01..50 on their [0, 1] data is
+# 0.02..100 on our [-1, 1] (the same process: x~ = x + sigma z maps to y~ = y + 2 sigma z, and
+# ||sigma s + z||^2 is unchanged); pc with reverse_diffusion and one Langevin step at snr 0.16, N = 1000,
+# eps 1e-5; evaluation as the VP preset. Ours: the loss averaged over dimensions (theirs: summed,
+# reduce_mean False, before the clip at 1); PyTorch's default initialisation (theirs: fan-average uniform).
+ARCH_PRESETS = {"ncsnpp": {**{name: {**p, "sde": "ve"} for name, p in PRESETS.items() if name != "points"},
+                           "cifar10": dict(PRESETS["cifar10"], sde="ve", sigma_min=0.02, sigma_max=100.0,
+                                           ema_decay=0.999, sampler="pc", n_corrector=1)}}
 
 
 def check_config(cfg):
-    """The flags' values that their types let through; the image side against --ch-mult is
-    checked in build, --sampler ald against a checkpoint's SDE in draw_samples."""
-    for name in ("hidden", "depth", "ch", "num_res_blocks", "sample_steps"):
+    """The flags' values that their types let through; the image side against --ch-mult and the
+    data against --loss sm and --arch are checked in build, --sampler against a checkpoint's SDE
+    in draw_samples."""
+    for name in ("hidden", "depth", "ch", "num_res_blocks", "sample_steps", "eval_repeats"):
         check_range(cfg, name, 1)
     for name in ("warmup", "grad_clip", "n_corrector", "eval_n", "beta_min"):
         check_range(cfg, name, 0)
@@ -1026,9 +1173,27 @@ def check_config(cfg):
     if not cfg.ch_mult or min(cfg.ch_mult) < 1:
         raise UserError(f"--ch-mult {','.join(map(str, cfg.ch_mult))} is out of range; accepted: positive "
                         "multipliers, one per resolution, e.g. 1,2,2,2")
-    if cfg.sampler == "ald" and cfg.sde != "ve" and not (cfg.sample or cfg.eval):
+    check_range(cfg, "n_levels", 2)
+    if cfg.sample or cfg.eval:
+        return
+    if cfg.sampler == "ald" and cfg.sde not in ("ve", "ncsn"):
         raise UserError(f"--sampler ald runs annealed Langevin dynamics on noise levels sigma, which --sde {cfg.sde} "
-                        "does not have; accepted: --sde ve with ald, or --sampler pc, ode or em")
+                        "does not have; accepted: --sde ve or ncsn with ald, or --sampler pc, ode or em")
+    if cfg.sde == "ncsn" and (cfg.loss != "dsm" or cfg.sampler not in ("auto", "ald")):
+        raise UserError(f"--sde ncsn is trained by its Eqs. 5-6 on {cfg.n_levels} levels and sampled by annealed "
+                        f"Langevin dynamics (--loss {cfg.loss}, --sampler {cfg.sampler} given); accepted: --loss dsm, "
+                        "--sampler auto or ald")
+    if cfg.arch == "ncsnpp" and cfg.sde not in ("ve", "ncsn"):
+        raise UserError(f"--arch ncsnpp is conditioned on log sigma, which --sde {cfg.sde} does not have; "
+                        "accepted: --arch ncsnpp with --sde ve or ncsn, or --arch ddpmpp")
+    if cfg.arch != "ncsnpp" and (cfg.progressive_input, cfg.progressive) != ("residual", "none"):
+        raise UserError("--progressive-input and --progressive shape NCSN++'s pyramids; accepted: with --arch ncsnpp")
+
+
+def learning_rate(step, cfg):
+    """The learning rate of step `step` (0-based): linear warm-up over cfg.warmup steps, then
+    constant (the official score_sde code's optimization_manager: lr min(step / warmup, 1))."""
+    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
 
 
 # ----------------------------------------------------------------------------------------
@@ -1047,16 +1212,23 @@ def to_levels(y, info):
     return quantize(y, info.levels)
 
 
+def sampler_of(cfg):
+    """--sampler, with auto resolved: annealed Langevin dynamics for NCSN, else the PC sampler."""
+    return cfg.sampler if cfg.sampler != "auto" else "ald" if cfg.sde == "ncsn" else "pc"
+
+
 def sample_with(cfg, net, sde, shape, device, generator):
     """Samples in model space by --sampler, and the number of network evaluations they cost."""
     score_fn = make_score_fn(net, sde)
     where = dict(device=device, generator=generator)
-    if cfg.sampler == "ode":
+    sampler = sampler_of(cfg)
+    if sampler == "ode":
         return ode_sample(sde, score_fn, shape, cfg.rtol, cfg.atol, eps=sde.sampling_eps, **where)
-    if cfg.sampler == "ald":
-        each = max(1, cfg.sample_steps // 10)
-        return annealed_langevin_sample(sde, score_fn, shape, 10, each, cfg.ald_eps, **where), 10 * each
-    if cfg.sampler == "em":
+    if sampler == "ald":   # NCSN: the levels it was trained on (ncsn_sigmas(sigma_max, sigma_min, L))
+        each = max(1, cfg.sample_steps // cfg.n_levels)
+        x = annealed_langevin_sample(sde, score_fn, shape, cfg.n_levels, each, cfg.ald_eps, **where)
+        return x, cfg.n_levels * each
+    if sampler == "em":
         x = pc_sample(sde, score_fn, shape, cfg.sample_steps, "euler_maruyama", None, eps=sde.sampling_eps, **where)
         return x, cfg.sample_steps
     x = pc_sample(sde, score_fn, shape, cfg.sample_steps, "reverse_diffusion", "langevin" if cfg.n_corrector else None,
@@ -1064,8 +1236,8 @@ def sample_with(cfg, net, sde, shape, device, generator):
     return x, cfg.sample_steps * (1 + cfg.n_corrector)
 
 
-def sample_title(sampler, sde_name, nfe):
-    return f"{sde_name.upper()} SDE, {SAMPLERS[sampler]}, NFE {nfe}"
+def sample_title(cfg, nfe):
+    return f"{'NCSN' if cfg.sde == 'ncsn' else cfg.sde.upper() + ' SDE'}, {SAMPLERS[sampler_of(cfg)]}, NFE {nfe}"
 
 
 def save_samples(x, path, info, title):
@@ -1144,117 +1316,123 @@ MODEL = "score_sde"
 
 def build(cfg, info):
     """(network, SDE) for a configuration and the data's description: the MLP on 2D points, the
-    U-Net on images."""
-    sde = VESDE(cfg.sigma_min, cfg.sigma_max) if cfg.sde == "ve" else SDES[cfg.sde](cfg.beta_min, cfg.beta_max)
+    U-Net (--arch) on images. NCSN's network is the VE SDE's, used at its levels' times."""
+    ve = cfg.sde in ("ve", "ncsn")
+    sde = VESDE(cfg.sigma_min, cfg.sigma_max) if ve else SDES[cfg.sde](cfg.beta_min, cfg.beta_max)
     if info.kind == "points":
-        if cfg.flip:
-            raise UserError(f"--flip flips images; {info.name} is a set of 2D points: leave --flip out")
+        for wrong, name in ((cfg.flip, "--flip"), (cfg.arch != "ddpmpp", f"--arch {cfg.arch}")):
+            if wrong:
+                raise UserError(f"{name} is for images; {info.name} is a set of 2D points: leave {name} out")
         return ScoreMLP(info.shape[0], cfg.hidden, cfg.depth), sde
+    if cfg.loss == "sm":
+        raise UserError(f"--loss sm takes D = {info.dims} backward passes per step on {info.name}; accepted: "
+                        "2D points, or --loss ssm-vr (sliced) or dsm on images")
     c, h, w = info.shape
     if h != w or h % 2 ** (len(cfg.ch_mult) - 1):
         raise UserError(f"--ch-mult {','.join(map(str, cfg.ch_mult))} halves the side {len(cfg.ch_mult) - 1} "
                         f"times; {info.name} has {h}x{w} images: use fewer multipliers")
+    if cfg.arch == "ncsnpp":
+        return NCSNpp(c, h, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_res, cfg.dropout, cfg.sigma_min,
+                      cfg.sigma_max, progressive_input=cfg.progressive_input, progressive=cfg.progressive), sde
     return UNet(c, h, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_res, cfg.dropout), sde
 
 
 def train(cfg):
-    """Score matching with the weighting of Eq. 7 (t ~ U(1e-5, 1)), Adam with warm-up, gradient
-    clipping and an EMA of the weights; under torchrun every process trains on its slice of the
-    global batch (DDP)."""
-    dist = init_distributed(cfg.device)
-    out = open_run(cfg, MODEL, dist)
-    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    info = ds.info
-    seed_everything(cfg.seed)  # the same initial weights on every process
-    net, sde = build(cfg, info)
-    net.to(dist.device)
-    ema = EMA(net, cfg.ema_decay)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
-    if cfg.resume:
-        step = resume(cfg, MODEL, dist, model=net, ema=ema, opt=opt, batches=batches)
-    else:
-        step = 0
-        seed_everything(cfg.seed + dist.rank)  # noise differs between processes
-    start = step
-    model = wrap_ddp(net, dist, cfg.compile)  # DDP over the processes, then torch.compile
-    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
-    amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-    shape = (cfg.n_samples, *info.shape)
+    """Score matching with the weighting of Eq. 7 (t ~ U(1e-5, 1)), or NCSN's objective on its
+    levels, Adam with warm-up, gradient clipping and an EMA of the weights; under torchrun every
+    process trains on its slice of the global batch (DDP)."""
+    with Training(cfg, MODEL) as run:
+        ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        info = ds.info
+        seed_everything(cfg.seed)  # the same initial weights on every process
+        net, sde = build(cfg, info)
+        net.to(run.device)
+        ema = EMA(net, cfg.ema_decay)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        batches = Batches(ds, cfg.batch_size, run.dist, seed=cfg.seed)
+        step = run.start(info, model=net, ema=ema, opt=opt, batches=batches)
+        model = wrap_ddp(net, run.dist, cfg.compile)
+        amp = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+        sigmas = ncsn_sigmas(cfg.sigma_max, cfg.sigma_min, cfg.n_levels) if cfg.sde == "ncsn" else None
 
-    def checkpoint_and_samples():
-        save_training(out, MODEL, step, cfg, info, dist, model=net, ema=ema, opt=opt, batches=batches)
-        if dist.is_main and not stop.requested:
-            with stop.interruptible():  # the checkpoint is whole: a signal may stop the pictures at once
-                g = torch.Generator(device=dist.device).manual_seed(cfg.seed)  # not the training's RNG
-                x, nfe = sample_with(cfg, ema.model, sde, shape, dist.device, g)
-                save_samples(x, out / f"samples_{step}.png", info, f"{sample_title(cfg.sampler, cfg.sde, nfe)}, "
-                             f"step {step}")
+        def samples(step):
+            g = torch.Generator(device=run.device).manual_seed(cfg.seed)  # not the training's RNG
+            x, nfe = sample_with(cfg, ema.model, sde, (cfg.n_samples, *info.shape), run.device, g)
+            save_samples(x, run.out / f"samples_{step}.png", info, f"{sample_title(cfg, nfe)}, step {step}")
 
-    with StopSignal() as stop:
-        while step < cfg.steps:
+        for step in run.steps(step, samples):
             x, _ = next(batches)
             x0 = to_model_space(x, info)  # images: fresh dequantisation noise every batch
             if cfg.flip:
                 x0 = torch.where(torch.rand(x0.shape[0], 1, 1, 1, device=x0.device) < 0.5, x0.flip(3), x0)
-            for group in opt.param_groups:  # linear warm-up
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, cfg)
             with amp:
-                loss = training_loss(model, sde, x0, cfg.loss).mean()
+                loss = training_loss(model, sde, x0, cfg.loss, sigmas=sigmas).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             opt.step()
             ema.update(net)
-            step += 1
-            value = dist.mean(loss)
-            check_finite(value, step)
-            logger.log(step, cfg.batch_size, loss=value)
-            stopping = dist.any(stop.requested)
-            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                checkpoint_and_samples()
-            if stopping:
-                if dist.is_main:
-                    print(f"stopped at step {step}; {out / 'ckpt.pt'} saved; continue with --resume", flush=True)
-                break
-        if step == start:  # --steps 0, or nothing left to train: still leave a checkpoint
-            checkpoint_and_samples()
-        if dist.is_main and not stop.requested:
-            with stop.interruptible():
-                g = torch.Generator().manual_seed(cfg.seed)
-                x0 = to_model_space(ds.data[:4], info, g) if info.kind == "image" else ds.data[:2000]
-                save_score_field(ema.model, sde, x0, out / "score_field.png", info, dist.device)
-    logger.close()
-    dist.close()
-    if dist.is_main:
-        report_files(out, ["ckpt.pt", f"samples_{step}.png", "score_field.png", "metrics.jsonl", "loss.png"])
+            run.log(loss=loss)
+        g = torch.Generator().manual_seed(cfg.seed)
+        x0 = to_model_space(ds.data[:4], info, g) if info.kind == "image" else ds.data[:2000]
+        run.draw(save_score_field, ema.model, sde, x0, run.out / "score_field.png", info, run.device)
+    run.report(["ckpt.pt", f"samples_{run.step}.png", "score_field.png", "metrics.jsonl", "loss.png"])
+
+
+SETTINGS = ("sampler", "sample_steps", "snr", "n_corrector", "ald_eps", "rtol", "atol", "likelihood", "eval_repeats")
+
+
+def with_checkpoint_settings(cfg, saved):
+    """The command line's configuration with the checkpoint's SDE and, for each sampling and
+    evaluation flag left at its default, the checkpoint's value: --sample and --eval on a preset's
+    checkpoint run the preset's sampler and evaluation."""
+    default = Config()
+    kept = {k: getattr(saved, k) for k in SETTINGS if getattr(cfg, k) == getattr(default, k)}
+    return dataclasses.replace(cfg, sde=saved.sde, n_levels=saved.n_levels, **kept)
 
 
 def evaluate(cfg):
     """--eval CKPT: the exact test-set NLL of the probability-flow model (App. D.2) in nats per
-    example, and bits/dim of the dequantised images (an upper bound on the discrete NLL); on 2D
-    sets also the true entropy, density.npz and density.png (the ODE density beside the truth)."""
+    example, and bits/dim of the dequantised images (an upper bound on the discrete NLL),
+    averaged over --eval-repeats passes (with the standard error over the passes); on 2D sets also
+    the true entropy, density.npz and density.png (the ODE density beside the truth). NCSN has no
+    likelihood: its test-set objective (Eq. 6, every level) instead."""
     (net, sde), saved, info = load(cfg.eval, get_device(cfg.device))
+    cfg = with_checkpoint_settings(cfg, saved)
     device = next(net.parameters()).device
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir)
-    divergence = cfg.likelihood if cfg.likelihood != "auto" else "exact" if info.kind == "points" else "hutchinson"
-    score_fn = make_score_fn(net, sde)
     data = ds.data[:cfg.eval_n] if cfg.eval_n else ds.data
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    nats, nfes, start = [], [], time.perf_counter()
-    for x in data.split(cfg.batch_size):  # ode_log_likelihood runs under no_grad, never inference_mode
-        y = to_model_space(x.to(device), info, generator=g)
-        log_p, _, nfe = ode_log_likelihood(sde, score_fn, y, divergence, rtol=cfg.rtol, atol=cfg.atol, generator=g)
-        nats.append((dequantized_nll(log_p, info.dims, info.levels) if info.kind == "image" else -log_p).double().cpu())
-        nfes.append(nfe)
-    v = torch.cat(nats)
-    fields = dict(nll=v.mean().item(), nll_se=v.std().item() / math.sqrt(len(v)) if len(v) > 1 else 0.0, n=len(v),
-                  sde=saved.sde, divergence=divergence, rtol=cfg.rtol, atol=cfg.atol, nfe=sum(nfes) / len(nfes),
-                  seconds=round(time.perf_counter() - start, 1))
+    if saved.sde == "ncsn":
+        return evaluate_ncsn(cfg, net, sde, data, info, out, g)
+    divergence = cfg.likelihood if cfg.likelihood != "auto" else "exact" if info.kind == "points" else "hutchinson"
+    score_fn = make_score_fn(net, sde)
+    passes, nfes, start = [], [], time.perf_counter()
+    for _ in range(cfg.eval_repeats):   # each pass: fresh dequantisation u and probes v
+        nats = []
+        for x in data.split(cfg.batch_size):  # ode_log_likelihood runs under no_grad, never inference_mode
+            y = to_model_space(x.to(device), info, generator=g)
+            log_p, _, nfe = ode_log_likelihood(sde, score_fn, y, divergence, rtol=cfg.rtol, atol=cfg.atol,
+                                               generator=g)
+            nats.append((dequantized_nll(log_p, info.dims, info.levels) if info.kind == "image" else -log_p)
+                        .double().cpu())
+            nfes.append(nfe)
+        passes.append(torch.cat(nats))
+    v, per_pass = torch.cat(passes), torch.stack([p.mean() for p in passes])
+    fields = dict(nll=v.mean().item(), nll_se=v.std().item() / math.sqrt(len(v)) if len(v) > 1 else 0.0,
+                  n=len(passes[0]), repeats=cfg.eval_repeats, sde=saved.sde, divergence=divergence, rtol=cfg.rtol,
+                  atol=cfg.atol, nfe=sum(nfes) / len(nfes), seconds=round(time.perf_counter() - start, 1))
+    if cfg.eval_repeats > 1:   # the spread of the passes' means: dequantisation and probe noise
+        fields["nll_se_repeats"] = per_pass.std().item() / math.sqrt(cfg.eval_repeats)
     if info.kind == "image":
         fields["bits_per_dim"] = bits_per_dim(fields["nll"], info.dims)
+        if cfg.eval_repeats > 1:
+            fields["bits_per_dim_repeats"] = [bits_per_dim(p.item(), info.dims) for p in per_pass]
+            fields["bits_per_dim_se_repeats"] = bits_per_dim(fields["nll_se_repeats"], info.dims)
     else:
         if ds.log_prob is not None:
             fields["entropy"], fields["entropy_se"] = entropy_estimate(info.name)
@@ -1277,23 +1455,51 @@ def evaluate(cfg):
     return fields
 
 
+@torch.inference_mode()
+def evaluate_ncsn(cfg, net, sde, data, info, out, g):
+    """NCSN's test-set objective (Song & Ermon 2019, Eq. 6, summed over dimensions as the paper):
+    every example at every level, one z each; "loss" and its standard error, per level too."""
+    sigmas = ncsn_sigmas(sde.sigma_max, sde.sigma_min, cfg.n_levels)
+    device = next(net.parameters()).device
+    score_fn = make_ncsn_score_fn(net, sde)
+    per_level = []
+    for i in range(cfg.n_levels):
+        values = []
+        for x in data.split(cfg.batch_size):
+            x0 = to_model_space(x.to(device), info, generator=g)
+            labels = torch.full((x0.shape[0],), i, device=device)
+            values.append(ncsn_loss(score_fn, sigmas, x0, labels, _randn(x0.shape, x0, g)).double().cpu())
+        per_level.append(torch.cat(values))
+    v = torch.stack(per_level).mean(0)   # Eq. 6's average over the levels, per example
+    fields = dict(loss=v.mean().item(), loss_se=v.std().item() / math.sqrt(len(v)) if len(v) > 1 else 0.0,
+                  n=len(v), sde="ncsn", levels=cfg.n_levels, loss_per_level=[p.mean().item() for p in per_level])
+    Logger(out, 0).event("eval", split="test", **fields)
+    report_files(out, ["metrics.jsonl"])
+    return fields
+
+
 def draw_samples(cfg):
     """--sample CKPT: n_samples by --sampler from the EMA network (samples.png, samples.pt: levels
     for images, points for 2D sets) and a "sample" event with samples per second and the NFE."""
     (net, sde), saved, info = load(cfg.sample, get_device(cfg.device))
+    cfg = with_checkpoint_settings(cfg, saved)
     device = next(net.parameters()).device
     out = output_dir(cfg, cfg.sample)
-    if cfg.sampler == "ald" and not isinstance(sde, VESDE):
+    sampler = sampler_of(cfg)
+    if sampler == "ald" and not isinstance(sde, VESDE):
         raise UserError(f"--sampler ald needs a VE SDE's noise levels; {cfg.sample} was trained with --sde "
                         f"{saved.sde}: use --sampler pc, ode or em")
+    if saved.sde == "ncsn" and sampler != "ald":
+        raise UserError(f"{cfg.sample} is an NCSN, trained at {saved.n_levels} noise levels only; accepted: "
+                        "--sampler ald or auto")
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()
     x, nfe = sample_with(cfg, net, sde, (cfg.n_samples, *info.shape), device, g)
     seconds = time.perf_counter() - start
-    save_samples(x, out / "samples.png", info, sample_title(cfg.sampler, saved.sde, nfe))
+    save_samples(x, out / "samples.png", info, sample_title(cfg, nfe))
     torch.save(to_levels(x, info).cpu() if info.kind == "image" else x.cpu(), out / "samples.pt")
     Logger(out, 0).event("sample", n=cfg.n_samples, seconds=round(seconds, 3), samples_per_s=cfg.n_samples / seconds,
-                         sampler=cfg.sampler, nfe=nfe, sde=saved.sde)
+                         sampler=sampler, nfe=nfe, sde=saved.sde)
     report_files(out, ["samples.png", "samples.pt", "metrics.jsonl"])
     return x
 
@@ -1310,7 +1516,7 @@ def load(path, device="cpu"):
 def main(argv=None):
     """Train (default), or --eval CKPT, or --sample CKPT; a user's mistake exits with one line."""
     with user_errors():
-        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
+        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"), arch_presets=ARCH_PRESETS)
         check_config(cfg)
         return dispatch(cfg, train, evaluate, draw_samples)
 

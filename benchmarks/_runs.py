@@ -19,14 +19,21 @@ RESULTS = ROOT / "benchmarks" / "results"
 # A system's checkpoint remembers its flags, so --eval and --sample need only the checkpoint.
 SYSTEMS = {
     "pixelcnn": ("pixelcnn", []),
+    "pixelcnn --arch rowlstm": ("pixelcnn", ["--arch", "rowlstm"]),
+    "pixelcnn --arch diagonal-bilstm": ("pixelcnn", ["--arch", "diagonal-bilstm"]),
     "gpt": ("gpt", []),
     "vae": ("vae", []),
     "vqvae": ("vqvae", []),
+    "vqvae --levels 2": ("vqvae", ["--levels", "2"]),
     "realnvp": ("realnvp", []),
+    "realnvp --arch glow": ("realnvp", ["--arch", "glow"]),
+    "realnvp --arch maf": ("realnvp", ["--arch", "maf"]),
     "ffjord": ("ffjord", []),
+    "ffjord --arch residual": ("ffjord", ["--arch", "residual"]),
     "ddpm": ("ddpm", []),
     "ddim": ("ddim", []),
     "score_sde": ("score_sde", []),
+    "score_sde --loss sm": ("score_sde", ["--loss", "sm"]),
     "ebm": ("ebm", []),
 }
 

@@ -56,7 +56,7 @@ def density_grids(label, results=None):
                  for d in POINTS if (label, d) in results}
         if grids:
             path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(path, **{d: g.astype(np.float16) for d, g in grids.items()})
+            np.savez_compressed(path, **{d: np.clip(g, -1e4, None).astype(np.float16) for d, g in grids.items()})
     return dict(np.load(path)) if path.exists() else {}
 
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.utils.module_tracker
 from torch.utils.flop_counter import FlopCounterMode
 
 from _runs import (ROOT, RUNS, SYSTEMS, Unsupported, last_event, merge_rows, present_systems, provenance, read_metrics,
@@ -56,10 +57,19 @@ def flops_per_step(label, k=2):
     return float(r.stdout.strip().splitlines()[-1])
 
 
+class _NoHook:
+    def remove(self):
+        pass
+
+
 def _count(label, k):
     # FlopCounterMode fails on weight-normalised modules run under inference_mode (torch 2.13), as
     # the samplers are; in this process only, no_grad stands in for it (the same FLOPs are done).
     torch.inference_mode = lambda mode=True: torch.no_grad()
+    # FlopCounterMode's module tracker hooks the gradient of every module input, and autograd.grad
+    # to a leaf input (ffjord.py's trace and log-det inside the loss) then fails (torch 2.13); in
+    # this process only, the hooks are left out: they attribute FLOPs to modules, not the total.
+    torch.utils.module_tracker.register_multi_grad_hook = lambda *args, **kwargs: _NoHook()
     model, flags = SYSTEMS[label]
     module = importlib.import_module(model)
     totals = []

@@ -60,12 +60,10 @@ def test_signal_saves_a_checkpoint_and_resume_continues(model, tmp_path):
     assert "resume" in (stdout + stderr).lower()
     # the steps since the last metrics line are logged at the stop, not lost (a window of 3)
     assert [r["step"] for r in common._read_metrics(metrics) if "step" in r][-1] == step
-    subprocess.run([*cmd, "--steps", str(step + 2), "--resume"], env=_env(), check=True, capture_output=True,
-                   timeout=120)
+    run_main(model, [*cmd[2:], "--steps", step + 2, "--resume"])  # the rest in this process: no start-up
     assert common.load_checkpoint(out / "ckpt.pt")["step"] == step + 2
     # --sample writes the raw samples beside the picture (benchmarks/quality.py reads them)
-    subprocess.run([sys.executable, str(ROOT / f"{model}.py"), "--sample", str(out / "ckpt.pt"), "--n-samples", "5",
-                    "--out", str(tmp_path / "s")], env=_env(), check=True, capture_output=True, timeout=120)
+    run_main(model, ["--sample", out / "ckpt.pt", "--n-samples", 5, "--out", tmp_path / "s"])
     assert torch.load(tmp_path / "s" / "samples.pt", weights_only=True).shape == (5, 2)
 
 
@@ -169,8 +167,7 @@ def tiny_run(tmp_path_factory):
     def get(model):
         if model not in runs:
             out = tmp_path_factory.mktemp(f"{model}-tiny")
-            subprocess.run([sys.executable, str(ROOT / f"{model}.py"), *TINY, "--steps", "2", "--out", str(out)],
-                           env=_env(), check=True, capture_output=True, timeout=300)
+            run_main(model, [*TINY, "--steps", 2, "--out", out])
             runs[model] = out / "ckpt.pt"
         return runs[model]
     return get
@@ -202,7 +199,7 @@ def test_a_checkpoint_of_another_model_file_is_a_one_line_error(model, tiny_run,
         _one_line_error(code, err, f"written by {writer}")
 
 
-def _network_flag(module, cfg, info):
+def _network_flag(module, cfg, info, change=lambda v: v + 1):
     """A flag of the model's own (an int) whose change changes the network's weights' shapes."""
     def shapes(c):
         built = module.build(c, info)
@@ -214,8 +211,8 @@ def _network_flag(module, cfg, info):
         if f.name in shared or type(value) is not int or value < 1:
             continue
         try:
-            if shapes(dataclasses.replace(cfg, **{f.name: value + 1})) != base:
-                return f.name, value + 1
+            if shapes(dataclasses.replace(cfg, **{f.name: change(value)})) != base:
+                return f.name, change(value)
         except Exception:
             continue
     raise AssertionError(f"{module.__name__}: no integer flag changes the network")
@@ -231,6 +228,21 @@ def test_resuming_with_a_flag_that_changes_the_network_names_the_flag(model, tin
     code, _, err = _main(model, [*TINY, "--out", tmp_path, "--resume", "--steps", 4, flag, value], capsys)
     _one_line_error(code, err, f"{flag} {value - 1} (now {value})", "--overwrite")
     assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
+
+
+@pytest.mark.parametrize("model", MODEL_FILES)
+def test_resume_keeps_the_flags_of_its_checkpoint(model, tiny_run, tmp_path):
+    """A run trained with a network flag changed resumes with no flag repeated (bare --resume in
+    its folder, the dataset too): the checkpoint's configuration is the run's."""
+    module = importlib.import_module(model)
+    cfg, info = common.saved_config(module.Config, common.load_checkpoint(tiny_run(model)))
+    name, value = _network_flag(module, cfg, info, change=lambda v: 2 * v)  # widths stay even
+    flag = "--" + name.replace("_", "-")
+    run_main(model, [*TINY, "--out", tmp_path, "--steps", 1, flag, value])
+    run_main(model, ["--out", tmp_path, "--resume", "--steps", 2])
+    ckpt = common.load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 2 and ckpt["config"][name] == value and ckpt["config"]["dataset"] == "8gaussians"
+    assert ckpt["config"]["batch_size"] == 32 and ckpt["config"]["resume"] == "auto"
 
 
 @pytest.mark.parametrize("model", MODEL_FILES)

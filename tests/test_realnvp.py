@@ -1,14 +1,15 @@
 """Tests of realnvp.py: every identity against an independent computation.
 
 Invertibility to float64 precision and log-determinants against the slogdet of
-torch.autograd.functional.jacobian, for every layer type and the whole flow; the density
-integrating to one by quadrature; the discrete likelihood against hand computation and
-closed forms; normalisation layers in both modes; the command line end to end and resume;
-the mathematics and the networks with common.py replaced.
+torch.autograd.functional.jacobian, for every layer type (RealNVP's couplings and
+normalisations; Glow's 1x1 convolutions, plain and LU, its coupling, split prior and levels;
+MAF's layers) and the whole flows; MADE's masks by autograd; the split prior against
+torch.distributions; the densities integrating to one by quadrature; the discrete likelihood
+against hand computation and closed forms; the command line end to end for every --arch, resume
+and torchrun; the mathematics and the networks with common.py replaced.
 """
-import json
+import dataclasses
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from hypothesis import given, strategies as st
 
 import common
 import realnvp as R
+from conftest import events, run_main, torchrun
 
 F64 = torch.float64
 POINTS = common.DataInfo("8gaussians", "points", (2,), lim=common.POINTS_LIM)
@@ -485,13 +487,293 @@ def test_latent_grid_says_which_rows_are_images_and_which_latents(tmp_path, monk
 
 
 # ----------------------------------------------------------------------------------------
-# command line
+# Glow (Kingma & Dhariwal 2018): 1x1 convolutions, its coupling, the split prior, levels
 # ----------------------------------------------------------------------------------------
 
-def events(out, name):
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [x for x in lines if x.get("event") == name]
+def roundtrip(layer, z, tol=1e-10):
+    """forward(inverse(z)) == z: the direction the issue names (inverse first)."""
+    torch.testing.assert_close(layer(layer.inverse(z))[0], z, rtol=0, atol=tol)
 
+
+def glow_net(width=6):
+    return lambda i, o: R.GlowNet(i, o, width)
+
+
+def vector_net(width=6):
+    return lambda i, o: R.GlowNet(i, o, width, image=False)
+
+
+@given(c=st.integers(1, 4), spatial=st.sampled_from([(), (1, 1), (2, 3)]), lu=st.booleans(),
+       seed=st.integers(0, 10_000))
+def test_invconv1x1_logdet_is_slogdet_of_the_jacobian(c, spatial, lu, seed):
+    """Sec. 3.2: log|det| = h w log|det W| (plain: slogdet of W; LU: sum log|s|), against the
+    slogdet of the autograd Jacobian of the whole layer on the (C, h, w) example, float64."""
+    torch.manual_seed(seed)
+    layer = randomize(R.InvConv1x1(c, lu).double(), seed, std=0.6)
+    if lu:  # away from zero, and a sign of each kind
+        with torch.no_grad():
+            layer.log_s.copy_(0.5 * torch.randn(c, dtype=F64))
+            layer.sign_s.copy_(torch.tensor([(-1.0) ** i for i in range(c)], dtype=F64))
+    x = torch.randn(2, c, *spatial, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    check_layer(layer, x)
+    roundtrip(layer, x)
+    W, log_det_W = layer.weight_and_logdet()
+    assert abs(log_det_W.item() - torch.linalg.slogdet(W)[1].item()) < 1e-10
+    assert abs(log_det_W.item()) > 1e-6 or c == 1  # the check is not the trivial det 1 of a rotation
+
+
+@given(c=st.integers(1, 6), seed=st.integers(0, 10_000))
+def test_lu_form_reconstructs_the_plain_w(c, seed):
+    """W = P L (U + diag(s)) (Sec. 3.2): from the same seed the LU-parametrised layer starts at
+    the very rotation the plain one starts at, P is a permutation, L unit lower-triangular."""
+    torch.set_default_dtype(F64)
+    torch.manual_seed(seed)
+    plain = R.InvConv1x1(c)
+    torch.manual_seed(seed)
+    lu = R.InvConv1x1(c, lu=True)
+    W, log_det = lu.weight_and_logdet()
+    torch.testing.assert_close(W, plain.weight.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(W @ W.T, torch.eye(c), rtol=0, atol=1e-12)  # a rotation: log|det| = 0
+    assert abs(log_det.item()) < 1e-12
+    assert torch.equal(lu.P @ lu.P.T, torch.eye(c)) and set(lu.P.sum(0).tolist()) == {1.0}
+    assert torch.equal(lu.lower, torch.tril(torch.ones(c, c), -1))
+
+
+@given(c=st.integers(2, 5), spatial=st.sampled_from([(), (2, 2)]), affine=st.booleans(), seed=st.integers(0, 10_000))
+def test_glow_coupling_inverts_and_logdet_matches_jacobian(c, spatial, affine, seed):
+    torch.manual_seed(seed)
+    net = (vector_net if not spatial else glow_net)()(c - c // 2, 2 * (c // 2))
+    layer = randomize(R.GlowCoupling(c, net, 1 + len(spatial), affine).double(), seed).eval()
+    x = torch.randn(2, c, *spatial, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    check_layer(layer, x)
+    roundtrip(layer, x)
+    # Table 1 written out: (h, t) = NN(x_b), y_a = sigmoid(h + 2) x_a + t, y_b = x_b
+    y, log_det = layer(x)
+    h, t = net(x[:, c // 2:]).chunk(2, 1)
+    s = torch.sigmoid(h + 2) if affine else torch.ones_like(h)
+    torch.testing.assert_close(y[:, :c // 2], s * x[:, :c // 2] + t, rtol=0, atol=1e-12)
+    assert torch.equal(y[:, c // 2:], x[:, c // 2:])
+    torch.testing.assert_close(log_det, torch.log(s).flatten(1).sum(1), rtol=0, atol=1e-12)
+
+
+def test_glow_coupling_and_split_prior_start_as_the_paper_says():
+    """Zero initialisation (Sec. 3.3): NN's last layer is zero, so a fresh coupling is
+    y_a = sigmoid(2) x_a, y_b = x_b, and a fresh split prior is N(0, I)."""
+    layer = R.GlowCoupling(4, glow_net()(2, 4), 3).double()
+    x = torch.randn(3, 4, 2, 2, dtype=F64)
+    y, log_det = layer(x)
+    s2 = 1 / (1 + math.exp(-2))
+    torch.testing.assert_close(y, torch.cat([s2 * x[:, :2], x[:, 2:]], 1))
+    torch.testing.assert_close(log_det, torch.full((3,), 8 * math.log(s2), dtype=F64))
+    split = R.SplitPrior(4, R.zero_layer(torch.nn.Conv2d(2, 4, 3, padding=1))).double()
+    y, log_det = split(x)
+    assert torch.equal(y, x) and torch.equal(log_det, torch.zeros(3, dtype=F64))
+
+
+@given(c=st.sampled_from([2, 4, 5]), seed=st.integers(0, 10_000))
+def test_split_prior_log_density_is_the_conditional_gaussian(c, seed):
+    """log N(eps; 0, I) + log|det| of the split equals log N(z; mu(h), sigma(h)^2) computed by
+    torch.distributions; the split inverts, and its log-det is the autograd Jacobian's."""
+    torch.manual_seed(seed)
+    net = torch.nn.Conv2d(c - c // 2, 2 * (c // 2), 3, padding=1)
+    split = randomize(R.SplitPrior(c, net).double(), seed, std=0.4)
+    x = torch.randn(3, c, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    y, log_det = split(x)
+    h, z = x[:, :c - c // 2], x[:, c - c // 2:]
+    assert torch.equal(y[:, :c - c // 2], h)
+    mu, log_sigma = net(h).chunk(2, 1)
+    expected = torch.distributions.Normal(mu, log_sigma.exp()).log_prob(z).flatten(1).sum(1)
+    got = R.standard_normal_log_prob(y[:, c - c // 2:]) + log_det
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    check_layer(split, x)
+    roundtrip(split, x)
+
+
+@given(levels=st.sampled_from([2, 17, 256]), seed=st.integers(0, 10_000))
+def test_center_preprocess_inverts_and_logdet_matches_jacobian(levels, seed):
+    layer = R.CenterPreprocess(levels)
+    v = levels * torch.rand(2, 1, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    check_layer(layer, v)
+    roundtrip(layer, v - 0.5)
+
+
+def test_glow_discrete_probabilities_sum_to_the_mass_inside_the_cube():
+    """As for the logit (test above): with Glow's centring y = v/K - 1/2 and an ActNorm body,
+    sum_x P(x) = Phi((1/2 - m) e^-s) - Phi((-1/2 - m) e^-s); a missing -D log K changes it."""
+    K, m, s = 5, 0.1, -1.0
+    act = R.ActNorm(1).double()
+    with torch.no_grad():
+        act.shift.fill_(m), act.log_scale.fill_(s), act.initialized.fill_(True)
+    model = R.RealNVP(R.FlowSequence([act]), (1, 1, 1), levels=K, pre=R.CenterPreprocess(K)).double().eval()
+    nodes, weights = np.polynomial.legendre.leggauss(100)
+    u = torch.tensor((nodes + 1) / 2, dtype=F64).reshape(-1, 1, 1, 1)
+    total = sum((torch.tensor(weights / 2) * torch.exp(-R.nll(model, torch.full((len(u), 1, 1, 1), xi), True, u)))
+                .sum().item() for xi in range(K))
+    Phi = lambda t: 0.5 * (1 + math.erf(t / math.sqrt(2)))
+    expected = Phi((0.5 - m) * math.exp(-s)) - Phi((-0.5 - m) * math.exp(-s))
+    assert abs(total - expected) < 1e-9, (total, expected)
+
+
+def glow_images(c, side, n_levels, K=1, lu=False, seed=0):
+    torch.manual_seed(seed)
+    body = R.GlowLevel((c, side, side), n_levels, K, glow_net(4),
+                       lambda i, o: R.zero_layer(torch.nn.Conv2d(i, o, 3, padding=1)), lu)
+    model = randomize(R.RealNVP(body, (c, side, side), levels=17, pre=R.CenterPreprocess(17)).double(), seed, std=0.1)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # random but well-conditioned 1x1 convolutions: rotation times exp(scales), log|det| != 0
+        for m in model.modules():
+            if isinstance(m, R.InvConv1x1) and m.lu:
+                m.L.copy_(torch.randn(m.L.shape, generator=g, dtype=F64) * 0.1)
+                m.U.copy_(torch.randn(m.U.shape, generator=g, dtype=F64) * 0.1)
+                m.log_s.copy_(torch.randn(m.log_s.shape, generator=g, dtype=F64) * 0.1)
+            elif isinstance(m, R.InvConv1x1):
+                q = torch.linalg.qr(torch.randn(m.weight.shape, generator=g, dtype=F64))[0]
+                m.weight.copy_(q * torch.exp(0.3 * torch.randn(q.shape[0], generator=g, dtype=F64)))
+    return model.eval()
+
+
+@given(c=st.sampled_from([1, 2]), n_levels=st.integers(1, 2), lu=st.booleans(), seed=st.integers(0, 10_000))
+def test_whole_glow_inverts_and_logdet_matches_jacobian(c, n_levels, lu, seed):
+    """The whole Glow (centring, levels of squeeze, K steps of ActNorm, 1x1 convolution and
+    coupling, split priors): forward(inverse(z)) == z to 1e-10 and the log-det against the
+    slogdet of the autograd Jacobian (float64)."""
+    side = 2 ** n_levels
+    model = glow_images(c, side, n_levels, K=2, lu=lu, seed=seed)
+    z = torch.randn(2, c, side, side, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    roundtrip(model, z)
+    v = R.dequantize(torch.randint(17, (2, c, side, side), generator=torch.Generator().manual_seed(seed)).double(),
+                     torch.full((2, c, side, side), 0.5, dtype=F64))
+    check_layer(model, v, tol=1e-8)
+
+
+def test_glow_levels_squeeze_at_each_level_and_split_half():
+    """Fig. 2b: L levels of K steps; level i (from 1) works on 2^(i+1) C channels of side H / 2^i
+    (a squeeze, then half of the channels factored out before the next squeeze)."""
+    model = glow_images(1, 8, 3, K=2)
+    level, seen = model.body, []
+    while True:
+        seen.append((len(level.steps), level.steps[0][0].log_scale.shape[0]))
+        if level.last:
+            break
+        level = level.next
+    assert seen == [(2, 4), (2, 8), (2, 16)]
+    with pytest.raises(ValueError):
+        R.GlowLevel((1, 4, 4), 3, 1, glow_net(), glow_net())
+
+
+def test_glow_sample_at_a_temperature_is_the_inverse_of_scaled_prior_draws():
+    """Sampling with temperature T (Glow, Sec. 6): z ~ N(0, T^2 I) through the inverse,
+    so at each split z_2 = mu(h) + sigma(h) T eps, Glow's reduced-temperature prior."""
+    model = glow_images(1, 4, 2, K=1, seed=3)
+    torch.manual_seed(5)
+    x = model.sample(6, temperature=0.7)
+    torch.manual_seed(5)
+    z = 0.7 * torch.randn(6, 1, 4, 4, dtype=F64)
+    with torch.no_grad():
+        assert torch.equal(x, R.quantize(model.inverse(z), 17))
+    split, eps, h = model.body.split, torch.randn(6, 2, 2, 2, dtype=F64), torch.randn(6, 2, 2, 2, dtype=F64)
+    with torch.no_grad():
+        mu, log_sigma = split.mu_log_sigma(h)
+        torch.testing.assert_close(split.inverse(torch.cat([h, 0.7 * eps], 1))[:, 2:], mu + log_sigma.exp() * 0.7 * eps)
+
+
+# ----------------------------------------------------------------------------------------
+# MAF (Papamakarios et al. 2017) and MADE (Germain et al. 2015)
+# ----------------------------------------------------------------------------------------
+
+@given(D=st.integers(2, 6), hidden=st.sampled_from([5, 16]), seed=st.integers(0, 10_000), data=st.data())
+def test_made_outputs_depend_only_on_earlier_inputs(D, hidden, seed, data):
+    """By autograd: d(mu_i, alpha_i)/dx_j is zero unless j comes before i in the ordering, and
+    (hidden >= D - 1) non-zero for some input wherever it may be, so the masks cut no more than
+    they must."""
+    order = data.draw(st.permutations(range(D)))
+    made = randomize(R.MADE(order, hidden).double(), seed, std=0.5)
+    rank = {d: r for r, d in enumerate(order)}
+    allowed = torch.tensor([[rank[j] < rank[i] for j in range(D)] for i in range(D)])
+    x = torch.randn(D, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    for out in (0, 1):
+        J = torch.autograd.functional.jacobian(lambda v: made(v[None])[out][0], x)
+        assert torch.all(J[~allowed] == 0)
+    with torch.no_grad():  # positive weights and biases, small x: every ReLU open, every allowed path adds
+        for p in made.parameters():
+            p.abs_().add_(0.1)
+    for out in (0, 1):
+        J = torch.autograd.functional.jacobian(lambda v: made(v[None])[out][0], 1e-3 * x)
+        assert torch.equal(J != 0, allowed)
+
+
+@given(D=st.integers(1, 5), seed=st.integers(0, 10_000), data=st.data())
+def test_maf_layer_d_pass_inverse_inverts_one_pass_forward_and_logdet(D, seed, data):
+    """Sec. 3.1: u = (x - mu) exp(-alpha) in one pass, log|det| = -sum alpha against autograd;
+    the D-pass inverse recovers x, and forward(inverse(u)) == u to 1e-10."""
+    order = data.draw(st.permutations(range(D)))
+    layer = randomize(R.MaskedAutoregressive(order, 8).double(), seed, std=0.4)
+    x = torch.randn(3, D, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    check_layer(layer, x)
+    roundtrip(layer, x)
+    mu, alpha = layer.mu_alpha(x)
+    u, log_det = layer(x)
+    torch.testing.assert_close(x, u * alpha.exp() + mu, rtol=0, atol=1e-12)  # x_i = u_i exp(alpha_i) + mu_i
+    torch.testing.assert_close(log_det, -alpha.sum(1), rtol=0, atol=0)
+    raw = layer.made(x)[1]  # the bound: alpha = 5 tanh(raw / 5), within 5, and raw's near 0
+    assert torch.all(alpha.abs() < 5) and torch.all((alpha - raw).abs() <= raw.abs() ** 3 / 75 + 1e-15)
+
+
+@given(n_layers=st.integers(1, 5), norm=st.sampled_from(["batch", "act", "none"]))
+def test_maf_reverses_the_ordering_and_normalises_between_layers(n_layers, norm):
+    flow = R.maf_flow(3, n_layers, 8, norm)
+    mades = [m for m in flow if isinstance(m, R.MaskedAutoregressive)]
+    assert len(mades) == n_layers
+    for k, m in enumerate(mades):
+        with torch.no_grad():  # positive weights, small x: the Jacobian's pattern is the ordering's
+            for p in m.parameters():
+                p.uniform_(0.1, 0.5)
+        J = torch.autograd.functional.jacobian(lambda v: m.made(v[None])[0][0], 1e-3 * torch.ones(3))
+        order = [0, 1, 2] if k % 2 == 0 else [2, 1, 0]  # natural, reversed, natural, ...
+        assert torch.equal(J != 0, torch.tensor([[order.index(j) < order.index(i) for j in range(3)]
+                                                  for i in range(3)]))
+    between = [type(layer) for layer in flow if not isinstance(layer, R.MaskedAutoregressive)]
+    expected = {"batch": R.BatchNormFlow, "act": R.ActNorm, "none": None}[norm]
+    assert between == ([expected] * (n_layers - 1) if expected else [])
+    kinds = [isinstance(layer, R.MaskedAutoregressive) for layer in flow]
+    assert kinds[0] and kinds[-1] and not any(a == b == False for a, b in zip(kinds, kinds[1:]))  # noqa: E712
+
+
+@given(norm=st.sampled_from(["batch", "none"]), seed=st.integers(0, 10_000))
+def test_maf_on_flattened_images_inverts_and_logdet_matches_jacobian(norm, seed):
+    model = R.build(small_cfg(arch="maf", n_couplings=2, hidden=8, norm=norm), image_info(1, 2))
+    model = randomize(model.double(), seed, std=0.3).eval()
+    g = torch.Generator().manual_seed(seed)
+    v = R.dequantize(torch.randint(17, (2, 1, 2, 2), generator=g).double(),
+                     torch.rand(2, 1, 2, 2, generator=g, dtype=F64).clamp(0.01, 0.99))
+    check_layer(model, v, tol=1e-8)
+    assert isinstance(model.pre, R.LogitPreprocess)  # the same preprocessing as RealNVP: bits/dim compare
+    roundtrip(model.body, torch.randn(2, 1, 2, 2, dtype=F64, generator=g))
+
+
+@pytest.mark.parametrize("arch", ["glow", "maf"])
+def test_new_flows_2d_density_integrates_to_one(arch):
+    """Glow's steps (LU convolutions) and MAF (batch norm in evaluation mode) on R^2: the density
+    integrates to one by quadrature, and it is far from the prior, so the check is not N(0, I)'s."""
+    cfg = small_cfg(arch=arch, n_couplings=3, hidden=8, norm="act" if arch == "glow" else "batch",
+                    conv1x1="lu" if arch == "glow" else "plain")
+    model = randomize(R.build(cfg, POINTS), 0, std=0.3).double().eval()  # its mass inside the box
+    check_normalised(model)
+    base = R.standard_normal_log_prob(torch.zeros(1, 2, dtype=F64))
+    assert abs(R.log_prob(model, torch.zeros(1, 2, dtype=F64)).item() - base.item()) > 0.05
+    z = torch.randn(4, 2, dtype=F64)
+    roundtrip(model, z)
+
+
+def test_learning_rate_warms_up_linearly_then_stays():
+    cfg = R.Config(lr=1e-3, warmup=4)
+    assert [R.learning_rate(s, cfg) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert {R.learning_rate(s, R.Config(lr=1e-3)) for s in range(5)} == {1e-3}  # --warmup 0: constant
+
+
+# ----------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------
 
 def single_process_only(*args, **kwargs):
     raise AssertionError("--eval and --sample run in one process: they never join a process group")
@@ -499,37 +781,102 @@ def single_process_only(*args, **kwargs):
 
 def test_cli_2d_end_to_end_eval_and_sample(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    R.main(["--dataset", "8gaussians", "--steps", "4", "--batch-size", "32", "--hidden", "8",
-            "--n-couplings", "2", "--out", str(out), "--log-every", "2"])
+    run_main("realnvp", ["--dataset", "8gaussians", "--steps", "4", "--batch-size", "32", "--hidden", "8",
+                         "--n-couplings", "2", "--out", str(out), "--log-every", "2"])
     for f in ("ckpt.pt", "samples_4.png", "density.png", "latent.png", "metrics.jsonl", "loss.png"):
         assert (out / f).exists(), f
-    monkeypatch.setattr(R, "init_distributed", single_process_only)  # issue 16: not even under torchrun
-    fields = R.main(["--eval", str(out / "ckpt.pt"), "--out", str(out)])
+    monkeypatch.setattr(common, "init_distributed", single_process_only)  # issue 16: not even under torchrun
+    fields = run_main("realnvp", ["--eval", str(out / "ckpt.pt"), "--out", str(out)])
     (ev,) = events(out, "eval")
     assert ev["split"] == "test" and math.isfinite(ev["nll"]) and ev["nll"] == fields["nll"]
     assert ev["nll"] > ev["true_entropy"] - 5 * ev["true_entropy_se"]  # no model beats the truth
     with np.load(out / "density.npz") as d:
         assert d["log_density"].shape == (128, 128) and float(d["lim"]) == 4.0
-    R.main(["--sample", str(out / "ckpt.pt"), "--n-samples", "10", "--out", str(out)])
+    run_main("realnvp", ["--sample", str(out / "ckpt.pt"), "--n-samples", "10", "--out", str(out)])
     assert (out / "samples.png").exists() and events(out, "sample")[0]["n"] == 10
     assert torch.load(out / "samples.pt", weights_only=True).shape == (10, 2)
 
 
 def test_cli_digits_end_to_end_eval_and_sample(tmp_path, monkeypatch):
     out = tmp_path / "digits"
-    R.main(["--dataset", "digits", "--steps", "2", "--batch-size", "8", "--n-blocks", "1", "--n-features", "4",
-            "--n-samples", "4", "--out", str(out)])
+    run_main("realnvp", ["--dataset", "digits", "--steps", "2", "--batch-size", "8", "--n-blocks", "1",
+                         "--n-features", "4", "--n-samples", "4", "--out", str(out)])
     for f in ("ckpt.pt", "samples_2.png", "latent.png", "loss.png"):
         assert (out / f).exists(), f
-    monkeypatch.setattr(R, "init_distributed", single_process_only)
-    R.main(["--eval", str(out / "ckpt.pt")])
+    monkeypatch.setattr(common, "init_distributed", single_process_only)
+    run_main("realnvp", ["--eval", str(out / "ckpt.pt")])
     (ev,) = events(out, "eval")
     assert ev["n"] == 300
     assert ev["bits_per_dim"] == pytest.approx(ev["nll"] / (64 * math.log(2)))
-    R.main(["--sample", str(out / "ckpt.pt"), "--n-samples", "4"])
+    run_main("realnvp", ["--sample", str(out / "ckpt.pt"), "--n-samples", "4"])
     assert (out / "samples.png").exists()
     samples = torch.load(out / "samples.pt", weights_only=True)
     assert samples.shape == (4, 1, 8, 8) and samples.dtype == torch.uint8 and int(samples.max()) <= 16
+
+
+@pytest.mark.parametrize("arch,dataset,extra", [
+    ("glow", "8gaussians", ["--hidden", "8", "--n-couplings", "2", "--conv1x1", "lu"]),
+    ("glow", "digits", ["--n-features", "4", "--n-couplings", "1", "--n-scales", "2", "--n-samples", "4",
+                        "--preprocess", "center"]),
+    ("maf", "8gaussians", ["--hidden", "8", "--n-couplings", "2"]),
+    ("maf", "digits", ["--hidden", "16", "--n-couplings", "2", "--n-samples", "4"]),
+])
+def test_cli_new_arch_end_to_end_eval_and_sample_without_repeating_the_flag(tmp_path, arch, dataset, extra):
+    """--arch glow / maf train, and --eval and --sample on their checkpoints rebuild the same
+    flow from the checkpoint alone (no --arch): the evaluated NLL is the saved flow's."""
+    out = tmp_path / arch
+    run_main("realnvp", ["--arch", arch, "--dataset", dataset, "--steps", "2", "--batch-size", "16", *extra,
+                         "--out", out])
+    ckpt = common.load_checkpoint(out / "ckpt.pt")
+    assert ckpt["config"]["arch"] == arch
+    net, saved, info = R.load(out / "ckpt.pt")
+    assert saved.arch == arch and any(isinstance(m, R.MaskedAutoregressive if arch == "maf" else R.InvConv1x1)
+                                      for m in net.modules())
+    fields = run_main("realnvp", ["--eval", out / "ckpt.pt", "--out", out])
+    (ev,) = events(out, "eval")
+    assert math.isfinite(ev["nll"]) and ev["nll"] == fields["nll"]
+    if info.kind == "image":
+        assert ev["bits_per_dim"] == pytest.approx(ev["nll"] / (64 * math.log(2)))
+    else:
+        assert ev["nll"] > ev["true_entropy"] - 5 * ev["true_entropy_se"]
+    run_main("realnvp", ["--sample", out / "ckpt.pt", "--n-samples", "3", "--out", out])
+    samples = torch.load(out / "samples.pt", weights_only=True)
+    assert samples.shape == (3, *info.shape) and events(out, "sample")[0]["n"] == 3
+
+
+def test_arch_presets_replace_the_presets_and_cifar10_glow_follows_the_paper():
+    cfg = common.parse_config(R.Config, R.PRESETS, ["--arch", "glow", "--dataset", "cifar10"],
+                              arch_presets=R.ARCH_PRESETS)
+    assert (cfg.n_couplings, cfg.n_scales, cfg.n_features, cfg.norm, cfg.coupling) == (32, 3, 512, "act", "affine")
+    assert (cfg.batch_size, cfg.lr, cfg.preprocess) == (512, 1e-3, "center")
+    assert isinstance(R.build(dataclasses.replace(cfg, n_couplings=1, n_features=4), common.DataInfo(
+        "cifar10", "image", (3, 32, 32), levels=256)).pre, R.CenterPreprocess)
+    glow_digits = common.parse_config(R.Config, R.PRESETS, ["--arch", "glow", "--dataset", "digits"],
+                                      arch_presets=R.ARCH_PRESETS)
+    assert glow_digits.preprocess == "logit" and isinstance(R.build(glow_digits, image_info(1, 8)).pre,
+                                                             R.LogitPreprocess)
+    maf = common.parse_config(R.Config, R.PRESETS, ["--arch", "maf", "--dataset", "digits"],
+                              arch_presets=R.ARCH_PRESETS)
+    assert maf.norm == "batch" and maf.l2 == 0.0
+    default = common.parse_config(R.Config, R.PRESETS, ["--dataset", "digits"], arch_presets=R.ARCH_PRESETS)
+    assert default.arch == "realnvp" and default.n_blocks == R.PRESETS["digits"]["n_blocks"]
+
+
+@pytest.mark.parametrize("argv,start", [
+    (["--arch", "glow", "--norm", "batch"], "error: --norm batch with --arch glow"),
+    (["--arch", "maf", "--coupling", "additive"], "error: --coupling additive with --arch maf"),
+    (["--conv1x1", "lu"], "error: --conv1x1 lu is Glow's"),
+    (["--arch", "maf", "--dataset", "digits", "--l2", "5e-05"], "error: --l2 5e-05 acts on RealNVP's"),
+    (["--arch", "flow++"], "error: argument --arch: invalid choice: 'flow++' (choose from 'realnvp', 'glow', 'maf')"),
+    (["--warmup", "-1"], "error: --warmup -1 is out of range"),
+    (["--preprocess", "center"], "error: --preprocess center is for images"),
+    (["--arch", "glow", "--dataset", "digits", "--n-scales", "4"], "error: --n-scales 4 does not fit 8x8"),
+])
+def test_new_flags_refuse_nonsense_in_one_line(tmp_path, capsys, argv, start):
+    with pytest.raises(SystemExit) as e:
+        run_main("realnvp", [*argv, "--steps", "1", "--out", tmp_path / "never"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and start in err and "\n" not in err, err
 
 
 def params(path):
@@ -537,15 +884,18 @@ def params(path):
 
 
 @pytest.mark.parametrize("argv", [
-    ["--dataset", "8gaussians", "--hidden", "8", "--n-couplings", "2", "--batch-size", "16"],  # ActNorm
+    # test_cli.py's resume test runs the default (8gaussians, ActNorm); these add batch statistics
+    # on images, Glow's warm-up and LU convolution, and MAF's batch norm between MADE layers
     ["--dataset", "digits", "--n-blocks", "1", "--n-features", "4", "--batch-size", "4", "--n-samples", "4"],
+    ["--arch", "glow", "--hidden", "8", "--n-couplings", "2", "--batch-size", "16", "--warmup", "3", "--conv1x1", "lu"],
+    ["--arch", "maf", "--hidden", "8", "--n-couplings", "2", "--batch-size", "16"],
 ])
 def test_resume_equals_uninterrupted_run(tmp_path, argv):
     a, b = tmp_path / "a", tmp_path / "b"
     argv = argv + ["--save-every", "2"]  # pictures in the middle of the run must not change it
-    R.main(argv + ["--steps", "4", "--out", str(a)])
-    R.main(argv + ["--steps", "2", "--out", str(b)])
-    R.main(argv + ["--steps", "4", "--out", str(b), "--resume"])
+    run_main("realnvp", argv + ["--steps", "4", "--out", a])
+    run_main("realnvp", argv + ["--steps", "2", "--out", b])
+    run_main("realnvp", argv + ["--steps", "4", "--out", b, "--resume"])
     pa, pb = params(a / "ckpt.pt"), params(b / "ckpt.pt")
     assert pa.keys() == pb.keys()
     for k in pa:
@@ -554,19 +904,19 @@ def test_resume_equals_uninterrupted_run(tmp_path, argv):
 
 def test_user_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        R.main(["--dataset", "digits", "--n-scales", "5", "--steps", "1", "--out", str(tmp_path)])
+        run_main("realnvp", ["--dataset", "digits", "--n-scales", "5", "--steps", "1", "--out", str(tmp_path)])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --n-scales 5") and "\n" not in err
     with pytest.raises(SystemExit):
-        R.main(["--dataset", "shakespeare", "--out", str(tmp_path)])
+        run_main("realnvp", ["--dataset", "shakespeare", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
-        R.main(["--eval", str(tmp_path / "missing.pt")])
+        run_main("realnvp", ["--eval", str(tmp_path / "missing.pt")])
     # the model's own flags are checked before anything is written (check_config)
     for flag, value in [("--alpha", "0.5"), ("--temperature", "0.0"), ("--n-couplings", "0"), ("--l2", "-1.0")]:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
-            R.main([flag, value, "--steps", "1", "--out", str(tmp_path / "never")])
+            run_main("realnvp", [flag, value, "--steps", "1", "--out", str(tmp_path / "never")])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith(f"error: {flag} {value} is out of range") and "\n" not in err
         assert not (tmp_path / "never").exists()
@@ -575,20 +925,14 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 def test_torchrun_two_processes_equal_one_process(tmp_path):
     """DistributedDataParallel over 2 CPU processes (gloo) on slices of the same global batch
     gives the parameters of one process on the whole batch (no batch statistics: --norm none)."""
-    import os
-    import subprocess
-    import sys
     argv = ["--dataset", "8gaussians", "--steps", "3", "--norm", "none", "--hidden", "8", "--n-couplings", "2",
             "--batch-size", "32"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(Path(R.__file__)), *argv, "--out", str(tmp_path / "ddp")], check=True, env=env,
-                   capture_output=True, timeout=300)
-    R.main(argv + ["--out", str(tmp_path / "one")])
+    r = torchrun("realnvp", argv + ["--out", tmp_path / "ddp"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    run_main("realnvp", argv + ["--out", str(tmp_path / "one")])
     pa, pb = params(tmp_path / "ddp" / "ckpt.pt"), params(tmp_path / "one" / "ckpt.pt")
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6)
-
 
 
 # ----------------------------------------------------------------------------------------
@@ -638,3 +982,25 @@ def test_mathematics_runs_without_common(without_common):
         m.Scale((1, 6, 6), 3, lambda mask: m.ResNet(mask, 4, 1))
     with pytest.raises(ValueError):
         m.norm_layer("group", 2)
+    # Glow: levels of ActNorm, LU 1x1 convolutions and couplings with the networks of its section
+    # and the split priors, its centring; sampled at a temperature
+    glow = m.RealNVP(m.GlowLevel((1, 4, 4), 2, 1, lambda i, o: m.GlowNet(i, o, 4),
+                                 lambda i, o: m.zero_layer(torch.nn.Conv2d(i, o, 3, padding=1)), lu=True),
+                     (1, 4, 4), levels=17, pre=m.CenterPreprocess(17)).double()
+    m.initialize_actnorm(glow, iter([(levels.double(), None)]), discrete=True)
+    glow = randomize(glow, 3, std=0.1).eval()
+    check_layer(glow, v, tol=1e-8)
+    assert glow.sample(2, temperature=0.7).shape == (2, 1, 4, 4)
+    points = m.RealNVP(m.glow_point_flow(2, 2, lambda i, o: m.GlowNet(i, o, 4, image=False)), (2,)).double()
+    check_layer(randomize(points, 4, std=0.3).eval(), x[:2])
+    # MAF: MADE layers with batch norm between them, on points and on flattened images
+    maf = m.RealNVP(m.maf_flow(2, 3, 8, norm="batch"), (2,)).double()
+    maf.train()
+    m.nll(maf, x).mean().backward()
+    maf = randomize(maf, 5, std=0.3).eval()
+    check_layer(maf, x[:2])
+    assert maf.sample(4).shape == (4, 2)
+    flat = m.RealNVP(m.Flattened(m.maf_flow(16, 2, 16)), (1, 4, 4), levels=17).double()
+    check_layer(randomize(flat, 6, std=0.1).eval(), v, tol=1e-8)
+    with pytest.raises(ValueError):
+        m.GlowLevel((1, 6, 6), 2, 1, lambda i, o: m.GlowNet(i, o, 4), lambda i, o: m.GlowNet(i, o, 4))

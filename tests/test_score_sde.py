@@ -11,12 +11,14 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import integrate, stats
 
 import common
 import score_sde as S
+from conftest import events, run_main
 
 f64 = torch.float64
 SETTINGS = settings(max_examples=10, deadline=None)
@@ -222,12 +224,12 @@ def test_make_score_fn_turns_dsm_into_noise_regression():
     torch.testing.assert_close(loss, ((model(mean + std[:, None] * z, t) - z) ** 2).mean(1))
 
 
-@pytest.mark.parametrize("variance_reduction", [True, False])
+@pytest.mark.parametrize("variant", ["ssm-vr", "ssm", "sm"])
 @pytest.mark.parametrize("name", ["ve", "vp"])
-def test_sliced_score_matching_equals_dsm_up_to_a_constant(name, variance_reduction):
+def test_sliced_and_exact_score_matching_equal_dsm_up_to_a_constant(name, variant):
     """For Gaussian data and linear scores s(x) = A x + b (not the true one) at fixed t:
-    E[SSM] = sigma^2 (2 tr A + E||A x_t + b||^2) / D in closed form (x_t ~ N(m mu, v I)), and
-    E[SSM] - E[DSM] does not depend on s (Hyvarinen 2005, Thm. 1): equal for two scores. Monte
+    E[SSM] = E[SM] = sigma^2 (2 tr A + E||A x_t + b||^2) / D in closed form (x_t ~ N(m mu, v I)),
+    and E[SSM] - E[DSM] does not depend on s (Hyvarinen 2005, Thm. 1): equal for two scores. Monte
     Carlo over 200 000 examples, 5 standard errors of the (paired) differences."""
     sde, n, D, t, mu, s = make_sde(name), 200_000, 2, 0.3, 0.5, 0.7
     g = torch.Generator().manual_seed(0)
@@ -243,7 +245,8 @@ def test_sliced_score_matching_equals_dsm_up_to_a_constant(name, variance_reduct
 
         def score(x, _t, A=A, b=b):
             return x @ A.T + b
-        ssm = S.sliced_score_matching_loss(score, sde, x0, t=tt, z=z, v=v, variance_reduction=variance_reduction)
+        ssm = (S.score_matching_loss(score, sde, x0, t=tt, z=z) if variant == "sm" else
+               S.sliced_score_matching_loss(score, sde, x0, t=tt, z=z, v=v, variance_reduction=variant == "ssm-vr"))
         mean_x = m * mu * torch.ones(D, dtype=f64)
         closed = sig ** 2 * (2 * torch.trace(A) + (A @ mean_x + b).pow(2).sum() + var * (A ** 2).sum()) / D
         assert abs(ssm.mean() - closed) < 5 * ssm.std() / math.sqrt(n)
@@ -267,6 +270,49 @@ def test_sliced_score_matching_trains_through_the_jacobian():
     explicit = std ** 2 * (2 * (v ** 2 * -3 * wd * x ** 2).sum(1) + (wd * x ** 3).pow(2).sum(1)) / 2
     explicit.sum().backward()
     torch.testing.assert_close(w.grad, wd.grad)
+
+
+def test_exact_score_matching_trains_through_the_divergence():
+    """The same for --loss sm: tr J = sum_i -3 w x_i^2, kept in the graph."""
+    sde = S.VPSDE()
+    w = torch.tensor(0.7, dtype=f64, requires_grad=True)
+    x0, t, z = torch.randn(5, 2, dtype=f64), torch.full((5,), 0.4, dtype=f64), torch.randn(5, 2, dtype=f64)
+    S.score_matching_loss(lambda x, _t: -w * x ** 3, sde, x0, t=t, z=z).sum().backward()
+    mean, std = sde.marginal_prob(x0, t)
+    x = mean + std[:, None] * z
+    wd = w.detach().requires_grad_(True)
+    explicit = std ** 2 * (2 * (-3 * wd * x ** 2).sum(1) + (wd * x ** 3).pow(2).sum(1)) / 2
+    explicit.sum().backward()
+    torch.testing.assert_close(w.grad, wd.grad)
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_hyvarinen_objective_equals_the_explicit_loss_up_to_a_constant(seed):
+    """Hyvarinen 2005, Thm. 1, by quadrature of a known density (the 3-component mixture below):
+    for analytic scores s(x) = A x + b + c tanh(W x), int p [tr ds/dx + 1/2 ||s||^2] =
+    int p 1/2 ||s - grad log p||^2 - int p 1/2 ||grad log p||^2, the constant independent of s.
+    Riemann sum on [-7, 7]^2 with spacing 0.02 (spectrally accurate for these smooth, decaying
+    integrands; mass outside the box below 1e-12). A wrong sign of the trace or a missing 1/2
+    changes the gap by O(1); s is far from the true score (the explicit loss is O(1) or more)."""
+    g = torch.Generator().manual_seed(seed)
+    A, W = torch.randn(2, 2, generator=g, dtype=f64), torch.randn(2, 2, generator=g, dtype=f64)
+    b, c = torch.randn(2, generator=g, dtype=f64), torch.randn(2, generator=g, dtype=f64)
+
+    def score(x):
+        return x @ A.T + b + c * torch.tanh(x @ W.T)
+    h = 0.02
+    axis = torch.arange(-7, 7 + h / 2, h, dtype=f64)
+    x = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+    t = t_vec(0.0, len(x))
+    p = mixture_log_prob("ve", x, t).exp()
+    true = mixture_score("ve")(x, t)
+    implicit = (p * S.hyvarinen_score_matching(score, x)).sum() * h ** 2
+    explicit = (p * 0.5 * (score(x) - true).pow(2).sum(1)).sum() * h ** 2
+    constant = -(p * 0.5 * true.pow(2).sum(1)).sum() * h ** 2
+    assert (p.sum() * h ** 2).item() == pytest.approx(1.0, abs=1e-10)
+    assert explicit > 0.1
+    assert implicit.item() == pytest.approx((explicit + constant).item(), abs=1e-7)
 
 
 # ---------------------------------------------------------------------------- Langevin steps
@@ -410,6 +456,50 @@ def test_annealed_langevin_dynamics_reproduces_the_mixture():
     assert_mixture_moments(x, "ve", 0.0)
 
 
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_ncsn_objective_is_minimised_by_the_mixture_oracle(seed):
+    """Song & Ermon's Eqs. 5-6 (lambda = sigma^2) on mixture data: the closed-form score of the
+    data convolved with N(0, sigma_i^2 I) minimises it. Perturbed as s + delta u(x~) / sigma with a
+    random affine u, the loss rises by exactly delta^2 / 2 E||u||^2 (the cross term vanishes at the
+    oracle: E[z | x~] = -sigma s(x~)): checked within 5 standard errors of the paired differences
+    (same x, z, levels), for delta = +-0.2, so the loss rises in the direction and against it.
+    n = 100 000, 10 levels from 5 to 0.01."""
+    ve, n = S.VESDE(), 100_000
+    g = torch.Generator().manual_seed(seed)
+    k = torch.multinomial(MIX_W, n, replacement=True, generator=g)
+    x0 = MIX_M[k] + MIX_S[k, None] * torch.randn(n, 2, generator=g, dtype=f64)
+    sigmas = S.ncsn_sigmas(5.0, 0.01, 10)
+    labels, z = torch.randint(10, (n,), generator=g), torch.randn(n, 2, generator=g, dtype=f64)
+    oracle = mixture_score("ve")                 # the score of p_t, whose sigma(t) is sigma_i at ve.t_of_sigma
+
+    def score(x, sigma):
+        return oracle(x, ve.t_of_sigma(sigma))
+    best = S.ncsn_loss(score, sigmas, x0, labels, z)
+    A, b = torch.randn(2, 2, generator=g, dtype=f64), torch.randn(2, generator=g, dtype=f64)
+    x_tilde = x0 + sigmas[labels][:, None] * z
+    u2 = (x_tilde @ A.T + b).pow(2).sum(1)
+    for delta in (0.2, -0.2):
+        def perturbed(x, sigma):
+            return score(x, sigma) + delta * (x @ A.T + b) / sigma[:, None]
+        diff = S.ncsn_loss(perturbed, sigmas, x0, labels, z) - best
+        se = diff.std() / math.sqrt(n)
+        assert diff.mean() > 5 * se
+        assert abs(diff.mean() - delta ** 2 / 2 * u2.mean()) < 5 * (diff - delta ** 2 / 2 * u2).std() / math.sqrt(n)
+
+
+def test_ncsn_loss_is_the_ve_dsm_loss_at_its_levels():
+    """At level i, with the same z: 1/2 ||sigma_i s + z||^2 = D/2 dsm_loss of the VE SDE at the t
+    with sigma(t) = sigma_i (lambda = sigma^2 in both); labels pick the level per example."""
+    ve, x0, z = S.VESDE(0.01, 5.0), torch.randn(6, 2, dtype=f64), torch.randn(6, 2, dtype=f64)
+    sigmas = S.ncsn_sigmas(5.0, 0.01, 4)
+    labels = torch.tensor([0, 1, 2, 3, 3, 0])
+    score = mixture_score("ve")
+    ours = S.ncsn_loss(lambda x, sigma: score(x, ve.t_of_sigma(sigma)) * 1.3, sigmas, x0, labels, z)
+    dsm = S.dsm_loss(lambda x, t: score(x, t) * 1.3, ve, x0, t=ve.t_of_sigma(sigmas[labels]), z=z)
+    torch.testing.assert_close(ours, dsm * 2 / 2)  # D / 2 with D = 2
+
+
 def test_ncsn_sigmas_are_geometric():
     s = S.ncsn_sigmas()
     assert len(s) == 10 and s[0] == 1.0 and abs(s[-1] - 0.01) < 1e-15
@@ -547,7 +637,7 @@ def test_odeint_meets_its_tolerance_on_a_linear_ode(seed, log_tol, backwards):
     y0 = torch.randn(3, 4, generator=g, dtype=f64)
     t0, t1 = (2.0, 0.0) if backwards else (0.0, 2.0)
     calls = []
-    y, nfe = S.odeint_dopri5(lambda t, y: calls.append(t) or y @ A.T, y0, t0, t1, rtol=tol, atol=tol)
+    y, nfe = S.dopri5(lambda t, y: calls.append(t) or y @ A.T, y0, t0, t1, rtol=tol, atol=tol)
     exact = y0 @ torch.linalg.matrix_exp((t1 - t0) * A).T
     assert ((y - exact).abs() / (tol + tol * exact.abs())).max() <= 10.0
     assert nfe == len(calls)
@@ -568,7 +658,7 @@ def test_odeint_agrees_with_scipy_on_a_nonlinear_ode(tol):
         return [y[1], (1 - y[0] ** 2) * y[1] - y[0]]
     ref = integrate.solve_ivp(rhs, (0, 5), [2.0, 0.0], method="DOP853", rtol=1e-13, atol=1e-13).y[:, -1]
     rk45 = integrate.solve_ivp(rhs, (0, 5), [2.0, 0.0], method="RK45", rtol=tol, atol=tol)
-    y, nfe = S.odeint_dopri5(van_der_pol, torch.tensor([[2.0, 0.0]], dtype=f64), 0.0, 5.0, rtol=tol, atol=tol)
+    y, nfe = S.dopri5(van_der_pol, torch.tensor([[2.0, 0.0]], dtype=f64), 0.0, 5.0, rtol=tol, atol=tol)
     y = y[0].numpy()
     assert (np.abs(y - ref) / (tol + tol * np.abs(ref))).max() < 3
     assert nfe == rk45.nfev
@@ -578,10 +668,10 @@ def test_odeint_agrees_with_scipy_on_a_nonlinear_ode(tol):
 def test_odeint_error_control_is_per_example():
     """A batch of a calm and a fast system needs as many steps as the fast one alone: the norm is
     the largest per-example error, so the calm one cannot dilute the fast one's error."""
-    _, nfe_fast = S.odeint_dopri5(lambda t, y: -30 * y, torch.ones(1, 1, dtype=f64), 0.0, 1.0)
+    _, nfe_fast = S.dopri5(lambda t, y: -30 * y, torch.ones(1, 1, dtype=f64), 0.0, 1.0)
     two = torch.tensor([[1.0], [1.0]], dtype=f64)
     rates = torch.tensor([[1.0], [30.0]], dtype=f64)
-    y, nfe_batch = S.odeint_dopri5(lambda t, y: -rates * y, two, 0.0, 1.0)
+    y, nfe_batch = S.dopri5(lambda t, y: -rates * y, two, 0.0, 1.0)
     assert nfe_batch == nfe_fast
     torch.testing.assert_close(y[:, 0], torch.exp(-rates[:, 0]), rtol=1e-4, atol=1e-5)
 
@@ -652,6 +742,99 @@ def test_cifar10_unet_is_ddpmpp_cont_with_61_8m_parameters():
     assert n == unet_param_count(3, 128, (1, 2, 2, 2), 4, attn_levels={1}) == 61_804_419
 
 
+def ncsnpp_param_count(in_ch, ch, ch_mult, nrb, attn_levels):
+    """NCSN++ cont. from the same layer list: the U-Net's, with the first time layer reading the
+    2 ch Fourier features instead of ch sinusoids, and one 3x3 convolution per down-sampling in
+    the residual input pyramid (in_ch -> ch ch_mult[0] -> ...). The 128 Fourier frequencies are
+    a fixed buffer, not counted."""
+    widths = [ch * m for m in ch_mult[:-1]]
+    pyramid = sum(9 * ci * co + co for ci, co in zip([in_ch] + widths, widths))
+    return unet_param_count(in_ch, ch, ch_mult, nrb, attn_levels) + ch * 4 * ch + pyramid
+
+
+def test_cifar10_ncsnpp_has_the_official_parameter_count():
+    """NCSN++ cont. (configs/ve/cifar10_ncsnpp_continuous.py): 62,758,787 trainable parameters,
+    equal to the layer-list count and to the official code's count (62,758,915 with its 128
+    Fourier frequencies, a parameter with requires_grad=False there; counted by building the
+    official NCSNpp on 2026-12-06). Its two other pyramids: 61,892,236 (output_skip) and
+    61,872,515 (input_skip), also the official counts less 128."""
+    with torch.device("meta"):
+        nets = {pi_po: S.NCSNpp(3, 32, 128, (1, 2, 2, 2), 4, (16,), 0.1, progressive_input=pi_po[0],
+                                progressive=pi_po[1])
+                for pi_po in [("residual", "none"), ("none", "output_skip"), ("input_skip", "none")]}
+    counts = {k: sum(p.numel() for p in net.parameters()) for k, net in nets.items()}
+    assert counts[("residual", "none")] == ncsnpp_param_count(3, 128, (1, 2, 2, 2), 4, {1}) == 62_758_787
+    assert counts[("none", "output_skip")] == 61_892_236 and counts[("input_skip", "none")] == 61_872_515
+
+
+def fir_reference(x, k, up, down, pad):
+    """upfirdn2d by its definition, with loops: y[i, j] = sum_{a, b} K[a, b] u[i + a, j + b], u the
+    zero-inserted, zero-padded image, K the filter flipped (a convolution); every down-th output."""
+    K = np.outer(k, k) / np.sum(k) ** 2 * up ** 2
+    H, W = x.shape
+    u = np.zeros((H * up + pad[0] + pad[1], W * up + pad[0] + pad[1]))
+    u[pad[0]:pad[0] + H * up:up, pad[0]:pad[0] + W * up:up] = x
+    n = len(k)
+    out = np.array([[sum(K[n - 1 - a, n - 1 - b] * u[i + a, j + b] for a in range(n) for b in range(n))
+                     for j in range(u.shape[1] - n + 1)] for i in range(u.shape[0] - n + 1)])
+    return out[::down, ::down]
+
+
+def test_fir_resampling_is_upfirdn_with_the_right_gains():
+    """fir_filter sums to its gain; fir_upsample / fir_downsample equal upfirdn2d written with loops
+    (StyleGAN2's paddings: up (2, 1), down (1, 1) for [1, 3, 3, 1]); with the box filter [1, 1]
+    they are nearest-neighbour doubling and 2x2 average pooling (torch's own); a constant image
+    comes back constant from up-then-down, except within one pixel of the border, where the
+    zeros outside the image (StyleGAN2's and the official code's convention) enter."""
+    for k in [(1, 3, 3, 1), (1, 1), (1, 2, 1)]:
+        assert S.fir_filter(k).sum().item() == pytest.approx(1.0) and S.fir_filter(k, 4.0).sum().item() == \
+            pytest.approx(4.0)
+    x = torch.randn(1, 1, 6, 6, dtype=f64)
+    p = 2   # len(k) - factor for [1, 3, 3, 1]
+    np.testing.assert_allclose(S.fir_upsample(x)[0, 0].numpy(),
+                               fir_reference(x[0, 0].numpy(), [1, 3, 3, 1], 2, 1, ((p + 1) // 2 + 1, p // 2)),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(S.fir_downsample(x)[0, 0].numpy(),
+                               fir_reference(x[0, 0].numpy(), [1, 3, 3, 1], 1, 2, ((p + 1) // 2, p // 2)),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(S.fir_upsample(x, (1, 1)), F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    torch.testing.assert_close(S.fir_downsample(x, (1, 1)), F.avg_pool2d(x, 2))
+    c = torch.full((2, 3, 8, 8), 0.7, dtype=f64)
+    up = S.fir_upsample(c)
+    assert up.shape == (2, 3, 16, 16) and torch.allclose(up[..., 1:-1, 1:-1], torch.tensor(0.7, dtype=f64))
+    back = S.fir_downsample(up)
+    assert back.shape == c.shape and torch.allclose(back[..., 1:-1, 1:-1], c[..., 1:-1, 1:-1])
+    assert (back[..., 0, :] < 0.7).all()   # the border sees the zeros outside
+    down = S.FIRConvDown(3, 5)
+    assert down(torch.randn(2, 3, 8, 8)).shape == (2, 5, 4, 4)
+
+
+@pytest.mark.parametrize("pyramids", [("residual", "none"), ("input_skip", "output_skip"), ("none", "none")])
+def test_ncsnpp_maps_shapes_as_the_unet_and_conditions_on_log_sigma(pyramids):
+    """NCSN++ maps (B, C, H, W) to (B, C, H, W) as the U-Net (odd channel counts, two and three
+    resolutions), starts at zero (every head zero-initialised), treats examples independently,
+    and its time enters through Fourier features of log sigma(t) = log sigma_min + t log(ratio)."""
+    torch.manual_seed(0)
+    for c, side, mult in [(1, 8, (1, 2)), (3, 16, (1, 2, 2))]:
+        net = S.NCSNpp(c, side, 8, mult, 1, (side // 2,), 0.0, 0.02, 100.0, progressive_input=pyramids[0],
+                       progressive=pyramids[1]).double()
+        x = torch.randn(2, c, side, side, dtype=f64, requires_grad=True)
+        t = torch.tensor([0.3, 0.7], dtype=f64)
+        assert net(x, t).abs().max() == 0
+        for q in net.parameters():
+            torch.nn.init.normal_(q, std=0.2)
+        out = net(x, t)
+        assert out.shape == x.shape == S.UNet(c, side, 8, mult, 1, (side // 2,), 0.0)(x.float(), t.float()).shape
+        grad, = torch.autograd.grad(out[0].sum(), x)
+        assert grad[1].abs().max() == 0 and grad[0].abs().max() > 0
+        assert not torch.allclose(out, net(x, torch.tensor([0.5, 0.2], dtype=f64)))
+    emb = net.embed(t, x)
+    log_sigma = math.log(0.02) + t * math.log(100.0 / 0.02)
+    proj = 2 * math.pi * log_sigma[:, None] * net.fourier_w[None]
+    torch.testing.assert_close(emb, net.temb(torch.cat([proj.sin(), proj.cos()], 1)))
+    assert "fourier_w" in net.state_dict() and not any(q is net.fourier_w for q in net.parameters())
+
+
 def test_networks_treat_examples_independently_and_depend_on_time():
     """The divergence estimators need f(x)_b to depend on x_b only (GroupNorm, no batch
     statistics): the Jacobian of example 0's output with respect to example 1's input is zero.
@@ -690,8 +873,9 @@ def test_fresh_networks_output_zero():
     lambda: S.ode_log_likelihood(S.VPSDE(), lambda x, t: x, torch.zeros(2, 2), divergence="trace"),
     lambda: S.ode_log_likelihood(S.VPSDE(), lambda x, t: x, torch.zeros(2, 2), eps=0.0),
     lambda: S.dsm_loss(lambda x, t: x, S.VPSDE(), torch.zeros(2, 2), eps=2.0),
-    lambda: S.odeint_dopri5(lambda t, y: y, torch.zeros(1, 1), 0.0, 1.0, rtol=0.0),
+    lambda: S.dopri5(lambda t, y: y, torch.zeros(1, 1), 0.0, 1.0, rtol=0.0),
     lambda: S.UNet(3, 30, 32, (1, 2, 2)),
+    lambda: S.NCSNpp(3, 32, 32, (1, 2), progressive="residual"),
 ])
 def test_bad_arguments_raise_value_error(call):
     with pytest.raises(ValueError):
@@ -783,6 +967,10 @@ def test_mathematics_runs_without_common(without_common):
     log_p, _, _ = m.ode_log_likelihood(vp, m.make_score_fn(unet, vp), y, "hutchinson", rtol=1e-3, atol=1e-3)
     assert torch.isfinite(m.bits_per_dim(m.dequantized_nll(log_p, 64, 17), 64)).all()
     assert m.quantize(y, 17).dtype == torch.uint8
+    ncsnpp = m.NCSNpp(1, 8, 8, (1, 2), 1, (4,), 0.0, progressive="output_skip")
+    value = m.training_loss(ncsnpp, ve, y, sigmas=m.ncsn_sigmas(1.0, 0.01, 3)).mean()
+    value.backward()
+    assert torch.isfinite(value) and m.fir_downsample(m.fir_upsample(y)).shape == y.shape
     with pytest.raises(ValueError):
         m.VESDE(1.0, 0.5)
 
@@ -806,6 +994,39 @@ def test_presets_have_the_counted_parameters():
         (2e-4, 5000, 128, 0.9999, 0.1, 0.16, 1000) and (cfg.sigma_min, cfg.sigma_max) == (0.01, 50.0)
 
 
+def test_cifar10_presets_sample_and_evaluate_as_the_official_configs():
+    """Built from the command line, not trained. VP (configs/vp/cifar10_ddpmpp_continuous.py):
+    sampling "pc" with predictor euler_maruyama and corrector none, N = 1000 (num_scales), eps
+    1e-3 (VP); likelihood as run_lib.evaluate on the test split: 5 passes (bpd_num_repeats),
+    rtol = atol = 1e-5, Rademacher probes. VE (--arch ncsnpp, configs/ve/cifar10_ncsnpp_continuous.py):
+    reverse_diffusion + one langevin step at snr 0.16, eps 1e-5, EMA 0.999, sigma 0.01..50 on [0, 1]
+    = 0.02..100 on [-1, 1], NCSN++ with 62,758,787 trainable parameters."""
+    info = common.DataInfo("cifar10", "image", (3, 32, 32), levels=256, num_classes=10)
+    vp = S.Config(**S.PRESETS["cifar10"])
+    with torch.device("meta"):
+        net, sde = S.build(vp, info)
+    assert S.sampler_of(vp) == "em" and vp.n_corrector == 0 and vp.sample_steps == 1000
+    assert isinstance(sde, S.VPSDE) and sde.sampling_eps == 1e-3 and isinstance(net, S.UNet)
+    assert (vp.eval_repeats, vp.rtol, vp.atol, vp.likelihood) == (5, 1e-5, 1e-5, "auto")
+    ve = common.parse_config(S.Config, S.PRESETS, ["--dataset", "cifar10", "--arch", "ncsnpp"],
+                             arch_presets=S.ARCH_PRESETS)
+    S.check_config(ve)
+    with torch.device("meta"):
+        net, sde = S.build(ve, info)
+    assert isinstance(net, S.NCSNpp) and sum(p.numel() for p in net.parameters()) == 62_758_787
+    assert (net.fir, net.progressive_input, net.progressive) == ((1, 3, 3, 1), "residual", "none")
+    assert isinstance(sde, S.VESDE) and (sde.sigma_min, sde.sigma_max, sde.sampling_eps) == (0.02, 100.0, 1e-5)
+    assert (S.sampler_of(ve), ve.n_corrector, ve.snr, ve.sample_steps, ve.ema_decay) == ("pc", 1, 0.16, 1000, 0.999)
+    assert (ve.eval_repeats, ve.rtol, ve.atol, ve.lr, ve.warmup, ve.grad_clip, ve.dropout) == \
+        (5, 1e-5, 1e-5, 2e-4, 5000, 1.0, 0.1)
+
+
+def test_learning_rate_warms_up_linearly_then_stays():
+    cfg = S.Config(lr=2e-4, warmup=5000)
+    assert [S.learning_rate(s, cfg) for s in (0, 2499, 4999, 10 ** 6)] == \
+        pytest.approx([2e-4 / 5000, 2e-4 / 2, 2e-4, 2e-4])
+
+
 # ---------------------------------------------------------------------------- command line
 
 POINTS = ["--dataset", "8gaussians", "--hidden", "8", "--depth", "1", "--batch-size", "16", "--n-samples", "8",
@@ -814,18 +1035,14 @@ DIGITS = ["--dataset", "digits", "--ch", "8", "--ch-mult", "1,2", "--num-res-blo
           "--n-samples", "4", "--sample-steps", "4", "--log-every", "1", "--device", "cpu"]
 
 
-def events(path, name):
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("event") == name]
-
-
-def untrained_log_density(sde_name, y, eps=1e-5):
+def untrained_log_density(sde_name, y, eps=1e-5, beta_max=20.0):
     """The model density of a network whose score is 0: the probability flow is then the SDE's
     drift alone, x(1) = x m(1) / m(eps) for VP (the identity for VE), so p(x) = N(x; 0, s^2 I)
     with s = m(eps) / m(1) (VP) or sigma_max (VE). Per example, in nats."""
     if sde_name == "ve":
         s = 10.0
     else:
-        log_m = lambda t: -0.5 * 0.1 * t - 0.25 * 19.9 * t ** 2  # noqa: E731
+        log_m = lambda t: -0.5 * 0.1 * t - 0.25 * (beta_max - 0.1) * t ** 2  # noqa: E731
         s = math.exp(log_m(eps) - log_m(1.0))
     y = y.double().reshape(len(y), -1)
     return torch.distributions.Normal(0.0, s).log_prob(y).sum(1), s
@@ -836,10 +1053,10 @@ def test_eval_of_an_untrained_model_on_points_is_its_closed_form(sde_name, tmp_p
     """--steps 0 leaves the zero-initialised output layer, so --eval must give the closed-form
     NLL of untrained_log_density on the test points and the Gaussian's mass on the box for the
     density grid: a sign, a factor or a missing term of the likelihood would show here."""
-    S.main(POINTS + ["--sde", sde_name, "--steps", "0", "--out", str(tmp_path)])
+    run_main("score_sde", POINTS + ["--sde", sde_name, "--steps", "0", "--out", str(tmp_path)])
     for name in ("ckpt.pt", "samples_0.png", "score_field.png"):
         assert (tmp_path / name).is_file(), name
-    result = S.main(["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "50", "--density-tol", "1e-2", "--device", "cpu"])
+    result = run_main("score_sde", ["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "50", "--density-tol", "1e-2", "--device", "cpu"])
     test = common.load_dataset("8gaussians", "test").data[:50]
     log_p, s = untrained_log_density(sde_name, test)
     assert result["nll"] == pytest.approx(-log_p.mean().item(), abs=1e-3)
@@ -857,8 +1074,8 @@ def test_eval_of_an_untrained_model_on_digits_is_its_closed_form_in_bits_per_dim
     = -beta/2 ||v||^2 = -beta D / 2), so --eval must reproduce the closed form on the very
     dequantised test images it drew (the seed's first draws), with the -D log(2 / L) of
     dequantized_nll; bits/dim = nll / (D ln 2)."""
-    S.main(DIGITS + ["--steps", "0", "--out", str(tmp_path)])
-    result = S.main(["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "6", "--batch-size", "6", "--seed", "3",
+    run_main("score_sde", DIGITS + ["--steps", "0", "--out", str(tmp_path)])
+    result = run_main("score_sde", ["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "6", "--batch-size", "6", "--seed", "3",
                      "--device", "cpu"])
     images = common.load_dataset("digits", "test").data[:6]
     y = S.dequantize(images, 17, generator=torch.Generator().manual_seed(3))
@@ -869,14 +1086,14 @@ def test_eval_of_an_untrained_model_on_digits_is_its_closed_form_in_bits_per_dim
 
 
 def test_points_train_sample_and_eval_with_sliced_score_matching(tmp_path):
-    S.main(POINTS + ["--steps", "3", "--save-every", "2", "--loss", "ssm-vr", "--out", str(tmp_path)])
+    run_main("score_sde", POINTS + ["--steps", "3", "--save-every", "2", "--loss", "ssm-vr", "--out", str(tmp_path)])
     for name in ("ckpt.pt", "samples_2.png", "samples_3.png", "score_field.png", "metrics.jsonl", "loss.png"):
         assert (tmp_path / name).is_file(), name
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     for sampler, nfe in [("pc", 2 * 10), ("em", 10), ("ode", None)]:
         out = tmp_path / sampler
-        S.main(["--sample", str(tmp_path / "ckpt.pt"), "--sampler", sampler, "--sample-steps", "10", "--n-samples", "7",
+        run_main("score_sde", ["--sample", str(tmp_path / "ckpt.pt"), "--sampler", sampler, "--sample-steps", "10", "--n-samples", "7",
                 "--out", str(out), "--device", "cpu"])
         x = torch.load(out / "samples.pt", weights_only=True)
         assert x.shape == (7, 2) and x.dtype == torch.float32 and torch.isfinite(x).all()
@@ -885,25 +1102,95 @@ def test_points_train_sample_and_eval_with_sliced_score_matching(tmp_path):
 
 
 def test_digits_train_sample_and_annealed_langevin_on_ve(tmp_path):
-    S.main(DIGITS + ["--sde", "ve", "--sigma-max", "10", "--steps", "2", "--sampler", "ald", "--sample-steps", "20",
+    run_main("score_sde", DIGITS + ["--sde", "ve", "--sigma-max", "10", "--steps", "2", "--sampler", "ald", "--sample-steps", "20",
                      "--out", str(tmp_path)])
     for name in ("ckpt.pt", "samples_2.png", "score_field.png", "loss.png"):
         assert (tmp_path / name).is_file(), name
     for sampler, nfe in [("ald", 20), ("ode", None)]:
-        S.main(["--sample", str(tmp_path / "ckpt.pt"), "--sampler", sampler, "--sample-steps", "20", "--n-samples", "3",
+        run_main("score_sde", ["--sample", str(tmp_path / "ckpt.pt"), "--sampler", sampler, "--sample-steps", "20", "--n-samples", "3",
                 "--rtol", "1e-3", "--atol", "1e-3", "--out", str(tmp_path / sampler), "--device", "cpu"])
         levels = torch.load(tmp_path / sampler / "samples.pt", weights_only=True)
         assert levels.shape == (3, 1, 8, 8) and levels.dtype == torch.uint8 and levels.max() < 17
         assert nfe is None or events(tmp_path / sampler / "metrics.jsonl", "sample")[-1]["nfe"] == nfe
 
 
+def test_eval_repeats_report_the_standard_error_over_the_passes(tmp_path):
+    """--eval-repeats R (saved in the checkpoint, as the cifar10 presets' 5, so --eval needs no
+    flag): R passes over the test set, each with fresh dequantisation u and probe v, drawn in the
+    order of the run's generator; the untrained model's closed form gives each pass's mean, their
+    average is nll and their standard error std / sqrt(R) is reported in bits/dim. beta_max 0.3
+    keeps the prior's scale near 1, so that the density, and the passes, differ with u."""
+    run_main("score_sde", DIGITS + ["--steps", "0", "--eval-repeats", "3", "--beta-max", "0.3", "--out", str(tmp_path)])
+    result = run_main("score_sde", ["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "5", "--batch-size", "5", "--device", "cpu"])
+    images = common.load_dataset("digits", "test").data[:5]
+    g = torch.Generator().manual_seed(0)
+    means = []
+    for _ in range(3):
+        y = S.dequantize(images, 17, generator=g)
+        torch.randn(y.shape, generator=g)      # the pass's Hutchinson probe
+        log_p, _ = untrained_log_density("vp", y, beta_max=0.3)
+        means.append((-log_p - 64 * math.log(2 / 17)).mean().item())
+    means = torch.tensor(means, dtype=f64)
+    assert result["repeats"] == 3 and result["n"] == 5
+    assert result["nll"] == pytest.approx(means.mean().item(), abs=1e-2)
+    assert result["bits_per_dim_repeats"] == pytest.approx((means / (64 * math.log(2))).tolist(), abs=1e-3)
+    se = (means.std() / math.sqrt(3) / (64 * math.log(2))).item()
+    assert se > 1e-4 and result["bits_per_dim_se_repeats"] == pytest.approx(se, rel=1e-2)
+
+
+def test_ncsn_trains_samples_and_evaluates_without_repeating_the_flag(tmp_path):
+    """--sde ncsn with NCSN++ on digits: the checkpoint remembers both, so --sample draws by
+    annealed Langevin dynamics over its L levels (NFE = L x steps per level) and --eval reports
+    Eq. 6 on the test set, every level, with no flag repeated."""
+    run_main("score_sde", DIGITS + ["--sde", "ncsn", "--arch", "ncsnpp", "--n-levels", "4", "--steps", "2", "--out", str(tmp_path)])
+    for name in ("ckpt.pt", "samples_2.png", "score_field.png", "loss.png"):
+        assert (tmp_path / name).is_file(), name
+    run_main("score_sde", ["--sample", str(tmp_path / "ckpt.pt"), "--sample-steps", "8", "--n-samples", "3", "--out",
+            str(tmp_path / "s"), "--device", "cpu"])
+    levels = torch.load(tmp_path / "s" / "samples.pt", weights_only=True)
+    assert levels.shape == (3, 1, 8, 8) and levels.dtype == torch.uint8
+    event = events(tmp_path / "s", "sample")[-1]
+    assert (event["sampler"], event["nfe"], event["sde"]) == ("ald", 8, "ncsn")
+    result = run_main("score_sde", ["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "4", "--device", "cpu"])
+    assert result["sde"] == "ncsn" and result["levels"] == 4 and len(result["loss_per_level"]) == 4
+    assert result["loss"] == pytest.approx(np.mean(result["loss_per_level"])) and result["loss"] > 0
+
+
+def test_ncsn_training_loss_is_eq_6_per_dimension_of_the_network():
+    """training_loss with NCSN's levels: ncsn_loss / D of the score -net(x, t_i) / sigma_i at the
+    VE times of the levels, with the same random numbers (labels, then z)."""
+    torch.manual_seed(0)
+    net, ve, x0 = S.ScoreMLP(2, 16, 1).double(), S.VESDE(0.01, 5.0), torch.randn(6, 2, dtype=f64)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    sigmas = S.ncsn_sigmas(5.0, 0.01, 5)
+    torch.manual_seed(1)
+    ours = S.training_loss(net, ve, x0, sigmas=sigmas)
+    torch.manual_seed(1)
+    labels = torch.randint(5, (6,))
+    z = torch.randn(6, 2, dtype=f64)
+    sigma = sigmas[labels]
+    x_tilde = x0 + sigma[:, None] * z
+    t = torch.log(sigma / 0.01) / math.log(500.0)
+    expected = 0.5 * ((-net(x_tilde, t)) + z).pow(2).sum(1) / 2
+    torch.testing.assert_close(ours, expected)
+
+
+def test_points_train_and_eval_with_exact_score_matching(tmp_path):
+    run_main("score_sde", POINTS + ["--steps", "3", "--loss", "sm", "--out", str(tmp_path)])
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    result = run_main("score_sde", ["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "20", "--density-tol", "1e-1", "--device", "cpu"])
+    assert math.isfinite(result["nll"])
+
+
 def test_resume_is_bit_exact(tmp_path):
     """Dequantisation noise, flips, dropout, t and z all come from the saved random state."""
     flags = DIGITS + ["--save-every", "2", "--flip", "--dropout", "0.1", "--sample-steps", "2"]
     a, b = tmp_path / "a", tmp_path / "b"
-    S.main(flags + ["--out", str(a), "--steps", "4"])
-    S.main(flags + ["--out", str(b), "--steps", "2"])
-    S.main(flags + ["--out", str(b), "--steps", "4", "--resume"])
+    run_main("score_sde", flags + ["--out", str(a), "--steps", "4"])
+    run_main("score_sde", flags + ["--out", str(b), "--steps", "2"])
+    run_main("score_sde", flags + ["--out", str(b), "--steps", "4", "--resume"])
     ca, cb = (torch.load(p / "ckpt.pt", weights_only=True) for p in (a, b))
     assert ca["step"] == cb["step"] == 4
     for key in ("model",):
@@ -914,16 +1201,30 @@ def test_resume_is_bit_exact(tmp_path):
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):
-    S.main(POINTS + ["--steps", "0", "--out", str(tmp_path / "vp")])
+    run_main("score_sde", POINTS + ["--steps", "0", "--out", str(tmp_path / "vp")])
     for argv, words in [(POINTS + ["--sampler", "ald"], "--sde ve"),
                         (["--sample", str(tmp_path / "vp" / "ckpt.pt"), "--sampler", "ald"], "--sde vp"),
                         (["--beta-max", "0.05"], "--beta-max"),
                         (["--sigma-max", "0.001"], "--sigma-max"),
                         (["--snr", "0"], "--snr"),
                         (["--flip"], "--flip"),
-                        (["--dataset", "digits", "--ch-mult", "1,2,2,2,2"], "--ch-mult")]:
+                        (["--dataset", "digits", "--ch-mult", "1,2,2,2,2"], "--ch-mult"),
+                        (["--sde", "ncsn", "--loss", "ssm"], "--loss dsm"),
+                        (["--sde", "ncsn", "--sampler", "pc"], "--sampler auto or ald"),
+                        (["--dataset", "digits", "--arch", "ncsnpp", "--sde", "vp"], "--sde ve or ncsn"),
+                        (["--arch", "ncsnpp", "--sde", "ve"], "--arch ncsnpp"),
+                        (["--progressive", "output_skip"], "--arch ncsnpp"),
+                        (["--dataset", "digits", "--loss", "sm"], "--loss ssm-vr"),
+                        (["--n-levels", "1"], "--n-levels"),
+                        (["--eval-repeats", "0"], "--eval-repeats")]:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
-            S.main(argv + ["--out", str(tmp_path / "o"), "--device", "cpu"])
+            run_main("score_sde", argv + ["--out", str(tmp_path / "o"), "--device", "cpu"])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith("error:") and "\n" not in err and words in err, (argv, err)
+    run_main("score_sde", POINTS + ["--steps", "0", "--sde", "ncsn", "--out", str(tmp_path / "ncsn")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main("score_sde", ["--sample", str(tmp_path / "ncsn" / "ckpt.pt"), "--sampler", "ode", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "--sampler ald or auto" in err, err
