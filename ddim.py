@@ -45,8 +45,8 @@ to x_0 and is not stored. Images are levels 0..L-1 used at x / (L - 1) * 2 - 1 i
 """
 from __future__ import annotations
 
-import dataclasses
 import math
+import sys
 import time
 import typing
 from dataclasses import dataclass
@@ -907,9 +907,7 @@ def train(cfg):
     """Ho et al. Algorithm 1 (L_simple, which DDIM reuses unchanged: Song et al. Sec. 3.2) with
     Adam, warm-up, gradient clipping and an EMA of the weights; with --train-classifier the same
     loop trains the noise-aware classifier on noised images (Dhariwal & Nichol Sec. 4) in a run
-    folder of its own. Under torchrun every process trains on its slice of the global batch (DDP)."""
-    if cfg.train_classifier and not cfg.out:
-        cfg = dataclasses.replace(cfg, out=str(Path("runs") / f"{MODEL}-{Path(cfg.dataset).stem}-classifier"))
+    folder of its own (see main). Under torchrun every process trains on its slice of the global batch (DDP)."""
     with Training(cfg, MODEL) as run:
         ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
         info = ds.info
@@ -1101,6 +1099,10 @@ def main(argv=None):
     """Train (default), or --eval CKPT, or --sample CKPT; a user's mistake exits with one line."""
     with user_errors():
         cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
+        if cfg.train_classifier and not cfg.out:  # its own run folder, where a bare --resume looks too
+            out = Path("runs") / f"{MODEL}-{Path(cfg.dataset).stem}-classifier"
+            argv = [*(sys.argv[1:] if argv is None else argv), "--out", str(out)]
+            cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
         check_config(cfg)
         return dispatch(cfg, train, evaluate, draw_samples)
 

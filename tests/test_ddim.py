@@ -797,18 +797,19 @@ def test_cli_points_sample_eval(tmp_path):
 
 
 def test_classifier_guidance_end_to_end(tmp_path, capsys, monkeypatch):
-    """--train-classifier writes runs/ddim-digits-classifier (resumable); --classifier guides
-    --sample, scale 0 being the unguided sampler exactly; --eval of a classifier reports its
-    accuracy against t; the checkpoints refuse the wrong roles with one line."""
+    """--train-classifier writes runs/ddim-digits-classifier, and a bare --resume continues it
+    there (not from the epsilon-network in runs/ddim-digits); --classifier guides --sample, scale 0
+    being the unguided sampler exactly; --eval of a classifier reports its accuracy against t; the
+    checkpoints refuse the wrong roles with one line."""
     monkeypatch.chdir(tmp_path)
-    eps = tmp_path / "eps"
-    ddim.main(["--out", str(eps), "--steps", "2"] + TINY)
+    eps = tmp_path / "runs" / "ddim-digits"  # the default folder, its network narrower than the classifier
+    ddim.main(["--steps", "2"] + TINY + ["--ch", "8"])
     ddim.main(["--train-classifier", "--steps", "2", "--save-every", "2"] + TINY)
     clf = tmp_path / "runs" / "ddim-digits-classifier" / "ckpt.pt"
     assert common.load_checkpoint(clf, "ddim")["config"]["train_classifier"]
     assert not list(clf.parent.glob("samples_*.png"))
-    ddim.main(["--train-classifier", "--steps", "3", "--resume"] + TINY)
-    assert common.load_checkpoint(clf)["step"] == 3
+    ddim.main(["--train-classifier", "--steps", "3", "--resume", "--device", "cpu"])  # no other flag repeated
+    assert common.load_checkpoint(clf)["step"] == 3 and common.load_checkpoint(clf)["config"]["ch"] == 16
     sample = ["--sample", eps / "ckpt.pt", "--n-samples", "4", "--sample-steps", "5", "--device", "cpu"]
     outs = {}
     for scale in ("0", "30"):
