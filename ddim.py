@@ -3,81 +3,50 @@ trained as a DDPM, with classifier and classifier-free guidance.
 
 Papers
   Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models", arXiv 2010.02502 (DDIM).
-  Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv 2006.11239 (the
-    schedule, the U-Net and L_simple: a DDIM is trained exactly as a DDPM).
-  Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models", arXiv 2102.09672
-    (the cosine schedule).
-  Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis", arXiv 2105.05233
-    (classifier guidance with a noise-aware classifier, in epsilon form for DDIM: Algorithm 2).
+  Ho, Jain & Abbeel 2020, arXiv 2006.11239 (schedule, U-Net, L_simple: a DDIM trains as a DDPM);
+    Nichol & Dhariwal 2021, arXiv 2102.09672 (the cosine schedule).
+  Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis", arXiv 2105.05233.
   Ho & Salimans 2021, "Classifier-Free Diffusion Guidance", arXiv 2207.12598.
 
-The idea. L_simple depends on the data only through the marginals q(x_t | x_0), so the network
-that a DDPM trains is just as good for a whole family of non-Markovian forward processes
-q_sigma (Song et al. Eq. 7) with those marginals, each with its own generative process (Eq. 12)
-and each definable on any sub-sequence tau of the T steps (Sec. 4.2). sigma = 0 (eta = 0) makes
-sampling deterministic: x_T is then a latent code that can be inverted from an image by running
-the same ODE forwards (Eq. 14) and interpolated (Sec. 5.3); eta = 1 is DDPM's ancestral sampler
-with the posterior variance beta-tilde. The network and its checkpoint are ddpm.py's
-epsilon-prediction model, so a ddpm.py checkpoint samples here unchanged.
+Implemented: q_sigma and the DDIM update for any 0 <= eta <= 1 on a sub-sequence tau, the authors'
+(uniform, quad, as their runner computes them) or ours (linear, quadratic: ending at T); the
+deterministic encoder x_0 -> x_T and slerp; classifier-free and classifier guidance with a
+noise-aware classifier; ddpm.py's networks, whose checkpoints sample here. Ours, not the authors':
+images sample with x0_hat clipped to [-1, 1] and eps recomputed from it (as ddpm.py: a short tau's
+first steps stay in the data range); --no-clip-x0 samples as their generalized_steps. Not
+implemented: a likelihood (--eval reports Table 2's reconstruction error), Table 1's sigma-hat
+sampler (ddpm.py --sample-steps), higher-order solvers, the ADM network and its attention pool.
 
-Implemented: the generalised forward process q_sigma(x_{t-1} | x_t, x_0); the predicted x_0;
-the DDIM update with sigma_t(eta) for any 0 <= eta <= 1 on linear or quadratic sub-sequences of
-S steps; the deterministic encoder x_0 -> x_T (the ODE of Eq. 14 run forwards) and the
-reconstruction x_T -> x_0; slerp interpolation of latents; classifier-free guidance;
-classifier guidance with a noise-aware classifier p(y | x_t, t) and its training loss
-(cross-entropy on noised inputs); L_simple for the epsilon-network; the DDPM U-Net (the
-35.7M-parameter CIFAR-10 model as a preset), an MLP for 2D points, and noise-aware classifiers
-for both.
-Not implemented: a likelihood (with eta = 0 the model is implicit; ddpm.py's --eval reports the
-variational bound of a network trained by ddpm.py, the same network with the same objective;
-here --eval reports the reconstruction error against S of Song et al. Table 2); the "sigma-hat"
-sampler of Song et al. Table 1 and App. D.3 (DDPM with variance beta, which is ddpm.py's
---sample-steps with "fixedlarge"); higher-order ODE solvers (PNDM, DPM-Solver); Dhariwal &
-Nichol's ADM network and the attention pool of their classifier (a mean pool here);
-x0-prediction checkpoints, and learned variances beyond their epsilon channels (DDIM's variance
-is sigma_t(eta)).
+Run it (also: a ddpm.py checkpoint; --cond --guidance 2; --train-classifier, then --classifier CKPT)
+  python ddim.py                                     # the epsilon-network on 8x8 digits (CPU, minutes)
+  python ddim.py --sample runs/ddim-digits/ckpt.pt   # S = 50, eta = 0; S-by-eta grid, reconstructions, slerp
+  python ddim.py --eval runs/ddim-digits/ckpt.pt     # test reconstruction error against S (Table 2)
 
-Data conventions (as ddpm.py): images arrive as integer levels 0..L-1 and are used at
-x / (L - 1) * 2 - 1 in [-1, 1] (`clip_x0` clips the predicted x_0 to that range); 2D points are
-used as they are.
+Paper -> code (Song et al. unless named; their alpha_t is alpha_bar_t = alphas_cumprod[t])
+  Eq. 4         x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps                  q_sample
+  Eq. 7         q_sigma(x_{t-1} | x_t, x_0) = N(sqrt(alpha_bar_{t-1}) x_0
+                  + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps, sigma_t^2 I)              q_sigma_posterior
+  Eq. 9         x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_bar_t)     predict_x0, predict_eps
+  Eq. 12        x_{t-1} = sqrt(alpha_bar_{t-1}) x0_hat
+                  + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps_theta + sigma_t z          ddim_step
+  Eq. 16        sigma_t(eta) = eta sqrt((1 - ab_{t-1}) / (1 - ab_t)) sqrt(1 - ab_t / ab_{t-1})   ddim_sigma
+  App. D.2      tau: range(0, T, T // S), or int(s) for s in linspace(0, sqrt(0.8 T), S)^2   timestep_subsequence
+  Eqs. 10, 12   x_T ~ N(0, I), then Eq. 12 from tau_S down to tau_1                     ddim_sample_chain, ddim_sample
+  Eqs. 13-14    d(x_t / sqrt(ab_t)) = eps_theta d sqrt((1 - ab_t) / ab_t), run upwards   ddim_encode
+  Sec. 5.3      slerp(z0, z1, a) = (sin((1 - a) th) z0 + sin(a th) z1) / sin th          slerp
+  Ho Eq. 14     L_simple = || eps - eps_theta(x_t, t) ||^2                               l_simple
+  H&S Eq. 6     eps~ = (1 + w) eps_theta(x_t, y) - w eps_theta(x_t)                      guided_eps, drop_labels
+  D&N Alg. 2    eps^ = eps_theta - sqrt(1 - ab_t) s grad_x log p_phi(y | x_t)            guided_eps, classifier_grad
+  D&N Sec. 4    -log p_phi(y | x_t, t) on noised data                                   classifier_loss, UNetClassifier
+  Ho App. B     the U-Net (ddpm.py's, with its names)                                   UNet, PointMLP
 
-Run it
-  python ddim.py                                      # train the epsilon-network on 8x8 digits (CPU, minutes)
-  python ddim.py --sample runs/ddim-digits/ckpt.pt    # samples (S = 50, eta = 0), a grid of S by eta,
-                                                      # reconstructions and interpolations
-  python ddim.py --sample runs/ddpm-digits/ckpt.pt --sample-steps 20   # a ddpm.py checkpoint, by DDIM
-  python ddim.py --eval runs/ddim-digits/ckpt.pt      # test reconstruction error against S (Table 2)
-  python ddim.py --cond                               # class-conditional: --sample ... --guidance 2
-  python ddim.py --train-classifier                   # noise-aware classifier: runs/ddim-digits-classifier
-  python ddim.py --sample runs/ddim-digits/ckpt.pt --classifier runs/ddim-digits-classifier/ckpt.pt
-  python ddim.py --dataset cifar10                    # the DDPM paper's CIFAR-10 model, quadratic tau
-
-Map from the papers to the names below (Song et al. write alpha_t for Ho et al.'s alpha_bar_t;
-here it is alphas_cumprod[t], as in ddpm.py)
-  Ho et al. Eq. 4 / Song et al. Eq. 4 (q(x_t | x_0))      q_sample
-  Ho et al. Sec. 4, Nichol & Dhariwal Eq. 17 (schedules)  linear_beta_schedule, cosine_beta_schedule,
-                                                          make_betas, make_alphas_cumprod
-  Song et al. Eq. 7 (q_sigma(x_{t-1} | x_t, x_0))         q_sigma_posterior
-  Song et al. Eq. 9 (predicted x_0)                       predict_x0, predict_eps
-  Song et al. Eq. 12, App. D.3 (the DDIM update)          ddim_step
-  Song et al. Eq. 16 (sigma_tau_i(eta))                   ddim_sigma
-  Song et al. Sec. 4.2, App. C.1, App. D.2 (tau)          timestep_subsequence
-  Song et al. Eqs. 10 and 12 on tau (sampling)            ddim_sample_chain, ddim_sample
-  Song et al. Sec. 4.3, Eqs. 13-14, Sec. 5.4 (encoding)   ddim_encode; decoding is ddim_sample(eta=0)
-  Song et al. Sec. 5.3, App. D.5 Eq. 67 (slerp)           slerp
-  Ho et al. Eq. 14 (L_simple), Algorithm 1                l_simple
-  Ho & Salimans Eq. 6 and Algorithm 1                     guided_eps, drop_labels
-  Dhariwal & Nichol Algorithm 2, Sec. 4.2                 guided_eps, classifier_grad
-  Dhariwal & Nichol Sec. 4 (classifier on noisy x_t)      classifier_loss, UNetClassifier, PointClassifier
-  Ho et al. Sec. 4 and App. B (network)                   UNet (PointMLP for 2D points)
-
-Timesteps are integer tensors in [0, T): index 0 is the paper's t = 1, index T - 1 is t = T;
-alpha_bar_0 := 1 (Song et al., below Eq. 12) belongs to x_0 and is not stored.
+Timesteps are integer tensors in [0, T): index 0 is the paper's t = 1; alpha_bar_0 := 1 belongs
+to x_0 and is not stored. Images are levels 0..L-1 used at x / (L - 1) * 2 - 1 in [-1, 1].
 """
 from __future__ import annotations
 
-import dataclasses
 import math
+import sys
 import time
 import typing
 from dataclasses import dataclass
@@ -87,10 +56,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (EMA, Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range, dispatch,
-                    flag, get_device, init_distributed, load_checkpoint, load_dataset, load_weights, open_run,
-                    output_dir, parse_config, report_files, resume, save_image_grid, save_scatter, save_training,
-                    saved_config, seed_everything, user_errors, wrap_ddp)
+from common import (EMA, Batches, Logger, RunConfig, Training, UserError, check_range, dispatch, flag, get_device,
+                    load_checkpoint, load_dataset, load_weights, output_dir, parse_config, report_files,
+                    save_image_grid, save_scatter, saved_config, seed_everything, user_errors, wrap_ddp)
 
 
 # ----------------------------------------------------------------------------------------
@@ -99,20 +67,13 @@ from common import (EMA, Batches, Logger, RunConfig, StopSignal, UserError, chec
 # ddpm.py's, so that its checkpoints mean the same thing here.
 
 def linear_beta_schedule(T, beta_start=1e-4, beta_end=0.02):
-    """beta_t linear from beta_start to beta_end (Ho et al. Sec. 4: 1e-4 to 0.02 for T = 1000).
-
-    `make_betas` scales both ends by 1000 / T for other T (Nichol & Dhariwal's scaling).
-    Returns (T,) float64.
-    """
+    """beta_t linear from beta_start to beta_end, (T,) float64 (Ho et al. Sec. 4: 1e-4 to 0.02, T = 1000)."""
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64, device="cpu")
 
 
 def cosine_beta_schedule(T, s=0.008):
-    """Nichol & Dhariwal Eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos((t/T + s)/(1 + s) * pi/2)^2.
-
-    beta_t = 1 - alpha_bar(t) / alpha_bar(t - 1), clipped at 0.999 to avoid the singularity
-    at t = T. Returns (T,) float64.
-    """
+    """beta_t = 1 - alpha_bar(t) / alpha_bar(t - 1), (T,) float64, with alpha_bar(t) = f(t) / f(0),
+    f(t) = cos((t/T + s)/(1 + s) * pi/2)^2 (Nichol & Dhariwal Eq. 17), clipped at 0.999 (their Sec. 3.2)."""
     steps = torch.arange(T + 1, dtype=torch.float64, device="cpu")
     f = torch.cos((steps / T + s) / (1 + s) * math.pi / 2) ** 2
     alpha_bar = f / f[0]
@@ -132,18 +93,15 @@ def make_betas(schedule, T):
 
 
 def make_alphas_cumprod(betas):
-    """alpha_bar_t = prod_{s <= t} (1 - beta_s), (T,) float64 on the CPU: Song et al.'s alpha_t.
-
-    Everything DDIM needs from the schedule is this table (Song et al. App. C.2: the alphas
-    alone determine the betas). Kept in float64: 1 - alpha_bar_t near t = 1 and
-    alpha_bar_t near t = T are small numbers that float32 would round.
-    """
+    """alpha_bar_t = prod_{s <= t} (1 - beta_s), (T,) float64 on the CPU: Song et al.'s alpha_t, all
+    that DDIM needs of the schedule (their App. C.2)."""
+    # float64: 1 - alpha_bar_t near t = 1 and alpha_bar_t near t = T are small numbers float32 would round
     return torch.cumprod(1.0 - torch.as_tensor(betas, dtype=torch.float64, device="cpu"), 0)
 
 
-def _at(table, t, x):
-    """table[t] (table: (T,) float64) shaped (B, 1, ..., 1) to broadcast against x, in x's dtype."""
-    return table.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+def _expand(v, x):
+    """v (B,) reshaped to (B, 1, ..., 1) so that it broadcasts against x (B, ...)."""
+    return v.reshape(-1, *([1] * (x.dim() - 1)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -155,20 +113,14 @@ def q_sample(x0, t, noise, alphas_cumprod):
 
     x0, noise: (B, ...); t: (B,) int indices. Every q_sigma below has these marginals.
     """
-    ab = _at(alphas_cumprod, t, x0)
+    ab = _expand(alphas_cumprod.to(x0)[t], x0)  # float64 table -> x's dtype and device
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
 
 def q_sigma_posterior(x0, x_t, alpha_bar_t, alpha_bar_prev, sigma):
-    """q_sigma(x_{t-1} | x_t, x_0) = N(mean, sigma^2 I) (Song et al. Eq. 7): returns (mean, sigma^2).
-
-    mean = sqrt(alpha_bar_{t-1}) x_0 + sqrt(1 - alpha_bar_{t-1} - sigma^2) (x_t - sqrt(alpha_bar_t) x_0)
-                                                                            / sqrt(1 - alpha_bar_t).
-    Chosen so that q_sigma(x_{t-1} | x_0) = N(sqrt(alpha_bar_{t-1}) x_0, (1 - alpha_bar_{t-1}) I)
-    for every 0 <= sigma^2 <= 1 - alpha_bar_{t-1} (Lemma 1 of App. B); on a sub-sequence tau,
-    t-1 stands for tau_{i-1} (App. C.1). sigma = ddim_sigma(..., eta=1) gives DDPM's posterior
-    (Ho et al. Eqs. 6-7). The alphas and sigma are scalars: every example is at the same step.
-    """
+    """(mean, sigma^2) of q_sigma(x_{t-1} | x_t, x_0) = N(sqrt(alpha_bar_{t-1}) x_0 + sqrt(1 - alpha_bar_{t-1}
+    - sigma^2) (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t), sigma^2 I) (Song et al. Eq. 7), whose
+    marginals are Eq. 4's for every sigma (Lemma 1); scalar alphas and sigma, t-1 standing for tau_{i-1}."""
     mean = (math.sqrt(alpha_bar_prev) * x0
             + _direction_coef(alpha_bar_prev, sigma) * (x_t - math.sqrt(alpha_bar_t) * x0)
             / math.sqrt(1 - alpha_bar_t))
@@ -206,32 +158,18 @@ def _check_eta(eta):
 
 
 def ddim_sigma(alpha_bar_t, alpha_bar_prev, eta):
-    """Song et al. Eq. 16: sigma_tau_i(eta) = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t))
-                                                  sqrt(1 - alpha_bar_t / alpha_bar_prev).
-
-    eta = 0 is DDIM (deterministic), eta = 1 is DDPM's posterior standard deviation
-    sqrt(beta-tilde) on the sub-sequence (Ho et al. Eq. 7 with beta = 1 - alpha_bar_t / alpha_bar_prev).
-    Zero at the last step, where alpha_bar_prev = alpha_bar_0 = 1. Scalars in, a float out.
-    """
+    """sigma(eta) = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev)
+    (Song et al. Eq. 16): 0 is DDIM, 1 DDPM's sqrt(beta-tilde) on the sub-sequence. Scalars in, a float out."""
     _check_eta(eta)
     return eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev))
 
 
 def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, sigma, noise=None, clip_x0=False):
-    """One step of the generative process, Song et al. Eq. 12 (App. D.3 on a sub-sequence):
-
-        x_{t-1} = sqrt(alpha_bar_{t-1}) x0_hat                      "predicted x_0" (Eq. 9)
-                  + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps       "direction pointing to x_t"
-                  + sigma_t z,  z ~ N(0, I)                          "random noise"
-
-    i.e. a draw from q_sigma(x_{t-1} | x_t, x0_hat) (Eq. 10). `noise` is z (ignored, and may be
-    None, when sigma = 0). With clip_x0, x0_hat is clipped to [-1, 1] (image data) and eps is
-    recomputed from it so that both terms describe the same x_0. With sigma = 0 the same
-    formula maps x_t to any other noise level, up or down (Eq. 13): `ddim_encode` uses it
-    upwards. Scalars alpha_bar_t, alpha_bar_prev, sigma. Returns (x_{t-1}, x0_hat).
-    """
+    """(x_{t-1}, x0_hat): x_{t-1} = sqrt(alpha_bar_{t-1}) x0_hat + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps
+    + sigma_t z (Song et al. Eq. 12; App. D.3 on a sub-sequence), z = `noise` (unused when sigma = 0).
+    With sigma = 0 it maps x_t to any other noise level, up or down (Eq. 13). Scalar alphas and sigma."""
     x0 = predict_x0(x_t, eps, alpha_bar_t)
-    if clip_x0:
+    if clip_x0:  # ours (image data): x0_hat in [-1, 1], eps recomputed so both terms describe one x_0
         x0 = x0.clamp(-1, 1)
         eps = predict_eps(x_t, x0, alpha_bar_t)
     x_prev = math.sqrt(alpha_bar_prev) * x0 + _direction_coef(alpha_bar_prev, sigma) * eps
@@ -241,24 +179,38 @@ def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, sigma, noise=None, clip_x0=
 
 
 def timestep_subsequence(T, S, skip="linear"):
-    """The sub-sequence tau of S timesteps the sampler visits (Song et al. Sec. 4.2, App. D.2).
+    """The sub-sequence tau of the T timesteps the sampler visits (Song et al. Sec. 4.2, App. D.2),
+    as increasing 0-based indices (index 0 is the paper's t = 1):
 
-    In the paper's time 1..T: linear tau_i = floor(c i), quadratic tau_i = floor(c i^2), for
-    i = 1..S, with c = T / S or T / S^2 so that tau_S = T (App. C.1 requires tau_S = T: x_T is
-    the prior's sample). Quadratic spacing puts more steps at small t (the paper's choice for
-    CIFAR-10, linear for the other sets); where floor(c i^2) < i (small i when S^2 > T) it takes
-    i instead, keeping tau strictly increasing (our choice; the paper leaves it open). S = T
-    gives every step. Returns (S,) int64 indices tau_i - 1: increasing, in [0, T), ending at T - 1.
+      "uniform"    range(0, T, T // S)                              Song et al.'s runner, --skip_type uniform
+      "quad"       int(s) for s in linspace(0, sqrt(0.8 T), S)^2   Song et al.'s runner, --skip_type quad
+      "linear"     floor(T i / S) - 1, i = 1..S                     ours: ends at T - 1
+      "quadratic"  max(floor(T i^2 / S^2), i) - 1                   ours: ends at T - 1, strictly increasing
+
+    The authors' two start at index 0 and stop short of T - 1 (uniform, T = 1000, S = 50: 0..980),
+    so their first step takes x_T ~ N(0, I) as x at tau_S; "uniform" has ceil(T / (T // S))
+    entries (S when S divides T) and "quad" repeats an index where the squares are under 1 apart
+    (a step from an index to itself leaves x unchanged). Ours keep tau_S = T (App. C.1).
     """
     if not 1 <= S <= T:
         raise ValueError(f"S = {S} sampling steps; accepted: 1 <= S <= T = {T}")
+    if skip == "uniform":
+        return torch.arange(0, T, T // S, dtype=torch.int64)
+    if skip == "quad":
+        # numpy.linspace's arithmetic (i * step, the last point set to the end), so that int() sees
+        # the same float64 values as the authors' code
+        end = math.sqrt(T * 0.8)
+        s = torch.arange(S, dtype=torch.float64) * (end / (S - 1)) if S > 1 else torch.zeros(1, dtype=torch.float64)
+        if S > 1:
+            s[-1] = end
+        return (s * s).to(torch.int64)  # int() truncates; the values are >= 0
     i = torch.arange(1, S + 1, dtype=torch.int64)
     if skip == "linear":
         tau = (T * i) // S  # exact integer floor(T i / S)
     elif skip == "quadratic":
         tau = torch.maximum((T * i * i) // (S * S), i)
     else:
-        raise ValueError(f"unknown sub-sequence {skip!r}; accepted: linear, quadratic")
+        raise ValueError(f"unknown sub-sequence {skip!r}; accepted: uniform, quad, linear, quadratic")
     return tau - 1
 
 
@@ -315,28 +267,15 @@ def ddim_sample(model, alphas_cumprod, shape=None, **kwargs):
 
 @torch.no_grad()  # as the sampler: its codes may go on to a classifier-guided decoding
 def ddim_encode(model, alphas_cumprod, x0, steps=None, skip="linear", y=None, guidance=0.0):
-    """The deterministic encoder x_0 -> x_T: the ODE of Song et al. Eq. 14 run forwards
-    (Sec. 4.3; Sec. 5.4 uses it for reconstruction), on the same tau as the sampler.
-
-    With the paper's sigma(t) = sqrt((1 - alpha_bar_t) / alpha_bar_t) (a noise-to-signal ratio,
-    not sigma_t(eta)) and x_bar = x / sqrt(alpha_bar),
-    d x_bar = eps(x_t, t) d sigma; the sampler with eta = 0 is its Euler discretisation
-    (Eq. 13), and here the same Euler step is taken upwards, 0 -> tau_1 -> ... -> tau_S:
-
-        x_bar_{tau_i} = x_bar_{tau_{i-1}} + (sigma_{tau_i} - sigma_{tau_{i-1}}) eps(x_{tau_{i-1}}, tau_{i-1}),
-
-    the slope taken where each step starts. For the first step, from x_0 (sigma = 0, a noise
-    level the network never saw), the slope is taken at index 0 (t = 1), the nearest trained
-    level. Encoding then decoding errs by O(1/S) (the two Euler schemes take their slopes at
-    opposite ends of each step) and the error falls as S grows (Song et al. Table 2).
-    x0: (B, ...) in model space. Returns x_T (B, ...).
-    """
+    """x_T (B, ...) from x_0: Euler steps of Song et al. Eq. 14, d x_bar = eps(x_t, t) d sigma with
+    x_bar = x / sqrt(alpha_bar), sigma = sqrt((1 - alpha_bar) / alpha_bar), upwards along tau (Sec. 4.3),
+    each slope taken where its step starts; decoding by ddim_sample(eta=0) errs by O(1/S) (Table 2)."""
     T = len(alphas_cumprod)
     tau = timestep_subsequence(T, steps or T, skip)
     x, ab_prev, prev = x0, 1.0, 0
     for index in tau.tolist():
         ab_t = float(alphas_cumprod[index])
-        t = torch.full((x.shape[0],), prev, dtype=torch.long, device=x.device)
+        t = torch.full((x.shape[0],), prev, dtype=torch.long, device=x.device)  # from x_0: t = 1, the nearest level
         eps = guided_eps(model, x, t, alphas_cumprod, y, guidance)
         x, _ = ddim_step(x, eps, ab_prev, ab_t, 0.0)  # Eq. 13 from alpha_bar_prev up to alpha_bar_t
         ab_prev, prev = ab_t, index
@@ -385,21 +324,11 @@ def classifier_grad(classifier, x_t, t, y):
 
 
 def guided_eps(model, x_t, t, alphas_cumprod, y=None, guidance=0.0, classifier=None, classifier_scale=0.0):
-    """The epsilon the sampler uses at x_t, with both kinds of guidance:
-
-    - classifier-free (Ho & Salimans Eq. 6): eps~ = (1 + w) eps(x_t, y) - w eps(x_t, null),
-      the unconditional call (y = None: the null label) made only when w != 0, so w = 0 is
-      exactly the conditional model;
-    - classifier guidance in epsilon form (Dhariwal & Nichol Sec. 4.2, Algorithm 2):
-      eps^ = eps - sqrt(1 - alpha_bar_t) s grad_{x_t} log p_phi(y | x_t, t), i.e. the score
-      grad log p(x_t) = -eps / sqrt(1 - alpha_bar_t) plus s times the classifier's; with s = 1
-      and an exact classifier this is the epsilon of p(x_t | y). The classifier is not called
-      when s = 0.
-    Only the first C channels of the network's output are epsilon (a learned-variance network
-    of ddpm.py has 2C). x_t: (B, C, ...); t: (B,) indices; y: (B,) labels or None.
-    """
+    """The sampler's epsilon at x_t (B, C, ...): eps~ = (1 + w) eps(x_t, y) - w eps(x_t, null) (Ho &
+    Salimans Eq. 6), then eps^ = eps~ - sqrt(1 - alpha_bar_t) s grad_x log p_phi(y | x_t, t) (Dhariwal &
+    Nichol Algorithm 2); each extra call made only when its weight is not 0. y: (B,) labels or None."""
     c = x_t.shape[1]
-    eps = model(x_t, t, y)[:, :c]
+    eps = model(x_t, t, y)[:, :c]  # a learned-variance network of ddpm.py outputs 2C channels
     if guidance != 0:
         if y is None:
             raise ValueError("classifier-free guidance needs labels y and a class-conditional model")
@@ -408,7 +337,7 @@ def guided_eps(model, x_t, t, alphas_cumprod, y=None, guidance=0.0, classifier=N
         if classifier is None or y is None:
             raise ValueError("classifier guidance needs a classifier and labels y")
         grad = classifier_grad(classifier, x_t, t, y)
-        eps = eps - (1 - _at(alphas_cumprod, t, x_t)).sqrt() * classifier_scale * grad
+        eps = eps - (1 - _expand(alphas_cumprod.to(x_t)[t], x_t)).sqrt() * classifier_scale * grad
     return eps
 
 
@@ -698,8 +627,12 @@ class Config(RunConfig):
     # DDIM sampling
     sample_steps: int = flag(50, "S: sampling steps on a sub-sequence tau of the T (0 = all T)")
     eta: float = flag(0.0, "eta of Song et al. Eq. 16: 0 = DDIM (deterministic), 1 = DDPM's posterior variance")
-    skip: typing.Optional[str] = flag(None, "the sub-sequence tau: linear or quadratic (Song et al. App. D.2); unset: "
-                                      "the checkpoint's when sampling, else linear", choices=("linear", "quadratic"))
+    skip: typing.Optional[str] = flag(None, "the sub-sequence tau: uniform or quad (Song et al.'s code), linear or "
+                                      "quadratic (ours, ending at T); unset: the checkpoint's, else the paper's (quad "
+                                      "on cifar10, uniform on other images) or linear on 2D points",
+                                      choices=("uniform", "quad", "linear", "quadratic"))
+    clip_x0: bool = flag(True, "clip the predicted x_0 to [-1, 1] when sampling images (ours, as ddpm.py; Song et "
+                         "al.'s code does not: --no-clip-x0)")
     # classifier guidance
     train_classifier: bool = flag(False, "train the noise-aware classifier p(y | x_t, t) of classifier guidance "
                                   "instead of the epsilon-network (run folder runs/ddim-<dataset>-classifier)")
@@ -714,20 +647,23 @@ class Config(RunConfig):
 
 
 PRESETS = {
-    # Ho et al. 2020, Sec. 4 and App. B, as ddpm.py (35,746,307 parameters); the quadratic
-    # sub-sequence is Song et al.'s choice for CIFAR-10 (App. D.2).
+    # Ho et al. 2020, Sec. 4 and App. B, as ddpm.py (35,746,307 parameters); tau "quad" as Song
+    # et al. sample CIFAR-10 (App. D.2; their runner's --skip_type quad).
     "cifar10": dict(steps=800_000, batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0,
                     ema_decay=0.9999, flip=True, timesteps=1000, schedule="linear", ch=128,
                     ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1,
-                    save_every=10_000, skip="quadratic"),
-    # ddpm.py's: the CIFAR-10 recipe scaled to 28x28 (28 -> 14 -> 7); attention at 14x14.
+                    save_every=10_000, skip="quad"),
+    # ddpm.py's: the CIFAR-10 recipe scaled to 28x28 (28 -> 14 -> 7); attention at 14x14; tau
+    # "uniform" as Song et al. sample their other data sets (App. D.2).
     "mnist": dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema_decay=0.9999,
                   ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(14,), dropout=0.1,
-                  save_every=5000),
+                  save_every=5000, skip="uniform"),
     "fashion-mnist": dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema_decay=0.9999,
                           ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(14,),
-                          dropout=0.1, save_every=5000),
-    "digits": dict(),  # the Config defaults
+                          dropout=0.1, save_every=5000, skip="uniform"),
+    # the Config defaults; tau "uniform" by paper_skip (not set here: --sample parses this preset,
+    # and a set value would override the checkpoint's)
+    "digits": dict(),
     # ddpm.py's 2D preset (MLP network, T = 200) but for the schedule. The deterministic first
     # step from x_T multiplies the error of the network's epsilon by about
     # sqrt(alpha_bar_prev / alpha_bar_T): with the cosine schedule (its last beta clipped at
@@ -762,6 +698,20 @@ def check_config(cfg):
         raise UserError("--train-classifier trains p(y | x_t, t), which takes no label; drop --cond")
     if cfg.classifier and not cfg.sample:
         raise UserError("--classifier guides sampling; give it with --sample CKPT")
+
+
+def learning_rate(step, cfg):
+    """The learning rate of step `step` (0-based): linear warm-up over cfg.warmup steps, then
+    constant (Ho et al. 2020, App. B)."""
+    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+
+
+def paper_skip(info):
+    """The sub-sequence Song et al. sample with (App. D.2): quad on CIFAR-10, uniform on their other
+    image sets; linear (ours, ending at T) on 2D points, where the first step starts from x_T."""
+    if info.kind == "points":
+        return "linear"
+    return "quad" if info.name == "cifar10" else "uniform"
 
 
 # ----------------------------------------------------------------------------------------
@@ -859,14 +809,13 @@ def save_panels(rows, path, info, title, nrow=4):
 def sweep_figure(net, alphas_cumprod, path, info, n, skip, guide, device, seed):
     """Song et al. Table 1 as pictures: n samples from one shared x_T for S in {10, 20, 50, 100, T}
     (columns) and eta in {0, 0.5, 1} (rows). With eta = 0 the columns converge to one picture as
-    S grows; eta = 1 is DDPM on the sub-sequence. `guide`: the sampler's label, guidance and
-    classifier arguments for n examples, as a function of n."""
+    S grows; eta = 1 is DDPM on the sub-sequence. `guide`: the sampler's label, guidance,
+    classifier and clipping arguments for n examples, as a function of n."""
     x_T = torch.randn((n, *info.shape), generator=torch.Generator(device=device).manual_seed(seed), device=device)
     rows = {}
     for eta in (0.0, 0.5, 1.0):
         rows[f"eta = {eta:g}"] = {
-            f"S = {S}": ddim_sample(net, alphas_cumprod, x_T=x_T, steps=S, eta=eta, skip=skip,
-                                    clip_x0=info.kind == "image", **guide(n),
+            f"S = {S}": ddim_sample(net, alphas_cumprod, x_T=x_T, steps=S, eta=eta, skip=skip, **guide(n),
                                     generator=torch.Generator(device=device).manual_seed(seed + 1))
             for S in picture_steps(len(alphas_cumprod))}
     save_panels(rows, path, info, f"DDIM from one shared x_T: S steps ({skip} tau) by eta")
@@ -904,7 +853,7 @@ def interpolation_figure(net, alphas_cumprod, path, info, steps, skip, guide, de
     args = guide(pairs)
     if args["y"] is not None:
         args["y"] = args["y"].repeat_interleave(k)  # one label per row
-    x = ddim_sample(net, alphas_cumprod, x_T=x_T, steps=steps, skip=skip, clip_x0=info.kind == "image", **args)
+    x = ddim_sample(net, alphas_cumprod, x_T=x_T, steps=steps, skip=skip, **args)
     title = f"slerp in x_T, DDIM S = {steps}, eta = 0"
     if info.kind == "image":
         save_image_grid(to_levels(x, info).cpu(), path, levels=info.levels, nrow=k, title=title)
@@ -958,51 +907,37 @@ def train(cfg):
     """Ho et al. Algorithm 1 (L_simple, which DDIM reuses unchanged: Song et al. Sec. 3.2) with
     Adam, warm-up, gradient clipping and an EMA of the weights; with --train-classifier the same
     loop trains the noise-aware classifier on noised images (Dhariwal & Nichol Sec. 4) in a run
-    folder of its own. Under torchrun every process trains on its slice of the global batch (DDP)."""
-    if cfg.train_classifier and not cfg.out:
-        cfg = dataclasses.replace(cfg, out=str(Path("runs") / f"{MODEL}-{Path(cfg.dataset).stem}-classifier"))
-    dist = init_distributed(cfg.device)
-    out = open_run(cfg, MODEL, dist)
-    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    info = ds.info
-    seed_everything(cfg.seed)
-    net, alphas_cumprod = build(cfg, info)
-    net.to(dist.device)
-    ema = EMA(net, cfg.ema_decay)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
-    if cfg.resume:
-        step = resume(cfg, MODEL, dist, model=net, ema=ema, opt=opt, batches=batches)
-    else:
-        step = 0
-        seed_everything(cfg.seed + dist.rank)  # the same initial weights everywhere, noise per process
-    start = step
-    model = wrap_ddp(net, dist, cfg.compile)
-    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
-    amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-    shape = (100 if cfg.cond else cfg.n_samples, *info.shape)
-    sample_steps, skip = cfg.sample_steps or cfg.timesteps, cfg.skip or "linear"
+    folder of its own (see main). Under torchrun every process trains on its slice of the global batch (DDP)."""
+    with Training(cfg, MODEL) as run:
+        ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        info = ds.info
+        seed_everything(cfg.seed)  # the same initial weights on every process
+        net, alphas_cumprod = build(cfg, info)
+        net.to(run.device)
+        ema = EMA(net, cfg.ema_decay)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        batches = Batches(ds, cfg.batch_size, run.dist, seed=cfg.seed)
+        step = run.start(info, model=net, ema=ema, opt=opt, batches=batches)
+        model = wrap_ddp(net, run.dist, cfg.compile)
+        amp = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+        shape = (100 if cfg.cond else cfg.n_samples, *info.shape)
+        sample_steps, skip = cfg.sample_steps or cfg.timesteps, cfg.skip or paper_skip(info)
 
-    def checkpoint_and_samples():
-        """The checkpoint (a collective), then on rank 0 a sample grid, stopped at once by a signal."""
-        save_training(out, MODEL, step, cfg, info, dist, model=net, ema=ema, opt=opt, batches=batches)
-        if dist.is_main and not cfg.train_classifier:
-            with stop.interruptible():  # the checkpoint is whole: a signal may stop the pictures at once
-                g = torch.Generator(device=dist.device).manual_seed(cfg.seed)
-                x = ddim_sample(ema.model, alphas_cumprod, shape, steps=sample_steps, eta=cfg.eta, skip=skip,
-                                y=sample_labels(shape[0], cfg.cond, info, dist.device), guidance=cfg.guidance,
-                                clip_x0=info.kind == "image", device=dist.device, generator=g)
-                save_samples(x, out / f"samples_{step}.png", info,
-                             f"step {step}: DDIM S = {sample_steps}, eta = {cfg.eta:g}, EMA weights")
+        def samples(step):
+            g = torch.Generator(device=run.device).manual_seed(cfg.seed)
+            x = ddim_sample(ema.model, alphas_cumprod, shape, steps=sample_steps, eta=cfg.eta, skip=skip,
+                            y=sample_labels(shape[0], cfg.cond, info, run.device), guidance=cfg.guidance,
+                            clip_x0=cfg.clip_x0 and info.kind == "image", device=run.device, generator=g)
+            save_samples(x, run.out / f"samples_{step}.png", info,
+                         f"step {step}: DDIM S = {sample_steps} ({skip} tau), eta = {cfg.eta:g}, EMA weights")
 
-    with StopSignal() as stop:
-        while step < cfg.steps:
+        for step in run.steps(step, None if cfg.train_classifier else samples):
             x, y = next(batches)
             x0 = to_model_space(x, info)
             if cfg.flip:
                 x0 = torch.where(torch.rand(x0.shape[0], 1, 1, 1, device=x0.device) < 0.5, x0.flip(3), x0)
-            for group in opt.param_groups:  # linear warm-up (Ho et al. App. B)
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, cfg)
             with amp:
                 if cfg.train_classifier:
                     loss = classifier_loss(model, x0, y, alphas_cumprod).mean()
@@ -1015,23 +950,8 @@ def train(cfg):
                 torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             opt.step()
             ema.update(net)
-            step += 1
-            value = dist.mean(loss)
-            check_finite(value, step)
-            logger.log(step, cfg.batch_size, loss=value)
-            stopping = dist.any(stop.requested)
-            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                checkpoint_and_samples()
-            if stopping:
-                if dist.is_main:
-                    print(f"stopped at step {step}; {out / 'ckpt.pt'} saved; continue with --resume")
-                break
-        if step == start:  # --steps 0, or nothing left to train: still leave a checkpoint
-            checkpoint_and_samples()
-    logger.close()
-    dist.close()
-    if dist.is_main:
-        report_files(out, ["ckpt.pt", f"samples_{step}.png", "loss.png"])
+            run.log(loss=loss)
+    run.report(["ckpt.pt", f"samples_{run.step}.png", "loss.png"])
 
 
 def evaluate(cfg):
@@ -1070,7 +990,7 @@ def evaluate(cfg):
         if not steps:
             raise UserError(f"--eval-steps {','.join(map(str, cfg.eval_steps))} all exceed the checkpoint's "
                             f"T = {T}; accepted: step counts from 1 to {T}")
-        skip = cfg.skip or saved.skip or "linear"
+        skip = cfg.skip or saved.skip or paper_skip(info)
         squared = dict.fromkeys(steps, 0.0)
         for i in range(0, n, cfg.batch_size):
             x0 = to_model_space(ds.data[i:min(i + cfg.batch_size, n)].to(device), info)
@@ -1118,23 +1038,26 @@ def draw_samples(cfg):
                             f"--schedule {saved.schedule}; train the classifier with the network's")
         classifier.requires_grad_(False)  # guidance differentiates with respect to x_t only
     out = output_dir(cfg, cfg.sample)
-    steps, skip = cfg.sample_steps or T, cfg.skip or saved.skip or "linear"
+    steps, skip = cfg.sample_steps or T, cfg.skip or saved.skip or paper_skip(info)
 
-    def guide(n):  # the sampler's label and guidance arguments for n examples
+    def guide(n):  # the sampler's label, guidance and clipping arguments for n examples
         return dict(y=sample_labels(n, saved.cond or classifier is not None, info, device), guidance=cfg.guidance,
-                    classifier=classifier, classifier_scale=cfg.classifier_scale if classifier is not None else 0.0)
+                    classifier=classifier, classifier_scale=cfg.classifier_scale if classifier is not None else 0.0,
+                    clip_x0=cfg.clip_x0 and info.kind == "image")
 
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.time()
     x = ddim_sample(net, alphas_cumprod, (cfg.n_samples, *info.shape), steps=steps, eta=cfg.eta, skip=skip,
-                    clip_x0=info.kind == "image", device=device, generator=g, **guide(cfg.n_samples))
+                    device=device, generator=g, **guide(cfg.n_samples))
     seconds = time.time() - start
-    title = f"DDIM S = {steps} ({skip} tau), eta = {cfg.eta:g}" + (f", guidance w = {cfg.guidance:g}" * bool(
-        cfg.guidance)) + (f", classifier scale {cfg.classifier_scale:g}" * (classifier is not None))
+    clipped = guide(1)["clip_x0"]
+    title = (f"DDIM S = {steps} ({skip} tau{', x0 clipped' * clipped}), eta = {cfg.eta:g}"
+             + f", guidance w = {cfg.guidance:g}" * bool(cfg.guidance)
+             + f", classifier scale {cfg.classifier_scale:g}" * (classifier is not None))
     save_samples(x, out / "samples.png", info, title)
     torch.save(to_levels(x, info).cpu() if info.kind == "image" else x.cpu(), out / "samples.pt")
     Logger(out, 0).event("sample", n=cfg.n_samples, seconds=round(seconds, 3), samples_per_s=cfg.n_samples / seconds,
-                         steps=steps, eta=cfg.eta, skip=skip, guidance=cfg.guidance,
+                         steps=steps, eta=cfg.eta, skip=skip, clip_x0=clipped, guidance=cfg.guidance,
                          classifier_scale=cfg.classifier_scale if classifier is not None else 0.0)
     # the figures show --n-samples examples, at most 16 images (8 reconstructed) or 1000 points
     n = min(cfg.n_samples, 16 if info.kind == "image" else 1000)
@@ -1176,6 +1099,10 @@ def main(argv=None):
     """Train (default), or --eval CKPT, or --sample CKPT; a user's mistake exits with one line."""
     with user_errors():
         cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
+        if cfg.train_classifier and not cfg.out:  # its own run folder, where a bare --resume looks too
+            out = Path("runs") / f"{MODEL}-{Path(cfg.dataset).stem}-classifier"
+            argv = [*(sys.argv[1:] if argv is None else argv), "--out", str(out)]
+            cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
         check_config(cfg)
         return dispatch(cfg, train, evaluate, draw_samples)
 

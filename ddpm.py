@@ -5,46 +5,40 @@ Papers
   Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models", arXiv 2102.09672
     (cosine schedule, learned variances with the hybrid loss, respaced sampling).
   Ho & Salimans 2021, "Classifier-Free Diffusion Guidance", arXiv 2207.12598.
-  Sohl-Dickstein et al. 2015, "Deep Unsupervised Learning using Nonequilibrium
-    Thermodynamics", arXiv 1503.03585 (the variational bound as a sum of per-step KLs).
+  Sohl-Dickstein et al. 2015, "Deep Unsupervised Learning using Nonequilibrium Thermodynamics",
+    arXiv 1503.03585 (the variational bound as a sum of per-step KLs).
 
-Implemented: the forward process and its posterior, the reverse process with epsilon- or
-x0-prediction and fixed (beta, beta-tilde) or learned variances, L_simple and the hybrid loss,
-the full variational bound per example in nats (prior term, every KL, discretized decoder),
-ancestral sampling on all T steps or on a respaced subsequence, classifier-free guidance,
-the DDPM U-Net (the paper's 35.7M-parameter CIFAR-10 model as a preset) and a small MLP for
-2D point sets. Not implemented: importance-sampled L_vlb (Nichol & Dhariwal Sec. 3.3), FID.
+Implemented: epsilon- or x0-prediction; fixed (beta, beta-tilde) or learned variances; L_simple
+and L_hybrid; the whole bound per example in nats (prior, every KL, the discretized decoder, exact
+for any number of levels); ancestral sampling on all T steps or a respaced sub-sequence;
+classifier-free guidance; the DDPM U-Net (the paper's 35.7M-parameter CIFAR-10 model as a preset)
+and an MLP for 2D points. Not implemented: importance-sampled L_vlb (Nichol & Dhariwal Sec. 3.3), FID.
 
-Data conventions: images arrive as integer levels 0..L-1 and are scaled to [-1, 1] by
-x / (L - 1) * 2 - 1; the decoder L_0 integrates the Gaussian over bins of width 2 / (L - 1),
-so bits/dim are exact for any number of levels (256 for CIFAR-10, 17 for digits). Point sets
-are continuous and used as they are; their decoder is a Gaussian density, so their bound is
-on the continuous NLL in nats.
+Run it (--dataset cifar10: the paper's model and recipe; --cond --guidance 2; --dataset 8gaussians)
+  python ddpm.py                                      # train on 8x8 digits (CPU, minutes)
+  python ddpm.py --sample runs/ddpm-digits/ckpt.pt    # samples and a reverse chain (--sample-steps S)
+  python ddpm.py --eval runs/ddpm-digits/ckpt.pt      # test bits/dim from the whole bound
 
-Run it
-  python ddpm.py                                    # train on 8x8 digits (CPU, minutes)
-  python ddpm.py --sample runs/ddpm-digits/ckpt.pt --sample-steps 100
-  python ddpm.py --eval runs/ddpm-digits/ckpt.pt    # test-set bits/dim from the full bound
-  python ddpm.py --dataset cifar10                  # the paper's CIFAR-10 model and recipe
-  python ddpm.py --cond --guidance 2                # class-conditional, guided sampling
-  python ddpm.py --dataset 8gaussians               # 2D points with an MLP
+Paper -> code (Ho et al. unless named; alpha_bar_t = prod_{s <= t} (1 - beta_s))
+  Eq. 4           q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)      q_sample, q_mean_variance
+  Eqs. 6-7        q(x_{t-1} | x_t, x_0) = N(mu~_t(x_t, x_0), beta~_t I)               q_posterior
+  Eq. 11          mu_theta = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_t)   p_mean_variance
+  Eq. 13          L_0 = -log of N(mu_theta(x_1, 1), sigma_1^2) on x_0's bin   discretized_gaussian_log_likelihood
+  Eq. 14, Alg. 1  L_simple = E_{t, x_0, eps} || eps - eps_theta(x_t, t) ||^2            training_loss
+  Eq. 5           L = L_T + sum_{t>1} KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)) + L_0   nll, normal_kl
+  Alg. 2          x_{t-1} = mu_theta(x_t, t) + sigma_t z, z = 0 at t = 1                sample, sample_chain
+  Sec. 4, App. B  U-Net: Wide-ResNet blocks, GroupNorm, self-attention at 16x16        UNet (PointMLP on 2D)
+  N&D Eq. 17      alpha_bar(t) = f(t) / f(0), f(t) = cos((t/T + s) / (1 + s) pi/2)^2    cosine_beta_schedule
+  N&D Eq. 15      Sigma_theta = exp(v log beta_t + (1 - v) log beta~_t)                 p_mean_variance
+  N&D Eq. 16      L_hybrid = L_simple + lambda L_vlb, lambda = 0.001                    training_loss
+  N&D Sec. 4      betas 1 - alpha_bar_{tau_i} / alpha_bar_{tau_{i-1}} on a sub-sequence   respace
+  H&S Eq. 6       eps~ = (1 + w) eps_theta(x_t, c) - w eps_theta(x_t)                    guided_output, drop_labels
+  bits/dim        nats / (D ln 2)                                                      bits_per_dim
 
-Map from the papers to the names below
-  Ho et al. Eq. 4 (q(x_t | x_0))                      GaussianDiffusion.q_sample, q_mean_variance
-  Ho et al. Eqs. 6-7 (q(x_{t-1} | x_t, x_0))          GaussianDiffusion.q_posterior
-  Ho et al. Eq. 11 (mean from epsilon)                GaussianDiffusion.p_mean_variance
-  Ho et al. Eq. 13 (discretized decoder)              discretized_gaussian_log_likelihood
-  Ho et al. Eq. 14 (L_simple), Algorithm 1            GaussianDiffusion.training_loss
-  Ho et al. Eq. 5 / Sohl-Dickstein Eq. 14 (L_vlb)     GaussianDiffusion.nll, normal_kl, bits_per_dim
-  Ho et al. Algorithm 2 (ancestral sampling)          GaussianDiffusion.sample
-  Ho et al. Sec. 4, App. B (network)                  UNet
-  Nichol & Dhariwal Eq. 17 (cosine schedule)          cosine_beta_schedule
-  Nichol & Dhariwal Eq. 15 (learned variance)         GaussianDiffusion.p_mean_variance
-  Nichol & Dhariwal Eq. 16 (L_hybrid), Sec. 3.1       GaussianDiffusion.training_loss
-  Nichol & Dhariwal Sec. 4 (respacing)                GaussianDiffusion.respace
-  Ho & Salimans Eq. 6 (guidance), Algorithm 1         guided_output, drop_labels
-
-Timesteps are integer tensors in [0, T): index 0 is the paper's t = 1, index T - 1 is t = T.
+Conventions: timesteps are integer tensors in [0, T) (index 0 is the paper's t = 1); images
+arrive as levels 0..L-1 and are used at x / (L - 1) * 2 - 1 in [-1, 1], the decoder's bins
+2 / (L - 1) wide (256 levels for CIFAR-10, 17 for digits); 2D points are used as they are, with
+a Gaussian decoder, so their bound is on the continuous NLL in nats.
 """
 from __future__ import annotations
 
@@ -69,20 +63,13 @@ from common import (Batches, EMA, Logger, RunConfig, Training, UserError, check_
 # ----------------------------------------------------------------------------------------
 
 def linear_beta_schedule(T, beta_start=1e-4, beta_end=0.02):
-    """beta_t linear from beta_start to beta_end (Ho et al. Sec. 4: 1e-4 to 0.02 for T = 1000).
-
-    For T != 1000 pass beta_start * 1000 / T and beta_end * 1000 / T to keep the same
-    end point (Nichol & Dhariwal's scaling; `make_betas` does this). Returns (T,) float64.
-    """
+    """beta_t linear from beta_start to beta_end, (T,) float64 (Ho et al. Sec. 4: 1e-4 to 0.02, T = 1000)."""
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64, device="cpu")
 
 
 def cosine_beta_schedule(T, s=0.008):
-    """Nichol & Dhariwal Eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos((t/T + s)/(1 + s) * pi/2)^2.
-
-    beta_t = 1 - alpha_bar(t) / alpha_bar(t - 1), clipped at 0.999 to avoid the singularity
-    at t = T. Returns (T,) float64.
-    """
+    """beta_t = 1 - alpha_bar(t) / alpha_bar(t - 1), (T,) float64, with alpha_bar(t) = f(t) / f(0),
+    f(t) = cos((t/T + s)/(1 + s) * pi/2)^2 (Nichol & Dhariwal Eq. 17), clipped at 0.999 (their Sec. 3.2)."""
     steps = torch.arange(T + 1, dtype=torch.float64, device="cpu")
     f = torch.cos((steps / T + s) / (1 + s) * math.pi / 2) ** 2
     alpha_bar = f / f[0]
@@ -90,7 +77,8 @@ def cosine_beta_schedule(T, s=0.008):
 
 
 def make_betas(schedule, T):
-    """The schedule for T steps; the linear one scaled by 1000 / T (clipped at 0.999 for T < 20)."""
+    """The schedule for T steps; the linear one's ends scaled by 1000 / T (Nichol & Dhariwal's
+    scaling, clipped at 0.999 for T < 20)."""
     if T < 1:
         raise ValueError(f"T = {T}: a schedule needs T >= 1 steps")
     if schedule == "cosine":
@@ -103,11 +91,7 @@ def make_betas(schedule, T):
 # ----------------------------------------------------------------------------------------
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats.
-
-    = 1/2 (logvar2 - logvar1 + e^(logvar1 - logvar2) + (mean1 - mean2)^2 e^-logvar2 - 1);
-    the KL terms L_{t-1} of Ho et al. Eq. 5 are sums of these over dimensions.
-    """
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats, elementwise: the terms of Ho et al. Eq. 5."""
     return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
 
@@ -174,22 +158,19 @@ def gaussian_log_likelihood(x, means, log_scales):
     return -0.5 * math.log(2 * math.pi) - log_scales - 0.5 * ((x - means) * torch.exp(-log_scales)) ** 2
 
 
-def bits_per_dim(nll_nats, num_dims):
-    """Bits per dimension from a per-example NLL in nats: nll / (D ln 2).
-
-    With the discretized decoder the bound is on -log P(x) of the integer levels, so no
-    offset for the scaling to [-1, 1] is needed (the data are never dequantised).
-    """
-    return nll_nats / (num_dims * math.log(2.0))
+def bits_per_dim(nats, dims):
+    """Nats per example -> bits per dimension: nats / (dims ln 2)."""
+    # the discretized decoder bounds -log P of the integer levels: no offset for the scaling to [-1, 1]
+    return nats / (dims * math.log(2))
 
 
 # ----------------------------------------------------------------------------------------
 # The forward and reverse processes, the objective, the bound and the sampler
 # ----------------------------------------------------------------------------------------
 
-def _extract(a, t, x):
-    """a[t] (a: (T,) float64) shaped (B, 1, ..., 1) to broadcast against x, in x's dtype."""
-    return a.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+def _expand(v, x):
+    """v (B,) reshaped to (B, 1, ..., 1) so that it broadcasts against x (B, ...)."""
+    return v.reshape(-1, *([1] * (x.dim() - 1)))
 
 
 def _sum_dims(x):
@@ -255,18 +236,18 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
 
-    # -- forward process ------------------------------------------------------------------
+    # --- forward process
 
     def q_mean_variance(self, x0, t):
         """q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I) (Ho et al. Eq. 4)."""
-        mean = _extract(self.sqrt_alphas_cumprod, t, x0) * x0
-        var = _extract(1.0 - self.alphas_cumprod, t, x0).expand_as(x0)
+        mean = _expand(self.sqrt_alphas_cumprod.to(x0)[t], x0) * x0
+        var = _expand((1.0 - self.alphas_cumprod).to(x0)[t], x0).expand_as(x0)
         return mean, var, torch.log(var)
 
     def q_sample(self, x0, t, noise):
         """Draw x_t ~ q(x_t | x_0) as sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise (Eq. 4)."""
-        return (_extract(self.sqrt_alphas_cumprod, t, x0) * x0
-                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+        return (_expand(self.sqrt_alphas_cumprod.to(x0)[t], x0) * x0
+                + _expand(self.sqrt_one_minus_alphas_cumprod.to(x0)[t], x0) * noise)
 
     def q_posterior(self, x0, x_t, t):
         """q(x_{t-1} | x_t, x_0) = N(mu-tilde, beta-tilde I) (Ho et al. Eqs. 6-7).
@@ -274,17 +255,18 @@ class GaussianDiffusion:
         Returns (mean, variance, log_variance), each shaped like x0; log_variance is clipped
         at index 0 (see __init__).
         """
-        mean = _extract(self.posterior_mean_coef1, t, x0) * x0 + _extract(self.posterior_mean_coef2, t, x0) * x_t
-        var = _extract(self.posterior_variance, t, x0).expand_as(x0)
-        log_var = _extract(self.posterior_log_variance_clipped, t, x0).expand_as(x0)
+        mean = (_expand(self.posterior_mean_coef1.to(x0)[t], x0) * x0
+                + _expand(self.posterior_mean_coef2.to(x0)[t], x0) * x_t)
+        var = _expand(self.posterior_variance.to(x0)[t], x0).expand_as(x0)
+        log_var = _expand(self.posterior_log_variance_clipped.to(x0)[t], x0).expand_as(x0)
         return mean, var, log_var
 
     def predict_x0_from_eps(self, x_t, t, eps):
         """Invert Eq. 4: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
-        return (x_t - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / _extract(
-            self.sqrt_alphas_cumprod, t, x_t)
+        return ((x_t - _expand(self.sqrt_one_minus_alphas_cumprod.to(x_t)[t], x_t) * eps)
+                / _expand(self.sqrt_alphas_cumprod.to(x_t)[t], x_t))
 
-    # -- reverse process ------------------------------------------------------------------
+    # --- reverse process
 
     def p_mean_variance(self, model, x_t, t, y=None, guidance=0.0, clip_denoised=None, output=None):
         """p_theta(x_{t-1} | x_t) = N(mu_theta, Sigma_theta): a dict with mean, variance,
@@ -304,23 +286,23 @@ class GaussianDiffusion:
         out, v = output[:, :c], output[:, c:]
         if self.model_var_type == "learned":
             frac = (v + 1) / 2
-            log_var = (frac * _extract(self.log_betas, t, x_t)
-                       + (1 - frac) * _extract(self.posterior_log_variance_clipped, t, x_t))
+            log_var = (frac * _expand(self.log_betas.to(x_t)[t], x_t)
+                       + (1 - frac) * _expand(self.posterior_log_variance_clipped.to(x_t)[t], x_t))
         elif self.model_var_type == "fixedlarge":
-            log_var = _extract(self.fixedlarge_log_variance, t, x_t).expand_as(x_t)
+            log_var = _expand(self.fixedlarge_log_variance.to(x_t)[t], x_t).expand_as(x_t)
         else:
-            log_var = _extract(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+            log_var = _expand(self.posterior_log_variance_clipped.to(x_t)[t], x_t).expand_as(x_t)
         pred_x0 = self.predict_x0_from_eps(x_t, t, out) if self.model_mean_type == "eps" else out
         if self.clip_denoised if clip_denoised is None else clip_denoised:
             pred_x0 = pred_x0.clamp(-1, 1)
         mean, _, _ = self.q_posterior(pred_x0, x_t, t)
         if self.model_var_type == "fixedsmall":
-            variance = _extract(self.posterior_variance, t, x_t).expand_as(x_t)  # exact 0 at index 0
+            variance = _expand(self.posterior_variance.to(x_t)[t], x_t).expand_as(x_t)  # exact 0 at index 0
         else:
             variance = torch.exp(log_var)
         return dict(mean=mean, variance=variance, log_variance=log_var, pred_x0=pred_x0)
 
-    # -- the objective and the bound ------------------------------------------------------
+    # --- the objective and the bound
 
     def _decoder_nll(self, x0, mean, log_var):
         """-log p_theta(x_0 | x_1) per element: Ho et al. Eq. 13, or a Gaussian density."""
@@ -382,7 +364,7 @@ class GaussianDiffusion:
             total = total + self._vb_term(self.p_mean_variance(model, x_t, t, y), x0, x_t, t)
         return total
 
-    # -- sampling -------------------------------------------------------------------------
+    # --- sampling
 
     def respace(self, steps):
         """Nichol & Dhariwal Sec. 4: a process on S evenly spaced timesteps of this one.

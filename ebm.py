@@ -2,66 +2,41 @@
 and an exactly normalised density on 2D data.
 
 Papers
-  Du & Mordatch 2019, "Implicit Generation and Generalization in Energy-Based Models",
-    arXiv 1903.08689 (IGEBM: Langevin sampling from a replay buffer, the L2 energy regulariser,
-    Algorithm 1; the sampler settings of its CIFAR-10 run are in the official code's README).
+  Du & Mordatch 2019, "Implicit Generation and Generalization in Energy-Based Models", arXiv 1903.08689
+    (IGEBM: Langevin sampling from a replay buffer, the L2 energy regulariser, Algorithm 1).
   Grathwohl et al. 2020, "Your Classifier is Secretly an Energy Based Model and You Should Treat
-    it Like One", arXiv 1912.03263 (JEM: a classifier's logits as an energy, Secs. 3-4).
+    it Like One", arXiv 1912.03263 (JEM).
   Welling & Teh 2011, "Bayesian Learning via Stochastic Gradient Langevin Dynamics", ICML (SGLD).
-  Song & Kingma 2021, "How to Train Your Energy-Based Models", arXiv 2101.03288 (the gradient of
-    the log-likelihood as a data term minus a model term, Eqs. 3-4).
-  Hinton 2002, "Training Products of Experts by Minimizing Contrastive Divergence", Neural
-    Computation 14(8) (contrastive divergence); Tieleman 2008, "Training Restricted Boltzmann
-    Machines using Approximations to the Likelihood Gradient", ICML (persistent chains).
+  Song & Kingma 2021, "How to Train Your Energy-Based Models", arXiv 2101.03288 (Eqs. 3-4).
+  Hinton 2002, Neural Computation 14(8) (contrastive divergence); Tieleman 2008, ICML (persistent chains).
 
-Implemented: the energy E(x) and the density p(x) = exp(-E(x)) / Z; the contrastive-divergence
-loss whose gradient is the maximum-likelihood gradient E_data[grad E] - E_model[grad E], with Du &
-Mordatch's regulariser alpha (E(x+)^2 + E(x-)^2); Langevin dynamics in two forms, SGLD as Welling
-& Teh write it (step eps/2 on the gradient, noise of variance eps) and the decoupled form of Du &
-Mordatch's code (step and noise chosen apart, the gradient optionally clipped); chains kept inside
-the box the data live in by reflection; the replay buffer of persistent chains with a fraction
-restarted from uniform noise at every draw; JEM (logits f(x)[y] give p(y|x) by softmax and
-E(x) = -logsumexp_y f(x)[y]; the objective log p(y|x) + log p(x)); on 2D data the exact
-log-likelihood, log Z by quadrature over the data box on which the density lives; an MLP energy
-for 2D points and a residual convolutional energy for images (the IGEBM CIFAR-10 network as a
-preset). Not implemented: a likelihood for images (AIS, Neal 2001, is not implemented, so image
-runs report energies and, with --jem, accuracy instead of bits/dim); IGEBM's class-conditional
-models, its dropout in the CIFAR-10 network and its FIFO buffer of past samples (here the buffer is
-a fixed array of persistent chains, as in JEM's code); JEM's Wide-ResNet preset; FID and IS.
+Implemented: the contrastive-divergence loss with Du & Mordatch's regulariser; Langevin dynamics
+as SGLD and in the decoupled form of Du & Mordatch's code (step and noise apart, gradient clip),
+reflected into the box the data live in; the replay buffer with restarts; JEM, with --jem applying
+JEM's settings (see JEM); on 2D data the exact log-likelihood, log Z by quadrature over the box;
+an MLP energy for points and a residual convolutional energy for images (IGEBM's block layout,
+not its network: see ImageEnergy). Not implemented: a likelihood for images (AIS), IGEBM's
+class-conditional models and FIFO buffer, JEM's Wide-ResNet, FID and IS.
+The density lives on a box (images in [0, 1]^D, dequantised (k + u) / L; points in [-lim, lim]^2;
+E = +inf outside), so on 2D data Z is the integral over the box. The decoupled sampler samples
+exp(-E / T), T = sigma^2 / (2 lambda): that is the density of a model trained with it.
 
-The densities. Every model here lives on a box: images in [0, 1]^D (levels k dequantised to
-(k + u) / L, u ~ U[0, 1), as Du & Mordatch's code does with L = 256), 2D points in
-[-lim, lim]^2 (the box every 2D set of the project lies in). E is +infinity outside the box, so
-the mass outside it is exactly zero, Langevin chains are reflected at its walls, and on 2D data
-Z = integral over the box of exp(-E), computed by the midpoint rule on a fine grid, is the whole
-normaliser: the test NLL is exact up to the quadrature error (checked against the grid of half the
-resolution and reported). The true densities of 8gaussians, checkerboard and rings put less than
-1e-6 of their mass outside the box (tested), so the truncation costs nothing measurable.
-The temperature. SGLD samples exp(-E); the decoupled form samples exp(-E / T) with
-T = sigma^2 / (2 lambda) (5e-5 with the digits preset), so a model trained with it is the density
-exp(-E / T) / Z_T, and that is what --eval normalises on 2D data (T is reported). The default 2D
-preset uses SGLD, T = 1.
-
-Run it
+Run it (also: --dataset digits --jem; --dataset cifar10, IGEBM's sampler settings)
   python ebm.py                                       # 8gaussians: exp(-E)/Z beside the true density
-  python ebm.py --eval runs/ebm-8gaussians/ckpt.pt    # exact test NLL (nats), density.npz/png
   python ebm.py --sample runs/ebm-8gaussians/ckpt.pt  # replay-buffer chains continued, and chains from noise
-  python ebm.py --dataset digits                      # an image EBM (samples from buffer and fresh chains)
-  python ebm.py --dataset digits --jem                # JEM: test accuracy and samples
-  python ebm.py --dataset cifar10                     # IGEBM's sampler settings and ResNet energy
+  python ebm.py --eval runs/ebm-8gaussians/ckpt.pt    # exact test NLL (nats), density.npz/png
 
-Map from the papers to the names below
-  p(x) = exp(-E(x)) / Z (Song & Kingma Eq. 1)            energy_from_logits, log_prob_2d
-  grad log p = -grad E - grad log Z (Song & Kingma Eq. 3)  contrastive_divergence (docstring)
-  grad log Z = E_model[-grad E] (Song & Kingma Eq. 4)      contrastive_divergence, training_loss
-  L2 regulariser alpha (E+^2 + E-^2) (Du & Mordatch)     contrastive_divergence
-  Langevin dynamics / SGLD (Welling & Teh)               sgld_update, langevin
-  decoupled step and noise (Du & Mordatch's code)        decoupled_update, langevin_temperature
-  replay buffer, 5% restarts (Du & Mordatch)             ReplayBuffer
-  training algorithm (Du & Mordatch Algorithm 1)         train (the loop), training_loss
-  JEM p(y|x), E(x) = -LogSumExp_y f(x)[y] (Sec. 3)        class_log_probs, energy_from_logits
-  JEM log p(x, y) = log p(y|x) + log p(x) (Sec. 4)        training_loss with labels
-  Z by quadrature on the data box (ours, 2D)             log_partition_2d, log_prob_2d
+Paper -> code
+  Song & Kingma Eq. 1   p(x) = exp(-E(x)) / Z                                   energy_from_logits, log_prob_2d
+  Song & Kingma Eqs. 3-4  grad_theta log p(x) = -grad E(x) + E_{x- ~ p}[grad E(x-)]   contrastive_divergence
+  Du & Mordatch         L = E(x+) - E(x-) + alpha (E(x+)^2 + E(x-)^2)          contrastive_divergence, training_loss
+  Welling & Teh         x' = x - (eps / 2) grad E(x) + sqrt(eps) z                sgld_update, langevin
+  Du & Mordatch's code  x' = x - lambda grad E(x) + sigma z, T = sigma^2 / (2 lambda)   decoupled_update,
+                                                                                 langevin_temperature
+  Du & Mordatch Alg. 1  persistent chains, 5% restarted from uniform noise      ReplayBuffer, train
+  Grathwohl Sec. 3      p(y | x) = softmax_y f(x), E(x) = -LogSumExp_y f(x)[y]   class_log_probs, energy_from_logits
+  Grathwohl Sec. 4      log p(x, y) = log p(y | x) + log p(x)                   training_loss with labels, JEM
+  (ours, 2D)            log Z = log sum over grid cells of exp(-E) h^2          log_partition_2d, log_prob_2d
 """
 from __future__ import annotations
 
@@ -76,11 +51,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range,
-                    density_on_grid, dispatch, entropy_estimate, flag, get_device, init_distributed,
-                    load_checkpoint, load_dataset, load_weights, open_run, output_dir, parse_config,
-                    report_files, resume, save_density, save_image_grid, save_training, saved_config,
-                    seed_everything, user_errors, wrap_ddp)
+from common import (Batches, Logger, RunConfig, Training, UserError, check_range, density_on_grid, dispatch,
+                    entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
+                    parse_config, report_files, save_density, save_image_grid, saved_config, seed_everything,
+                    user_errors, wrap_ddp)
 
 
 # ----------------------------------------------------------------------------------------
@@ -92,11 +66,7 @@ from common import (Batches, Logger, RunConfig, StopSignal, UserError, check_fin
 # E(x) = -f(x).
 
 def energy_from_logits(logits):
-    """E(x) = -LogSumExp_y f(x)[y] (Grathwohl et al. Sec. 3): (B, K) -> (B,).
-
-    p(x) = sum_y p(x, y) with p(x, y) = exp(f(x)[y]) / Z, so exp(-E(x)) = sum_y exp(f(x)[y]).
-    Adding a constant c to every logit of an example lowers its energy by exactly c.
-    """
+    """E(x) = -LogSumExp_y f(x)[y], (B, K) -> (B,): p(x) = sum_y exp(f(x)[y]) / Z (Grathwohl et al. Sec. 3)."""
     if logits.dim() != 2:
         raise ValueError(f"logits of shape {tuple(logits.shape)}; expected (batch, classes)")
     return -torch.logsumexp(logits, dim=1)
@@ -118,18 +88,9 @@ def energy(model, x):
 # ----------------------------------------------------------------------------------------
 
 def contrastive_divergence(e_pos, e_neg, alpha=0.0):
-    """The loss whose gradient is the negative log-likelihood's (Song & Kingma Eqs. 3-4), plus
-    Du & Mordatch's regulariser of the energies' magnitude:
-
-        L = mean E(x+) - mean E(x-) + alpha (mean E(x+)^2 + mean E(x-)^2)
-
-    e_pos: energies (B,) of data x+; e_neg: energies (M,) of samples x- of the model, computed
-    from x- with no graph back to the parameters through x- (the sampler's dependence on theta
-    is not differentiated). Then grad L = E_data[grad E] - E_model[grad E] (+ the regulariser's
-    2 alpha E grad E terms), and since grad log p(x) = -grad E(x) - grad log Z (Eq. 3) with
-    grad log Z = E_model[-grad E] (Eq. 4), E_data[grad log p] = -(E_data[grad E] - E_model[grad E]):
-    descending L ascends the likelihood when x- ~ p_theta. The value of L is not the NLL.
-    """
+    """L = mean E(x+) - mean E(x-) + alpha (mean E(x+)^2 + mean E(x-)^2): its gradient is the NLL's,
+    E_data[grad E] - E_model[grad E] (Song & Kingma Eqs. 3-4), plus Du & Mordatch's regulariser.
+    e_pos (B,) of data, e_neg (M,) of model samples x- taken with no graph through x-; L is not the NLL."""
     if e_pos.dim() != 1 or e_neg.dim() != 1:
         raise ValueError("contrastive_divergence takes per-example energies of shape (B,)")
     return e_pos.mean() - e_neg.mean() + alpha * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
@@ -181,22 +142,16 @@ def energy_grad(energy_fn, x):
 
 
 def sgld_update(x, grad, step_size, z):
-    """Welling & Teh's Langevin update: x' = x - (eps / 2) grad E(x) + sqrt(eps) z, z ~ N(0, I).
-
-    The noise variance equals the step, so for small eps the chain samples p(x) ~ exp(-E(x)):
-    the Euler-Maruyama step of dx = -grad E(x) dt / 2 + dW over time eps (on a Gaussian energy
-    its stationary covariance is known in closed form; the tests check it)."""
+    """x' = x - (eps / 2) grad E(x) + sqrt(eps) z, z ~ N(0, I) (Welling & Teh): for small eps the chain
+    samples exp(-E(x))."""
     return x - 0.5 * step_size * grad + math.sqrt(step_size) * z
 
 
 def decoupled_update(x, grad, step_size, noise, z):
-    """Du & Mordatch's code: x' = x - lambda grad E(x) + sigma z, z ~ N(0, I), with lambda and sigma
-    chosen apart (their CIFAR-10 setting: lambda = 10, sigma = 0.005 on images in [0, 1]).
-
-    It is SGLD for the tempered density exp(-E / T) with T = sigma^2 / (2 lambda) and step
-    2 lambda T: with lambda = 10, sigma = 0.005 that is T = 1.25e-6, nearly gradient descent.
-    Their code adds the noise before taking the gradient; the order only shifts where the chain
-    starts and stops."""
+    """x' = x - lambda grad E(x) + sigma z, z ~ N(0, I) (Du & Mordatch's code, lambda and sigma apart):
+    SGLD for exp(-E / T), T = sigma^2 / (2 lambda) (see langevin_temperature)."""
+    # their code adds the noise before taking the gradient: the order only shifts where the chain
+    # starts and stops
     return x - step_size * grad + noise * z
 
 
@@ -337,7 +292,7 @@ def log_prob_2d(energy_fn, x, log_z, low, high):
 
 def _activation(name):
     # SiLU is smooth, so grad_x E is continuous (Langevin dynamics and quadrature like that);
-    # IGEBM's CIFAR-10 network uses leaky ReLU with slope 0.2.
+    # IGEBM's code uses leaky ReLU with slope 0.2 (TensorFlow's default).
     if name == "silu":
         return nn.SiLU()
     if name == "leaky_relu":
@@ -388,8 +343,17 @@ class ImageEnergy(nn.Module):
     A conv3x3 stem of `ch` channels; for each multiplier m of ch_mult a level of `blocks`
     residual blocks at ch * m channels, the first of which changes the channels and halves the
     side; then ReLU, a sum over positions and a linear layer. ch = 128, ch_mult = (1, 2, 4),
-    blocks = 3 lays out IGEBM's CIFAR-10 network (ResNet32Large in Du & Mordatch's code: 9 blocks,
-    128/256/512 channels, 32 -> 16 -> 8 -> 4), without its dropout.
+    blocks = 3 has the block layout of IGEBM's CIFAR-10 network (ResNet32Large in Du & Mordatch's
+    code: 9 blocks, 128/256/512 channels, 32 -> 16 -> 8 -> 4) but is not that network; it differs
+    in (models.py and utils.py of openai/ebm_code_release, read 2026-12-06):
+      - their stem has no bias and is followed by leaky ReLU; here no activation follows it;
+      - their blocks apply leaky ReLU after each residual sum (after the pooling); here none;
+      - their convolutions have no output bias but a learned bias added to their input, and the
+        second one a per-channel gain (initialised at 1); here ordinary biases, no gain;
+      - their second convolution starts near zero (N(0, 1e-10), its spectral norm capped at 1
+        rather than set to 1), so each block starts as its shortcut; here PyTorch's default
+        initialisation and torch's spectral norm (sigma set to 1);
+      - their blocks have dropout 0.5 after the first convolution in training; here none.
     """
 
     def __init__(self, in_ch=3, ch=128, ch_mult=(1, 2, 4), blocks=3, num_outputs=1, act="leaky_relu",
@@ -424,11 +388,13 @@ class Config(RunConfig):
     batch_size: int = flag(256, "global batch of data; as many Langevin chains run beside it")
     lr: float = flag(1e-3, "Adam learning rate")
     beta1: float = flag(0.9, "Adam beta1 (IGEBM's code: 0)")
+    warmup: int = flag(0, "linear learning-rate warm-up steps (JEM: 1000; 0 = none)")
     save_every: int = flag(1000, "steps between checkpoints and pictures")
     n_samples: int = flag(1000, "number of samples to draw (and of chains in each picture)")
     # the objective
     alpha: float = flag(0.1, "L2 regulariser alpha (E(x+)^2 + E(x-)^2) of Du & Mordatch (IGEBM: 1)")
-    jem: bool = flag(False, "JEM: a classifier whose logits define the energy, trained on log p(y|x) + log p(x)")
+    jem: bool = flag(False, "JEM: a classifier whose logits define the energy, trained on log p(y|x) + log p(x), "
+                     "with JEM's settings (ebm.JEM) over the dataset's preset")
     px_weight: float = flag(1.0, "JEM: weight of the log p(x) term (0 trains a plain classifier)")
     # Langevin dynamics
     sampler: str = flag("sgld", "sgld (Welling & Teh: step eps/2, noise variance eps) or decoupled "
@@ -460,8 +426,9 @@ PRESETS = {
     # eps = 0.005 per training step continue persistent chains from the buffer.
     "points": dict(sampler="sgld", sgld_steps=20, step_size=0.005, alpha=0.1),  # the Config defaults
     # 8x8 digits (17 levels, dequantised into [0, 1]): the decoupled sampler with JEM's code's
-    # settings (20 steps, step 1, noise 0.01) and IGEBM's clipping of grad E (at 0.03 here: with
-    # --jem the classifier's logits grow and unclipped chains jump from wall to wall), Adam with
+    # numbers (20 steps, step 1, noise 0.01, on [0, 1] here where theirs are on [-1, 1]: steps four
+    # times as long at the same temperature; --jem uses theirs, see JEM) and IGEBM's clip of grad E (at 0.03
+    # here: with a classifier's logits unclipped chains jump from wall to wall), Adam with
     # beta1 = 0 as IGEBM's code, a small residual energy (ours). Other image sets without a preset
     # of their own (mnist, fashion-mnist, digits-binary) start from it too.
     "digits": dict(steps=2000, batch_size=64, lr=1e-3, beta1=0.0, save_every=500, n_samples=50,
@@ -470,8 +437,9 @@ PRESETS = {
     # Du & Mordatch's CIFAR-10 setting (official code README, unconditional): 60 Langevin steps of
     # step 10 with noise 0.005, gradient clipped at 0.01, replay buffer of 10000 chains with 5%
     # restarts, alpha = 1, batch 128, Adam lr 3e-4 with beta1 = 0 (the code's defaults),
-    # spectral norm, leaky ReLU; the ResNet32Large layout (18,589,697 parameters here, tested).
-    # The number of steps is ours.
+    # spectral norm, leaky ReLU; ResNet32Large's block layout (18,589,697 parameters here, tested),
+    # not its activations, biases, gains, initialisation or dropout (see ImageEnergy). The number
+    # of steps is ours.
     "cifar10": dict(steps=100_000, batch_size=128, lr=3e-4, beta1=0.0, save_every=5000, n_samples=100,
                     alpha=1.0, sampler="decoupled", sgld_steps=60, step_size=10.0, noise=0.005,
                     langevin_clip=0.01, buffer_size=10000, restart=0.05, ch=128,
@@ -479,12 +447,28 @@ PRESETS = {
 }
 PRESETS["image"] = PRESETS["digits"]
 
+# --jem: Grathwohl et al.'s settings (the official train_wrn_ebm.py: its defaults and the README's
+# CIFAR-10 command), applied over the dataset's preset; flags typed on the command line win.
+# Adam, lr 1e-4, betas (0.9, 0.999), warm-up over 1000 iterations, batch 64; 20 SGLD steps of
+# x' <- x' + 1.0 grad_x' f + 0.01 z on data x' in [-1, 1] (f = -E), which on this file's [0, 1]
+# (x = (x' + 1) / 2) is the same chain with step 0.25 and noise 0.005; a buffer of 10000 chains,
+# each drawn chain restarted from uniform noise with probability 0.05; weights 1 on log p(x) and
+# log p(y|x); no L2 regulariser (alpha) and no clip of grad E (both stay available as flags).
+# Departures: the network is the dataset's ImageEnergy, not their Wide-ResNet-28-10; no decay of
+# the learning rate (theirs: x 0.3 at epochs 160 and 180) and our number of steps; the data are
+# dequantised uniformly, not noised with N(0, 0.03^2) and not cropped or flipped; one batch serves
+# both terms (theirs draws the labelled batch apart); the chains are reflected into the box
+# (theirs are not confined).
+JEM = dict(lr=1e-4, beta1=0.9, warmup=1000, batch_size=64, sampler="decoupled", sgld_steps=20, step_size=0.25,
+           noise=0.005, buffer_size=10000, restart=0.05, px_weight=1.0, alpha=0.0, langevin_clip=0.0)
+JEM_PRESETS = {name: {**preset, **JEM} for name, preset in PRESETS.items()}
+
 
 def check_config(cfg):
     """The flags' values that their types let through; the data-dependent checks are in build."""
     for name in ("hidden", "depth", "ch", "blocks", "buffer_size", "quad_n"):
         check_range(cfg, name, 1)
-    for name in ("sgld_steps", "sample_steps", "noise", "langevin_clip", "alpha", "px_weight"):
+    for name in ("sgld_steps", "sample_steps", "noise", "langevin_clip", "alpha", "px_weight", "warmup"):
         check_range(cfg, name, 0)
     check_range(cfg, "step_size", 0, open_low=True)
     check_range(cfg, "restart", 0, 1)
@@ -492,6 +476,12 @@ def check_config(cfg):
     if not cfg.ch_mult or min(cfg.ch_mult) < 1:
         raise UserError(f"--ch-mult {','.join(map(str, cfg.ch_mult))} is out of range; accepted: positive "
                         "multipliers, one per level, e.g. 1,2")
+
+
+def learning_rate(step, cfg):
+    """The learning rate of step `step` (0-based): lr * step / warmup during the warm-up, then lr
+    (JEM's train_wrn_ebm.py, which starts at 0); constant lr when cfg.warmup is 0."""
+    return cfg.lr * min(1.0, step / cfg.warmup) if cfg.warmup else cfg.lr
 
 
 # ----------------------------------------------------------------------------------------
@@ -703,76 +693,48 @@ def train(cfg):
     """Du & Mordatch's Algorithm 1 (with JEM's classifier term under --jem): Langevin chains from
     the replay buffer, then one Adam step on the contrastive-divergence loss; under torchrun
     every process trains on its slice of the global batch (DDP) with chains of its own."""
-    dist = init_distributed(cfg.device)
-    out = open_run(cfg, MODEL, dist)
-    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    info = ds.info
-    seed_everything(cfg.seed)
-    net, buffer = build(cfg, info)
-    net.to(dist.device)
-    buffer.to(dist.device)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
-    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
-    if cfg.resume:
+    with Training(cfg, MODEL) as run:
+        ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        info = ds.info
+        seed_everything(cfg.seed)  # the same initial weights on every process
+        net, buffer = build(cfg, info)
+        net.to(run.device)
+        buffer.to(run.device)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+        batches = Batches(ds, cfg.batch_size, run.dist, seed=cfg.seed)
         # under torchrun each process keeps its own buffer; the checkpoint holds rank 0's, which
         # every process resumes from (bit-exact on one process)
-        step = resume(cfg, MODEL, dist, model=net, opt=opt, batches=batches, buffer=buffer)
-    else:
-        step = 0
-        seed_everything(cfg.seed + dist.rank)  # the same initial weights everywhere, noise per process
-    start = step
-    model = wrap_ddp(net, dist, cfg.compile)
-    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
-    amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-    low, high = box(info)
-    noise = None if cfg.sampler == "sgld" else cfg.noise
+        step = run.start(info, model=net, opt=opt, batches=batches, buffer=buffer)
+        model = wrap_ddp(net, run.dist, cfg.compile)
+        amp = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+        low, high = box(info)
+        noise = None if cfg.sampler == "sgld" else cfg.noise
 
-    def checkpoint_and_samples():
-        """The checkpoint (a collective), then on rank 0 the pictures, stopped at once by a signal."""
-        save_training(out, MODEL, step, cfg, info, dist, model=net, opt=opt, batches=batches, buffer=buffer)
-        if dist.is_main:
-            with stop.interruptible():  # the checkpoint is whole: a signal may stop the pictures at once
-                g = torch.Generator(device=dist.device).manual_seed(cfg.seed)
-                fresh = fresh_chains(net, cfg.n_samples, info, cfg, dist.device, g)
-                held = buffer.x[torch.randint(len(buffer), (cfg.n_samples,), generator=g, device=dist.device)]
-                save_samples(fresh, held, out / f"samples_{step}.png", info,
-                             (f"chains from noise ({sample_steps(cfg)} Langevin steps)", "replay-buffer chains"),
-                             f"step {step}")
+        def samples(step):
+            g = torch.Generator(device=run.device).manual_seed(cfg.seed)
+            fresh = fresh_chains(net, cfg.n_samples, info, cfg, run.device, g)
+            held = buffer.x[torch.randint(len(buffer), (cfg.n_samples,), generator=g, device=run.device)]
+            save_samples(fresh, held, run.out / f"samples_{step}.png", info,
+                         (f"chains from noise ({sample_steps(cfg)} Langevin steps)", "replay-buffer chains"),
+                         f"step {step}")
 
-    with StopSignal() as stop:
-        while step < cfg.steps:
+        for step in run.steps(step, samples):
             x, y = next(batches)
             x_pos = to_model_space(x, info)
             x0, idx, _ = buffer.sample(x_pos.shape[0])
             x_neg = langevin(energy_fn(net, amp), x0, cfg.sgld_steps, cfg.step_size, noise, cfg.langevin_clip,
                              (low, high))
             buffer.update(idx, x_neg)
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, cfg)
             with amp:
                 loss, parts = training_loss(model, x_pos, x_neg, y if cfg.jem else None, cfg.alpha, cfg.px_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
-            value = dist.mean(loss)
-            check_finite(value, step)
-            logger.log(step, cfg.batch_size, loss=value, **{k: dist.mean(v) for k, v in parts.items()})
-            stopping = dist.any(stop.requested)
-            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                checkpoint_and_samples()
-            if stopping:
-                if dist.is_main:
-                    print(f"stopped at step {step}; {out / 'ckpt.pt'} saved; continue with --resume")
-                break
-        if step == start:  # --steps 0, or nothing left to train: still leave a checkpoint
-            checkpoint_and_samples()
-        if dist.is_main and not stop.requested:
-            with stop.interruptible():
-                final_pictures(net, info, cfg, dist.device, out)
-    logger.close()
-    dist.close()
-    if dist.is_main:
-        report_files(out, ["ckpt.pt", f"samples_{step}.png", "chain.png", "density.png", "energies.png",
-                           "loss.png"])
+            run.log(loss=loss, **parts)
+        run.draw(final_pictures, net, info, cfg, run.device, run.out)
+    run.report(["ckpt.pt", f"samples_{run.step}.png", "chain.png", "density.png", "energies.png", "loss.png"])
 
 
 def evaluate(cfg):
@@ -861,6 +823,8 @@ def main(argv=None):
     """Train (default), or --eval CKPT, or --sample CKPT; a user's mistake exits with one line."""
     with user_errors():
         cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
+        if cfg.jem:  # JEM's settings over the dataset's preset, under the flags typed
+            cfg = parse_config(Config, JEM_PRESETS, argv, doc=__doc__, kinds=("image", "points"))
         check_config(cfg)
         return dispatch(cfg, train, evaluate, draw_samples)
 

@@ -5,8 +5,10 @@
 Trains ddim.py on digits through its command line at batch 64 (the run of quality.py,
 runs/bench/ddim-digits-<steps>, is reused when the command is the same), loads the checkpoint with
 ddim.load (the EMA weights --sample uses) and, in this process, draws `--n` samples from one
-shared x_T for every S in {10, 20, 50, 100, 1000} and eta in {0, 0.5, 1} (linear tau, x0_hat
-clipped to [-1, 1], as `ddim.py --sample` does), timing each. Sample quality is the Frechet
+shared x_T for every S in {10, 20, 50, 100, 1000} and eta in {0, 0.5, 1} by the paper's procedure
+(Song et al.'s runner: tau "uniform", range(0, T, T // S), as for their data sets other than
+CIFAR-10, and x0_hat not clipped, as their generalized_steps; `ddim.py --sample --no-clip-x0`),
+timing each. Sample quality is the Frechet
 distance of quality.py (its classifier's features of the samples against the 300 test images;
 lower is better); speed is images per second on this machine. Song et al.'s CIFAR-10 FIDs
 (Table 1) stand beside it as context: a different data set and a different measure, the same
@@ -54,7 +56,7 @@ def main():
         for S in steps:
             print(f"eta {eta:g}, S {S} ...", flush=True)
             start = time.perf_counter()
-            x = ddim.ddim_sample(net, alphas_cumprod, x_T=x_T, steps=S, eta=eta, skip="linear", clip_x0=True,
+            x = ddim.ddim_sample(net, alphas_cumprod, x_T=x_T, steps=S, eta=eta, skip="uniform", clip_x0=False,
                                  generator=torch.Generator().manual_seed(1))
             speed[eta, S] = args.n / (time.perf_counter() - start)
             fd[eta, S] = frechet_distance(features(classifier, ddim.to_levels(x, info), info.levels), test_features)
@@ -66,7 +68,8 @@ def main():
     cmd = "python benchmarks/ddim_table.py" + (f" --steps {args.steps}" if args.steps != 2000 else "") + \
         (f" --n {args.n}" if args.n != 1000 else "")
     md = (f"Frechet distance on digits (lower is better) of {args.n} DDIM samples from one shared x_T, and "
-          f"images per second, for S steps (linear tau) and eta; `ddim.py` trained {args.steps} steps at batch 64 "
+          f"images per second, for S steps and eta by Song et al.'s procedure (tau `uniform`, range(0, T, T // S); "
+          f"x0_hat not clipped); `ddim.py` trained {args.steps} steps at batch 64 "
           f"(T = {T}, the digits defaults otherwise). Features of the classifier of `benchmarks/quality.py` "
           f"({accuracy:.1%} test accuracy), against the 300 test images. Produced by {stamp(cmd)}.\n\n{ours}\n\n"
           "Song et al. 2021, Table 1: CIFAR-10 FID (a different data set and measure; context for the trend "

@@ -5,7 +5,7 @@
 Trains `ebm.py --dataset digits --jem` (JEM: the joint objective log p(y|x) + log p(x), Grathwohl
 et al. 2020) and the same network with `--px-weight 0` (the cross-entropy alone: a classifier of the
 same architecture, its Langevin chains run but unused) through the command line, for the same steps
-with the digits preset otherwise, reads the test accuracy from their `--eval`, and puts them beside
+with JEM's settings (ebm.JEM) over the digits preset, reads the test accuracy from their `--eval`, and puts them beside
 the shipped digits classifier of digits_classifier.py (a different, smaller network trained with
 one-pixel shifts). Writes a table into benchmarks/results/ebm.md. Runs are
 kept in runs/bench/ and reused when the same command finished before (--fresh retrains).
@@ -54,8 +54,9 @@ def main():
     _, shipped = load_classifier()
     rows.append(f"| `benchmarks/digits_classifier.py` (shipped weights) | {shipped:.1%} |")
     cmd = "python benchmarks/jem_accuracy.py" + (f" --steps {args.steps}" if args.steps != 2000 else "")
-    md = (f"### JEM on digits\n\nTest accuracy on the 300 test digits after {args.steps} training steps (the digits "
-          f"preset of `ebm.py` otherwise: batch 64, 20 Langevin steps per step from the replay buffer). Produced by "
+    md = (f"### JEM on digits\n\nTest accuracy on the 300 test digits after {args.steps} training steps (`--jem` applies "
+          f"JEM's settings, `ebm.JEM`: Adam lr 1e-4 with 1000 warm-up steps, batch 64, 20 SGLD steps per step from "
+          f"the replay buffer, no regulariser, no clip; the digits preset's network). Produced by "
           f"{stamp(cmd)}.\n\n| classifier | test accuracy |\n|---|---|\n" + "\n".join(rows))
     write_section("jem-accuracy", md, RESULTS / "ebm.md")
     print(md)

@@ -8,7 +8,7 @@ sampler's moments, the encode-decode error and the encoder's output distribution
 classifier guidance with the exact posterior p(y | x_t) as classifier, classifier-free
 guidance, L_simple and the classifier's loss against closed forms and quadrature; the networks
 against ddpm.py's by exchanging state dicts. Then the command line end to end: digits and
-8gaussians, the classifier of classifier guidance, resume, a ddpm.py-format checkpoint built
+8gaussians, the classifier of classifier guidance (and its resume), a ddpm.py-format checkpoint built
 here, and `--eta 1 --sample-steps T` against ddpm.py's own sampler.
 
 ddpm.py is imported by the tests that check compatibility with it (schedules, state-dict names,
@@ -16,12 +16,13 @@ its sampler); ddim.py itself never imports it.
 """
 import ast
 import importlib
-import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import events
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import integrate, stats
@@ -241,6 +242,33 @@ def test_tau_is_increasing_in_range_of_length_s_and_ends_at_t(T, data, skip):
     expected = paper if skip == "linear" else [max(p, k) for p, k in zip(paper, i)]
     assert (tau + 1).tolist() == expected
     assert torch.equal(ddim.timestep_subsequence(T, T, skip), torch.arange(T))
+
+
+@SETTINGS
+@given(T=st.integers(2, 2000), data=st.data())
+def test_uniform_and_quad_are_the_authors_runner_expressions(T, data):
+    """Song et al.'s runner (ermongroup/ddim, runners/diffusion.py): --skip_type uniform visits
+    range(0, T, T // S); --skip_type quad visits int(s) for s in linspace(0, sqrt(0.8 T), S) ** 2;
+    written here with numpy as there. Table 1's S = 50 (uniform) and S = 100 (quad) at T = 1000
+    first, then any T and S."""
+    assert ddim.timestep_subsequence(1000, 50, "uniform").tolist() == list(range(0, 1000, 1000 // 50))
+    assert ddim.timestep_subsequence(1000, 100, "quad").tolist() == \
+        [int(s) for s in list(np.linspace(0, np.sqrt(1000 * 0.8), 100) ** 2)]
+    S = data.draw(st.integers(1, T))
+    assert ddim.timestep_subsequence(T, S, "uniform").tolist() == list(range(0, T, T // S))
+    assert ddim.timestep_subsequence(T, S, "quad").tolist() == \
+        [int(s) for s in list(np.linspace(0, np.sqrt(T * 0.8), S) ** 2)]
+
+
+def test_a_repeated_index_of_quad_is_a_step_that_leaves_x_unchanged():
+    """quad at S = 100 visits index 0 four times; a step from alpha_bar to itself is the identity
+    (sigma = 0 for any eta, and Eq. 12 returns x_t), with or without the clip."""
+    assert ddim.timestep_subsequence(1000, 100, "quad")[:5].tolist() == [0, 0, 0, 0, 1]
+    x, eps, ab = torch.randn(3, 2, dtype=f64), torch.randn(3, 2, dtype=f64), float(AB[0])
+    sigma = ddim.ddim_sigma(ab, ab, 1.0)
+    assert sigma == 0
+    for clip in (False, True):
+        torch.testing.assert_close(ddim.ddim_step(x, eps, ab, ab, sigma, None, clip)[0], x, rtol=0, atol=1e-12)
 
 
 def test_quadratic_tau_puts_more_steps_at_small_t():
@@ -693,10 +721,15 @@ def test_presets_parameter_counts():
     with torch.device("meta"):
         net, ab = ddim.build(cfg, cifar)
         classifier, _ = ddim.build(dataclasses.replace(cfg, train_classifier=True), cifar)
-    assert _parameters(net) == 35_746_307 and len(ab) == 1000 and cfg.skip == "quadratic"
+    assert _parameters(net) == 35_746_307 and len(ab) == 1000 and cfg.skip == "quad"  # Song et al. App. D.2
     assert isinstance(classifier, ddim.UNetClassifier) and _parameters(classifier) == CLASSIFIER_CIFAR10
     digits = common.load_dataset("digits").info
     assert _parameters(ddim.build(ddim.Config(), digits)[0]) == UNET_DIGITS
+    # tau "uniform" on Song et al.'s other data sets; unset (digits, ddpm.py checkpoints): the paper's by paper_skip
+    assert [ddim.Config(**ddim.PRESETS[d]).skip for d in ("mnist", "fashion-mnist", "digits")] == \
+        ["uniform", "uniform", None]
+    assert [ddim.paper_skip(i) for i in (cifar, digits, common.load_dataset("8gaussians").info)] == \
+        ["quad", "uniform", "linear"]
     points = ddim.Config(**ddim.PRESETS["points"])
     net, ab = ddim.build(points, common.load_dataset("8gaussians").info)
     assert _parameters(net) == MLP_POINTS and len(ab) == 200
@@ -709,10 +742,6 @@ def test_presets_parameter_counts():
 TINY = ["--timesteps", "10", "--ch", "16", "--batch-size", "8", "--log-every", "1", "--n-samples", "10",
         "--warmup", "2", "--sample-steps", "5", "--device", "cpu"]
 FIGURES = ("samples.png", "samples.pt", "sweep.png", "reconstruction.png", "interpolation.png")
-
-
-def events(path, name):
-    return [r for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines()) if r.get("event") == name]
 
 
 def one_line_error(capsys, argv, *words):
@@ -731,17 +760,19 @@ def test_cli_digits_train_sample_eval(tmp_path):
     ckpt = common.load_checkpoint(run / "ckpt.pt", "ddim")
     assert ckpt["step"] == 4 and ckpt["config"]["eta"] == 0.5 and set(ckpt) >= {"model", "ema", "opt", "batches", "rng"}
     ddim.main(["--sample", str(run / "ckpt.pt"), "--out", str(tmp_path / "s"), "--n-samples", "5", "--guidance", "2",
-               "--sample-steps", "4", "--eta", "1", "--skip", "quadratic", "--device", "cpu"])
+               "--sample-steps", "4", "--eta", "1", "--skip", "quadratic", "--no-clip-x0", "--device", "cpu"])
     for name in FIGURES:
         assert (tmp_path / "s" / name).is_file(), name
     samples = torch.load(tmp_path / "s" / "samples.pt", weights_only=True)
     assert samples.shape == (5, 1, 8, 8) and samples.dtype == torch.uint8 and samples.max() <= 16
     ev = events(tmp_path / "s", "sample")[-1]
     assert (ev["n"], ev["steps"], ev["eta"], ev["skip"], ev["guidance"]) == (5, 4, 1.0, "quadratic", 2.0)
+    assert ev["clip_x0"] is False
     result = ddim.main(["--eval", str(run / "ckpt.pt"), "--out", str(tmp_path / "e"), "--eval-n", "6",
                         "--batch-size", "4", "--eval-steps", "2,10,50", "--device", "cpu"])
     ev = events(tmp_path / "e", "eval")[-1]
     assert ev["n"] == 6 and ev["split"] == "test" and "no likelihood" in ev["reports"]
+    assert ev["skip"] == "uniform"  # the paper's on images other than CIFAR-10
     assert "nll" not in ev and "bits_per_dim" not in ev  # benchmarks/likelihood.py shows n/a
     assert set(k for k in ev if k.startswith("mse_")) == {"mse_s2", "mse_s10"}  # 50 > T = 10 is skipped
     assert all(0 <= ev[k] <= 1 for k in ("mse_s2", "mse_s10")) and result["mse_s2"] == ev["mse_s2"]
@@ -761,37 +792,24 @@ def test_cli_points_sample_eval(tmp_path):
     samples = torch.load(run / "samples.pt", weights_only=True)
     assert samples.shape == (7, 2) and samples.dtype == torch.float32
     result = ddim.main(["--eval", str(run / "ckpt.pt"), "--eval-n", "20", "--eval-steps", "1,5", "--device", "cpu"])
-    assert set(result) == {"n", "skip", "mse_s1", "mse_s5"} and result["n"] == 20
+    assert set(result) == {"n", "skip", "mse_s1", "mse_s5"} and result["n"] == 20 and result["skip"] == "linear"
     assert math.isfinite(result["mse_s5"]) and not (run / "density.npz").exists()
 
 
-def test_resume_is_bit_exact(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    flags = ["--save-every", "2", "--cond", "--flip"] + TINY
-    ddim.main(["--out", str(a), "--steps", "4"] + flags)
-    ddim.main(["--out", str(b), "--steps", "2"] + flags)
-    ddim.main(["--out", str(b), "--steps", "4", "--resume"] + flags)
-    ca, cb = (torch.load(p / "ckpt.pt", weights_only=True) for p in (a, b))
-    assert ca["step"] == cb["step"] == 4
-    for name, value in ca["model"].items():
-        assert torch.equal(value, cb["model"][name]), name
-    for name, value in ca["ema"]["model"].items():
-        assert torch.equal(value, cb["ema"]["model"][name]), name
-
-
 def test_classifier_guidance_end_to_end(tmp_path, capsys, monkeypatch):
-    """--train-classifier writes runs/ddim-digits-classifier (resumable); --classifier guides
-    --sample, scale 0 being the unguided sampler exactly; --eval of a classifier reports its
-    accuracy against t; the checkpoints refuse the wrong roles with one line."""
+    """--train-classifier writes runs/ddim-digits-classifier, and a bare --resume continues it
+    there (not from the epsilon-network in runs/ddim-digits); --classifier guides --sample, scale 0
+    being the unguided sampler exactly; --eval of a classifier reports its accuracy against t; the
+    checkpoints refuse the wrong roles with one line."""
     monkeypatch.chdir(tmp_path)
-    eps = tmp_path / "eps"
-    ddim.main(["--out", str(eps), "--steps", "2"] + TINY)
+    eps = tmp_path / "runs" / "ddim-digits"  # the default folder, its network narrower than the classifier
+    ddim.main(["--steps", "2"] + TINY + ["--ch", "8"])
     ddim.main(["--train-classifier", "--steps", "2", "--save-every", "2"] + TINY)
     clf = tmp_path / "runs" / "ddim-digits-classifier" / "ckpt.pt"
     assert common.load_checkpoint(clf, "ddim")["config"]["train_classifier"]
     assert not list(clf.parent.glob("samples_*.png"))
-    ddim.main(["--train-classifier", "--steps", "3", "--resume"] + TINY)
-    assert common.load_checkpoint(clf)["step"] == 3
+    ddim.main(["--train-classifier", "--steps", "3", "--resume", "--device", "cpu"])  # no other flag repeated
+    assert common.load_checkpoint(clf)["step"] == 3 and common.load_checkpoint(clf)["config"]["ch"] == 16
     sample = ["--sample", eps / "ckpt.pt", "--n-samples", "4", "--sample-steps", "5", "--device", "cpu"]
     outs = {}
     for scale in ("0", "30"):
