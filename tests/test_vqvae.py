@@ -722,7 +722,9 @@ def test_resume_is_bit_exact_in_either_stage(tmp_path, levels):
     for stop, first in ((2, ["--stage", "ae"]), (4, ["--ae-fraction", "0.75"])):
         b = tmp_path / f"b{stop}"
         run_main("vqvae", ["--out", str(b), "--steps", str(stop), *flags, *first])
-        run_main("vqvae", ["--out", str(b), "--steps", "6", "--resume", *flags])
+        # --resume keeps the checkpoint's flags: name the stage schedule of run a (its defaults)
+        run_main("vqvae", ["--out", str(b), "--steps", "6", "--resume", *flags,
+                           "--stage", "both", "--ae-fraction", "0.5"])
         ca, cb = (torch.load(p / "ckpt.pt", weights_only=True) for p in (tmp_path / "a", b))
         assert ca["step"] == cb["step"] == 6
         for part in ("model", "prior"):
