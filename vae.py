@@ -577,10 +577,10 @@ class IAF(nn.Module):
 # The semi-amortized VAE (Kim et al. 2018, arXiv 1802.02550)
 # ----------------------------------------------------------------------------------------
 
-def svi_refine(log_likelihood, x, mu, logvar, steps, lr, generator=None):
+def svi_refine(log_likelihood, x, mu, logvar, steps, lr, generator=None, k=1):
     """lambda_{k+1} = lambda_k + alpha grad_lambda ELBO(lambda_k; theta, x), k < K, lambda = (mu, logvar)
-    (Kim et al. Alg. 1 without momentum), each ELBO from one reparameterised sample and the KL in
-    closed form; `log_likelihood(x, z (1, B, D)) -> (1, B)`. With gradients enabled the steps stay
+    (Kim et al. Alg. 1 without momentum), each ELBO from k reparameterised samples and the KL in
+    closed form; `log_likelihood(x, z (k, B, D)) -> (k, B)`. With gradients enabled the steps stay
     in the graph (create_graph), so a loss at lambda_K trains the decoder and, through lambda_0,
     the encoder, with the exact Hessian-vector products of Alg. 1 (by autograd; Kim et al. use
     finite differences). Returns lambda_K."""
@@ -589,8 +589,8 @@ def svi_refine(log_likelihood, x, mu, logvar, steps, lr, generator=None):
         if not (train and mu.requires_grad):  # evaluation, or an encoder without parameters
             mu, logvar = mu.detach().requires_grad_(), logvar.detach().requires_grad_()
         for _ in range(steps):
-            z = reparameterize(mu, logvar, 1, generator)
-            elbo_sum = (log_likelihood(x, z)[0] - gaussian_kl(mu, logvar)).sum()  # examples are independent
+            z = reparameterize(mu, logvar, k, generator)
+            elbo_sum = (log_likelihood(x, z).mean(0) - gaussian_kl(mu, logvar)).sum()  # examples are independent
             g_mu, g_logvar = torch.autograd.grad(elbo_sum, (mu, logvar), create_graph=train)
             mu, logvar = mu + lr * g_mu, logvar + lr * g_logvar
     return (mu, logvar) if train else (mu.detach(), logvar.detach())
