@@ -65,28 +65,19 @@ from common import (Batches, Logger, RunConfig, Training, UserError, check_range
 # ----------------------------------------------------------------------------------------
 
 def gaussian_kl(mu, logvar):
-    """KL(N(mu, diag exp(logvar)) || N(0, I)) per example, summed over latent dimensions.
-
-    Kingma & Welling 2013, Appendix B: -KL = 1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2).
-    mu, logvar: (..., D) -> (...). `gaussian_kl_per_dim` keeps the last axis.
-    """
+    """KL(N(mu, diag exp(logvar)) || N(0, I)), (..., D) -> (...): Kingma & Welling App. B,
+    -KL = 1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)."""
     return gaussian_kl_per_dim(mu, logvar).sum(-1)
 
 
 def gaussian_kl_per_dim(mu, logvar):
-    """The terms of `gaussian_kl` for each latent dimension, (..., D) (Kingma & Welling App. B).
-
-    sigma^2 - 1 is computed as expm1(logvar): exp(logvar) - 1 - logvar would round below zero
-    for logvar near 0, where the KL is of order logvar^2.
-    """
+    """The terms of `gaussian_kl` for each latent dimension, (..., D)."""
+    # sigma^2 - 1 as expm1: exp(logvar) - 1 - logvar rounds below 0 near logvar = 0, where KL ~ logvar^2
     return 0.5 * (mu.pow(2) + torch.expm1(logvar) - logvar)
 
 
 def reparameterize(mu, logvar, k=1, generator=None):
-    """k samples z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling Sec. 2.4, Eq. 10).
-
-    mu, logvar: (B, D) -> z: (k, B, D), differentiable in mu and logvar.
-    """
+    """k samples z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling Sec. 2.4, Eq. 10): (B, D) -> (k, B, D)."""
     eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
     return mu + (0.5 * logvar).exp() * eps
 
@@ -106,10 +97,8 @@ def log_prior(z):
 # ----------------------------------------------------------------------------------------
 
 def bernoulli(x, logits):
-    """log p(x) = sum_i x_i log s_i + (1 - x_i) log(1 - s_i), s = sigmoid(logits), x in {0, 1}.
-
-    Kingma & Welling Appendix C.1. x, logits: (B, *shape) -> (B,).
-    """
+    """log p(x) = sum_i x_i log s_i + (1 - x_i) log(1 - s_i), s = sigmoid(logits), x in {0, 1}
+    (Kingma & Welling App. C.1); (B, *shape) -> (B,)."""
     return (x * logits - F.softplus(logits)).flatten(1).sum(1)
 
 
@@ -119,10 +108,8 @@ def gaussian(x, mean, logvar):
 
 
 def categorical(x, logits):
-    """log p(x) = sum_i log softmax(logits_i)[x_i]: one categorical over the L levels per pixel.
-
-    x: (B, *shape) integer levels 0..L-1; logits: (B, L, *shape) -> (B,).
-    """
+    """log p(x) = sum_i log softmax(logits_i)[x_i], one categorical over the L levels per pixel;
+    x (B, *shape) levels, logits (B, L, *shape) -> (B,)."""
     logp = F.log_softmax(logits, dim=1).gather(1, x.long().unsqueeze(1)).squeeze(1)
     return logp.flatten(1).sum(1)
 
@@ -131,18 +118,14 @@ LOG_SCALE_MIN = -7.0  # as in PixelCNN++: keeps the bins of a collapsed logistic
 
 
 def discretized_logistic(x, mean, log_scale, levels):
-    """log P(x) with P(x = l) = sigmoid((c_l + d - mean) / s) - sigmoid((c_l - d - mean) / s).
-
-    Salimans et al. 2017, Eq. 2 with one mixture component: level l of L sits at
-    c_l = 2l / (L - 1) - 1 in [-1, 1], bins have half-width d = 1 / (L - 1), and the first and last
-    bins extend to -inf and +inf so the L probabilities sum to 1. The interior difference is
-    computed exactly as sigmoid(a) (1 - sigmoid(b)) (1 - exp(b - a)), a sum of three logs that
-    cannot cancel, with log(1 - e^-w) taken by expm1 or by log1p, whichever is exact there
-    (Maechler 2012), so every bin is accurate in relative terms: against mpmath the worst errors
-    measured are 3e-5 in float32 and 1.2e-13 in float64 (tested to 1e-4 and 1e-12). Each bin
-    edge (2l +- 1 - (L - 1)) / (L - 1) is one rounding from exact, so a mean at an edge keeps
-    its digits. x: (B, *shape) levels; mean, log_scale: (B, *shape) in the [-1, 1] units -> (B,).
-    """
+    """log P(x) with P(x = l) = sigmoid((c_l + d - mean) / s) - sigmoid((c_l - d - mean) / s), the
+    first and last bins open to -inf and +inf (Salimans et al. 2017, Eq. 2, one component): level l
+    of L at c_l = 2l / (L - 1) - 1, half-width d = 1 / (L - 1). x (B, *shape) levels; mean,
+    log_scale (B, *shape) in [-1, 1] units -> (B,)."""
+    # Accurate in relative terms in every bin (against mpmath: 3e-5 in float32, 1.2e-13 in float64,
+    # tested to 1e-4 and 1e-12): the interior bin is sigmoid(a) (1 - sigmoid(b)) (1 - exp(b - a)),
+    # three logs that cannot cancel, log(1 - e^-w) by expm1 or log1p, whichever is exact there
+    # (Maechler 2012); each bin edge is one rounding from exact, so a mean at an edge keeps its digits.
     log_scale = log_scale.clamp(min=LOG_SCALE_MIN)
     m = 2.0 * x.to(mean.dtype) - (levels - 1)  # an integer, exact: c_l = m / (L - 1)
     inv_s = (-log_scale).exp()
@@ -252,13 +235,9 @@ def log_weights(mu, logvar, z, log_lik, log_q=None):
 
 
 def elbo(model, x, k=1, analytic_kl=True, generator=None):
-    """The evidence lower bound L(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)), per example (B,).
-
-    Kingma & Welling Eq. 3 estimated as in Eq. 10 (estimator B, Eq. 7): the expectation by the
-    mean of k reparameterised samples, the KL in closed form (Appendix B). With analytic_kl=False
-    it is estimator A (Eq. 6), mean_l [log p(x, z_l) - log q(z_l|x)], which equals the IWAE bound
-    with k = 1 sample for sample; with a flow it is always estimator A (Rezende & Mohamed Eq. 15).
-    """
+    """L(x) = E_q[log p(x|z)] - KL(q || p(z)) per example (B,), Kingma & Welling Eq. 3 by Eq. 10:
+    k samples, the KL in closed form; analytic_kl=False or a flow: estimator A (Eq. 6; Rezende &
+    Mohamed Eq. 15), mean_l log w_l, the IWAE bound L_1 sample for sample."""
     mu, logvar, z, log_lik, log_q = model(x, k, generator)
     if analytic_kl and log_q is None:
         return log_lik.mean(0) - gaussian_kl(mu, logvar)
@@ -266,14 +245,10 @@ def elbo(model, x, k=1, analytic_kl=True, generator=None):
 
 
 def iwae_bound(model, x, k, chunk=None, generator=None):
-    """L_k(x) = log (1/k) sum_i w_i, z_i ~ q(z|x) i.i.d. (Burda et al. 2016, Eq. 8), per example (B,).
-
-    L_1 is the ELBO, L_k <= L_{k+1} <= log p(x) and L_k -> log p(x) (Burda et al. Theorem 1).
-    The k samples are drawn in chunks of `chunk` (all at once when None), one pass of the model
-    each: each chunk is reduced to its log-sum-exp, and the log-sum-exp of those is exact, so
-    memory grows with the chunk, not with k. Differentiable (the IWAE objective is its negation
-    with k training samples).
-    """
+    """L_k(x) = log (1/k) sum_i w_i, z_i ~ q(z|x) (Burda et al. Eq. 8), per example (B,); L_1 is the
+    ELBO, L_k <= L_{k+1} <= log p(x), L_k -> log p(x) (Theorem 1). Differentiable."""
+    # k samples in chunks (all at once when None): the log-sum-exp of the chunks' log-sum-exps is
+    # exact, so memory grows with the chunk, not with k.
     chunk = k if chunk is None else chunk
     partial = [torch.logsumexp(log_weights(*model(x, min(chunk, k - start), generator)), dim=0)
                for start in range(0, k, chunk)]
@@ -286,11 +261,8 @@ def nll(model, x, k=5000, chunk=None, generator=None):
 
 
 def free_bits_kl(kl_dims, free_bits=0.0):
-    """sum_j max(lambda, E_x[KL_j]): the KL term with free bits (Kingma et al. 2016, App. "free bits").
-
-    Each latent dimension j is its own group; the batch mean of its KL below lambda nats is not
-    penalised, so the encoder keeps using it. lambda = 0 gives the plain KL. kl_dims: (B, D) -> ().
-    """
+    """sum_j max(lambda, E_x[KL_j]), (B, D) -> (): free bits (Kingma et al. 2016, App. "free bits"),
+    each latent dimension its own group, the clamp on its batch mean; lambda = 0: the plain KL."""
     per_dim = kl_dims.mean(0)
     return per_dim.clamp(min=free_bits).sum() if free_bits > 0 else per_dim.sum()
 
@@ -392,10 +364,8 @@ def interpolate(net, x1, x2, steps=8):
 # ----------------------------------------------------------------------------------------
 
 def active_units(mu, threshold=0.01):
-    """A_u = Cov_x(E_q(u|x)[u]) > threshold per latent dimension (Burda et al. 2016, Sec. 5.2).
-
-    mu: (N, D) posterior means of a fixed set of examples. Returns (count, variances (D,)).
-    """
+    """A_u = Cov_x(E_q(u|x)[u]) > threshold per dimension (Burda et al. Sec. 5.2); mu (N, D) posterior
+    means of fixed examples -> (count, variances (D,))."""
     var = mu.double().var(0, unbiased=False)
     return int((var > threshold).sum()), var
 
@@ -503,8 +473,7 @@ class RadialFlow(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# Inverse autoregressive flow (Kingma et al. 2016, arXiv 1606.04934) with MADE (Germain et al.
-# 2015, arXiv 1502.03509)
+# IAF (Kingma et al. 2016, arXiv 1606.04934) with MADE (Germain et al. 2015, arXiv 1502.03509)
 # ----------------------------------------------------------------------------------------
 
 def made_masks(order, hidden):

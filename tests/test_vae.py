@@ -789,6 +789,19 @@ def test_mathematics_runs_without_common(without_common):
     assert log_density.shape == (5,) and torch.isfinite(log_density).all()
     assert m.active_units(torch.eye(4))[0] == 4 and m.active_units(torch.zeros(4, 3))[0] == 0
     assert m.bits_per_dim(math.log(2), 1) == pytest.approx(1.0) and m.burda_lr(0, 10, 1.0) == 1.0
+    # the posteriors of issue 23: flows (planar, radial, IAF) and SA-VAE's refinement
+    x = torch.randn(6, *shape, generator=g(7))
+    for flow, svi_steps in ((m.PlanarFlow(3, 2), 0), (m.RadialFlow(3, 2), 0), (m.IAF(3, 2, (8,), 4), 0), (None, 2)):
+        torch.manual_seed(0)
+        enc = m.MLPEncoder(16, (8,), 3, extra=0 if flow is None else flow.n_context)
+        net = m.VAE(enc, m.MLPDecoder(3, (8,), shape, 2), m.Gaussian(), 3, flow, svi_steps, 0.1).double()
+        loss, stats_ = m.training_loss(net, x, "elbo", 2, 0.5)
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in net.parameters()) and torch.isfinite(stats_["kl"])
+        with torch.no_grad():
+            elbos, bounds = m.dataset_bounds(net, x, 4, rows=8)
+        assert torch.isfinite(elbos).all() and torch.isfinite(bounds).all()
+        assert m.reconstruct(net, x).shape == x.shape
 
 
 # ----------------------------------------------------------------------------------------------
