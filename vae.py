@@ -21,22 +21,23 @@ afresh every batch (the test set once, EVAL_BINARIZATION_SEED); 2D points, a Gau
     python vae.py --posterior iaf --flow-length 4    # or planar, radial; --svi-steps 10 for SA-VAE
     python vae.py --eval runs/vae-digits/ckpt.pt     # ELBO, IWAE-5000 (and the amortization gap)
 
-Paper -> code                           formula                                        code
-  Kingma & Welling App. B               -KL = 1/2 sum(1 + log s^2 - mu^2 - s^2)           gaussian_kl(_per_dim)
-  Kingma & Welling Sec. 2.4, Eq. 10     z = mu + s * eps, eps ~ N(0, I)                 reparameterize
-  Kingma & Welling App. C; Salimans 2   log p(x|z) per example                          bernoulli, gaussian, ...
-  Kingma & Welling Eqs. 3, 6, 10        L = E_q log p(x|z) - KL(q || p)                 elbo, VAE.forward
-  Burda et al. Eq. 8, Theorem 1         L_k = log 1/k sum_i p(x, z_i) / q(z_i|x)        log_weights, iwae_bound, nll
-  Bowman et al.; Kingma et al. 2016     KL weight min(1, t/T); sum_j max(lambda, KL_j)  kl_weight, free_bits_kl
-  Burda et al. Secs. 5.1, 5.2           lr 1e-3 10^(-i/7); Cov_x E_q[u] > 0.01          burda_lr, active_units
-  Rezende & Mohamed Eqs. 10-12, A.1     f = z + u^ h(w'z + b), log|1 + u^' psi(z)|       planar, planar_u_hat
-  Rezende & Mohamed Eq. 14, A.2         f = z + b h(a, r)(z - z0), beta >= -alpha       radial
-  Rezende & Mohamed Eq. 15              E_q0[log p(x, z_K) - log q0(z0) + sum log|det|]  VAE.forward (log_q), elbo
-  Germain et al. Eqs. 12-13             M^W = [m^l(k') >= m^{l-1}(k)], M^V = [d > m^L]  made_masks, MADE
-  Kingma et al. 2016 Eqs. 10-14         z = sigma z + (1 - sigma) m, log|det| = sum log sigma   IAF
-  Kim et al. Alg. 1                     lambda_k+1 = lambda_k + alpha grad_lambda ELBO  svi_refine, VAE.forward
-  Cremer et al. 2018, arXiv 1801.03558  amortization gap ELBO(lambda_K) - ELBO(lambda_0)   evaluate
-  Burda et al. (dynamic binarisation)   x ~ Bernoulli(level / (L - 1))                  prepare
+Paper -> code
+  Kingma & Welling App. B          -KL = 1/2 sum(1 + log s^2 - mu^2 - s^2)      gaussian_kl(_per_dim)
+  Kingma & Welling Eq. 10          z = mu + s * eps, eps ~ N(0, I)              reparameterize
+  K & W App. C; Salimans Eq. 2     log p(x|z), one example                      bernoulli, discretized_logistic
+  Kingma & Welling Eqs. 3, 6, 10   L = E_q log p(x|z) - KL(q || p)              elbo, VAE.forward
+  Burda et al. Eq. 8, Thm. 1       L_k = log 1/k sum_i p(x, z_i) / q(z_i|x)     log_weights, iwae_bound, nll
+  Bowman; Kingma et al. 2016       min(1, t/T) KL; sum_j max(lambda, KL_j)      kl_weight, free_bits_kl
+  Burda et al. Secs. 5.1, 5.2      lr 10^(-i/7); Cov_x E_q[u] > 0.01            burda_lr, active_units
+  Rezende & Mohamed Eqs. 10-12     f = z + u^ h(w'z + b), log|1 + u^'psi|       planar
+  Rezende & Mohamed App. A.1       u^ = u + [m(w'u) - w'u] w / |w|^2            planar_u_hat
+  Rezende & Mohamed Eq. 14         f = z + beta h(alpha, r)(z - z0)             radial
+  Rezende & Mohamed Eqs. 13, 15    log q_K = log q0 - sum_k log|det|            VAE.forward (log_q)
+  Germain et al. Eqs. 12-13        masks [m^l(k) >= m^(l-1)(k')], [d > m^L(k)]  made_masks, MADE
+  Kingma et al. 2016 Eqs. 10-14    z = sigma z + (1 - sigma) m, sum log sigma   IAF
+  Kim et al. 2018 Alg. 1           lambda' = lambda + alpha grad ELBO(lambda)   svi_refine, VAE.forward
+  Cremer et al. 2018 (1801.03558)  gap = ELBO(lambda_K) - ELBO(lambda_0)        evaluate
+  Burda et al. Sec. 5              x ~ Bernoulli(level / (L - 1)) per batch     prepare
 
 References (binarised MNIST, test -log p(x), nats): Burda et al. Table 1, 784-200-200-50 tanh: VAE
 86.76, IWAE (k = 50) 84.78; Rezende & Mohamed Table 2 (bound): diagonal Gaussian 89.9, planar K = 10
@@ -528,7 +529,7 @@ class IAF(nn.Module):
         order = torch.arange(1, dim + 1)
         self.steps = nn.ModuleList(MADE(dim, hidden, context, order if t % 2 == 0 else order.flip(0))
                                    for t in range(length))
-        with torch.no_grad():  # s starts near +1: sigma ~ 0.73, each step close to the identity (Kingma et al. Sec. 4)
+        with torch.no_grad():  # s starts near +1, sigma ~ 0.73: as Kingma et al. advise, near the identity
             for made in self.steps:
                 made.out.bias[dim:].fill_(1.0)
 
