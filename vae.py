@@ -13,7 +13,8 @@ the encoder per example) and `--posterior iaf` (MADE steps with the encoder's co
 bounds use the flow's density q_K; `--svi-steps K`: SA-VAE, K gradient steps on (mu, logvar) per
 example, differentiated exactly by autograd (Kim et al. use finite differences; no momentum or
 gradient clipping here). Not implemented: two stochastic layers, Sylvester and Householder flows,
-IAF with ResNet blocks (Kingma et al.'s CIFAR-10 model), SVI on flow parameters, logistic mixtures.
+IAF with ResNet blocks (Kingma et al.'s CIFAR-10 model), SVI on flow parameters, logistic mixtures,
+free bits with a flow (its KL has no per-dimension terms; --kl-warmup keeps its latents alive).
 Data: digits, a discretized logistic over 17 levels (bits/dim = -log2 p(x) / 64); mnist, binarised
 afresh every batch (the test set once, EVAL_BINARIZATION_SEED); 2D points, a Gaussian decoder, nats.
 
@@ -815,7 +816,7 @@ def check_config(cfg):
                         "--free-bits 0)")
     if cfg.posterior != "gaussian" and cfg.free_bits:
         raise UserError(f"--free-bits {cfg.free_bits} clamps the closed-form KL per dimension of a Gaussian q; "
-                        f"with --posterior {cfg.posterior} set --free-bits 0 (the 2D preset sets 0.5)")
+                        f"with --posterior {cfg.posterior} set --free-bits 0 (the 2D preset sets 0.5) and use --kl-warmup")
     if cfg.svi_steps and cfg.posterior != "gaussian":
         raise UserError(f"--svi-steps refines the Gaussian's (mu, logvar) (Kim et al. 2018); with --svi-steps "
                         f"{cfg.svi_steps} accepted: --posterior gaussian")
