@@ -1,15 +1,8 @@
-"""Plumbing shared by the model files: no model mathematics lives here.
+"""Plumbing shared by the model files; no model mathematics lives here.
 
-Above the line marked MACHINERY is what a reader needs to follow a model file: user errors,
-the configuration and the command line, the run folder, the data and its description,
-batches, EMA, checkpoints and resuming, the training loop's logging, and pictures. Below it is
-what a reader can trust without reading: stop signals, devices, seeds and the processes under
-torchrun (get_device, seed_everything, Dist, init_distributed, wrap_ddp), the 2D sets,
-downloads and file formats, safe extraction, fsync and the drawing code.
-
-A model file needs this file alone (plus `data/` for the shipped `digits`), so the pair can
-be copied into another project. Every random number the project draws comes from torch, so
-the torch generator states are all a checkpoint needs to resume bit-exactly.
+Above the MACHINERY line: the configuration and all that a model file's train(), evaluate(),
+draw_samples() and load() call. Below it: the command line, run folders, checkpoint writing,
+processes, downloads and drawing. A model file needs this file alone (plus data/ for `digits`).
 """
 from __future__ import annotations
 
@@ -48,32 +41,15 @@ HERE = Path(__file__).resolve().parent
 
 
 # ----------------------------------------------------------------------------------------
-# User errors, the command line and the run folder
+# User errors and the configuration
 # ----------------------------------------------------------------------------------------
 
 class UserError(Exception):
-    """A mistake of the user's: the message is one line saying what was wrong and what is accepted."""
-
-
-@contextmanager
-def user_errors():
-    """Turn a UserError into `error: <message>` on stderr and exit status 2, and an interruption
-    into its one line and exit status: no traceback for what the user did."""
-    try:
-        yield
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except _Interrupted as e:
-        print(e, file=sys.stderr)
-        raise SystemExit(e.code) from None
-    except KeyboardInterrupt:
-        print("interrupted; a checkpoint on disk is whole (each is written atomically)", file=sys.stderr)
-        raise SystemExit(130) from None
+    """A mistake of the user's: one line saying what was wrong and what is accepted."""
 
 
 def flag(default, help, choices=None):
-    """A configuration field that is also a command-line flag with a help string."""
+    """A configuration field that is also a command-line flag."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for a sequence default")
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
@@ -81,8 +57,7 @@ def flag(default, help, choices=None):
 
 @dataclasses.dataclass
 class RunConfig:
-    """The flags every model file shares. A model's Config subclasses it, redeclaring a field
-    (with `flag`) where its default differs."""
+    """The flags every model file shares; a model's Config subclasses it."""
     dataset: str = flag("digits", "dataset name (see README) or a path to a .txt file")
     steps: int = flag(2000, "training steps (optimiser updates)")
     batch_size: int = flag(128, "global batch size, split across processes under torchrun")
@@ -103,91 +78,25 @@ class RunConfig:
     save_every: int = flag(500, "steps between checkpoints and sample grids")
 
 
-def parse_config(cls, presets, argv=None, doc=None, kinds=("image", "points", "text"), arch_presets=None):
-    """Build the configuration: dataclass defaults, then the preset of the chosen dataset
-    (`presets[dataset]`, else `presets[kind]`), then the flags typed on the command line. With
-    `--arch A` and A in `arch_presets`, `arch_presets[A]` takes the place of `presets`.
-    The shared flags are checked here; a model file checks its own in `check_config`."""
-    parser = _build_parser(cls, presets, doc, arch_presets or {})
-    typed = vars(parser.parse_args(argv))
-    default = {f.name: _field_default(f) for f in dataclasses.fields(cls)}
-    dataset = typed.get("dataset", default["dataset"])
-    try:
-        kind = _dataset_kind(dataset)
-    except UserError as e:
-        parser.error(str(e))
-    if kind not in kinds:
-        parser.error(f"--dataset {dataset} is {kind} data; this model accepts {', '.join(kinds)} data")
-    presets = (arch_presets or {}).get(typed.get("arch", default.get("arch")), presets)
-    cfg = cls(**{**presets.get(dataset, presets.get(kind, {})), **typed})
-    _check_shared_flags(cfg, parser)
-    return cfg
-
-
 def check_range(cfg, name, low=None, high=None, open_low=False, open_high=False):
     """A UserError unless low <= cfg.<name> <= high (strict at an open end)."""
     value = getattr(cfg, name)
-    ok = ((low is None or (value > low if open_low else value >= low))
-          and (high is None or (value < high if open_high else value <= high)))
-    if not ok:
-        accepted = " and ".join(s for s in (
-            None if low is None else f"{'>' if open_low else '>='} {low}",
-            None if high is None else f"{'<' if open_high else '<='} {high}") if s)
-        raise UserError(f"--{name.replace('_', '-')} {value} is out of range; accepted: {accepted}")
-
-
-def dispatch(cfg, train, evaluate, draw_samples):
-    """Run `--eval CKPT`, `--sample CKPT` or training. Running out of memory is the user's to
-    fix: it becomes one line naming the flag that sized the allocation and the bytes asked for."""
-    command, sizing = ((evaluate, "batch_size") if cfg.eval else (draw_samples, "n_samples") if cfg.sample
-                       else (train, "batch_size"))
-    try:
-        return command(cfg)
-    except (MemoryError, RuntimeError) as e:
-        asked = _allocation_failure(e)
-        if asked is None:
-            raise
-        name = "--" + sizing.replace("_", "-")
-        raise UserError(f"out of memory: {asked} could not be allocated with {name} {getattr(cfg, sizing)}; "
-                        f"lower {name} (what is on disk is kept)") from None
-
-
-def open_run(cfg, model, dist):
-    """The run folder of a training run, created and locked. A folder that already holds a run
-    is refused unless the run resumes (`--resume`) or starts afresh (`--overwrite`); a second
-    training writing to the same folder at the same time is refused. Rank 0 decides for all."""
-    path, error = _run_dir(cfg, model), None
-    if dist.is_main:
-        try:
-            _claim_run_folder(path, model, resuming=bool(cfg.resume), overwrite=cfg.overwrite)
-        except UserError as e:
-            error = e
-    if dist.any(error is not None):
-        raise error or UserError(f"the run folder {path} was refused (see the first process's message)")
-    return path
-
-
-def output_dir(cfg, ckpt):
-    """Where `--eval CKPT` and `--sample CKPT` write: `--out`, or the checkpoint's folder."""
-    path = Path(cfg.out) if cfg.out else Path(ckpt).parent
-    _make_writable_dir(path)
-    return path
-
-
-def report_files(out, names):
-    """The last line a command prints: the files it wrote that exist, in their folder."""
-    written = [n for n in names if (Path(out) / n).exists()]
-    print(f"written to {out}: {', '.join(written) if written else 'nothing'}", flush=True)
+    if ((low is None or (value > low if open_low else value >= low))
+            and (high is None or (value < high if open_high else value <= high))):
+        return
+    accepted = " and ".join(s for s in (None if low is None else f"{'>' if open_low else '>='} {low}",
+                                        None if high is None else f"{'<' if open_high else '<='} {high}") if s)
+    raise UserError(f"--{name.replace('_', '-')} {value} is out of range; accepted: {accepted}")
 
 
 # ----------------------------------------------------------------------------------------
-# Data: one description for every kind, stored in every checkpoint
+# Data and batches: the data lives on the device; a batch is a random draw of indices
 # ----------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class DataInfo:
-    """What a model needs to know about its data. Checkpoints store it as a plain dict
-    (`as_dict`), so `--sample` and `--eval` rebuild the network without the dataset."""
+    """What a model needs to know about its data; checkpoints store it (`as_dict`), so --sample
+    and --eval rebuild the network without the dataset."""
     name: str
     kind: str                                  # "image", "points" or "text"
     shape: tuple                               # one example: (C, H, W), (2,) or () for a token
@@ -212,13 +121,9 @@ class DataInfo:
 
 @dataclasses.dataclass
 class Dataset:
-    """One split of a dataset, whatever its kind.
-
-    image:  data uint8 (N, C, H, W) of integer levels 0..levels-1, labels int64 (N,).
-    points: data float32 (N, 2), a fixed seeded set; `sample(n, generator)` draws fresh points;
-            `log_prob(x)` is the exact log-density where it has a closed form, else None.
-    text:   data int64 (num_chars,), the token ids of the split.
-    """
+    """One split. image: data uint8 (N, C, H, W) of levels 0..levels-1, labels int64 (N,);
+    points: data float32 (N, 2), fresh points from `sample(n, generator)`, the exact
+    `log_prob(x)` or None; text: data int64 (num_chars,), the token ids."""
     info: DataInfo
     split: str
     data: torch.Tensor
@@ -227,13 +132,11 @@ class Dataset:
     sample: typing.Optional[typing.Callable] = None
 
 
-IMAGE_SETS = ("digits", "digits-binary", "mnist", "fashion-mnist", "cifar10")
 POINTS_LIM = 4.0  # every 2D set lies in [-4, 4]^2
-SPLITS = ("train", "test")
 
 
 def load_dataset(name, split="train", root=None):
-    """Load one split ("train" or "test") of a dataset (see `Dataset` for what each kind holds)."""
+    """One split ("train" or "test") of a dataset, downloaded into `root` if need be."""
     kind = _dataset_kind(name)
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}'; accepted: {', '.join(SPLITS)}")
@@ -248,28 +151,17 @@ def load_dataset(name, split="train", root=None):
     return Dataset(DataInfo(name, kind, tuple(images.shape[1:]), levels=levels, num_classes=10), split, images, labels)
 
 
-# ----------------------------------------------------------------------------------------
-# Batches: the data lives on the device; a batch is a random draw of indices (no DataLoader)
-# ----------------------------------------------------------------------------------------
-
 class Batches:
-    """An endless stream of training batches on `dist.device`.
+    """Endless training batches on `dist.device`: (images uint8, labels) or (fresh points, None)
+    (gpt.py draws its text windows itself). Every process draws the same global batch and keeps
+    its slice, so N processes together see what one process would."""
 
-    `batch_size` is the global batch: every process draws the same global batch from a
-    generator seeded alike and keeps its own slice, so N processes see together exactly what
-    one process would. Returns (x, y): images uint8 (b, C, H, W) and labels (b,); fresh 2D
-    points (b, 2) and None; text windows int64 (b, block_size + 1) and None.
-    """
-
-    def __init__(self, ds, batch_size, dist=None, seed=0, block_size=None):
+    def __init__(self, ds, batch_size, dist=None, seed=0):
         self.dist = dist or Dist()
         if batch_size % self.dist.world_size:
             raise UserError(f"--batch-size {batch_size} does not split over {self.dist.world_size} processes; "
                             f"use a multiple of {self.dist.world_size}")
-        self.ds, self.kind, self.batch_size, self.block_size = ds, ds.info.kind, batch_size, block_size
-        if self.kind == "text" and (block_size is None or len(ds.data) <= block_size + 1):
-            raise UserError(f"{ds.info.name} has {len(ds.data)} tokens in its {ds.split} split; "
-                            f"a context of {block_size} needs more")
+        self.ds, self.kind, self.batch_size = ds, ds.info.kind, batch_size
         self.generator = torch.Generator().manual_seed(_stream_seed(seed, "batches"))
         self.data = ds.data.to(self.dist.device) if self.kind != "points" else None
         self.labels = ds.labels.to(self.dist.device) if ds.labels is not None else None
@@ -283,9 +175,6 @@ class Batches:
         device, g, n = self.dist.device, self.generator, self.batch_size
         if self.kind == "points":
             return self.ds.sample(n, g)[self.part].to(device), None
-        if self.kind == "text":
-            start = torch.randint(len(self.data) - self.block_size - 1, (n,), generator=g)[self.part]
-            return self.data[(start[:, None] + torch.arange(self.block_size + 1)).to(device)], None
         i = torch.randint(len(self.data), (n,), generator=g)[self.part].to(device)
         return self.data[i], (self.labels[i] if self.labels is not None else None)
 
@@ -297,205 +186,13 @@ class Batches:
 
 
 # ----------------------------------------------------------------------------------------
-# Exponential moving average of the weights
+# Training: the run, the average of the weights, the log
 # ----------------------------------------------------------------------------------------
-
-class EMA:
-    """theta_ema <- d * theta_ema + (1 - d) * theta after every step, for parameters and
-    floating-point buffers (others are copied). With warm-up, d = min(decay, (1 + n) / (10 + n))
-    after n updates, so early averages are not dominated by the random initialisation."""
-
-    def __init__(self, model, decay, warmup=True):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.warmup, self.num_updates = decay, warmup, 0
-
-    def current_decay(self):
-        n = self.num_updates
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-
-    @torch.no_grad()
-    def update(self, model):
-        d = self.current_decay()
-        self.num_updates += 1
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - d)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.lerp_(b, 1 - d) if e.is_floating_point() else e.copy_(b)
-
-    def state_dict(self):
-        return {"model": self.model.state_dict(), "num_updates": self.num_updates}
-
-    def load_state_dict(self, state):
-        self.model.load_state_dict(state["model"])
-        self.num_updates = state["num_updates"]
-
-
-# ----------------------------------------------------------------------------------------
-# Checkpoints: written atomically, loaded with weights_only=True
-# ----------------------------------------------------------------------------------------
-
-def save_checkpoint(path, state):
-    """Write `state` so that `path` always holds a complete checkpoint: a temporary file in the
-    same folder, flushed and fsynced, then renamed over `path` (rename is atomic on POSIX)."""
-    _atomic_write(Path(path), lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path, model=None):
-    """Load a checkpoint with weights_only=True. A missing or unreadable file, or (when `model`
-    names the model file(s) that may read it) a checkpoint of another model file, is a UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass a ckpt.pt written by a training run")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is truncated, corrupt "
-                        "or not a checkpoint of this project") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise UserError(f"{path} is not a checkpoint of this project (no model weights in it)")
-    accepted = (model,) if isinstance(model, str) else model
-    if accepted and state.get("model_name") not in accepted:
-        raise UserError(f"{path} was written by {_writer(state)}; this file takes checkpoints of "
-                        f"{' or '.join(f'{m}.py' for m in accepted)}")
-    return state
-
-
-def saved_config(cls, ckpt):
-    """(Config, DataInfo) a checkpoint was trained with: sequences back to tuples, and fields this
-    version of the file does not know dropped (new fields take their defaults)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items() if k in known})
-    return cfg, DataInfo.from_dict(ckpt["data"])
-
-
-def load_weights(module, state, path):
-    """module.load_state_dict(state), a mismatch being a one-line UserError."""
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"the weights in {path} do not fit the network this file builds "
-                        f"({_state_dict_mismatch(e)})") from None
-
-
-def save_training(out, model_name, step, cfg, info, dist, /, **parts):
-    """Write <out>/ckpt.pt: the model file's name, the step, the configuration, the data's
-    description, every process's random state and each part's state_dict() (model, ema, opt,
-    batches, ...). A collective: every process calls it; rank 0 writes."""
-    rng = _gather_rng_states(dist)
-    if dist.is_main:
-        save_checkpoint(Path(out) / "ckpt.pt", dict(
-            model_name=model_name, step=step, config=dataclasses.asdict(cfg), data=info.as_dict(), rng=rng,
-            **{name: part.state_dict() for name, part in parts.items()}))
-
-
-def resume(cfg, model_name, dist, /, **parts):
-    """Restore the run `--resume` names into each part (the same names `save_training` wrote)
-    and every process's random state; returns the step to continue from. A checkpoint of
-    another model file, or of a network that the flags typed now change, is a one-line error
-    naming the flags that differ."""
-    path = _resume_path(cfg, model_name)
-    ckpt = load_checkpoint(path, model_name)
-    for name, part in parts.items():
-        try:
-            part.load_state_dict(ckpt[name])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"cannot resume from {path}: {_why_not_resumable(cfg, ckpt, name, e)}") from None
-    _set_rng_state(ckpt["rng"], dist)
-    return ckpt["step"]
-
-
-# ----------------------------------------------------------------------------------------
-# The training loop's helpers: stop on a signal, stop on a non-finite loss, log metrics
-# ----------------------------------------------------------------------------------------
-
-def check_finite(value, step):
-    """Stop training on a NaN or infinite loss, naming the step; nothing is saved after it."""
-    if not math.isfinite(value):
-        raise UserError(f"loss is {value} at step {step}; training stopped and the last checkpoint on disk "
-                        "is kept (try a lower --lr)")
-
-
-class Logger:
-    """Metrics to `metrics.jsonl` (one JSON object a line) and a progress line on the terminal.
-
-    `log(step, n, **metrics)` after every step, n the examples the step used: every `every`
-    steps a line with the mean of each metric over those steps and the examples per second
-    (and at `close`, the steps since the last line, so a run stopped mid-window loses none);
-    a progress line (step/total, metrics, examples/s, ETA) at most every `print_every` seconds.
-    `event(name, **fields)` writes and prints one line at once (evaluations, sampling).
-    `close()` also draws loss.png from the whole metrics.jsonl.
-    """
-
-    def __init__(self, out_dir, total_steps, enabled=True, every=50, print_every=None):
-        self.path = Path(out_dir) / "metrics.jsonl"
-        self.total, self.enabled, self.every = total_steps, enabled, every
-        self.print_every = print_every if print_every is not None else (1.0 if sys.stdout.isatty() else 10.0)
-        self.sums, self.counts, self.count, self.examples, self.step = {}, {}, 0, 0, None
-        self.t_start = self.t_window = self.t_printed = time.perf_counter()
-        self.first_step, self._pauses = None, 0
-
-    def log(self, step, n, **metrics):
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if self.first_step is None:
-            self.first_step = step - 1
-        for k, v in metrics.items():  # a metric logged at some steps only is averaged over those
-            self.sums[k], self.counts[k] = self.sums.get(k, 0.0) + float(v), self.counts.get(k, 0) + 1
-        self.count, self.examples, self.step = self.count + 1, self.examples + n, step
-        if now - self.t_printed >= self.print_every or step == self.total:
-            _print_progress(self, step, now)
-            self.t_printed = now
-        if step % self.every == 0 or step == self.total:
-            _write_window(self, now)
-
-    def restart_clock(self):
-        """Time from now: what came before the loop (building, resuming) is not training."""
-        self.t_start = self.t_window = self.t_printed = time.perf_counter()
-
-    @contextmanager
-    def paused(self):
-        """Time spent inside (checkpoints, pictures) counts neither in examples/s nor in the ETA."""
-        t0, self._pauses = time.perf_counter(), self._pauses + 1
-        try:
-            yield
-        finally:
-            self._pauses -= 1
-            if not self._pauses:  # the outermost pause moves the clocks once
-                dt = time.perf_counter() - t0
-                self.t_start, self.t_window = self.t_start + dt, self.t_window + dt
-
-    def event(self, name, **fields):
-        if not self.enabled:
-            return
-        _append_json(self.path, {"event": name, **fields})
-        print(f"{name}: " + " ".join(f"{k} {_fmt(v)}" for k, v in fields.items()), flush=True)
-
-    def close(self):
-        if not self.enabled:
-            return
-        if self.count:
-            _write_window(self, time.perf_counter())
-        if self.path.exists():
-            _plot_metrics(self.path, self.path.with_name("loss.png"))
-
-
 
 class Training:
-    """What every train() repeats, so that the loop in the model file shows the model's own step:
-
-        with Training(cfg, MODEL) as run:        # processes, run folder, stop signal, logger
-            ...build the network, optimiser, batches...
-            step = run.start(info, model=net, opt=opt, batches=batches)   # --resume, or 0
-            for step in run.steps(step, pictures):
-                ...one step of the model's objective...
-                run.log(loss=loss)
-        run.report(["ckpt.pt", ...])
-
-    `steps` yields the number of steps done before each step; after each it writes the
-    checkpoint every --save-every steps, at the last step and at a stop (SIGINT/SIGTERM), and
-    once for --steps 0; `pictures(step)` follows each checkpoint on rank 0 (none at a stop).
-    Pictures and checkpoints do not count in the examples/s that the logger reports."""
+    """What every train() repeats: processes, run folder, stop signal, log, --resume and
+    checkpoints, around the loop `for step in run.steps(step, pictures): ...; run.log(loss=loss)`
+    that the model file writes (ddpm.py's train() shows the whole shape)."""
 
     def __init__(self, cfg, model_name):
         self.cfg, self.model_name, self.step, self.parts, self.info = cfg, model_name, 0, {}, None
@@ -509,9 +206,8 @@ class Training:
         return self
 
     def start(self, info, **parts):
-        """The step to train from: `--resume` restores every part (model, ema, opt, batches, ...)
-        and the random state; a fresh run seeds each process with seed + rank (the weights are
-        already alike everywhere; the noise must differ)."""
+        """The step to train from: --resume restores the parts and random state; a fresh run seeds
+        each process with seed + rank (the weights are alike already; the noise must differ)."""
         self.info, self.parts = info, parts
         if self.cfg.resume:
             return resume(self.cfg, self.model_name, self.dist, **parts)
@@ -519,7 +215,8 @@ class Training:
         return 0
 
     def steps(self, step, pictures=None):
-        """Yield step, step + 1, ..., cfg.steps - 1, checkpointing after each as the class says."""
+        """Yield step, ..., cfg.steps - 1; after a step, a checkpoint and `pictures(step)` every
+        --save-every steps and at the last, a checkpoint alone at a stop signal, and one for --steps 0."""
         cfg, dist = self.cfg, self.dist
         start = self.step = step
         self.logger.restart_clock()
@@ -538,21 +235,20 @@ class Training:
             self.checkpoint(pictures)
 
     def checkpoint(self, pictures=None):
-        """Save ckpt.pt (a collective), then draw `pictures(step)` on rank 0."""
+        """Save ckpt.pt (a collective), then draw `pictures(step)` on rank 0; neither counts in examples/s."""
         with self.logger.paused():
             save_training(self.out, self.model_name, self.step, self.cfg, self.info, self.dist, **self.parts)
-            if pictures is not None:
-                self.draw(pictures, self.step)
+        if pictures is not None:
+            self.draw(pictures, self.step)
 
     def draw(self, picture, *args):
-        """picture(*args) on rank 0 unless a stop was asked for; a signal stops it at once."""
+        """picture(*args) on rank 0 unless a stop was asked for; a stop signal interrupts it."""
         if self.dist.is_main and not self.stop.requested:
             with self.logger.paused(), self.stop.interruptible():
                 picture(*args)
 
     def log(self, **metrics):
-        """Log the step just taken: tensors are averaged over the processes, and a non-finite
-        `loss` stops the run. Returns the logged values."""
+        """Log the step just taken (tensors averaged over processes; a non-finite loss stops the run)."""
         values = {k: self.dist.mean(v) if torch.is_tensor(v) else v for k, v in metrics.items()}
         if "loss" in values:
             check_finite(values["loss"], self.step + 1)
@@ -572,14 +268,178 @@ class Training:
             report_files(self.out, names)
 
 
+class EMA:
+    """theta_ema <- d theta_ema + (1 - d) theta for parameters and float buffers (others copied);
+    with warm-up d = min(decay, (1 + n) / (10 + n)) after n updates."""
+
+    def __init__(self, model, decay, warmup=True):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.warmup, self.num_updates = decay, warmup, 0
+
+    @torch.no_grad()
+    def update(self, model):
+        n, self.num_updates = self.num_updates, self.num_updates + 1
+        d = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.lerp_(b, 1 - d) if e.is_floating_point() else e.copy_(b)
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.num_updates = state["num_updates"]
+
+
+class Logger:
+    """metrics.jsonl and the terminal. log(step, n, **metrics), n examples: every `every` steps
+    (and at close) a line of means and examples/s; a progress line at most every `print_every` s.
+    event(name, **fields) writes a line at once; close() also draws loss.png."""
+
+    def __init__(self, out_dir, total_steps, enabled=True, every=50, print_every=None):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.total, self.enabled, self.every = total_steps, enabled, every
+        self.print_every = print_every if print_every is not None else (1.0 if sys.stdout.isatty() else 10.0)
+        self.sums, self.counts, self.count, self.examples, self.step = {}, {}, 0, 0, None
+        self.t_start = self.t_window = self.t_printed = time.perf_counter()
+        self.first_step = None
+
+    def log(self, step, n, **metrics):
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.first_step is None:
+            self.first_step = step - 1
+        for k, v in metrics.items():  # a metric logged at some steps only is averaged over those
+            self.sums[k], self.counts[k] = self.sums.get(k, 0.0) + float(v), self.counts.get(k, 0) + 1
+        self.count, self.examples, self.step = self.count + 1, self.examples + n, step
+        if now - self.t_printed >= self.print_every or step == self.total:
+            _print_progress(self, step, now)
+            self.t_printed = now
+        if step % self.every == 0 or step == self.total:
+            _write_window(self, now)
+
+    def restart_clock(self):
+        """Time from now: building and resuming are not training."""
+        self.t_start = self.t_window = self.t_printed = time.perf_counter()
+
+    @contextmanager
+    def paused(self):
+        """Time inside counts neither in examples/s nor in the ETA."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.t_start, self.t_window = self.t_start + dt, self.t_window + dt
+
+    def event(self, name, **fields):
+        if self.enabled:
+            _append_json(self.path, {"event": name, **fields})
+            print(f"{name}: " + " ".join(f"{k} {_fmt(v)}" for k, v in fields.items()), flush=True)
+
+    def close(self):
+        if not self.enabled:
+            return
+        if self.count:
+            _write_window(self, time.perf_counter())
+        if self.path.exists():
+            _plot_metrics(self.path, self.path.with_name("loss.png"))
+
+
+def get_device(name="auto"):
+    """cuda, then mps, then cpu for "auto"; a named device that is absent is a UserError."""
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = mps is not None and mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    kind = name.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device '{name}'; accepted: auto, cpu, cuda, cuda:N, mps")
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not has_mps):
+        raise UserError(f"device '{name}' is not available on this machine; accepted here: auto, cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed):
+    """Seed Python, numpy and torch (every device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def wrap_ddp(net, dist, compile=False):
+    """The network the training step calls: DistributedDataParallel over several processes, then
+    torch.compile if asked (PyTorch's order); checkpoints and EMA keep the unwrapped `net`."""
+    model = net
+    if dist.world_size > 1:
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    return torch.compile(model) if compile else model
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints and outputs
+# ----------------------------------------------------------------------------------------
+
+def load_checkpoint(path, model=None):
+    """A checkpoint, loaded with weights_only=True; a missing or unreadable file, or one written
+    by a model file other than `model` (a name or a tuple of names), is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass a ckpt.pt written by a training run")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is truncated, corrupt "
+                        "or not a checkpoint of this project") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"{path} is not a checkpoint of this project (no model weights in it)")
+    accepted = (model,) if isinstance(model, str) else model
+    if accepted and state.get("model_name") not in accepted:
+        raise UserError(f"{path} was written by {_writer(state)}; this file takes checkpoints of "
+                        f"{' or '.join(f'{m}.py' for m in accepted)}")
+    return state
+
+
+def saved_config(cls, ckpt):
+    """(Config, DataInfo) of a checkpoint; fields this file no longer knows are dropped."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items() if k in known})
+    return cfg, DataInfo.from_dict(ckpt["data"])
+
+
+def load_weights(module, state, path):
+    """module.load_state_dict(state), a mismatch being a one-line UserError."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"the weights in {path} do not fit the network this file builds "
+                        f"({_state_dict_mismatch(e)})") from None
+
+
+def output_dir(cfg, ckpt):
+    """Where --eval and --sample write: --out, or the checkpoint's folder."""
+    path = Path(cfg.out) if cfg.out else Path(ckpt).parent
+    _make_writable_dir(path)
+    return path
+
+
+def report_files(out, names):
+    """The last line a command prints: the files it wrote that exist."""
+    written = [n for n in names if (Path(out) / n).exists()]
+    print(f"written to {out}: {', '.join(written) if written else 'nothing'}", flush=True)
+
+
 # ----------------------------------------------------------------------------------------
 # Pictures
 # ----------------------------------------------------------------------------------------
 
 def save_image_grid(x, path, levels=None, nrow=None, title=None):
-    """Save a batch (N, C, H, W) as one PNG grid, scaled up (nearest neighbour) to at least
-    ~256 pixels: integer levels in [0, levels) when `levels` is given, else floats in [0, 1].
-    `title` is written above the grid (say what the rows are)."""
+    """A batch (N, C, H, W) as one PNG grid of at least ~256 pixels, `title` above it: integer
+    levels in [0, levels) when `levels` is given, else floats in [0, 1]."""
     _draw_grid(_image_grid(x, levels, nrow), path, title)
 
 
@@ -589,9 +449,8 @@ def save_scatter(points, path, lim=None, title=None):
 
 
 def density_on_grid(log_prob, lim, n=128, chunk=4096):
-    """Evaluate `log_prob` ((M, 2) float32 tensor -> (M,)) at the n x n cell centres of
-    [-lim, lim]^2; returns a numpy array (n, n), row i at y_i and column j at x_j, both
-    increasing. The callable chooses its own device and gradient mode."""
+    """log_prob ((M, 2) float32 -> (M,)) at the n x n cell centres of [-lim, lim]^2, as a numpy
+    array (n, n), row i at y_i, column j at x_j; log_prob picks its device and gradient mode."""
     edges = torch.linspace(-lim, lim, n + 1)
     centres = (edges[:-1] + edges[1:]) / 2
     yy, xx = torch.meshgrid(centres, centres, indexing="ij")
@@ -600,9 +459,20 @@ def density_on_grid(log_prob, lim, n=128, chunk=4096):
 
 
 def save_density(panels, path, lim):
-    """Heat maps side by side, {title: panel}. A panel is an (n, n) log-density from
-    `density_on_grid`, or an (M, 2) array of points (M != 2), drawn as a histogram."""
+    """Heat maps side by side, {title: panel}: an (n, n) log-density from `density_on_grid`, or
+    (M, 2) points (M != 2), drawn as a histogram."""
     _draw_density(panels, path, lim)
+
+
+def entropy_estimate(name, n=100_000, seed=0):
+    """(H, standard error): the entropy -E[log p(x)] in nats of a 2D set with a closed-form density,
+    by Monte Carlo over n fresh points; a model's test NLL approaches it from above."""
+    sampler, log_prob = _POINT_SETS[name]
+    if log_prob is None:
+        raise UserError(f"{name} has no closed-form density; sets with one: "
+                        + ", ".join(k for k, v in _POINT_SETS.items() if v[1] is not None))
+    lp = log_prob(sampler(n, torch.Generator().manual_seed(seed)).double())
+    return -lp.mean().item(), lp.std().item() / math.sqrt(n)
 
 
 # ========================================================================================
@@ -611,17 +481,60 @@ def save_density(panels, path, lim):
 
 # --- the command line
 
-class _Interrupted(Exception):
-    """A second stop signal, which ends the run at once (see StopSignal); `code` is the exit status."""
+@contextmanager
+def user_errors():
+    """A UserError ends the process with `error: <message>` and status 2, a second stop signal
+    with its line and status: no traceback for what the user did."""
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except _Interrupted as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(e.code) from None
+    except KeyboardInterrupt:
+        print("interrupted; a checkpoint on disk is whole (each is written atomically)", file=sys.stderr)
+        raise SystemExit(130) from None
 
-    def __init__(self, message, code):
-        super().__init__(message)
-        self.code = code
+
+def dispatch(cfg, train, evaluate, draw_samples):
+    """Run --eval, --sample or training; running out of memory is a UserError naming the flag
+    that sized the allocation."""
+    command, sizing = ((evaluate, "batch_size") if cfg.eval else (draw_samples, "n_samples") if cfg.sample
+                       else (train, "batch_size"))
+    try:
+        return command(cfg)
+    except (MemoryError, RuntimeError) as e:
+        asked = _allocation_failure(e)
+        if asked is None:
+            raise
+        name = "--" + sizing.replace("_", "-")
+        raise UserError(f"out of memory: {asked} could not be allocated with {name} {getattr(cfg, sizing)}; "
+                        f"lower {name} (what is on disk is kept)") from None
+
+
+def parse_config(cls, presets, argv=None, doc=None, kinds=("image", "points", "text"), arch_presets=None):
+    """The configuration: defaults, then the preset `presets[dataset]` (else `presets[kind]`;
+    `arch_presets[arch]` replaces `presets` where given), then the typed flags."""
+    parser = _build_parser(cls, presets, doc, arch_presets or {})
+    typed = vars(parser.parse_args(argv))
+    default = {f.name: _field_default(f) for f in dataclasses.fields(cls)}
+    dataset = typed.get("dataset", default["dataset"])
+    try:
+        kind = _dataset_kind(dataset)
+    except UserError as e:
+        parser.error(str(e))
+    if kind not in kinds:
+        parser.error(f"--dataset {dataset} is {kind} data; this model accepts {', '.join(kinds)} data")
+    presets = (arch_presets or {}).get(typed.get("arch", default.get("arch")), presets)
+    cfg = cls(**{**presets.get(dataset, presets.get(kind, {})), **typed})
+    _check_shared_flags(cfg, parser)
+    return cfg
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line, no usage block: the user reads what was wrong and where to look.
+    def error(self, message):  # one line, no usage block
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(2)
 
@@ -650,7 +563,7 @@ def _build_parser(cls, presets, doc, arch_presets):
 
 
 def _converter(tp, default):
-    """A function from the command-line string to the field's type (int, float, str, tuples, Optional)."""
+    """The command-line string to the field's type (int, float, str, tuples, Optional)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]
         return _converter(next(a for a in args if a is not type(None)), default)
@@ -686,7 +599,7 @@ def _check_shared_flags(cfg, parser):
 
 def _allocation_failure(e):
     """The size a failed allocation asked for ("40.0 GB"), "memory" when unknown, or None when
-    `e` is not an allocation failure (CPU allocator, CUDA or MPS out of memory, MemoryError)."""
+    `e` is not an out-of-memory error (CPU, CUDA, MPS or MemoryError)."""
     text = str(e)
     if isinstance(e, MemoryError):
         return "memory"
@@ -700,21 +613,31 @@ def _allocation_failure(e):
     return m.group(1) if m else "memory"
 
 
-# --- stop signals
+# --- stopping: a non-finite loss, a signal
+
+def check_finite(value, step):
+    """Stop training on a NaN or infinite loss, naming the step; nothing is saved after it."""
+    if not math.isfinite(value):
+        raise UserError(f"loss is {value} at step {step}; training stopped and the last checkpoint on disk "
+                        "is kept (try a lower --lr)")
+
+
+class _Interrupted(Exception):
+    """A second stop signal, which ends the run at once; `code` is the exit status."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+class _PicturesStopped(Exception):
+    """Raised at a network call inside StopSignal.interruptible() once a signal came, and caught there."""
+
 
 class StopSignal:
-    """Within `with StopSignal() as stop:`, the first SIGINT or SIGTERM sets `stop.requested`:
-    the loop finishes its step, saves a checkpoint and exits cleanly (status 0). Pictures drawn
-    after a checkpoint go inside `with stop.interruptible():`; a signal there stops them at the
-    next call of any network, and the run goes on to its clean stop. A second signal stops the
-    process at once (status 128 + signal). The checkpoint on disk stays whole either way: it is
-    written atomically.
-
-    The first signal raises nothing from the handler: an exception raised by a signal handler
-    is lost when the handler happens to run inside a finaliser (a weakref callback of
-    matplotlib's, say), so the pictures are stopped by a forward pre-hook on every module
-    instead, in the ordinary flow of the program. The second signal does raise; if that is
-    lost in a finaliser, the unraisable hook ends the process with the same line and status."""
+    """Inside `with StopSignal() as stop:` a first SIGINT or SIGTERM sets `stop.requested` (the loop
+    saves and exits with status 0) and stops pictures drawn inside `stop.interruptible()` at their
+    next network call; a second signal ends the process at once (status 128 + signal)."""
 
     def __enter__(self):
         self.requested, self._pictures, self._previous = False, False, {}
@@ -726,6 +649,8 @@ class StopSignal:
 
     @contextmanager
     def interruptible(self):
+        # A forward pre-hook, not the handler, raises: an exception raised by a signal handler
+        # is lost when the handler runs inside a finaliser (a weakref callback of matplotlib's).
         self._pictures = True
         hook = torch.nn.modules.module.register_module_forward_pre_hook(self._stop_pictures)
         try:
@@ -750,7 +675,7 @@ class StopSignal:
             "finishing this step, then saving a checkpoint"
         print(f"\n{name}: {what}", file=sys.stderr, flush=True)
 
-    def _unraisable(self, unraisable):
+    def _unraisable(self, unraisable):  # the second signal's exception, lost in a finaliser
         if isinstance(unraisable.exc_value, _Interrupted):
             print(unraisable.exc_value, file=sys.stderr, flush=True)
             os._exit(unraisable.exc_value.code)
@@ -764,22 +689,25 @@ class StopSignal:
         return False
 
 
-class _PicturesStopped(Exception):
-    """Raised at a network call inside StopSignal.interruptible() once a signal came, and caught there."""
-
-
 # --- run folders
 
+def open_run(cfg, model, dist):
+    """The run folder, created and locked: one that holds a run is refused unless --resume or
+    --overwrite, as is a second training writing into it; rank 0 decides for all."""
+    path, error = _run_dir(cfg, model), None
+    if dist.is_main:
+        try:
+            _claim_run_folder(path, resuming=bool(cfg.resume), overwrite=cfg.overwrite)
+        except UserError as e:
+            error = e
+    if dist.any(error is not None):
+        raise error or UserError(f"the run folder {path} was refused (see the first process's message)")
+    return path
+
+
 def _run_dir(cfg, model):
-    """The run folder's path: `--out`, or runs/<model>-<dataset> (a .txt dataset gives its stem)."""
+    """--out, or runs/<model>-<dataset> (a .txt dataset gives its stem)."""
     return Path(cfg.out) if cfg.out else Path("runs") / f"{model}-{Path(cfg.dataset).stem}"
-
-
-def _resume_path(cfg, model):
-    """The checkpoint `--resume` names (bare `--resume` means <run folder>/ckpt.pt), or None."""
-    if not cfg.resume:
-        return None
-    return _run_dir(cfg, model) / "ckpt.pt" if cfg.resume == "auto" else Path(cfg.resume)
 
 
 _RUN_OUTPUTS = ("ckpt.pt", "metrics.jsonl")  # what makes a folder hold a run
@@ -802,7 +730,7 @@ def _make_writable_dir(path):
         raise UserError(f"--out {path} cannot be used ({e.strerror}); give a folder you can write to") from None
 
 
-def _claim_run_folder(path, model, resuming, overwrite):
+def _claim_run_folder(path, resuming, overwrite):
     _make_writable_dir(path)
     _lock_run_folder(path)
     held = [n for n in _RUN_OUTPUTS if (path / n).exists()]
@@ -817,8 +745,7 @@ def _claim_run_folder(path, model, resuming, overwrite):
 
 
 def _lock_run_folder(path):
-    """An exclusive lock on <path>/.lock for the life of this process (POSIX flock; no lock
-    where fcntl is missing). A second process training into the folder is refused."""
+    """An exclusive flock on <path>/.lock for the life of this process (none without fcntl)."""
     key = path.resolve()
     if key in _RUN_LOCKS:
         return
@@ -842,201 +769,35 @@ def _lock_run_folder(path):
     _RUN_LOCKS[key] = f
 
 
-# --- device, seeds and processes
+# --- checkpoints of a training run: written atomically, with every process's random state
 
-def get_device(name="auto"):
-    """cuda, then mps, then cpu for "auto"; a named device that is absent is a UserError."""
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = mps is not None and mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
-    kind = name.split(":")[0]
-    if kind not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown device '{name}'; accepted: auto, cpu, cuda, cuda:N, mps")
-    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not has_mps):
-        raise UserError(f"device '{name}' is not available on this machine; accepted here: auto, cpu")
-    return torch.device(name)
+def save_checkpoint(path, state):
+    """torch.save(state) so that `path` always holds a whole checkpoint (see _atomic_write)."""
+    _atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
-def seed_everything(seed):
-    """Seed Python, numpy and torch (every device). A training loop seeds alike on every
-    process to build the network, then with seed + rank for its own noise (dropout, diffusion
-    noise, latent samples), which must differ between processes."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def save_training(out, model_name, step, cfg, info, dist, /, **parts):
+    """<out>/ckpt.pt: model file, step, configuration, data description, each part's state_dict()
+    and every process's torch generator states (all its randomness); a collective, rank 0 writes."""
+    rng = _gather_rng_states(dist)
+    if dist.is_main:
+        save_checkpoint(Path(out) / "ckpt.pt", dict(
+            model_name=model_name, step=step, config=dataclasses.asdict(cfg), data=info.as_dict(), rng=rng,
+            **{name: part.state_dict() for name, part in parts.items()}))
 
 
-@dataclasses.dataclass
-class Dist:
-    """Where this process stands: rank among world_size processes, and its device. Only rank 0
-    (`is_main`) writes files; `mean` and `any` are collectives every process must call."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    def mean(self, x):
-        """The average of a scalar over all processes, as a Python float (x is left unchanged)."""
-        t = torch.tensor(float(x)) if not torch.is_tensor(x) else x.detach().float().reshape(())
-        return self.sum(t)[0].item() / self.world_size
-
-    def any(self, flag):
-        """True on every process when `flag` is true on any of them (e.g. a stop request)."""
-        return _all_reduce([torch.tensor(float(flag))], self, "max")[0].item() > 0
-
-    def sum(self, *tensors):
-        """The tensors summed over all processes, as new tensors (the arguments are left unchanged)."""
-        return _all_reduce(tensors, self, "sum")
-
-    def barrier(self):
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-    def close(self):
-        """Wait for every process, then leave the process group (see _leave_process_group)."""
-        _leave_process_group(self)
-
-
-def init_distributed(device="auto"):
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA), or run alone."""
-    return _init_distributed(get_device(device))
-
-
-def wrap_ddp(net, dist, compile=False):
-    """The network the training step calls: DistributedDataParallel over the processes (when
-    there is more than one), then torch.compile when asked (the order PyTorch documents for
-    compiling a DDP model). Checkpoints and EMA keep using the unwrapped `net`."""
-    model = net
-    if dist.world_size > 1:
-        ids = [dist.device.index] if dist.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
-    return torch.compile(model) if compile else model
-
-
-def _init_distributed(dev):
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Dist(device=dev)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return Dist(rank, world_size, local_rank, dev)
-
-
-def _all_reduce(tensors, dist, op):
-    """New tensors: `tensors` reduced over the processes in one all_reduce of a flat copy. The
-    flat tensor is kept (see _leave_process_group); the caller's tensors are never touched."""
-    if dist.world_size == 1:
-        return tuple(t.detach().clone() for t in tensors)
-    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors]).to(dist.device)
-    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM if op == "sum"
-                                 else torch.distributed.ReduceOp.MAX)
-    _COLLECTIVE_TENSORS.append(flat)
-    parts = flat.split([t.numel() for t in tensors])
-    return tuple(p.reshape(t.shape).to(t.dtype) for p, t in zip(parts, tensors))
-
-
-# The tensors of our last collectives, so that _leave_process_group can wait until gloo has
-# released them.
-_COLLECTIVE_TENSORS = collections.deque(maxlen=16)
-
-
-def _leave_process_group(dist):
-    """Wait for every process and for gloo's worker threads to let go of our tensors, then
-    leave the process group.
-
-    A gloo worker thread destroys a collective's work object some time after the collective has
-    returned (a barrier's work object holds the works before it), and releasing a tensor that has
-    a Python object takes the GIL. If that happens once interpreter shutdown has begun, the
-    thread is ended and C++ aborts ("terminate called without an active exception"; core dumps
-    of rank 1 after this function, torch 2.13, show ~AsyncBarrierWork -> ~AsyncAllreduceWork ->
-    decref_pyobject). Every C++ reference to a tensor counts in its Python reference count, so
-    we wait, with the GIL released, until the tensors of our collectives have none left."""
-    if dist.world_size > 1 and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(sys.getrefcount(t) > 3 for t in _COLLECTIVE_TENSORS):
-            time.sleep(0.001)  # references: the deque, the loop variable, getrefcount's argument
-        torch.distributed.destroy_process_group()
-
-
-def _gather_rng_states(dist):
-    """The torch generator states (CPU, and CUDA where used) of every process, gathered: a list
-    with one {"cpu": ByteTensor, "cuda": ByteTensor or None} per rank."""
-    local = {"cpu": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state(dist.device) if dist.device.type == "cuda" else None}
-    if dist.world_size == 1:
-        return [local]
-    states = [{} for _ in range(dist.world_size)]
-    for key, state in local.items():  # a generator's state has the same size on every process
-        if state is None:
-            for s in states:
-                s[key] = None
-            continue
-        t = state.to(dist.device)
-        parts = [torch.empty_like(t) for _ in range(dist.world_size)]
-        torch.distributed.all_gather(parts, t)
-        _COLLECTIVE_TENSORS.extend([t, *parts])
-        for s, part in zip(states, parts):
-            s[key] = part.to("cpu", copy=True)  # not the tensor kept for _leave_process_group
-    return states
-
-
-def _set_rng_state(states, dist):
-    """Restore this process's generators from the gathered list. With a different number of
-    processes than were saved, the seeded generators are kept (the run goes on, not bit-exactly)."""
-    if len(states) != dist.world_size:
-        if dist.is_main:
-            print(f"note: checkpoint saved by {len(states)} process(es), resuming with {dist.world_size}: "
-                  "random streams restart from the seed", file=sys.stderr)
-        return
-    torch.set_rng_state(states[dist.rank]["cpu"])
-    if states[dist.rank]["cuda"] is not None and dist.device.type == "cuda":
-        torch.cuda.set_rng_state(states[dist.rank]["cuda"], dist.device)
-
-
-def _stream_seed(seed, stream):
-    """A seed for a named random stream, unrelated to `seed` itself: the data stream must not
-    repeat the draws of the global generator seeded with the same number (else, say, the
-    diffusion noise would equal the noise of the 2D data sampler and be read off x_t)."""
-    return int(np.random.SeedSequence([seed, *stream.encode()]).generate_state(1)[0])
-
-
-# --- files: atomic writes that follow the umask, checkpoint errors, metrics lines
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path, write):
-    """`write(f)` into a temporary file beside `path`, flushed, fsynced and given the mode a plain
-    open() would give (mkstemp makes 0600), then renamed over `path`, and the rename made durable."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    if hasattr(os, "O_DIRECTORY"):
-        dir_fd = os.open(path.parent, os.O_DIRECTORY)
+def resume(cfg, model_name, dist, /, **parts):
+    """Restore the checkpoint --resume names into each part and the random state; returns its
+    step. A network the typed flags change is a UserError naming the flags."""
+    path = _run_dir(cfg, model_name) / "ckpt.pt" if cfg.resume == "auto" else Path(cfg.resume)
+    ckpt = load_checkpoint(path, model_name)
+    for name, part in parts.items():
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            part.load_state_dict(ckpt[name])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"cannot resume from {path}: {_why_not_resumable(cfg, ckpt, name, e)}") from None
+    _set_rng_state(ckpt["rng"], dist)
+    return ckpt["step"]
 
 
 def _writer(state):
@@ -1052,13 +813,152 @@ def _state_dict_mismatch(e):
 
 
 def _why_not_resumable(cfg, ckpt, part, e):
-    """The flags typed now that differ from the checkpoint's (the likely cause), else the error."""
+    """The typed flags that differ from the checkpoint's (the likely cause), else the error."""
     differ = [f"--{k.replace('_', '-')} {_show(v)} (now {_show(getattr(cfg, k))})" for k, v in ckpt["config"].items()
               if k not in _RUN_FLAGS and hasattr(cfg, k) and _show(v) != _show(getattr(cfg, k))]
     if differ:
         return ("flags differ from the checkpoint's: " + ", ".join(differ)
                 + "; resume with the checkpoint's values, or start afresh with --overwrite")
     return f"its {part} does not fit ({_state_dict_mismatch(e)}); start afresh with --overwrite"
+
+
+def _gather_rng_states(dist):
+    """Every process's torch generator states: [{"cpu": ByteTensor, "cuda": ByteTensor or None}] by rank."""
+    local = {"cpu": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state(dist.device) if dist.device.type == "cuda" else None}
+    if dist.world_size == 1:
+        return [local]
+    states = [dict.fromkeys(local) for _ in range(dist.world_size)]
+    for key, state in local.items():
+        if state is not None:  # a generator's state has the same size on every process
+            t = state.to(dist.device)
+            parts = [torch.empty_like(t) for _ in range(dist.world_size)]
+            torch.distributed.all_gather(parts, t)
+            _COLLECTIVE_TENSORS.extend([t, *parts])
+            for s, part in zip(states, parts):
+                s[key] = part.to("cpu", copy=True)  # not the tensor kept for _leave_process_group
+    return states
+
+
+def _set_rng_state(states, dist):
+    """Restore this process's generators; with another number of processes than saved, the seeded
+    generators are kept (the run goes on, not bit-exactly)."""
+    if len(states) != dist.world_size:
+        if dist.is_main:
+            print(f"note: checkpoint saved by {len(states)} process(es), resuming with {dist.world_size}: "
+                  "random streams restart from the seed", file=sys.stderr)
+        return
+    torch.set_rng_state(states[dist.rank]["cpu"])
+    if states[dist.rank]["cuda"] is not None and dist.device.type == "cuda":
+        torch.cuda.set_rng_state(states[dist.rank]["cuda"], dist.device)
+
+
+def _stream_seed(seed, stream):
+    """A seed for a named random stream, unrelated to `seed` (else, say, the diffusion noise
+    would repeat the 2D data sampler's draws and could be read off x_t)."""
+    return int(np.random.SeedSequence([seed, *stream.encode()]).generate_state(1)[0])
+
+
+# --- processes under torchrun
+
+@dataclasses.dataclass
+class Dist:
+    """This process's rank among world_size and its device; only rank 0 (`is_main`) writes files.
+    `mean`, `any` and `sum` are collectives every process must call."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def mean(self, x):
+        """The average of a scalar over all processes, as a Python float."""
+        t = torch.tensor(float(x)) if not torch.is_tensor(x) else x.detach().float().reshape(())
+        return self.sum(t)[0].item() / self.world_size
+
+    def any(self, flag):
+        """True on every process when `flag` is true on any of them."""
+        return _all_reduce([torch.tensor(float(flag))], self, "max")[0].item() > 0
+
+    def sum(self, *tensors):
+        """The tensors summed over all processes, as new tensors."""
+        return _all_reduce(tensors, self, "sum")
+
+    def close(self):
+        """Wait for every process, then leave the process group (see _leave_process_group)."""
+        _leave_process_group(self)
+
+
+def init_distributed(device="auto"):
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA), or run alone."""
+    dev = get_device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist(device=dev)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return Dist(rank, world_size, dev)
+
+
+def _all_reduce(tensors, dist, op):
+    """`tensors` reduced over the processes in one all_reduce of a flat copy (kept for
+    _leave_process_group), as new tensors."""
+    if dist.world_size == 1:
+        return tuple(t.detach().clone() for t in tensors)
+    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors]).to(dist.device)
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM if op == "sum"
+                                 else torch.distributed.ReduceOp.MAX)
+    _COLLECTIVE_TENSORS.append(flat)
+    parts = flat.split([t.numel() for t in tensors])
+    return tuple(p.reshape(t.shape).to(t.dtype) for p, t in zip(parts, tensors))
+
+
+_COLLECTIVE_TENSORS = collections.deque(maxlen=16)  # our last collectives' tensors
+
+
+def _leave_process_group(dist):
+    """Barrier, wait until gloo's worker threads let go of our tensors, leave the process group.
+
+    A gloo thread that releases a tensor's Python object after interpreter shutdown has begun
+    aborts the process ("terminate called without an active exception", torch 2.13); a C++
+    reference counts in the Python reference count, so we wait, GIL released, for none."""
+    if dist.world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(sys.getrefcount(t) > 3 for t in _COLLECTIVE_TENSORS):
+            time.sleep(0.001)  # references: the deque, the loop variable, getrefcount's argument
+        torch.distributed.destroy_process_group()
+
+
+# --- files: atomic writes that follow the umask, metrics lines
+
+def _atomic_write(path, write):
+    """`write(f)` into a temporary file beside `path`, fsynced, given the mode open() would give,
+    renamed over `path` (atomic on POSIX), and the rename made durable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    if hasattr(os, "O_DIRECTORY"):
+        dir_fd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def _append_json(path, record):
@@ -1087,12 +987,11 @@ def _write_window(logger, now):
 
 
 def _read_metrics(path):
-    """The lines of a metrics.jsonl as dicts."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-# --- synthetic 2D sets: each a sampler drawing from a torch generator, some with an exact density
+# --- the 2D sets: each a sampler drawing from a torch generator, some with an exact density
 
 def _normal(n, g, *shape):
     return torch.randn(n, *shape, generator=g)
@@ -1197,15 +1096,8 @@ POINT_SETS = tuple(_POINT_SETS)
 _POINTS_N, _POINTS_SEED = 10_000, {"train": 1, "test": 2}
 
 
-def entropy_estimate(name, n=100_000, seed=0):
-    """The true entropy H = -E[log p(x)] of a 2D set in nats, by Monte Carlo over n fresh points:
-    returns (estimate, standard error). A model's test NLL can only approach it from above."""
-    sampler, log_prob = _POINT_SETS[name]
-    if log_prob is None:
-        raise UserError(f"{name} has no closed-form density; sets with one: "
-                        + ", ".join(k for k, v in _POINT_SETS.items() if v[1] is not None))
-    lp = log_prob(sampler(n, torch.Generator().manual_seed(seed)).double())
-    return -lp.mean().item(), lp.std().item() / math.sqrt(n)
+IMAGE_SETS = ("digits", "digits-binary", "mnist", "fashion-mnist", "cifar10")
+SPLITS = ("train", "test")
 
 
 def _dataset_kind(name):
@@ -1220,87 +1112,71 @@ def _dataset_kind(name):
                     "shakespeare, or a path to a .txt file")
 
 
-# --- downloaded sets: official sources, pinned md5 checksums (the ones the publishers list)
+# --- downloaded sets: official sources, the md5 checksums their publishers list
 
 _MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 SOURCES = {
-    "mnist": {
-        "urls": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
-        "files": dict(zip(_MNIST_FILES, ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
-                                         "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"))),
-    },
-    "fashion-mnist": {
-        "urls": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
-        "files": dict(zip(_MNIST_FILES, ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
-                                         "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"))),
-    },
-    "cifar10": {
-        "urls": ["https://www.cs.toronto.edu/~kriz/"],
-        "files": {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"},
-    },
-    "shakespeare": {
-        "urls": ["https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"],
-        "files": {"input.txt": "6fb458f1232090904fb40fe944165e91"},
-    },
+    "mnist": {"urls": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
+              "files": dict(zip(_MNIST_FILES, ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+                                               "9fb629c4189551a2d022fa330f9573f3",
+                                               "ec29112dd5afa0611ce80d1b7f02629c")))},
+    "fashion-mnist": {"urls": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+                      "files": dict(zip(_MNIST_FILES, ("8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                                                       "25c81989df183df01b3e8a0aad5dffbe",
+                                                       "bef4ecab320f06d8554ea6380940ec79",
+                                                       "bb300cfdad3c16e7a12a480ee83cd310")))},
+    "cifar10": {"urls": ["https://www.cs.toronto.edu/~kriz/"],
+                "files": {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"}},
+    "shakespeare": {"urls": ["https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"],
+                    "files": {"input.txt": "6fb458f1232090904fb40fe944165e91"}},
 }
 
 
 def _data_root(root=None):
     """The download cache: `root`, else $GENMODELS_DATA, else <user cache>/genmodels."""
-    if root:
-        return Path(root)
-    if os.environ.get("GENMODELS_DATA"):
-        return Path(os.environ["GENMODELS_DATA"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "genmodels"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "genmodels"
+    return Path(root or os.environ.get("GENMODELS_DATA") or cache)
+
+
+class _BadTransfer(Exception):
+    """A download that arrived cut short or with the wrong md5."""
 
 
 def _download(name, filename, folder):
-    """Fetch one file of `name` into `folder` unless it is already there, verifying its md5.
-
-    The bytes go to a temporary file that is renamed into place only once complete and
-    verified, so an interrupted or corrupt transfer never leaves a file later taken as good.
-    A file already at its final name is trusted: only this function or the user's hand put it there.
-    """
+    """<folder>/<filename> of `name`, fetched unless there, md5 verified and written atomically,
+    so a cut or corrupt transfer never leaves a file later taken as good."""
     dest = folder / filename
     if dest.exists():
         return dest
-    folder.mkdir(parents=True, exist_ok=True)
     md5, failures = SOURCES[name]["files"][filename], []
-    for base in SOURCES[name]["urls"]:
-        url = base + filename
-        fd, tmp = tempfile.mkstemp(prefix=filename + ".", suffix=".part", dir=folder)
+    for url in [base + filename for base in SOURCES[name]["urls"]]:
         try:
-            digest, size = hashlib.md5(), 0
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
-                expected = response.headers.get("Content-Length")
-                print(f"downloading {url}", file=sys.stderr)
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    size += len(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            if expected is not None and size != int(expected):
-                failures.append(f"{url}: transfer cut short ({size} of {expected} bytes)")
-            elif digest.hexdigest() != md5:
-                failures.append(f"{url}: md5 {digest.hexdigest()} != expected {md5}, file deleted")
-            else:
-                os.chmod(tmp, 0o666 & ~_umask())
-                os.replace(tmp, dest)
-                return dest
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            _atomic_write(dest, lambda f: _fetch(url, f, md5))
+            return dest
+        except (urllib.error.URLError, OSError, http.client.HTTPException, _BadTransfer) as e:
             failures.append(f"{url}: {getattr(e, 'reason', None) or e}")
-        finally:
-            Path(tmp).unlink(missing_ok=True)
     raise UserError(f"could not download {name} ({'; '.join(failures)}); "
                     f"without network, fetch {SOURCES[name]['urls'][0]}{filename} by hand and put it at {dest}")
 
 
+def _fetch(url, f, md5):
+    with urllib.request.urlopen(url, timeout=60) as response:
+        expected, digest, size = response.headers.get("Content-Length"), hashlib.md5(), 0
+        print(f"downloading {url}", file=sys.stderr)
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+    if expected is not None and size != int(expected):
+        raise _BadTransfer(f"transfer cut short ({size} of {expected} bytes)")
+    if digest.hexdigest() != md5:
+        raise _BadTransfer(f"md5 {digest.hexdigest()} != expected {md5}, file deleted")
+
+
 def _safe_extract(archive, folder):
-    """Extract a tarball into `folder`, refusing any member that would land outside it
-    (absolute paths, `..`, links, devices). Extraction happens in a temporary folder that is
-    renamed into place, so a half-extracted archive is never taken for a complete one."""
+    """Extract a tarball into `folder` through a temporary folder, refusing any member that would
+    land outside it or is not a plain file or folder."""
     folder.mkdir(parents=True, exist_ok=True)
     root = folder.resolve()
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=folder))
@@ -1312,20 +1188,17 @@ def _safe_extract(archive, folder):
                 if not (m.isfile() or m.isdir()) or not target.is_relative_to(root) or target == root:
                     raise UserError(f"refusing to extract {archive.name}: member '{m.name}' would land outside "
                                     f"{folder} or is not a plain file; delete the archive and download it again")
-            # the checks above make it safe; the "data" filter (Python >= 3.11.4) checks again
-            extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # checks again (Python >= 3.11.4)
             tar.extractall(tmp, members=members, **extra)
         for top in tmp.iterdir():
-            dest = folder / top.name
-            if not dest.exists():
-                os.replace(top, dest)
+            if not (folder / top.name).exists():
+                os.replace(top, folder / top.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_idx(path):
-    """An IDX file (LeCun's MNIST format, gzipped): magic 0x00000803 images / 0x00000801 labels,
-    big-endian int32 sizes, then unsigned bytes."""
+    """A gzipped IDX file (LeCun's MNIST format): zero, type 0x08, ndim, big-endian int32 sizes, bytes."""
     with gzip.open(path, "rb") as f:
         raw = f.read()
     zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
@@ -1357,9 +1230,8 @@ def _load_cifar10(split, root):
     batches = folder / "cifar-10-batches-py"
     if not batches.is_dir():
         _safe_extract(_download("cifar10", "cifar-10-python.tar.gz", folder), folder)
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     images, labels = [], []
-    for n in names:
+    for n in [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]:
         with open(batches / n, "rb") as f:
             d = pickle.load(f, encoding="bytes")  # the official format; the archive's md5 was verified
         images.append(torch.from_numpy(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)))
@@ -1373,9 +1245,9 @@ def _load_digits(split):
         raise UserError(f"{path} is missing: copy the data/ folder next to common.py")
     with np.load(path) as f:
         images, labels, test = f["images"], f["labels"], f["test_index"]
-    is_test = np.zeros(len(images), dtype=bool)
-    is_test[test] = True
-    keep = is_test if split == "test" else ~is_test
+    keep = np.zeros(len(images), dtype=bool)
+    keep[test] = True
+    keep = keep if split == "test" else ~keep
     return torch.from_numpy(images[keep][:, None].copy()), torch.from_numpy(labels[keep].astype(np.int64))
 
 
@@ -1408,8 +1280,15 @@ def _pyplot():
     return plt
 
 
+def _save_figure(plt, fig, path, tight=True):
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _plot_metrics(jsonl_path, png_path, key="loss"):
-    """Draw `key` against the step from metrics.jsonl (after a resume, the latest line of a step wins)."""
+    """`key` against the step from metrics.jsonl (after a resume, the latest line of a step wins)."""
     by_step = {r["step"]: r[key] for r in _read_metrics(jsonl_path) if "step" in r and key in r}
     if not by_step:
         return
@@ -1417,19 +1296,14 @@ def _plot_metrics(jsonl_path, png_path, key="loss"):
     steps = sorted(by_step)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, [by_step[s] for s in steps])
-    ax.set_xlabel("step")
-    ax.set_ylabel(key)
+    ax.set(xlabel="step", ylabel=key)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    _save_figure(plt, fig, png_path)
 
 
 def _image_grid(x, levels=None, nrow=None, pad=1):
-    """Tile a batch (N, C, H, W) into one float array (rows, cols[, 3]) in [0, 1].
-
-    Integer levels in [0, levels) when `levels` is given, else floats in [0, 1] (clipped).
-    C = 1 is grey, C = 3 is RGB; any other C shows every channel as a grey tile."""
+    """A batch (N, C, H, W) tiled into one float array (rows, cols[, 3]) in [0, 1]: integer levels
+    in [0, levels) when given, else floats clipped to [0, 1]; a C other than 1 or 3 is grey tiles."""
     x = x.detach().float().cpu()
     if levels is not None:
         x = x / (levels - 1)
@@ -1454,7 +1328,7 @@ def _draw_grid(grid, path, title=None):
         plt.imsave(path, grid, cmap="gray", vmin=0.0, vmax=1.0)
         return
     dpi, (h, w) = 100, grid.shape[:2]
-    # wrapped here, at about 7 pixels a character of a 9-point font, so the band fits the lines
+    # wrapped at about 7 pixels a character of a 9-point font, so the band fits the lines
     lines = [line for part in title.split("\n") for line in textwrap.wrap(part, max(10, w // 7)) or [""]]
     band = 18 * len(lines) + 8
     fig = plt.figure(figsize=(w / dpi, (h + band) / dpi), dpi=dpi)
@@ -1462,8 +1336,7 @@ def _draw_grid(grid, path, title=None):
     ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.axis("off")
     fig.text(0.5, 1 - 4 / (h + band), "\n".join(lines), ha="center", va="top", fontsize=9)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    _save_figure(plt, fig, path, tight=False)
 
 
 def _draw_scatter(p, path, lim, title):
@@ -1471,14 +1344,11 @@ def _draw_scatter(p, path, lim, title):
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.scatter(p[:, 0], p[:, 1], s=1, alpha=0.5)
     if lim:
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim))
     ax.set_aspect("equal")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
 
 
 def _draw_density(panels, path, lim):
@@ -1491,9 +1361,5 @@ def _draw_density(panels, path, lim):
         else:
             img = np.exp(v)
         ax.imshow(img, origin="lower", extent=(-lim, lim, -lim, lim), cmap="magma")
-        ax.set_title(title)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        ax.set(title=title, xticks=[], yticks=[])
+    _save_figure(plt, fig, path)

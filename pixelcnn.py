@@ -1,76 +1,43 @@
-"""PixelCNN, Gated PixelCNN and PixelCNN++: autoregressive image models with an exact likelihood.
+"""PixelCNN, PixelRNN (Row LSTM, Diagonal BiLSTM), Gated PixelCNN, PixelCNN++: autoregressive image models.
 
 Papers
-  van den Oord, Kalchbrenner & Kavukcuoglu 2016, "Pixel Recurrent Neural Networks", arXiv 1601.06759
-    (PixelRNN): pixels as discrete variables with a softmax (Sec. 2.2), masked convolutions with
-    masks A and B and the R -> G -> B order of the sub-pixels of a pixel (Sec. 3.4, Fig. 2), the
-    PixelCNN, a stack of masked convolutions (Sec. 3.5) with residual blocks (Fig. 5).
-  van den Oord, Kalchbrenner, Vinyals, Espeholt, Graves & Kavukcuoglu 2016, "Conditional Image
-    Generation with PixelCNN Decoders", arXiv 1606.05328 (Gated PixelCNN): the gated activation
-    (Eq. 2), vertical and horizontal stacks that remove the blind spot (Sec. 2.2, Fig. 2), the
-    class-conditional bias (Eq. 4).
-  Salimans, Karpathy, Chen & Kingma 2017, "PixelCNN++: Improving the PixelCNN with Discretized
-    Logistic Mixture Likelihood and Other Modifications", arXiv 1701.05517: the discretized
-    logistic mixture (Eq. 2) over whole pixels with linear channel dependencies (Sec. 2.2),
-    down/up-sampling (Sec. 2.3), short-cut connections (Sec. 2.4), dropout (Sec. 2.5); where the
-    paper is silent, its official code (github.com/openai/pixel-cnn, pixel_cnn_pp/ and train.py).
-
-Implemented
-  MaskedConv2d with masks A and B and the colour-group channel masks; the plain PixelCNN (masked
-  convolutions only, with its blind spot); the Gated PixelCNN with vertical and horizontal stacks,
-  the vertical-to-horizontal link, gated units and a class-conditional bias; PixelCNN++ (shifted
-  convolutions, two streams, three resolutions with short-cuts, concat-ELU gated ResNet layers,
-  dropout, weight normalisation, class-conditional bias) with its 53.7M-parameter CIFAR-10 shape
-  and the official code's optimiser; two likelihoods per example in nats, both normalised over the
-  discrete levels: a softmax over the L levels of each sub-pixel, and the discretized logistic
-  mixture over whole pixels with its channel dependencies, computed accurately in the far tails;
-  bits/dim; a batched raster-order sampler with image completion (the top half given) and a fast
-  path that recomputes only what a new sub-pixel changes; class-conditional training and sampling
-  (--cond); binarised images (--binarize); 2D points as a 1 x 2 "image" of bins (ours, below).
-  Not implemented: PixelRNN's Row LSTM and Diagonal BiLSTM and its multi-scale model; the Gated
-  PixelCNN's location-dependent conditioning (Eq. 5) and its use as an auto-encoder decoder;
-  PixelCNN++'s data-dependent initialisation and its energy-distance variant; Ramachandran et
-  al.'s per-layer caches (arXiv 1704.06001), so PixelCNN++ samples only somewhat faster than naively.
+  van den Oord, Kalchbrenner & Kavukcuoglu 2016, "Pixel Recurrent Neural Networks", arXiv 1601.06759:
+    the softmax over levels, masks A/B with R -> G -> B, the PixelCNN, Row LSTM, Diagonal BiLSTM.
+  van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders", arXiv 1606.05328.
+  Salimans, Karpathy, Chen & Kingma 2017, "PixelCNN++", arXiv 1701.05517; where it is silent, its
+    official code (github.com/openai/pixel-cnn).
+Implemented: every network above with its likelihood (a softmax over the L levels of each sub-pixel,
+or PixelCNN++'s discretized logistic mixture over whole pixels), the exact NLL in nats and bits/dim
+of the discrete data (no dequantisation), a batched raster-order sampler with image completion and a
+fast path (the Gated stacks' vertical stack once per row, the Row LSTM's states carried row by row),
+class-conditional biases (--cond), binarised images (--binarize), 2D points as a 1 x 2 image of bins.
+Not implemented: PixelRNN's multi-scale model, the Gated PixelCNN's location-dependent conditioning
+and decoder use, PixelCNN++'s data-dependent initialisation, per-layer sampling caches (1704.06001).
 
 Run it
-  python pixelcnn.py                                          # Gated PixelCNN on 8x8 digits, CPU minutes
-  python pixelcnn.py --sample runs/pixelcnn-digits/ckpt.pt    # samples and completions
-  python pixelcnn.py --eval runs/pixelcnn-digits/ckpt.pt      # test-set NLL, bits/dim
-  python pixelcnn.py --cond                                   # class-conditional
-  python pixelcnn.py --arch pixelcnn                          # the plain masked stack (blind spot)
-  python pixelcnn.py --dataset mnist --binarize               # binarised MNIST (nats per image)
-  python pixelcnn.py --dataset cifar10                        # Gated PixelCNN, 256-way softmax
-  python pixelcnn.py --dataset cifar10 --arch pixelcnn++      # PixelCNN++, logistic mixture
-  python pixelcnn.py --dataset 8gaussians                     # 2D points as two binned coordinates
+  python pixelcnn.py [--arch rowlstm|diagonal-bilstm|pixelcnn|pixelcnn++] [--dataset cifar10]
+  python pixelcnn.py --sample runs/pixelcnn-digits/ckpt.pt      # samples and completions
+  python pixelcnn.py --eval runs/pixelcnn-digits/ckpt.pt        # test NLL, bits/dim
 
-Data: images are integer levels x in {0..L-1} (uint8, (B, C, H, W)). The networks see the bin
-centres bin_centre(x) = 2x / (L - 1) - 1 in [-1, 1]; the likelihoods take the integer levels and
-are distributions over them, so bits/dim are of the discrete data (no dequantisation, no offset).
-2D points (ours, as gpt.py does): each coordinate falls in one of `bins` bins over [-lim, lim],
-and the point is a 1 x 2 image of bins (x, then y) with L = bins; spreading a bin pair's
-probability uniformly over its square gives a density, log p(x) = log P(bins) - 2 log w.
+Map (x_i a sub-pixel in raster order, R -> G -> B; c_x = 2x / (L - 1) - 1 the bin centre)
+  chain rule, Oord Eq. 1           p(x) = prod_i p(x_i | x_<i)                 log_prob, nll, bits_per_dim
+  softmax, Oord Sec. 2.2           p(x_i = l | .) = softmax(logits_i)_l         categorical_log_prob
+  masks, Oord Sec. 3.4, Fig. 2     A: g_in < g_out, B: g_in <= g_out at centre   causal_mask, MaskedConv2d
+  PixelCNN, Oord Sec. 3.5, Fig. 5  7x7 A, residual (1x1, kxk B, 1x1), 2 x 1x1   PixelCNN, ResidualBlock
+  LSTM, Oord Eq. 3                 c = f*c' + i*g, h = o*tanh(c)                 lstm_cell, gate_conv
+  Row LSTM, Oord Sec. 3.1          gates = K^ss (*) h_{i-1} + K^is (*) x_i       RowLSTMLayer, RowLSTM
+  Diagonal BiLSTM, Oord Sec. 3.2   skew, column LSTM, R-to-L shifted down a row  skew, DiagonalBiLSTM
+  Gated PixelCNN Eq. 2, 4          tanh(W_f*x + V_f h) * sigmoid(W_g*x + V_g h)  gate, GatedBlock
+  Salimans Eq. 2, Sec. 2.2         sum_k pi_k prod_c [s((c_x+d-mu)/s) - s((c_x-d-mu)/s)]
+                                                                                 logistic_mixture_log_prob
+  Salimans Sec. 2.3-2.5            two streams, 3 resolutions, short-cuts        PixelCNNpp, GatedResnet
+  ancestral sampling               x_i ~ p(x_i | x_<i), one pass per sub-pixel   sample
+  2D points (ours)                 log p(x) = log P(bins) - 2 log w              points_log_prob
 
-Map from the papers to the names below
-  PixelRNN Sec. 3.4, Fig. 2 (masks A, B; R -> G -> B)    causal_mask, channel_groups, MaskedConv2d
-  PixelRNN Sec. 2.2 (softmax over the levels)            categorical_log_prob
-  PixelRNN Sec. 3.5, Fig. 5 (PixelCNN, residual block)   PixelCNN, ResidualBlock
-  Gated PixelCNN Eq. 2 (tanh(W_f*x) * sigmoid(W_g*x))    gate
-  Gated PixelCNN Sec. 2.2, Fig. 2 (two stacks, link)     GatedBlock.vertical, GatedBlock.horizontal
-  Gated PixelCNN Eq. 4 (class-conditional bias)          GatedBlock (v_cond, h_cond), ResidualBlock.cond
-  Salimans Eq. 2 (discretized logistic, open edges)      discretized_logistic_log_prob
-  Salimans Eq. 2 + Sec. 2.2 (mixture, channel means)     unpack_mixture, logistic_mixture_log_prob
-  chain rule p(x) = prod_i p(x_i | x_<i) (Oord Eq. 1)    log_prob, nll, bits_per_dim
-  raster-order ancestral sampling                        sample, sample_categorical, sample_mixture_pixel
-  piecewise-uniform density on bins (ours)               point_levels, levels_to_points, points_log_prob
-  Salimans Sec. 2.3-2.5, official code (network)         PixelCNNpp, GatedResnet, ShiftedConv2d, ShiftedDeconv2d
-
-The networks are called as model(x, y=None) -> out (B, P, H, W), x in [-1, 1], y (B,) labels for
-a conditional network; model(x, y, row=i, cache=dict) returns row i alone, (B, P, 1, W), and is
-what the fast sampler calls. P = C * L for the softmax (channel c's logits at c*L .. c*L+L-1) and
-K (1 + 2C + C(C-1)/2) for a K-component mixture.
+Networks are called model(x, y=None) -> (B, P, H, W), x in [-1, 1] (y: labels); model(x, y, row=i,
+cache=dict) returns row i alone, what the fast sampler calls. P = C * L for the softmax (channel c's
+logits at c*L .. c*L+L-1) and K (1 + 2C + C(C-1)/2) for a K-component mixture.
 """
-from __future__ import annotations
-
 import dataclasses
 import math
 import time
@@ -80,11 +47,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (EMA, Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range,
-                    density_on_grid, dispatch, entropy_estimate, flag, get_device, init_distributed,
-                    load_checkpoint, load_dataset, load_weights, open_run, output_dir, parse_config,
-                    report_files, resume, save_density, save_image_grid, save_scatter, save_training,
-                    saved_config, seed_everything, user_errors, wrap_ddp)
+from common import (EMA, Batches, Logger, RunConfig, Training, UserError, check_range, density_on_grid, dispatch,
+                    entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
+                    parse_config, report_files, save_density, save_image_grid, save_scatter, saved_config,
+                    seed_everything, user_errors, wrap_ddp)
 
 LIKELIHOODS = ("categorical", "mixture")
 LOG_SCALE_MIN = -7.0  # floor of a logistic's log-scale, as the official PixelCNN++ code
@@ -94,15 +60,14 @@ LOG_SCALE_MIN = -7.0  # floor of a logistic's log-scale, as the official PixelCN
 # Masked convolutions
 # ----------------------------------------------------------------------------------------
 
-def channel_groups(n: int, colors: int) -> torch.Tensor:
+def channel_groups(n, colors):
     """The colour group (0 = R, 1 = G, 2 = B) of each of n feature maps: the maps are split into
     `colors` contiguous groups of near-equal size, as PixelRNN Sec. 3.4 splits the maps of every
     layer into one group per colour. (n,) int64."""
     return torch.arange(n) * colors // n
 
 
-def causal_mask(c_out: int, c_in: int, kh: int, kw: int, centre: tuple[int, int], mask_type: str,
-                colors: int) -> torch.Tensor:
+def causal_mask(c_out, c_in, kh, kw, centre, mask_type, colors):
     """The 0/1 mask (c_out, c_in, kh, kw) of a masked convolution (PixelRNN Sec. 3.4, Fig. 2).
 
     The tap `centre` sits on the output's own pixel. Taps before it in raster order (rows above,
@@ -133,8 +98,7 @@ class MaskedConv2d(nn.Conv2d):
     the arguments); the masked weights are stored and counted, and stay zero in effect.
     """
 
-    def __init__(self, c_in: int, c_out: int, kernel_size, mask_type: str, colors: int = 1,
-                 centre: tuple[int, int] | None = None):
+    def __init__(self, c_in, c_out, kernel_size, mask_type, colors=1, centre=None):
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
         super().__init__(c_in, c_out, (kh, kw))
         ci, cj = centre if centre is not None else (kh // 2, kw // 2)
@@ -150,14 +114,14 @@ class MaskedConv2d(nn.Conv2d):
 # Gated activation units and the two stacks
 # ----------------------------------------------------------------------------------------
 
-def gate(x: torch.Tensor) -> torch.Tensor:
+def gate(x):
     """y = tanh(W_f * x) * sigmoid(W_g * x) (Gated PixelCNN Eq. 2), on the 2p pre-activations x
     (B, 2p, H, W) -> (B, p, H, W). f and g are interleaved (f_k = x[2k], g_k = x[2k+1]) so that
     each pair falls in one colour group of channel_groups (p a multiple of the colours)."""
     return torch.tanh(x[:, 0::2]) * torch.sigmoid(x[:, 1::2])
 
 
-def _label_bias(emb: nn.Embedding | None, y: torch.Tensor | None) -> torch.Tensor | float:
+def _label_bias(emb, y):
     """V^T h for a one-hot h: the row of the label's embedding, shaped (B, C, 1, 1) (Eq. 4)."""
     if emb is None:
         return 0.0
@@ -179,7 +143,7 @@ class GatedBlock(nn.Module):
     per class (Eq. 4).
     """
 
-    def __init__(self, c_in: int, p: int, k: int, mask_type: str, colors: int = 1, num_classes: int = 0):
+    def __init__(self, c_in, p, k, mask_type, colors=1, num_classes=0):
         super().__init__()
         if p % colors:
             raise ValueError(f"hidden width {p} is not a multiple of the {colors} colour channels")
@@ -213,7 +177,7 @@ class GatedBlock(nn.Module):
 # Likelihoods
 # ----------------------------------------------------------------------------------------
 
-def bin_centre(x: torch.Tensor, levels: int) -> torch.Tensor:
+def bin_centre(x, levels):
     """Integer levels 0..L-1 -> the centres c_x = 2x / (L - 1) - 1 of L bins of width 2 / (L - 1)
     tiling [-1 - d, 1 + d], d = 1 / (L - 1): the networks' input and the grid of Salimans Eq. 2
     (their x +- 0.5 on 0..255 is c_x +- d here)."""
@@ -222,7 +186,7 @@ def bin_centre(x: torch.Tensor, levels: int) -> torch.Tensor:
     return 2.0 * x / (levels - 1) - 1.0
 
 
-def categorical_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def categorical_log_prob(logits, x):
     """log p(x_{i,c} | x_<(i,c)) under a softmax over the L levels of each sub-pixel (PixelRNN
     Sec. 2.2). logits (B, C*L, H, W), channel c's logits at c*L .. c*L + L - 1; x (B, C, H, W)
     integer levels -> (B, C, H, W) in nats, at least float32."""
@@ -234,26 +198,10 @@ def categorical_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return logp.gather(2, x.long().unsqueeze(2)).squeeze(2)
 
 
-def discretized_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor,
-                                  levels: int) -> torch.Tensor:
-    """log P(x) for a logistic(mean, s = e^log_scale) integrated over the bin of level x
-    (Salimans et al. 2017, Eq. 2, one component), elementwise.
-
-    P(x) = sigmoid(a) - sigmoid(b), a = (c_x + d - mean) / s, b = (c_x - d - mean) / s, with the
-    bin centre c_x and half-width d of bin_centre; the first bin is open to -inf (P = sigmoid(a))
-    and the last to +inf (P = 1 - sigmoid(b)), so the L probabilities sum to 1. mean and s are in
-    the [-1, 1] units of bin_centre; x holds integer levels.
-
-    Precision: the interior is computed from the identity
-        sigmoid(a) - sigmoid(b) = sigmoid(a) (1 - sigmoid(b)) (1 - e^(b - a)),
-    as log sigmoid(a) + log sigmoid(-b) + log(-expm1(-2d/s)): three terms each accurate in
-    relative terms, so log P keeps its relative precision however far the bin lies from the
-    mean (the plain difference underflows to 0 in the left tail and cancels catastrophically in
-    the right). b - a = -2d/s is formed directly, never by subtracting a and b. The official code
-    (pixel_cnn_pp/nn.py) instead falls back, where sigmoid(a) - sigmoid(b) < 1e-5, to the
-    density at the bin's centre times its width, log pdf(c_x) + log 2d, a midpoint-rule
-    approximation; with the exact identity that special case is not needed.
-    """
+def discretized_logistic_log_prob(x, mean, log_scale, levels):
+    """log P(x) = log[sigmoid(a) - sigmoid(b)], a = (c_x + d - mean) / s, b = (c_x - d - mean) / s, of a
+    logistic(mean, s = e^log_scale) over the bin of level x (Salimans et al. 2017, Eq. 2, one
+    component), the first bin open to -inf and the last to +inf; c_x, d of bin_centre; elementwise."""
     d = 1.0 / (levels - 1)
     c = bin_centre(x.to(mean.dtype), levels)
     inv_s = torch.exp(-log_scale)
@@ -261,18 +209,21 @@ def discretized_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale
     b = (c - d - mean) * inv_s
     log_cdf_a = F.logsigmoid(a)    # log F(c + d): the whole first bin
     log_sf_b = F.logsigmoid(-b)    # log (1 - F(c - d)): the whole last bin
+    # sigmoid(a) - sigmoid(b) = sigmoid(a) sigmoid(-b) (1 - e^(b - a)), b - a = -2d/s: three factors each
+    # accurate in relative terms, however far in a tail (the plain difference underflows or cancels; the
+    # official code falls back to a midpoint rule there instead)
     interior = log_cdf_a + log_sf_b + torch.log(-torch.expm1(-2.0 * d * inv_s))
     return torch.where(x == 0, log_cdf_a, torch.where(x == levels - 1, log_sf_b, interior))
 
 
-def mixture_channels(colors: int, n_mix: int) -> int:
+def mixture_channels(colors, n_mix):
     """Output maps of a K-component mixture over C channels: K (1 + 2C + C(C-1)/2) (mixture
     logits; a mean and a log-scale per channel; one coefficient per earlier channel); 10 K for RGB
     (Salimans et al. Sec. 2.2)."""
     return n_mix * (1 + 2 * colors + colors * (colors - 1) // 2)
 
 
-def unpack_mixture(out: torch.Tensor, colors: int):
+def unpack_mixture(out, colors):
     """Split the network's output (B, P, *spatial) into the mixture's parameters.
 
     Layout along dim 1: K mixture logits, then C*K means, C*K log-scales and C(C-1)/2 * K
@@ -305,17 +256,11 @@ def _channel_mean(mean, coeff, values, c):
     return m
 
 
-def logistic_mixture_log_prob(out: torch.Tensor, x: torch.Tensor, levels: int) -> torch.Tensor:
-    """Per-sub-pixel conditional log-probabilities under PixelCNN++'s discretized logistic mixture
-    (Salimans et al. 2017, Eq. 2 with the channel dependencies of Sec. 2.2).
-
-    One mixture over the whole pixel: P(x_ij) = sum_k pi_k prod_c P_k(x_c | x_<c), each P_k a
-    discretized logistic whose mean depends linearly on the earlier channels' values. The network
-    sees no channel of its own pixel, so the pixel's sub-pixels share one output. Returned, for
-    channel c, is log P(x_c | x_<c, context) = log sum_k pi_k prod_{c2 <= c} P_k(x_c2 | .) -
-    log sum_k pi_k prod_{c2 < c} P_k(x_c2 | .): each is a distribution over the L levels, and
-    their sum over c is log P(x_ij). out (B, P, H, W), x (B, C, H, W) levels -> (B, C, H, W).
-    """
+def logistic_mixture_log_prob(out, x, levels):
+    """log P(x_c | x_<c, context) = log sum_k pi_k prod_{c2 <= c} P_k(x_c2 | .) - log sum_k pi_k
+    prod_{c2 < c} P_k(x_c2 | .) under PixelCNN++'s mixture over whole pixels, each P_k a discretized
+    logistic whose mean moves with the earlier channels (Salimans et al. 2017, Eq. 2, Sec. 2.2);
+    out (B, P, H, W), x (B, C, H, W) levels -> (B, C, H, W), summing over c to log P(x_ij)."""
     C = x.shape[1]
     out = out.to(torch.promote_types(out.dtype, torch.float32))
     logit_pi, mean, log_scale, coeff = unpack_mixture(out, C)     # (B, K, H, W), (B, C, K, H, W), ...
@@ -327,7 +272,7 @@ def logistic_mixture_log_prob(out: torch.Tensor, x: torch.Tensor, levels: int) -
     return torch.cat([upto[:, :1], upto[:, 1:] - upto[:, :-1]], dim=1)
 
 
-def log_prob(out: torch.Tensor, x: torch.Tensor, levels: int, likelihood: str) -> torch.Tensor:
+def log_prob(out, x, levels, likelihood):
     """log p(x_{i,c} | everything before it in raster order, R -> G -> B within a pixel), the
     factors of the chain rule p(x) = prod p(x_{i,c} | x_<(i,c)) (Gated PixelCNN Eq. 1), from the
     network's output: (B, C, H, W) in nats."""
@@ -341,7 +286,7 @@ def log_prob(out: torch.Tensor, x: torch.Tensor, levels: int, likelihood: str) -
     raise ValueError(f"likelihood {likelihood!r} is not accepted; use one of {LIKELIHOODS}")
 
 
-def nll(model, x: torch.Tensor, levels: int, likelihood: str, y: torch.Tensor | None = None) -> torch.Tensor:
+def nll(model, x, levels, likelihood, y=None):
     """-log p(x) = -sum over sub-pixels of log p(x_{i,c} | x_<(i,c)): the exact NLL of the integer
     levels x (B, C, H, W), per example in nats, (B,), from one network evaluation (the masks make
     every conditional available at once)."""
@@ -349,46 +294,37 @@ def nll(model, x: torch.Tensor, levels: int, likelihood: str, y: torch.Tensor | 
     return -log_prob(out, x, levels, likelihood).flatten(1).sum(1)
 
 
-def bits_per_dim(nll_nats, num_dims: int):
-    """Bits per sub-pixel: nll / (D ln 2), D = C*H*W.
-
-    The likelihoods are distributions over the L integer levels themselves (no dequantisation
-    noise, no density, hence no -D log(bin width) offset and no scaling term), so this is the
-    discrete NLL in bits the papers report for 8-bit data; for digits it is of the 17-level data.
-    """
-    return nll_nats / (num_dims * math.log(2))
+def bits_per_dim(nats, dims):
+    """Nats per example -> bits per dimension: nats / (dims ln 2)."""
+    return nats / (dims * math.log(2))
 
 
 # ----------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------
 
-def _dtype_of(model) -> torch.dtype:
+def _dtype_of(model):
     p = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     return p.dtype if p is not None and p.is_floating_point() else torch.get_default_dtype()
 
 
-def _device_of(model) -> torch.device:
+def _device_of(model):
     p = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     return p.device if p is not None else torch.device("cpu")
 
 
-def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row of logits (n, L) by the inverse CDF of the softmax: the number of
-    cumulative probabilities <= u, u ~ U[0, total). One uniform per row, whatever the logits, so
-    two samplers fed the same generator consume it alike. The cumulative sums are in float64
-    (float32 on MPS) and u is scaled by their total, so a level of zero probability (an empty
-    interval) is never drawn and rounding of the sum cannot push u past the last level.
-    (n,) int64."""
+def sample_categorical(logits, generator=None):
+    """One draw per row of logits (n, L) by the inverse CDF of the softmax, one uniform per row
+    whatever the logits (two samplers fed the same generator consume it alike). (n,) int64."""
     p = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     wide = torch.float32 if p.device.type == "mps" else torch.float64  # MPS has no float64
     cdf = p.to(wide).cumsum(-1)
     u = torch.rand(p.shape[:-1] + (1,), generator=generator, device=p.device, dtype=wide)
+    # u scaled by the total: a level of zero probability is never drawn, rounding never passes the last
     return (cdf <= u * cdf[..., -1:]).sum(-1).clamp(max=p.shape[-1] - 1)
 
 
-def sample_mixture_pixel(out: torch.Tensor, levels: int, colors: int,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_mixture_pixel(out, levels, colors, generator=None):
     """Draw whole pixels from the discretized logistic mixture: out (n, P) -> levels (n, C).
 
     k ~ softmax(logits); then for c = R, G, B in turn: z ~ logistic(mean_c, s_c) by the inverse
@@ -415,9 +351,9 @@ def sample_mixture_pixel(out: torch.Tensor, levels: int, colors: int,
 
 
 @torch.inference_mode()
-def sample(model, n: int, shape, levels: int, likelihood: str = "categorical", y: torch.Tensor | None = None,
-           x: torch.Tensor | None = None, start: int = 0, fast: bool = True,
-           generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+def sample(model, n, shape, levels, likelihood="categorical", y=None,
+           x=None, start=0, fast=True,
+           generator=None, device=None):
     """Ancestral sampling in raster order: n images (n, C, H, W) of integer levels (uint8).
 
     Pixel by pixel, left to right, top to bottom; within a pixel R, then G, then B. One network
@@ -455,7 +391,7 @@ def sample(model, n: int, shape, levels: int, likelihood: str = "categorical", y
     if y is not None:
         y = y.to(device)
     inp = bin_centre(x.to(_dtype_of(model)), levels)
-    cache: dict = {}
+    cache = {}
 
     def output_row(i):  # the network's output at row i, (n, P, W)
         if fast:
@@ -479,12 +415,12 @@ def sample(model, n: int, shape, levels: int, likelihood: str = "categorical", y
 # 2D points as a 1 x 2 image of bins (ours, as gpt.py does with two tokens)
 # ----------------------------------------------------------------------------------------
 
-def bin_width(lim: float, bins: int) -> float:
+def bin_width(lim, bins):
     """Width w = 2 lim / bins of a coordinate's bin over [-lim, lim]."""
     return 2 * lim / bins
 
 
-def point_levels(x: torch.Tensor, lim: float, bins: int) -> torch.Tensor:
+def point_levels(x, lim, bins):
     """Points (B, 2) -> a 1 x 2 image of bin indices (B, 1, 1, 2): x's bin, then y's, so the
     raster order is p(x bin) p(y bin | x bin). Points outside the square fall in the edge bins."""
     if x.ndim != 2 or x.shape[1] != 2:
@@ -492,7 +428,7 @@ def point_levels(x: torch.Tensor, lim: float, bins: int) -> torch.Tensor:
     return torch.floor((x + lim) / bin_width(lim, bins)).long().clamp(0, bins - 1).view(-1, 1, 1, 2)
 
 
-def levels_to_points(levels: torch.Tensor, lim: float, bins: int, generator: torch.Generator | None = None):
+def levels_to_points(levels, lim, bins, generator=None):
     """Bin images (B, 1, 1, 2) -> points (B, 2) drawn uniformly inside their bin's square: a
     sample of the piecewise-uniform density whose log is points_log_prob."""
     b = levels.reshape(-1, 2).to(torch.float32)
@@ -500,7 +436,7 @@ def levels_to_points(levels: torch.Tensor, lim: float, bins: int, generator: tor
     return (b + u) * bin_width(lim, bins) - lim
 
 
-def points_log_prob(model, x: torch.Tensor, lim: float, bins: int, likelihood: str = "categorical") -> torch.Tensor:
+def points_log_prob(model, x, lim, bins, likelihood="categorical"):
     """log p(x) of points (B, 2) under the piecewise-uniform density: the model's probability of
     the pair of bins spread evenly over their square of area w^2, so
     log p(x) = -nll(bins) - 2 log w: the continuous NLL is the discrete NLL + 2 log w. (B,) nats."""
@@ -517,7 +453,7 @@ class ResidualBlock(nn.Module):
     num_classes > 0, a per-class bias after the k x k convolution (Gated PixelCNN Eq. 4's bias,
     our placement)."""
 
-    def __init__(self, h: int, k: int, colors: int, num_classes: int = 0):
+    def __init__(self, h, k, colors, num_classes=0):
         super().__init__()
         self.conv1 = MaskedConv2d(2 * h, h, 1, "B", colors)
         self.conv2 = MaskedConv2d(h, h, k, "B", colors)
@@ -538,8 +474,8 @@ class PixelCNN(nn.Module):
 
     likelihood = "categorical"
 
-    def __init__(self, channels: int = 1, levels: int = 17, h: int = 32, n_blocks: int = 5,
-                 kernel: int = 3, first_kernel: int = 7, out_hidden: int = 128, num_classes: int = 0):
+    def __init__(self, channels=1, levels=17, h=32, n_blocks=5,
+                 kernel=3, first_kernel=7, out_hidden=128, num_classes=0):
         super().__init__()
         self.channels, self.levels, self.num_classes = channels, levels, num_classes
         self.inp = MaskedConv2d(channels, 2 * h, first_kernel, "A", channels)
@@ -557,6 +493,10 @@ class PixelCNN(nn.Module):
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, y)
+        return self.head(h)
+
+    def head(self, h):
+        """The output layers (PixelRNN Sec. 3.4 / Table 1): ReLU, 1x1 mask B, ReLU, 1x1 mask B -> logits."""
         return self.out2(F.relu(self.out1(F.relu(h))))
 
 
@@ -568,8 +508,8 @@ class GatedPixelCNN(nn.Module):
 
     likelihood = "categorical"
 
-    def __init__(self, channels: int = 1, levels: int = 17, p: int = 32, n_layers: int = 6,
-                 kernel: int = 3, first_kernel: int = 7, out_hidden: int = 128, num_classes: int = 0):
+    def __init__(self, channels=1, levels=17, p=32, n_layers=6,
+                 kernel=3, first_kernel=7, out_hidden=128, num_classes=0):
         super().__init__()
         self.channels, self.levels, self.num_classes = channels, levels, num_classes
         self.blocks = nn.ModuleList(
@@ -607,9 +547,9 @@ class GatedPixelCNN(nn.Module):
         return self.out2(F.relu(self.out1(F.relu(h))))
 
 
-# PixelCNN++ (Salimans et al. 2017, Sec. 2.3-2.5; the layer shapes follow the official code).
+# --- PixelCNN++ (Salimans et al. 2017, Sec. 2.3-2.5; the layer shapes follow the official code)
 
-def _wn(module: nn.Module, dim: int = 0) -> nn.Module:
+def _wn(module, dim=0):
     """Weight normalisation w = g v / ||v|| per output map (Salimans & Kingma 2016), used on every
     layer of the official PixelCNN++ code (its data-dependent initialisation is not reproduced)."""
     return nn.utils.parametrizations.weight_norm(module, dim=dim)
@@ -667,7 +607,7 @@ class GatedResnet(nn.Module):
     of concat_elu(a), the short-cut input, Sec. 2.4]; dropout on concat_elu(c1) (Sec. 2.5);
     c2 = conv(.) to 2F maps [+ a per-class bias]; x + c2_a * sigmoid(c2_b)."""
 
-    def __init__(self, F_: int, right: bool, aux: int = 0, dropout: float = 0.0, num_classes: int = 0):
+    def __init__(self, F_, right, aux=0, dropout=0.0, num_classes=0):
         super().__init__()
         kernel = (2, 2) if right else (2, 3)
         self.conv1 = ShiftedConv2d(2 * F_, F_, kernel, right=right)
@@ -702,8 +642,7 @@ class PixelCNNpp(nn.Module):
 
     likelihood = "mixture"
 
-    def __init__(self, channels: int = 3, nr_filters: int = 160, nr_resnet: int = 5, n_mix: int = 10,
-                 dropout: float = 0.5, num_classes: int = 0):
+    def __init__(self, channels=3, nr_filters=160, nr_resnet=5, n_mix=10, dropout=0.5, num_classes=0):
         super().__init__()
         F_, c_in = nr_filters, channels + 1
         self.channels, self.num_classes = channels, num_classes
@@ -761,10 +700,194 @@ class PixelCNNpp(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
+# Row LSTM (van den Oord, Kalchbrenner & Kavukcuoglu 2016, arXiv 1601.06759, Sec. 3.1)
+# ----------------------------------------------------------------------------------------
+
+def lstm_cell(gates, c_prev):
+    """[o, f, i, g] = [sigmoid, sigmoid, sigmoid, tanh](gates), c = f * c_prev + i * g,
+    h = o * tanh(c) (PixelRNN Eq. 3). gates (B, 4h, ...) with unit u's four gates at 4u .. 4u + 3
+    (gate_conv) -> (h, c), each (B, h, ...)."""
+    o, f, i = torch.sigmoid(gates[:, 0::4]), torch.sigmoid(gates[:, 1::4]), torch.sigmoid(gates[:, 2::4])
+    c = f * c_prev + i * torch.tanh(gates[:, 3::4])
+    return o * torch.tanh(c), c
+
+
+def gate_conv(c_in, h, kernel, colors):
+    """K^is: a mask-B convolution from c_in maps to the 4h gates, the four gates of unit u (maps
+    4u .. 4u + 3) masked as unit u of h maps, so that each unit lies in one colour group (Sec. 3.4)."""
+    conv = MaskedConv2d(c_in, 4 * h, kernel, "B", colors)
+    kh, kw = conv.kernel_size
+    conv.mask = causal_mask(h, c_in, kh, kw, (conv.pad[2], conv.pad[0]), "B", colors).repeat_interleave(4, 0)
+    return conv
+
+
+class RowLSTMLayer(nn.Module):
+    """A residual Row LSTM layer (PixelRNN Sec. 3.1, Sec. 3.4, Fig. 5): 2h maps in; the
+    input-to-state K^is, a k x 1 convolution over the row masked with mask B and the colour
+    groups, gives the 4h gates of every row at once; the state-to-state K^ss, an unmasked k x 1
+    convolution over the previous row's h_{i-1}, is added row by row, top to bottom (Eq. 3); a
+    1x1 mask-B convolution takes h back to 2h maps, added to the input. With num_classes > 0,
+    a per-class bias on the gates (Gated PixelCNN Eq. 4's bias, our placement)."""
+
+    def __init__(self, h, k, colors, num_classes=0):
+        super().__init__()
+        self.h = h
+        self.input_to_state = gate_conv(2 * h, h, (1, k), colors)  # over the row, up to the pixel
+        self.state_to_state = nn.Conv1d(h, 4 * h, k, padding=k // 2)          # over the row above
+        self.out = MaskedConv2d(h, 2 * h, 1, "B", colors)
+        self.cond = nn.Embedding(num_classes, 4 * h) if num_classes else None
+
+    def gates_from_input(self, x, y=None):
+        """K^is * x (+ the label's bias): (B, 2h, H', W) -> (B, 4h, H', W); no row is mixed."""
+        return self.input_to_state(x) + _label_bias(self.cond, y)
+
+    def step(self, gates_is, state):
+        """One row: gates_is (B, 4h, W) and state (h_{i-1}, c_{i-1}) -> (h_i, c_i), each (B, h, W)."""
+        h_prev, c_prev = state
+        return lstm_cell(gates_is + self.state_to_state(h_prev), c_prev)
+
+    def zero_state(self, x):
+        z = x.new_zeros(x.shape[0], self.h, x.shape[-1])
+        return z, z
+
+    def forward(self, x, y=None):
+        gates, state, hs = self.gates_from_input(x, y), self.zero_state(x), []
+        for i in range(x.shape[2]):
+            state = self.step(gates[:, :, i], state)
+            hs.append(state[0])
+        return x + self.out(torch.stack(hs, dim=2))
+
+
+class RowLSTM(PixelCNN):
+    """The Row LSTM PixelRNN (PixelRNN Sec. 3.1, Table 1): PixelCNN's k0 x k0 mask-A convolution
+    to 2h maps, n_layers residual RowLSTMLayers, PixelCNN's output layers and softmax. Its
+    receptive field is a triangle (Fig. 4): d rows above the pixel it reaches k0 // 2 + (d - 1)(k // 2)
+    columns to the right, on the pixel's own row k0 // 2 + n_layers (k // 2) pixels to the left;
+    the earlier pixels outside it (up-right, far left on the row) are not seen."""
+
+    def __init__(self, channels=1, levels=17, h=32, n_layers=4, kernel=3, first_kernel=7, out_hidden=128,
+                 num_classes=0):
+        super().__init__(channels, levels, h, 0, kernel, first_kernel, out_hidden, num_classes)
+        self.blocks = nn.ModuleList(RowLSTMLayer(h, kernel, channels, num_classes) for _ in range(n_layers))
+        self.field_rows = None  # the whole image above
+
+    def forward(self, x, y=None, row=None, cache=None):
+        """x (B, C, H, W) in [-1, 1] -> logits (B, C*L, H, W). With row=i, the logits of row i
+        alone, (B, C*L, 1, W), from the states (h, c) of row i - 1 of every layer, kept in `cache`
+        and carried one row down when the sampler moves on (a fresh cache runs rows 0 .. i - 1)."""
+        if row is None:
+            return super().forward(x, y)
+        cache = {} if cache is None else cache
+        if cache.get("row") != row:
+            done, states = cache.get("row"), cache.get("states")
+            if done is None or done > row:  # a fresh cache (or an earlier row): from the top
+                done, states = 0, [block.zero_state(x) for block in self.blocks]
+            for r in range(done, row):  # rows < i are final: carry their states down
+                states = self._row(x, y, r, states)[1]
+            cache.update(row=row, states=states)
+        return self._row(x, y, row, cache["states"])[0]
+
+    def _row(self, x, y, r, states):
+        """Row r through every layer from the states of row r - 1: (logits (B, C*L, 1, W), states of row r)."""
+        a = self.inp(x[:, :, max(0, r - self.inp.pad[2]):r + 1])[:, :, -1:]  # mask A: rows r - k0 // 2 .. r
+        new = []
+        for block, state in zip(self.blocks, states):
+            state = block.step(block.gates_from_input(a, y)[:, :, 0], state)
+            a = a + block.out(state[0].unsqueeze(2))
+            new.append(state)
+        return self.head(a), new
+
+
+# ----------------------------------------------------------------------------------------
+# Diagonal BiLSTM (van den Oord, Kalchbrenner & Kavukcuoglu 2016, arXiv 1601.06759, Sec. 3.2)
+# ----------------------------------------------------------------------------------------
+
+def skew(x):
+    """(B, C, H, W) -> (B, C, H, W + H - 1): row r moved right by r, so that the diagonals
+    become columns (PixelRNN Sec. 3.2, Fig. 3); zeros elsewhere. Pad each row to W + H, read the
+    flat rows with a stride one shorter."""
+    B, C, H, W = x.shape
+    flat = F.pad(x, (0, H)).flatten(2)[:, :, :H * (W + H - 1)]
+    return flat.reshape(B, C, H, W + H - 1)
+
+
+def unskew(s, W):
+    """The inverse of skew: (B, C, H, W + H - 1) -> (B, C, H, W), row r read from column r on."""
+    B, C, H, _ = s.shape
+    return F.pad(s.flatten(2), (0, H)).reshape(B, C, H, W + H)[..., :W]
+
+
+class DiagonalLSTM(nn.Module):
+    """One direction of the Diagonal BiLSTM (PixelRNN Sec. 3.2): on the skewed gates, column by
+    column left to right, the state-to-state K^ss is a 2 x 1 convolution over the previous
+    column's h (rows r - 1 and r), so the state at pixel (r, c) follows those at (r, c - 1) and
+    (r - 1, c): it sees every pixel (r', c') with r' <= r, c' <= c."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.h = h
+        self.state_to_state = nn.Conv1d(h, 4 * h, 2)
+
+    def forward(self, gates):
+        """gates (B, 4h, H, W) of K^is * x -> h (B, h, H, W)."""
+        B, _, H, W = gates.shape
+        g = skew(gates)
+        h = c = gates.new_zeros(B, self.h, H)
+        hs = []
+        for k in range(g.shape[-1]):
+            h, c = lstm_cell(g[..., k] + self.state_to_state(F.pad(h, (1, 0))), c)  # rows r - 1, r
+            hs.append(h)
+        return unskew(torch.stack(hs, dim=-1), W)
+
+
+class DiagonalBiLSTMLayer(nn.Module):
+    """A residual Diagonal BiLSTM layer (PixelRNN Sec. 3.2, Sec. 3.4, Table 1): from 2h maps, a
+    1x1 mask-B K^is per direction (the gates); the left-to-right DiagonalLSTM, and the same run
+    on the image mirrored left-right, whose output (it sees (r, c' >= c), the future) is shifted
+    down one row so that pixel (r, c) reads the state of (r - 1, c): r' < r, c' >= c. Their sum
+    sees every earlier pixel; a 1x1 mask-B convolution back to 2h maps, added to the input."""
+
+    def __init__(self, h, colors, num_classes=0):
+        super().__init__()
+        self.input_to_state = nn.ModuleList(gate_conv(2 * h, h, 1, colors) for _ in range(2))
+        self.lstm = nn.ModuleList(DiagonalLSTM(h) for _ in range(2))
+        self.out = MaskedConv2d(h, 2 * h, 1, "B", colors)
+        self.cond = nn.Embedding(num_classes, 8 * h) if num_classes else None
+
+    def forward(self, x, y=None):
+        bias = _label_bias(self.cond, y)
+        b_lr, b_rl = bias.chunk(2, dim=1) if torch.is_tensor(bias) else (bias, bias)
+        left_to_right = self.lstm[0](self.input_to_state[0](x) + b_lr)
+        right_to_left = self.lstm[1](self.input_to_state[1](x.flip(3)) + b_rl).flip(3)
+        return x + self.out(left_to_right + down_shift(right_to_left))
+
+
+class DiagonalBiLSTM(PixelCNN):
+    """The Diagonal BiLSTM PixelRNN (PixelRNN Sec. 3.2, Table 1): PixelCNN's k0 x k0 mask-A
+    convolution to 2h maps, n_layers residual DiagonalBiLSTMLayers, PixelCNN's output layers and
+    softmax. Each layer sees every earlier position (Fig. 4), so the network sees every earlier
+    pixel, but the last sub-pixel of the row above when it lies beyond the first layer's reach,
+    which no network with a mask-A first layer can see from further left (tests/test_pixelcnn.py)."""
+
+    def __init__(self, channels=1, levels=17, h=32, n_layers=4, first_kernel=7, out_hidden=128, num_classes=0):
+        super().__init__(channels, levels, h, 0, 3, first_kernel, out_hidden, num_classes)
+        self.blocks = nn.ModuleList(DiagonalBiLSTMLayer(h, channels, num_classes) for _ in range(n_layers))
+        self.field_rows = None  # the whole image above
+
+    def forward(self, x, y=None, row=None, cache=None):
+        """x (B, C, H, W) in [-1, 1] -> logits (B, C*L, H, W); with row=i, row i alone from the
+        rows 0 .. i (no row below reaches it; the states are recomputed, not carried)."""
+        if row is not None:
+            return super().forward(x[:, :, :row + 1], y)[:, :, -1:]
+        return super().forward(x, y)
+
+
+# ----------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------
 
-ARCHS = ("gated", "pixelcnn", "pixelcnn++")
+ARCHS = ("gated", "pixelcnn", "pixelcnn++", "rowlstm", "diagonal-bilstm")
+RNNS = ("rowlstm", "diagonal-bilstm")  # PixelRNN's recurrent networks
 
 
 @dataclasses.dataclass
@@ -777,15 +900,18 @@ class Config(RunConfig):
     save_every: int = flag(500, "steps between checkpoints and sample grids")
     # the network and its likelihood
     arch: str = flag("gated", "network: gated (Gated PixelCNN), pixelcnn (the plain masked stack, with its blind "
-                     "spot) or pixelcnn++; the likelihood follows it (a softmax over the levels, or PixelCNN++'s "
-                     "logistic mixture), and each architecture has its own presets (ARCH_PRESETS, README)",
-                     choices=ARCHS)
-    hidden: int = flag(32, "feature maps: p of the gated stacks, h of the plain residual blocks (2h between "
-                           "them), PixelCNN++'s filters; gated: a multiple of the colour channels")
-    layers: int = flag(6, "gated layers; residual blocks of the plain PixelCNN; PixelCNN++'s ResNet layers per stage")
-    kernel: int = flag(3, "kernel size (odd) of the gated and plain layers after the first")
-    first_kernel: int = flag(7, "kernel size (odd) of the first, mask-A layer (gated, plain)")
-    out_hidden: int = flag(128, "maps of the 1x1 layer before the softmax (gated, plain)")
+                     "spot), pixelcnn++, rowlstm or diagonal-bilstm (PixelRNN); the likelihood follows it (a "
+                     "softmax over the levels, or PixelCNN++'s logistic mixture), and each architecture has its "
+                     "own presets (ARCH_PRESETS)", choices=ARCHS)
+    hidden: int = flag(32, "feature maps: p of the gated stacks, h of the plain residual blocks and of the LSTM "
+                           "layers (2h between them), PixelCNN++'s filters; gated: a multiple of the colour "
+                           "channels")
+    layers: int = flag(6, "gated layers; residual blocks of the plain PixelCNN; LSTM layers; PixelCNN++'s ResNet "
+                          "layers per stage")
+    kernel: int = flag(3, "kernel size (odd) of the gated and plain layers after the first; k of the Row LSTM's "
+                          "k x 1 convolutions")
+    first_kernel: int = flag(7, "kernel size (odd) of the first, mask-A layer (gated, plain, LSTMs)")
+    out_hidden: int = flag(128, "maps of the 1x1 layer before the softmax (gated, plain, LSTMs)")
     n_mix: int = flag(5, "components of the discretized logistic mixture (pixelcnn++)")
     dropout: float = flag(0.0, "dropout in PixelCNN++'s ResNet layers (Salimans et al. Sec. 2.5; pixelcnn++ only)")
     cond: bool = flag(False, "class-conditional: a learned bias per class in every layer (Gated PixelCNN Eq. 4)")
@@ -812,7 +938,7 @@ class Config(RunConfig):
 # Presets: {dataset or kind: Config fields}; parse_config applies PRESETS[dataset], else PRESETS[kind].
 # The training recipes of the softmax networks are ours: the papers' optimisers are not stated in
 # what we could check. Parameter counts are tested (tests/test_pixelcnn.py).
-PRESETS: dict[str, dict] = {
+PRESETS = {
     # The Config defaults: 6 gated layers of 32 maps, 122,001 parameters on digits.
     "digits": dict(),
     "digits-binary": dict(),
@@ -830,7 +956,7 @@ PRESETS: dict[str, dict] = {
 }
 PRESETS["fashion-mnist"] = PRESETS["mnist"]
 
-ARCH_PRESETS: dict[str, dict[str, dict]] = {
+ARCH_PRESETS = {
     "gated": PRESETS,
     "pixelcnn": {
         # 5 residual blocks of h = 32 (2h = 64 maps between them): 80,913 parameters on digits.
@@ -848,17 +974,44 @@ ARCH_PRESETS: dict[str, dict[str, dict]] = {
         "mnist": dict(hidden=64, layers=5, n_mix=5, dropout=0.5, batch_size=64, lr=1e-3, beta1=0.95, beta2=0.9995,
                       warmup=0, schedule="exponential", lr_decay=0.99999, ema_decay=0.9995, steps=100_000,
                       save_every=5000, n_samples=16),
-        # The official code's CIFAR-10 model and recipe (openai/pixel-cnn train.py): 160 filters, 5
-        # ResNet layers per stage, 10 components, dropout 0.5 (53,659,080 parameters); batch 96 (12 on
-        # each of 8 GPUs), Adam (0.95, 0.9995), lr 1e-3 times 0.999995 every step, Polyak averaging
-        # 0.9995, no warm-up (it has a data-dependent initialisation, not reproduced here). The number
-        # of steps is ours (its README: about 5 days on 8 GPUs to 2.92 bits/dim).
-        "cifar10": dict(hidden=160, layers=5, n_mix=10, dropout=0.5, batch_size=96, lr=1e-3, beta1=0.95,
+        # CIFAR-10, each value's source: the paper (Salimans et al. 2017) for the discretized logistic
+        # mixture, the three resolutions, short-cuts and dropout; the official code (openai/pixel-cnn,
+        # train.py in its final, archived version, and pixel_cnn_pp/) for every number: 160 filters
+        # (--nr_filters), 5 ResNet layers per stage (--nr_resnet), 10 components (--nr_logistic_mix),
+        # dropout 0.5 (--dropout_p), batch 128 = 16 per GPU (--batch_size) x 8 GPUs (--nr_gpu) (an
+        # earlier train.py had 12 per GPU, 96), Adam betas (0.95, 0.9995) (its adam_updates call), lr
+        # 1e-3 (--learning_rate) times 0.999995 before every update (--lr_decay), Polyak averaging 0.9995
+        # (--polyak_decay); no warm-up (it has a data-dependent initialisation, not reproduced here).
+        # 53,659,080 parameters. Ours: the number of steps (its README: about 5 days on 8 GPUs to
+        # 2.92 bits/dim), the checkpoint cadence and the samples drawn.
+        "cifar10": dict(hidden=160, layers=5, n_mix=10, dropout=0.5, batch_size=128, lr=1e-3, beta1=0.95,
                         beta2=0.9995, warmup=0, schedule="exponential", lr_decay=0.999995, ema_decay=0.9995,
                         steps=1_000_000, save_every=10_000, n_samples=16),
     },
 }
 ARCH_PRESETS["pixelcnn++"]["fashion-mnist"] = ARCH_PRESETS["pixelcnn++"]["mnist"]
+# PixelRNN (van den Oord et al. 2016): the kernels are Table 1's (7x7 mask A first; Row LSTM 3 x 1
+# input-to-state and state-to-state; Diagonal BiLSTM 1x1 and 2 x 1); the depths and widths h are
+# Sec. 5's as commonly cited (not re-checked against the paper's text here); the width of the output
+# layers, the optimiser and the number of steps are ours (the same as the PixelCNN's presets).
+_CIFAR10_RNN = dict(hidden=128, layers=12, kernel=3, first_kernel=7, out_hidden=1024, batch_size=64, lr=1e-3,
+                    warmup=1000, steps=200_000, ema_decay=0.9995, save_every=10_000, n_samples=16)
+ARCH_PRESETS["rowlstm"] = {
+    # ours: 4 Row LSTM layers of h = 32 on small images (digits: 8 rows)
+    "image": dict(hidden=32, layers=4, kernel=3, first_kernel=7, out_hidden=128),
+    # 12 layers of h = 128; published: Row LSTM 3.07 bits/dim. A GPU preset.
+    "cifar10": _CIFAR10_RNN,
+    "points": PRESETS["points"],
+}
+ARCH_PRESETS["diagonal-bilstm"] = {
+    "image": dict(hidden=32, layers=4, kernel=3, first_kernel=7, out_hidden=128),
+    # binarised MNIST, 7 layers of h = 16; published: 79.20 nats. Output width 64 and the optimiser are ours.
+    "mnist": dict(binarize=True, hidden=16, layers=7, kernel=3, first_kernel=7, out_hidden=64, batch_size=64,
+                  lr=1e-3, warmup=500, steps=50_000, ema_decay=0.9995, save_every=5000, n_samples=16),
+    # 12 layers of h = 128; published: Diagonal BiLSTM 3.00 bits/dim. A GPU preset.
+    "cifar10": _CIFAR10_RNN,
+    "points": PRESETS["points"],
+}
 
 
 def check_config(cfg):
@@ -877,6 +1030,9 @@ def check_config(cfg):
     check_range(cfg, "lr_decay", 0, 1, open_low=True)
     for name in ("beta1", "beta2", "ema_decay", "dropout"):
         check_range(cfg, name, 0, 1, open_high=True)
+    if cfg.arch == "diagonal-bilstm" and cfg.kernel != 3:
+        raise UserError(f"--kernel {cfg.kernel} is not used by --arch diagonal-bilstm (its convolutions are 1x1 "
+                        "and 2 x 1, PixelRNN Sec. 3.2); accepted: --kernel 3, or --arch rowlstm, gated or pixelcnn")
     if cfg.dropout and cfg.arch != "pixelcnn++":
         raise UserError(f"--dropout {cfg.dropout} is PixelCNN++'s (Salimans et al. Sec. 2.5); accepted: "
                         "--arch pixelcnn++, or --dropout 0")
@@ -884,8 +1040,9 @@ def check_config(cfg):
 
 def learning_rate(step, cfg):
     """The learning rate of step `step` (0-based): linear warm-up over --warmup steps, then the
-    cosine decay to --min-lr at --decay-steps (or --steps), or lr * lr_decay^(step + 1) as the
-    official PixelCNN++ code multiplies before every update, or constant."""
+    cosine decay to --min-lr at --decay-steps (or --steps) (Loshchilov & Hutter 2017, arXiv
+    1608.03983, Eq. 5), or lr * lr_decay^(step + 1) as the official PixelCNN++ code multiplies
+    before every update, or constant."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.schedule == "exponential":
@@ -1025,38 +1182,35 @@ def build(cfg, info):
         accepted = f"a multiple of {C}" if cfg.arch == "gated" else f"at least {C}"
         raise UserError(f"--hidden {cfg.hidden} does not split into {C} colour groups (PixelRNN Sec. 3.4); "
                         f"accepted: {accepted}")
-    network = GatedPixelCNN if cfg.arch == "gated" else PixelCNN
-    return network(C, model_levels(cfg, info), cfg.hidden, cfg.layers, cfg.kernel, cfg.first_kernel, cfg.out_hidden,
-                   classes)
+    levels = model_levels(cfg, info)
+    if cfg.arch == "diagonal-bilstm":
+        return DiagonalBiLSTM(C, levels, cfg.hidden, cfg.layers, cfg.first_kernel, cfg.out_hidden, classes)
+    network = {"gated": GatedPixelCNN, "pixelcnn": PixelCNN, "rowlstm": RowLSTM}[cfg.arch]
+    return network(C, levels, cfg.hidden, cfg.layers, cfg.kernel, cfg.first_kernel, cfg.out_hidden, classes)
 
 
 def train(cfg):
     """Maximum likelihood: the exact NLL of each training batch (one network evaluation, the masks
     give every conditional at once) with Adam and an EMA of the weights; under torchrun every
     process trains on its slice of the global batch (DDP)."""
-    dist = init_distributed(cfg.device)
-    out = open_run(cfg, MODEL, dist)
-    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    info = ds.info
-    seed_everything(cfg.seed)  # the same initial weights on every process
-    net = build(cfg, info).to(dist.device)
-    ema = EMA(net, cfg.ema_decay)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
-    if cfg.resume:
-        step = resume(cfg, MODEL, dist, model=net, ema=ema, opt=opt, batches=batches)
-    else:
-        step = 0
-        seed_everything(cfg.seed + dist.rank)  # dropout differs between processes
-    start = step
-    model = wrap_ddp(net, dist, cfg.compile)  # DDP over the processes, then torch.compile
-    test = load_dataset(cfg.dataset, "test", cfg.data_dir) if info.kind == "image" else None  # completions
-    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
-    levels, dims = model_levels(cfg, info), math.prod(image_shape(info))
-    amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-    fast = not cfg.naive_sampler
-    with StopSignal() as stop:
-        while step < cfg.steps:
+    with Training(cfg, MODEL) as run:
+        ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        info = ds.info
+        seed_everything(cfg.seed)  # the same initial weights on every process
+        net = build(cfg, info).to(run.device)
+        ema = EMA(net, cfg.ema_decay)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        batches = Batches(ds, cfg.batch_size, run.dist, seed=cfg.seed)
+        step = run.start(info, model=net, ema=ema, opt=opt, batches=batches)
+        model = wrap_ddp(net, run.dist, cfg.compile)
+        test = load_dataset(cfg.dataset, "test", cfg.data_dir) if info.kind == "image" else None  # completions
+        levels, dims = model_levels(cfg, info), math.prod(image_shape(info))
+        amp = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+
+        def pictures(step):
+            write_pictures(ema.model, cfg, info, run.out, step, run.logger, test, fast=not cfg.naive_sampler)
+
+        for step in run.steps(step, pictures):
             lr = learning_rate(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -1070,30 +1224,9 @@ def train(cfg):
                 torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             opt.step()
             ema.update(net)
-            step += 1
-            value = dist.mean(loss)
-            check_finite(value, step)
-            bits = {"bits_per_dim": value / math.log(2)} if info.kind == "image" else {}
-            logger.log(step, cfg.batch_size, loss=value, **bits, lr=lr)
-            stopping = dist.any(stop.requested)
-            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                save_training(out, MODEL, step, cfg, info, dist, model=net, ema=ema, opt=opt, batches=batches)
-                if dist.is_main and not stopping:  # asked to stop: no pictures, say how to continue
-                    with stop.interruptible():  # a signal now stops at once; the checkpoint is whole
-                        write_pictures(ema.model, cfg, info, out, step, logger, test, fast)
-            if stopping:
-                if dist.is_main:
-                    print(f"stopped at step {step}; continue with --resume", flush=True)
-                break
-        if step == start:  # --steps 0, or nothing left to train: still a checkpoint
-            save_training(out, MODEL, step, cfg, info, dist, model=net, ema=ema, opt=opt, batches=batches)
-            if dist.is_main:
-                with stop.interruptible():
-                    write_pictures(ema.model, cfg, info, out, step, logger, test, fast)
-    logger.close()
-    dist.close()
-    if dist.is_main:
-        report_files(out, ["ckpt.pt", f"samples_{step}.png", f"completion_{step}.png", "metrics.jsonl", "loss.png"])
+            bits = {"bits_per_dim": loss / math.log(2)} if info.kind == "image" else {}
+            run.log(loss=loss, **bits, lr=lr)
+    run.report(["ckpt.pt", f"samples_{run.step}.png", f"completion_{run.step}.png", "metrics.jsonl", "loss.png"])
 
 
 def evaluate(cfg):
@@ -1163,11 +1296,9 @@ def load(path, device="cpu"):
 
 def main(argv=None):
     """Train (default), or --eval CKPT, or --sample CKPT; a user's mistake exits with one line.
-    The presets are the architecture's: PRESETS for the Gated PixelCNN, ARCH_PRESETS[--arch] else."""
+    The presets are the architecture's: ARCH_PRESETS[--arch] (PRESETS for the Gated PixelCNN)."""
     with user_errors():
-        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
-        if cfg.arch != "gated":
-            cfg = parse_config(Config, ARCH_PRESETS[cfg.arch], argv, doc=__doc__, kinds=("image", "points"))
+        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"), arch_presets=ARCH_PRESETS)
         check_config(cfg)
         return dispatch(cfg, train, evaluate, draw_samples)
 

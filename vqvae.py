@@ -1,75 +1,55 @@
-"""VQ-VAE: a discrete autoencoder with straight-through gradients, an EMA codebook, an
-autoregressive prior over its code maps, and a likelihood bound in bits/dim.
+"""VQ-VAE and VQ-VAE-2: discrete autoencoders with straight-through gradients, EMA codebooks,
+autoregressive priors over their code maps, and a likelihood bound in bits/dim.
 
 Papers
-  van den Oord, Vinyals & Kavukcuoglu 2017, "Neural Discrete Representation Learning",
-    arXiv 1711.00937 (VQ-VAE: Eqs. 1-3, Sec. 3.2 straight-through, App. A.1 EMA codebook).
+  van den Oord, Vinyals & Kavukcuoglu 2017, "Neural Discrete Representation Learning", arXiv 1711.00937.
   Razavi, van den Oord & Vinyals 2019, "Generating Diverse High-Fidelity Images with VQ-VAE-2",
-    arXiv 1906.00446 (the two-level hierarchy: NOT implemented here).
-  Vaswani et al. 2017, "Attention Is All You Need", arXiv 1706.03762 (the causal transformer
-    that serves as the prior over the codes).
+    arXiv 1906.00446 (--levels 2).
+  Vaswani et al. 2017, "Attention Is All You Need", arXiv 1706.03762 (the priors' transformer).
 
-Implemented: nearest-code quantisation with the straight-through estimator; the loss of Eq. 3
-(reconstruction log-likelihood, codebook term, commitment term with beta = 0.25); the EMA
-codebook of App. A.1 (decay 0.99) with Laplace-smoothed cluster sizes as in the authors' Sonnet
-module, or the codebook term instead (--codebook loss); restart of dead codes (a code unused
-for --restart-after steps is re-seeded with an encoder output); the codebook perplexity; an
-autoregressive prior over the flattened code map (a causal transformer, our choice where the
-paper uses a PixelCNN), trained on the codes of the training set after the autoencoder;
-ancestral sampling (prior samples -> decoder); the bound -log p(x) <= -log p(x | z_q(x)) -
-log p(z(x)) per example in nats and bits/dim, with a decoder normalised over the discrete
-levels; the exact marginal likelihood by enumerating every code map where that is feasible (a
-2D point set's single code). Networks: the paper's CIFAR-10 encoder and decoder (stride-2 4x4
-convolutions and residual 3x3 blocks of 256 units) scaled by flags, MLPs for 2D points.
-Not implemented: VQ-VAE-2's hierarchy of code maps and its PixelSNAIL priors; the paper's
-PixelCNN prior; the audio, video and speaker-conversion models; class-conditional priors.
+Implemented: nearest-code quantisation, straight-through gradients, the loss of Eq. 3 (beta 0.25),
+the EMA codebook of App. A.1 (Laplace-smoothed as the authors' Sonnet module) or the codebook term
+(--codebook loss), dead codes re-seeded from encoder outputs (ours); a causal-transformer prior
+trained on the frozen autoencoder's codes (ours where the paper uses a PixelCNN); the bound
+-log p(x) <= -log p(x | z(x)) - log p(z(x)) in nats and bits/dim, the decoder a categorical over
+the L levels of every sub-pixel, so no dequantisation (2D points: a Gaussian per code, and the
+exact mixture density).
+VQ-VAE-2: a top map at half the side of the bottom map (--down sets the bottom: 4x4 under 2x2 for
+digits, 8x8 under 4x4 for CIFAR-10), the bottom encoder reading the decoded top, the decoder both;
+a top prior and a bottom prior that reads the whole top map by cross-attention (the paper:
+PixelCNNs with self-attention); the bound with both priors' NLLs. Networks: Sec. 4.1's text (all
+256 wide, residual blocks right after the strided convolutions). DeepMind's Sonnet example differs:
+a 3x3 convolution follows the strided ones, the first strided and the first transposed convolution
+are half as wide, the residual 3x3s 32 wide; its decoder's input 3x3 convolution is ours
+(PRESETS["cifar10"] has the details).
+Not implemented: PixelCNN/PixelSNAIL priors, VQ-VAE-2's third level, class conditioning and
+rejection sampling; the audio, video and speaker models.
 
-Training: --steps counts both stages. The autoencoder trains for the first --ae-fraction of
-them (Eq. 3 under a uniform prior, as in the paper), then the prior on the codes of the frozen
-autoencoder; --stage ae trains only the former, --stage prior --resume only the latter.
-
-The model. An encoder maps x to z_e(x), an (h, w) map of D-dimensional vectors; each vector is
-replaced by its nearest code e_k of a codebook of K vectors (the discrete latent z, an (h, w)
-map of integers in [0, K)), and the decoder gives p(x | z_q) from the code vectors z_q = e_z.
-The generative model is z ~ p(z) (the prior over code maps), x ~ p(x | e_z). The posterior
-q(z | x) is one-hot at z(x) (Eq. 1), so its ELBO is log p(x | z_q(x)) + log p(z(x)): with a
-uniform prior KL = h w log K (Sec. 3.1), with the learned prior KL = -log p(z(x)). `--eval`
-reports the learned prior's bound as `nll` (and the uniform prior's beside it).
-
-Data conventions: images arrive as integer levels 0..L-1; the encoder sees x / (L - 1) * 2 - 1
-and the decoder is an independent categorical over the L levels of every sub-pixel, so
-p(x | z_q) sums to 1 over the L^(C H W) images and bits/dim = bound / (C H W ln 2) are those of
-the discrete data, with no dequantisation (17 levels for digits, 256 for CIFAR-10). 2D points
-are continuous: the encoder maps a point to one code (h w = 1), the decoder is a Gaussian with
-a mean and a diagonal variance per code, and the prior a categorical over the K codes: a
-mixture of K Gaussians found like K-means, whose bound is on the continuous NLL in nats and
-whose exact density log sum_k p(k) N(x; mu_k, sigma_k^2) is enumerated for density.npz.
-
-Run it
-  python vqvae.py                                   # digits: autoencoder, then prior (CPU, minutes)
+Run it (--steps counts both stages: the autoencoder for --ae-fraction of them, then the prior)
+  python vqvae.py [--levels 2]                      # digits, CPU, minutes
+  python vqvae.py --eval runs/vqvae-digits/ckpt.pt  # the bound in bits/dim, each prior's NLL
   python vqvae.py --sample runs/vqvae-digits/ckpt.pt
-  python vqvae.py --eval runs/vqvae-digits/ckpt.pt  # the bound in bits/dim, reconstruction error
-  python vqvae.py --steps 1500 --stage ae           # the autoencoder alone, then ...
-  python vqvae.py --stage prior --resume --steps 3000   # ... the prior on its codes
-  python vqvae.py --dataset cifar10                 # the paper's CIFAR-10 autoencoder
-  python vqvae.py --dataset 8gaussians              # 2D points: K-means-like Gaussian mixture
+  (--stage ae, then --stage prior --resume: one stage at a time; --dataset cifar10: Sec. 4.1;
+   --dataset 8gaussians: one code per point, a K-means-like mixture of Gaussians)
 
-Map from the paper to the names below
-  Eq. 1 (q(z = k | x) one-hot at the nearest code)    quantize (codes)
-  Eq. 2 (z_q(x) = e_k)                                quantize (z_q)
-  Sec. 3.2 (straight-through gradient, z_e <- z_q)    quantize (z_st)
-  Eq. 3 (log p(x|z_q) + ||sg[z_e] - e||^2             vqvae_loss, vq_terms, decoder_log_prob
-         + beta ||z_e - sg[e]||^2)
-  App. A.1 (EMA: N_i, m_i, e_i = m_i / N_i)           codebook_statistics, ema_codebook_update
-  dead-code restart (not in the paper; ours)          update_unused, random_encoder_outputs,
-                                                      restart_dead_codes
-  codebook perplexity exp(H(usage))                   perplexity
-  Sec. 3.3 (prior over z, fit after training)         prior_nll, sample_codes, CodePrior
-  Sec. 3.1 (KL = log K under a uniform prior), Sec. 3
-    (log p(x) >= log p(x | z_q(x)) p(z_q(x)))         nll_bound, bits_per_dim
-  exact log p(x) = log sum_z p(z) p(x | e_z)          exact_log_likelihood
-  sampling: prior -> decoder                          generate, decoder_sample
-  Sec. 4.1 (encoder, decoder, residual blocks)        ConvEncoder, ConvDecoder, ResBlock
+Paper -> code
+  VQ-VAE Eq. 1-2      z = argmin_k ||z_e - e_k||, z_q = e_z               quantize
+  VQ-VAE Sec. 3.2     z_st = sg[z_q] + z_e - sg[z_e] (gradient copied)   quantize
+  VQ-VAE Eq. 3        -log p(x|z_q) + ||sg[z_e] - e||^2                   vqvae_loss, vq_terms,
+                        + beta ||z_e - sg[e]||^2                          decoder_log_prob
+  VQ-VAE App. A.1     N <- g N + (1-g) n, m <- g m + (1-g) sum z, e = m/N  ema_codebook_update, Codebook
+  (ours)              codes unused for T steps <- encoder outputs         restart_dead_codes
+  usage               perplexity exp(H(n_i / sum n))                      perplexity
+  VQ-VAE Sec. 3.3     p(z) = prod_t p(z_t | z_<t)                         prior_nll, sample_codes, CodePrior
+  VQ-VAE Sec. 3       -log p(x) <= -log p(x|z_q(x)) - log p(z(x))         nll_bound, bits_per_dim
+  exact               log p(x) = log sum_z p(z) p(x|e_z)                  exact_log_likelihood
+  VQ-VAE Sec. 3       z ~ p(z), x ~ p(x|e_z)                              generate, decoder_sample
+  VQ-VAE Sec. 4.1     stride-2 4x4 convolutions, residual 3x3 blocks      ConvEncoder, ConvDecoder, ResBlock
+  VQ-VAE-2 Alg. 1     e_top = Q(E_top(x)), e_bot = Q(E_bot(x, D_top(e_top))), x^ = D(e_top, e_bot)   VQVAE2
+  VQ-VAE-2 Sec. 3.2   p(z_top) p(z_bot | z_top)                           HierarchicalPrior
+  bound, two maps     -log p(x|z_top,z_bot) - log p(z_top) - log p(z_bot|z_top)  hierarchical_nll_bound
+  exact, two maps     log sum_{z_top,z_bot} p(z_top) p(z_bot|z_top) p(x|.)  hierarchical_exact_log_likelihood
+  VQ-VAE-2 Alg. 2     z_top ~ p, z_bot ~ p(.|z_top), x ~ p(x|z_top,z_bot)  hierarchical_generate
 """
 from __future__ import annotations
 
@@ -84,11 +64,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range,
-                    density_on_grid, dispatch, entropy_estimate, flag, get_device, init_distributed,
-                    load_checkpoint, load_dataset, load_weights, open_run, output_dir, parse_config,
-                    report_files, resume, save_density, save_image_grid, save_scatter, save_training,
-                    saved_config, seed_everything, user_errors, wrap_ddp)
+from common import (Batches, Logger, RunConfig, Training, UserError, check_range, density_on_grid, dispatch,
+                    entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
+                    parse_config, report_files, save_density, save_image_grid, save_scatter, saved_config,
+                    seed_everything, user_errors, wrap_ddp)
 
 
 # ----------------------------------------------------------------------------------------
@@ -97,31 +76,22 @@ from common import (Batches, Logger, RunConfig, StopSignal, UserError, check_fin
 
 def quantize(z_e, codebook, chunk=2**22):
     """Nearest-code quantisation (van den Oord et al. Eqs. 1-2) and the straight-through
-    estimator (Sec. 3.2).
-
-    z_e: (..., D) encoder outputs, codebook: (K, D) the codes e_1..e_K. Returns
-      codes (...) int64: argmin_k ||z_e - e_k||^2 (Eq. 1), ties going to the lowest k;
-      z_q (..., D): e_codes (Eq. 2), differentiable in the codebook only;
-      z_st (..., D): the decoder's input, equal to z_q in value and to z_e in gradient: the
-        gradient at the decoder's input is copied to the encoder's output (Sec. 3.2). Written
-        sg[z_q] + (z_e - sg[z_e]), the same estimator as z_e + sg[z_q - z_e], but its value is
-        z_q exactly (the usual form rounds: 0.9 + (0.1 - 0.9) = 0.09999999999999998).
-    Distances are sums of squared differences (no |z|^2 - 2 z.e + |e|^2, which cancels and can
-    break ties), in float32 at least, over chunks of rows holding at most `chunk` elements.
-    """
+    estimator (Sec. 3.2). z_e (..., D), codebook (K, D) -> codes (...) = argmin_k ||z_e - e_k||^2
+    (ties to the lowest k), z_q = e_codes (differentiable in the codebook only), and the decoder's
+    input z_st = sg[z_q] + (z_e - sg[z_e]): z_q in value, z_e in gradient."""
     if z_e.shape[-1] != codebook.shape[-1] or codebook.dim() != 2:
         raise ValueError(f"z_e (..., {z_e.shape[-1]}) and codebook {tuple(codebook.shape)} need the same last dim D")
     K, D = codebook.shape
     dtype = torch.promote_types(z_e.dtype, torch.float32)
-    with torch.no_grad():
+    with torch.no_grad():  # sums of squared differences: |z|^2 - 2 z.e + |e|^2 cancels and can break ties
         flat, e = z_e.detach().reshape(-1, D).to(dtype), codebook.detach().to(dtype)
-        rows = max(1, chunk // (K * D))
+        rows = max(1, chunk // (K * D))  # chunks of at most `chunk` elements
         codes = torch.cat([((flat[i:i + rows, None, :] - e[None]) ** 2).sum(-1).argmin(1)
                            for i in range(0, flat.shape[0], rows)]) if flat.shape[0] else \
             torch.zeros(0, dtype=torch.long, device=z_e.device)
     codes = codes.reshape(z_e.shape[:-1])
     z_q = F.embedding(codes, codebook)
-    z_st = z_q.detach() + (z_e - z_e.detach())
+    z_st = z_q.detach() + (z_e - z_e.detach())  # z_e + sg[z_q - z_e] would round: 0.9 + (0.1 - 0.9) != 0.1
     return codes, z_q, z_st
 
 
@@ -155,19 +125,19 @@ def decoder_log_prob(x, out, levels=None):
 def vq_terms(z_e, z_q):
     """The two vector-quantisation terms of Eq. 3, summed over latent positions and dimensions,
     per example (B,): codebook ||sg[z_e] - e||^2 (its gradient moves the codes only) and
-    commitment ||z_e - sg[e]||^2 (it moves the encoder only)."""
+    commitment ||z_e - sg[e]||^2 (it moves the encoder only). Tuples of maps (VQ-VAE-2's top
+    and bottom) give the sums over the maps (Razavi et al. Sec. 3.1: each level's own terms)."""
+    if isinstance(z_e, tuple):
+        terms = [vq_terms(e, q) for e, q in zip(z_e, z_q)]
+        return sum(t[0] for t in terms), sum(t[1] for t in terms)
     return _sum_per_example((z_e.detach() - z_q) ** 2), _sum_per_example((z_e - z_q.detach()) ** 2)
 
 
 def vqvae_loss(model, x, target, beta=0.25, codebook_loss=True, levels=None):
-    """The loss of Eq. 3 per example (B,) in nats:
-    L = -log p(x | z_q(x)) + ||sg[z_e(x)] - e||^2 + beta ||z_e(x) - sg[e]||^2.
-
-    With codebook_loss False the codebook term is left out: the codes then move by the EMA of
-    App. A.1 (ema_codebook_update). model(x) -> (decoder output, z_e, z_q, codes), as VQVAE;
-    x is the encoder's input, target the data the decoder scores (levels or points). Returns a
-    dict of the per-example loss and its terms, with z_e and codes for the codebook statistics.
-    """
+    """The loss of Eq. 3 per example (B,) in nats: -log p(x | z_q(x)) + ||sg[z_e(x)] - e||^2
+    + beta ||z_e(x) - sg[e]||^2, without the codebook term when the EMA moves the codes
+    (codebook_loss False). model(x) -> (decoder output, z_e, z_q, codes) (tuples of both maps for
+    VQVAE2); target is what the decoder scores. A dict of the terms, z_e and codes."""
     out, z_e, z_q, codes = model(x)
     recon = -decoder_log_prob(target, out, levels)
     codebook, commitment = vq_terms(z_e, z_q)
@@ -190,15 +160,11 @@ def codebook_statistics(z_e, codes, num_codes):
 
 
 def ema_codebook_update(codebook, cluster_size, embed_sum, counts, sums, decay=0.99, eps=1e-5):
-    """The EMA codebook update of App. A.1, with decay gamma:
-        N_i <- gamma N_i + (1 - gamma) n_i,   m_i <- gamma m_i + (1 - gamma) sum_j z_{i,j},
-        e_i = m_i / N~_i,
-    N~_i = (N_i + eps) / (n + K eps) * n with n = sum_i N_i: the Laplace smoothing of the
-    authors' Sonnet module (VectorQuantizerEMA), so that a code whose N_i has decayed towards 0
-    does not divide by it; sum_i N~_i = n. With gamma = 0 and eps = 0 every used code sits at the
-    mean of the encoder outputs assigned to it (a K-means step). A code with N~_i = 0 (eps = 0
-    and never used) keeps its vector. Returns the new (cluster_size, embed_sum, codebook).
-    """
+    """The EMA codebook update of App. A.1 with decay gamma: N_i <- gamma N_i + (1 - gamma) n_i,
+    m_i <- gamma m_i + (1 - gamma) sum_j z_{i,j}, e_i = m_i / N~_i, with the Laplace smoothing
+    N~_i = (N_i + eps) / (n + K eps) n, n = sum_i N_i, of the authors' Sonnet module
+    (VectorQuantizerEMA). A code with N~_i = 0 keeps its vector. Returns the new (cluster_size,
+    embed_sum, codebook)."""
     if not 0 <= decay <= 1 or eps < 0:
         raise ValueError(f"decay {decay} must be in [0, 1] and eps {eps} >= 0")
     K = cluster_size.shape[0]
@@ -255,40 +221,38 @@ def perplexity(counts):
 # The prior over code maps (Sec. 3.3), the bound, and sampling
 # ----------------------------------------------------------------------------------------
 
-def prior_nll(prior, codes, num_codes):
+def prior_nll(prior, codes, num_codes, cond=None):
     """-log p(z) per example (B,) in nats, by the chain rule over the L = h w codes in raster
     order: p(z) = prod_t p(z_t | z_<t) (the autoregressive prior of Sec. 3.3). codes (B, L) int;
     prior(idx) -> logits (B, T, K) must be causal; its input starts with the token `num_codes`,
-    which it never predicts, so p sums to 1 over the K^L code maps."""
+    which it never predicts, so p sums to 1 over the K^L code maps. With `cond` (B, S), codes
+    the prior reads whole (VQ-VAE-2's top map): -log p(z | cond), by prior(idx, cond)."""
     start = torch.full((codes.shape[0], 1), num_codes, dtype=torch.long, device=codes.device)
-    logits = prior(torch.cat([start, codes[:, :-1]], 1))
+    idx = torch.cat([start, codes[:, :-1]], 1)
+    logits = prior(idx) if cond is None else prior(idx, cond)
     logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     return -logp.gather(-1, codes[..., None]).squeeze(-1).sum(1)
 
 
 @torch.inference_mode()
-def sample_codes(prior, n, length, num_codes, generator=None, temperature=1.0):
+def sample_codes(prior, n, length, num_codes, generator=None, temperature=1.0, cond=None):
     """n code maps (n, length) drawn from the prior one code at a time (ancestral sampling), on
-    the generator's device (the CPU without one); temperature divides the logits."""
+    the generator's device (the CPU without one); temperature divides the logits; `cond` (n, S)
+    the codes a conditional prior reads (prior_nll)."""
     if temperature <= 0:
         raise ValueError(f"temperature {temperature} must be > 0")
     device = generator.device if generator is not None else torch.device("cpu")
     seq = torch.full((n, 1), num_codes, dtype=torch.long, device=device)
     for _ in range(length):
-        logits = prior(seq)[:, -1].float() / temperature
+        logits = (prior(seq) if cond is None else prior(seq, cond))[:, -1].float() / temperature
         seq = torch.cat([seq, torch.multinomial(F.softmax(logits, -1), 1, generator=generator)], 1)
     return seq[:, 1:]
 
 
 def nll_bound(model, prior, x, target, num_codes, levels=None):
-    """The bound -log p(x) <= -log p(x | z_q(x)) - log p(z(x)) per example (B,), in nats.
-
-    q(z | x) is one-hot at the nearest codes z(x) (Eq. 1) and has entropy 0, so the ELBO is
-    log p(x | z_q(x)) - KL(q || p) with KL = -log p(z(x)): log K per latent under the uniform
-    prior of training (Sec. 3.1), the prior's NLL of the code map under the learned one (here):
-    the bound log p(x) >= log p(x | z_q(x)) p(z_q(x)) the paper states in Sec. 3.
-    Returns (bound, reconstruction NLL, prior NLL, decoder output, codes), the first three (B,).
-    """
+    """The bound -log p(x) <= -log p(x | z_q(x)) - log p(z(x)) per example (B,), in nats (Sec. 3;
+    q(z|x) is one-hot at z(x), Eq. 1, so the ELBO's KL is -log p(z(x)); log K per code under the
+    uniform prior of Sec. 3.1). Returns (bound, reconstruction NLL, prior NLL, decoder output, codes)."""
     out, _, _, codes = model(x)
     recon = -decoder_log_prob(target, out, levels)
     prior_term = prior_nll(prior, codes.reshape(codes.shape[0], -1), num_codes)
@@ -300,23 +264,30 @@ def exact_log_likelihood(model, prior, target, latent_shape, num_codes, levels=N
     K^L code maps (L = prod(latent_shape)): the exact likelihood the bound of nll_bound is an
     upper bound of (its sum holds the term of z(x)). Feasible for a few codes only: a 2D point's
     single code, or a toy model. model.decode(codes (M, *latent_shape)) -> decoder outputs."""
-    L = math.prod(latent_shape)
-    if num_codes ** L > max_maps:
-        raise ValueError(f"{num_codes}^{L} code maps are too many to enumerate (at most {max_maps})")
-    device = target.device
-    maps = torch.cartesian_prod(*[torch.arange(num_codes, device=device)] * L).reshape(-1, L)
-    log_prior = -prior_nll(prior, maps, num_codes)  # (M,)
-    out = model.decode(maps.reshape(-1, *latent_shape))
+    maps = all_code_maps(num_codes, math.prod(latent_shape), target.device, max_maps)
+    return log_marginal(target, model.decode(maps.reshape(-1, *latent_shape)), -prior_nll(prior, maps, num_codes),
+                        levels)
+
+
+def all_code_maps(num_codes, length, device=None, max_maps=2**16):
+    """Every one of the K^L code maps, (K^L, L) int64, for exact sums over z."""
+    if num_codes ** length > max_maps:
+        raise ValueError(f"{num_codes}^{length} code maps are too many to enumerate (at most {max_maps})")
+    return torch.cartesian_prod(*[torch.arange(num_codes, device=device)] * length).reshape(-1, length)
+
+
+def log_marginal(target, out, log_prior, levels=None):
+    """log sum_m p(z_m) p(x | z_m) per example (B,): out (M, ...) the decoder's output for each
+    of M code maps z_m, log_prior (M,) their log-probabilities."""
     B = target.shape[0]
     log_joint = torch.stack([decoder_log_prob(target, out[m:m + 1].expand(B, *out.shape[1:]), levels)
-                             for m in range(maps.shape[0])], 1) + log_prior
+                             for m in range(out.shape[0])], 1) + log_prior
     return torch.logsumexp(log_joint, 1)
 
 
-def bits_per_dim(nll_nats, num_dims):
-    """Bits per dimension from a per-example NLL in nats: nll / (D ln 2). The decoder is
-    normalised over the integer levels, so no offset for a rescaling is needed."""
-    return nll_nats / (num_dims * math.log(2.0))
+def bits_per_dim(nats, dims):
+    """Nats per example -> bits per dimension: nats / (dims ln 2)."""
+    return nats / (dims * math.log(2))
 
 
 def decoder_mean(out, levels=None):
@@ -352,6 +323,48 @@ def generate(model, prior, n, latent_shape, num_codes, levels=None, mode=False, 
 
 
 # ----------------------------------------------------------------------------------------
+# VQ-VAE-2 (Razavi et al. 2019, arXiv 1906.00446)
+# ----------------------------------------------------------------------------------------
+# Two code maps: z_top at half the side of z_bottom (VQVAE2 below: the bottom encoder reads the
+# decoded top, the decoder reads both), each quantised, straight-through and EMA-updated as
+# above; a prior p(z_top) p(z_bottom | z_top) (HierarchicalPrior), trained after the autoencoder
+# on its codes (Sec. 3.2, Algorithm 2).
+
+def hierarchical_nll_bound(model, prior, x, target, levels=None):
+    """-log p(x) <= -log p(x | z_top, z_bottom) - log p(z_top) - log p(z_bottom | z_top) per example
+    (B,), in nats: nll_bound's bound (q one-hot on both maps, Eq. 1) with Razavi et al.'s prior
+    (Sec. 3.2); prior(top, bottom) -> the two NLLs. Returns (bound, reconstruction NLL, top NLL,
+    bottom NLL, decoder output, (top codes, bottom codes))."""
+    out, _, _, codes = model(x)
+    recon = -decoder_log_prob(target, out, levels)
+    nll_top, nll_bottom = prior(*codes)
+    return recon + nll_top + nll_bottom, recon, nll_top, nll_bottom, out, codes
+
+
+def hierarchical_exact_log_likelihood(model, prior, target, top_shape, bottom_shape, num_codes, levels=None,
+                                      max_maps=2**16):
+    """log p(x) = log sum_{z_top, z_bottom} p(z_top) p(z_bottom | z_top) p(x | z_top, z_bottom) per
+    example (B,), in nats, by enumerating all K^(L_top + L_bottom) pairs of maps (a toy model):
+    what hierarchical_nll_bound bounds. model.decode(top, bottom) -> decoder outputs."""
+    L_top = math.prod(top_shape)
+    maps = all_code_maps(num_codes, L_top + math.prod(bottom_shape), target.device, max_maps)
+    top, bottom = maps[:, :L_top].reshape(-1, *top_shape), maps[:, L_top:].reshape(-1, *bottom_shape)
+    nll_top, nll_bottom = prior(top, bottom)
+    return log_marginal(target, model.decode(top, bottom), -nll_top - nll_bottom, levels)
+
+
+@torch.inference_mode()
+def hierarchical_generate(model, prior, n, top_shape, bottom_shape, num_codes, levels=None, mode=False,
+                          generator=None, temperature=1.0):
+    """Samples (Razavi et al. Sec. 3.2): z_top ~ p(z_top), then z_bottom ~ p(z_bottom | z_top),
+    then x ~ p(x | z_top, z_bottom) (or its mode). prior.top and prior.bottom are CodePriors."""
+    top = sample_codes(prior.top, n, math.prod(top_shape), num_codes, generator, temperature)
+    bottom = sample_codes(prior.bottom, n, math.prod(bottom_shape), num_codes, generator, temperature, cond=top)
+    out = model.decode(top.reshape(n, *top_shape), bottom.reshape(n, *bottom_shape))
+    return decoder_sample(out, levels, mode, generator)
+
+
+# ----------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------
 
@@ -369,8 +382,10 @@ class ResBlock(nn.Module):
 
 class ConvEncoder(nn.Module):
     """Sec. 4.1: `down` stride-2 4x4 convolutions, then `res_blocks` residual blocks, all `hidden`
-    units wide (2 and 2 of 256 for CIFAR-10), then a 1x1 convolution to the code dimension D (our
-    addition, so that D need not equal the width). (B, C, H, W) -> (B, H / 2^down, W / 2^down, D)."""
+    units wide (2 and 2 of 256 for CIFAR-10), then a 1x1 convolution to the code dimension D (as
+    the Sonnet example's; the paper is silent), so that D need not equal the width. No 3x3
+    convolution between the strided ones and the residual blocks, unlike the Sonnet example
+    (PRESETS["cifar10"]). (B, C, H, W) -> (B, H / 2^down, W / 2^down, D)."""
 
     def __init__(self, in_ch, hidden, res_blocks, down, code_dim):
         super().__init__()
@@ -387,8 +402,9 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Sec. 4.1: a 3x3 convolution from D to `hidden`, `res_blocks` residual blocks, then `down`
-    stride-2 4x4 transposed convolutions, the last giving C * levels logits per pixel.
+    """Sec. 4.1: a 3x3 convolution from D to `hidden` (no activation after it, as the Sonnet
+    example's), `res_blocks` residual blocks, then `down` stride-2 4x4 transposed convolutions,
+    all `hidden` wide but the last, which gives C * levels logits per pixel.
     (B, h, w, D) -> (B, C, levels, h 2^down, w 2^down)."""
 
     def __init__(self, out_ch, levels, hidden, res_blocks, down, code_dim):
@@ -433,8 +449,8 @@ class PointDecoder(nn.Module):
         return self.net(z[:, 0])
 
 
-class VQVAE(nn.Module):
-    """Encoder -> quantize -> decoder, and the codebook with its EMA statistics.
+class Codebook(nn.Module):
+    """The K codes of one code map and their EMA statistics.
 
     The codebook (K, D) is a parameter trained by the codebook term of Eq. 3 (ema False) or
     moved by ema_codebook_update (ema True; it then takes no gradient). Buffers: cluster_size
@@ -444,9 +460,8 @@ class VQVAE(nn.Module):
     with its encoder outputs (a data-dependent initialisation).
     """
 
-    def __init__(self, encoder, decoder, num_codes, code_dim, ema=True, decay=0.99, eps=1e-5, restart_after=100):
+    def __init__(self, num_codes, code_dim, ema=True, decay=0.99, eps=1e-5, restart_after=100):
         super().__init__()
-        self.encoder, self.decoder = encoder, decoder
         self.num_codes, self.ema, self.decay, self.eps, self.restart_after = num_codes, ema, decay, eps, restart_after
         codebook = torch.empty(num_codes, code_dim).uniform_(-1 / num_codes, 1 / num_codes)
         self.codebook = nn.Parameter(codebook, requires_grad=not ema)
@@ -454,19 +469,9 @@ class VQVAE(nn.Module):
         self.register_buffer("embed_sum", codebook.clone())
         self.register_buffer("unused", torch.full((num_codes,), restart_after, dtype=torch.long))
 
-    def forward(self, x):
-        """x in model space -> (decoder output, z_e, z_q, codes); the decoder sees z_st."""
-        z_e = self.encoder(x)
-        codes, z_q, z_st = quantize(z_e, self.codebook)
-        return self.decoder(z_st), z_e, z_q, codes
-
-    def encode(self, x):
-        """The code map z(x): (B, *latent_shape) int64."""
-        return quantize(self.encoder(x), self.codebook)[0]
-
-    def decode(self, codes):
-        """Decoder output for code maps (B, *latent_shape)."""
-        return self.decoder(F.embedding(codes, self.codebook))
+    def codebooks(self):
+        """The code maps' codebooks, top first: here the one."""
+        return [self]
 
     @torch.no_grad()
     def update_codebook(self, counts, sums, candidates):
@@ -487,24 +492,112 @@ class VQVAE(nn.Module):
         return int(dead.sum())
 
 
+class VQVAE(Codebook):
+    """Encoder -> quantize -> decoder around one Codebook (its parameters are VQVAE's own)."""
+
+    def __init__(self, encoder, decoder, num_codes, code_dim, ema=True, decay=0.99, eps=1e-5, restart_after=100):
+        super().__init__(num_codes, code_dim, ema, decay, eps, restart_after)
+        self.encoder, self.decoder = encoder, decoder
+
+    def forward(self, x):
+        """x in model space -> (decoder output, z_e, z_q, codes); the decoder sees z_st."""
+        z_e = self.encoder(x)
+        codes, z_q, z_st = quantize(z_e, self.codebook)
+        return self.decoder(z_st), z_e, z_q, codes
+
+    def encode(self, x):
+        """The code map z(x): (B, *latent_shape) int64."""
+        return quantize(self.encoder(x), self.codebook)[0]
+
+    def decode(self, codes):
+        """Decoder output for code maps (B, *latent_shape)."""
+        return self.decoder(F.embedding(codes, self.codebook))
+
+
+class VQVAE2(nn.Module):
+    """Razavi et al. Sec. 3.1, Fig. 2a, Algorithm 1: two code maps of K codes of dimension D.
+
+    The bottom encoder's trunk maps x to features at 1 / 2^down of the side; the top encoder
+    halves them once more to z_e_top, quantised with the `top` Codebook; the top decoder maps the
+    straight-through e_top back to the bottom's resolution, where it joins the trunk's features in
+    a 1x1 convolution to give z_e_bottom (the bottom encoder conditioned on the decoded top),
+    quantised with the `bottom` Codebook; the decoder reads the bottom codes beside the top codes
+    upsampled once (a stride-2 4x4 transposed convolution). (B, C, H, W) -> decoder output as
+    ConvDecoder's, with maps (H / 2^(down+1), W / 2^(down+1)) and (H / 2^down, W / 2^down)."""
+
+    def __init__(self, in_ch, levels, hidden, res_blocks, down, num_codes, code_dim, **codebook):
+        super().__init__()
+        self.trunk = ConvEncoder(in_ch, hidden, res_blocks, down, hidden)
+        self.encoder_top = ConvEncoder(hidden, hidden, res_blocks, 1, code_dim)
+        self.decoder_top = ConvDecoder(code_dim, 1, hidden, res_blocks, 1, code_dim)  # 1 "level": D real outputs
+        self.encoder_bottom = nn.Linear(hidden + code_dim, code_dim)  # a 1x1 convolution, channels last
+        self.upsample = nn.ConvTranspose2d(code_dim, code_dim, 4, stride=2, padding=1)
+        self.decoder = ConvDecoder(in_ch, levels, hidden, res_blocks, down, 2 * code_dim)
+        self.top, self.bottom = Codebook(num_codes, code_dim, **codebook), Codebook(num_codes, code_dim, **codebook)
+        self.num_codes = num_codes
+
+    def codebooks(self):
+        """The code maps' codebooks, top first."""
+        return [self.top, self.bottom]
+
+    def quantize_both(self, x):
+        """Algorithm 1's encoder: ((z_e_top, z_e_bottom), quantize(top), quantize(bottom))."""
+        h = self.trunk(x)  # (B, h, w, hidden)
+        z_e_top = self.encoder_top(h.permute(0, 3, 1, 2))  # (B, h/2, w/2, D)
+        top = quantize(z_e_top, self.top.codebook)
+        decoded_top = self.decoder_top(top[2])[:, :, 0].permute(0, 2, 3, 1)  # (B, h, w, D)
+        z_e_bottom = self.encoder_bottom(torch.cat([h, decoded_top], -1))
+        return (z_e_top, z_e_bottom), top, quantize(z_e_bottom, self.bottom.codebook)
+
+    def _decode(self, e_top, e_bottom):
+        up = self.upsample(e_top.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.decoder(torch.cat([e_bottom, up], -1))
+
+    def forward(self, x):
+        """x in model space -> (decoder output, (z_e_top, z_e_bottom), (z_q_top, z_q_bottom),
+        (codes_top, codes_bottom)); the decoder sees both z_st."""
+        z_e, (c_top, q_top, st_top), (c_bottom, q_bottom, st_bottom) = self.quantize_both(x)
+        return self._decode(st_top, st_bottom), z_e, (q_top, q_bottom), (c_top, c_bottom)
+
+    def encode(self, x):
+        """The code maps (z_top(x), z_bottom(x)), int64."""
+        _, top, bottom = self.quantize_both(x)
+        return top[0], bottom[0]
+
+    def decode(self, top, bottom):
+        """Decoder output for code maps top (B, h/2, w/2) and bottom (B, h, w)."""
+        return self._decode(F.embedding(top, self.top.codebook), F.embedding(bottom, self.bottom.codebook))
+
+
 class PriorBlock(nn.Module):
     """Pre-LayerNorm transformer block: causal multi-head self-attention (Vaswani et al. Eq. 1,
-    Sec. 3.2.2) and a GELU MLP of width 4 d, each a residual branch."""
+    Sec. 3.2.2) and a GELU MLP of width 4 d, each a residual branch; with `cross`, between them
+    a non-causal attention from every position to a conditioning sequence (Sec. 3.2.3's
+    encoder-decoder attention)."""
 
-    def __init__(self, width, heads, dropout):
+    def __init__(self, width, heads, dropout, cross=False):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
         self.drop = nn.Dropout(dropout)
+        if cross:
+            self.ln_cross, self.q_cross = nn.LayerNorm(width), nn.Linear(width, width)
+            self.kv_cross, self.proj_cross = nn.Linear(width, 2 * width), nn.Linear(width, width)
 
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = (t.reshape(B, T, self.heads, C // self.heads).transpose(1, 2)
-                   for t in self.qkv(self.ln1(x)).split(C, dim=2))
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, C)))
+    def _attend(self, q, k, v, causal):
+        B, T, C = q.shape
+        q, k, v = (t.reshape(B, t.shape[1], self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
+        return a.transpose(1, 2).reshape(B, T, C)
+
+    def forward(self, x, cond=None):
+        C = x.shape[2]
+        x = x + self.drop(self.proj(self._attend(*self.qkv(self.ln1(x)).split(C, dim=2), causal=True)))
+        if cond is not None:  # cond (B, S, width): every position reads all of it
+            k, v = self.kv_cross(cond).split(C, dim=2)
+            x = x + self.drop(self.proj_cross(self._attend(self.q_cross(self.ln_cross(x)), k, v, causal=False)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -512,29 +605,60 @@ class CodePrior(nn.Module):
     """The prior over code maps: a causal transformer over the L codes in raster order, with
     learned positions and a start token (id num_codes, input only). idx (B, T) -> logits
     (B, T, K) of the next code at every position. `updates` counts the optimiser steps it has
-    had (0: untrained). For a 2D point (L = 1) it is a learned categorical over the K codes."""
+    had (0: untrained). For a 2D point (L = 1) it is a learned categorical over the K codes.
+    With cond_length S > 0 it is conditional: forward(idx, cond) with cond (B, S) codes, embedded
+    with their own positions and read whole by cross-attention in every block."""
 
-    def __init__(self, num_codes, length, layers=4, heads=4, width=128, dropout=0.0):
+    def __init__(self, num_codes, length, layers=4, heads=4, width=128, dropout=0.0, cond_length=0):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
-        self.num_codes, self.length = num_codes, length
+        self.num_codes, self.length, self.cond_length = num_codes, length, cond_length
         self.tok = nn.Embedding(num_codes + 1, width)
         self.pos = nn.Embedding(length, width)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(PriorBlock(width, heads, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(PriorBlock(width, heads, dropout, cross=cond_length > 0) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_codes)
+        if cond_length:
+            self.cond_tok, self.cond_pos = nn.Embedding(num_codes, width), nn.Embedding(cond_length, width)
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
-    def forward(self, idx):
+    def forward(self, idx, cond=None):
         T = idx.shape[1]
         if T > self.length:
             raise ValueError(f"{T} positions exceed the prior's {self.length}")
+        if (cond is None) != (self.cond_length == 0) or (cond is not None and cond.shape[1] != self.cond_length):
+            raise ValueError(f"this prior reads {self.cond_length} conditioning codes, "
+                             f"given {None if cond is None else cond.shape[1]}")
+        if cond is not None:
+            cond = self.drop(self.cond_tok(cond) + self.cond_pos(torch.arange(cond.shape[1], device=idx.device)))
         x = self.drop(self.tok(idx) + self.pos(torch.arange(T, device=idx.device)))
         for block in self.blocks:
-            x = block(x)
+            x = block(x, cond)
         return self.head(self.ln_f(x))
+
+
+class HierarchicalPrior(nn.Module):
+    """VQ-VAE-2's prior p(z_top) p(z_bottom | z_top) (Razavi et al. Sec. 3.2): `top` a CodePrior
+    over the top map, `bottom` a CodePrior over the bottom map that reads the whole top map by
+    cross-attention (our choice where the paper uses PixelCNNs with self-attention and a
+    conditioning stack). forward(top (B, h/2, w/2), bottom (B, h, w)) -> (-log p(z_top),
+    -log p(z_bottom | z_top)), each (B,). `updates` counts the optimiser steps both have had."""
+
+    def __init__(self, num_codes, top_length, bottom_length, layers=4, heads=4, width=128, dropout=0.0):
+        super().__init__()
+        self.num_codes = num_codes
+        self.top = CodePrior(num_codes, top_length, layers, heads, width, dropout)
+        self.bottom = CodePrior(num_codes, bottom_length, layers, heads, width, dropout, cond_length=top_length)
+
+    @property
+    def updates(self):
+        return self.top.updates
+
+    def forward(self, top, bottom):
+        top, bottom = top.reshape(top.shape[0], -1), bottom.reshape(bottom.shape[0], -1)
+        return prior_nll(self.top, top, self.num_codes), prior_nll(self.bottom, bottom, self.num_codes, cond=top)
 
 
 # ----------------------------------------------------------------------------------------
@@ -565,6 +689,9 @@ class Config(RunConfig):
     decay: float = flag(0.99, "EMA decay gamma of the codebook statistics (App. A.1)")
     laplace_eps: float = flag(1e-5, "Laplace smoothing of the EMA cluster sizes")
     restart_after: int = flag(100, "re-seed a code unused for this many steps with an encoder output (0 = never)")
+    levels: int = flag(1, "code maps: 1 (VQ-VAE) or 2 (VQ-VAE-2: a top map at half the side of the bottom map, "
+                       "whose side --down sets; a top prior and a bottom prior conditioned on the top codes)",
+                       choices=(1, 2))
     # the prior
     prior_lr: float = flag(1e-3, "Adam learning rate of the prior")
     prior_layers: int = flag(2, "transformer blocks of the prior")
@@ -581,7 +708,11 @@ class Config(RunConfig):
 
 
 PRESETS = {
-    "digits": dict(),  # the Config defaults: 8x8 -> 4x4 codes of K = 32; a 2-layer prior over 16 positions
+    # The Config defaults: 8x8 -> 4x4 codes of K = 32; a 2-layer prior over 16 positions. With
+    # --levels 2 the bottom map stays 4x4 (1/2 of the side) under a 2x2 top map (1/4): the paper's
+    # ratio of 2 between the maps (1/4 and 1/8 of 256), one level up, since 1/8 of 8 leaves a
+    # single top code and 1/4 a bottom map of 2x2, too coarse to carry the strokes.
+    "digits": dict(),
     # 2D points: one code per point, a Gaussian per code; K = 64 codes (our choice).
     "points": dict(steps=4000, batch_size=256, lr=2e-3, codes=64, code_dim=8, hidden=128,
                    prior_layers=1, prior_width=32, prior_heads=2, prior_dropout=0.0, restart_after=20,
@@ -591,6 +722,14 @@ PRESETS = {
     # gamma 0.99 (App. A.1), beta 0.25. The 8x8 code map with K = 512 is our reading of the paper
     # (K = 512 is stated for ImageNet; K and D for CIFAR-10 are not verified); D = 64 is ours, as is
     # the prior (a transformer where the paper used a PixelCNN) and its 250k further steps.
+    # The networks follow Sec. 4.1's text. DeepMind's Sonnet example (examples/vqvae_example.ipynb,
+    # read 2026-12-06) builds them otherwise: its encoder's first stride-2 convolution is half as
+    # wide, and a 3x3 convolution with a ReLU follows the two strided ones (here the residual blocks
+    # follow them directly); its residual blocks' 3x3 convolutions are 32 wide (256 here) and its
+    # width 128. Its decoder's input convolution is the one here (3x3, D -> width, no ReLU before
+    # the residual blocks), but its first transposed convolution halves the width and its last
+    # gives 3 colour means for a squared error (here 256 logits per sub-pixel, a categorical).
+    # --levels 2: an 8x8 bottom map under a 4x4 top map (1/4 and 1/8 of the side, the paper's ratios).
     "cifar10": dict(steps=500_000, batch_size=128, lr=2e-4, codes=512, code_dim=64, hidden=256, down=2,
                     res_blocks=2, decay=0.99, beta=0.25, prior_lr=3e-4, prior_layers=8, prior_width=256,
                     prior_heads=8, prior_dropout=0.1, save_every=10_000),
@@ -609,6 +748,7 @@ def check_config(cfg):
         check_range(cfg, name, 1)
     for name in ("down", "res_blocks", "beta", "laplace_eps", "restart_after", "grad_clip", "eval_n"):
         check_range(cfg, name, 0)
+    check_range(cfg, "levels", 1, 2)
     check_range(cfg, "ae_fraction", 0, 1)
     check_range(cfg, "decay", 0, 1, open_high=True)
     check_range(cfg, "prior_dropout", 0, 1, open_high=True)
@@ -632,15 +772,26 @@ def to_model_space(x, info):
 
 
 def latent_shape(cfg, info):
-    """The code map's shape: (H / 2^down, W / 2^down) for images, (1,) for a 2D point."""
+    """The (bottom) code map's shape: (H / 2^down, W / 2^down) for images, (1,) for a 2D point."""
     if info.kind == "points":
         return (1,)
     return (info.shape[1] // 2 ** cfg.down, info.shape[2] // 2 ** cfg.down)
 
 
+def top_shape(cfg, info):
+    """VQ-VAE-2's top code map: half the bottom map's side."""
+    h, w = latent_shape(cfg, info)
+    return (h // 2, w // 2)
+
+
 def decoder_levels(info):
     """The categorical decoder's level count, None for the Gaussian decoder of points."""
     return None if info.kind == "points" else info.levels
+
+
+def per_map(v):
+    """A model output's per-map values as a list: [v], or VQ-VAE-2's [top, bottom]."""
+    return list(v) if isinstance(v, tuple) else [v]
 
 
 def stage_of(cfg, step, prior):
@@ -654,19 +805,25 @@ def stage_of(cfg, step, prior):
 
 def draw(vqvae, prior, cfg, info, n, generator, mode=None):
     """n samples in data space: uint8 levels (n, C, H, W) or float points (n, 2)."""
-    mode = cfg.decode == "mode" if mode is None else mode
-    x = generate(vqvae, prior, n, latent_shape(cfg, info), cfg.codes, decoder_levels(info),
-                 mode and info.kind == "image", generator, cfg.temperature)
+    mode = (cfg.decode == "mode" if mode is None else mode) and info.kind == "image"
+    if cfg.levels == 2:
+        x = hierarchical_generate(vqvae, prior, n, top_shape(cfg, info), latent_shape(cfg, info), cfg.codes,
+                                  decoder_levels(info), mode, generator, cfg.temperature)
+    else:
+        x = generate(vqvae, prior, n, latent_shape(cfg, info), cfg.codes, decoder_levels(info), mode, generator,
+                     cfg.temperature)
     return x.to(torch.uint8) if info.kind == "image" else x.float()
 
 
 @torch.no_grad()
 def code_counts(vqvae, data, info, batch_size=1024):
-    """How often each code is used over a data set (its whole code maps): (K,) on the CPU."""
-    device = vqvae.codebook.device
+    """How often each code is used over a data set (its whole code maps; VQ-VAE-2's bottom map):
+    (K,) on the CPU."""
+    device = _device(vqvae)
     counts = torch.zeros(vqvae.num_codes, dtype=torch.long)
     for i in range(0, len(data), batch_size):
         codes = vqvae.encode(to_model_space(data[i:i + batch_size].to(device), info))
+        codes = codes[-1] if isinstance(codes, tuple) else codes
         counts += torch.bincount(codes.reshape(-1).cpu(), minlength=vqvae.num_codes)
     return counts
 
@@ -677,6 +834,10 @@ def save_samples(x, path, info, title):
         save_scatter(x.cpu(), path, lim=info.lim, title=title)
     else:
         save_image_grid(x.cpu(), path, levels=info.levels, nrow=10 if x.shape[0] % 10 == 0 else None, title=title)
+
+
+def _device(module):
+    return next(module.parameters()).device
 
 
 def _pyplot():
@@ -691,7 +852,7 @@ def save_reconstructions(vqvae, x, path, info, cols=8):
     """Images: rows of inputs, each followed by a row of their reconstructions (the most
     probable level of every pixel given the codes). Points: the points coloured by their code,
     with each used code's decoder mean (a cross)."""
-    device = vqvae.codebook.device
+    device = _device(vqvae)
     out, _, _, codes = vqvae(to_model_space(x.to(device), info))
     if info.kind == "image":
         rec = out.argmax(2).to(torch.uint8).cpu()
@@ -743,7 +904,7 @@ def save_code_usage(counts, metrics_path, path):
 def write_density(vqvae, prior, cfg, info, ds, out):
     """density.npz: the model's exact log-density (the mixture over its K codes) on
     common.density_on_grid's 128 x 128 grid; density.png beside the truth and exp(-bound)."""
-    device = vqvae.codebook.device
+    device = _device(vqvae)
 
     @torch.inference_mode()
     def exact(x):
@@ -768,154 +929,150 @@ MODEL = "vqvae"
 
 
 def build(cfg, info):
-    """(VQVAE, CodePrior) for a configuration and the data's description."""
-    if info.kind == "image":
-        c, h, w = info.shape
-        if h % 2 ** cfg.down or w % 2 ** cfg.down:
-            raise UserError(f"--down {cfg.down} halves the side {cfg.down} times; {info.name} has {h}x{w} images: "
-                            f"use a --down whose 2^N divides {h} and {w}")
-        encoder = ConvEncoder(c, cfg.hidden, cfg.res_blocks, cfg.down, cfg.code_dim)
-        decoder = ConvDecoder(c, info.levels, cfg.hidden, cfg.res_blocks, cfg.down, cfg.code_dim)
-    else:
-        encoder, decoder = PointEncoder(info.shape[0], cfg.hidden, cfg.code_dim), \
-            PointDecoder(info.shape[0], cfg.hidden, cfg.code_dim)
-    vqvae = VQVAE(encoder, decoder, cfg.codes, cfg.code_dim, ema=cfg.codebook == "ema", decay=cfg.decay,
-                  eps=cfg.laplace_eps, restart_after=cfg.restart_after)
-    prior = CodePrior(cfg.codes, math.prod(latent_shape(cfg, info)), cfg.prior_layers, cfg.prior_heads,
-                      cfg.prior_width, cfg.prior_dropout)
-    return vqvae, prior
+    """(VQVAE, CodePrior), or (VQVAE2, HierarchicalPrior) with --levels 2, for a configuration
+    and the data's description."""
+    codebook = dict(ema=cfg.codebook == "ema", decay=cfg.decay, eps=cfg.laplace_eps, restart_after=cfg.restart_after)
+    prior_size = (cfg.prior_layers, cfg.prior_heads, cfg.prior_width, cfg.prior_dropout)
+    if info.kind == "points":
+        if cfg.levels == 2:
+            raise UserError(f"--levels 2 accepts image data only (it halves a code map); {info.name} is 2D points, "
+                            "one code each: use --levels 1")
+        return VQVAE(PointEncoder(info.shape[0], cfg.hidden, cfg.code_dim), PointDecoder(info.shape[0], cfg.hidden,
+                     cfg.code_dim), cfg.codes, cfg.code_dim, **codebook), CodePrior(cfg.codes, 1, *prior_size)
+    c, h, w = info.shape
+    down = cfg.down + cfg.levels - 1  # the top map of --levels 2 halves the side once more
+    if h % 2 ** down or w % 2 ** down:
+        raise UserError(f"--down {cfg.down} with --levels {cfg.levels} halves the side {down} times; {info.name} has "
+                        f"{h}x{w} images: use a --down whose 2^(N + levels - 1) divides {h} and {w}")
+    L = math.prod(latent_shape(cfg, info))
+    if cfg.levels == 2:
+        return VQVAE2(c, info.levels, cfg.hidden, cfg.res_blocks, cfg.down, cfg.codes, cfg.code_dim, **codebook), \
+            HierarchicalPrior(cfg.codes, math.prod(top_shape(cfg, info)), L, *prior_size)
+    encoder = ConvEncoder(c, cfg.hidden, cfg.res_blocks, cfg.down, cfg.code_dim)
+    decoder = ConvDecoder(c, info.levels, cfg.hidden, cfg.res_blocks, cfg.down, cfg.code_dim)
+    return VQVAE(encoder, decoder, cfg.codes, cfg.code_dim, **codebook), CodePrior(cfg.codes, L, *prior_size)
 
 
 def train(cfg):
     """Eq. 3 with Adam on the autoencoder (straight-through gradients, EMA or loss codebook, dead
     codes restarted), then maximum likelihood of the prior on the frozen autoencoder's codes;
     under torchrun every process trains on its slice of the global batch (DDP)."""
-    dist = init_distributed(cfg.device)
-    out = open_run(cfg, MODEL, dist)
-    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    info = ds.info
-    seed_everything(cfg.seed)  # the same initial weights on every process
-    vqvae, prior = build(cfg, info)
-    vqvae.to(dist.device)
-    prior.to(dist.device)
-    opt = torch.optim.Adam([p for p in vqvae.parameters() if p.requires_grad], lr=cfg.lr)
-    prior_opt = torch.optim.Adam(prior.parameters(), lr=cfg.prior_lr)
-    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
-    parts = dict(model=vqvae, prior=prior, opt=opt, prior_opt=prior_opt, batches=batches)
-    if cfg.resume:
-        step = resume(cfg, MODEL, dist, **parts)
-    else:
-        step = 0
-        seed_everything(cfg.seed + dist.rank)  # dropout and restarts draw per process
-    if cfg.stage == "ae" and int(prior.updates) > 0:
-        raise UserError("the prior in this checkpoint has trained on its autoencoder's codes; training the "
-                        "autoencoder further would change them: use --stage prior, or start afresh with --overwrite")
-    start = step
-    model, model_prior = wrap_ddp(vqvae, dist, cfg.compile), wrap_ddp(prior, dist, cfg.compile)
-    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
-    amp = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-    levels, L = decoder_levels(info), math.prod(latent_shape(cfg, info))
-    shown = ds.data[:32] if info.kind == "image" else ds.data[:2000]  # the inputs of the reconstructions
+    with Training(cfg, MODEL) as run:
+        ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        info = ds.info
+        seed_everything(cfg.seed)  # the same initial weights on every process
+        vqvae, prior = build(cfg, info)
+        vqvae.to(run.device)
+        prior.to(run.device)
+        opt = torch.optim.Adam([p for p in vqvae.parameters() if p.requires_grad], lr=cfg.lr)
+        prior_opt = torch.optim.Adam(prior.parameters(), lr=cfg.prior_lr)
+        batches = Batches(ds, cfg.batch_size, run.dist, seed=cfg.seed)
+        step = run.start(info, model=vqvae, prior=prior, opt=opt, prior_opt=prior_opt, batches=batches)
+        if cfg.stage == "ae" and int(prior.updates) > 0:
+            raise UserError("the prior in this checkpoint has trained on its autoencoder's codes; training the "
+                            "autoencoder further would change them: use --stage prior, or start afresh with "
+                            "--overwrite")
+        model, model_prior = wrap_ddp(vqvae, run.dist, cfg.compile), wrap_ddp(prior, run.dist, cfg.compile)
+        amp = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+        pixel_levels = decoder_levels(info)  # None for points; not cfg.levels, the code maps
+        shown = ds.data[:32] if info.kind == "image" else ds.data[:2000]  # the inputs of the reconstructions
 
-    def checkpoint_and_pictures():
-        """The checkpoint (a collective), then on rank 0 the pictures, stopped at once by a signal."""
-        save_training(out, MODEL, step, cfg, info, dist, **parts)
-        if dist.is_main:
-            with stop.interruptible():  # the checkpoint is whole: a signal may stop the pictures at once
-                g = torch.Generator(device=dist.device).manual_seed(cfg.seed)
-                prior.eval()  # no dropout while sampling
-                x = draw(vqvae, prior, cfg, info, cfg.n_samples, g)
-                prior.train()
-                untrained = " (the prior is untrained)" if int(prior.updates) == 0 else ""
-                save_samples(x, out / f"samples_{step}.png", info, f"prior samples, step {step}{untrained}")
-                save_reconstructions(vqvae, shown, out / f"recon_{step}.png", info)
+        def pictures(step):
+            g = torch.Generator(device=run.device).manual_seed(cfg.seed)
+            prior.eval()  # no dropout while sampling
+            x = draw(vqvae, prior, cfg, info, cfg.n_samples, g)
+            prior.train()
+            untrained = " (the prior is untrained)" if int(prior.updates) == 0 else ""
+            save_samples(x, run.out / f"samples_{step}.png", info, f"prior samples, step {step}{untrained}")
+            save_reconstructions(vqvae, shown, run.out / f"recon_{step}.png", info)
 
-    with StopSignal() as stop:
         stage = None
-        while step < cfg.steps:
+        for step in run.steps(step, pictures):
             if stage != stage_of(cfg, step, prior):
                 if stage is not None:  # a window of metrics holds one stage's lines only
-                    logger.close()
-                    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
+                    run.logger.close()
+                    run.logger = Logger(run.out, cfg.steps, enabled=run.dist.is_main, every=cfg.log_every)
                 stage = stage_of(cfg, step, prior)
-                logger.event("stage", trains="autoencoder" if stage == "ae" else "prior", from_step=step)
+                run.logger.event("stage", trains="autoencoder" if stage == "ae" else "prior", from_step=step)
             x, _ = next(batches)
             x_in = to_model_space(x, info)
             target = x if info.kind == "image" else x_in
-            if stage == "ae":  # Eq. 3; the codes move after the optimiser step (EMA, restarts)
+            if stage == "ae":  # Eq. 3 (on each map); the codes move after the optimiser step (EMA, restarts)
                 with amp:
-                    terms = vqvae_loss(model, x_in, target, cfg.beta, cfg.codebook == "loss", levels)
+                    terms = vqvae_loss(model, x_in, target, cfg.beta, cfg.codebook == "loss", pixel_levels)
                 loss = terms["loss"].mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(vqvae.parameters(), cfg.grad_clip)
                 opt.step()
-                counts, sums = codebook_statistics(terms["z_e"], terms["codes"], cfg.codes)
-                candidates = random_encoder_outputs(terms["z_e"], cfg.codes) * (dist.rank == 0)  # rank 0's
-                counts, sums, candidates = dist.sum(counts, sums, candidates)
-                restarted = vqvae.update_codebook(counts, sums, candidates)
-                metrics = dict(recon=dist.mean(terms["recon"].mean()), commitment=dist.mean(terms["commitment"].mean()),
-                               perplexity=float(perplexity(counts)), restarted=restarted)
+                restarted, used = 0, []
+                for book, z_e, codes in zip(vqvae.codebooks(), *map(per_map, (terms["z_e"], terms["codes"]))):
+                    counts, sums = codebook_statistics(z_e, codes, cfg.codes)
+                    candidates = random_encoder_outputs(z_e, cfg.codes) * (run.dist.rank == 0)  # rank 0's
+                    counts, sums, candidates = run.dist.sum(counts, sums, candidates)
+                    restarted += book.update_codebook(counts, sums, candidates)
+                    used.append(float(perplexity(counts)))
+                top = dict(perplexity_top=used[0]) if cfg.levels == 2 else {}
+                metrics = dict(recon=terms["recon"].mean(), commitment=terms["commitment"].mean(),
+                               perplexity=used[-1], **top, restarted=restarted)
             else:  # the prior: maximum likelihood of the frozen autoencoder's code maps
                 with torch.no_grad():
-                    codes = vqvae.encode(x_in).reshape(x.shape[0], L)
+                    codes = vqvae.encode(x_in)
                 with amp:
-                    loss = prior_nll(model_prior, codes, cfg.codes).mean()
+                    if cfg.levels == 2:
+                        nll_top, nll_bottom = model_prior(*codes)
+                        loss = (nll_top + nll_bottom).mean()
+                    else:
+                        loss = prior_nll(model_prior, codes.reshape(x.shape[0], -1), cfg.codes).mean()
                 prior_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(prior.parameters(), cfg.grad_clip)
                 prior_opt.step()
-                prior.updates += 1
-                metrics = {}
-            step += 1
-            value = dist.mean(loss)
-            check_finite(value, step)
-            logger.log(step, cfg.batch_size, loss=value, **metrics)
-            stopping = dist.any(stop.requested)
-            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                checkpoint_and_pictures()
-            if stopping:
-                if dist.is_main:
-                    print(f"stopped at step {step}; {out / 'ckpt.pt'} saved; continue with --resume", flush=True)
-                break
-        if step == start:  # --steps 0, or nothing left to train: still a checkpoint
-            checkpoint_and_pictures()
-        if dist.is_main and not stop.requested:
-            with stop.interruptible():
-                save_code_usage(code_counts(vqvae, ds.data[:10_000], info), out / "metrics.jsonl", out / "codes.png")
-    logger.close()
-    dist.close()
-    if dist.is_main:
-        if int(prior.updates) == 0:
-            print("note: the prior has not trained yet (its samples are noise): continue with --stage prior --resume")
-        report_files(out, ["ckpt.pt", f"samples_{step}.png", f"recon_{step}.png", "codes.png", "metrics.jsonl",
-                           "loss.png"])
+                prior.updates.add_(1)
+                metrics = dict(prior_top=nll_top.mean(), prior_bottom=nll_bottom.mean()) if cfg.levels == 2 else {}
+            run.log(loss=loss, **metrics)
+        run.draw(lambda: save_code_usage(code_counts(vqvae, ds.data[:10_000], info), run.out / "metrics.jsonl",
+                                         run.out / "codes.png"))
+    if run.dist.is_main and int(prior.updates) == 0:
+        print("note: the prior has not trained yet (its samples are noise): continue with --stage prior --resume")
+    run.report(["ckpt.pt", f"samples_{run.step}.png", f"recon_{run.step}.png", "codes.png", "metrics.jsonl",
+                "loss.png"])
 
 
 def evaluate(cfg):
     """--eval CKPT: the test-set bound -log p(x | z_q(x)) - log p(z(x)) with the learned prior,
-    in nats per example and bits/dim, its two terms, the uniform prior's bound, the
-    reconstruction error and the codes' perplexity; on 2D sets also the exact NLL (the mixture
-    over the K codes), density.npz and density.png."""
+    in nats per example and bits/dim, its terms (with --levels 2 the top and the bottom prior's
+    NLLs), the uniform prior's bound, the reconstruction error and the codes' perplexity; on 2D
+    sets also the exact NLL (the mixture over the K codes), density.npz and density.png."""
     (vqvae, prior), saved, info = load(cfg.eval, get_device(cfg.device))
-    device = vqvae.codebook.device
+    device = _device(vqvae)
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir)
     data = ds.data[:cfg.eval_n] if cfg.eval_n else ds.data
-    levels, L = decoder_levels(info), math.prod(latent_shape(saved, info))
+    pixel_levels = decoder_levels(info)
+    L = math.prod(latent_shape(saved, info)) + (math.prod(top_shape(saved, info)) if saved.levels == 2 else 0)
     parts = collections.defaultdict(list)
     start = time.time()
     with torch.inference_mode():
         for i in range(0, len(data), cfg.batch_size):
             x = data[i:i + cfg.batch_size].to(device)
             x_in = to_model_space(x, info)
-            bound, recon, prior_term, dec, codes = nll_bound(vqvae, prior, x_in, x if levels else x_in, saved.codes,
-                                                             levels)
-            target = x.float() / (info.levels - 1) if levels else x_in  # pixels in [0, 1] for the error
-            mse = ((decoder_mean(dec, levels) - target) ** 2).reshape(len(x), -1).mean(1)
-            for name, value in (("bound", bound), ("recon", recon), ("prior", prior_term), ("mse", mse)):
+            target = x if pixel_levels else x_in
+            if saved.levels == 2:
+                bound, recon, nll_top, nll_bottom, dec, codes = hierarchical_nll_bound(
+                    vqvae, prior, x_in, target, pixel_levels)
+                terms = dict(prior=nll_top + nll_bottom, prior_top=nll_top, prior_bottom=nll_bottom)
+                parts["codes_top"].append(codes[0].reshape(-1).cpu())
+                codes = codes[1]
+            else:
+                bound, recon, prior_term, dec, codes = nll_bound(vqvae, prior, x_in, target, saved.codes,
+                                                                 pixel_levels)
+                terms = dict(prior=prior_term)
+            pixels = x.float() / (info.levels - 1) if pixel_levels else x_in  # pixels in [0, 1] for the error
+            mse = ((decoder_mean(dec, pixel_levels) - pixels) ** 2).reshape(len(x), -1).mean(1)
+            for name, value in dict(bound=bound, recon=recon, mse=mse, **terms).items():
                 parts[name].append(value.double().cpu())
             parts["codes"].append(codes.reshape(-1).cpu())
             if info.kind == "points":
@@ -929,6 +1086,10 @@ def evaluate(cfg):
                  recon_mse=v["mse"].mean().item(), perplexity=float(perplexity(counts)),
                  codes_used=int((counts > 0).sum()), prior_updates=int(prior.updates),
                  seconds=round(time.time() - start, 1))
+    if saved.levels == 2:  # the bottom map's perplexity and codes above, the top map's here
+        counts_top = torch.bincount(v["codes_top"], minlength=saved.codes)
+        extra.update(prior_top_nll=v["prior_top"].mean().item(), prior_bottom_nll=v["prior_bottom"].mean().item(),
+                     perplexity_top=float(perplexity(counts_top)), codes_used_top=int((counts_top > 0).sum()))
     if info.kind == "image":
         extra["bits_per_dim"] = bits_per_dim(nll, info.dims)
         extra["uniform_prior_bits_per_dim"] = bits_per_dim(extra["uniform_prior_nll"], info.dims)
@@ -948,7 +1109,7 @@ def draw_samples(cfg):
     (vqvae, prior), saved, info = load(cfg.sample, get_device(cfg.device))
     out = output_dir(cfg, cfg.sample)
     run = dataclasses.replace(saved, decode=cfg.decode, temperature=cfg.temperature)
-    g = torch.Generator(device=vqvae.codebook.device).manual_seed(cfg.seed)
+    g = torch.Generator(device=_device(vqvae)).manual_seed(cfg.seed)
     start = time.time()
     x = draw(vqvae, prior, run, info, cfg.n_samples, g)
     seconds = time.time() - start

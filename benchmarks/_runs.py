@@ -19,6 +19,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 # A system's checkpoint remembers its flags, so --eval and --sample need only the checkpoint.
 SYSTEMS = {
     "pixelcnn": ("pixelcnn", []),
+    "pixelcnn --arch rowlstm": ("pixelcnn", ["--arch", "rowlstm"]),
+    "pixelcnn --arch diagonal-bilstm": ("pixelcnn", ["--arch", "diagonal-bilstm"]),
     "gpt": ("gpt", []),
     "vae": ("vae", []),
     # vae.py's posteriors: free bits act on a Gaussian's KL per dimension, so the flows keep their
@@ -29,6 +31,7 @@ SYSTEMS = {
     "vae --posterior iaf": ("vae", ["--posterior", "iaf", "--free-bits", "0", "--kl-warmup", "1000"]),
     "vae --svi-steps 5": ("vae", ["--svi-steps", "5"]),
     "vqvae": ("vqvae", []),
+    "vqvae --levels 2": ("vqvae", ["--levels", "2"]),
     "realnvp": ("realnvp", []),
     "ffjord": ("ffjord", []),
     "ddpm": ("ddpm", []),

@@ -60,12 +60,10 @@ def test_signal_saves_a_checkpoint_and_resume_continues(model, tmp_path):
     assert "resume" in (stdout + stderr).lower()
     # the steps since the last metrics line are logged at the stop, not lost (a window of 3)
     assert [r["step"] for r in common._read_metrics(metrics) if "step" in r][-1] == step
-    subprocess.run([*cmd, "--steps", str(step + 2), "--resume"], env=_env(), check=True, capture_output=True,
-                   timeout=120)
+    run_main(model, [*cmd[2:], "--steps", step + 2, "--resume"])  # the rest in this process: no start-up
     assert common.load_checkpoint(out / "ckpt.pt")["step"] == step + 2
     # --sample writes the raw samples beside the picture (benchmarks/quality.py reads them)
-    subprocess.run([sys.executable, str(ROOT / f"{model}.py"), "--sample", str(out / "ckpt.pt"), "--n-samples", "5",
-                    "--out", str(tmp_path / "s")], env=_env(), check=True, capture_output=True, timeout=120)
+    run_main(model, ["--sample", out / "ckpt.pt", "--n-samples", 5, "--out", tmp_path / "s"])
     assert torch.load(tmp_path / "s" / "samples.pt", weights_only=True).shape == (5, 2)
 
 
@@ -169,8 +167,7 @@ def tiny_run(tmp_path_factory):
     def get(model):
         if model not in runs:
             out = tmp_path_factory.mktemp(f"{model}-tiny")
-            subprocess.run([sys.executable, str(ROOT / f"{model}.py"), *TINY, "--steps", "2", "--out", str(out)],
-                           env=_env(), check=True, capture_output=True, timeout=300)
+            run_main(model, [*TINY, "--steps", 2, "--out", out])
             runs[model] = out / "ckpt.pt"
         return runs[model]
     return get

@@ -338,7 +338,7 @@ def test_tarball_symlink_member_is_refused(tmp_path):
 # Batching
 # ----------------------------------------------------------------------------------------
 
-def test_batches_image_points_text(tmp_path):
+def test_batches_images_and_points():  # text windows: gpt.TextWindows (tests/test_gpt.py)
     ds = common.load_dataset("digits")
     x, y = next(common.Batches(ds, 32, seed=0))
     assert x.shape == (32, 1, 8, 8) and x.dtype == torch.uint8 and y.shape == (32,)
@@ -350,12 +350,6 @@ def test_batches_image_points_text(tmp_path):
     b = common.Batches(pts, 64, seed=0)
     p1, p2 = next(b)[0], next(b)[0]
     assert p1.shape == (64, 2) and not torch.equal(p1, p2)
-    path = tmp_path / "t.txt"
-    path.write_text("abcdefghij" * 30)
-    txt = common.load_dataset(str(path))
-    w, none = next(common.Batches(txt, 8, seed=0, block_size=16))
-    assert w.shape == (8, 17) and none is None
-    assert all(((w[:, 1:] - w[:, :-1]) % 10 == 1).all(1))  # contiguous windows of the text
 
 
 def test_batches_split_the_global_batch_across_ranks():

@@ -1,4 +1,5 @@
 """Tests of gpt.py: each identity is checked against an independent computation."""
+import dataclasses
 import itertools
 import json
 import math
@@ -9,6 +10,7 @@ from hypothesis import given, strategies as st
 
 import common
 import gpt
+from conftest import events, torchrun
 
 
 def tiny(vocab=7, block=8, n_layer=2, n_head=2, n_embd=8, dropout=0.0, seed=0, start_token=False):
@@ -194,6 +196,111 @@ def test_text_windows_predict_each_character_once():
     assert torch.equal(w[1:, 0], w[:-1, -1])  # each window's context token is the previous target
 
 
+def test_text_windows_for_training_are_slices_split_over_processes_and_resumable():
+    info = common.DataInfo("t", "text", (), vocab=tuple("abcdefgh"))
+    data = torch.randint(0, 8, (300,), generator=torch.Generator().manual_seed(0))
+    ds = common.Dataset(info, "train", data)
+    whole = gpt.TextWindows(ds, 6, 16, common.Dist(), seed=3)
+    halves = [gpt.TextWindows(ds, 6, 16, dataclasses.replace(common.Dist(), rank=r, world_size=2), seed=3)
+              for r in range(2)]
+    for _ in range(3):
+        x, y = next(whole)
+        assert y is None and x.shape == (6, 17) and x.dtype == torch.int64
+        for row in x:  # a contiguous window of the stream
+            starts = [s for s in range(300 - 16) if torch.equal(data[s:s + 17], row)]
+            assert starts
+        assert torch.equal(torch.cat([next(h)[0] for h in halves]), x)  # the global batch, sliced
+    again = gpt.TextWindows(ds, 6, 16, common.Dist(), seed=3)
+    again.load_state_dict(whole.state_dict())
+    assert torch.equal(next(again)[0], next(whole)[0])
+
+
+# ---------------------------------------------------------------- the k-means palette (Chen et al. 2020, Sec. 3.1)
+
+
+@given(N=st.integers(1, 60), K=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_palette_tokens_are_the_nearest_centres_by_brute_force(N, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (N, 3), generator=g).double()
+    centres = 255 * torch.rand(K, 3, generator=g, dtype=torch.float64)
+    tok = gpt.nearest_centre(x, centres, chunk=7)
+    for n in range(N):
+        d = [sum((x[n, c].item() - centres[k, c].item()) ** 2 for c in range(3)) for k in range(K)]
+        assert tok[n].item() == min(range(K), key=lambda k: (d[k], k))  # the nearest, ties to the lower k
+
+
+def test_fitted_palette_is_a_fixed_point_of_lloyds_step():
+    g = torch.Generator().manual_seed(0)
+    blobs = torch.tensor([[30.0, 30, 200], [200, 40, 40], [90, 220, 90], [240, 240, 240]], dtype=torch.float64)
+    x = (blobs[torch.randint(0, 4, (400,), generator=g)] + 25 * torch.randn(400, 3, generator=g)).round().clamp(0, 255)
+    centres = gpt.fit_palette(x, 6, torch.Generator().manual_seed(1))
+    assert centres.shape == (6, 3) and len(torch.unique(centres, dim=0)) == 6
+    again, a = gpt.lloyd_step(x, centres)
+    assert torch.equal(again, centres)  # bit for bit: Lloyd's step moves nothing
+    for k in range(6):  # each centre the mean of its colours, which are nearer to it than to any other
+        torch.testing.assert_close(centres[k], x[a == k].mean(0), rtol=1e-12, atol=1e-9)
+    d = torch.cdist(x, centres)
+    assert (d.gather(1, a[:, None])[:, 0] <= d.min(1).values + 1e-9).all()
+    torch.testing.assert_close(gpt.fit_palette(x, 6, torch.Generator().manual_seed(1)), centres, rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        gpt.fit_palette(torch.zeros(10, 3), 2)  # one colour cannot make two centres
+
+
+def test_palette_token_to_colour_to_token_round_trips():
+    g = torch.Generator().manual_seed(0)
+    centres = gpt.fit_palette(torch.randint(0, 256, (500, 3), generator=g), 32, g)
+    tok = torch.randint(0, 32, (4, 12), generator=g)
+    colours = centres[tok].permute(0, 2, 1).reshape(4, 3, 3, 4)  # each pixel its centre's colour
+    assert torch.equal(gpt.palette_tokens(colours, centres), tok)
+    pictures = gpt.palette_image(tok, centres, (3, 3, 4))  # and rounded to levels, for pictures
+    assert pictures.dtype == torch.uint8
+    assert torch.equal(pictures.double(), colours.round())
+    # images -> tokens: raster order, each pixel's nearest centre
+    img = torch.randint(0, 256, (2, 3, 3, 4), generator=g, dtype=torch.uint8)
+    tok = gpt.palette_tokens(img, centres)
+    assert tok.shape == (2, 12) and tok[1, 5] == gpt.nearest_centre(img[1, :, 1, 1].double()[None], centres)[0]
+
+
+def test_cli_kmeans_palette_reports_the_tokens_nll(tmp_path, monkeypatch):
+    """--palette kmeans on a 3-channel 8-bit set (cifar10's kind, made up here): the palette is
+    fitted with the seed and stored in the checkpoint; --eval and --sample need no flag repeated;
+    the eval's nll is the palette tokens' chain rule, recomputed by hand, and says so."""
+    g = torch.Generator().manual_seed(0)
+    info = common.DataInfo("cifar10", "image", (3, 4, 4), levels=256, num_classes=10)
+    sets = {split: common.Dataset(info, split, torch.randint(0, 256, (n, 3, 4, 4), generator=g, dtype=torch.uint8),
+                                  torch.zeros(n, dtype=torch.long)) for split, n in (("train", 64), ("test", 6))}
+    monkeypatch.setattr(gpt, "load_dataset", lambda name, split="train", root=None: sets[split])
+    out = tmp_path / "run"
+    gpt.main(["--dataset", "cifar10", "--palette", "kmeans", "--palette-size", "16", "--steps", "2",
+              "--out", str(out), *TINY])
+    lines = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert all("bits_per_dim" not in r and r["bits_per_token"] == pytest.approx(r["loss"] / math.log(2))
+               for r in lines)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    pixels = sets["train"].data.permute(0, 2, 3, 1).reshape(-1, 3)  # 1024 pixels: all of them fitted
+    assert torch.equal(ckpt["palette"]["centres"], gpt.fit_palette(pixels, 16, torch.Generator().manual_seed(0)))
+    gpt.main(["--eval", str(out / "ckpt.pt")])
+    ev = events(out, "eval")[-1]
+    assert ev["palette"] == 16 and "not comparable with bits/dim" in ev["likelihood"] and "bits_per_dim" not in ev
+    net, cfg, _ = gpt.load(out / "ckpt.pt")
+    centres = gpt.load_palette(out / "ckpt.pt")
+    assert cfg.palette == "kmeans" and net.config.vocab_size == 16 and torch.equal(centres, ckpt["palette"]["centres"])
+    nats = 0.0
+    with torch.no_grad():
+        for img in sets["test"].data:
+            seq = [16] + [int(gpt.nearest_centre(img[:, i, j].double()[None], centres)[0])
+                          for i in range(4) for j in range(4)]  # start token, raster order
+            seq = torch.tensor([seq])
+            nats -= sum(torch.log_softmax(net(seq[:, :t])[0, -1].double(), -1)[seq[0, t]].item() for t in range(1, 17))
+    assert ev["nll"] == pytest.approx(nats / 6, rel=1e-5)
+    assert ev["bits_per_token"] == pytest.approx(nats / 6 / (16 * math.log(2)), rel=1e-5)
+    gpt.main(["--sample", str(out / "ckpt.pt"), "--n-samples", "3", "--out", str(tmp_path / "s")])
+    x = torch.load(tmp_path / "s" / "samples.pt", weights_only=True)
+    assert x.shape == (3, 3, 4, 4) and x.dtype == torch.uint8
+    palette_colours = {tuple(c) for c in centres.round().long().tolist()}
+    assert {tuple(p) for p in x.permute(0, 2, 3, 1).reshape(-1, 3).long().tolist()} <= palette_colours
+
+
 # ---------------------------------------------------------------- sampling filters
 
 
@@ -268,7 +375,8 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_learning_rate_schedule():
-    lr = lambda step: gpt.learning_rate(step, lr=1e-3, min_lr=1e-4, warmup=10, total=110)
+    cfg = gpt.Config(lr=1e-3, min_lr=1e-4, warmup=10, steps=110)
+    lr = lambda step: gpt.learning_rate(step, cfg)
     assert lr(0) == pytest.approx(1e-4)
     assert lr(9) == pytest.approx(1e-3)
     assert lr(10) == pytest.approx(1e-3)
@@ -280,11 +388,6 @@ def test_learning_rate_schedule():
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--batch-size", "8", "--log-every", "1",
         "--n-samples", "4", "--warmup", "2"]
-
-
-def events(out, name):
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if r.get("event") == name]
 
 
 def test_cli_digits_train_eval_sample(tmp_path):
@@ -351,8 +454,13 @@ def test_cli_points_density(tmp_path):
     assert (out / "density.png").exists()
 
 
-def test_resume_equals_uninterrupted_training(tmp_path):
-    flags = [*TINY, "--dropout", "0.1", "--decay-steps", "6"]  # dropout: the RNG must be restored too
+def test_resume_equals_uninterrupted_training_on_text(tmp_path):
+    """The text windows' stream (TextWindows) and the dropout's random state are restored too;
+    tests/test_cli.py's resume test runs on 2D points without dropout."""
+    txt = tmp_path / "tiny.txt"
+    txt.write_text("to be or not to be, that is the question. " * 30)
+    flags = [*TINY, "--dataset", str(txt), "--block-size", "16", "--dropout", "0.1", "--decay-steps", "6",
+             "--sample-len", "5", "--prompt", "to", "--save-every", "3"]
     gpt.main(["--steps", "6", "--out", str(tmp_path / "a"), *flags])
     gpt.main(["--steps", "3", "--out", str(tmp_path / "b"), *flags])
     half = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
@@ -363,11 +471,17 @@ def test_resume_equals_uninterrupted_training(tmp_path):
     assert not torch.equal(half["model"]["wte.weight"], b["model"]["wte.weight"])  # it did train on
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["batches"]["generator"], b["batches"]["generator"])
 
 
 @pytest.mark.parametrize("argv,flag", [(["--n-embd", "10", "--n-head", "4"], "--n-head"),
                                        (["--top-p", "0"], "--top-p"), (["--bins", "1"], "--bins"),
-                                       (["--dataset", "cifar10", "--image-bits", "6"], "--image-bits")])
+                                       (["--dataset", "cifar10", "--image-bits", "6"], "--image-bits"),
+                                       (["--palette", "kmeans"], "--palette kmeans"),
+                                       (["--dataset", "8gaussians", "--palette", "kmeans"], "--palette kmeans"),
+                                       (["--palette", "kmeans", "--image-bits", "3"], "--image-bits"),
+                                       (["--palette", "kmeans", "--palette-size", "1"], "--palette-size"),
+                                       (["--palette-size", "64"], "--palette-size")])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, flag, monkeypatch):
     if flag == "--image-bits":  # no download: a tiny 8-bit colour set in place of cifar10
         fake = common.Dataset(common.DataInfo("cifar10", "image", (3, 2, 2), levels=256, num_classes=10), "train",
@@ -387,20 +501,10 @@ def test_amp_training_runs(tmp_path):
 
 
 def test_two_processes_train_like_one(tmp_path):
-    import os
-    import subprocess
-    import sys
     flags = ["--steps", "2", *TINY]
-    import socket
-    with socket.socket() as s:  # a free port: a fixed one may be held by another run
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           str(gpt.__file__), "--out", str(tmp_path / "ddp"), *flags]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    run = torchrun("gpt", ["--out", tmp_path / "ddp", *flags])
     assert run.returncode == 0, run.stderr[-2000:]
-    gpt.main(["--out", str(tmp_path / "one"), *flags])
+    gpt.main(["--out", str(tmp_path / "one"), *flags, "--device", "cpu"])
     a = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
     for k in a:  # the same global batch, averaged gradients: equal up to float32 summation order
@@ -460,7 +564,7 @@ def test_arch_gpt2_is_usable_and_help_lists_only_usable_presets(monkeypatch, cap
         gpt.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--arch ARCH" in help_text and "gpt2 is GPT-2 small's shape" in help_text
-    assert "gpt2:" not in help_text.split("presets (applied by --dataset")[1]
+    assert "gpt2:" not in help_text.split("presets (applied by --dataset")[1].split("presets with --arch")[0]
 
 
 def test_completion_grid_says_which_columns_are_which(tmp_path, monkeypatch):
@@ -520,7 +624,7 @@ def test_mathematics_runs_without_common(without_common):
     assert torch.isfinite(m.top_k_filter(row, 2)).tolist() == [False, True, True, False]
     assert torch.isfinite(m.top_p_filter(row, 0.5)).tolist() == [False, True, False, False]
     assert m.sample_next(row[None], temperature=0).item() == 1
-    opt = m.configure_optimizer(net, m.learning_rate(0, 1e-2, 1e-3, 2, 10), (0.9, 0.99), 0.1)
+    opt = m.configure_optimizer(net, 5e-3, (0.9, 0.99), 0.1)
     before = m.sequence_loss(net, seq)
     before.backward()
     opt.step()

@@ -10,7 +10,6 @@ fixed seed and a tolerance of Z = 5 standard errors.
 import dataclasses
 import functools
 import itertools
-import json
 import math
 
 import mpmath
@@ -22,6 +21,7 @@ from scipy import stats
 
 import common
 import pixelcnn as P
+from conftest import events
 
 f64 = torch.float64
 Z = 5.0  # standard errors allowed by Monte-Carlo checks
@@ -36,6 +36,11 @@ def tiny(arch, colors=1, levels=4, num_classes=0, seed=0, **kw):
     elif arch == "gated":
         m = P.GatedPixelCNN(colors, levels, **{**dict(p=6, n_layers=3, out_hidden=12), **kw},
                             num_classes=num_classes)
+    elif arch == "rowlstm":
+        m = P.RowLSTM(colors, levels, **{**dict(h=4, n_layers=2, out_hidden=12), **kw}, num_classes=num_classes)
+    elif arch == "diagonal-bilstm":
+        m = P.DiagonalBiLSTM(colors, levels, **{**dict(h=4, n_layers=2, out_hidden=12), **kw},
+                             num_classes=num_classes)
     else:
         m = P.PixelCNNpp(colors, **{**dict(nr_filters=8, nr_resnet=1, n_mix=2, dropout=0.0), **kw},
                          num_classes=num_classes)
@@ -47,7 +52,8 @@ def tiny(arch, colors=1, levels=4, num_classes=0, seed=0, **kw):
     return m.double().eval()
 
 
-ARCHS = ("pixelcnn", "gated", "pixelcnn++")
+ARCHS = ("pixelcnn", "gated", "pixelcnn++", "rowlstm", "diagonal-bilstm")
+RNNS = ("rowlstm", "diagonal-bilstm")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,7 +112,7 @@ def dependency(model, x, i, j, channels, y=None):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("colors", [1, 3])
 def test_no_output_depends_on_a_later_subpixel(arch, colors):
-    L, H, W = 4, 8, 8
+    L, H, W = (4, 5, 6) if arch in RNNS else (4, 8, 8)  # the LSTMs: a smaller image, the same cases
     model = tiny(arch, colors, L, num_classes=3)
     mixture = model.likelihood == "mixture"
     g = torch.Generator().manual_seed(1)
@@ -173,6 +179,138 @@ def test_gated_stacks_see_every_earlier_pixel_of_their_field():
         if dr < 0 or dc < 0:
             expect[i + dr, j + dc] = True
     assert torch.equal(seen, expect)  # the whole causal square: no blind spot, nothing outside
+
+
+def row_lstm_field(H, W, first_kernel, n_layers, k):
+    """The pixels each output of the Row LSTM depends on, by composing its dependencies (Eq. 3)
+    row by row: the mask-A k0 x k0 layer; then per layer h(r, c) <- the layer's input at (r, c' in
+    c - k // 2 .. c) (mask B over the row) and h(r - 1, c' in c - k // 2 .. c + k // 2) (its c
+    is elementwise, with the same dependencies as h); the residual adds the input at (r, c).
+    Returns {(r, c): set of (r', c')}."""
+    h0 = first_kernel // 2
+    dep = {(r, c): {(r + dr, c + dc) for dr in range(-h0, 1) for dc in range(-h0, h0 + 1)
+                    if (dr < 0 or dc < 0) and 0 <= r + dr < H and 0 <= c + dc < W}
+           for r in range(H) for c in range(W)}
+    for _ in range(n_layers):
+        hid = {}
+        for r in range(H):
+            for c in range(W):
+                s = set().union(*(dep[r, cc] for cc in range(max(0, c - k // 2), c + 1)))
+                if r:
+                    s |= set().union(*(hid[r - 1, cc] for cc in range(max(0, c - k // 2), min(W, c + k // 2 + 1))))
+                hid[r, c] = s
+        dep = {rc: dep[rc] | hid[rc] for rc in dep}
+    return dep
+
+
+def test_row_lstm_field_is_the_triangle_of_its_recurrence_and_misses_earlier_pixels():
+    """PixelRNN Sec. 3.1, Fig. 4: the Row LSTM's receptive field is triangular and does not
+    capture the entire available context."""
+    H, W, n_layers = 6, 16, 2
+    model = tiny("rowlstm", 1, 4, h=4, n_layers=n_layers)
+    field = row_lstm_field(H, W, 7, n_layers, 3)
+    x = 2 * torch.rand(8, 1, H, W, generator=torch.Generator().manual_seed(0), dtype=f64) - 1
+    raster = torch.arange(H * W).view(H, W)
+    for i, j in [(5, 8), (5, 1), (2, 14), (0, 10)]:
+        seen = dependency(model, x, i, j, slice(None))[0] != 0
+        expect = torch.zeros(H, W, dtype=torch.bool)
+        for r, c in field[i, j]:
+            expect[r, c] = True
+        assert torch.equal(seen, expect), (i, j)
+    # the triangle (k = 3): d rows up it spans columns j - k0 // 2 - n_layers - d .. j + k0 // 2 + d - 1,
+    # on the pixel's row j - k0 // 2 - n_layers .. j - 1; every earlier pixel outside it is missed
+    i, j = 5, 8
+    seen = dependency(model, x, i, j, slice(None))[0] != 0
+    cols = torch.arange(W)
+    for d in range(0, i + 1):
+        right = j - 1 if d == 0 else j + 3 + d - 1
+        assert torch.equal(seen[i - d], (cols >= j - 3 - n_layers - d) & (cols <= right)), d
+    missed = (raster < i * W + j) & ~seen
+    assert missed[i - 1, j + 4:].all() and missed[i, :j - 3 - n_layers].all() and missed.sum() == 16
+
+
+def test_diagonal_bilstm_layer_sees_every_earlier_position():
+    """PixelRNN Sec. 3.2, Fig. 4: one Diagonal BiLSTM layer's output at (i, j) depends on its
+    input at every position up to (i, j) in raster order (its own by mask B), and at no later one."""
+    layer = tiny("diagonal-bilstm", 1, 4, h=4, n_layers=1).blocks[0]
+    H, W = 5, 6
+    x = torch.randn(3, 8, H, W, generator=torch.Generator().manual_seed(0), dtype=f64)
+    raster = torch.arange(H * W).view(H, W)
+    for i, j in itertools.product(range(H), range(W)):
+        seen = (dependency(lambda v, y: layer(v) - v, x, i, j, slice(None)) != 0).any(0)  # the LSTM branch
+        assert torch.equal(seen, raster <= i * W + j), (i, j)
+
+
+@pytest.mark.parametrize("colors", [1, 3])
+def test_diagonal_bilstm_field_is_every_earlier_pixel(colors):
+    """PixelRNN Sec. 3.2, Fig. 4: the Diagonal BiLSTM sees the whole available context, and nothing
+    later (own and later colour channels: test_no_output_depends_on_a_later_subpixel), but for one
+    sub-pixel that no network with a mask-A first layer can see: the last sub-pixel of the row
+    above, when it lies beyond the first layer's k0 // 2 columns (it enters the network at
+    positions after (i, j) only)."""
+    H, W, k0 = 5, 7, 3
+    model = tiny("diagonal-bilstm", colors, 4, h=4, n_layers=2, first_kernel=k0)
+    x = 2 * torch.rand(4, colors, H, W, generator=torch.Generator().manual_seed(0), dtype=f64) - 1
+    raster = torch.arange(H * W).view(H, W)
+    for i, j in itertools.product(range(H), range(W)):
+        seen = dependency(model, x, i, j, slice(0, 4)) != 0  # the first channel's logits: (C, H, W)
+        expect = (raster < i * W + j).expand(colors, H, W).clone()
+        if i > 0 and j + k0 // 2 < W - 1:
+            expect[colors - 1, i - 1, W - 1] = False
+        assert torch.equal(seen, expect), (i, j)
+
+
+@SETTINGS
+@given(B=st.integers(1, 2), C=st.integers(1, 3), H=st.integers(1, 6), W=st.integers(1, 6), seed=st.integers(0, 99))
+def test_skew_moves_row_r_right_by_r_and_unskew_inverts_it(B, C, H, W, seed):
+    x = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(seed), dtype=f64)
+    s = P.skew(x)
+    expect = torch.zeros(B, C, H, W + H - 1, dtype=f64)
+    for r in range(H):  # Fig. 3: row r starts at column r, zeros elsewhere
+        expect[:, :, r, r:r + W] = x[:, :, r]
+    assert torch.equal(s, expect)
+    assert torch.equal(P.unskew(s, W), x)
+
+
+def test_diagonal_lstm_column_state_follows_left_and_upper_neighbours():
+    """One direction, on the skewed map: the state at (r, c) depends on the gates at (r', c')
+    with r' <= r and c' <= c, every one of them; the mirrored direction before its one-row shift
+    would see (r, c + 1), the future, which the shift removes."""
+    torch.manual_seed(0)
+    lstm = P.DiagonalLSTM(3).double()
+    H, W, i, j = 5, 6, 3, 2
+    gates = torch.randn(2, 12, H, W, dtype=f64, requires_grad=True)
+    lstm(gates)[:, :, i, j].sum().backward()
+    seen = gates.grad.abs().sum((0, 1)) != 0
+    rows, cols = torch.arange(H)[:, None], torch.arange(W)[None, :]
+    assert torch.equal(seen, (rows <= i) & (cols <= j))
+    layer = tiny("diagonal-bilstm", 1, 4, h=4, n_layers=1).blocks[0]
+    x = torch.randn(2, 8, H, W, dtype=f64, requires_grad=True)
+    mirrored = layer.lstm[1](layer.input_to_state[1](x.flip(3))).flip(3)
+    mirrored[:, :, i, j].sum().backward()
+    assert (x.grad[:, :, i, j + 1] != 0).any()          # unshifted, it would see the next pixel
+    x.grad = None
+    mirrored = layer.lstm[1](layer.input_to_state[1](x.flip(3))).flip(3)
+    P.down_shift(mirrored)[:, :, i, j].sum().backward()
+    g = x.grad.abs().sum((0, 1)) != 0
+    assert torch.equal(g, (rows < i) & (cols >= j))     # shifted: rows above, columns >= c
+
+
+@pytest.mark.parametrize("arch,colors", [("rowlstm", 3), ("diagonal-bilstm", 3), ("diagonal-bilstm", 1)])
+def test_every_value_of_one_pixel_has_total_probability_one(arch, colors):
+    """sum over the L^C values v of a pixel of prod_c p(v_c | v_<c, earlier pixels) = 1, the
+    earlier pixels fixed and the later ones arbitrary (each value scored by its own network pass)."""
+    L, H, W, i, j = 3, 4, 5, 2, 3
+    model = tiny(arch, colors, L)
+    base = torch.randint(0, L, (1, colors, H, W), generator=torch.Generator().manual_seed(1))
+    values = torch.tensor(list(itertools.product(range(L), repeat=colors)))
+    x = base.repeat(len(values), 1, 1, 1)
+    x[:, :, i, j] = values
+    x[:, :, i, j + 1:] = torch.randint(0, L, x[:, :, i, j + 1:].shape, generator=torch.Generator().manual_seed(2))
+    x[:, :, i + 1:] = torch.randint(0, L, x[:, :, i + 1:].shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        lp = P.log_prob(model(P.bin_centre(x.double(), L)), x, L, "categorical")[:, :, i, j].sum(1)
+    assert torch.logsumexp(lp, 0).item() == pytest.approx(0.0, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,7 +452,8 @@ def test_mixture_means_follow_the_earlier_channels_linearly():
         assert m_g.item() == pytest.approx(0.5 * (2 * r / (L - 1) - 1), abs=1e-12)
 
 
-@pytest.mark.parametrize("arch,colors", [("pixelcnn", 3), ("gated", 3), ("pixelcnn++", 3), ("gated", 1)])
+@pytest.mark.parametrize("arch,colors", [("pixelcnn", 3), ("gated", 3), ("pixelcnn++", 3), ("gated", 1),
+                                         ("rowlstm", 3), ("diagonal-bilstm", 3)])
 def test_nll_is_the_sum_of_separately_computed_conditionals(arch, colors):
     L, H, W = 4, 4, 4
     model = tiny(arch, colors, L)
@@ -468,12 +607,13 @@ def test_mixture_sampler_reproduces_the_pixel_chain_it_scores():
 
 
 @pytest.mark.parametrize("arch,colors", [("pixelcnn", 3), ("gated", 3), ("gated", 1), ("pixelcnn++", 3),
-                                         ("pixelcnn++", 1)])
+                                         ("pixelcnn++", 1), ("rowlstm", 3), ("rowlstm", 1),
+                                         ("diagonal-bilstm", 3)])
 def test_fast_sampler_gives_the_naive_samplers_images(arch, colors):
     L, n = 5, 3
     model = tiny(arch, colors, L, num_classes=2)
     H, W = (8, 8) if arch == "pixelcnn++" else (11, 4)  # 11 rows > field_rows + 1: the top crop is used
-    if arch != "pixelcnn++":
+    if arch in ("pixelcnn", "gated"):
         assert model.field_rows + 1 < H
     y = torch.tensor([0, 1, 1])
     given = torch.randint(0, L, (n, colors, H, W), generator=torch.Generator().manual_seed(0))
@@ -570,6 +710,36 @@ def pixelcnnpp_count(C, F, R, K, num_classes=0):
     return first + up + down + resample + conv(F, P.mixture_channels(C, K), 1)
 
 
+def rnn_count(arch, C, L, h, n_layers, k, k0, out_hidden, num_classes=0):
+    """PixelRNN Table 1: the k0 x k0 first layer; per Row LSTM layer a k x 1 input-to-state and a k x 1
+    state-to-state to 4h gates, per Diagonal BiLSTM layer a 1x1 and a 2 x 1 in each direction;
+    the 1x1 back to 2h; the two output layers."""
+    if arch == "rowlstm":
+        layer = 2 * h * 4 * h * k + 4 * h + h * 4 * h * k + 4 * h + num_classes * 4 * h
+    else:
+        layer = 2 * (2 * h * 4 * h + 4 * h + h * 4 * h * 2 + 4 * h) + num_classes * 8 * h
+    layer += h * 2 * h + 2 * h
+    return C * 2 * h * k0 * k0 + 2 * h + n_layers * layer + 2 * h * out_hidden + out_hidden + out_hidden * C * L + C * L
+
+
+@pytest.mark.parametrize("arch,dataset", [("rowlstm", "digits"), ("rowlstm", "cifar10"), ("diagonal-bilstm", "digits"),
+                                          ("diagonal-bilstm", "mnist"), ("diagonal-bilstm", "cifar10")])
+def test_pixelrnn_presets_are_the_papers_shapes(arch, dataset, monkeypatch):
+    """Binarised MNIST: Diagonal BiLSTM, 7 layers of h = 16 (79.20 nats); CIFAR-10: 12 layers of
+    h = 128 (Row LSTM 3.07, Diagonal BiLSTM 3.00 bits/dim); the kernels of Table 1."""
+    cfg = preset_config(dataset, arch, monkeypatch=monkeypatch)
+    paper = {"mnist": (16, 7, True), "cifar10": (128, 12, False)}.get(dataset)
+    if paper:
+        assert (cfg.hidden, cfg.layers, cfg.binarize) == paper
+    assert (cfg.kernel, cfg.first_kernel) == (3, 7)
+    info = INFO[dataset]
+    C, L = info.shape[0], 2 if cfg.binarize else info.levels
+    for classes in (0, 10):
+        net = built(dataclasses.replace(cfg, cond=bool(classes)), dataset)
+        assert type(net).__name__ == {"rowlstm": "RowLSTM", "diagonal-bilstm": "DiagonalBiLSTM"}[arch]
+        assert count(net) == rnn_count(arch, C, L, cfg.hidden, cfg.layers, 3, 7, cfg.out_hidden, classes)
+
+
 def count(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -612,11 +782,12 @@ def test_preset_parameter_counts(arch, dataset, monkeypatch):
 
 
 def test_pixelcnnpp_cifar10_preset_is_the_official_model_and_recipe(monkeypatch):
-    """openai/pixel-cnn train.py: 160 filters, 5 ResNet layers per stage, 10 logistics, dropout
-    0.5, batch 12 x 8 GPUs, Adam (0.95, 0.9995), lr 1e-3 x 0.999995 per step, Polyak 0.9995."""
+    """openai/pixel-cnn train.py (final version): 160 filters, 5 ResNet layers per stage, 10
+    logistics, dropout 0.5, batch 16 x 8 GPUs, Adam (0.95, 0.9995), lr 1e-3 x 0.999995 per step,
+    Polyak 0.9995 (issue 29: the batch was 12 x 8, an earlier train.py's)."""
     cfg = preset_config("cifar10", "pixelcnn++", monkeypatch=monkeypatch)
     assert (cfg.hidden, cfg.layers, cfg.n_mix, cfg.dropout) == (160, 5, 10, 0.5)
-    assert (cfg.batch_size, cfg.lr, cfg.beta1, cfg.beta2, cfg.ema_decay) == (96, 1e-3, 0.95, 0.9995, 0.9995)
+    assert (cfg.batch_size, cfg.lr, cfg.beta1, cfg.beta2, cfg.ema_decay) == (16 * 8, 1e-3, 0.95, 0.9995, 0.9995)
     assert (cfg.schedule, cfg.lr_decay, cfg.warmup) == ("exponential", 0.999995, 0)
     assert P.learning_rate(9, cfg) == pytest.approx(1e-3 * 0.999995 ** 10, rel=1e-12)
     net = built(cfg, "cifar10")
@@ -717,11 +888,6 @@ TINY = ["--hidden", "8", "--layers", "2", "--out-hidden", "16", "--batch-size", 
         "--n-samples", "4", "--warmup", "2", "--device", "cpu"]
 
 
-def events(out, name):
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if r.get("event") == name]
-
-
 def test_cli_digits_conditional_train_eval_sample(tmp_path):
     out = tmp_path / "run"
     P.main(["--steps", "3", "--out", str(out), "--cond", *TINY])
@@ -755,6 +921,27 @@ def test_cli_digits_conditional_train_eval_sample(tmp_path):
     a, b = (torch.load(tmp_path / f / "samples.pt", weights_only=True) for f in ("fast", "naive"))
     assert a.shape == (3, 1, 8, 8) and a.dtype == torch.uint8 and torch.equal(a, b)
     assert (tmp_path / "fast" / "samples.png").exists() and (tmp_path / "fast" / "completion.png").exists()
+
+
+@pytest.mark.parametrize("arch", RNNS)
+def test_cli_pixelrnn_train_eval_sample_without_repeating_the_flag(arch, tmp_path):
+    out = tmp_path / "run"
+    P.main(["--arch", arch, "--steps", "2", "--out", str(out), "--completions", "1", *TINY])
+    assert (out / "samples_2.png").exists() and (out / "completion_2.png").exists()
+    net, cfg, _ = P.load(out / "ckpt.pt")
+    assert cfg.arch == arch and type(net) is {"rowlstm": P.RowLSTM, "diagonal-bilstm": P.DiagonalBiLSTM}[arch]
+    P.main(["--eval", str(out / "ckpt.pt"), "--batch-size", "300"])
+    ev = events(out, "eval")[-1]
+    assert ev["arch"] == arch and ev["n"] == 300
+    test = common.load_dataset("digits", "test")
+    with torch.no_grad():
+        nats = P.nll(net, test.data.long(), 17, "categorical").double().mean().item()
+    assert ev["nll"] == pytest.approx(nats, rel=1e-5)
+    for sampler, folder in (([], "fast"), (["--naive-sampler"], "naive")):
+        P.main(["--sample", str(out / "ckpt.pt"), "--n-samples", "2", "--completions", "0",
+                "--out", str(tmp_path / folder), *sampler])
+    a, b = (torch.load(tmp_path / f / "samples.pt", weights_only=True) for f in ("fast", "naive"))
+    assert a.shape == (2, 1, 8, 8) and torch.equal(a, b)
 
 
 def test_cli_points_density(tmp_path):
@@ -843,6 +1030,9 @@ def test_completion_grid_says_which_columns_are_which(tmp_path, monkeypatch):
     (["--kernel", "4"], "--kernel"),
     (["--bins", "300"], "--bins"),
     (["--dataset", "cifar10", "--hidden", "32"], "--hidden"),
+    (["--dataset", "cifar10", "--arch", "rowlstm", "--hidden", "2"], "--hidden"),
+    (["--arch", "diagonal-bilstm", "--kernel", "5"], "--kernel"),
+    (["--arch", "rowlstm", "--dropout", "0.5"], "--dropout"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, flag, monkeypatch):
     if "cifar10" in argv:  # no download: a tiny 8-bit colour set in place of cifar10
