@@ -1,71 +1,53 @@
-"""Variational autoencoders: the ELBO, the reparameterisation trick and the IWAE bound.
+"""Variational autoencoders: the ELBO, the IWAE bound, flows in the posterior and semi-amortized inference.
 
-Papers
-- Kingma & Welling 2013, Auto-Encoding Variational Bayes, arXiv 1312.6114 (the VAE, the
-  reparameterisation trick, the SGVB estimators of the ELBO).
-- Burda, Grosse & Salakhutdinov 2016, Importance Weighted Autoencoders, arXiv 1509.00519 (the
-  k-sample bound L_k, the IWAE objective, the NLL estimate L_5000, active units).
-- Bowman et al. 2016, Generating Sentences from a Continuous Space, arXiv 1511.06349 (KL cost
-  annealing, here `--kl-warmup`) and Kingma et al. 2016, Improved Variational Inference with
-  Inverse Autoregressive Flow, arXiv 1606.04934 (free bits, `--free-bits`): two remedies for
-  posterior collapse.
-- Salimans et al. 2017, PixelCNN++, arXiv 1701.05517 (the discretized logistic likelihood, one
-  mixture component here).
+Papers: Kingma & Welling 2013, arXiv 1312.6114 (VAE, reparameterisation, SGVB); Burda, Grosse &
+Salakhutdinov 2016, arXiv 1509.00519 (IWAE, L_k, L_5000, active units); Bowman et al. 2016, arXiv
+1511.06349 (KL annealing); Kingma et al. 2016, arXiv 1606.04934 (IAF, free bits); Germain et al.
+2015, arXiv 1502.03509 (MADE); Rezende & Mohamed 2015, arXiv 1505.05770 (planar and radial flows);
+Kim et al. 2018, arXiv 1802.02550 (SA-VAE); Salimans et al. 2017, arXiv 1701.05517 (discretized logistic).
 
-What is implemented: a VAE with a diagonal-Gaussian encoder q(z|x), a standard-normal prior and a
-choice of decoder likelihoods p(x|z) (Bernoulli, diagonal Gaussian, categorical over the grey
-levels, discretized logistic); the ELBO with the KL term in closed form; the IWAE bound L_k in
-chunks with log-sum-exp so k = 5000 fits in memory; the IWAE training objective; KL warm-up and
-free bits; the active-unit diagnostic. Not implemented: the two-stochastic-layer model of Burda
-et al., flows in the posterior (IAF), mixtures in the discretized logistic.
+Implemented: a diagonal-Gaussian q0(z|x), N(0, I) prior, Bernoulli / Gaussian / categorical /
+discretized-logistic decoders; the ELBO (closed-form KL), L_k in chunks (k = 5000 fits), the IWAE
+objective, KL warm-up, free bits, active units; `--posterior planar|radial` (flow parameters from
+the encoder per example) and `--posterior iaf` (MADE steps with the encoder's context h), whose
+bounds use the flow's density q_K; `--svi-steps K`: SA-VAE, K gradient steps on (mu, logvar) per
+example, differentiated exactly by autograd (Kim et al. use finite differences; no momentum or
+gradient clipping here). Not implemented: two stochastic layers, Sylvester and Householder flows,
+IAF with ResNet blocks (Kingma et al.'s CIFAR-10 model), SVI on flow parameters, logistic mixtures,
+free bits with a flow (its KL has no per-dimension terms; --kl-warmup keeps its latents alive).
+Data: digits, a discretized logistic over 17 levels (bits/dim = -log2 p(x) / 64); mnist, binarised
+afresh every batch (the test set once, EVAL_BINARIZATION_SEED); 2D points, a Gaussian decoder, nats.
 
-Data and likelihoods (what "bits/dim" means here). Images arrive as integer levels 0..L-1.
-- digits (L = 17): a discretized logistic over the 17 levels per pixel (`--likelihood categorical`
-  gives a softmax over them instead; it overfits the 1497 training images sooner), so log p(x)
-  is the log-probability of the discrete image and bits/dim = -log2 p(x) / 64 (log2 17 = 4.09
-  for a uniform guess).
-- digits-binary and mnist: Bernoulli (the mnist preset sets `--likelihood bernoulli`). mnist is
-  binarised dynamically, a fresh draw x ~ Bernoulli(intensity / 255) for every training batch (as
-  Burda et al. 2016); the test set is binarised once with a fixed seed (`EVAL_BINARIZATION_SEED`),
-  so evaluations are comparable.
-- cifar10 (and other 256-level images): a convolutional network with a discretized logistic
-  decoder, bits/dim = -log2 p(x) / (3 * 32 * 32).
-- 2D point sets: a Gaussian decoder and a 2D latent; the NLL is a density, in nats (continuous).
-
-Reference numbers (Burda et al. 2016, Table 1, MNIST test NLL in nats = -L_5000, one stochastic
-layer, 784-200-200-50 tanh, Bernoulli output, k training samples = 1 / 5 / 50):
-VAE 86.76 / 86.47 / 86.35, IWAE 86.76 / 85.54 / 84.78. `--dataset mnist` builds that architecture
-and optimiser (Adam beta = (0.9, 0.999), eps 1e-4, batch 20, lr 1e-3 * 10^(-i/7) over stages of 3^i
-passes, 3280 passes); `--objective iwae --k 50` gives the IWAE row.
-
-Run it
-    python vae.py                                   # digits, about a minute on one CPU core
-    python vae.py --eval runs/vae-digits/ckpt.pt    # test ELBO and IWAE-5000 in nats and bits/dim
-    python vae.py --sample runs/vae-digits/ckpt.pt --n-samples 64
-    python vae.py --dataset 8gaussians              # 2D data, 2D latent, latent.png
+    python vae.py                                    # digits, about a minute on one CPU core
+    python vae.py --posterior iaf --flow-length 4    # or planar, radial; --svi-steps 10 for SA-VAE
+    python vae.py --eval runs/vae-digits/ckpt.pt     # ELBO, IWAE-5000 (and the amortization gap)
 
 Paper -> code
-    Kingma & Welling Appendix B (closed-form -KL)            gaussian_kl, gaussian_kl_per_dim
-    Kingma & Welling Sec. 2.4 (reparameterisation)           reparameterize
-    Kingma & Welling Appendix C.1 / C.2 (decoders)           bernoulli, gaussian (Bernoulli, Gaussian)
-    Salimans et al. 2017 Eq. 2 (discretized logistic)        discretized_logistic (DiscretizedLogistic)
-    encode, sample z ~ q(z|x), decode, score log p(x|z)      VAE.forward
-    Kingma & Welling Eq. 3 / Eq. 10 (ELBO, Gaussian case)    elbo
-    Kingma & Welling Eq. 6 (SGVB estimator A)                elbo(analytic_kl=False), log_weights
-    Burda et al. Eq. 8 (L_k, weights w_i), Theorem 1         log_weights, iwae_bound, nll,
-                                                              dataset_bounds, iwae_log_density
-    Bowman et al. 2016 (KL cost annealing)                   kl_weight
-    Kingma et al. 2016 (free bits)                           free_bits_kl
-    the training objectives (-ELBO with both, or -L_k)       training_loss
-    Burda et al. Sec. 5.2 (active units)                     active_units, diagnostics
-    Burda et al. Sec. 5.1 (optimisation schedule)            burda_lr
-    Burda et al. (dynamic binarisation of MNIST)             prepare
-    ancestral sampling x ~ p(x|z) p(z); the latent space     sample; reconstruct, interpolate
-    Kingma & Welling Fig. 4 (learned manifold)               save_final_pictures (latent.png)
+  Kingma & Welling App. B          -KL = 1/2 sum(1 + log s^2 - mu^2 - s^2)      gaussian_kl(_per_dim)
+  Kingma & Welling Eq. 10          z = mu + s * eps, eps ~ N(0, I)              reparameterize
+  K & W App. C; Salimans Eq. 2     log p(x|z), one example                      bernoulli, discretized_logistic
+  Kingma & Welling Eqs. 3, 6, 10   L = E_q log p(x|z) - KL(q || p)              elbo, VAE.forward
+  Burda et al. Eq. 8, Thm. 1       L_k = log 1/k sum_i p(x, z_i) / q(z_i|x)     log_weights, iwae_bound, nll
+  Bowman; Kingma et al. 2016       min(1, t/T) KL; sum_j max(lambda, KL_j)      kl_weight, free_bits_kl
+  Burda et al. Secs. 5.1, 5.2      lr 10^(-i/7); Cov_x E_q[u] > 0.01            burda_lr, active_units
+  Rezende & Mohamed Eqs. 10-12     f = z + u^ h(w'z + b), log|1 + u^'psi|       planar
+  Rezende & Mohamed App. A.1       u^ = u + [m(w'u) - w'u] w / |w|^2            planar_u_hat
+  Rezende & Mohamed Eq. 14         f = z + beta h(alpha, r)(z - z0)             radial
+  Rezende & Mohamed Eqs. 13, 15    log q_K = log q0 - sum_k log|det|            VAE.forward (log_q)
+  Germain et al. Eqs. 12-13        masks [m^l(k) >= m^(l-1)(k')], [d > m^L(k)]  made_masks, MADE
+  Kingma et al. 2016 Eqs. 10-14    z = sigma z + (1 - sigma) m, sum log sigma   IAF
+  Kim et al. 2018 Alg. 1           lambda' = lambda + alpha grad ELBO(lambda)   svi_refine, VAE.forward
+  Cremer et al. 2018 (1801.03558)  gap = ELBO(lambda_K) - ELBO(lambda_0)        evaluate
+  Burda et al. Sec. 5              x ~ Bernoulli(level / (L - 1)) per batch     prepare
+
+References (binarised MNIST, test -log p(x), nats): Burda et al. Table 1, 784-200-200-50 tanh: VAE
+86.76, IWAE (k = 50) 84.78; Rezende & Mohamed Table 2 (bound): diagonal Gaussian 89.9, planar K = 10
+/ 20 / 40 / 80: 87.5 / 86.5 / 85.7 / 85.1. `--dataset mnist` is Burda et al.'s model and optimiser.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 
@@ -74,11 +56,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Batches, Logger, RunConfig, StopSignal, UserError, check_finite, check_range,
-                    density_on_grid, dispatch, entropy_estimate, flag, get_device, init_distributed,
-                    load_checkpoint, load_dataset, load_weights, open_run, output_dir, parse_config,
-                    report_files, resume, save_density, save_image_grid, save_scatter, save_training,
-                    saved_config, seed_everything, user_errors, wrap_ddp)
+from common import (Batches, Logger, RunConfig, Training, UserError, check_range, density_on_grid, dispatch,
+                    entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
+                    parse_config, report_files, save_density, save_image_grid, save_scatter, saved_config,
+                    seed_everything, user_errors, wrap_ddp)
 
 
 # ----------------------------------------------------------------------------------------
@@ -86,28 +67,19 @@ from common import (Batches, Logger, RunConfig, StopSignal, UserError, check_fin
 # ----------------------------------------------------------------------------------------
 
 def gaussian_kl(mu, logvar):
-    """KL(N(mu, diag exp(logvar)) || N(0, I)) per example, summed over latent dimensions.
-
-    Kingma & Welling 2013, Appendix B: -KL = 1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2).
-    mu, logvar: (..., D) -> (...). `gaussian_kl_per_dim` keeps the last axis.
-    """
+    """KL(N(mu, diag exp(logvar)) || N(0, I)), (..., D) -> (...): Kingma & Welling App. B,
+    -KL = 1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)."""
     return gaussian_kl_per_dim(mu, logvar).sum(-1)
 
 
 def gaussian_kl_per_dim(mu, logvar):
-    """The terms of `gaussian_kl` for each latent dimension, (..., D) (Kingma & Welling App. B).
-
-    sigma^2 - 1 is computed as expm1(logvar): exp(logvar) - 1 - logvar would round below zero
-    for logvar near 0, where the KL is of order logvar^2.
-    """
+    """The terms of `gaussian_kl` for each latent dimension, (..., D)."""
+    # sigma^2 - 1 as expm1: exp(logvar) - 1 - logvar rounds below 0 near logvar = 0, where KL ~ logvar^2
     return 0.5 * (mu.pow(2) + torch.expm1(logvar) - logvar)
 
 
 def reparameterize(mu, logvar, k=1, generator=None):
-    """k samples z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling Sec. 2.4, Eq. 10).
-
-    mu, logvar: (B, D) -> z: (k, B, D), differentiable in mu and logvar.
-    """
+    """k samples z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling Sec. 2.4, Eq. 10): (B, D) -> (k, B, D)."""
     eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
     return mu + (0.5 * logvar).exp() * eps
 
@@ -117,15 +89,18 @@ def log_normal(z, mu, logvar):
     return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu).pow(2) * (-logvar).exp()).sum(-1)
 
 
+def log_prior(z):
+    """log p(z) = log N(z; 0, I), summed over the last axis."""
+    return log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
+
+
 # ----------------------------------------------------------------------------------------
 # Decoder likelihoods: each is the normalised log p(x | params) of a whole example, in nats
 # ----------------------------------------------------------------------------------------
 
 def bernoulli(x, logits):
-    """log p(x) = sum_i x_i log s_i + (1 - x_i) log(1 - s_i), s = sigmoid(logits), x in {0, 1}.
-
-    Kingma & Welling Appendix C.1. x, logits: (B, *shape) -> (B,).
-    """
+    """log p(x) = sum_i x_i log s_i + (1 - x_i) log(1 - s_i), s = sigmoid(logits), x in {0, 1}
+    (Kingma & Welling App. C.1); (B, *shape) -> (B,)."""
     return (x * logits - F.softplus(logits)).flatten(1).sum(1)
 
 
@@ -135,10 +110,8 @@ def gaussian(x, mean, logvar):
 
 
 def categorical(x, logits):
-    """log p(x) = sum_i log softmax(logits_i)[x_i]: one categorical over the L levels per pixel.
-
-    x: (B, *shape) integer levels 0..L-1; logits: (B, L, *shape) -> (B,).
-    """
+    """log p(x) = sum_i log softmax(logits_i)[x_i], one categorical over the L levels per pixel;
+    x (B, *shape) levels, logits (B, L, *shape) -> (B,)."""
     logp = F.log_softmax(logits, dim=1).gather(1, x.long().unsqueeze(1)).squeeze(1)
     return logp.flatten(1).sum(1)
 
@@ -147,18 +120,14 @@ LOG_SCALE_MIN = -7.0  # as in PixelCNN++: keeps the bins of a collapsed logistic
 
 
 def discretized_logistic(x, mean, log_scale, levels):
-    """log P(x) with P(x = l) = sigmoid((c_l + d - mean) / s) - sigmoid((c_l - d - mean) / s).
-
-    Salimans et al. 2017, Eq. 2 with one mixture component: level l of L sits at
-    c_l = 2l / (L - 1) - 1 in [-1, 1], bins have half-width d = 1 / (L - 1), and the first and last
-    bins extend to -inf and +inf so the L probabilities sum to 1. The interior difference is
-    computed exactly as sigmoid(a) (1 - sigmoid(b)) (1 - exp(b - a)), a sum of three logs that
-    cannot cancel, with log(1 - e^-w) taken by expm1 or by log1p, whichever is exact there
-    (Maechler 2012), so every bin is accurate in relative terms: against mpmath the worst errors
-    measured are 3e-5 in float32 and 1.2e-13 in float64 (tested to 1e-4 and 1e-12). Each bin
-    edge (2l +- 1 - (L - 1)) / (L - 1) is one rounding from exact, so a mean at an edge keeps
-    its digits. x: (B, *shape) levels; mean, log_scale: (B, *shape) in the [-1, 1] units -> (B,).
-    """
+    """log P(x) with P(x = l) = sigmoid((c_l + d - mean) / s) - sigmoid((c_l - d - mean) / s), the
+    first and last bins open to -inf and +inf (Salimans et al. 2017, Eq. 2, one component): level l
+    of L at c_l = 2l / (L - 1) - 1, half-width d = 1 / (L - 1). x (B, *shape) levels; mean,
+    log_scale (B, *shape) in [-1, 1] units -> (B,)."""
+    # Accurate in relative terms in every bin (against mpmath: 3e-5 in float32, 1.2e-13 in float64,
+    # tested to 1e-4 and 1e-12): the interior bin is sigmoid(a) (1 - sigmoid(b)) (1 - exp(b - a)),
+    # three logs that cannot cancel, log(1 - e^-w) by expm1 or log1p, whichever is exact there
+    # (Maechler 2012); each bin edge is one rounding from exact, so a mean at an edge keeps its digits.
     log_scale = log_scale.clamp(min=LOG_SCALE_MIN)
     m = 2.0 * x.to(mean.dtype) - (levels - 1)  # an integer, exact: c_l = m / (L - 1)
     inv_s = (-log_scale).exp()
@@ -254,40 +223,34 @@ def _full(t):
 # The bounds and the training objectives
 # ----------------------------------------------------------------------------------------
 # Every function here takes the VAE as a callable `model(x, k, generator) -> (mu, logvar, z,
-# log_lik)` (VAE.forward): the posterior's parameters (B, D), k reparameterised samples z
-# (k, B, D) and log p(x | z) (k, B). Training passes the DistributedDataParallel wrapper, so
-# its gradient hooks fire; tests pass VAEs built from exact oracles.
+# log_lik, log_q)` (VAE.forward): the Gaussian's parameters (B, D), k reparameterised samples z
+# (k, B, D), log p(x | z) (k, B) and log q(z|x) (k, B), None when q is the Gaussian itself (with
+# a flow, q_K of Rezende & Mohamed Eq. 15). Training passes the DistributedDataParallel wrapper,
+# so its gradient hooks fire; tests pass VAEs built from exact oracles.
 
-def log_weights(mu, logvar, z, log_lik):
+def log_weights(mu, logvar, z, log_lik, log_q=None):
     """log w = log p(x|z) + log p(z) - log q(z|x), (k, B): the importance weights of Burda et al.
     Eq. 8, from the outputs of one pass of the model, `log_weights(*model(x, k))`."""
-    log_prior = log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
-    return log_lik + log_prior - log_normal(z, mu, logvar)
+    if log_q is None:
+        log_q = log_normal(z, mu, logvar)
+    return log_lik + log_prior(z) - log_q
 
 
 def elbo(model, x, k=1, analytic_kl=True, generator=None):
-    """The evidence lower bound L(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)), per example (B,).
-
-    Kingma & Welling Eq. 3 estimated as in Eq. 10 (estimator B, Eq. 7): the expectation by the
-    mean of k reparameterised samples, the KL in closed form (Appendix B). With analytic_kl=False
-    it is estimator A (Eq. 6), mean_l [log p(x, z_l) - log q(z_l|x)], which equals the IWAE bound
-    with k = 1 sample for sample.
-    """
-    mu, logvar, z, log_lik = model(x, k, generator)
-    if analytic_kl:
+    """L(x) = E_q[log p(x|z)] - KL(q || p(z)) per example (B,), Kingma & Welling Eq. 3 by Eq. 10:
+    k samples, the KL in closed form; analytic_kl=False or a flow: estimator A (Eq. 6; Rezende &
+    Mohamed Eq. 15), mean_l log w_l, the IWAE bound L_1 sample for sample."""
+    mu, logvar, z, log_lik, log_q = model(x, k, generator)
+    if analytic_kl and log_q is None:
         return log_lik.mean(0) - gaussian_kl(mu, logvar)
-    return log_weights(mu, logvar, z, log_lik).mean(0)
+    return log_weights(mu, logvar, z, log_lik, log_q).mean(0)
 
 
 def iwae_bound(model, x, k, chunk=None, generator=None):
-    """L_k(x) = log (1/k) sum_i w_i, z_i ~ q(z|x) i.i.d. (Burda et al. 2016, Eq. 8), per example (B,).
-
-    L_1 is the ELBO, L_k <= L_{k+1} <= log p(x) and L_k -> log p(x) (Burda et al. Theorem 1).
-    The k samples are drawn in chunks of `chunk` (all at once when None), one pass of the model
-    each: each chunk is reduced to its log-sum-exp, and the log-sum-exp of those is exact, so
-    memory grows with the chunk, not with k. Differentiable (the IWAE objective is its negation
-    with k training samples).
-    """
+    """L_k(x) = log (1/k) sum_i w_i, z_i ~ q(z|x) (Burda et al. Eq. 8), per example (B,); L_1 is the
+    ELBO, L_k <= L_{k+1} <= log p(x), L_k -> log p(x) (Theorem 1). Differentiable."""
+    # k samples in chunks (all at once when None): the log-sum-exp of the chunks' log-sum-exps is
+    # exact, so memory grows with the chunk, not with k.
     chunk = k if chunk is None else chunk
     partial = [torch.logsumexp(log_weights(*model(x, min(chunk, k - start), generator)), dim=0)
                for start in range(0, k, chunk)]
@@ -300,11 +263,8 @@ def nll(model, x, k=5000, chunk=None, generator=None):
 
 
 def free_bits_kl(kl_dims, free_bits=0.0):
-    """sum_j max(lambda, E_x[KL_j]): the KL term with free bits (Kingma et al. 2016, App. "free bits").
-
-    Each latent dimension j is its own group; the batch mean of its KL below lambda nats is not
-    penalised, so the encoder keeps using it. lambda = 0 gives the plain KL. kl_dims: (B, D) -> ().
-    """
+    """sum_j max(lambda, E_x[KL_j]), (B, D) -> (): free bits (Kingma et al. 2016, App. "free bits"),
+    each latent dimension its own group, the clamp on its batch mean; lambda = 0: the plain KL."""
     per_dim = kl_dims.mean(0)
     return per_dim.clamp(min=free_bits).sum() if free_bits > 0 else per_dim.sum()
 
@@ -320,19 +280,25 @@ def training_loss(model, x, objective="elbo", k=1, kl_scale=1.0, free_bits=0.0):
 
     objective "elbo": -(E_q[log p(x|z)] - kl_scale * KL) with the KL through `free_bits_kl`
     (Kingma & Welling Eq. 10 with k samples; warm-up weight `kl_weight`; free bits when
-    free_bits > 0). objective "iwae": -L_k (Burda et al. Eq. 8, trained with k samples).
+    free_bits > 0); with a flow the KL is the Monte-Carlo E_q[log q_K(z|x) - log p(z)] (Rezende &
+    Mohamed Eq. 15). objective "iwae": -L_k (Burda et al. Eq. 8, trained with k samples).
     Returns (loss, {"elbo" or "iwae_bound": the batch mean of the bound, "kl": the mean KL}).
     """
-    mu, logvar, z, log_lik = model(x, k)
-    kl_dims = gaussian_kl_per_dim(mu, logvar)             # (B, D)
-    kl = kl_dims.sum(1).mean()
+    mu, logvar, z, log_lik, log_q = model(x, k)
+    if log_q is None:
+        kl_dims = gaussian_kl_per_dim(mu, logvar)         # (B, D)
+        kl = kl_dims.sum(1).mean()
+    elif free_bits > 0:
+        raise ValueError("free bits act on the closed-form KL per dimension of a Gaussian q; with a flow use 0")
+    else:
+        kl = (log_q - log_prior(z)).mean()
     if objective == "iwae":
-        bound = (torch.logsumexp(log_weights(mu, logvar, z, log_lik), dim=0) - math.log(k)).mean()
+        bound = (torch.logsumexp(log_weights(mu, logvar, z, log_lik, log_q), dim=0) - math.log(k)).mean()
         return -bound, {"iwae_bound": bound.detach(), "kl": kl.detach()}
     if objective != "elbo":
         raise ValueError(f"objective {objective!r}: 'elbo' or 'iwae'")
     rec = log_lik.mean()
-    loss = -(rec - kl_scale * free_bits_kl(kl_dims, free_bits))
+    loss = -(rec - kl_scale * (free_bits_kl(kl_dims, free_bits) if log_q is None else kl))
     return loss, {"elbo": (rec - kl).detach(), "kl": kl.detach()}
 
 
@@ -362,11 +328,7 @@ def iwae_log_density(net, k, rows=2 ** 16):
 
 
 def bits_per_dim(nats, dims):
-    """Nats per example -> bits per dimension: nats / (dims * ln 2).
-
-    For discrete images (levels 0..L-1) log p(x) is the log-probability of the discrete image, so
-    this is the usual bits/dim with no dequantisation offset to add.
-    """
+    """Nats per example -> bits per dimension: nats / (dims ln 2)."""
     return nats / (dims * math.log(2))
 
 
@@ -384,14 +346,15 @@ def sample(net, n, mean=False, generator=None):
 
 @torch.inference_mode()
 def reconstruct(net, x):
-    """E[x | z = mu(x)]: the decoder's mean at the posterior mean, (B, *shape)."""
-    return net.likelihood.mean(net.decode(net.posterior(x)[0]))
+    """E[x | z = z(x)]: the decoder's mean at `VAE.posterior_point` (the posterior mean mu for a
+    Gaussian q), (B, *shape)."""
+    return net.likelihood.mean(net.decode(net.posterior_point(x)))
 
 
 @torch.inference_mode()
 def interpolate(net, x1, x2, steps=8):
-    """Decoder means along the line between the posterior means of x1 and x2: (B, steps, *shape)."""
-    mu1, mu2 = net.posterior(x1)[0], net.posterior(x2)[0]
+    """Decoder means along the line between the posterior points (means) of x1 and x2: (B, steps, *shape)."""
+    mu1, mu2 = net.posterior_point(x1), net.posterior_point(x2)
     t = torch.linspace(0, 1, steps, device=mu1.device, dtype=mu1.dtype).view(1, steps, 1)
     z = (1 - t) * mu1.unsqueeze(1) + t * mu2.unsqueeze(1)            # (B, steps, D)
     means = net.likelihood.mean(net.decode(z.flatten(0, 1)))
@@ -403,10 +366,8 @@ def interpolate(net, x1, x2, steps=8):
 # ----------------------------------------------------------------------------------------
 
 def active_units(mu, threshold=0.01):
-    """A_u = Cov_x(E_q(u|x)[u]) > threshold per latent dimension (Burda et al. 2016, Sec. 5.2).
-
-    mu: (N, D) posterior means of a fixed set of examples. Returns (count, variances (D,)).
-    """
+    """A_u = Cov_x(E_q(u|x)[u]) > threshold per dimension (Burda et al. Sec. 5.2); mu (N, D) posterior
+    means of fixed examples -> (count, variances (D,))."""
     var = mu.double().var(0, unbiased=False)
     return int((var > threshold).sum()), var
 
@@ -414,7 +375,7 @@ def active_units(mu, threshold=0.01):
 @torch.no_grad()
 def diagnostics(net, x):
     """KL per latent dimension (mean over the fixed batch x, nats) and the active units
-    (Burda et al. Sec. 5.2), the signs of posterior collapse."""
+    (Burda et al. Sec. 5.2), the signs of posterior collapse; with a flow, of the base q0."""
     mu, logvar = net.posterior(x)
     kl = gaussian_kl_per_dim(mu, logvar).mean(0)
     count, _ = active_units(mu)
@@ -443,6 +404,170 @@ def burda_lr(step, steps_per_pass, lr):
 
 
 # ----------------------------------------------------------------------------------------
+# Planar and radial flows (Rezende & Mohamed 2015, arXiv 1505.05770)
+# ----------------------------------------------------------------------------------------
+# q_K(z_K|x) = q0(z0|x) / prod_k |det df_k/dz_{k-1}| (Eq. 13): a flow module maps z0 (k, B, D)
+# and the encoder's per-example output h (B, P) to (z_K, sum_k log|det|) (k, B); VAE.forward
+# turns that into log q_K, and every bound above takes it from there (Eq. 15).
+
+def planar_u_hat(u, w):
+    """u^ = u + [m(w^T u) - w^T u] w / ||w||^2, m(a) = -1 + softplus(a) (Rezende & Mohamed App. A.1):
+    w^T u^ = m(w^T u) > -1, so the planar map is invertible whatever the raw u."""
+    wu = (w * u).sum(-1, keepdim=True)
+    return u + (F.softplus(wu) - 1 - wu) * w / w.pow(2).sum(-1, keepdim=True).clamp(min=1e-30)
+
+
+def planar(z, u, w, b):
+    """f(z) = z + u^ h(w^T z + b), h = tanh, log|det df/dz| = log|1 + u^T psi(z)|, psi = h'(w^T z + b) w
+    (Rezende & Mohamed Eqs. 10-12, u^ of App. A.1). z (..., D); u, w (..., D) and b (..., 1)
+    broadcast against it -> (f(z), log|det| (...))."""
+    u = planar_u_hat(u, w)
+    h = torch.tanh((z * w).sum(-1, keepdim=True) + b)
+    psi = (1 - h.pow(2)) * w
+    return z + u * h, torch.log1p((u * psi).sum(-1))  # u^T psi >= -h' > -1 (App. A.1)
+
+
+def radial(z, z0, a, b):
+    """f(z) = z + beta h(alpha, r)(z - z0), r = ||z - z0||, h = 1 / (alpha + r), and
+    log|det| = (D - 1) log(1 + beta h) + log(1 + beta h + beta h'(alpha, r) r) (Rezende & Mohamed
+    Eq. 14); alpha = softplus(a) > 0 and beta = -alpha + softplus(b) >= -alpha keep it invertible
+    (App. A.2). z (..., D); z0 (..., D), a and b (..., 1) broadcast -> (f(z), log|det| (...))."""
+    alpha = F.softplus(a)
+    beta = -alpha + F.softplus(b)
+    diff = z - z0
+    r = diff.norm(dim=-1, keepdim=True)
+    h = 1 / (alpha + r)
+    log_det = (z.shape[-1] - 1) * torch.log1p(beta * h) + torch.log1p(beta * h - beta * h.pow(2) * r)
+    return z + beta * h * diff, log_det.squeeze(-1)
+
+
+class PlanarFlow(nn.Module):
+    """K planar steps (`planar`) whose u, w, b come from the encoder, (2D + 1) numbers per step and
+    example: the amortized flow of Rezende & Mohamed Sec. 4."""
+
+    def __init__(self, dim, length):
+        super().__init__()
+        self.dim, self.length, self.n_context = dim, length, length * (2 * dim + 1)
+
+    def forward(self, z, h):
+        log_det = 0
+        for p in h.split(2 * self.dim + 1, dim=-1):
+            u, w, b = p.split([self.dim, self.dim, 1], dim=-1)
+            z, ld = planar(z, u, w, b)
+            log_det = log_det + ld
+        return z, log_det
+
+
+class RadialFlow(nn.Module):
+    """K radial steps (`radial`) whose z0, alpha, beta come from the encoder, D + 2 numbers per step."""
+
+    def __init__(self, dim, length):
+        super().__init__()
+        self.dim, self.length, self.n_context = dim, length, length * (dim + 2)
+
+    def forward(self, z, h):
+        log_det = 0
+        for p in h.split(self.dim + 2, dim=-1):
+            z0, a, b = p.split([self.dim, 1, 1], dim=-1)
+            z, ld = radial(z, z0, a, b)
+            log_det = log_det + ld
+        return z, log_det
+
+
+# ----------------------------------------------------------------------------------------
+# IAF (Kingma et al. 2016, arXiv 1606.04934) with MADE (Germain et al. 2015, arXiv 1502.03509)
+# ----------------------------------------------------------------------------------------
+
+def made_masks(order, hidden):
+    """MADE's masks (Germain et al. Eqs. 12-13): inputs have degrees `order` (a permutation of
+    1..D), hidden units m^l(k) in 1..D-1; a weight is kept where m^l(k) >= m^{l-1}(k') and, into
+    output d, where d > m^L(k), so output d depends only on inputs of lower degree. -> [(out, in)]."""
+    d = len(order)
+    degrees = [order] + [torch.arange(n) % max(d - 1, 1) + min(1, d - 1) for n in hidden]
+    masks = [(m_out[:, None] >= m_in[None, :]).float() for m_in, m_out in zip(degrees[:-1], degrees[1:])]
+    return masks + [(order[:, None] > degrees[-1][None, :]).float()]
+
+
+class MaskedLinear(nn.Linear):
+    """x W^T + b with W multiplied by a fixed 0/1 mask (out, in) (Germain et al. Eq. 10)."""
+
+    def __init__(self, n_in, n_out, mask):
+        super().__init__(n_in, n_out)
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class MADE(nn.Module):
+    """(m, s) = AutoregressiveNN(z, h) of Kingma et al. Eq. 10: a MADE over z (..., D) in the
+    ordering `order`, ELU hidden layers, the context h (B, C) added to the first one (unmasked:
+    it is the same for every dimension); m_i and s_i depend on z_j of lower degree only."""
+
+    def __init__(self, dim, hidden, context, order):
+        super().__init__()
+        masks = made_masks(order, hidden)
+        sizes = [dim, *hidden]
+        self.layers = nn.ModuleList(MaskedLinear(a, b, m) for a, b, m in zip(sizes[:-1], sizes[1:], masks))
+        self.context = nn.Linear(context, hidden[0])
+        self.out = MaskedLinear(hidden[-1], 2 * dim, masks[-1].repeat(2, 1))
+
+    def forward(self, z, h):
+        a = self.layers[0](z) + self.context(h)
+        for layer in self.layers[1:]:
+            a = layer(F.elu(a))
+        return self.out(F.elu(a)).chunk(2, dim=-1)
+
+
+class IAF(nn.Module):
+    """K IAF steps (Kingma et al. 2016 Eqs. 10-14, the "LSTM-type" update): [m, s] = MADE_t(z, h),
+    sigma = sigmoid(s), z <- sigma * z + (1 - sigma) * m, log|det| = sum_i log sigma_i; the
+    ordering is reversed between steps. h (B, C) is the context from the encoder."""
+
+    def __init__(self, dim, length, hidden, context):
+        super().__init__()
+        self.n_context = context
+        order = torch.arange(1, dim + 1)
+        self.steps = nn.ModuleList(MADE(dim, hidden, context, order if t % 2 == 0 else order.flip(0))
+                                   for t in range(length))
+        with torch.no_grad():  # s starts near +1, sigma ~ 0.73: as Kingma et al. advise, near the identity
+            for made in self.steps:
+                made.out.bias[dim:].fill_(1.0)
+
+    def forward(self, z, h):
+        log_det = 0
+        for made in self.steps:
+            m, s = made(z, h)
+            sigma = torch.sigmoid(s)
+            z = sigma * z + (1 - sigma) * m
+            log_det = log_det + F.logsigmoid(s).sum(-1)
+        return z, log_det
+
+
+# ----------------------------------------------------------------------------------------
+# The semi-amortized VAE (Kim et al. 2018, arXiv 1802.02550)
+# ----------------------------------------------------------------------------------------
+
+def svi_refine(log_likelihood, x, mu, logvar, steps, lr, generator=None, k=1):
+    """lambda_{k+1} = lambda_k + alpha grad_lambda ELBO(lambda_k; theta, x), k < K, lambda = (mu, logvar)
+    (Kim et al. Alg. 1 without momentum), each ELBO from k reparameterised samples and the KL in
+    closed form; `log_likelihood(x, z (k, B, D)) -> (k, B)`. With gradients enabled the steps stay
+    in the graph (create_graph), so a loss at lambda_K trains the decoder and, through lambda_0,
+    the encoder, with the exact Hessian-vector products of Alg. 1 (by autograd; Kim et al. use
+    finite differences). Returns lambda_K."""
+    train = torch.is_grad_enabled()
+    with torch.enable_grad():
+        if not (train and mu.requires_grad):  # evaluation, or an encoder without parameters
+            mu, logvar = mu.detach().requires_grad_(), logvar.detach().requires_grad_()
+        for _ in range(steps):
+            z = reparameterize(mu, logvar, k, generator)
+            elbo_sum = (log_likelihood(x, z).mean(0) - gaussian_kl(mu, logvar)).sum()  # examples are independent
+            g_mu, g_logvar = torch.autograd.grad(elbo_sum, (mu, logvar), create_graph=train)
+            mu, logvar = mu + lr * g_mu, logvar + lr * g_logvar
+    return (mu, logvar) if train else (mu.detach(), logvar.detach())
+
+
+# ----------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------
 
@@ -458,21 +583,27 @@ def _mlp(sizes, activation):
     return nn.Sequential(*layers)
 
 
+def _split(h, latent):
+    """The encoder's last layer -> (mu, logvar), or (mu, logvar, h) when it also gives the flow's
+    per-example parameters or context h."""
+    mu, logvar, rest = h[:, :latent], h[:, latent:2 * latent], h[:, 2 * latent:]
+    return (mu, logvar) if rest.shape[1] == 0 else (mu, logvar, rest)
+
+
 class MLPEncoder(nn.Module):
     """q(z|x) = N(mu(x), diag exp(logvar(x))) (Kingma & Welling Appendix C.2).
 
-    x (B, *shape) -> (mu, logvar), each (B, latent). `in_scale` maps the data's levels to [0, 1].
+    x (B, *shape) -> (mu, logvar), each (B, latent), and h (B, extra) when extra > 0 (a flow's
+    parameters or context). `in_scale` maps the data's levels to [0, 1].
     """
 
-    def __init__(self, in_dim, hidden, latent, activation="relu", in_scale=1.0):
+    def __init__(self, in_dim, hidden, latent, activation="relu", in_scale=1.0, extra=0):
         super().__init__()
-        self.in_scale = in_scale
-        self.net = _mlp([in_dim, *hidden, 2 * latent], activation)
+        self.in_scale, self.latent = in_scale, latent
+        self.net = _mlp([in_dim, *hidden, 2 * latent + extra], activation)
 
     def forward(self, x):
-        h = self.net(x.flatten(1).to(self.net[0].weight.dtype) * self.in_scale)
-        mu, logvar = h.chunk(2, dim=1)
-        return mu, logvar
+        return _split(self.net(x.flatten(1).to(self.net[0].weight.dtype) * self.in_scale), self.latent)
 
 
 class MLPDecoder(nn.Module):
@@ -488,26 +619,26 @@ class MLPDecoder(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """Stride-2 4x4 convolutions, then a linear layer to (mu, logvar); x (B, C, H, W)."""
+    """Stride-2 4x4 convolutions, then a linear layer to (mu, logvar[, h]); x (B, C, H, W)."""
 
-    def __init__(self, shape, channels, latent, activation="elu", in_scale=1.0):
+    def __init__(self, shape, channels, latent, activation="elu", in_scale=1.0, extra=0):
         super().__init__()
         c, h, w = shape
         s = 2 ** len(channels)
         if h % s or w % s:
             raise ValueError(f"{len(channels)} stride-2 layers need a height and width divisible by {s}; got {h}x{w}")
-        self.in_scale = in_scale
+        self.in_scale, self.latent = in_scale, latent
         layers = []
         for c_out in channels:
             layers += [nn.Conv2d(c, c_out, 4, stride=2, padding=1), _ACTIVATIONS[activation]()]
             c = c_out
         self.conv = nn.Sequential(*layers)
-        self.head = nn.Linear(c * (h // s) * (w // s), 2 * latent)
+        self.head = nn.Linear(c * (h // s) * (w // s), 2 * latent + extra)
 
     def forward(self, x):
         # Centre the input on [-1, 1] as convolutions without a normalisation layer prefer.
         h = self.conv(x.to(self.head.weight.dtype) * (2 * self.in_scale) - 1)
-        return self.head(h.flatten(1)).chunk(2, dim=1)
+        return _split(self.head(h.flatten(1)), self.latent)
 
 
 class ConvDecoder(nn.Module):
@@ -534,26 +665,38 @@ class ConvDecoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """A VAE from any encoder x -> (mu, logvar), decoder z -> the likelihood's parameters, and
-    likelihood p(x | params); the prior is p(z) = N(0, I) of dimension `latent_dim`.
+    """A VAE from any encoder x -> (mu, logvar[, h]), decoder z -> the likelihood's parameters, and
+    likelihood p(x | params); the prior is p(z) = N(0, I) of dimension `latent_dim`. With a `flow`
+    (PlanarFlow, RadialFlow, IAF) q(z|x) is q_K, the Gaussian pushed through it with the encoder's
+    h; with `svi_steps` > 0 the Gaussian's parameters are refined by `svi_refine` (SA-VAE).
 
     `forward(x, k)` is one pass of the model, what every bound is made of: encode x, draw k
     reparameterised latents per example from q(z|x), decode them and score x under p(x|z).
     `encoder` and `decoder` may be modules or plain callables (tests pass exact oracles).
     """
 
-    def __init__(self, encoder, decoder, likelihood, latent_dim):
+    def __init__(self, encoder, decoder, likelihood, latent_dim, flow=None, svi_steps=0, svi_lr=1.0):
         super().__init__()
         self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
-        self.latent_dim = latent_dim
+        self.latent_dim, self.flow, self.svi_steps, self.svi_lr = latent_dim, flow, svi_steps, svi_lr
         # A zero that follows .to(device, dtype): where prior samples are drawn, even for a VAE
         # built from parameter-free oracles.
         self.register_buffer("ref", torch.zeros(()), persistent=False)
 
+    def encode(self, x):
+        """(mu, logvar) of the Gaussian q0(z|x), each (B, D), and the flow's h (B, P) or None, in at
+        least float32."""
+        out = self.encoder(x)
+        return _full(out[0]), _full(out[1]), (_full(out[2]) if len(out) > 2 else None)
+
     def posterior(self, x):
-        """(mu, logvar) of q(z|x), each (B, D), in at least float32."""
-        mu, logvar = self.encoder(x)
-        return _full(mu), _full(logvar)
+        """(mu, logvar) of the Gaussian q(z|x) (the base q0 of a flow), each (B, D)."""
+        return self.encode(x)[:2]
+
+    def posterior_point(self, x):
+        """One latent (B, D) that stands for q(z|x): mu, pushed through the flow if there is one."""
+        mu, _, h = self.encode(x)
+        return mu if self.flow is None else self.flow(mu.unsqueeze(0), h)[0][0]
 
     def decode(self, z):
         """The likelihood's parameters for latents z (N, D), in at least float32."""
@@ -566,11 +709,20 @@ class VAE(nn.Module):
         xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
         return self.likelihood.log_prob(xs, out).view(k, b)
 
-    def forward(self, x, k=1, generator=None):
-        """x (B, *shape) -> (mu, logvar (B, D), z ~ q(z|x) (k, B, D), log p(x|z) (k, B))."""
-        mu, logvar = self.posterior(x)
+    def forward(self, x, k=1, generator=None, svi_steps=None):
+        """x (B, *shape) -> (mu, logvar (B, D), z ~ q(z|x) (k, B, D), log p(x|z) (k, B), log q(z|x)
+        (k, B) or None for a Gaussian q). mu, logvar are lambda_K after `svi_steps` SVI steps
+        (default self.svi_steps; 0 gives the encoder's lambda_0)."""
+        mu, logvar, h = self.encode(x)
+        steps = self.svi_steps if svi_steps is None else svi_steps
+        if steps:
+            mu, logvar = svi_refine(self.log_likelihood, x, mu, logvar, steps, self.svi_lr, generator)
         z = reparameterize(mu, logvar, k, generator)
-        return mu, logvar, z, self.log_likelihood(x, z)
+        if self.flow is None:
+            return mu, logvar, z, self.log_likelihood(x, z), None
+        z_k, log_det = self.flow(z, h)
+        log_q = log_normal(z, mu, logvar) - log_det  # Rezende & Mohamed Eq. 13
+        return mu, logvar, z_k, self.log_likelihood(x, z_k), log_q
 
 
 # ----------------------------------------------------------------------------------------
@@ -604,6 +756,13 @@ class Config(RunConfig):
     lr_schedule: str = flag("constant", "learning rate schedule; burda: stage i of 3^i passes over the data "
                             "at lr*10^(-i/7), i = 0..7",
                             choices=("constant", "burda"))
+    posterior: str = flag("gaussian", "q(z|x): diagonal Gaussian, or that Gaussian through K planar or radial "
+                          "steps (Rezende & Mohamed 2015) or K IAF steps (Kingma et al. 2016)",
+                          choices=("gaussian", "planar", "radial", "iaf"))
+    flow_length: int = flag(4, "K, the steps of the posterior's flow (planar, radial, iaf)")
+    svi_steps: int = flag(0, "SA-VAE (Kim et al. 2018): gradient steps on the Gaussian's (mu, logvar) per "
+                          "example, in training and evaluation; 0: the encoder's own q")
+    svi_lr: float = flag(0.02, "SA-VAE: the step size alpha of those steps (0.1 diverged on 8gaussians)")
 
 
 PRESETS = {
@@ -613,9 +772,12 @@ PRESETS = {
     "digits-binary": dict(latent=16, hidden=(256, 256), likelihood="bernoulli"),
     # Burda et al. 2016 Sec. 5.1, one stochastic layer: 784-200-200-50 tanh, Bernoulli output
     # (MNIST binarised afresh for every batch), Adam eps 1e-4, batch 20, 3280 passes over the
-    # 60000 training images in 8 stages.
+    # 60000 training images in 8 stages. With --posterior planar: flow_length 10 is Rezende &
+    # Mohamed's K = 10 row (Table 2, 87.5 nats); their network, optimiser and annealing are not
+    # checked here, so the rest is Burda et al.'s (ours). The IAF steps' MADE widths (= hidden),
+    # its context size and --svi-lr are ours too (Kim et al. report no MNIST run).
     "mnist": dict(latent=50, hidden=(200, 200), activation="tanh", likelihood="bernoulli",
-                  batch_size=20, lr=1e-3, adam_eps=1e-4, lr_schedule="burda",
+                  batch_size=20, lr=1e-3, adam_eps=1e-4, lr_schedule="burda", flow_length=10,
                   steps=3280 * 60000 // 20, log_every=1000, save_every=20000),
     # Not from a paper: a small convolutional VAE with a discretized logistic decoder.
     "cifar10": dict(arch="conv", channels=(64, 128, 256), latent=128, activation="elu",
@@ -641,10 +803,29 @@ def check_config(cfg):
         raise UserError("--hidden and --channels take positive widths, e.g. 256,256")
     if cfg.arch == "conv" and not cfg.channels:
         raise UserError("--arch conv needs at least one of --channels, e.g. 64,128,256")
-    if cfg.objective == "iwae" and (cfg.kl_warmup or cfg.free_bits) and not (cfg.eval or cfg.sample):
+    if cfg.posterior == "iaf" and not cfg.hidden:
+        raise UserError("--posterior iaf builds its MADEs with the --hidden widths: give at least one, e.g. 256,256")
+    check_range(cfg, "flow_length", 1)
+    check_range(cfg, "svi_steps", 0)
+    check_range(cfg, "svi_lr", 0, open_low=True)
+    if cfg.eval or cfg.sample:  # the checkpoint's own configuration decides the rest
+        return
+    if cfg.objective == "iwae" and (cfg.kl_warmup or cfg.free_bits):
         raise UserError(f"--kl-warmup {cfg.kl_warmup} and --free-bits {cfg.free_bits} act on the ELBO's KL "
                         "term; with --objective iwae set both to 0 (the 2D preset sets --free-bits 0.5: add "
                         "--free-bits 0)")
+    if cfg.posterior != "gaussian" and cfg.free_bits:
+        raise UserError(f"--free-bits {cfg.free_bits} clamps the closed-form KL per dimension of a Gaussian q; "
+                        f"with --posterior {cfg.posterior} set --free-bits 0 (the 2D preset sets 0.5) and use --kl-warmup")
+    if cfg.svi_steps and cfg.posterior != "gaussian":
+        raise UserError(f"--svi-steps refines the Gaussian's (mu, logvar) (Kim et al. 2018); with --svi-steps "
+                        f"{cfg.svi_steps} accepted: --posterior gaussian")
+    if cfg.svi_steps and cfg.objective != "elbo":
+        raise UserError("--svi-steps trains on the ELBO at the refined parameters (Kim et al. Alg. 1); "
+                        "accepted with it: --objective elbo")
+    if cfg.svi_steps and cfg.compile:
+        raise UserError("--svi-steps differentiates through gradient steps inside the forward pass, which "
+                        "torch.compile does not support; drop --compile")
 
 
 # ----------------------------------------------------------------------------------------
@@ -738,10 +919,10 @@ def save_final_pictures(net, out, info, x):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     with torch.inference_mode():
-        mu = net.posterior(x)[0].cpu()
+        mu = net.posterior_point(x).cpu()
     fig, axes = plt.subplots(1, 2, figsize=(8, 4))
     axes[0].scatter(mu[:, 0], mu[:, 1], s=1, alpha=0.4)
-    axes[0].set_title("posterior means E_q[z] of the data")
+    axes[0].set_title("posterior means E_q[z] of the data" if net.flow is None else "flow(mu(x)) of the data")
     g = grid.cpu().view(15, 15, 2)
     for lines in (g, g.transpose(0, 1)):
         for line in lines:
@@ -772,93 +953,81 @@ def build(cfg, info):
                         "bernoulli, categorical or logistic for images")
     likelihood = make_likelihood(name, info)
     in_scale = 1.0 if likelihood.levels is None else 1.0 / (likelihood.levels - 1)
+    flow = make_flow(cfg)
+    extra = 0 if flow is None else flow.n_context
     if cfg.arch == "conv":
         s = 2 ** len(cfg.channels)
         if info.kind != "image" or info.shape[1] % s or info.shape[2] % s:
             raise UserError(f"--arch conv needs images whose height and width divide by 2^len(channels) = {s} "
                             f"(got shape {list(info.shape)}); use --arch mlp or fewer --channels")
-        enc = ConvEncoder(info.shape, cfg.channels, cfg.latent, cfg.activation, in_scale)
+        enc = ConvEncoder(info.shape, cfg.channels, cfg.latent, cfg.activation, in_scale, extra)
         dec = ConvDecoder(info.shape, cfg.channels, cfg.latent, likelihood.n_params, cfg.activation)
     else:
-        enc = MLPEncoder(info.dims, cfg.hidden, cfg.latent, cfg.activation, in_scale)
+        enc = MLPEncoder(info.dims, cfg.hidden, cfg.latent, cfg.activation, in_scale, extra)
         dec = MLPDecoder(cfg.latent, cfg.hidden, info.shape, likelihood.n_params, cfg.activation)
-    return VAE(enc, dec, likelihood, cfg.latent)
+    return VAE(enc, dec, likelihood, cfg.latent, flow, cfg.svi_steps, cfg.svi_lr)
+
+
+def make_flow(cfg):
+    """The posterior's flow for --posterior (None for gaussian); IAF's MADEs have the MLP's widths
+    and a context h of the last width (our choice)."""
+    if cfg.posterior == "planar":
+        return PlanarFlow(cfg.latent, cfg.flow_length)
+    if cfg.posterior == "radial":
+        return RadialFlow(cfg.latent, cfg.flow_length)
+    if cfg.posterior == "iaf":
+        return IAF(cfg.latent, cfg.flow_length, cfg.hidden, cfg.hidden[-1])
+    return None
 
 
 def train(cfg):
-    """Adam on the negative ELBO (Kingma & Welling Eq. 10) or the IWAE objective (Burda et al.
+    """Adam on the negative ELBO (Kingma & Welling Eq. 10; Rezende & Mohamed Eq. 15 with a flow;
+    at the refined lambda_K with SA-VAE, Kim et al. Alg. 1) or the IWAE objective (Burda et al.
     Eq. 8), with KL warm-up and free bits; under torchrun every process trains on its slice of the
     global batch (DDP)."""
-    dist = init_distributed(cfg.device)
-    out = open_run(cfg, MODEL, dist)
-    ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    info = ds.info
-    seed_everything(cfg.seed)  # the same initial weights on every process
-    net = build(cfg, info).to(dist.device)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
-    batches = Batches(ds, cfg.batch_size, dist, seed=cfg.seed)
-    if cfg.resume:
-        step = resume(cfg, MODEL, dist, model=net, opt=opt, batches=batches)
-    else:
-        step = 0
-        seed_everything(cfg.seed + dist.rank)  # posterior samples and binarisations differ between processes
-    start = step
-    model = wrap_ddp(net, dist, cfg.compile)  # DDP over the processes, then torch.compile
-    logger = Logger(out, cfg.steps, enabled=dist.is_main, every=cfg.log_every)
-    # A fixed batch for the diagnostics and the final pictures, binarised once with a fixed seed.
-    fixed = prepare(ds.data[:DIAGNOSTIC_BATCH], info, net.likelihood,
-                    torch.Generator().manual_seed(EVAL_BINARIZATION_SEED)).to(dist.device)
+    with Training(cfg, MODEL) as run:
+        ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        info = ds.info
+        seed_everything(cfg.seed)  # the same initial weights on every process
+        net = build(cfg, info).to(run.device)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+        batches = Batches(ds, cfg.batch_size, run.dist, seed=cfg.seed)
+        step = run.start(info, model=net, opt=opt, batches=batches)
+        model = wrap_ddp(net, run.dist, cfg.compile)
+        # A fixed batch for the diagnostics and the final pictures, binarised once with a fixed seed.
+        fixed = prepare(ds.data[:DIAGNOSTIC_BATCH], info, net.likelihood,
+                        torch.Generator().manual_seed(EVAL_BINARIZATION_SEED)).to(run.device)
+        bound = "iwae_bound" if cfg.objective == "iwae" else "elbo"
 
-    def checkpoint_and_samples():
-        save_training(out, MODEL, step, cfg, info, dist, model=net, opt=opt, batches=batches)
-        if dist.is_main and not stop.requested:  # asked to stop: no pictures, say how to continue
-            with stop.interruptible():  # a signal now stops the pictures at once; the checkpoint is whole
-                save_samples(net, out / f"samples_{step}.png", info, cfg.n_samples, cfg.seed)
+        def samples(step):
+            save_samples(net, run.out / f"samples_{step}.png", info, cfg.n_samples, cfg.seed)
 
-    with StopSignal() as stop:
-        while step < cfg.steps:
+        for step in run.steps(step, samples):
             x = prepare(next(batches)[0], info, net.likelihood)
             lr = burda_lr(step, len(ds.data) / cfg.batch_size, cfg.lr) if cfg.lr_schedule == "burda" else cfg.lr
             for group in opt.param_groups:
                 group["lr"] = lr
-            with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                 loss, stats = training_loss(model, x, cfg.objective, cfg.k, kl_weight(step, cfg.kl_warmup),
                                             cfg.free_bits)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
-            value = dist.mean(loss)  # each a mean over the processes, the argument left alone
-            check_finite(value, step)
-            metrics = {"loss": value, **{name: dist.mean(v) for name, v in stats.items()}}
             if info.kind == "image":  # the training bound (ELBO or L_k) in bits/dim
-                bound = metrics["iwae_bound" if cfg.objective == "iwae" else "elbo"]
-                metrics["bound_bits_per_dim"] = bits_per_dim(-bound, info.dims)
-            logger.log(step, cfg.batch_size, **metrics)
-            stopping = dist.any(stop.requested)
-            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                checkpoint_and_samples()
-            if dist.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
-                logger.event("diagnostics", at_step=step, **diagnostics(net, fixed))
-            if stopping:
-                if dist.is_main:
-                    print(f"stopped at step {step}; {out / 'ckpt.pt'} saved; continue with --resume", flush=True)
-                break
-        if step == start:  # --steps 0, or nothing left to train: still leave a checkpoint
-            checkpoint_and_samples()
-        if dist.is_main and not stop.requested:
-            with stop.interruptible():
-                save_final_pictures(net, out, info, fixed)
-    logger.close()
-    dist.close()
-    if dist.is_main:
-        report_files(out, ["ckpt.pt", f"samples_{step}.png", "recon.png", "interp.png", "latent.png", "metrics.jsonl",
-                           "loss.png"])
+                stats["bound_bits_per_dim"] = bits_per_dim(-stats[bound], info.dims)
+            run.log(loss=loss.detach(), **stats)
+            if run.dist.is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+                run.logger.event("diagnostics", at_step=step + 1, **diagnostics(net, fixed))
+        run.draw(save_final_pictures, net, run.out, info, fixed)
+    run.report(["ckpt.pt", f"samples_{run.step}.png", "recon.png", "interp.png", "latent.png", "metrics.jsonl",
+                "loss.png"])
 
 
 def evaluate(cfg):
-    """--eval CKPT: test-set ELBO and IWAE-k (nll = -L_k, Burda et al. Sec. 5) in nats and bits/dim;
-    on a 2D set also density.npz (log p(x) estimated by L_{k_density} on a grid) and density.png."""
+    """--eval CKPT: test-set ELBO and IWAE-k (nll = -L_k, Burda et al. Sec. 5, with q_K for a flow)
+    in nats and bits/dim; with SA-VAE the ELBO at lambda_K (svi_elbo, also the proposal of L_k)
+    and the amortization gap svi_elbo - elbo; on a 2D set also density.npz (log p(x) estimated by
+    L_{k_density} on a grid) and density.png."""
     net, saved, info = load(cfg.eval, get_device(cfg.device))
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir)
@@ -867,12 +1036,20 @@ def evaluate(cfg):
     torch.manual_seed(cfg.seed)
     rows = 2 ** 16 if saved.arch == "mlp" else 2 ** 9
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: SA-VAE's steps take gradients (svi_refine)
         elbos, bounds = dataset_bounds(net, x, cfg.k_eval, rows)
+        if saved.svi_steps:
+            refined = elbos
+            amortized = functools.partial(net, svi_steps=0)  # the encoder's lambda_0
+            elbos = torch.cat([elbo(amortized, xb).double().cpu() for xb in x.split(max(1, rows // 64))])
     n = len(bounds)
     fields = {"dataset": info.name, "k": cfg.k_eval, "n": n,
               "nll": -bounds.mean().item(), "nll_se": bounds.std().item() / math.sqrt(n),
               "elbo": elbos.mean().item(), "elbo_se": elbos.std().item() / math.sqrt(n)}
+    if saved.svi_steps:
+        gap = refined - elbos
+        fields.update(svi_elbo=refined.mean().item(), svi_elbo_se=refined.std().item() / math.sqrt(n),
+                      amortization_gap=gap.mean().item(), amortization_gap_se=gap.std().item() / math.sqrt(n))
     if info.kind == "image":
         fields["bits_per_dim"] = bits_per_dim(fields["nll"], info.dims)
         fields["elbo_bits_per_dim"] = bits_per_dim(-fields["elbo"], info.dims)

@@ -11,8 +11,6 @@ import json
 import math
 import re
 import struct
-import subprocess
-import sys
 
 import mpmath
 import numpy as np
@@ -23,8 +21,7 @@ from scipy import integrate, stats
 
 import common
 import vae
-from conftest import ROOT
-from test_common import _env, _free_port
+from conftest import events, run_main, torchrun
 
 
 @pytest.fixture(autouse=True)
@@ -434,7 +431,8 @@ def test_training_loss_is_one_pass_of_the_model():
         loss, _ = vae.training_loss(model, x, objective, k, kl_scale=0.5, free_bits=0.1)
         assert len(calls) == 1 and calls[0][1] == k
         torch.manual_seed(4)
-        mu, logvar, z, log_lik = net(x, k)
+        mu, logvar, z, log_lik, log_q = net(x, k)
+        assert log_q is None  # a Gaussian q: the KL in closed form
         assert z.shape == (k, 6, 3) and log_lik.shape == (k, 6)
         if objective == "elbo":
             kl = vae.gaussian_kl_per_dim(mu, logvar).mean(0).clamp(min=0.1).sum()
@@ -566,10 +564,6 @@ def _records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def _events(out, name):
-    return [r for r in _records(out) if r.get("event") == name]
-
-
 TINY = ["--batch-size", "16", "--hidden", "16", "--latent", "3", "--n-samples", "4"]
 
 
@@ -581,7 +575,7 @@ def test_cli_digits_train_eval_sample(tmp_path):
         assert (out / name).is_file(), name
     steps = [r["step"] for r in _records(out) if "step" in r]
     assert steps == [1, 2, 3]
-    diag = _events(out, "diagnostics")
+    diag = events(out, "diagnostics")
     assert [d["at_step"] for d in diag] == [1, 2, 3]
     assert len(diag[0]["kl_per_dim"]) == 3 and 0 <= diag[0]["active_units"] <= 3
     assert diag[0]["kl"] == pytest.approx(sum(diag[0]["kl_per_dim"]), abs=1e-3)
@@ -590,9 +584,9 @@ def test_cli_digits_train_eval_sample(tmp_path):
     assert fields["bits_per_dim"] == pytest.approx(fields["nll"] / (64 * math.log(2)))
     assert fields["elbo_bits_per_dim"] == pytest.approx(-fields["elbo"] / (64 * math.log(2)))
     assert 0 < fields["bits_per_dim"] < 2 * math.log2(17)   # a 17-level discrete likelihood
-    assert _events(out, "eval")[-1]["nll"] == pytest.approx(fields["nll"])
+    assert events(out, "eval")[-1]["nll"] == pytest.approx(fields["nll"])
     vae.main(["--sample", str(out / "ckpt.pt"), "--n-samples", "5"])
-    assert (out / "samples.png").is_file() and _events(out, "sample")[-1]["n"] == 5
+    assert (out / "samples.png").is_file() and events(out, "sample")[-1]["n"] == 5
 
 
 def test_cli_resume_is_exact(tmp_path):
@@ -658,6 +652,15 @@ def test_cli_2d_points_density(tmp_path):
     (["--dataset", "8gaussians", "--likelihood", "bernoulli"], "does not fit points data"),
     (["--arch", "conv", "--channels", "8,8,8,8"], "divide by"),
     (["--k", "0"], "--k 0 is out of range"),
+    (["--posterior", "planar", "--free-bits", "0.5"], "set --free-bits 0"),
+    (["--dataset", "rings", "--posterior", "iaf"], "set --free-bits 0"),
+    (["--posterior", "iaf", "--svi-steps", "3"], "accepted: --posterior gaussian"),
+    (["--svi-steps", "3", "--objective", "iwae"], "accepted with it: --objective elbo"),
+    (["--svi-steps", "3", "--compile"], "drop --compile"),
+    (["--svi-steps", "-1"], "--svi-steps -1 is out of range"),
+    (["--svi-lr", "0"], "--svi-lr 0.0 is out of range"),
+    (["--flow-length", "0"], "--flow-length 0 is out of range"),
+    (["--posterior", "sylvester"], "invalid choice"),
 ])
 def test_user_mistakes_are_one_line_errors(args, words, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -679,10 +682,8 @@ def test_torchrun_logs_each_loss_once_averaged_over_the_processes(tmp_path):
     free bits), each mean taken once."""
     torch.set_default_dtype(torch.float32)  # as training runs
     out = tmp_path / "two"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(ROOT / "vae.py"),
-                        *TINY, "--batch-size", "32", "--steps", "2", "--log-every", "1", "--save-every", "100",
-                        "--device", "cpu", "--out", str(out)], env=_env(), capture_output=True, text=True, timeout=300)
+    r = torchrun("vae", [*TINY, "--batch-size", "32", "--steps", "2", "--log-every", "1", "--save-every", "100",
+                         "--out", out])
     assert r.returncode == 0, r.stderr[-2000:]
     logged = [m for m in _records(out) if "step" in m]
     assert [m["step"] for m in logged] == [1, 2]
@@ -764,7 +765,7 @@ def test_mathematics_runs_without_common(without_common):
             torch.manual_seed(1)
             loss, stats_ = m.training_loss(net, x, "elbo", 2, weight, free_bits=0.5)
             torch.manual_seed(1)
-            mu, logvar, z, log_lik = net(x, 2)
+            mu, logvar, z, log_lik, _ = net(x, 2)
             kl = m.free_bits_kl(m.gaussian_kl_per_dim(mu, logvar), 0.5)
             assert weight == 0.25 and loss.item() == pytest.approx(-(log_lik.mean() - weight * kl).item(), rel=1e-12)
             assert stats_["kl"].item() == pytest.approx(m.gaussian_kl(mu, logvar).mean().item(), rel=1e-12)
@@ -788,3 +789,344 @@ def test_mathematics_runs_without_common(without_common):
     assert log_density.shape == (5,) and torch.isfinite(log_density).all()
     assert m.active_units(torch.eye(4))[0] == 4 and m.active_units(torch.zeros(4, 3))[0] == 0
     assert m.bits_per_dim(math.log(2), 1) == pytest.approx(1.0) and m.burda_lr(0, 10, 1.0) == 1.0
+    # the posteriors of issue 23: flows (planar, radial, IAF) and SA-VAE's refinement
+    x = torch.randn(6, *shape, generator=g(7))
+    for flow, svi_steps in ((m.PlanarFlow(3, 2), 0), (m.RadialFlow(3, 2), 0), (m.IAF(3, 2, (8,), 4), 0), (None, 2)):
+        torch.manual_seed(0)
+        enc = m.MLPEncoder(16, (8,), 3, extra=0 if flow is None else flow.n_context)
+        net = m.VAE(enc, m.MLPDecoder(3, (8,), shape, 2), m.Gaussian(), 3, flow, svi_steps, 0.1).double()
+        loss, stats_ = m.training_loss(net, x, "elbo", 2, 0.5)
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in net.parameters()) and torch.isfinite(stats_["kl"])
+        with torch.no_grad():
+            elbos, bounds = m.dataset_bounds(net, x, 4, rows=8)
+        assert torch.isfinite(elbos).all() and torch.isfinite(bounds).all()
+        assert m.reconstruct(net, x).shape == x.shape
+
+
+# ----------------------------------------------------------------------------------------------
+# Flows in the posterior (Rezende & Mohamed 2015; IAF, Kingma et al. 2016) and SA-VAE (Kim et al. 2018)
+# ----------------------------------------------------------------------------------------------
+
+def _jacobian(f, z):
+    """The Jacobian (D, D) of a map R^D -> R^D at one point z (D,), by autograd."""
+    return torch.autograd.functional.jacobian(f, z)
+
+
+raw = st.floats(-4, 4)
+
+
+@given(st.integers(1, 4), st.data())
+def test_planar_log_det_is_slogdet_of_the_autograd_jacobian(d, data):
+    """Random u, w, b, most of them with w^T u < -1 (the raw planar map is then not invertible):
+    after App. A.1, w^T u^ > -1, det > 0, and log|det| is slogdet of the Jacobian."""
+    # |u|, |w| <= 2 per coordinate: w^T u >= -16 keeps 1 + u^T psi >= softplus(-16) ~ 1e-7, where
+    # float64 still gives log|det| to ~1e-9 both ways (nearer -1 both lose digits alike)
+    u, w = (0.5 * torch.tensor(data.draw(st.lists(raw, min_size=d, max_size=d))) for _ in range(2))
+    z = torch.tensor(data.draw(st.lists(raw, min_size=d, max_size=d)))
+    w = w + 0.1 * torch.sign(w) + (w == 0) * 0.1               # ||w|| > 0
+    u = u - 1.5 * w / w.norm() if data.draw(st.booleans()) else u  # often w^T u < -1 before A.1
+    b = torch.tensor([data.draw(raw)])
+    assert (vae.planar_u_hat(u, w) * w).sum() > -1
+    f, log_det = vae.planar(z, u, w, b)
+    sign, expected = torch.linalg.slogdet(_jacobian(lambda v: vae.planar(v, u, w, b)[0], z))
+    assert sign == 1 and log_det.item() == pytest.approx(expected.item(), abs=1e-8)
+
+
+@given(st.integers(1, 4), st.data())
+def test_radial_log_det_is_slogdet_of_the_autograd_jacobian(d, data):
+    """Raw a, b anywhere (beta = -alpha + softplus(b) >= -alpha by construction, even where the raw b
+    is far below -alpha): det > 0 and log|det| (Eq. 14) is slogdet of the Jacobian."""
+    z, z0 = (torch.tensor(data.draw(st.lists(raw, min_size=d, max_size=d))) for _ in range(2))
+    a, b = torch.tensor([data.draw(raw)]), torch.tensor([data.draw(st.floats(-8, 4))])
+    if (z - z0).norm() < 1e-3:
+        z = z + 0.1
+    f, log_det = vae.radial(z, z0, a, b)
+    sign, expected = torch.linalg.slogdet(_jacobian(lambda v: vae.radial(v, z0, a, b)[0], z))
+    assert sign == 1 and log_det.item() == pytest.approx(expected.item(), abs=1e-9)
+
+
+def _iaf(d, length, seed, scale=1.0, context=3):
+    torch.manual_seed(seed)
+    flow = vae.IAF(d, length, (8, 8), context).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.mul_(scale)
+    return flow
+
+
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(0, 2 ** 31))
+def test_iaf_is_autoregressive_and_its_log_det_is_slogdet(d, length, seed):
+    """MADE's (m, s) at output i depend only on inputs of lower degree (a strictly triangular
+    Jacobian in the step's ordering, ascending or reversed), each IAF step's Jacobian is triangular
+    with diagonal sigma, the composed flow's Jacobian is the product of the steps', and sum log sigma
+    is slogdet of that product."""
+    flow = _iaf(d, length, seed, scale=2.0)
+    g = torch.Generator().manual_seed(seed)
+    z, h = torch.randn(d, generator=g), torch.randn(1, 3, generator=g)
+    total = torch.eye(d, dtype=torch.float64)
+    zt = z
+    for t, made in enumerate(flow.steps):
+        lower = t % 2 == 0  # ascending ordering on even steps, reversed on odd ones
+        tri = (lambda a: torch.tril(a, -1)) if lower else (lambda a: torch.triu(a, 1))
+        for out in range(2):
+            jm = _jacobian(lambda v: made(v.unsqueeze(0), h)[out][0], zt)
+            assert torch.equal(jm, tri(jm)), (t, out)
+        step = vae.IAF(d, 1, (8, 8), 3).double()
+        step.steps[0] = made
+        js = _jacobian(lambda v: step(v.unsqueeze(0), h)[0][0], zt)
+        sigma = torch.sigmoid(made(zt.unsqueeze(0), h)[1][0])
+        torch.testing.assert_close(js.diagonal(), sigma, rtol=1e-12, atol=1e-14)
+        assert torch.equal(js - torch.diag(js.diagonal()), tri(js))
+        total = js @ total
+        zt = step(zt.unsqueeze(0), h)[0][0]
+    z_k, log_det = flow(z.unsqueeze(0), h)
+    torch.testing.assert_close(z_k[0], zt, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_jacobian(lambda v: flow(v.unsqueeze(0), h)[0][0], z), total, rtol=1e-10, atol=1e-12)
+    sign, expected = torch.linalg.slogdet(total)
+    assert sign == 1 and log_det.item() == pytest.approx(expected.item(), abs=1e-10)
+
+
+def test_made_masks_follow_germain_et_al():
+    """The masks themselves: output d sees hidden units of degree < d, hidden units see inputs of
+    degree <= theirs; with D = 1 the outputs see no input at all."""
+    order = torch.tensor([2, 3, 1])
+    m1, m2, out = vae.made_masks(order, (4, 5))
+    deg1 = torch.tensor([1, 2, 1, 2])
+    assert torch.equal(m1, (deg1[:, None] >= order[None, :]).float())
+    assert out.shape == (3, 5) and not out[order == 1].any()   # the first in the ordering sees nothing
+    first, last = vae.made_masks(torch.tensor([1]), (3,))
+    assert not first.any() and last.all()   # D = 1: hidden units see no input; (m, s) are biases and context
+
+
+class _FlowOracle:
+    """An encoder for 2D latents that gives q0 = N(m, diag v) and a fixed h for every x."""
+
+    def __init__(self, m, v, h):
+        self.m, self.logvar, self.h = torch.tensor(m), torch.tensor(np.log(v)), h
+
+    def __call__(self, xb):
+        n = len(xb)
+        out = (self.m.expand(n, -1), self.logvar.expand(n, -1))
+        return out if self.h is None else (*out, self.h.expand(n, -1))
+
+
+def _flow_vae(kind, model, m, v, seed=0, length=3):
+    """A VAE over the linear-Gaussian model with q0 = N(m, v) and a `kind` posterior whose flow
+    deforms q0 strongly (random parameters of unit to double scale)."""
+    d = model.d
+    g = torch.Generator().manual_seed(seed)
+    flow = {"gaussian": None, "planar": vae.PlanarFlow(d, length), "radial": vae.RadialFlow(d, length),
+            "iaf": _iaf(d, length, seed, scale=2.0, context=3)}[kind]
+    h = None if flow is None else 1.5 * torch.randn(1, flow.n_context, generator=g)
+    return vae.VAE(_FlowOracle(m, v, h), model.decoder, vae.Gaussian(), d, flow)
+
+
+KINDS = ["gaussian", "planar", "radial", "iaf"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_q_k_integrates_to_one_on_a_2d_latent_grid(kind):
+    """Quadrature of q_K over the z_K plane on the grid that the flow makes of a square grid of
+    z0 = mu + sigma eps: each cell's image is a quadrilateral whose area is measured from its
+    mapped corners (shoelace formula, no Jacobian), and sum_cells q_K(f(centre)) area = 1 to the
+    grid's O(h^2), with q_K = q0 / |det| as VAE.forward computes it. A wrong log-det would be off by
+    E[|det|^(+-1)] - 1, which the check that the cells' areas vary by a factor > 2 makes large."""
+    model = LinearGaussian(5, d=2, n=3)
+    net = _flow_vae(kind, model, [0.3, -0.5], [0.6, 1.4], seed=1)
+    x = torch.zeros(1, 3)
+    mu, logvar, h = net.encode(x)
+    # forward's log q for one draw, recomputed from the same eps: the pass uses this very density
+    g = torch.Generator().manual_seed(3)
+    _, _, z, _, log_q = net(x, 5, generator=g)
+    eps = torch.randn(5, *mu.shape, generator=torch.Generator().manual_seed(3))
+    z0 = mu + (0.5 * logvar).exp() * eps
+    z_k, log_det = (z0, 0) if net.flow is None else net.flow(z0, h)
+    torch.testing.assert_close(z, z_k, rtol=1e-12, atol=1e-12)
+    if kind == "gaussian":
+        assert log_q is None
+    else:
+        torch.testing.assert_close(log_q, vae.log_normal(z0, mu, logvar) - log_det, rtol=1e-12, atol=1e-12)
+    n, lim = 500, 8.0
+    e = torch.linspace(-lim, lim, n + 1)
+    corners = torch.stack(torch.meshgrid(e, e, indexing="ij"), -1)                 # (n+1, n+1, 2)
+    centres = (corners[:-1, :-1] + corners[1:, 1:]) / 2
+
+    def push(eps):
+        z0 = mu + (0.5 * logvar).exp() * eps.reshape(-1, 2).unsqueeze(1)          # (M, 1, 2)
+        if net.flow is None:
+            return z0[:, 0].reshape(eps.shape), vae.log_normal(z0, mu, logvar)[:, 0].reshape(eps.shape[:-1])
+        zk, ld = net.flow(z0, h)
+        return zk[:, 0].reshape(eps.shape), (vae.log_normal(z0, mu, logvar) - ld)[:, 0].reshape(eps.shape[:-1])
+    with torch.no_grad():
+        zc, log_qk = push(centres)
+        zq, _ = push(corners)
+    p = [zq[:-1, :-1], zq[1:, :-1], zq[1:, 1:], zq[:-1, 1:]]                      # the quadrilateral, in order
+    area = 0.5 * sum(a[..., 0] * b[..., 1] - b[..., 0] * a[..., 1] for a, b in zip(p, p[1:] + p[:1]))
+    assert (area > 0).all() or (area < 0).all()                                    # invertible: no cell folds
+    area = area.abs()
+    total = (log_qk.exp() * area).sum().item()
+    assert total == pytest.approx(1.0, abs=2e-3), total
+    if kind != "gaussian":
+        ratio = area / area.median()
+        inner = log_qk.exp() * area > 1e-6
+        assert ratio[inner].max() / ratio[inner].min() > 2                          # the flow deforms q0
+
+
+@pytest.mark.parametrize("kind", KINDS[1:])
+def test_flow_bounds_stay_below_log_px_and_rise_with_k(kind):
+    """Linear-Gaussian model, log p(x) exact: with any flow posterior the ELBO (Eq. 15) and L_k are
+    below log p(x) (within 5 standard errors), and L_k rises with k towards it."""
+    model = LinearGaussian(7, d=2, n=3)
+    x = np.array([1.0, -0.5, 0.8])
+    pm, pv = model.posterior(x)
+    net = _flow_vae(kind, model, pm + 0.3, 1.5 * pv, seed=2)
+    log_px = model.log_px(x)
+    xs, g = _replicate(x, 3000), torch.Generator().manual_seed(0)
+    e = vae.elbo(net, xs, generator=g).detach().numpy()
+    assert e.mean() < log_px + Z * e.std() / math.sqrt(len(e))
+    means = []
+    for k, reps in ((1, 3000), (16, 500), (256, 100)):
+        b = vae.iwae_bound(net, xs[:reps], k, chunk=64, generator=g).detach().numpy()
+        se = b.std(ddof=1) / math.sqrt(reps)
+        assert b.mean() <= log_px + Z * se
+        means.append((b.mean(), se))
+    assert means[-1][0] - means[0][0] > 5 * math.hypot(means[0][1], means[-1][1])   # L_k rises with k
+    assert log_px - means[0][0] > 10 * means[0][1]                                   # there is a gap
+
+
+def test_a_flow_that_reaches_the_true_posterior_closes_the_gap():
+    """One IAF step whose MADE weights are zero is the affine map z -> sigma z + (1 - sigma) m with
+    sigma, m from its biases: set so that it carries q0 = N(m0, v0) exactly onto p(z|x), every
+    weight equals p(x) and every bound is log p(x) (no Monte-Carlo error), while q0 alone has a
+    gap KL(q0 || p(z|x)) > 0."""
+    model = LinearGaussian(9, d=2, n=3)
+    x = np.array([0.4, 1.1, -0.7])
+    pm, pv = model.posterior(x)
+    m0, v0 = pm - 0.8, 3.0 * pv
+    sigma = np.sqrt(pv / v0)
+    m = (pm - sigma * m0) / (1 - sigma)
+    flow = vae.IAF(2, 1, (4,), 3).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.zero_()
+        flow.steps[0].out.bias.copy_(torch.tensor(np.concatenate([m, np.log(sigma / (1 - sigma))])))
+    h = torch.zeros(1, 3)
+    exact = vae.VAE(_FlowOracle(m0, v0, h), model.decoder, vae.Gaussian(), 2, flow)
+    base = vae.VAE(_FlowOracle(m0, v0, None), model.decoder, vae.Gaussian(), 2)
+    xs, g = _replicate(x, 400), torch.Generator().manual_seed(1)
+    log_px = model.log_px(x)
+    np.testing.assert_allclose(vae.elbo(exact, xs, generator=g).detach().numpy(), log_px, atol=1e-10)
+    np.testing.assert_allclose(vae.iwae_bound(exact, xs[:20], 7, generator=g).detach().numpy(), log_px, atol=1e-10)
+    assert log_px - model.exact_elbo(x, m0, v0) > 0.5
+    _mc_close(vae.elbo(base, xs, generator=g).numpy(), model.exact_elbo(x, m0, v0))
+
+
+def test_svi_steps_do_not_decrease_the_elbo_and_close_the_gap():
+    """Kim et al. Alg. 1's inner loop in the linear-Gaussian model, where ELBO(m, v) is exact: with
+    a small step and a gradient from many samples each step raises the exact ELBO of every example,
+    and the gap to log p(x) (the Gaussian family holds p(z|x)) shrinks towards 0."""
+    model = LinearGaussian(12, d=2, n=3)
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(4, 3)) * 2
+    mu = torch.tensor(rng.normal(size=(4, 2)))
+    logvar = torch.tensor(rng.uniform(-1.5, 1.5, size=(4, 2)))
+    net = model.vae(None)
+    exact = lambda m, lv: np.array([model.exact_elbo(x, mi, vi) for x, mi, vi in
+                                    zip(xs, m.numpy(), lv.exp().numpy())])
+    g = torch.Generator().manual_seed(0)
+    values = [exact(mu, logvar)]
+    with torch.no_grad():
+        for _ in range(30):
+            mu, logvar = vae.svi_refine(net.log_likelihood, torch.tensor(xs), mu, logvar, 1, 0.05, g, k=4000)
+            values.append(exact(mu, logvar))
+    values = np.array(values)
+    assert (np.diff(values, axis=0) > 0).all(), np.diff(values, axis=0).min()
+    gaps = model.log_px(xs) - values
+    assert (gaps[-1] < 0.2 * gaps[0]).all(), (gaps[0], gaps[-1])
+
+
+def _svi_net(svi_steps=3):
+    torch.manual_seed(0)
+    enc = vae.MLPEncoder(3, (5,), 2, activation="tanh")
+    dec = vae.MLPDecoder(2, (5,), (3,), 2, activation="tanh")
+    return vae.VAE(enc, dec, vae.Gaussian(), 2, svi_steps=svi_steps, svi_lr=0.2).double()
+
+
+def test_svi_gradient_through_the_unrolled_steps_matches_finite_differences():
+    """The SA-VAE loss -ELBO(lambda_K) with the noise fixed (a seeded generator) is a smooth function
+    of every weight; its autograd gradient through the K unrolled steps (create_graph) matches
+    central differences for encoder and decoder weights (Alg. 1 differentiates both through the
+    steps), and differs from the gradient with the steps cut off (lambda_K treated as lambda_0 +
+    a constant): the second-order terms matter."""
+    net = _svi_net()
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+
+    def loss():
+        return -vae.elbo(net, x, generator=torch.Generator().manual_seed(2)).sum()
+    params = [net.encoder.net[0].weight, net.encoder.net[2].weight, net.decoder.net[0].weight]
+    grads = torch.autograd.grad(loss(), params)
+    for p, grad in zip(params, grads):
+        for idx in [(0, 0), (1, 2), (3, 1)]:
+            idx = tuple(i % s for i, s in zip(idx, p.shape))
+            with torch.no_grad():
+                p[idx] += 1e-6
+                up = loss().item()
+                p[idx] -= 2e-6
+                down = loss().item()
+                p[idx] += 1e-6
+            assert grad[idx].item() == pytest.approx((up - down) / 2e-6, rel=1e-5, abs=1e-7)
+    # cut: the refined parameters as lambda_0 + (lambda_K - lambda_0).detach()
+    mu0, logvar0 = net.posterior(x)
+    g = torch.Generator().manual_seed(2)
+    mu_k, logvar_k = vae.svi_refine(net.log_likelihood, x, mu0, logvar0, 3, 0.2, g)
+    mu_c, logvar_c = mu0 + (mu_k - mu0).detach(), logvar0 + (logvar_k - logvar0).detach()
+    z = vae.reparameterize(mu_c, logvar_c, 1, g)
+    cut = -(net.log_likelihood(x, z)[0] - vae.gaussian_kl(mu_c, logvar_c)).sum()
+    assert cut.item() == pytest.approx(loss().item(), rel=1e-12)        # the same value ...
+    cut_grad = torch.autograd.grad(cut, params[0])[0]
+    assert (cut_grad - grads[0]).abs().max() > 1e-3 * grads[0].abs().max()  # ... another gradient
+
+
+# --- the command line
+
+@pytest.mark.parametrize("flags", [["--posterior", "planar"], ["--posterior", "radial"],
+                                   ["--posterior", "iaf", "--flow-length", "2"], ["--svi-steps", "2"]])
+def test_cli_posterior_train_eval_sample(flags, tmp_path):
+    out = tmp_path / "run"
+    run_main("vae", [*TINY, *flags, "--steps", "3", "--log-every", "1", "--out", out])
+    cfg = common.load_checkpoint(out / "ckpt.pt")["config"]
+    assert cfg["posterior"] == (flags[1] if flags[0] == "--posterior" else "gaussian")
+    assert cfg["svi_steps"] == (2 if "--svi-steps" in flags else 0)
+    logged = [r for r in _records(out) if "step" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in logged)
+    fields = run_main("vae", ["--eval", out / "ckpt.pt", "--k-eval", "3"])   # no flag repeated
+    assert fields["nll"] == pytest.approx(events(out, "eval")[-1]["nll"]) and math.isfinite(fields["nll"])
+    if "--svi-steps" in flags:
+        assert fields["amortization_gap"] == pytest.approx(fields["svi_elbo"] - fields["elbo"])
+    else:
+        assert "amortization_gap" not in fields
+    run_main("vae", ["--sample", out / "ckpt.pt", "--n-samples", "5"])
+    assert events(out, "sample")[-1]["n"] == 5
+
+
+def test_cli_flow_on_2d_points_with_density(tmp_path):
+    out = tmp_path / "run"
+    run_main("vae", ["--dataset", "8gaussians", "--posterior", "radial", "--free-bits", "0", "--steps", "3",
+                     "--batch-size", "32", "--hidden", "16", "--out", out])
+    assert (out / "latent.png").is_file()
+    fields = run_main("vae", ["--eval", out / "ckpt.pt", "--k-eval", "2", "--k-density", "2"])
+    assert np.isfinite(np.load(out / "density.npz")["log_density"]).all() and "true_entropy" in fields
+
+
+@pytest.mark.parametrize("flags", [["--posterior", "iaf"], ["--svi-steps", "2"]])
+def test_cli_resume_with_a_posterior_is_exact(flags, tmp_path):
+    args = [*TINY, *flags, "--log-every", "1", "--save-every", "100"]
+    whole, half = tmp_path / "whole", tmp_path / "half"
+    run_main("vae", [*args, "--steps", "4", "--out", whole])
+    run_main("vae", [*args, "--steps", "2", "--out", half])
+    run_main("vae", [*args, "--steps", "4", "--out", half, "--resume"])
+    a, b = (common.load_checkpoint(d / "ckpt.pt")["model"] for d in (whole, half))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    loss = [{r["step"]: r["loss"] for r in _records(d) if "step" in r} for d in (whole, half)]
+    assert loss[0][4] == loss[1][4]
