@@ -198,10 +198,10 @@ class Training:
         self.cfg, self.model_name, self.step, self.parts, self.info = cfg, model_name, 0, {}, None
 
     def __enter__(self):
-        self.dist = init_distributed(self.cfg.device)
+        self.dist = _init_distributed(self.cfg.device)
         self.device = self.dist.device
-        self.out = open_run(self.cfg, self.model_name, self.dist)
-        self.stop = StopSignal().__enter__()
+        self.out = _open_run(self.cfg, self.model_name, self.dist)
+        self.stop = _StopSignal().__enter__()
         self.logger = Logger(self.out, self.cfg.steps, enabled=self.dist.is_main, every=self.cfg.log_every)
         return self
 
@@ -237,7 +237,7 @@ class Training:
     def checkpoint(self, pictures=None):
         """Save ckpt.pt (a collective), then draw `pictures(step)` on rank 0; neither counts in examples/s."""
         with self.logger.paused():
-            save_training(self.out, self.model_name, self.step, self.cfg, self.info, self.dist, **self.parts)
+            _save_training(self.out, self.model_name, self.step, self.cfg, self.info, self.dist, **self.parts)
         if pictures is not None:
             self.draw(pictures, self.step)
 
@@ -251,7 +251,7 @@ class Training:
         """Log the step just taken (tensors averaged over processes; a non-finite loss stops the run)."""
         values = {k: self.dist.mean(v) if torch.is_tensor(v) else v for k, v in metrics.items()}
         if "loss" in values:
-            check_finite(values["loss"], self.step + 1)
+            _check_finite(values["loss"], self.step + 1)
         self.logger.log(self.step + 1, self.cfg.batch_size, **values)
         return values
 
@@ -629,7 +629,7 @@ def _allocation_failure(e):
 
 # --- stopping: a non-finite loss, a signal
 
-def check_finite(value, step):
+def _check_finite(value, step):
     """Stop training on a NaN or infinite loss, naming the step; nothing is saved after it."""
     if not math.isfinite(value):
         raise UserError(f"loss is {value} at step {step}; training stopped and the last checkpoint on disk "
@@ -645,11 +645,11 @@ class _Interrupted(Exception):
 
 
 class _PicturesStopped(Exception):
-    """Raised at a network call inside StopSignal.interruptible() once a signal came, and caught there."""
+    """Raised at a network call inside _StopSignal.interruptible() once a signal came, and caught there."""
 
 
-class StopSignal:
-    """Inside `with StopSignal() as stop:` a first SIGINT or SIGTERM sets `stop.requested` (the loop
+class _StopSignal:
+    """Inside `with _StopSignal() as stop:` a first SIGINT or SIGTERM sets `stop.requested` (the loop
     saves and exits with status 0) and stops pictures drawn inside `stop.interruptible()` at their
     next network call; a second signal ends the process at once (status 128 + signal)."""
 
@@ -705,7 +705,7 @@ class StopSignal:
 
 # --- run folders
 
-def open_run(cfg, model, dist):
+def _open_run(cfg, model, dist):
     """The run folder, created and locked: one that holds a run is refused unless --resume or
     --overwrite, as is a second training writing into it; rank 0 decides for all."""
     path, error = _run_dir(cfg, model), None
@@ -790,7 +790,7 @@ def save_checkpoint(path, state):
     _atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
-def save_training(out, model_name, step, cfg, info, dist, /, **parts):
+def _save_training(out, model_name, step, cfg, info, dist, /, **parts):
     """<out>/ckpt.pt: model file, step, configuration, data description, each part's state_dict()
     and every process's torch generator states (all its randomness); a collective, rank 0 writes."""
     rng = _gather_rng_states(dist)
@@ -905,7 +905,7 @@ class Dist:
         _leave_process_group(self)
 
 
-def init_distributed(device="auto"):
+def _init_distributed(device="auto"):
     """Join the process group torchrun describes (gloo on CPU, nccl on CUDA), or run alone."""
     dev = get_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

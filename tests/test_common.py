@@ -465,7 +465,7 @@ class _ToyConfig(common.RunConfig):
 def _toy_training(steps, out, resume=None, width=32):
     """A small loop built from common's pieces, with every kind of randomness a model file
     uses: batches drawn by index, dropout from the global generator, EMA, Adam; saved with
-    save_training and resumed with resume, as the model files do."""
+    _save_training and resumed with resume, as the model files do."""
     common.seed_everything(0)
     ds = common.load_dataset("digits")
     cfg = _ToyConfig(resume=str(resume) if resume else None, width=width)
@@ -483,7 +483,7 @@ def _toy_training(steps, out, resume=None, width=32):
         loss.backward()
         opt.step()
         ema.update(model)
-    common.save_training(out, "toy", step, cfg, ds.info, dist, model=model, ema=ema, opt=opt, batches=batches)
+    common._save_training(out, "toy", step, cfg, ds.info, dist, model=model, ema=ema, opt=opt, batches=batches)
     return model, ema
 
 
@@ -557,7 +557,7 @@ def test_data_info_round_trips_through_a_checkpoint(tmp_path):
 DDP_SCRIPT = """
 import sys, json, torch, common
 out = sys.argv[1]
-dist = common.init_distributed("cpu")
+dist = common._init_distributed("cpu")
 common.seed_everything(0)
 ds = common.load_dataset("digits")
 model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
@@ -616,7 +616,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_stop_signal_sets_a_flag_and_restores_handlers(sig):
     before = signal.getsignal(sig)
-    with common.StopSignal() as stop:
+    with common._StopSignal() as stop:
         assert not stop.requested
         os.kill(os.getpid(), sig)
         time.sleep(0.05)
@@ -626,9 +626,9 @@ def test_stop_signal_sets_a_flag_and_restores_handlers(sig):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_check_finite_names_the_step(value):
-    common.check_finite(1.5, 3)
+    common._check_finite(1.5, 3)
     with pytest.raises(UserError, match="at step 42"):
-        common.check_finite(value, 42)
+        common._check_finite(value, 42)
 
 
 def test_logger_averages_windows_and_writes_events(tmp_path, capsys):
@@ -815,16 +815,16 @@ def test_check_range_accepts_the_range_and_names_it():
 def test_a_run_folder_that_holds_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
     dist = common.Dist()
     out = tmp_path / "run"
-    assert common.open_run(_Cfg(out=str(out)), "toy", dist) == out and out.is_dir()
+    assert common._open_run(_Cfg(out=str(out)), "toy", dist) == out and out.is_dir()
     (out / "ckpt.pt").write_bytes(b"x")
     (out / "metrics.jsonl").write_text("{}\n")
     (out / "samples_5.png").write_bytes(b"x")
     with pytest.raises(UserError, match="holds a run .*--resume.*--overwrite"):
-        common.open_run(_Cfg(out=str(out)), "toy", dist)
-    assert common.open_run(_Cfg(out=str(out), resume="auto"), "toy", dist) == out
+        common._open_run(_Cfg(out=str(out)), "toy", dist)
+    assert common._open_run(_Cfg(out=str(out), resume="auto"), "toy", dist) == out
     assert (out / "ckpt.pt").exists()
     (out / "notes.md").write_text("mine")
-    common.open_run(_Cfg(out=str(out), overwrite=True), "toy", dist)
+    common._open_run(_Cfg(out=str(out), overwrite=True), "toy", dist)
     assert sorted(p.name for p in out.iterdir()) == [".lock", "notes.md"]  # the run's files, and only them
 
 
@@ -832,7 +832,7 @@ def test_a_second_training_cannot_write_the_same_folder(tmp_path):
     script = textwrap.dedent(f"""
         import time, common, test_common
         cfg = test_common._Cfg(out={str(tmp_path)!r})
-        common.open_run(cfg, "toy", common.Dist())
+        common._open_run(cfg, "toy", common.Dist())
         print("locked", flush=True)
         time.sleep(60)
     """)
@@ -842,17 +842,17 @@ def test_a_second_training_cannot_write_the_same_folder(tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         common._RUN_LOCKS.clear()
         with pytest.raises(UserError, match=f"another training \\(pid {holder.pid}\\) is writing"):
-            common.open_run(_Cfg(out=str(tmp_path), overwrite=True), "toy", common.Dist())
+            common._open_run(_Cfg(out=str(tmp_path), overwrite=True), "toy", common.Dist())
     finally:
         holder.kill()
         holder.wait()
-    common.open_run(_Cfg(out=str(tmp_path)), "toy", common.Dist())  # the lock went with its process
+    common._open_run(_Cfg(out=str(tmp_path)), "toy", common.Dist())  # the lock went with its process
 
 
 def test_out_that_is_not_a_writable_folder_is_a_one_line_error(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     for out, words in [(tmp_path / "file", "is a file"), (tmp_path / "file" / "below", "lies below a file")]:
-        for call in (lambda: common.open_run(_Cfg(out=str(out)), "toy", common.Dist()),
+        for call in (lambda: common._open_run(_Cfg(out=str(out)), "toy", common.Dist()),
                      lambda: common.output_dir(_Cfg(out=str(out)), tmp_path / "ckpt.pt")):
             with pytest.raises(UserError, match=words) as e:
                 call()
@@ -890,7 +890,7 @@ def test_dispatch_turns_running_out_of_memory_into_one_line(error, asked):
 
 def test_a_signal_while_drawing_pictures_or_a_second_signal_stops_at_once(capsys):
     net, calls = torch.nn.Linear(2, 2), []
-    with common.StopSignal() as stop:
+    with common._StopSignal() as stop:
         with stop.interruptible():
             for i in range(1000):  # a sampler: the signal comes after the 3rd network call
                 if i == 3:
@@ -901,7 +901,7 @@ def test_a_signal_while_drawing_pictures_or_a_second_signal_stops_at_once(capsys
         assert calls == [0, 1, 2] and stop.requested  # stopped at the next call; the run goes on
         assert "SIGTERM: pictures stopped" in capsys.readouterr().err
         net(torch.zeros(1, 2))  # outside the pictures, networks run as before
-    with common.StopSignal() as stop:
+    with common._StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
         assert stop.requested
@@ -922,7 +922,7 @@ def test_a_second_signal_lost_in_a_finaliser_still_ends_the_process(tmp_path):
             def __del__(self):
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.5)  # the handler runs here, inside the finaliser
-        with common.StopSignal() as stop:
+        with common._StopSignal() as stop:
             stop.requested = True  # a first signal came before
             Finalised()
             time.sleep(2)

@@ -1002,7 +1002,7 @@ def test_cli_2d_end_to_end_eval_and_sample(tmp_path, monkeypatch):
     for r in lines:  # dopri5: 2 evaluations to start, 6 per attempted step; backprop keeps 6 per accepted one
         assert r["nfe_forward"] == 2 + 6 * (r["solver_steps"] + r["rejected"])
         assert r["nfe_backward"] == 6 * r["solver_steps"]
-    monkeypatch.setattr(common, "init_distributed", single_process_only)
+    monkeypatch.setattr(common, "_init_distributed", single_process_only)
     fields = run_main("ffjord", ["--eval", str(out / "ckpt.pt"), "--out", str(out)])
     (ev,) = events(out, "eval")
     assert ev["nll"] == fields["nll"] and ev["n"] == 10_000 and ev["split"] == "test"
@@ -1030,7 +1030,7 @@ def test_cli_digits_end_to_end_eval_and_sample(tmp_path, monkeypatch):
     assert line["bits_per_dim"] == pytest.approx(line["nll"] / (64 * math.log(2)))
     assert line["kinetic"] > 0 and line["jacobian"] >= 0
     assert line["loss"] == pytest.approx(line["nll"] + 0.01 * (line["kinetic"] + line["jacobian"]))
-    monkeypatch.setattr(common, "init_distributed", single_process_only)
+    monkeypatch.setattr(common, "_init_distributed", single_process_only)
     run_main("ffjord", ["--eval", str(out / "ckpt.pt"), "--batch-size", "150"])
     (ev,) = events(out, "eval")
     assert ev["n"] == 300 and (ev["solver"], ev["trace"], ev["probes"]) == ("dopri5", "hutchinson", 4)
@@ -1052,7 +1052,7 @@ def test_cli_residual_2d_end_to_end_eval_and_sample(tmp_path, monkeypatch):
     assert [r["step"] for r in lines] == [1, 2, 3] and all("nfe_forward" not in r for r in lines)
     assert all(r["loss"] == r["nll"] for r in lines)
     assert common.load_checkpoint(out / "ckpt.pt")["config"]["arch"] == "residual"
-    monkeypatch.setattr(common, "init_distributed", single_process_only)
+    monkeypatch.setattr(common, "_init_distributed", single_process_only)
     fields = run_main("ffjord", ["--eval", out / "ckpt.pt", "--out", out])
     (ev,) = events(out, "eval")
     assert ev["nll"] == fields["nll"] and ev["n"] == 10_000 and (ev["arch"], ev["logdet"]) == ("residual", "exact")
@@ -1072,7 +1072,7 @@ def test_cli_residual_digits_end_to_end_eval_and_sample(tmp_path, monkeypatch):
     run_main("ffjord", [*TINY_RESIDUAL, "--dataset", "digits", "--steps", "2", "--out", out, "--log-every", "1"])
     line = [r for r in common._read_metrics(out / "metrics.jsonl") if "step" in r][-1]
     assert line["bits_per_dim"] == pytest.approx(line["nll"] / (64 * math.log(2)), rel=1e-6)
-    monkeypatch.setattr(common, "init_distributed", single_process_only)
+    monkeypatch.setattr(common, "_init_distributed", single_process_only)
     run_main("ffjord", ["--eval", out / "ckpt.pt", "--batch-size", "150"])
     (ev,) = events(out, "eval")
     assert ev["n"] == 300 and ev["logdet"] == "exact" and ev["bits_per_dim"] == pytest.approx(

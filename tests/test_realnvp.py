@@ -785,7 +785,7 @@ def test_cli_2d_end_to_end_eval_and_sample(tmp_path, monkeypatch):
                          "--n-couplings", "2", "--out", str(out), "--log-every", "2"])
     for f in ("ckpt.pt", "samples_4.png", "density.png", "latent.png", "metrics.jsonl", "loss.png"):
         assert (out / f).exists(), f
-    monkeypatch.setattr(common, "init_distributed", single_process_only)  # issue 16: not even under torchrun
+    monkeypatch.setattr(common, "_init_distributed", single_process_only)  # issue 16: not even under torchrun
     fields = run_main("realnvp", ["--eval", str(out / "ckpt.pt"), "--out", str(out)])
     (ev,) = events(out, "eval")
     assert ev["split"] == "test" and math.isfinite(ev["nll"]) and ev["nll"] == fields["nll"]
@@ -803,7 +803,7 @@ def test_cli_digits_end_to_end_eval_and_sample(tmp_path, monkeypatch):
                          "--n-features", "4", "--n-samples", "4", "--out", str(out)])
     for f in ("ckpt.pt", "samples_2.png", "latent.png", "loss.png"):
         assert (out / f).exists(), f
-    monkeypatch.setattr(common, "init_distributed", single_process_only)
+    monkeypatch.setattr(common, "_init_distributed", single_process_only)
     run_main("realnvp", ["--eval", str(out / "ckpt.pt")])
     (ev,) = events(out, "eval")
     assert ev["n"] == 300
