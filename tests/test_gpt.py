@@ -261,15 +261,21 @@ def test_palette_token_to_colour_to_token_round_trips():
     assert tok.shape == (2, 12) and tok[1, 5] == gpt.nearest_centre(img[1, :, 1, 1].double()[None], centres)[0]
 
 
-def test_cli_kmeans_palette_reports_the_tokens_nll(tmp_path, monkeypatch):
-    """--palette kmeans on a 3-channel 8-bit set (cifar10's kind, made up here): the palette is
-    fitted with the seed and stored in the checkpoint; --eval and --sample need no flag repeated;
-    the eval's nll is the palette tokens' chain rule, recomputed by hand, and says so."""
+@pytest.fixture
+def colour_set(monkeypatch):
+    """gpt.load_dataset serves a made-up 3-channel 8-bit set of cifar10's kind (no download)."""
     g = torch.Generator().manual_seed(0)
     info = common.DataInfo("cifar10", "image", (3, 4, 4), levels=256, num_classes=10)
     sets = {split: common.Dataset(info, split, torch.randint(0, 256, (n, 3, 4, 4), generator=g, dtype=torch.uint8),
                                   torch.zeros(n, dtype=torch.long)) for split, n in (("train", 64), ("test", 6))}
     monkeypatch.setattr(gpt, "load_dataset", lambda name, split="train", root=None: sets[split])
+    return sets
+
+
+def test_cli_kmeans_palette_reports_the_tokens_nll(tmp_path, colour_set):
+    """--palette kmeans on a 3-channel 8-bit set (cifar10's kind, made up here): the palette is
+    fitted with the seed and stored in the checkpoint; --eval and --sample need no flag repeated;
+    the eval's nll is the palette tokens' chain rule, recomputed by hand, and says so."""
     out = tmp_path / "run"
     gpt.main(["--dataset", "cifar10", "--palette", "kmeans", "--palette-size", "16", "--steps", "2",
               "--out", str(out), *TINY])
@@ -277,6 +283,7 @@ def test_cli_kmeans_palette_reports_the_tokens_nll(tmp_path, monkeypatch):
     assert all("bits_per_dim" not in r and r["bits_per_token"] == pytest.approx(r["loss"] / math.log(2))
                for r in lines)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    sets = colour_set
     pixels = sets["train"].data.permute(0, 2, 3, 1).reshape(-1, 3)  # 1024 pixels: all of them fitted
     assert torch.equal(ckpt["palette"]["centres"], gpt.fit_palette(pixels, 16, torch.Generator().manual_seed(0)))
     gpt.main(["--eval", str(out / "ckpt.pt")])
@@ -511,15 +518,10 @@ def test_two_processes_train_like_one(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-def test_colour_bits_per_dim_divides_by_every_sub_pixel(tmp_path, monkeypatch):
+def test_colour_bits_per_dim_divides_by_every_sub_pixel(tmp_path, colour_set):
     """A 3-channel 8-bit set (cifar10's kind, made up here: no download). The eval's nll is the chain
     rule recomputed by hand from the network's logits on tokens built here, and bits/dim divides it
     by C*H*W (issue 16: H*W made cifar10's bits/dim 3x too high); the training lines too."""
-    g = torch.Generator().manual_seed(0)
-    info = common.DataInfo("cifar10", "image", (3, 4, 4), levels=256, num_classes=10)
-    sets = {split: common.Dataset(info, split, torch.randint(0, 256, (n, 3, 4, 4), generator=g, dtype=torch.uint8),
-                                  torch.zeros(n, dtype=torch.long)) for split, n in (("train", 64), ("test", 6))}
-    monkeypatch.setattr(gpt, "load_dataset", lambda name, split="train", root=None: sets[split])
     out = tmp_path / "run"
     gpt.main(["--dataset", "cifar10", "--steps", "2", "--out", str(out), *TINY])
     lines = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
@@ -528,7 +530,7 @@ def test_colour_bits_per_dim_divides_by_every_sub_pixel(tmp_path, monkeypatch):
     ev = events(out, "eval")[-1]
     assert ev["levels"] == 8 and ev["n"] == 6
     net = gpt.load(out / "ckpt.pt")[0].double()
-    q = sets["test"].data.long() >> 5  # the top 3 bits of each channel: 8^3 = 512 colours
+    q = colour_set["test"].data.long() >> 5  # the top 3 bits of each channel: 8^3 = 512 colours
     per_image = []
     with torch.no_grad():
         for img in q:
