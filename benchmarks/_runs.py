@@ -7,6 +7,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -92,10 +93,11 @@ def last_event(out, name):
 
 
 def train(label, dataset, steps, extra=(), fresh=False):
-    """Train the system `label` on `dataset` for `steps` (or reuse a finished run of the same
-    command); returns the run folder."""
+    """Train the system `label` on `dataset` for `steps` (None: the model file's own default for
+    the dataset), or reuse a finished run of the same command; returns the run folder. The
+    training's wall time is kept in the folder's time.json."""
     model, flags = SYSTEMS[label]
-    out = RUNS / f"{re.sub(r'[^A-Za-z0-9_.]+', '-', label)}-{dataset}-{steps}"
+    out = RUNS / f"{re.sub(r'[^A-Za-z0-9_.]+', '-', label)}-{dataset}-{steps or 'default'}"
     ckpt = out / "ckpt.pt"
     stamp = out / "command.json"
     command = {"model": model, "dataset": dataset, "steps": steps, "extra": list(map(str, [*flags, *extra]))}
@@ -105,10 +107,20 @@ def train(label, dataset, steps, extra=(), fresh=False):
     for old in out.iterdir():
         if old.is_file():
             old.unlink()
-    run(model, ["--dataset", dataset, "--steps", steps, "--out", out, "--save-every", steps, *flags, *extra],
-        out / "log.txt")
+    length = ["--steps", steps, "--save-every", steps] if steps else []
+    start = time.perf_counter()
+    run(model, ["--dataset", dataset, "--out", out, *length, *flags, *extra], out / "log.txt")
+    (out / "time.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
     stamp.write_text(json.dumps(command))
     return out
+
+
+def training_length(out):
+    """(steps, seconds) of the training run in `out`: its last logged step and its wall time
+    (None where the run predates time.json)."""
+    steps = max((r["step"] for r in read_metrics(out) if "step" in r and "event" not in r), default=None)
+    t = out / "time.json"
+    return steps, json.loads(t.read_text())["seconds"] if t.exists() else None
 
 
 def machine():

@@ -1,10 +1,11 @@
 """Test-set likelihood of every model file trained for the same budget.
 
-    python benchmarks/likelihood.py [--steps 2000] [--models ddpm vae ...] [--fresh]
+    python benchmarks/likelihood.py [--steps N] [--models ddpm vae ...] [--fresh]
 
 Trains each model file present through its command line on 8gaussians, checkerboard and rings
-(batch 256) and on digits (batch 64), for the same number of steps with the model's preset for
-the dataset otherwise, then runs its `--eval` on the test split. Writes a markdown table (test
+(batch 256) and on digits (batch 64), with the model's preset for the dataset (its own number of
+steps, or N steps for every model with --steps), then runs its `--eval` on the test split. Each
+row states its steps and training wall time. Writes a markdown table (test
 NLL in nats next to the true entropy for the 2D sets, bits/dim for digits) into README.md and
 benchmarks/results/likelihood.md, and one figure of the learned density of every model that has
 one, next to the true one (benchmarks/results/likelihood_density.png). Runs are kept in
@@ -17,7 +18,7 @@ import sys
 import numpy as np
 
 from _runs import (RESULTS, ROOT, Unsupported, last_event, merge_rows, model_of, present_systems, provenance,
-                   read_metrics, run, shown, train, write_section)
+                   read_metrics, run, shown, train, training_length, write_section)
 
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
@@ -31,7 +32,8 @@ EVAL_FLAGS = {("vae", "points"): ["--k-eval", "1000"]}  # IWAE-1000 instead of I
 
 
 def evaluate(model, dataset, steps, fresh):
-    """(nll nats, bits/dim or None, run folder) of one system on one dataset, or None if refused.
+    """(nll nats, bits/dim or None, run folder) of one system on one dataset, or None if refused;
+    steps=None trains for the model file's own default.
     A finished evaluation of the same training run is reused."""
     try:
         out = train(model, dataset, steps, ["--batch-size", BATCH[dataset]], fresh)
@@ -45,6 +47,18 @@ def evaluate(model, dataset, steps, fresh):
     if "nll" not in e:  # a model file without a likelihood (ddim.py): n/a in the table
         return None
     return e["nll"], e.get("bits_per_dim"), out
+
+
+def budget(label, results):
+    """The training column of a row: steps and wall time on the 2D sets (the slowest) / digits."""
+    def part(datasets):
+        runs = [training_length(results[(label, d)][2]) for d in datasets if (label, d) in results]
+        if not runs:
+            return "-"
+        steps = sorted({s for s, _ in runs if s})
+        seconds = [t for _, t in runs if t]
+        return "/".join(map(str, steps)) + " steps" + (f", {max(seconds) / 60:.1f} min" if seconds else "")
+    return f"{part(POINTS)} / {part(['digits'])}"
 
 
 def density_grids(label, results=None):
@@ -89,7 +103,7 @@ def figure(labels, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=None, help="the same steps for every model (default: each file's own)")
     p.add_argument("--models", nargs="*", default=None,
                    help="systems (labels of _runs.SYSTEMS) to measure now; the table keeps the others' stored rows")
     p.add_argument("--fresh", action="store_true")
@@ -107,15 +121,17 @@ def main():
         density_grids(m, results)
         cells = [f"{results[(m, d)][0]:.3f}" if (m, d) in results else "n/a" for d in POINTS]
         dig = results.get((m, "digits"))
-        rows[m] = cells + [f"{dig[1]:.3f}" if dig and dig[1] is not None else "n/a"]
-    cmd = "python benchmarks/likelihood.py" + (f" --steps {args.steps}" if args.steps != 2000 else "") + \
+        rows[m] = cells + [f"{dig[1]:.3f}" if dig and dig[1] is not None else "n/a", budget(m, results)]
+    cmd = "python benchmarks/likelihood.py" + (f" --steps {args.steps}" if args.steps else "") + \
         (" --models " + " ".join(f"'{m}'" for m in args.models) if args.models else "")
     merged = merge_rows("likelihood", rows, cmd)
     entropy = {d: common.entropy_estimate(d, n=1_000_000) for d in POINTS}
-    head = "| model | " + " | ".join(f"{d} NLL (nats)" for d in POINTS) + " | digits (bits/dim) |"
-    lines = [head, "|---" * (len(POINTS) + 2) + "|",
-             "| true entropy | " + " | ".join(f"{entropy[d][0]:.3f} ± {entropy[d][1]:.3f}" for d in POINTS) + " | |"]
-    lines += [f"| {shown(m)} | " + " | ".join(cells) + " |" for m, cells, _ in merged]
+    head = "| model | " + " | ".join(f"{d} NLL (nats)" for d in POINTS) + " | digits (bits/dim) | training |"
+    lines = [head, "|---" * (len(POINTS) + 3) + "|",
+             "| true entropy | " + " | ".join(f"{entropy[d][0]:.3f} ± {entropy[d][1]:.3f}" for d in POINTS) + " | | |"]
+    # rows stored before the training column existed ran the shared budget of 2000 steps
+    lines += [f"| {shown(m)} | " + " | ".join(cells + ["2000 steps"] * (len(cells) == len(POINTS) + 1)) + " |"
+              for m, cells, _ in merged]
     with_density = [m for m, cells, _ in merged if any(c != "n/a" for c in cells[:len(POINTS)])]
     stored = [m for m in with_density if density_grids(m)]
     if stored == with_density:  # every row's density is stored: the one figure
@@ -126,8 +142,9 @@ def main():
         pictures = ("![learned densities](benchmarks/results/likelihood_density.png)\n\n"
                     "Rows measured since (their densities):\n\n"
                     "![learned densities, recent rows](benchmarks/results/likelihood_density_recent.png)")
-    md = (f"### Likelihood\n\nTest-set NLL after {args.steps} training steps (batch {BATCH['8gaussians']} on the "
-          f"2D sets, {BATCH['digits']} on digits; otherwise each model's preset). The 2D values are continuous "
+    md = (f"### Likelihood\n\nTest-set NLL after training with each model's preset (batch {BATCH['8gaussians']} on the "
+          f"2D sets, {BATCH['digits']} on digits); the last column gives the training steps and wall time "
+          "(2D sets, the slowest of the three / digits). The 2D values are continuous "
           "NLLs (or their upper bounds, for models with a variational bound), to be read against the true "
           "entropy; digits bits/dim are of the 17-level data; n/a where the model file reports no likelihood "
           "(its `--eval` says why). In the figure each panel's colour scale ends at "

@@ -1,8 +1,9 @@
 """Sample quality of the image models on digits: a Frechet distance between classifier features.
 
-    python benchmarks/quality.py [--steps 2000] [--n 1000] [--models ddpm gpt ...]
+    python benchmarks/quality.py [--steps N] [--n 1000] [--models ddpm gpt ...]
 
-For each model file present: trains it on digits (the runs of likelihood.py are reused when the
+For each model file present: trains it on digits with its preset (its own steps, or N for every
+model with --steps; the runs of likelihood.py are reused when the
 command is the same), draws `--n` samples through `--sample` (which writes samples.pt; n samples
 written after the checkpoint are reused), and computes the Frechet distance
 d^2 = |mu_s - mu_t|^2 + Tr(S_s + S_t - 2 (S_s S_t)^(1/2)) (Heusel et al. 2017, arXiv 1706.08500)
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from _runs import (RESULTS, ROOT, Unsupported, merge_rows, model_of, present_systems, provenance, run, shown, train,
-                   write_section)
+                   training_length, write_section)
 from digits_classifier import load_classifier
 
 sys.path.insert(0, str(ROOT))
@@ -58,7 +59,7 @@ def reused_samples(out, n):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=None, help="the same steps for every model (default: each file's own)")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--models", nargs="*", default=None, help="systems (labels of _runs.SYSTEMS); default all")
     p.add_argument("--fresh", action="store_true")
@@ -85,15 +86,19 @@ def main():
         gallery.parent.mkdir(parents=True, exist_ok=True)
         common.save_image_grid(samples[:36].float() / 16 if not samples.is_floating_point() else samples[:36],
                                gallery, nrow=6, title=shown(m).replace("`", ""))
-        rows[m] = [f"{frechet_distance(features(net, samples, 17), test_features):.2f}"]
-    cmd = "python benchmarks/quality.py" + (f" --steps {args.steps}" if args.steps != 2000 else "") + \
+        steps, seconds = training_length(out)
+        rows[m] = [f"{frechet_distance(features(net, samples, 17), test_features):.2f}",
+                   f"{steps} steps" + (f", {seconds / 60:.1f} min" if seconds else "")]
+    cmd = "python benchmarks/quality.py" + (f" --steps {args.steps}" if args.steps else "") + \
         (" --models " + " ".join(f"'{m}'" for m in args.models) if args.models else "")
     merged = merge_rows("quality", rows, cmd)
     md = (f"### Sample quality on digits\n\nFrechet distance between classifier features of {args.n} samples and "
-          f"of the 300 test images (lower is better), each model trained for {args.steps} steps at batch 64. "
+          "of the 300 test images (lower is better), each model trained at batch 64 with its digits preset (steps and "
+          "training wall time in the last column; rows without it ran the shared budget of 2000 steps). "
           f"The classifier (`benchmarks/digits_classifier.py`, weights shipped) reaches {accuracy:.1%} accuracy "
-          f"on the test split. {provenance(merged)}\n\n| samples from | Frechet distance |\n|---|---|\n"
-          f"| training images (floor) | {floor:.2f} |\n" + "\n".join(f"| {shown(m)} | {c[0]} |" for m, c, _ in merged))
+          f"on the test split. {provenance(merged)}\n\n| samples from | Frechet distance | training |\n|---|---|---|\n"
+          f"| training images (floor) | {floor:.2f} | |\n"
+          + "\n".join(f"| {shown(m)} | {c[0]} | {c[1] if len(c) > 1 else '2000 steps'} |" for m, c, _ in merged))
     write_section("quality", md)
     print(md)
 
