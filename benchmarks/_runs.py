@@ -73,7 +73,7 @@ def run(model, args, log):
         r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.PIPE, text=True)
         f.write(r.stderr)
     if r.returncode != 0:
-        if "accepts" in r.stderr:
+        if "accepts" in r.stderr or "accepted" in r.stderr:
             raise Unsupported(r.stderr.strip())
         raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()[-500:]}")
 

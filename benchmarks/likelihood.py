@@ -105,10 +105,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=None, help="the same steps for every model (default: each file's own)")
     p.add_argument("--models", nargs="*", default=None,
-                   help="systems (labels of _runs.SYSTEMS) to measure now; the table keeps the others' stored rows")
+                   help="systems (labels of _runs.SYSTEMS) to measure now; the table keeps the others' stored rows "
+                        "(with no label: redraw the table from the stored rows)")
     p.add_argument("--fresh", action="store_true")
     args = p.parse_args()
-    labels = args.models or present_systems()
+    labels = present_systems() if args.models is None else args.models
     results = {}
     for m in labels:
         for d in (*POINTS, "digits"):

@@ -61,7 +61,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=None, help="the same steps for every model (default: each file's own)")
     p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--models", nargs="*", default=None, help="systems (labels of _runs.SYSTEMS); default all")
+    p.add_argument("--models", nargs="*", default=None, help="systems (labels of _runs.SYSTEMS) to measure now, default all; the table keeps the others' "
+                        "stored rows (with no label: redraw the table from the stored rows)")
     p.add_argument("--fresh", action="store_true")
     args = p.parse_args()
     net, accuracy = load_classifier()
@@ -71,7 +72,7 @@ def main():
     real = train_set.data[torch.randperm(len(train_set.data), generator=g)[: args.n]]
     floor = frechet_distance(features(net, real, 17), test_features)
     rows = {}
-    for m in args.models or present_systems():
+    for m in present_systems() if args.models is None else args.models:
         print(f"{m} ...", flush=True)
         try:
             out = train(m, "digits", args.steps, ["--batch-size", 64], args.fresh)
