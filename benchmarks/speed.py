@@ -26,8 +26,8 @@ import torch
 import torch.utils.module_tracker
 from torch.utils.flop_counter import FlopCounterMode
 
-from _runs import (ROOT, RUNS, SYSTEMS, Unsupported, last_event, merge_rows, present_systems, provenance, read_metrics,
-                   run, shown, stamp, write_section)
+from _runs import (RESULTS, ROOT, RUNS, SYSTEMS, Unsupported, last_event, merge_rows, present_systems, provenance,
+                   read_metrics, run, shown, stamp, write_section)
 
 sys.path.insert(0, str(ROOT))
 
@@ -127,11 +127,13 @@ def library_sections():
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--models", nargs="*", default=None)
+    p.add_argument("--models", nargs="*", default=None,
+                   help="systems (labels of _runs.SYSTEMS) to measure now, default all; the table keeps the others' "
+                        "stored rows (with no label: redraw the table from the stored rows)")
     p.add_argument("--no-libraries", action="store_true")
     args = p.parse_args()
     peak = matmul_flops_per_second()
-    rows = model_rows(args.models or present_systems(), args.steps, peak)
+    rows = model_rows(present_systems() if args.models is None else args.models, args.steps, peak)
     cmd = "python benchmarks/speed.py" + (" --models " + " ".join(f"'{m}'" for m in args.models) if args.models else "")
     merged = merge_rows("speed", {label: [*cells, f"{peak / 1e9:.0f}"] for label, cells in rows.items()}, cmd)
     table = [" ".join([shown(m), *STAGE_FLAGS.get(SYSTEMS[m][0], [])]) for m, _, _ in merged]
@@ -140,8 +142,11 @@ def main():
           "| model | train examples/s | samples/s | training MFLOP per example | achieved GFLOP/s | of matmul peak | "
           "peak GFLOP/s |\n|---|---|---|---|---|---|---|\n"
           + "\n".join(f"| {name} | " + " | ".join(cells) + " |" for name, (_, cells, _) in zip(table, merged)))
+    libraries = RESULTS / "speed_libraries.md"  # kept, so that a run with --no-libraries shows them too
     if not args.no_libraries:
-        md += "\n\n" + "\n\n".join(library_sections())
+        libraries.write_text("\n\n".join(library_sections()) + "\n")
+    if libraries.exists():
+        md += "\n\n" + libraries.read_text().strip("\n")
     write_section("speed", md)
     print(md)
 
