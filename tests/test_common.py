@@ -33,8 +33,6 @@ import common
 from common import UserError
 from conftest import MODEL_FILES, ROOT, free_port, subprocess_env
 
-_env = subprocess_env
-
 
 # ----------------------------------------------------------------------------------------
 # Shipped data
@@ -449,7 +447,7 @@ def test_a_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path)
         os.fsync = stall
         common.save_checkpoint(path, {{"model": {{"w": torch.ones(10**6)}}, "step": 2}})
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=_env(), text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=subprocess_env(), text=True)
     assert proc.stdout.readline().strip() == "writing"
     proc.kill()
     proc.wait()
@@ -583,18 +581,16 @@ dist.close()
 """
 
 
-_free_port = free_port
-
 
 def test_two_gloo_processes_equal_one_process(tmp_path):
     script = tmp_path / "ddp_step.py"
     script.write_text(DDP_SCRIPT)
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    subprocess.run([sys.executable, str(script), str(one)], check=True, env=_env(), timeout=120)
+    subprocess.run([sys.executable, str(script), str(one)], check=True, env=subprocess_env(), timeout=120)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                    f"--master_port={_free_port()}", str(script), str(two)], check=True, env=_env(), timeout=180,
-                   capture_output=True)
+                    f"--master_port={free_port()}", str(script), str(two)], check=True, env=subprocess_env(),
+                   timeout=180, capture_output=True)
     a, b = torch.load(one / "params.pt"), torch.load(two / "params.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
@@ -836,7 +832,7 @@ def test_a_second_training_cannot_write_the_same_folder(tmp_path):
         print("locked", flush=True)
         time.sleep(60)
     """)
-    env = {**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    env = {**subprocess_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -928,7 +924,7 @@ def test_a_second_signal_lost_in_a_finaliser_still_ends_the_process(tmp_path):
             time.sleep(2)
             print("went on", flush=True)
     """)
-    r = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 128 + signal.SIGTERM and "went on" not in r.stdout
     assert r.stderr.strip().splitlines() == ["SIGTERM again: stopped at once; the checkpoint on disk is whole "
                                              "(continue with --resume)"]
