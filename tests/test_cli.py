@@ -191,7 +191,7 @@ def test_a_checkpoint_of_another_model_file_is_a_one_line_error(model, tiny_run,
         writer = f"{others[0]}.py"
     else:  # one model file alone: a checkpoint that names another writer
         ckpt, writer = tmp_path / "other.pt", "other.py"
-        common.save_checkpoint(ckpt, {**common.load_checkpoint(tiny_run(model)), "model_name": "other"})
+        common._save_checkpoint(ckpt, {**common.load_checkpoint(tiny_run(model)), "model_name": "other"})
     for args in (["--sample", ckpt], ["--eval", ckpt], [*TINY, "--resume", ckpt]):
         code, _, err = _main(model, [*args, "--out", tmp_path / "o"], capsys)
         _one_line_error(code, err, f"written by {writer}")

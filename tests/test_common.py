@@ -183,7 +183,7 @@ def _idx(array):
 def _serve(monkeypatch, server, name, files, urls=None):
     for fname, body in files.items():
         server.files[fname] = body
-    monkeypatch.setitem(common.SOURCES, name, {
+    monkeypatch.setitem(common._SOURCES, name, {
         "urls": urls or [server.url],
         "files": {f: hashlib.md5(b).hexdigest() for f, b in files.items()}})
 
@@ -290,7 +290,7 @@ def test_no_network_names_the_url_and_the_place(monkeypatch, tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setitem(common.SOURCES, "mnist", {"urls": [f"http://127.0.0.1:{port}/mnist/"],
+    monkeypatch.setitem(common._SOURCES, "mnist", {"urls": [f"http://127.0.0.1:{port}/mnist/"],
                                                   "files": dict.fromkeys(common._MNIST_FILES, "0" * 32)})
     with pytest.raises(UserError) as e:
         common.load_dataset("mnist", "test", root=tmp_path)
@@ -353,10 +353,10 @@ def test_batches_images_and_points():  # text windows: gpt.TextWindows (tests/te
 def test_batches_split_the_global_batch_across_ranks():
     ds = common.load_dataset("digits")
     full = next(common.Batches(ds, 12, seed=5))[0]
-    parts = [next(common.Batches(ds, 12, common.Dist(rank=r, world_size=3), seed=5))[0] for r in range(3)]
+    parts = [next(common.Batches(ds, 12, common._Dist(rank=r, world_size=3), seed=5))[0] for r in range(3)]
     assert torch.equal(torch.cat(parts), full)
     with pytest.raises(UserError, match="multiple of 3"):
-        common.Batches(ds, 10, common.Dist(rank=0, world_size=3))
+        common.Batches(ds, 10, common._Dist(rank=0, world_size=3))
 
 
 @pytest.mark.parametrize("name", ["8gaussians", "digits"])
@@ -419,7 +419,7 @@ def test_checkpoint_roundtrip_and_bad_files(tmp_path):
     state = {"model": {"w": torch.arange(3.0)}, "step": 7, "config": {"lr": 0.1, "ch_mult": (1, 2)},
              "rng": [{"cpu": torch.get_rng_state(), "cuda": None}]}
     path = tmp_path / "sub" / "ckpt.pt"
-    common.save_checkpoint(path, state)
+    common._save_checkpoint(path, state)
     back = common.load_checkpoint(path)
     assert back["step"] == 7 and torch.equal(back["model"]["w"], state["model"]["w"])
     assert back["config"] == state["config"] and torch.equal(back["rng"][0]["cpu"], state["rng"][0]["cpu"])
@@ -440,12 +440,12 @@ def test_a_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path)
     script = textwrap.dedent(f"""
         import os, sys, time, torch, common
         path = {str(tmp_path / 'ckpt.pt')!r}
-        common.save_checkpoint(path, {{"model": {{"w": torch.zeros(3)}}, "step": 1}})
+        common._save_checkpoint(path, {{"model": {{"w": torch.zeros(3)}}, "step": 1}})
         def stall(fd):
             print("writing", flush=True)
             time.sleep(60)
         os.fsync = stall
-        common.save_checkpoint(path, {{"model": {{"w": torch.ones(10**6)}}, "step": 2}})
+        common._save_checkpoint(path, {{"model": {{"w": torch.ones(10**6)}}, "step": 2}})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=subprocess_env(), text=True)
     assert proc.stdout.readline().strip() == "writing"
@@ -471,9 +471,9 @@ def _toy_training(steps, out, resume=None, width=32):
                                 torch.nn.Linear(width, 10))
     ema = common.EMA(model, 0.9)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    dist = common.Dist()
+    dist = common._Dist()
     batches = common.Batches(ds, 16, dist, seed=0)
-    step = common.resume(cfg, "toy", dist, model=model, ema=ema, opt=opt, batches=batches) if resume else 0
+    step = common._resume(cfg, "toy", dist, model=model, ema=ema, opt=opt, batches=batches) if resume else 0
     for step in range(step + 1, steps + 1):
         x, y = next(batches)
         loss = torch.nn.functional.cross_entropy(model(x.float() / 16), y)
@@ -520,18 +520,18 @@ def test_set_rng_state_restores_each_process_its_own_state():
     expected = [torch.Generator().manual_seed(s).get_state() for s in (11, 12)]
     for rank in (0, 1):
         torch.manual_seed(0)
-        common._set_rng_state(states, common.Dist(rank=rank, world_size=2))
+        common._set_rng_state(states, common._Dist(rank=rank, world_size=2))
         assert torch.equal(torch.get_rng_state(), expected[rank])
     torch.manual_seed(5)
     before = torch.get_rng_state()
-    common._set_rng_state(states, common.Dist(rank=0, world_size=3))  # another process count: keep the seed's
+    common._set_rng_state(states, common._Dist(rank=0, world_size=3))  # another process count: keep the seed's
     assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_checkpoints_follow_the_umask(tmp_path):
     old = os.umask(0o027)
     try:
-        common.save_checkpoint(tmp_path / "c.pt", {"model": {}})
+        common._save_checkpoint(tmp_path / "c.pt", {"model": {}})
     finally:
         os.umask(old)
     assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o640
@@ -542,7 +542,7 @@ def test_data_info_round_trips_through_a_checkpoint(tmp_path):
     txt.write_text("hello world, " * 20)
     for name in ("digits", "rings", str(txt)):
         info = common.load_dataset(name).info
-        common.save_checkpoint(tmp_path / "c.pt", {"model": {}, "data": info.as_dict()})
+        common._save_checkpoint(tmp_path / "c.pt", {"model": {}, "data": info.as_dict()})
         back = common.DataInfo.from_dict(common.load_checkpoint(tmp_path / "c.pt")["data"])
         assert back == info and hash(back) == hash(info)
     assert common.load_dataset("digits").info.dims == 64 and common.load_dataset("rings").info.dims == 2
@@ -809,7 +809,7 @@ def test_check_range_accepts_the_range_and_names_it():
 # ----------------------------------------------------------------------------------------
 
 def test_a_run_folder_that_holds_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
-    dist = common.Dist()
+    dist = common._Dist()
     out = tmp_path / "run"
     assert common._open_run(_Cfg(out=str(out)), "toy", dist) == out and out.is_dir()
     (out / "ckpt.pt").write_bytes(b"x")
@@ -828,7 +828,7 @@ def test_a_second_training_cannot_write_the_same_folder(tmp_path):
     script = textwrap.dedent(f"""
         import time, common, test_common
         cfg = test_common._Cfg(out={str(tmp_path)!r})
-        common._open_run(cfg, "toy", common.Dist())
+        common._open_run(cfg, "toy", common._Dist())
         print("locked", flush=True)
         time.sleep(60)
     """)
@@ -838,17 +838,17 @@ def test_a_second_training_cannot_write_the_same_folder(tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         common._RUN_LOCKS.clear()
         with pytest.raises(UserError, match=f"another training \\(pid {holder.pid}\\) is writing"):
-            common._open_run(_Cfg(out=str(tmp_path), overwrite=True), "toy", common.Dist())
+            common._open_run(_Cfg(out=str(tmp_path), overwrite=True), "toy", common._Dist())
     finally:
         holder.kill()
         holder.wait()
-    common._open_run(_Cfg(out=str(tmp_path)), "toy", common.Dist())  # the lock went with its process
+    common._open_run(_Cfg(out=str(tmp_path)), "toy", common._Dist())  # the lock went with its process
 
 
 def test_out_that_is_not_a_writable_folder_is_a_one_line_error(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     for out, words in [(tmp_path / "file", "is a file"), (tmp_path / "file" / "below", "lies below a file")]:
-        for call in (lambda: common._open_run(_Cfg(out=str(out)), "toy", common.Dist()),
+        for call in (lambda: common._open_run(_Cfg(out=str(out)), "toy", common._Dist()),
                      lambda: common.output_dir(_Cfg(out=str(out)), tmp_path / "ckpt.pt")):
             with pytest.raises(UserError, match=words) as e:
                 call()
