@@ -789,8 +789,7 @@ def _set_rng_state(states, dist):
 
 
 def _stream_seed(seed, stream):
-    """A seed for a named random stream, unrelated to `seed` (else, say, the diffusion noise
-    would repeat the 2D data sampler's draws and could be read off x_t)."""
+    """A seed for the named stream, unrelated to `seed`: no stream repeats another's draws."""
     return int(np.random.SeedSequence([seed, *stream.encode()]).generate_state(1)[0])
 
 
