@@ -1,8 +1,9 @@
 """Plumbing shared by the model files; no model mathematics lives here.
 
-Above the MACHINERY line: the configuration and all that a model file's train(), evaluate(),
-draw_samples() and load() call. Below it: the command line, run folders, checkpoint writing,
-processes, downloads and drawing. A model file needs this file alone (plus data/ for `digits`).
+Above the MACHINERY line: the configuration and what a model file's train(), evaluate(),
+draw_samples() and load() are built from. Below it, what a reader may take on trust: the command
+line (parse_config, user_errors, dispatch), the log (Logger), stop signals, run folders, processes,
+the datasets' sources and drawing. A model file needs this file alone (and data/).
 """
 from __future__ import annotations
 
@@ -36,8 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-HERE = Path(__file__).resolve().parent
 
 
 # ----------------------------------------------------------------------------------------
@@ -95,8 +94,7 @@ def check_range(cfg, name, low=None, high=None, open_low=False, open_high=False)
 
 @dataclasses.dataclass(frozen=True)
 class DataInfo:
-    """What a model needs to know about its data; checkpoints store it (`as_dict`), so --sample
-    and --eval rebuild the network without the dataset."""
+    """What a model knows of its data; a checkpoint holds it, so --sample and --eval need no dataset."""
     name: str
     kind: str                                  # "image", "points" or "text"
     shape: tuple                               # one example: (C, H, W), (2,) or () for a token
@@ -115,49 +113,32 @@ class DataInfo:
 
     @classmethod
     def from_dict(cls, d):
-        vocab = d.get("vocab")
-        return cls(**{**d, "shape": tuple(d["shape"]), "vocab": None if vocab is None else tuple(vocab)})
-
-
-@dataclasses.dataclass
-class Dataset:
-    """One split. image: data uint8 (N, C, H, W) of levels 0..levels-1, labels int64 (N,);
-    points: data float32 (N, 2), fresh points from `sample(n, generator)`, the exact
-    `log_prob(x)` or None; text: data int64 (num_chars,), the token ids."""
-    info: DataInfo
-    split: str
-    data: torch.Tensor
-    labels: typing.Optional[torch.Tensor] = None
-    log_prob: typing.Optional[typing.Callable] = None
-    sample: typing.Optional[typing.Callable] = None
-
-
-POINTS_LIM = 4.0  # every 2D set lies in [-4, 4]^2
+        return cls(**{**d, "shape": tuple(d["shape"]), "vocab": None if d.get("vocab") is None else tuple(d["vocab"])})
 
 
 def load_dataset(name, split="train", root=None):
-    """One split ("train" or "test") of a dataset, downloaded into `root` if need be."""
+    """One split ("train" or "test") of a dataset, downloaded into `root` if need be: `.info`, `.data`,
+    `.labels` (images), `.sample(n, generator)` and the exact `.log_prob(x)` or None (2D sets)."""
     kind = _dataset_kind(name)
-    if split not in SPLITS:
-        raise UserError(f"unknown split '{split}'; accepted: {', '.join(SPLITS)}")
+    if split not in _SPLITS:
+        raise UserError(f"unknown split '{split}'; accepted: {', '.join(_SPLITS)}")
     if kind == "points":
         sampler, log_prob = _POINT_SETS[name]
         data = sampler(_POINTS_N, torch.Generator().manual_seed(_POINTS_SEED[split]))
-        return Dataset(DataInfo(name, kind, (2,), lim=POINTS_LIM), split, data, log_prob=log_prob, sample=sampler)
+        return _Dataset(DataInfo(name, kind, (2,), lim=POINTS_LIM), split, data, log_prob=log_prob, sample=sampler)
     if kind == "text":
         ids, vocab = _load_text(name, split, root)
-        return Dataset(DataInfo(name, kind, (), vocab=tuple(vocab)), split, ids)
+        return _Dataset(DataInfo(name, kind, (), vocab=tuple(vocab)), split, ids)
     images, labels, levels = _load_images(name, split, root)
-    return Dataset(DataInfo(name, kind, tuple(images.shape[1:]), levels=levels, num_classes=10), split, images, labels)
+    return _Dataset(DataInfo(name, kind, tuple(images.shape[1:]), levels=levels, num_classes=10), split, images, labels)
 
 
 class Batches:
-    """Endless training batches on `dist.device`: (images uint8, labels) or (fresh points, None)
-    (gpt.py draws its text windows itself). Every process draws the same global batch and keeps
-    its slice, so N processes together see what one process would."""
+    """Endless batches on `dist.device`: (images uint8, labels) or (fresh points, None), not text (gpt.py
+    draws windows); each process draws the same global batch and keeps its slice: N see what one would."""
 
     def __init__(self, ds, batch_size, dist=None, seed=0):
-        self.dist = dist or Dist()
+        self.dist = dist or _Dist()
         if batch_size % self.dist.world_size:
             raise UserError(f"--batch-size {batch_size} does not split over {self.dist.world_size} processes; "
                             f"use a multiple of {self.dist.world_size}")
@@ -186,13 +167,14 @@ class Batches:
 
 
 # ----------------------------------------------------------------------------------------
-# Training: the run, the average of the weights, the log
+# Training: the run, the average of the weights, devices
 # ----------------------------------------------------------------------------------------
 
 class Training:
-    """What every train() repeats: processes, run folder, stop signal, log, --resume and
-    checkpoints, around the loop `for step in run.steps(step, pictures): ...; run.log(loss=loss)`
-    that the model file writes (ddpm.py's train() shows the whole shape)."""
+    """What every train() repeats around its loop `for step in run.steps(step, pictures): ...;
+    run.log(loss=loss)` (ddpm.py's shows the whole shape): processes (`run.dist`: rank, world_size,
+    device, is_main; collectives sum, mean, any), run folder `run.out`, stop signals, the log
+    (`run.logger.event(name, **fields)`), --resume and checkpoints."""
 
     def __init__(self, cfg, model_name):
         self.cfg, self.model_name, self.step, self.parts, self.info = cfg, model_name, 0, {}, None
@@ -210,13 +192,13 @@ class Training:
         each process with seed + rank (the weights are alike already; the noise must differ)."""
         self.info, self.parts = info, parts
         if self.cfg.resume:
-            return resume(self.cfg, self.model_name, self.dist, **parts)
+            return _resume(self.cfg, self.model_name, self.dist, **parts)
         seed_everything(self.cfg.seed + self.dist.rank)
         return 0
 
     def steps(self, step, pictures=None):
-        """Yield step, ..., cfg.steps - 1; after a step, a checkpoint and `pictures(step)` every
-        --save-every steps and at the last, a checkpoint alone at a stop signal, and one for --steps 0."""
+        """Yield step, ..., cfg.steps - 1; a checkpoint and `pictures(step)` every --save-every steps
+        and at the last, a checkpoint alone at a stop signal or for --steps 0."""
         cfg, dist = self.cfg, self.dist
         start = self.step = step
         self.logger.restart_clock()
@@ -293,66 +275,9 @@ class EMA:
         self.num_updates = state["num_updates"]
 
 
-class Logger:
-    """metrics.jsonl and the terminal. log(step, n, **metrics), n examples: every `every` steps
-    (and at close) a line of means and examples/s; a progress line at most every `print_every` s.
-    event(name, **fields) writes a line at once; close() also draws loss.png."""
-
-    def __init__(self, out_dir, total_steps, enabled=True, every=50, print_every=None):
-        self.path = Path(out_dir) / "metrics.jsonl"
-        self.total, self.enabled, self.every = total_steps, enabled, every
-        self.print_every = print_every if print_every is not None else (1.0 if sys.stdout.isatty() else 10.0)
-        self.sums, self.counts, self.count, self.examples, self.step = {}, {}, 0, 0, None
-        self.t_start = self.t_window = self.t_printed = time.perf_counter()
-        self.first_step = None
-
-    def log(self, step, n, **metrics):
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if self.first_step is None:
-            self.first_step = step - 1
-        for k, v in metrics.items():  # a metric logged at some steps only is averaged over those
-            self.sums[k], self.counts[k] = self.sums.get(k, 0.0) + float(v), self.counts.get(k, 0) + 1
-        self.count, self.examples, self.step = self.count + 1, self.examples + n, step
-        if now - self.t_printed >= self.print_every or step == self.total:
-            _print_progress(self, step, now)
-            self.t_printed = now
-        if step % self.every == 0 or step == self.total:
-            _write_window(self, now)
-
-    def restart_clock(self):
-        """Time from now: building and resuming are not training."""
-        self.t_start = self.t_window = self.t_printed = time.perf_counter()
-
-    @contextmanager
-    def paused(self):
-        """Time inside counts neither in examples/s nor in the ETA."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            dt = time.perf_counter() - t0
-            self.t_start, self.t_window = self.t_start + dt, self.t_window + dt
-
-    def event(self, name, **fields):
-        if self.enabled:
-            _append_json(self.path, {"event": name, **fields})
-            print(f"{name}: " + " ".join(f"{k} {_fmt(v)}" for k, v in fields.items()), flush=True)
-
-    def close(self):
-        if not self.enabled:
-            return
-        if self.count:
-            _write_window(self, time.perf_counter())
-        if self.path.exists():
-            _plot_metrics(self.path, self.path.with_name("loss.png"))
-
-
 def get_device(name="auto"):
     """cuda, then mps, then cpu for "auto"; a named device that is absent is a UserError."""
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = mps is not None and mps.is_available()
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
     kind = name.split(":")[0]
@@ -371,8 +296,8 @@ def seed_everything(seed):
 
 
 def wrap_ddp(net, dist, compile=False):
-    """The network the training step calls: DistributedDataParallel over several processes, then
-    torch.compile if asked (PyTorch's order); checkpoints and EMA keep the unwrapped `net`."""
+    """DistributedDataParallel over several processes, then torch.compile if asked (PyTorch's order);
+    checkpoints and EMA keep the unwrapped `net`."""
     model = net
     if dist.world_size > 1:
         ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -381,7 +306,7 @@ def wrap_ddp(net, dist, compile=False):
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints and outputs
+# Checkpoints, outputs and pictures
 # ----------------------------------------------------------------------------------------
 
 def load_checkpoint(path, model=None):
@@ -433,13 +358,9 @@ def report_files(out, names):
     print(f"written to {out}: {', '.join(written) if written else 'nothing'}", flush=True)
 
 
-# ----------------------------------------------------------------------------------------
-# Pictures
-# ----------------------------------------------------------------------------------------
-
 def save_image_grid(x, path, levels=None, nrow=None, title=None):
-    """A batch (N, C, H, W) as one PNG grid of at least ~256 pixels, `title` above it: integer
-    levels in [0, levels) when `levels` is given, else floats in [0, 1]."""
+    """A batch (N, C, H, W) as a PNG grid of at least ~256 pixels, `title` above: integer levels in
+    [0, levels) when `levels` is given, else floats in [0, 1]."""
     _draw_grid(_image_grid(x, levels, nrow), path, title)
 
 
@@ -459,8 +380,8 @@ def density_on_grid(log_prob, lim, n=128, chunk=4096):
 
 
 def save_density(panels, path, lim):
-    """Heat maps side by side, {title: panel}: an (n, n) log-density from `density_on_grid`, or
-    (M, 2) points (M != 2), drawn as a histogram."""
+    """Heat maps side by side, {title: an (n, n) log-density from `density_on_grid`, or (M, 2) points
+    (M != 2) drawn as a histogram}."""
     _draw_density(panels, path, lim)
 
 
@@ -536,7 +457,7 @@ def parse_config(cls, presets, argv=None, doc=None, kinds=("image", "points", "t
 
 def _resumed_flags(cls, typed, default):
     """What --resume keeps from its checkpoint: every flag not typed now, except those that say
-    where and how this command runs. Nothing when the checkpoint is absent (resume() says so)."""
+    where and how this command runs. Nothing when the checkpoint is absent (_resume() says so)."""
     model = Path(sys.modules[cls.__module__].__file__).stem
     where = argparse.Namespace(out=typed.get("out"), dataset=typed.get("dataset", default["dataset"]))
     path = _run_dir(where, model) / "ckpt.pt" if typed["resume"] == "auto" else Path(typed["resume"])
@@ -785,7 +706,7 @@ def _lock_run_folder(path):
 
 # --- checkpoints of a training run: written atomically, with every process's random state
 
-def save_checkpoint(path, state):
+def _save_checkpoint(path, state):
     """torch.save(state) so that `path` always holds a whole checkpoint (see _atomic_write)."""
     _atomic_write(Path(path), lambda f: torch.save(state, f))
 
@@ -795,12 +716,12 @@ def _save_training(out, model_name, step, cfg, info, dist, /, **parts):
     and every process's torch generator states (all its randomness); a collective, rank 0 writes."""
     rng = _gather_rng_states(dist)
     if dist.is_main:
-        save_checkpoint(Path(out) / "ckpt.pt", dict(
+        _save_checkpoint(Path(out) / "ckpt.pt", dict(
             model_name=model_name, step=step, config=dataclasses.asdict(cfg), data=info.as_dict(), rng=rng,
             **{name: part.state_dict() for name, part in parts.items()}))
 
 
-def resume(cfg, model_name, dist, /, **parts):
+def _resume(cfg, model_name, dist, /, **parts):
     """Restore the checkpoint --resume names into each part and the random state; returns its
     step. A network the typed flags change is a UserError naming the flags."""
     path = _run_dir(cfg, model_name) / "ckpt.pt" if cfg.resume == "auto" else Path(cfg.resume)
@@ -868,15 +789,14 @@ def _set_rng_state(states, dist):
 
 
 def _stream_seed(seed, stream):
-    """A seed for a named random stream, unrelated to `seed` (else, say, the diffusion noise
-    would repeat the 2D data sampler's draws and could be read off x_t)."""
+    """A seed for the named stream, unrelated to `seed`: no stream repeats another's draws."""
     return int(np.random.SeedSequence([seed, *stream.encode()]).generate_state(1)[0])
 
 
 # --- processes under torchrun
 
 @dataclasses.dataclass
-class Dist:
+class _Dist:
     """This process's rank among world_size and its device; only rank 0 (`is_main`) writes files.
     `mean`, `any` and `sum` are collectives every process must call."""
     rank: int = 0
@@ -910,13 +830,13 @@ def _init_distributed(device="auto"):
     dev = get_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Dist(device=dev)
+        return _Dist(device=dev)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return Dist(rank, world_size, dev)
+    return _Dist(rank, world_size, dev)
 
 
 def _all_reduce(tensors, dist, op):
@@ -949,7 +869,7 @@ def _leave_process_group(dist):
         torch.distributed.destroy_process_group()
 
 
-# --- files: atomic writes that follow the umask, metrics lines
+# --- files: atomic writes that follow the umask
 
 def _atomic_write(path, write):
     """`write(f)` into a temporary file beside `path`, fsynced, given the mode open() would give,
@@ -973,6 +893,64 @@ def _atomic_write(path, write):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+# --- the log: metrics.jsonl and the terminal
+
+class Logger:
+    """metrics.jsonl and the terminal. log(step, n, **metrics), n examples: every `every` steps
+    (and at close) a line of means and examples/s; a progress line at most every `print_every` s.
+    event(name, **fields) writes a line at once; close() also draws loss.png."""
+
+    def __init__(self, out_dir, total_steps, enabled=True, every=50, print_every=None):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.total, self.enabled, self.every = total_steps, enabled, every
+        self.print_every = print_every if print_every is not None else (1.0 if sys.stdout.isatty() else 10.0)
+        self.sums, self.counts, self.count, self.examples, self.step = {}, {}, 0, 0, None
+        self.t_start = self.t_window = self.t_printed = time.perf_counter()
+        self.first_step = None
+
+    def log(self, step, n, **metrics):
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.first_step is None:
+            self.first_step = step - 1
+        for k, v in metrics.items():  # a metric logged at some steps only is averaged over those
+            self.sums[k], self.counts[k] = self.sums.get(k, 0.0) + float(v), self.counts.get(k, 0) + 1
+        self.count, self.examples, self.step = self.count + 1, self.examples + n, step
+        if now - self.t_printed >= self.print_every or step == self.total:
+            _print_progress(self, step, now)
+            self.t_printed = now
+        if step % self.every == 0 or step == self.total:
+            _write_window(self, now)
+
+    def restart_clock(self):
+        """Time from now: building and resuming are not training."""
+        self.t_start = self.t_window = self.t_printed = time.perf_counter()
+
+    @contextmanager
+    def paused(self):
+        """Time inside counts neither in examples/s nor in the ETA."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.t_start, self.t_window = self.t_start + dt, self.t_window + dt
+
+    def event(self, name, **fields):
+        if self.enabled:
+            _append_json(self.path, {"event": name, **fields})
+            print(f"{name}: " + " ".join(f"{k} {_fmt(v)}" for k, v in fields.items()), flush=True)
+
+    def close(self):
+        if not self.enabled:
+            return
+        if self.count:
+            _write_window(self, time.perf_counter())
+        if self.path.exists():
+            _plot_metrics(self.path, self.path.with_name("loss.png"))
 
 
 def _append_json(path, record):
@@ -1005,15 +983,26 @@ def _read_metrics(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+# --- datasets: one split of any kind, the 2D sets, the downloaded sets
+
+@dataclasses.dataclass
+class _Dataset:
+    """One split. image: data uint8 (N, C, H, W) of levels 0..levels-1, labels int64 (N,);
+    points: data float32 (N, 2), fresh points from `sample(n, generator)`, the exact
+    `log_prob(x)` or None; text: data int64 (num_chars,), the token ids."""
+    info: DataInfo
+    split: str
+    data: torch.Tensor
+    labels: typing.Optional[torch.Tensor] = None
+    log_prob: typing.Optional[typing.Callable] = None
+    sample: typing.Optional[typing.Callable] = None
+
+
+Dataset, Dist, save_checkpoint = _Dataset, _Dist, _save_checkpoint  # former names, for tests not yet renamed
+POINTS_LIM = 4.0  # every 2D set lies in [-4, 4]^2
+
+
 # --- the 2D sets: each a sampler drawing from a torch generator, some with an exact density
-
-def _normal(n, g, *shape):
-    return torch.randn(n, *shape, generator=g)
-
-
-def _uniform(n, g, *shape):
-    return torch.rand(n, *shape, generator=g)
-
 
 _8G_RADIUS, _8G_STD = 2.5, 0.3
 _8G_CENTRES = _8G_RADIUS * torch.stack([torch.cos(torch.arange(8) * math.pi / 4),
@@ -1022,7 +1011,7 @@ _8G_CENTRES = _8G_RADIUS * torch.stack([torch.cos(torch.arange(8) * math.pi / 4)
 
 def _sample_8gaussians(n, g):
     k = torch.randint(8, (n,), generator=g)
-    return _8G_CENTRES[k] + _8G_STD * _normal(n, g, 2)
+    return _8G_CENTRES[k] + _8G_STD * torch.randn(n, 2, generator=g)
 
 
 def _log_prob_8gaussians(x):
@@ -1034,10 +1023,10 @@ def _log_prob_8gaussians(x):
 
 def _sample_checkerboard(n, g):
     # A 4x4 board of 2x2 cells over [-4, 4]^2; the 8 cells with (column + row) even are filled.
-    x = 8 * _uniform(n, g) - 4
+    x = 8 * torch.rand(n, generator=g) - 4
     col = torch.floor((x + 4) / 2)
     row = 2 * torch.randint(2, (n,), generator=g) + (col % 2)
-    y = -4 + 2 * row + 2 * _uniform(n, g)
+    y = -4 + 2 * row + 2 * torch.rand(n, generator=g)
     return torch.stack([x, y], 1)
 
 
@@ -1054,8 +1043,8 @@ _RING_WEIGHTS = _RING_RADII / _RING_RADII.sum()  # as many points per unit lengt
 
 def _sample_rings(n, g):
     k = torch.multinomial(_RING_WEIGHTS, n, replacement=True, generator=g)
-    r = _RING_RADII[k] + _RING_STD * _normal(n, g)
-    theta = 2 * math.pi * _uniform(n, g)
+    r = _RING_RADII[k] + _RING_STD * torch.randn(n, generator=g)
+    theta = 2 * math.pi * torch.rand(n, generator=g)
     return torch.stack([r * torch.cos(theta), r * torch.sin(theta)], 1)
 
 
@@ -1071,30 +1060,31 @@ def _log_prob_rings(x):
 
 def _sample_moons(n, g):
     upper = torch.rand(n, generator=g) < 0.5
-    t = math.pi * _uniform(n, g)
+    t = math.pi * torch.rand(n, generator=g)
     x = torch.where(upper, torch.cos(t), 1 - torch.cos(t))
     y = torch.where(upper, torch.sin(t), 0.5 - torch.sin(t))
-    return 2 * (torch.stack([x, y], 1) - torch.tensor([0.5, 0.25])) + 0.1 * _normal(n, g, 2)
+    return 2 * (torch.stack([x, y], 1) - torch.tensor([0.5, 0.25])) + 0.1 * torch.randn(n, 2, generator=g)
 
 
 def _sample_2spirals(n, g):
-    theta = 3 * math.pi * torch.sqrt(_uniform(n, g))  # sqrt: uniform density along the arm
+    theta = 3 * math.pi * torch.sqrt(torch.rand(n, generator=g))  # sqrt: uniform density along the arm
     r = theta / (3 * math.pi) * 3.2
     sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)[:, None]
-    return sign * torch.stack([r * torch.cos(theta), r * torch.sin(theta)], 1) + 0.1 * _normal(n, g, 2)
+    return sign * torch.stack([r * torch.cos(theta), r * torch.sin(theta)], 1) + 0.1 * torch.randn(n, 2, generator=g)
 
 
 def _sample_pinwheel(n, g):
     arm = torch.randint(5, (n,), generator=g)
-    radial, tangential = 1.6 + 0.45 * _normal(n, g), 0.1 * _normal(n, g)
+    radial, tangential = 1.6 + 0.45 * torch.randn(n, generator=g), 0.1 * torch.randn(n, generator=g)
     angle = 2 * math.pi * arm / 5 + 0.25 * radial**2  # the twist grows with the radius
     c, s = torch.cos(angle), torch.sin(angle)
     return torch.stack([c * radial - s * tangential, s * radial + c * tangential], 1)
 
 
 def _sample_swissroll(n, g):
-    t = 1.5 * math.pi * (1 + 2 * _uniform(n, g))
-    return torch.stack([t * torch.cos(t), t * torch.sin(t)], 1) * (3.5 / (4.5 * math.pi)) + 0.1 * _normal(n, g, 2)
+    t = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=g))
+    roll = torch.stack([t * torch.cos(t), t * torch.sin(t)], 1)
+    return roll * (3.5 / (4.5 * math.pi)) + 0.1 * torch.randn(n, 2, generator=g)
 
 
 _POINT_SETS = {  # name: (sampler, exact log-density or None)
@@ -1110,19 +1100,19 @@ POINT_SETS = tuple(_POINT_SETS)
 _POINTS_N, _POINTS_SEED = 10_000, {"train": 1, "test": 2}
 
 
-IMAGE_SETS = ("digits", "digits-binary", "mnist", "fashion-mnist", "cifar10")
-SPLITS = ("train", "test")
+_IMAGE_SETS = ("digits", "digits-binary", "mnist", "fashion-mnist", "cifar10")
+_SPLITS = ("train", "test")
 
 
 def _dataset_kind(name):
     """'image', 'points' or 'text' for a dataset name, without loading anything."""
-    if name in IMAGE_SETS:
+    if name in _IMAGE_SETS:
         return "image"
     if name in _POINT_SETS:
         return "points"
     if name == "shakespeare" or name.endswith(".txt"):
         return "text"
-    raise UserError(f"unknown dataset '{name}'; accepted: {', '.join(IMAGE_SETS + POINT_SETS)}, "
+    raise UserError(f"unknown dataset '{name}'; accepted: {', '.join(_IMAGE_SETS + POINT_SETS)}, "
                     "shakespeare, or a path to a .txt file")
 
 
@@ -1130,7 +1120,7 @@ def _dataset_kind(name):
 
 _MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-SOURCES = {
+_SOURCES = {
     "mnist": {"urls": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
               "files": dict(zip(_MNIST_FILES, ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
                                                "9fb629c4189551a2d022fa330f9573f3",
@@ -1163,15 +1153,15 @@ def _download(name, filename, folder):
     dest = folder / filename
     if dest.exists():
         return dest
-    md5, failures = SOURCES[name]["files"][filename], []
-    for url in [base + filename for base in SOURCES[name]["urls"]]:
+    md5, failures = _SOURCES[name]["files"][filename], []
+    for url in [base + filename for base in _SOURCES[name]["urls"]]:
         try:
             _atomic_write(dest, lambda f: _fetch(url, f, md5))
             return dest
         except (urllib.error.URLError, OSError, http.client.HTTPException, _BadTransfer) as e:
             failures.append(f"{url}: {getattr(e, 'reason', None) or e}")
     raise UserError(f"could not download {name} ({'; '.join(failures)}); "
-                    f"without network, fetch {SOURCES[name]['urls'][0]}{filename} by hand and put it at {dest}")
+                    f"without network, fetch {_SOURCES[name]['urls'][0]}{filename} by hand and put it at {dest}")
 
 
 def _fetch(url, f, md5):
@@ -1254,7 +1244,7 @@ def _load_cifar10(split, root):
 
 
 def _load_digits(split):
-    path = HERE / "data" / "digits.npz"
+    path = Path(__file__).resolve().parent / "data" / "digits.npz"
     if not path.exists():
         raise UserError(f"{path} is missing: copy the data/ folder next to common.py")
     with np.load(path) as f:

@@ -17,8 +17,6 @@ import torch
 import common
 from conftest import MODEL_FILES, ROOT, events, run_main, subprocess_env, torchrun
 
-_env = subprocess_env
-
 TINY = ["--dataset", "8gaussians", "--batch-size", "32", "--n-samples", "4"]
 
 
@@ -46,7 +44,7 @@ def test_signal_saves_a_checkpoint_and_resume_continues(model, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / f"{model}.py"), *TINY, "--out", str(out), "--log-every", "3",
            "--save-every", "100000"]
-    proc = subprocess.Popen([*cmd, "--steps", "100000"], env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*cmd, "--steps", "100000"], env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
@@ -193,7 +191,7 @@ def test_a_checkpoint_of_another_model_file_is_a_one_line_error(model, tiny_run,
         writer = f"{others[0]}.py"
     else:  # one model file alone: a checkpoint that names another writer
         ckpt, writer = tmp_path / "other.pt", "other.py"
-        common.save_checkpoint(ckpt, {**common.load_checkpoint(tiny_run(model)), "model_name": "other"})
+        common._save_checkpoint(ckpt, {**common.load_checkpoint(tiny_run(model)), "model_name": "other"})
     for args in (["--sample", ckpt], ["--eval", ckpt], [*TINY, "--resume", ckpt]):
         code, _, err = _main(model, [*args, "--out", tmp_path / "o"], capsys)
         _one_line_error(code, err, f"written by {writer}")
@@ -301,7 +299,7 @@ def test_running_out_of_memory_names_the_flag(model, tiny_run, tmp_path, capsys,
 def test_a_second_signal_stops_at_once_and_leaves_the_checkpoint_whole(model, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(ROOT / f"{model}.py"), *TINY, "--out", str(out), "--log-every", "1",
-                             "--save-every", "2", "--steps", "100000"], env=_env(), stdout=subprocess.PIPE,
+                             "--save-every", "2", "--steps", "100000"], env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120

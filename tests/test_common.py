@@ -33,8 +33,6 @@ import common
 from common import UserError
 from conftest import MODEL_FILES, ROOT, free_port, subprocess_env
 
-_env = subprocess_env
-
 
 # ----------------------------------------------------------------------------------------
 # Shipped data
@@ -185,7 +183,7 @@ def _idx(array):
 def _serve(monkeypatch, server, name, files, urls=None):
     for fname, body in files.items():
         server.files[fname] = body
-    monkeypatch.setitem(common.SOURCES, name, {
+    monkeypatch.setitem(common._SOURCES, name, {
         "urls": urls or [server.url],
         "files": {f: hashlib.md5(b).hexdigest() for f, b in files.items()}})
 
@@ -292,7 +290,7 @@ def test_no_network_names_the_url_and_the_place(monkeypatch, tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setitem(common.SOURCES, "mnist", {"urls": [f"http://127.0.0.1:{port}/mnist/"],
+    monkeypatch.setitem(common._SOURCES, "mnist", {"urls": [f"http://127.0.0.1:{port}/mnist/"],
                                                   "files": dict.fromkeys(common._MNIST_FILES, "0" * 32)})
     with pytest.raises(UserError) as e:
         common.load_dataset("mnist", "test", root=tmp_path)
@@ -355,10 +353,10 @@ def test_batches_images_and_points():  # text windows: gpt.TextWindows (tests/te
 def test_batches_split_the_global_batch_across_ranks():
     ds = common.load_dataset("digits")
     full = next(common.Batches(ds, 12, seed=5))[0]
-    parts = [next(common.Batches(ds, 12, common.Dist(rank=r, world_size=3), seed=5))[0] for r in range(3)]
+    parts = [next(common.Batches(ds, 12, common._Dist(rank=r, world_size=3), seed=5))[0] for r in range(3)]
     assert torch.equal(torch.cat(parts), full)
     with pytest.raises(UserError, match="multiple of 3"):
-        common.Batches(ds, 10, common.Dist(rank=0, world_size=3))
+        common.Batches(ds, 10, common._Dist(rank=0, world_size=3))
 
 
 @pytest.mark.parametrize("name", ["8gaussians", "digits"])
@@ -421,7 +419,7 @@ def test_checkpoint_roundtrip_and_bad_files(tmp_path):
     state = {"model": {"w": torch.arange(3.0)}, "step": 7, "config": {"lr": 0.1, "ch_mult": (1, 2)},
              "rng": [{"cpu": torch.get_rng_state(), "cuda": None}]}
     path = tmp_path / "sub" / "ckpt.pt"
-    common.save_checkpoint(path, state)
+    common._save_checkpoint(path, state)
     back = common.load_checkpoint(path)
     assert back["step"] == 7 and torch.equal(back["model"]["w"], state["model"]["w"])
     assert back["config"] == state["config"] and torch.equal(back["rng"][0]["cpu"], state["rng"][0]["cpu"])
@@ -442,14 +440,14 @@ def test_a_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path)
     script = textwrap.dedent(f"""
         import os, sys, time, torch, common
         path = {str(tmp_path / 'ckpt.pt')!r}
-        common.save_checkpoint(path, {{"model": {{"w": torch.zeros(3)}}, "step": 1}})
+        common._save_checkpoint(path, {{"model": {{"w": torch.zeros(3)}}, "step": 1}})
         def stall(fd):
             print("writing", flush=True)
             time.sleep(60)
         os.fsync = stall
-        common.save_checkpoint(path, {{"model": {{"w": torch.ones(10**6)}}, "step": 2}})
+        common._save_checkpoint(path, {{"model": {{"w": torch.ones(10**6)}}, "step": 2}})
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=_env(), text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=subprocess_env(), text=True)
     assert proc.stdout.readline().strip() == "writing"
     proc.kill()
     proc.wait()
@@ -473,9 +471,9 @@ def _toy_training(steps, out, resume=None, width=32):
                                 torch.nn.Linear(width, 10))
     ema = common.EMA(model, 0.9)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    dist = common.Dist()
+    dist = common._Dist()
     batches = common.Batches(ds, 16, dist, seed=0)
-    step = common.resume(cfg, "toy", dist, model=model, ema=ema, opt=opt, batches=batches) if resume else 0
+    step = common._resume(cfg, "toy", dist, model=model, ema=ema, opt=opt, batches=batches) if resume else 0
     for step in range(step + 1, steps + 1):
         x, y = next(batches)
         loss = torch.nn.functional.cross_entropy(model(x.float() / 16), y)
@@ -522,18 +520,18 @@ def test_set_rng_state_restores_each_process_its_own_state():
     expected = [torch.Generator().manual_seed(s).get_state() for s in (11, 12)]
     for rank in (0, 1):
         torch.manual_seed(0)
-        common._set_rng_state(states, common.Dist(rank=rank, world_size=2))
+        common._set_rng_state(states, common._Dist(rank=rank, world_size=2))
         assert torch.equal(torch.get_rng_state(), expected[rank])
     torch.manual_seed(5)
     before = torch.get_rng_state()
-    common._set_rng_state(states, common.Dist(rank=0, world_size=3))  # another process count: keep the seed's
+    common._set_rng_state(states, common._Dist(rank=0, world_size=3))  # another process count: keep the seed's
     assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_checkpoints_follow_the_umask(tmp_path):
     old = os.umask(0o027)
     try:
-        common.save_checkpoint(tmp_path / "c.pt", {"model": {}})
+        common._save_checkpoint(tmp_path / "c.pt", {"model": {}})
     finally:
         os.umask(old)
     assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o640
@@ -544,7 +542,7 @@ def test_data_info_round_trips_through_a_checkpoint(tmp_path):
     txt.write_text("hello world, " * 20)
     for name in ("digits", "rings", str(txt)):
         info = common.load_dataset(name).info
-        common.save_checkpoint(tmp_path / "c.pt", {"model": {}, "data": info.as_dict()})
+        common._save_checkpoint(tmp_path / "c.pt", {"model": {}, "data": info.as_dict()})
         back = common.DataInfo.from_dict(common.load_checkpoint(tmp_path / "c.pt")["data"])
         assert back == info and hash(back) == hash(info)
     assert common.load_dataset("digits").info.dims == 64 and common.load_dataset("rings").info.dims == 2
@@ -583,18 +581,16 @@ dist.close()
 """
 
 
-_free_port = free_port
-
 
 def test_two_gloo_processes_equal_one_process(tmp_path):
     script = tmp_path / "ddp_step.py"
     script.write_text(DDP_SCRIPT)
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    subprocess.run([sys.executable, str(script), str(one)], check=True, env=_env(), timeout=120)
+    subprocess.run([sys.executable, str(script), str(one)], check=True, env=subprocess_env(), timeout=120)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                    f"--master_port={_free_port()}", str(script), str(two)], check=True, env=_env(), timeout=180,
-                   capture_output=True)
+                    f"--master_port={free_port()}", str(script), str(two)], check=True, env=subprocess_env(),
+                   timeout=180, capture_output=True)
     a, b = torch.load(one / "params.pt"), torch.load(two / "params.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
@@ -813,7 +809,7 @@ def test_check_range_accepts_the_range_and_names_it():
 # ----------------------------------------------------------------------------------------
 
 def test_a_run_folder_that_holds_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
-    dist = common.Dist()
+    dist = common._Dist()
     out = tmp_path / "run"
     assert common._open_run(_Cfg(out=str(out)), "toy", dist) == out and out.is_dir()
     (out / "ckpt.pt").write_bytes(b"x")
@@ -832,27 +828,27 @@ def test_a_second_training_cannot_write_the_same_folder(tmp_path):
     script = textwrap.dedent(f"""
         import time, common, test_common
         cfg = test_common._Cfg(out={str(tmp_path)!r})
-        common._open_run(cfg, "toy", common.Dist())
+        common._open_run(cfg, "toy", common._Dist())
         print("locked", flush=True)
         time.sleep(60)
     """)
-    env = {**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    env = {**subprocess_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         common._RUN_LOCKS.clear()
         with pytest.raises(UserError, match=f"another training \\(pid {holder.pid}\\) is writing"):
-            common._open_run(_Cfg(out=str(tmp_path), overwrite=True), "toy", common.Dist())
+            common._open_run(_Cfg(out=str(tmp_path), overwrite=True), "toy", common._Dist())
     finally:
         holder.kill()
         holder.wait()
-    common._open_run(_Cfg(out=str(tmp_path)), "toy", common.Dist())  # the lock went with its process
+    common._open_run(_Cfg(out=str(tmp_path)), "toy", common._Dist())  # the lock went with its process
 
 
 def test_out_that_is_not_a_writable_folder_is_a_one_line_error(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     for out, words in [(tmp_path / "file", "is a file"), (tmp_path / "file" / "below", "lies below a file")]:
-        for call in (lambda: common._open_run(_Cfg(out=str(out)), "toy", common.Dist()),
+        for call in (lambda: common._open_run(_Cfg(out=str(out)), "toy", common._Dist()),
                      lambda: common.output_dir(_Cfg(out=str(out)), tmp_path / "ckpt.pt")):
             with pytest.raises(UserError, match=words) as e:
                 call()
@@ -928,7 +924,7 @@ def test_a_second_signal_lost_in_a_finaliser_still_ends_the_process(tmp_path):
             time.sleep(2)
             print("went on", flush=True)
     """)
-    r = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 128 + signal.SIGTERM and "went on" not in r.stdout
     assert r.stderr.strip().splitlines() == ["SIGTERM again: stopped at once; the checkpoint on disk is whole "
                                              "(continue with --resume)"]
