@@ -70,6 +70,9 @@ class RunConfig:
     sample: typing.Optional[str] = flag(None, "load CKPT, write samples and exit")
     n_samples: int = flag(64, "number of samples to draw")
     eval: typing.Optional[str] = flag(None, "load CKPT, report the test-set likelihood and exit")
+    fid: typing.Optional[int] = flag(None, "with --eval: FID of N samples against the training set (bare --fid: "
+                                           "50000, or the training split's size if smaller), Inception Score on "
+                                           "cifar10; needs torch-fidelity")
     compile: bool = flag(False, "torch.compile the network")
     amp: bool = flag(False, "bfloat16 autocast for the network")
     data_dir: typing.Optional[str] = flag(None, "dataset cache (default $GENMODELS_DATA or ~/.cache/genmodels)")
@@ -493,7 +496,8 @@ def _build_parser(cls, presets, doc, arch_presets):
                                 help=help_text)
         else:
             parser.add_argument(name, type=_converter(hints[f.name], default), default=argparse.SUPPRESS,
-                                choices=f.metadata.get("choices"), metavar=f.name.upper(), help=help_text)
+                                choices=f.metadata.get("choices"), metavar=f.name.upper(), help=help_text,
+                                **({"nargs": "?", "const": 0} if f.name == "fid" else {}))  # bare --fid
     return parser
 
 
@@ -530,6 +534,8 @@ def _check_shared_flags(cfg, parser):
         parser.error(str(e))
     if cfg.overwrite and cfg.resume:
         parser.error("--overwrite starts afresh and --resume continues: give one of them")
+    if cfg.fid is not None and not cfg.eval:
+        parser.error("--fid scores the samples of a checkpoint: give --eval CKPT with it")
 
 
 def _allocation_failure(e):
@@ -1367,3 +1373,150 @@ def _draw_density(panels, path, lim):
         ax.imshow(img, origin="lower", extent=(-lim, lim, -lim, lim), cmap="magma")
         ax.set(title=title, xticks=[], yticks=[])
     _save_figure(plt, fig, path)
+
+
+# --- FID and Inception Score of generated images (--eval CKPT --fid N), by torch-fidelity's Inception
+
+FID_INSTALL = "pip install torch-fidelity==0.4.0 (it is in requirements.txt)"
+FID_WEIGHTS_ENV = "GENMODELS_INCEPTION_WEIGHTS"  # a local weights file in torch-fidelity's format
+FID_MAX_N = 50_000  # samples by default; a smaller training split (digits: 1497) gives its size
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between N(mu1, S1) and N(mu2, S2)
+    (Heusel et al. 2017, arXiv 1706.08500, Eq. 6), in float64; Tr (S1 S2)^(1/2) is taken as
+    Tr (S1^(1/2) S2 S1^(1/2))^(1/2), the square root of a symmetric PSD matrix (by eigh)."""
+    mu1, mu2, s1, s2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ s2 @ root1), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
+
+
+def gaussian_stats(features):
+    """(mean, covariance) of feature rows (N, D) in float64; the covariance unbiased, as np.cov."""
+    moments = _Moments()
+    moments.add(torch.as_tensor(np.asarray(features)))
+    return moments.stats()
+
+
+class _Moments:
+    """Running sums of features and of their outer products (float64): the Gaussian's statistics
+    of any number of batches without holding the features."""
+
+    def __init__(self):
+        self.n, self.sum, self.outer = 0, 0.0, 0.0
+
+    def add(self, f):
+        f = f.detach().double().cpu()
+        self.n, self.sum, self.outer = self.n + len(f), self.sum + f.sum(0), self.outer + f.T @ f
+
+    def stats(self):
+        mu = self.sum / self.n
+        return mu.numpy(), ((self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)).numpy()
+
+
+def fidelity_images(x, levels):
+    """Images as torch-fidelity's Inception takes them: uint8 (N, 3, H, W), RGB, 0..255. `x` is
+    (N, C, H, W) integer levels 0..levels-1 or floats in [0, 1]; level k is round(255 k / (levels - 1));
+    a grey image is repeated in the three channels."""
+    v = x.float().clamp(0, 1) * 255 if x.is_floating_point() else x.double() * (255 / (levels - 1))
+    u = v.round().clamp(0, 255).to(torch.uint8)
+    return (u.expand(-1, 3, -1, -1) if u.shape[1] == 1 else u).contiguous()
+
+
+def _inception(device):
+    """(torch-fidelity's Inception-v3 returning pool features (2048) and logits_unbiased, its id):
+    the id names the weights, those at $GENMODELS_INCEPTION_WEIGHTS by their sha256."""
+    try:
+        from torch_fidelity import feature_extractor_inceptionv3 as inception
+    except ImportError:
+        raise UserError(f"--fid needs torch-fidelity, which is not installed: {FID_INSTALL}") from None
+    path = os.environ.get(FID_WEIGHTS_ENV)
+    if path and not Path(path).is_file():
+        raise UserError(f"${FID_WEIGHTS_ENV} is {path}, which is not a file; give a weights file of torch-fidelity's "
+                        "Inception, or unset it to download the standard one")
+    if path:
+        with open(path, "rb") as f:
+            tag = "weights-" + hashlib.file_digest(f, "sha256").hexdigest()[:12]
+    else:
+        tag = Path(inception.URL_INCEPTION_V3).stem
+    try:
+        net = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                    feature_extractor_weights_path=path)
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(f"the Inception weights could not be downloaded ({e}); without network, fetch "
+                        f"{inception.URL_INCEPTION_V3} by hand and set ${FID_WEIGHTS_ENV} to its path") from None
+    return net.to(device), f"inception-v3-compat-{tag}"
+
+
+def _inception_features(net, images, levels, device):
+    """(pool features, logits_unbiased) of a batch of images, both float32 on the CPU."""
+    with torch.inference_mode():
+        pool, logits = net(fidelity_images(images, levels).to(device))
+    return pool.cpu(), logits.cpu()
+
+
+def _reference_stats(net, extractor, ds, data_dir, batch_size, device):
+    """(mu, S) of the Inception pool features of the whole training split, cached in
+    <data root>/fid/<dataset>-train-<extractor>.npz with a fingerprint of the images: reused while
+    both match, computed afresh (and the file replaced atomically) when either changed."""
+    path = _data_root(data_dir) / "fid" / f"{ds.info.name}-train-{extractor}.npz"
+    data = ds.data.contiguous()
+    fingerprint = f"{tuple(data.shape)}:{hashlib.sha256(data.numpy().tobytes()).hexdigest()}:{extractor}"
+    if path.is_file():
+        with np.load(path) as f:
+            if str(f["fingerprint"]) == fingerprint:
+                return f["mu"], f["sigma"]
+    moments, start = _Moments(), time.perf_counter()
+    for i in range(0, len(data), batch_size):
+        moments.add(_inception_features(net, data[i:i + batch_size], ds.info.levels, device)[0])
+        _fid_progress("training images' statistics", min(i + batch_size, len(data)), len(data), start)
+    mu, sigma = moments.stats()
+    _atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, fingerprint=np.array(fingerprint)))
+    return mu, sigma
+
+
+def _fid_progress(what, done, total, start, every=10.0):
+    now = time.perf_counter()
+    if done == total or now - getattr(_fid_progress, "printed", 0.0) >= every:
+        rate = done / max(now - start, 1e-9)
+        print(f"fid: {what} {done}/{total} ({rate:.1f}/s, ETA {(total - done) / rate:.0f}s)", flush=True)
+        _fid_progress.printed = now
+
+
+def fid_evaluate(cfg, info, sample, levels=None):
+    """--eval CKPT --fid N: N samples, drawn cfg.batch_size at a time by `sample(n, generator)` (images
+    (n, C, H, W) of integer levels 0..levels-1, default info.levels, or floats in [0, 1]) on the
+    model's device, their FID against the training split's Inception statistics (cached) and, on
+    CIFAR-10, the Inception Score; an "eval" event with both."""
+    if info.kind != "image":
+        raise UserError(f"--fid scores images; {cfg.eval} was trained on {info.name}, {info.kind} data")
+    device = get_device(cfg.device)
+    net, extractor = _inception(device)
+    train_set = load_dataset(info.name, "train", cfg.data_dir)
+    n = cfg.fid or min(FID_MAX_N, len(train_set.data))
+    if n < 2:
+        raise UserError(f"--fid {n}: the samples' covariance needs at least 2; accepted: --fid N with N >= 2")
+    start = time.perf_counter()
+    mu_ref, sigma_ref = _reference_stats(net, extractor, train_set, cfg.data_dir, cfg.batch_size, device)
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    moments, logits, t0 = _Moments(), [], time.perf_counter()
+    for done in range(0, n, cfg.batch_size):
+        m = min(cfg.batch_size, n - done)
+        pool, logit = _inception_features(net, sample(m, g), levels or info.levels, device)
+        moments.add(pool)
+        if info.name == "cifar10":  # the Inception Score's classes are ImageNet's: natural images only
+            logits.append(logit)
+        _fid_progress("samples", done + m, n, t0)
+    fields = dict(split="train", fid=frechet_distance(*moments.stats(), mu_ref, sigma_ref), n=n,
+                  reference_n=len(train_set.data), extractor=extractor)
+    if logits:  # exp E_x KL(p(y|x) || p(y)) over 10 parts (Salimans et al. 2016, arXiv 1606.03498), the library's
+        from torch_fidelity.metric_isc import isc_features_to_metric
+        score = isc_features_to_metric(torch.cat(logits), splits=max(1, min(10, n // 2)))  # parts of 2 or more
+        fields["inception_score"], fields["inception_score_std"] = score["inception_score_mean"], score["inception_score_std"]
+    fields["seconds"] = round(time.perf_counter() - start, 1)
+    out = output_dir(cfg, cfg.eval)
+    Logger(out, 0).event("eval", **fields)
+    report_files(out, ["metrics.jsonl"])
+    return fields

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from common import (EMA, Batches, Logger, RunConfig, Training, UserError, check_range, dispatch, flag, get_device,
                     load_checkpoint, load_dataset, load_weights, output_dir, parse_config, report_files,
                     save_image_grid, save_scatter, saved_config, seed_everything, user_errors, wrap_ddp)
+from common import fid_evaluate  # --eval CKPT --fid N
 
 
 # ----------------------------------------------------------------------------------------
@@ -963,6 +964,11 @@ def evaluate(cfg):
     to five levels t, and its cross-entropy at t drawn uniformly."""
     (net, alphas_cumprod), saved, info = load(cfg.eval, get_device(cfg.device))
     device = next(net.parameters()).device
+    if cfg.fid is not None:  # Song et al. Table 1: FID of S = --sample-steps steps at --eta
+        return fid_evaluate(cfg, info, lambda n, g: to_levels(ddim_sample(
+            net, alphas_cumprod, (n, *info.shape), steps=cfg.sample_steps or len(alphas_cumprod), eta=cfg.eta,
+            skip=cfg.skip or saved.skip or paper_skip(info), device=device, generator=g,
+            y=sample_labels(n, saved.cond, info, device), guidance=cfg.guidance, clip_x0=cfg.clip_x0), info))
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir)
     n = min(cfg.eval_n or len(ds.data), len(ds.data))

@@ -56,6 +56,7 @@ from common import (Batches, EMA, Logger, RunConfig, Training, UserError, check_
                     entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
                     parse_config, report_files, save_density, save_image_grid, save_scatter, saved_config,
                     seed_everything, user_errors, wrap_ddp)
+from common import fid_evaluate  # --eval CKPT --fid N
 
 
 # ----------------------------------------------------------------------------------------
@@ -823,6 +824,10 @@ def evaluate(cfg):
     terms, Ho et al. Eq. 5); on 2D sets also density.npz and density.png (exp of -bound)."""
     (net, diffusion), saved, info = load(cfg.eval, get_device(cfg.device))
     device = next(net.parameters()).device
+    if cfg.fid is not None:
+        return fid_evaluate(cfg, info, lambda n, g: to_levels(diffusion.sample(
+            net, (n, *info.shape), sample_labels(n, saved, info, device), cfg.guidance, cfg.sample_steps, device, g),
+            info))
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir)
     x_all = ds.data if not cfg.eval_n else ds.data[:cfg.eval_n]

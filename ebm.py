@@ -55,6 +55,7 @@ from common import (Batches, Logger, RunConfig, Training, UserError, check_range
                     entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
                     parse_config, report_files, save_density, save_image_grid, saved_config, seed_everything,
                     user_errors, wrap_ddp)
+from common import fid_evaluate  # --eval CKPT --fid N
 
 
 # ----------------------------------------------------------------------------------------
@@ -744,6 +745,11 @@ def evaluate(cfg):
     implemented): the mean energy of test and training images and, for JEM, the test accuracy."""
     (net, buffer), saved, info = load(cfg.eval, get_device(cfg.device))
     device = next(net.parameters()).device
+    if cfg.fid is not None:  # the chains of --sample-init, as --sample draws them
+        run = dataclasses.replace(saved, sample_steps=cfg.sample_steps or saved.sample_steps)
+        return fid_evaluate(cfg, info, lambda n, g: to_levels(
+            buffer_chains(net, buffer, n, info, run, g) if cfg.sample_init == "buffer"
+            else fresh_chains(net, n, info, run, device, g), info))
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir)
     start, t = time.time(), temperature(saved)

@@ -58,6 +58,7 @@ from common import (Batches, Logger, RunConfig, Training, UserError, check_range
                     entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
                     parse_config, report_files, save_density, save_image_grid, save_scatter, saved_config,
                     seed_everything, user_errors, wrap_ddp)
+from common import fid_evaluate  # --eval CKPT --fid N
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -1432,6 +1433,8 @@ def evaluate(cfg):
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir)
     opts, stats = eval_options(cfg, info, saved), SolveStats()
+    if cfg.fid is not None:
+        return fid_evaluate(cfg, info, lambda n, g: net.sample(n, opts, g, stats))
     torch.manual_seed(cfg.seed)  # dequantisation and Hutchinson noise
     start = time.perf_counter()
     parts = ds.data.split(cfg.batch_size)

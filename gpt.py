@@ -48,6 +48,7 @@ from common import (Batches, Logger, RunConfig, Training, UserError, check_range
                     get_device, load_checkpoint, load_dataset, load_weights, output_dir, parse_config, report_files,
                     save_density, save_image_grid, save_scatter, saved_config, seed_everything, user_errors,
                     wrap_ddp)
+from common import fid_evaluate  # --eval CKPT --fid N
 
 # ----------------------------------------------------------------------------------------
 # Attention (Vaswani et al. 2017) and its key-value cache
@@ -903,6 +904,10 @@ def evaluate(cfg):
     density.npz and density.png)."""
     net, saved, info = load(cfg.eval, get_device(cfg.device))
     palette = load_palette(cfg.eval, next(net.parameters()).device)
+    if cfg.fid is not None:  # the sampling flags typed now, the data's tokens the checkpoint's
+        run = dataclasses.replace(cfg, **{name: getattr(saved, name) for name in DATA_FLAGS})
+        return fid_evaluate(cfg, info, lambda n, g: sample_data(net, run, info, n, g, palette),
+                            picture_levels(run, info))
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir or saved.data_dir)
     logger = Logger(out, 0)

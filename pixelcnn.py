@@ -51,6 +51,7 @@ from common import (EMA, Batches, Logger, RunConfig, Training, UserError, check_
                     entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
                     parse_config, report_files, save_density, save_image_grid, save_scatter, saved_config,
                     seed_everything, user_errors, wrap_ddp)
+from common import fid_evaluate  # --eval CKPT --fid N
 
 LIKELIHOODS = ("categorical", "mixture")
 LOG_SCALE_MIN = -7.0  # floor of a logistic's log-scale, as the official PixelCNN++ code
@@ -1233,6 +1234,8 @@ def evaluate(cfg):
     """--eval CKPT: the exact test-set NLL, nats per image and bits/dim (for a --cond model,
     -log p(x | y) with the test labels), or nats per point with density.npz and density.png."""
     net, saved, info = load(cfg.eval, get_device(cfg.device))
+    if cfg.fid is not None:
+        return fid_evaluate(cfg, info, lambda n, g: sample_data(net, saved, info, n, g), model_levels(saved, info))
     device = next(net.parameters()).device
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir or saved.data_dir)

@@ -62,6 +62,7 @@ from common import (POINT_SETS, Batches, Logger, RunConfig, Training, UserError,
                     entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
                     parse_config, report_files, save_density, save_image_grid, save_scatter, saved_config,
                     seed_everything, user_errors, wrap_ddp)
+from common import fid_evaluate  # --eval CKPT --fid N
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -1152,6 +1153,8 @@ def evaluate(cfg):
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir)
     torch.manual_seed(cfg.seed)
+    if cfg.fid is not None:
+        return fid_evaluate(cfg, info, lambda n, g: net.sample(n, cfg.temperature))
     v = torch.cat([nll(net, x.to(device), info.kind == "image").double().cpu() for x in ds.data.split(500)])
     fields = {"nll": v.mean().item(), "nll_se": v.std().item() / math.sqrt(len(v)), "n": len(v)}
     if info.kind == "image":

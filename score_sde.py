@@ -64,6 +64,7 @@ from common import (EMA, Batches, Logger, RunConfig, Training, UserError, check_
                     entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
                     parse_config, report_files, save_density, save_image_grid, save_scatter, saved_config,
                     seed_everything, user_errors, wrap_ddp)
+from common import fid_evaluate  # --eval CKPT --fid N
 
 
 def _expand(v, x):
@@ -1403,6 +1404,9 @@ def evaluate(cfg):
     (net, sde), saved, info = load(cfg.eval, get_device(cfg.device))
     cfg = with_checkpoint_settings(cfg, saved)
     device = next(net.parameters()).device
+    if cfg.fid is not None:
+        return fid_evaluate(cfg, info, lambda n, g: to_levels(sample_with(cfg, net, sde, (n, *info.shape), device, g)[0],
+                                                              info))
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir)
     data = ds.data[:cfg.eval_n] if cfg.eval_n else ds.data

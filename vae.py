@@ -60,6 +60,7 @@ from common import (Batches, Logger, RunConfig, Training, UserError, check_range
                     entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
                     parse_config, report_files, save_density, save_image_grid, save_scatter, saved_config,
                     seed_everything, user_errors, wrap_ddp)
+from common import fid_evaluate  # --eval CKPT --fid N
 
 
 # ----------------------------------------------------------------------------------------
@@ -1029,6 +1030,8 @@ def evaluate(cfg):
     and the amortization gap svi_elbo - elbo; on a 2D set also density.npz (log p(x) estimated by
     L_{k_density} on a grid) and density.png."""
     net, saved, info = load(cfg.eval, get_device(cfg.device))
+    if cfg.fid is not None:  # decoder means E[x|z], as the pictures show them
+        return fid_evaluate(cfg, info, lambda n, g: as_image(sample(net, n, mean=True, generator=g), net))
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir)
     x = prepare(ds.data, info, net.likelihood, torch.Generator().manual_seed(EVAL_BINARIZATION_SEED))

@@ -68,6 +68,7 @@ from common import (Batches, Logger, RunConfig, Training, UserError, check_range
                     entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
                     parse_config, report_files, save_density, save_image_grid, save_scatter, saved_config,
                     seed_everything, user_errors, wrap_ddp)
+from common import fid_evaluate  # --eval CKPT --fid N
 
 
 # ----------------------------------------------------------------------------------------
@@ -1048,6 +1049,9 @@ def evaluate(cfg):
     NLLs), the uniform prior's bound, the reconstruction error and the codes' perplexity; on 2D
     sets also the exact NLL (the mixture over the K codes), density.npz and density.png."""
     (vqvae, prior), saved, info = load(cfg.eval, get_device(cfg.device))
+    if cfg.fid is not None:
+        run = dataclasses.replace(saved, decode=cfg.decode, temperature=cfg.temperature)
+        return fid_evaluate(cfg, info, lambda n, g: draw(vqvae, prior, run, info, n, g))
     device = _device(vqvae)
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir)
