@@ -17,7 +17,6 @@ import argparse
 import re
 import sys
 
-import numpy as np
 import torch
 
 from _runs import (RESULTS, ROOT, Unsupported, merge_rows, model_of, present_systems, provenance, run, shown, train,
@@ -29,15 +28,9 @@ import common  # noqa: E402
 
 
 def frechet_distance(a, b):
-    """Frechet distance between Gaussians fitted to feature sets a (N, D) and b (M, D).
-    Tr (S_a S_b)^(1/2) = Tr (S_a^(1/2) S_b S_a^(1/2))^(1/2), a symmetric PSD matrix."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(s_a)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross)
+    """Frechet distance between Gaussians fitted to feature sets a (N, D) and b (M, D): common.py's,
+    the one --fid computes in Inception features."""
+    return common.frechet_distance(*common.gaussian_stats(a), *common.gaussian_stats(b))
 
 
 @torch.no_grad()
