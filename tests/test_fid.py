@@ -5,7 +5,9 @@ takes them, and the whole path end to end with torch-fidelity's Inception under 
 saved in its format (the pretrained weights are a download)."""
 import dataclasses
 import io
+import json
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import scipy.linalg
 import torch
 
 import common
-from conftest import MODEL_FILES, events, run_main
+from conftest import MODEL_FILES, ROOT, events, run_main
 
 
 # --- the Frechet distance (Heusel et al. 2017, Eq. 6)
@@ -261,3 +263,18 @@ def test_fid_and_inception_score_end_to_end_with_torch_fidelity(inception_weight
     mtime = cache.stat().st_mtime_ns
     again = run_main("ddpm", ["--eval", ckpt, "--fid", 4, "--batch-size", 4, "--data-dir", tmp_path / "data"])
     assert cache.stat().st_mtime_ns == mtime and again["fid"] == pytest.approx(fields["fid"], rel=1e-5)
+
+
+# --- benchmarks/gpu_check.py: its CPU path, so CI proves the GPU check still runs
+
+def test_gpu_check_smoke_runs_on_the_cpu(tmp_path):
+    """`gpu_check.py --device cpu --smoke` on one file: a fake CIFAR-10, its training (timed, FLOPs
+    counted), --sample and --eval all work, and the JSON and the table say so."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+    record = gpu_check.main(["--device", "cpu", "--smoke", "--models", "ddpm", "--out", tmp_path])
+    r = record["files"]["ddpm"]
+    assert r["amp"]["ok"] and r["sample"]["ok"] and r["eval"]["ok"], r
+    assert r["amp"]["s_per_step"] > 0 and r["amp"]["flops_per_step"] > 0 and r["sample"]["samples_per_s"] > 0
+    assert r["paper_steps"] == 800_000 and json.loads((tmp_path / "gpu_check.json").read_text())["files"] == record["files"]
+    assert "| `ddpm.py` | 4 | " in (tmp_path / "gpu_check.md").read_text()
