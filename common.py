@@ -1436,11 +1436,8 @@ def _inception(device):
     if path and not Path(path).is_file():
         raise UserError(f"${FID_WEIGHTS_ENV} is {path}, which is not a file; give a weights file of torch-fidelity's "
                         "Inception, or unset it to download the standard one")
-    if path:
-        with open(path, "rb") as f:
-            tag = "weights-" + hashlib.file_digest(f, "sha256").hexdigest()[:12]
-    else:
-        tag = Path(inception.URL_INCEPTION_V3).stem
+    tag = "weights-" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12] if path else \
+        Path(inception.URL_INCEPTION_V3).stem
     try:
         net = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                                     feature_extractor_weights_path=path)
@@ -1511,10 +1508,10 @@ def fid_evaluate(cfg, info, sample, levels=None):
         _fid_progress("samples", done + m, n, t0)
     fields = dict(split="train", fid=frechet_distance(*moments.stats(), mu_ref, sigma_ref), n=n,
                   reference_n=len(train_set.data), extractor=extractor)
-    if logits:  # exp E_x KL(p(y|x) || p(y)) over 10 parts (Salimans et al. 2016, arXiv 1606.03498), the library's
+    if logits:  # exp E_x KL(p(y|x) || p(y)) over 10 parts (Salimans et al. 2016, arXiv 1606.03498): the library's
         from torch_fidelity.metric_isc import isc_features_to_metric
         score = isc_features_to_metric(torch.cat(logits), splits=max(1, min(10, n // 2)))  # parts of 2 or more
-        fields["inception_score"], fields["inception_score_std"] = score["inception_score_mean"], score["inception_score_std"]
+        fields.update(inception_score=score["inception_score_mean"], inception_score_std=score["inception_score_std"])
     fields["seconds"] = round(time.perf_counter() - start, 1)
     out = output_dir(cfg, cfg.eval)
     Logger(out, 0).event("eval", **fields)

@@ -1405,8 +1405,8 @@ def evaluate(cfg):
     cfg = with_checkpoint_settings(cfg, saved)
     device = next(net.parameters()).device
     if cfg.fid is not None:
-        return fid_evaluate(cfg, info, lambda n, g: to_levels(sample_with(cfg, net, sde, (n, *info.shape), device, g)[0],
-                                                              info))
+        return fid_evaluate(cfg, info, lambda n, g: to_levels(
+            sample_with(cfg, net, sde, (n, *info.shape), device, g)[0], info))
     out = output_dir(cfg, cfg.eval)
     ds = load_dataset(info.name, "test", cfg.data_dir)
     data = ds.data[:cfg.eval_n] if cfg.eval_n else ds.data

@@ -7,25 +7,27 @@ For each model file, on a fake CIFAR-10 written in the official format (random i
 downloaded): its cifar10 preset (the paper's network and batch size) trains --steps steps with
 --amp, then again with --amp --compile, then --sample and --eval run on the checkpoint, each under
 torchrun with one process (DistributedDataParallel, NCCL). Measured per file: seconds per training
-step (the median of the steps after three: two of warm-up, one counted; CUDA synchronised), samples per second (the
-`sample` event), peak GPU memory (torch.cuda.max_memory_allocated), FLOPs of one training step
-(torch.utils.flop_counter.FlopCounterMode: matrix products and convolutions, forward and backward)
-and so the achieved FLOP/s and their share of the GPU's dense bf16 peak, and whether each command
-worked. The table then estimates each paper's full training on this GPU: the preset's steps times
-the --amp seconds per step (ffjord.py refuses --amp: float32 there). With torch-fidelity installed, `--eval --fid 64` also runs, with a
-randomly initialised Inception saved in torch-fidelity's format (its weights are a download).
+step (the median after three steps: two of warm-up, one counted; CUDA synchronised), samples per
+second (the `sample` event), peak GPU memory (torch.cuda.max_memory_allocated), FLOPs of one
+training step (torch.utils.flop_counter.FlopCounterMode: matrix products and convolutions, forward
+and backward) and so the achieved FLOP/s and their share of the GPU's dense bf16 peak, and whether
+each command worked. The table then estimates each paper's full training on this GPU: the preset's
+steps times the --amp seconds per step (ffjord.py refuses --amp: float32 there). With
+torch-fidelity installed, `--eval --fid 64` also runs, with a randomly initialised Inception saved
+in torch-fidelity's format (its pretrained weights are a download).
 
-Sizes, for about 8 minutes on one H100 (--budget 470 s stops starting commands after that): the
---amp runs go one at a time (their times are the table's), 8 steps each (2 of warm-up, 1 counted,
-4 timed), 16 samples drawn at the end of training and by --sample, --eval on the first 16 of 64
-test images; the fake set has 1280 training images (more than the largest preset batch, 900). The
-compilations are CPU-bound (about a minute each); they, --sample and --eval run --jobs at a time,
-so their seconds per step are measured beside other work and only marked, not used for the estimate
-unless the --amp run failed. A command over its time limit is stopped and marked.
+Sizes, chosen for 8 minutes on one H100 (not yet run on one): the --amp runs go one at a time
+(their times are the table's), 8 steps each (2 of warm-up, 1 counted, 4 timed), 16 samples drawn at
+the end of training and by --sample, --eval on the 64 fake test images (16 where the file has
+--eval-n); the fake set has 1280 training images, more than the largest preset batch (900). The
+compilations are CPU-bound (expected: a minute or two each); they, --sample and --eval run --jobs
+at a time, so the compiled seconds per step are measured beside other work and only shown in
+brackets. No command runs past --budget (470 s): one still running then is stopped and marked, as
+is one over its own limit (LIMITS).
 
 Writes benchmarks/results/gpu_check.json and gpu_check.md (--out DIR to put them elsewhere).
---smoke: tiny networks of every file at batch 4, 5 steps, in this process, --compile and --fid skipped: the
-script's own path is checked on a CPU in seconds (tests/test_fid.py runs it).
+--smoke: tiny networks of every file at batch 4, 5 steps, in this process, --compile and --fid
+skipped: the script's own path, checked on a CPU in seconds (tests/test_fid.py runs it on ddpm.py).
 """
 import argparse
 import concurrent.futures
@@ -266,7 +268,7 @@ def table(results, peak, device_name, command, where):
              "sample | eval | fid | paper steps | full training |", "|" + "---|" * 14]
     for model, r in results.items():
         amp, comp = r["amp"], r.get("compile", {})
-        s = amp.get("s_per_step") or comp.get("s_per_step")
+        s = amp.get("s_per_step")
         achieved = amp["flops_per_step"] / amp["s_per_step"] if amp.get("flops_per_step") and amp.get("s_per_step") \
             else None
         hours = r["paper_steps"] * s / 3600 if s else None
