@@ -17,13 +17,14 @@ torch-fidelity installed, `--eval --fid 64` also runs, with a randomly initialis
 in torch-fidelity's format (its pretrained weights are a download).
 
 Sizes, chosen for 8 minutes on one H100 (not yet run on one): the --amp runs go one at a time
-(their times are the table's), 8 steps each (2 of warm-up, 1 counted, 4 timed), 16 samples drawn at
-the end of training and by --sample, --eval on the 64 fake test images (16 where the file has
---eval-n); the fake set has 1280 training images, more than the largest preset batch (900). The
-compilations are CPU-bound (expected: a minute or two each); they, --sample and --eval run --jobs
-at a time, so the compiled seconds per step are measured beside other work and only shown in
-brackets. No command runs past --budget (470 s): one still running then is stopped and marked, as
-is one over its own limit (LIMITS).
+(their times are the table's), 8 steps each (2 of warm-up, 1 counted, 4 timed), with 4 samples
+drawn at their end (ddpm.py with 100 respaced steps, pixelcnn.py without completions); then the
+--compile runs, --sample (16 samples, the file's own sampler), --eval (on the 64 fake test images,
+16 where the file has --eval-n) and --fid 64 on the --amp checkpoint, --jobs at a time, the
+CPU-bound compilations first: the compiled seconds per step are measured beside other work and only
+shown in brackets. The fake set has 1280 training images, more than the largest preset batch
+(ffjord.py's 900). No command runs past --budget (470 s): one still running then is stopped and
+marked, as is one over its own limit (LIMITS).
 
 Writes benchmarks/results/gpu_check.json and gpu_check.md (--out DIR to put them elsewhere).
 --smoke: tiny networks of every file at batch 4, 5 steps, in this process, --compile and --fid
@@ -64,7 +65,7 @@ EVAL_FLAGS = {"vae": ["--k-eval", 64], "ddpm": ["--eval-n", 16], "ddim": ["--eva
 TRAIN_FLAGS = {"vqvae": ["--stage", "ae"]}
 NO_AMP = {"ffjord"}  # refuses --amp (bfloat16 is coarser than its solver's tolerances): float32
 # --smoke: every file's network shrunk to seconds on a CPU (the flags the files document).
-TINY = {"pixelcnn": ["--hidden", 12, "--layers", 2, "--out-hidden", 12],
+TINY = {"pixelcnn": ["--hidden", 12, "--layers", 2, "--out-hidden", 12, "--completions", 0],
         "gpt": ["--n-layer", 1, "--n-head", 1, "--n-embd", 16],
         "vae": ["--channels", "8,8,8", "--latent", 4, "--k-eval", 2],
         "vqvae": ["--hidden", 8, "--codes", 8, "--code-dim", 4, "--res-blocks", 1, "--prior-layers", 1,
@@ -76,7 +77,10 @@ TINY = {"pixelcnn": ["--hidden", 12, "--layers", 2, "--out-hidden", 12],
                  "--sample-steps", 2],
         "score_sde": ["--ch", 8, "--ch-mult", "1,2", "--num-res-blocks", 1, "--attn-res", "", "--sample-steps", 3],
         "ebm": ["--ch", 8, "--ch-mult", "1", "--blocks", 1, "--sgld-steps", 2, "--buffer-size", 16, "--n-samples", 2]}
-TINY_SAMPLING = {"ddim": ["--sample-steps", 2, "--eval-steps", "2"]}  # --smoke: within its T of 5
+# The pictures at the end of a timed run, not themselves timed: fewer sampling steps, no completions.
+PICTURES = {"ddpm": ["--sample-steps", 100], "pixelcnn": ["--completions", 0]}
+TINY_SAMPLING = {"ddim": ["--sample-steps", 2, "--eval-steps", "2"], "pixelcnn": ["--completions", 0],
+                 "score_sde": ["--eval-n", 2, "--rtol", "1e-3", "--atol", "1e-3"]}
 LIMITS = {"amp": 150, "compile": 300, "sample": 150, "eval": 150, "fid": 150}  # seconds a command may take
 
 
@@ -207,41 +211,37 @@ def preset(model):
     return cfg.steps, cfg.batch_size
 
 
-def check(model, args, data, work, deadline, phase):
-    """Phase "amp": the timed --amp run. Phase "rest": --amp --compile, --sample, --eval (and --fid)."""
-    steps, smoke = (5 if args.smoke else args.steps), args.smoke
-    base = ["--dataset", "cifar10", "--data-dir", data, "--device", args.device, "--steps", steps,
-            "--n-samples", 2 if smoke else 16, "--save-every", 10**9, "--log-every", steps,
-            *TRAIN_FLAGS.get(model, []), *(TINY[model] + ["--batch-size", 4] if smoke else [])]
-    out, amp = work / model, ([] if model in NO_AMP else ["--amp"])
-
-    def run(step, argv, **kw):
-        left = deadline - time.time()
-        if left < 10:
-            return {"ok": False, "error": "not run: the --budget was spent", "seconds": 0}
-        print(f"{model}: {step} ...", flush=True)
-        r = launch(model, argv, min(LIMITS[step], left), smoke and not args.torchrun, **kw)
-        print(f"{model}: {step} {'ok' if r['ok'] else 'FAILED: ' + str(r['error'])} ({r['seconds']} s)", flush=True)
-        return r
-
-    if phase == "amp":
-        return {"amp": run("amp", [*base, *amp, "--out", out / "amp"], flops_at=2)}
-    rows = {"compile": {"ok": None, "error": "skipped: --smoke (inductor's CPU compile takes minutes)"} if smoke
-            else run("compile", [*base, *amp, "--compile", "--out", out / "compile"])}
-    ckpt = next((out / k / "ckpt.pt" for k in ("amp", "compile") if (out / k / "ckpt.pt").exists()), None)
-    if ckpt is None:
-        return {**rows, **{k: {"ok": None, "error": "no checkpoint"} for k in ("sample", "eval")}}
-    size = ["--n-samples", 2 if smoke else 16, "--device", args.device, "--data-dir", data,
-            *(TINY_SAMPLING.get(model, []) if smoke else [])]
-    rows["sample"] = run("sample", ["--sample", ckpt, *size, "--out", out / "sample"])
-    if rows["sample"]["ok"]:
-        event = [e for e in _events(out / "sample") if e.get("event") == "sample"]
-        rows["sample"]["samples_per_s"] = event[-1].get("samples_per_s") if event else None
-    evaluation = ["--eval", ckpt, *size, *EVAL_FLAGS.get(model, [])]
-    rows["eval"] = run("eval", [*evaluation, "--out", out / "eval"])
-    if args.inception:
-        rows["fid"] = run("fid", [*evaluation, "--fid", 4 if smoke else 64, "--out", out / "fid"])
-    return rows
+def command(model, step, args, data, work, deadline):
+    """One of a file's commands ("amp", "compile", "sample", "eval", "fid"): its measurements. The
+    trained ones write <work>/<model>/<step>; the others take the --amp run's checkpoint."""
+    smoke, steps = args.smoke, 5 if args.smoke else args.steps
+    out = work / model
+    if step == "compile" and smoke:
+        return {"ok": None, "error": "skipped: --smoke (inductor's CPU compile takes minutes)"}
+    if step in ("amp", "compile"):
+        argv = ["--dataset", "cifar10", "--data-dir", data, "--device", args.device, "--steps", steps,
+                "--n-samples", 4, "--save-every", 10**9, "--log-every", steps, "--out", out / step,
+                *([] if model in NO_AMP else ["--amp"]), *(["--compile"] if step == "compile" else []),
+                *TRAIN_FLAGS.get(model, []), *(TINY[model] + ["--batch-size", 4] if smoke else PICTURES.get(model, []))]
+    else:
+        ckpt = out / "amp" / "ckpt.pt"
+        if not ckpt.exists():
+            return {"ok": None, "error": "no checkpoint: the --amp run failed"}
+        argv = ["--sample" if step == "sample" else "--eval", ckpt, "--n-samples", 2 if smoke else 16,
+                "--device", args.device, "--data-dir", data, "--out", out / step,
+                *(EVAL_FLAGS.get(model, []) if step != "sample" else []),
+                *(TINY_SAMPLING.get(model, []) if smoke else []),
+                *(["--fid", 4 if smoke else 64] if step == "fid" else [])]
+    left = deadline - time.time()
+    if left < 10:
+        return {"ok": False, "error": "not run: the --budget was spent", "seconds": 0}
+    print(f"{model}: {step} ...", flush=True)
+    r = launch(model, argv, min(LIMITS[step], left), smoke and not args.torchrun, flops_at=2 if step == "amp" else None)
+    if step == "sample" and r["ok"]:
+        event = [e for e in _events(out / step) if e.get("event") == "sample"]
+        r["samples_per_s"] = event[-1].get("samples_per_s") if event else None
+    print(f"{model}: {step} {'ok' if r['ok'] else 'FAILED: ' + str(r['error'])} ({r['seconds']} s)", flush=True)
+    return r
 
 
 def _events(out):
@@ -298,7 +298,7 @@ def main(argv=None):
     p.add_argument("--torchrun", action="store_true", help="with --smoke: each command under torchrun all the same")
     p.add_argument("--steps", type=int, default=8, help="training steps of each run (5 with --smoke)")
     p.add_argument("--jobs", type=int, default=5, help="commands at once after the timed --amp runs")
-    p.add_argument("--budget", type=float, default=470, help="seconds after which no command starts")
+    p.add_argument("--budget", type=float, default=470, help="seconds from the start that no command runs past")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder of gpu_check.json and .md")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -311,27 +311,26 @@ def main(argv=None):
         work, data = Path(tmp) / "runs", Path(tmp) / "data"
         fake_cifar10(data, *((20, 8) if args.smoke else (1280, 64)))
         weights = None if args.smoke else random_inception_weights(Path(tmp) / "inception.pth")
-        args.inception = weights is not None
         if weights:
             os.environ[common.FID_WEIGHTS_ENV] = str(weights)
         results = {m: {"paper_steps": preset(m)[0], "batch": 4 if args.smoke else preset(m)[1]} for m in args.models}
         for m in args.models:  # one at a time: the table's times
-            results[m].update(check(m, args, data, work, deadline, "amp"))
-        jobs = 1 if args.smoke else args.jobs
-        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-            done = {m: pool.submit(check, m, args, data, work, deadline, "rest") for m in args.models}
-            for m, f in done.items():
-                results[m].update(f.result())
+            results[m]["amp"] = command(m, "amp", args, data, work, deadline)
+        rest = [(m, step) for step in ("compile", "sample", "eval", *(["fid"] if weights else [])) for m in args.models]
+        with concurrent.futures.ThreadPoolExecutor(1 if args.smoke else args.jobs) as pool:  # the compilations first
+            done = {(m, step): pool.submit(command, m, step, args, data, work, deadline) for m, step in rest}
+            for (m, step), f in done.items():
+                results[m][step] = f.result()
     peak, name = bf16_peak(args.device)
-    command = "python benchmarks/gpu_check.py " + " ".join(argv)
+    line = "python benchmarks/gpu_check.py " + " ".join(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"command": command.strip(), "device": name, "bf16_peak": peak, "torch": torch.__version__,
+    record = {"command": line.strip(), "device": name, "bf16_peak": peak, "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "seconds": round(time.time() - start, 1), "files": results}
     (out / "gpu_check.json").write_text(json.dumps(record, indent=1) + "\n")
     where = ("under torchrun with one process" if args.torchrun or not args.smoke
              else "with tiny networks (--smoke), in one process")
-    md = table(results, peak, name, command.strip(), where)
+    md = table(results, peak, name, line.strip(), where)
     (out / "gpu_check.md").write_text(md)
     print(md + f"\n{time.time() - start:.0f} s; written to {out}: gpu_check.json, gpu_check.md", flush=True)
     return record
