@@ -965,6 +965,9 @@ def evaluate(cfg):
     (net, alphas_cumprod), saved, info = load(cfg.eval, get_device(cfg.device))
     device = next(net.parameters()).device
     if cfg.fid is not None:  # Song et al. Table 1: FID of S = --sample-steps steps at --eta
+        if saved.train_classifier:
+            raise UserError(f"{cfg.eval} is a noise-aware classifier; --fid takes an epsilon-network's checkpoint")
+        check_range(cfg, "sample_steps", 0, len(alphas_cumprod))
         return fid_evaluate(cfg, info, lambda n, g: to_levels(ddim_sample(
             net, alphas_cumprod, (n, *info.shape), steps=cfg.sample_steps or len(alphas_cumprod), eta=cfg.eta,
             skip=cfg.skip or saved.skip or paper_skip(info), device=device, generator=g,

@@ -825,6 +825,7 @@ def evaluate(cfg):
     (net, diffusion), saved, info = load(cfg.eval, get_device(cfg.device))
     device = next(net.parameters()).device
     if cfg.fid is not None:
+        check_range(cfg, "sample_steps", 0, diffusion.T)
         return fid_evaluate(cfg, info, lambda n, g: to_levels(diffusion.sample(
             net, (n, *info.shape), sample_labels(n, saved, info, device), cfg.guidance, cfg.sample_steps, device, g),
             info))
