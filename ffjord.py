@@ -1434,7 +1434,8 @@ def evaluate(cfg):
     ds = load_dataset(info.name, "test", cfg.data_dir)
     opts, stats = eval_options(cfg, info, saved), SolveStats()
     if cfg.fid is not None:
-        return fid_evaluate(cfg, info, lambda n, g: net.sample(n, opts, g, stats))
+        with solver_failures("the ODE solve of --fid failed", flags="--max-steps, --eval-atol, --eval-rtol"):
+            return fid_evaluate(cfg, info, lambda n, g: net.sample(n, opts, g, stats))
     torch.manual_seed(cfg.seed)  # dequantisation and Hutchinson noise
     start = time.perf_counter()
     parts = ds.data.split(cfg.batch_size)
