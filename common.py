@@ -1377,9 +1377,9 @@ def _draw_density(panels, path, lim):
 
 # --- FID and Inception Score of generated images (--eval CKPT --fid N), by torch-fidelity's Inception
 
-FID_INSTALL = "pip install torch-fidelity==0.4.0 (it is in requirements.txt)"
+_FID_INSTALL = "pip install torch-fidelity==0.4.0 (it is in requirements.txt)"
 FID_WEIGHTS_ENV = "GENMODELS_INCEPTION_WEIGHTS"  # a local weights file in torch-fidelity's format
-FID_MAX_N = 50_000  # samples by default; a smaller training split (digits: 1497) gives its size
+_FID_MAX_N = 50_000  # samples by default; a smaller training split (digits: 1497) gives its size
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -1416,7 +1416,7 @@ class _Moments:
         return mu.numpy(), ((self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)).numpy()
 
 
-def fidelity_images(x, levels):
+def _fidelity_images(x, levels):
     """Images as torch-fidelity's Inception takes them: uint8 (N, 3, H, W), RGB, 0..255. `x` is
     (N, C, H, W) integer levels 0..levels-1 or floats in [0, 1]; level k is round(255 k / (levels - 1));
     a grey image is repeated in the three channels."""
@@ -1431,7 +1431,7 @@ def _inception(device):
     try:
         from torch_fidelity import feature_extractor_inceptionv3 as inception
     except ImportError:
-        raise UserError(f"--fid needs torch-fidelity, which is not installed: {FID_INSTALL}") from None
+        raise UserError(f"--fid needs torch-fidelity, which is not installed: {_FID_INSTALL}") from None
     path = os.environ.get(FID_WEIGHTS_ENV)
     if path and not Path(path).is_file():
         raise UserError(f"${FID_WEIGHTS_ENV} is {path}, which is not a file; give a weights file of torch-fidelity's "
@@ -1450,7 +1450,7 @@ def _inception(device):
 def _inception_features(net, images, levels, device):
     """(pool features, logits_unbiased) of a batch of images, both float32 on the CPU."""
     with torch.inference_mode():
-        pool, logits = net(fidelity_images(images, levels).to(device))
+        pool, logits = net(_fidelity_images(images, levels).to(device))
     return pool.cpu(), logits.cpu()
 
 
@@ -1492,7 +1492,7 @@ def fid_evaluate(cfg, info, sample, levels=None):
     device = get_device(cfg.device)
     net, extractor = _inception(device)
     train_set = load_dataset(info.name, "train", cfg.data_dir)
-    n = cfg.fid or min(FID_MAX_N, len(train_set.data))
+    n = cfg.fid or min(_FID_MAX_N, len(train_set.data))
     if n < 2:
         raise UserError(f"--fid {n}: the samples' covariance needs at least 2; accepted: --fid N with N >= 2")
     start = time.perf_counter()

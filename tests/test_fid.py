@@ -60,16 +60,16 @@ def test_gaussian_stats_are_the_mean_and_unbiased_covariance():
 
 def test_fidelity_images_levels_floats_and_grey():
     grey = torch.arange(17, dtype=torch.uint8).view(1, 1, 1, 17)  # digits' levels 0..16
-    u = common.fidelity_images(grey, 17)
+    u = common._fidelity_images(grey, 17)
     assert u.dtype == torch.uint8 and u.shape == (1, 3, 1, 17)
     assert torch.equal(u[0, 0, 0], torch.tensor([round(255 * k / 16) for k in range(17)], dtype=torch.uint8))
     assert torch.equal(u[:, 0], u[:, 1]) and torch.equal(u[:, 0], u[:, 2])
-    binary = common.fidelity_images(torch.tensor([[[[0, 1]]]]), 2)
+    binary = common._fidelity_images(torch.tensor([[[[0, 1]]]]), 2)
     assert binary.reshape(3, 2).tolist() == [[0, 255]] * 3
     rgb = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)  # 8-bit RGB: unchanged, channels in order
-    assert torch.equal(common.fidelity_images(rgb, 256), rgb)
+    assert torch.equal(common._fidelity_images(rgb, 256), rgb)
     floats = torch.tensor([0.0, 0.5, 1.0, 1.2, -0.1]).view(1, 1, 1, 5)  # [0, 1] images, clamped
-    assert common.fidelity_images(floats, 17)[0, 2, 0].tolist() == [0, 128, 255, 255, 0]
+    assert common._fidelity_images(floats, 17)[0, 2, 0].tolist() == [0, 128, 255, 255, 0]
 
 
 # --- the path with a stand-in for the Inception network (cheap; records what it is given)
@@ -126,7 +126,7 @@ def test_each_files_samples_reach_the_network_as_torch_fidelity_takes_them(model
     train = common.load_dataset("digits", "train").data
     seen = torch.cat(fake_inception.batches)
     assert seen.shape == (len(train) + 5, 3, 8, 8)
-    assert torch.equal(seen[:len(train)], common.fidelity_images(train, 17))  # the reference, in order
+    assert torch.equal(seen[:len(train)], common._fidelity_images(train, 17))  # the reference, in order
     samples = seen[len(train):]
     assert torch.equal(samples[:, 0], samples[:, 1]) and torch.equal(samples[:, 0], samples[:, 2])
     allowed = torch.tensor([round(255 * k / 16) for k in range(17)], dtype=torch.uint8)
