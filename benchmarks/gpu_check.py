@@ -40,6 +40,7 @@ import json
 import os
 import pickle
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -157,14 +158,17 @@ def launch(model, argv, limit, here, flops_at=None):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", __file__,
                "--worker", result, "-" if flops_at is None else flops_at, model, *argv]
         start = time.perf_counter()
+        p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
         try:
-            p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=limit, cwd=ROOT,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
-        except subprocess.TimeoutExpired:
-            return {"ok": False, "error": f"stopped after its limit of {limit} s", "seconds": limit}
+            _, stderr = p.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:  # torchrun and its worker: the whole process group
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            return {"ok": False, "error": f"stopped after its limit of {limit:.0f} s", "seconds": round(limit)}
         if result.exists():
             return json.loads(result.read_text())
-        last = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+        last = (stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
         return {"ok": False, "error": last[:300], "seconds": round(time.perf_counter() - start, 2)}
 
 
