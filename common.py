@@ -65,14 +65,11 @@ class RunConfig:
     device: str = flag("auto", "device: auto picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
     out: typing.Optional[str] = flag(None, "run folder (default runs/<model>-<dataset>)")
     resume: typing.Optional[str] = flag(None, "resume training from CKPT (bare --resume: <run folder>/ckpt.pt)")
-    overwrite: bool = flag(False, "train afresh in a run folder that holds a run (its checkpoint, metrics, pictures "
-                                  "and samples are deleted)")
+    overwrite: bool = flag(False, "train afresh where a run is (deletes its checkpoint, metrics, pictures, samples)")
     sample: typing.Optional[str] = flag(None, "load CKPT, write samples and exit")
     n_samples: int = flag(64, "number of samples to draw")
     eval: typing.Optional[str] = flag(None, "load CKPT, report the test-set likelihood and exit")
-    fid: typing.Optional[int] = flag(None, "with --eval: FID of N samples against the training set (bare --fid: "
-                                           "50000, or the training split's size if smaller), Inception Score on "
-                                           "cifar10; needs torch-fidelity")
+    fid: typing.Optional[int] = flag(None, "with --eval: FID of N samples (bare: 50000 or the training set's size)")
     compile: bool = flag(False, "torch.compile the network")
     amp: bool = flag(False, "bfloat16 autocast for the network")
     data_dir: typing.Optional[str] = flag(None, "dataset cache (default $GENMODELS_DATA or ~/.cache/genmodels)")
