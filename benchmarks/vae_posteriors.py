@@ -197,7 +197,9 @@ def main():
         "instead (free bits 0); the Gaussian is measured both ways. SA-VAE: 5 SVI steps of size 0.02 on "
         "(mu, logvar) with each example's gradients clipped to norm 5 (`--svi-max-grad-norm`, Kim et al.'s "
         f"code), the preset's free bits. Produced by {stamp(cmd)}; the machine was shared with other jobs, so "
-        "the training times are inflated.\n\n"
+        "the training times are inflated several-fold"
+        + ("; \"not run\": the run had not finished when this was written (`--finished-only`)" if args.finished_only
+           else "") + ".\n\n"
         "| system | " + " | ".join(f"{d} NLL / -ELBO (nats)" for d in POINTS)
         + " | digits NLL / -ELBO (bits/dim) | steps, training time (2D, slowest / digits) |\n"
         + "|---" * (len(POINTS) + 3) + "|\n"
@@ -227,7 +229,7 @@ Table 2 (the bound): diagonal Gaussian 89.9, planar K = 10 / 20 / 40 / 80: 87.5 
 85.1 (their Sec. 6.2 network and optimiser; `python vae.py --dataset mnist --posterior planar`
 is Burda et al.'s 784-200-200-50 tanh network and schedule with K = 10, so only K is theirs);
 Burda et al. 2016 Table 1, 784-200-200-50: VAE 86.76, IWAE (k = 50) 84.78. The IAF numbers of
-Kingma et al. 2016 (MNIST, ResNet convolutional VAE; about 79.1 nats) and SA-VAE's (Kim et al.
+Kingma et al. 2016 (MNIST, a convolutional VAE) and SA-VAE's (Kim et al.
 2018, OMNIGLOT and Yahoo text, no MNIST) could not be checked against the papers here, so they
 are not quoted."""
 
