@@ -30,6 +30,8 @@ SYSTEMS = {
     "vae --posterior planar": ("vae", ["--posterior", "planar", "--free-bits", "0", "--kl-warmup", "1000"]),
     "vae --posterior radial": ("vae", ["--posterior", "radial", "--free-bits", "0", "--kl-warmup", "1000"]),
     "vae --posterior iaf": ("vae", ["--posterior", "iaf", "--free-bits", "0", "--kl-warmup", "1000"]),
+    # SA-VAE with the preset's free bits, --svi-lr 0.02 and each example's SVI gradients clipped to norm 5
+    "vae --svi-steps 5": ("vae", ["--svi-steps", "5"]),
     "vqvae": ("vqvae", []),
     "vqvae --levels 2": ("vqvae", ["--levels", "2"]),
     "realnvp": ("realnvp", []),

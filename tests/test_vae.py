@@ -659,6 +659,7 @@ def test_cli_2d_points_density(tmp_path):
     (["--svi-steps", "3", "--compile"], "drop --compile"),
     (["--svi-steps", "-1"], "--svi-steps -1 is out of range"),
     (["--svi-lr", "0"], "--svi-lr 0.0 is out of range"),
+    (["--svi-max-grad-norm", "-1"], "--svi-max-grad-norm -1.0 is out of range"),
     (["--flow-length", "0"], "--flow-length 0 is out of range"),
     (["--posterior", "sylvester"], "invalid choice"),
 ])
@@ -1046,20 +1047,62 @@ def test_svi_steps_do_not_decrease_the_elbo_and_close_the_gap():
     assert (gaps[-1] < 0.2 * gaps[0]).all(), (gaps[0], gaps[-1])
 
 
-def _svi_net(svi_steps=3):
+def test_svi_step_clips_each_examples_gradient_against_finite_differences():
+    """One SVI step with clipping (Kim et al.'s code, svi_max_grad_norm): the gradient of each
+    example's ELBO (the noise fixed) with respect to mu and to logvar by central differences, its
+    norm brought down to c where it exceeds c and left alone below, gives the step; an example's
+    step does not depend on the other examples of the batch."""
+    net = _svi_net()
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1)) * 3
+    mu, logvar = (t.detach() for t in net.posterior(x))
+    eps = torch.randn((1, *mu.shape), generator=torch.Generator().manual_seed(5))
+
+    def elbo_i(i, m, lv):  # the ELBO of example i at (m, lv) with its noise eps[:, i]
+        z = (m + (0.5 * lv).exp() * eps[:, i]).view(1, 1, -1)
+        return (net.log_likelihood(x[i:i + 1], z)[0, 0] - vae.gaussian_kl(m, lv)).item()
+
+    def fd_grad(i, which):
+        g, h = np.zeros(2), 1e-6
+        for j in range(2):
+            lam = [mu[i].clone(), logvar[i].clone()]
+            lam[which][j] += h
+            up = elbo_i(i, *lam)
+            lam[which][j] -= 2 * h
+            g[j] = (up - elbo_i(i, *lam)) / (2 * h)
+        return g
+    grads = [np.array([fd_grad(i, w) for i in range(len(x))]) for w in (0, 1)]   # (B, D) each
+    norms = np.linalg.norm(np.concatenate(grads), axis=1)
+    c = float(np.median(norms))
+    with torch.no_grad():
+        got = vae.svi_refine(net.log_likelihood, x, mu, logvar, 1, 0.3, torch.Generator().manual_seed(5),
+                             max_norm=c)
+    for lam, g, new in zip((mu, logvar), grads, got):
+        n = np.linalg.norm(g, axis=1, keepdims=True)
+        clipped = g * np.minimum(1.0, c / n)
+        np.testing.assert_allclose(new.numpy(), lam.numpy() + 0.3 * clipped, rtol=1e-6, atol=1e-8)
+    assert (norms > 1.01 * c).any() and (norms < 0.99 * c).any()   # both cases occur
+    step = np.linalg.norm((got[0] - mu).numpy(), axis=1)
+    assert step.max() <= 0.3 * c * (1 + 1e-9)
+    np.testing.assert_allclose(vae.clip_norm(torch.tensor([[3.0, 4.0], [0.3, 0.4]]), 1.0).numpy(),
+                               [[0.6, 0.8], [0.3, 0.4]], rtol=1e-12)
+    assert torch.equal(vae.clip_norm(torch.tensor([[3.0, 4.0]]), 0.0), torch.tensor([[3.0, 4.0]]))
+
+
+def _svi_net(svi_steps=3, max_norm=0.0):
     torch.manual_seed(0)
     enc = vae.MLPEncoder(3, (5,), 2, activation="tanh")
     dec = vae.MLPDecoder(2, (5,), (3,), 2, activation="tanh")
-    return vae.VAE(enc, dec, vae.Gaussian(), 2, svi_steps=svi_steps, svi_lr=0.2).double()
+    return vae.VAE(enc, dec, vae.Gaussian(), 2, svi_steps=svi_steps, svi_lr=0.2, svi_max_norm=max_norm).double()
 
 
-def test_svi_gradient_through_the_unrolled_steps_matches_finite_differences():
+@pytest.mark.parametrize("max_norm", [0.0, 0.5])  # 0.5: the first step clips 3 of the 4 examples' mu-gradients
+def test_svi_gradient_through_the_unrolled_steps_matches_finite_differences(max_norm):
     """The SA-VAE loss -ELBO(lambda_K) with the noise fixed (a seeded generator) is a smooth function
     of every weight; its autograd gradient through the K unrolled steps (create_graph) matches
     central differences for encoder and decoder weights (Alg. 1 differentiates both through the
     steps), and differs from the gradient with the steps cut off (lambda_K treated as lambda_0 +
-    a constant): the second-order terms matter."""
-    net = _svi_net()
+    a constant): the second-order terms matter. With clipping, through the clipping too."""
+    net = _svi_net(max_norm=max_norm)
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
 
     def loss():
@@ -1079,7 +1122,7 @@ def test_svi_gradient_through_the_unrolled_steps_matches_finite_differences():
     # cut: the refined parameters as lambda_0 + (lambda_K - lambda_0).detach()
     mu0, logvar0 = net.posterior(x)
     g = torch.Generator().manual_seed(2)
-    mu_k, logvar_k = vae.svi_refine(net.log_likelihood, x, mu0, logvar0, 3, 0.2, g)
+    mu_k, logvar_k = vae.svi_refine(net.log_likelihood, x, mu0, logvar0, 3, 0.2, g, max_norm=max_norm)
     mu_c, logvar_c = mu0 + (mu_k - mu0).detach(), logvar0 + (logvar_k - logvar0).detach()
     z = vae.reparameterize(mu_c, logvar_c, 1, g)
     cut = -(net.log_likelihood(x, z)[0] - vae.gaussian_kl(mu_c, logvar_c)).sum()
