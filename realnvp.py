@@ -16,7 +16,8 @@ the multi-scale architecture, batch norm or ActNorm as flow layers, the logit pr
 Glow (`--arch glow`): ActNorm, the invertible 1x1 convolution (plain or `--conv1x1 lu`), its
 coupling, levels with a learned prior at each split, sampling at a temperature, its input map
 v/K - 1/2 (`--preprocess center`, its cifar10 preset); MAF (`--arch maf`): MADE layers with
-reversed orderings and batch norm between them, on points and on flattened images. `nll` is of
+reversed orderings and batch norm between them, on points and on flattened images; a cosine
+learning-rate decay (`--decay cosine`, the points presets of realnvp and maf). `nll` is of
 the *discrete* data for images (a bound), so bits/dim compare across the three. Ours: MAF's
 log-scale bounded, 5 tanh(alpha / 5); Glow's NN without the official code's output rescaling.
 Not implemented: RealNVP's running-average batch norm (App. E), its bottleneck blocks and flips;
@@ -944,7 +945,8 @@ PRESETS = {
 # the number of steps, the gradient clipping, no learned top prior (learntop) and no data
 # augmentation. The small presets and all of MAF's sizes and learning rates are ours (MAF's
 # numbers are unverified, shared/PAPERS.md); MAF keeps the paper's batch norm between its MADE
-# layers. On digits Glow takes RealNVP's logit: most pixels sit at the end levels 0 and 16, and
+# layers (on points 10 of them, 6000 steps with the cosine decay: rings 3.126 nats, against 3.453
+# for 5 MADEs and 2000 constant-rate steps). On digits Glow takes RealNVP's logit: most pixels sit at the end levels 0 and 16, and
 # after 2000 steps the centring gives 2.52 test bits/dim where the logit gives 2.17.
 ARCH_PRESETS = {
     "glow": {
