@@ -946,8 +946,9 @@ PRESETS = {
 # augmentation. The small presets and all of MAF's sizes and learning rates are ours (MAF's
 # numbers are unverified, shared/PAPERS.md); MAF keeps the paper's batch norm between its MADE
 # layers (on points 10 of them, 6000 steps with the cosine decay: rings 3.126 nats, against 3.453
-# for 5 MADEs and 2000 constant-rate steps). On digits Glow takes RealNVP's logit: most pixels sit at the end levels 0 and 16, and
-# after 2000 steps the centring gives 2.52 test bits/dim where the logit gives 2.17.
+# for 5 MADEs and 2000 constant-rate steps). On digits Glow takes RealNVP's logit: most pixels
+# sit at the end levels 0 and 16, and after 2000 steps the centring gives 2.52 test bits/dim where
+# the logit gives 2.17.
 ARCH_PRESETS = {
     "glow": {
         "points": dict(steps=3000, batch_size=256, lr=1e-3, n_couplings=8, hidden=64, norm="act", l2=0.0),

@@ -777,7 +777,8 @@ def test_cosine_decay_after_the_warm_up_halves_at_mid_course_and_ends_at_zero():
     rates = [R.learning_rate(s, cfg) for s in (0, 3, 4, 6, 8, 10, 12)]
     s2 = math.sqrt(2) / 2
     assert rates == pytest.approx([2.5e-4, 1e-3, 1e-3, 1e-3 * (1 + s2) / 2, 5e-4, 1e-3 * (1 - s2) / 2, 0], abs=1e-12)
-    assert R.learning_rate(2, dataclasses.replace(cfg, warmup=0)) == pytest.approx(1e-3 * (1 + math.cos(math.pi / 6)) / 2)
+    no_warmup = dataclasses.replace(cfg, warmup=0)
+    assert R.learning_rate(2, no_warmup) == pytest.approx(1e-3 * (1 + math.cos(math.pi / 6)) / 2)
     # --decay-steps fixes the horizon whatever --steps is (a run cut short follows the same rates)
     short = dataclasses.replace(cfg, steps=6, decay_steps=12)
     assert [R.learning_rate(s, short) for s in range(6)] == [R.learning_rate(s, cfg) for s in range(6)]
