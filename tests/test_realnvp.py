@@ -771,6 +771,20 @@ def test_learning_rate_warms_up_linearly_then_stays():
     assert {R.learning_rate(s, R.Config(lr=1e-3)) for s in range(5)} == {1e-3}  # --warmup 0: constant
 
 
+def test_cosine_decay_after_the_warm_up_halves_at_mid_course_and_ends_at_zero():
+    """--decay cosine: lr (1 + cos(pi p)) / 2, p the fraction of the steps after the warm-up."""
+    cfg = R.Config(lr=1e-3, warmup=4, steps=12, decay="cosine")
+    rates = [R.learning_rate(s, cfg) for s in (0, 3, 4, 6, 8, 10, 12)]
+    s2 = math.sqrt(2) / 2
+    assert rates == pytest.approx([2.5e-4, 1e-3, 1e-3, 1e-3 * (1 + s2) / 2, 5e-4, 1e-3 * (1 - s2) / 2, 0], abs=1e-12)
+    no_warmup = dataclasses.replace(cfg, warmup=0)
+    assert R.learning_rate(2, no_warmup) == pytest.approx(1e-3 * (1 + math.cos(math.pi / 6)) / 2)
+    # --decay-steps fixes the horizon whatever --steps is (a run cut short follows the same rates)
+    short = dataclasses.replace(cfg, steps=6, decay_steps=12)
+    assert [R.learning_rate(s, short) for s in range(6)] == [R.learning_rate(s, cfg) for s in range(6)]
+    assert R.learning_rate(20, short) == 0
+
+
 # ----------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------
