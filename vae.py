@@ -776,14 +776,16 @@ class TopDownGroup(nn.Module):
         self.z_proj = _conv(zdim, width, 1, scale)
         self.block = Bottleneck(width, mid, width, res, residual=True, last_scale=scale)
 
-    def forward(self, h, a=None, temperature=1.0, generator=None):
+    def forward(self, h, a=None, temperature=1.0, generator=None, record=None):
         """-> (next state, z_l, KL(q || p) (B,) and log q(z_l) - log p(z_l) (B,), both None without
-        a: then z_l ~ N(mu_p, (t s_p)^2), temperature t)."""
+        a: then z_l ~ N(mu_p, (t s_p)^2), temperature t). `record`, a list, receives a dict of h,
+        z_l and the parameters of p and q (tests)."""
         mu_p, logvar_p, h_p = self.prior(h).split([self.zdim, self.zdim, h.shape[1]], dim=1)
         mu_p, logvar_p = _full(mu_p), _full(logvar_p)
         eps = torch.randn(mu_p.shape, generator=generator, device=mu_p.device, dtype=mu_p.dtype)
+        mu_q = logvar_q = kl = log_ratio = None
         if a is None:
-            z, kl, log_ratio = mu_p + temperature * (0.5 * logvar_p).exp() * eps, None, None
+            z = mu_p + temperature * (0.5 * logvar_p).exp() * eps
         else:
             mu_q, logvar_q = _full(self.posterior(torch.cat([h, a], dim=1))).chunk(2, dim=1)
             if self.residual:  # Vahdat & Kautz Eq. 2: q relative to p
@@ -795,6 +797,8 @@ class TopDownGroup(nn.Module):
             log_ratio = (log_normal(z.flatten(1), mu_q.flatten(1), logvar_q.flatten(1))
                          - log_normal(z.flatten(1), mu_p.flatten(1), logvar_p.flatten(1)))
             kl = kl.flatten(1).sum(1)
+        if record is not None:
+            record.append(dict(h=h, z=z, mu_p=mu_p, logvar_p=logvar_p, mu_q=mu_q, logvar_q=logvar_q))
         h = self.block(h + h_p + self.z_proj(z.to(h.dtype)))
         return h, z, kl, log_ratio
 
@@ -836,7 +840,7 @@ class HierarchicalVAE(nn.Module):
         """The top-down pass for n examples: with acts, z_l ~ q(z_l | z_<l, x); without, z_l ~ the
         prior at temperature t_l (one value for all groups or one per group). -> (the likelihood's
         parameters (n, n_params, *shape), KL per group (n, L) and log q/p (n,), both None without
-        acts). `record`, a list, receives (h_l, z_l) per group, for tests."""
+        acts). `record`, a list, receives each group's h_l, z_l and parameters (TopDownGroup)."""
         if len(temperature) not in (1, self.n_groups):
             raise ValueError(f"{len(temperature)} temperatures for {self.n_groups} groups: give 1 or {self.n_groups}")
         states, kls, log_ratio = {}, [], 0
@@ -848,10 +852,7 @@ class HierarchicalVAE(nn.Module):
             else:
                 h = states[r]
             t = temperature[l if len(temperature) > 1 else 0]
-            h_in = h
-            h, z, kl, lr = group(h, None if acts is None else acts[r], t, generator)
-            if record is not None:
-                record.append((h_in, z))
+            h, z, kl, lr = group(h, None if acts is None else acts[r], t, generator, record)
             states[r] = h
             if acts is not None:
                 kls.append(kl)
@@ -1540,6 +1541,9 @@ def draw_samples(cfg):
     g = torch.Generator(device=net.ref.device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
     if saved.arch == "hierarchical":
+        if len(cfg.temperature) not in (1, net.n_groups):
+            raise UserError(f"--temperature takes 1 value or {net.n_groups}, one per group of {cfg.sample}; got "
+                            f"{len(cfg.temperature)}")
         x = sample_top_down(net, cfg.n_samples, cfg.temperature, mean=info.kind == "image", generator=g)
     elif cfg.temperature != Config.temperature:
         raise UserError(f"--temperature scales the prior of each group of --arch hierarchical; {cfg.sample} is "
