@@ -4,7 +4,8 @@ Papers: Kingma & Welling 2013, arXiv 1312.6114 (VAE, reparameterisation, SGVB); 
 Salakhutdinov 2016, arXiv 1509.00519 (IWAE, L_k, L_5000, active units); Bowman et al. 2016, arXiv
 1511.06349 (KL annealing); Kingma et al. 2016, arXiv 1606.04934 (IAF, free bits); Germain et al.
 2015, arXiv 1502.03509 (MADE); Rezende & Mohamed 2015, arXiv 1505.05770 (planar and radial flows);
-Kim et al. 2018, arXiv 1802.02550 (SA-VAE); Salimans et al. 2017, arXiv 1701.05517 (discretized logistic).
+Kim et al. 2018, arXiv 1802.02550 (SA-VAE); Salimans et al. 2017, arXiv 1701.05517 (discretized logistic);
+Child 2021, arXiv 2011.10650 (VD-VAE); Vahdat & Kautz 2020, arXiv 2007.03898 (NVAE, residual normal).
 
 Implemented: a diagonal-Gaussian q0(z|x), N(0, I) prior, Bernoulli / Gaussian / categorical /
 discretized-logistic decoders; the ELBO (closed-form KL), L_k in chunks (k = 5000 fits), the IWAE
@@ -12,7 +13,11 @@ objective, KL warm-up, free bits, active units; `--posterior planar|radial` (flo
 the encoder per example) and `--posterior iaf` (MADE steps with the encoder's context h), whose
 bounds use the flow's density q_K; `--svi-steps K`: SA-VAE, K gradient steps on (mu, logvar) per
 example, differentiated exactly by autograd (Kim et al. use finite differences; no momentum or
-gradient clipping here). Not implemented: two stochastic layers, Sylvester and Householder flows,
+gradient clipping here); `--arch hierarchical`: VD-VAE, groups of latents at several resolutions
+formed top-down, a closed-form KL per group, gradient skipping, `--residual-posterior` (NVAE's q),
+prior samples at a temperature per group (2D points: the same blocks on 1x1 "images", i.e. MLPs).
+Not implemented: VD-VAE's mixture of 10 discretized logistics, NVAE's cells, flows and spectral
+regularisation; two stochastic layers, Sylvester and Householder flows,
 IAF with ResNet blocks (Kingma et al.'s CIFAR-10 model), SVI on flow parameters, logistic mixtures,
 free bits with a flow (its KL has no per-dimension terms; --kl-warmup keeps its latents alive).
 Data: digits, a discretized logistic over 17 levels (bits/dim = -log2 p(x) / 64); mnist, binarised
@@ -572,18 +577,18 @@ def svi_refine(log_likelihood, x, mu, logvar, steps, lr, generator=None, k=1):
 # ----------------------------------------------------------------------------------------
 # Hierarchical VAE (Child 2021, arXiv 2011.10650; Vahdat & Kautz 2020, arXiv 2007.03898)
 # ----------------------------------------------------------------------------------------
-# p(z) = prod_l p(z_l | z_<l), q(z|x) = prod_l q(z_l | z_<l, x) (Child Eqs. 2-3): a bottom-up
+# p(z) = prod_l p(z_l | z_<l), q(z|x) = prod_l q(z_l | z_<l, x) (Child 2021): a bottom-up
 # pass turns x into features a_r at every resolution r; one top-down pass then carries a state
 # h_l, from which group l forms its prior p(z_l | h_l) and, with a_r, its posterior
-# q(z_l | h_l, a_r) (bidirectional inference, Kingma et al. 2016 Sec. 3.1 as VD-VAE uses it).
+# q(z_l | h_l, a_r) (Kingma et al. 2016's bidirectional inference, as VD-VAE uses it).
 # Prior sampling is the same top-down pass with z_l drawn from the prior and no encoder at all.
 # A model here is a callable `model(x, k, generator) -> (log p(x|z) (k, B), KL per group
 # (k, B, L), log q(z|x) - log p(z) (k, B))`, HierarchicalVAE.forward; tests pass oracles.
 
 def gaussian_kl_between(mu_q, logvar_q, mu_p, logvar_p):
     """KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(logvar_p))) elementwise:
-    1/2 (log s_p^2 / s_q^2 + (s_q^2 + (mu_q - mu_p)^2) / s_p^2 - 1) (Child Sec. 3, the KL between
-    the diagonal Gaussians of each group; `gaussian_kl_per_dim` is the case mu_p = 0, s_p = 1)."""
+    1/2 (log s_p^2 / s_q^2 + (s_q^2 + (mu_q - mu_p)^2) / s_p^2 - 1) (the KL between the diagonal
+    Gaussians of each group of Child 2021; `gaussian_kl_per_dim` is the case mu_p = 0, s_p = 1)."""
     d = logvar_q - logvar_p
     # s_q^2 / s_p^2 - 1 - log(s_q^2 / s_p^2) as expm1(d) - d: exact to the last bit at q = p
     return 0.5 * ((mu_q - mu_p).pow(2) * (-logvar_p).exp() + torch.expm1(d) - d)
@@ -598,7 +603,7 @@ def residual_normal_kl(d_mu, d_logvar, logvar_p):
 
 def hierarchical_elbo(model, x, k=1, generator=None):
     """(L(x) (B,), E_q KL per group (B, L)): L = E_q[log p(x|z)] - sum_l E_q[KL(q(z_l|z_<l, x) ||
-    p(z_l|z_<l))] (Child Eq. 3; Vahdat & Kautz Eq. 1), each KL in closed form given the sampled
+    p(z_l|z_<l))] (Child 2021; Vahdat & Kautz 2020), each KL in closed form given the sampled
     z_<l, averaged over k samples."""
     log_lik, kl, _ = model(x, k, generator)
     return log_lik.mean(0) - kl.sum(-1).mean(0), kl.mean(0)
@@ -625,7 +630,7 @@ def hierarchical_loss(model, x):
 
 
 class GradientSkipping:
-    """VD-VAE's update (Child Sec. 5.3): clip the gradient norm at `clip`, and skip the update
+    """VD-VAE's update (Child 2021, gradient skipping): clip the gradient norm at `clip`, and skip the update
     altogether when the norm before clipping is at least `threshold` or not finite; a skipped step
     leaves the weights and the optimiser state as they were, and is counted (`skipped`, kept in
     the checkpoint). 0 turns either off."""
@@ -653,7 +658,7 @@ class GradientSkipping:
 
 
 def parse_blocks(spec, kind):
-    """VD-VAE's block strings (Child App. A, the authors' enc_blocks / dec_blocks): comma-separated
+    """VD-VAE's block strings (the enc_blocks / dec_blocks of openai/vdvae): comma-separated
     "RxN" (N blocks at resolution R), "R" (one), and "RdK" (encoder: one block at R, then
     average-pooling by K) or "RmS" (decoder: one group at R whose state starts from the state at
     resolution S upsampled). -> [(R, K or S or None)], one entry per block or latent group."""
@@ -719,9 +724,9 @@ def _conv(c_in, c_out, res, scale=1.0):
 
 
 class Bottleneck(nn.Module):
-    """VD-VAE's block (Child Fig. 3): GELU then 1x1, 3x3, 3x3, 1x1 convolutions through a width
+    """VD-VAE's residual bottleneck block (Child 2021): GELU then 1x1, 3x3, 3x3, 1x1 convolutions through a width
     `mid` (a quarter of the width), optionally around a residual connection; the last layer's
-    weight is scaled by `last_scale` at initialisation (1/sqrt(depth), Child Sec. 5.3; 0 for the
+    weight is scaled by `last_scale` at initialisation (1/sqrt(depth), Child 2021; 0 for the
     prior's output, which starts every group at p = N(0, I) plus its bias)."""
 
     def __init__(self, c_in, mid, c_out, res, residual=False, last_scale=1.0):
@@ -740,7 +745,7 @@ class Bottleneck(nn.Module):
 class HierarchicalEncoder(nn.Module):
     """The bottom-up pass: x (B, C, side, side) -> {r: a_r (B, width, r, r)}, the features after the
     last block at each resolution; residual bottleneck blocks, average-pooled where the block
-    string says (Child Sec. 4, Fig. 3)."""
+    string says (Child 2021)."""
 
     def __init__(self, channels, side, width, mid, blocks):
         super().__init__()
@@ -762,7 +767,7 @@ class HierarchicalEncoder(nn.Module):
 
 
 class TopDownGroup(nn.Module):
-    """One latent group of the top-down pass (Child Fig. 3, "top-down block"): from the state h,
+    """One latent group of the top-down pass (VD-VAE's "top-down block"): from the state h,
     the prior p(z_l | z_<l) = N(mu_p, s_p^2) and a residual update of h; with features a, the
     posterior q(z_l | z_<l, x) from [h, a] (NVAE's residual normal with `residual`); then
     h <- h + h_p + W z_l and a residual bottleneck block."""
@@ -863,7 +868,7 @@ class HierarchicalVAE(nn.Module):
 
     def forward(self, x, k=1, generator=None):
         """x (B, *shape) -> (log p(x|z) (k, B), KL per group (k, B, L), log q(z|x) - log p(z) (k, B)):
-        one encoder pass, k top-down passes with z ~ q (Child Eq. 3)."""
+        one encoder pass, k top-down passes with z ~ q."""
         b = x.shape[0]
         acts = {r: a.repeat(k, 1, 1, 1) for r, a in self.encode(x).items()}
         out, kl, log_ratio = self.top_down(k * b, acts, generator=generator)
@@ -873,7 +878,7 @@ class HierarchicalVAE(nn.Module):
 
 @torch.inference_mode()
 def sample_top_down(net, n, temperature=(1.0,), mean=False, generator=None):
-    """x ~ p(x|z), z_l ~ p(z_l | z_<l) at temperature t_l, top-down (Child Sec. 3): n samples
+    """x ~ p(x|z), z_l ~ p(z_l | z_<l) at temperature t_l, top-down (Child 2021): n samples
     (n, *shape); mean=True returns E[x|z]. The encoder never runs."""
     out, _, _ = net.top_down(n, None, tuple(temperature), generator)
     return net.likelihood.mean(out) if mean else net.likelihood.sample(out, generator)
@@ -1099,11 +1104,11 @@ class Config(RunConfig):
                           "example, in training and evaluation; 0: the encoder's own q")
     svi_lr: float = flag(0.02, "SA-VAE: the step size alpha of those steps (0.1 diverged on 8gaussians)")
     # --arch hierarchical (Child 2021; Vahdat & Kautz 2020); --latent is the channels of each group
-    width: int = flag(64, "hierarchical: channels of the encoder's and decoder's states")
+    width: int = flag(32, "hierarchical: channels of the encoder's and decoder's states")
     bottleneck: float = flag(0.25, "hierarchical: the bottleneck blocks' inner width as a fraction of --width")
-    enc_blocks: str = flag("8x2,8d2,4x2,4d2,2x2,2d2,1x2", "hierarchical: encoder blocks, RxN (N blocks at "
+    enc_blocks: str = flag("8x1,8d2,4x1,4d2,2x1,2d2,1x1", "hierarchical: encoder blocks, RxN (N blocks at "
                            "resolution R) or RdK (a block, then pooling by K), comma-separated (VD-VAE's strings)")
-    dec_blocks: str = flag("1x2,2m1,2x2,4m2,4x2,8m4,8x2", "hierarchical: decoder latent groups, RxN or RmS (a "
+    dec_blocks: str = flag("1x1,2m1,2x1,4m2,4x1,8m4,8x1", "hierarchical: decoder latent groups, RxN or RmS (a "
                            "group at R starting from the state at S upsampled), comma-separated")
     residual_posterior: bool = flag(False, "hierarchical: NVAE's residual normal q = N(mu_p + dmu, (s_p ds)^2)")
     grad_clip: float = flag(0.0, "hierarchical: clip the gradient norm at this value (0: off)")
@@ -1145,8 +1150,8 @@ PRESETS = {
 
 
 ARCH_PRESETS = {"hierarchical": {
-    # Ours: about 3 minutes on one CPU core; latent groups at 1, 2, 4, 8 (two per resolution).
-    "digits": dict(arch="hierarchical", width=64, latent=4, likelihood="logistic", batch_size=64, lr=1e-3,
+    # Ours: a few minutes on one CPU core; 7 latent groups at 1, 2, 4, 8 (the default block strings).
+    "digits": dict(arch="hierarchical", width=32, latent=4, likelihood="logistic", batch_size=64, lr=2e-3,
                    steps=3000, warmup=100, grad_clip=200.0, skip_threshold=400.0, adam_beta2=0.9,
                    ema_rate=0.999, log_every=100, save_every=1000),
     # VD-VAE has no MNIST model: ours, a small one on Burda et al.'s binarised MNIST (NVAE's 78.01 nats).
@@ -1154,7 +1159,7 @@ ARCH_PRESETS = {"hierarchical": {
                   enc_blocks="28x3,28d2,14x3,14d2,7x3,7d7,1x2", dec_blocks="1x1,7m1,7x2,14m7,14x3,28m14,28x3",
                   steps=200_000, warmup=100, grad_clip=200.0, skip_threshold=400.0, adam_beta2=0.9,
                   weight_decay=0.01, ema_rate=0.9999, log_every=1000, save_every=10000),
-    # VD-VAE's CIFAR-10 model (openai/vdvae hps.py "cifar10" and its defaults; Child Table 4): width
+    # VD-VAE's CIFAR-10 model (openai/vdvae hps.py "cifar10" and its defaults): width
     # 384, zdim 16, bottleneck 1/4, these block strings, AdamW lr 2e-4, betas (0.9, 0.9), weight
     # decay 0.01, 100 warm-up steps, clip 200, skip 400, EMA 0.9999, 16 images per GPU (here the
     # whole batch). Ours: one discretized logistic, not a mixture of 10; the step count.
@@ -1168,9 +1173,9 @@ ARCH_PRESETS = {"hierarchical": {
                   enc_blocks="28x3,28d2,14x3,14d2,7x3,7d7,1x2", dec_blocks="1x1,7m1,7x2,14m7,14x3,28m14,28x3",
                   steps=100_000, warmup=100, grad_clip=200.0, skip_threshold=400.0, adam_beta2=0.9,
                   ema_rate=0.999, log_every=1000, save_every=10000),
-    # Ours, 2D points: 1x1 "images", four groups of 2D latent vectors, every layer linear (the MLP variant).
-    "points": dict(arch="hierarchical", width=128, bottleneck=0.5, latent=2, likelihood="gaussian",
-                   enc_blocks="1x4", dec_blocks="1x4", batch_size=256, lr=1e-3, steps=5000, warmup=100,
+    # Ours, 2D points: 1x1 "images", three groups of 2D latent vectors, every layer linear (the MLP variant).
+    "points": dict(arch="hierarchical", width=64, bottleneck=0.5, latent=2, likelihood="gaussian",
+                   enc_blocks="1x3", dec_blocks="1x3", batch_size=256, lr=1e-3, steps=3000, warmup=100,
                    grad_clip=200.0, skip_threshold=400.0, adam_beta2=0.9, ema_rate=0.999,
                    log_every=250, save_every=2500),
 }}
@@ -1426,7 +1431,7 @@ def train(cfg):
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
         batches = Batches(ds, cfg.batch_size, run.dist, seed=cfg.seed)
         hier, parts = cfg.arch == "hierarchical", {}
-        if hier:  # VD-VAE's optimiser and stabilisers (Child Sec. 5.3, App. A)
+        if hier:  # VD-VAE's optimiser and stabilisers (Child 2021; openai/vdvae hps.py)
             opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
                                     weight_decay=cfg.weight_decay)
             parts = dict(skips=GradientSkipping(cfg.grad_clip, cfg.skip_threshold))

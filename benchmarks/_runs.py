@@ -30,6 +30,7 @@ SYSTEMS = {
     "vae --posterior planar": ("vae", ["--posterior", "planar", "--free-bits", "0", "--kl-warmup", "1000"]),
     "vae --posterior radial": ("vae", ["--posterior", "radial", "--free-bits", "0", "--kl-warmup", "1000"]),
     "vae --posterior iaf": ("vae", ["--posterior", "iaf", "--free-bits", "0", "--kl-warmup", "1000"]),
+    "vae --arch hierarchical": ("vae", ["--arch", "hierarchical"]),
     "vqvae": ("vqvae", []),
     "vqvae --levels 2": ("vqvae", ["--levels", "2"]),
     "realnvp": ("realnvp", []),
