@@ -1075,7 +1075,7 @@ class Config(RunConfig):
     steps: int = flag(2000, "training steps")
     log_every: int = flag(100, "steps between metric lines and diagnostics (KL per dimension, active units)")
     save_every: int = flag(1000, "steps between checkpoints and sample pictures")
-    latent: int = flag(16, "latent dimensions")
+    latent: int = flag(16, "latent dimensions (--arch hierarchical: channels of each group, VD-VAE's zdim)")
     arch: str = flag("mlp", "encoder/decoder network; hierarchical: VD-VAE's top-down groups of latents "
                      "(Child 2021), with its own presets", choices=("mlp", "conv", "hierarchical"))
     hidden: tuple = flag((256, 256), "MLP hidden widths, e.g. 200,200")

@@ -59,8 +59,8 @@ def test_group_kl_matches_torch_distributions(params):
 def test_group_kl_matches_monte_carlo():
     """E_q[log q(z) - log p(z)] by 200000 draws, within 4 standard errors of the closed form."""
     g = torch.Generator().manual_seed(0)
-    mu_q, lv_q = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64), torch.tensor([-0.5, 0.7, 0.0], dtype=torch.float64)
-    mu_p, lv_p = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64), torch.tensor([0.2, -0.3, 1.0], dtype=torch.float64)
+    mu_q, lv_q, mu_p, lv_p = torch.tensor([[0.3, -1.0, 2.0], [-0.5, 0.7, 0.0], [0.0, 0.5, 1.0], [0.2, -0.3, 1.0]],
+                                          dtype=torch.float64)
     z = mu_q + (0.5 * lv_q).exp() * torch.randn(200_000, 3, generator=g, dtype=torch.float64)
     log_ratio = vae.log_normal(z, mu_q, lv_q) - vae.log_normal(z, mu_p, lv_p)   # the group's sum over dims
     closed = vae.gaussian_kl_between(mu_q, lv_q, mu_p, lv_p).sum()
