@@ -12,6 +12,7 @@ benchmarks/results/vae_hierarchical_samples.png: decoder means of prior samples,
 temperature. Writes the table into benchmarks/results/vae.md (section vae-hierarchical).
 """
 import argparse
+import os
 import sys
 
 import torch
@@ -87,7 +88,8 @@ def main():
     md = (f"### Hierarchical VAE (VD-VAE, issue 24): nats per latent group on digits\n\n"
           f"`vae.py --arch hierarchical`, the digits preset ({cfg.width} channels, {len(groups(cfg))} groups of "
           f"{cfg.latent} channels at {', '.join(sorted({f'{r}x{r}' for r, _ in groups(cfg)}))}), trained "
-          f"{steps} steps at batch {cfg.batch_size}{time} (one thread). Test set ({e['n']} images): "
+          f"{steps} steps at batch {cfg.batch_size}{time} (one thread; load average {os.getloadavg()[0]:.0f} on "
+          f"{os.cpu_count()} cores when this was written, so wall times are inflated). Test set ({e['n']} images): "
           f"IWAE-{e['k']} {e['bits_per_dim']:.3f} bits/dim, ELBO {e['elbo_bits_per_dim']:.3f} bits/dim "
           f"(nll {e['nll']:.2f} ± {e['nll_se']:.2f} nats, ELBO {e['elbo']:.2f} ± {e['elbo_se']:.2f}). "
           f"KL of each group on the test set (closed form, nats per image), and per latent dimension. "
