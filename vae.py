@@ -1,10 +1,11 @@
-"""Variational autoencoders: the ELBO, the IWAE bound, flows in the posterior and semi-amortized inference.
+"""Variational autoencoders: the ELBO, the IWAE bound, flows in q, semi-amortized and hierarchical VAEs.
 
 Papers: Kingma & Welling 2013, arXiv 1312.6114 (VAE, reparameterisation, SGVB); Burda, Grosse &
 Salakhutdinov 2016, arXiv 1509.00519 (IWAE, L_k, L_5000, active units); Bowman et al. 2016, arXiv
 1511.06349 (KL annealing); Kingma et al. 2016, arXiv 1606.04934 (IAF, free bits); Germain et al.
 2015, arXiv 1502.03509 (MADE); Rezende & Mohamed 2015, arXiv 1505.05770 (planar and radial flows);
-Kim et al. 2018, arXiv 1802.02550 (SA-VAE); Salimans et al. 2017, arXiv 1701.05517 (discretized logistic).
+Kim et al. 2018, arXiv 1802.02550 (SA-VAE); Salimans et al. 2017, arXiv 1701.05517 (discretized logistic);
+Child 2021, arXiv 2011.10650 (VD-VAE); Vahdat & Kautz 2020, arXiv 2007.03898 (NVAE, residual normal).
 
 Implemented: a diagonal-Gaussian q0(z|x), N(0, I) prior, Bernoulli / Gaussian / categorical /
 discretized-logistic decoders; the ELBO (closed-form KL), L_k in chunks (k = 5000 fits), the IWAE
@@ -13,16 +14,21 @@ the encoder per example) and `--posterior iaf` (MADE steps with the encoder's co
 bounds use the flow's density q_K; `--svi-steps K`: SA-VAE, K gradient steps on (mu, logvar) per
 example, differentiated exactly by autograd (Kim et al. use finite differences), each example's
 gradients clipped to norm 5 (--svi-max-grad-norm; Kim et al.'s code clips the whole batch's, which
-would tie an example's refinement to its batch; no momentum). Not implemented: two stochastic
-layers, Sylvester and Householder flows, IAF with ResNet blocks (Kingma et al.'s CIFAR-10 model),
-SVI on flow parameters, logistic mixtures, free bits with a flow (its KL has no per-dimension
-terms; --kl-warmup keeps its latents alive).
+would tie an example's refinement to its batch; no momentum); `--arch hierarchical`: VD-VAE, groups
+of latents at several resolutions formed top-down, a closed-form KL per group, gradient skipping,
+`--residual-posterior` (NVAE's q), prior samples at a temperature per group (2D points: the same
+blocks on 1x1 "images", i.e. MLPs). Not implemented: Burda et al.'s two stochastic layers,
+Sylvester and Householder flows, IAF with ResNet blocks (Kingma et al.'s CIFAR-10 model), SVI on
+flow parameters, logistic mixtures (also VD-VAE's), free bits with a flow (its KL has no
+per-dimension terms; --kl-warmup keeps its latents alive), NVAE's cells, flows in q and spectral
+regularisation.
 Data: digits, a discretized logistic over 17 levels (bits/dim = -log2 p(x) / 64); mnist, binarised
 afresh every batch (the test set once, EVAL_BINARIZATION_SEED); 2D points, a Gaussian decoder, nats.
 
     python vae.py                                    # digits, about a minute on one CPU core
     python vae.py --posterior iaf --flow-length 4    # or planar, radial; --svi-steps 10 for SA-VAE
     python vae.py --eval runs/vae-digits/ckpt.pt     # ELBO, IWAE-5000 (and the amortization gap)
+    python vae.py --arch hierarchical                # VD-VAE on digits; --residual-posterior for NVAE's q
 
 Paper -> code
   Kingma & Welling App. B          -KL = 1/2 sum(1 + log s^2 - mu^2 - s^2)      gaussian_kl(_per_dim)
@@ -42,10 +48,18 @@ Paper -> code
   Kim et al.'s code (sa-vae)       g * min(1, c / ||g||), c = 5                 clip_norm
   Cremer et al. 2018 (1801.03558)  gap = ELBO(lambda_K) - ELBO(lambda_0)        evaluate
   Burda et al. Sec. 5              x ~ Bernoulli(level / (L - 1)) per batch     prepare
+  Child 2021 (VD-VAE)              p(z) = prod_l p(z_l|z_<l), q(z_l|z_<l, x)    HierarchicalVAE, TopDownGroup
+  Child 2021                       L = E_q log p(x|z) - sum_l E_q KL_l          hierarchical_elbo, _iwae
+  Child 2021                       KL_l, two diagonal Gaussians, closed form    gaussian_kl_between
+  Vahdat & Kautz Eq. 2             KL = (dmu^2/s_p^2 + ds^2 - log ds^2 - 1)/2   residual_normal_kl
+  Child 2021 (stabilisers)         skip |g| >= threshold; last layer / sqrt(L)  GradientSkipping, Bottleneck
+  Child 2021                       z_l ~ N(mu_p, (t_l s_p)^2) top-down          sample_top_down
 
 References (binarised MNIST, test -log p(x), nats): Burda et al. Table 1, 784-200-200-50 tanh: VAE
 86.76, IWAE (k = 50) 84.78; Rezende & Mohamed Table 2 (bound): diagonal Gaussian 89.9, planar K = 10
 / 20 / 40 / 80: 87.5 / 86.5 / 85.7 / 85.1. `--dataset mnist` is Burda et al.'s model and optimiser.
+Hierarchical (PAPERS.md): VD-VAE CIFAR-10 2.87 bits/dim with 39M parameters (`--arch hierarchical
+--dataset cifar10` builds that network, 39.1M with one logistic); NVAE CIFAR-10 2.91, binarised MNIST 78.01.
 """
 from __future__ import annotations
 
@@ -60,7 +74,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (Batches, Logger, RunConfig, Training, UserError, check_range, density_on_grid, dispatch,
-                    entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
+                    EMA, entropy_estimate, flag, get_device, load_checkpoint, load_dataset, load_weights, output_dir,
                     parse_config, report_files, save_density, save_image_grid, save_scatter, saved_config,
                     seed_everything, user_errors, wrap_ddp)
 from common import fid_evaluate  # --eval CKPT --fid N
@@ -343,6 +357,8 @@ def bits_per_dim(nats, dims):
 @torch.inference_mode()
 def sample(net, n, mean=False, generator=None):
     """x ~ p(x|z), z ~ N(0, I): n samples (n, *shape) from a VAE; mean=True returns E[x|z] instead."""
+    if isinstance(net, HierarchicalVAE):
+        return sample_top_down(net, n, mean=mean, generator=generator)
     z = torch.randn(n, net.latent_dim, generator=generator, device=net.ref.device, dtype=net.ref.dtype)
     out = net.decode(z)
     return net.likelihood.mean(out) if mean else net.likelihood.sample(out, generator)
@@ -582,6 +598,338 @@ def svi_refine(log_likelihood, x, mu, logvar, steps, lr, generator=None, k=1, ma
 
 
 # ----------------------------------------------------------------------------------------
+# Hierarchical VAE (Child 2021, arXiv 2011.10650; Vahdat & Kautz 2020, arXiv 2007.03898)
+# ----------------------------------------------------------------------------------------
+# p(z) = prod_l p(z_l | z_<l), q(z|x) = prod_l q(z_l | z_<l, x) (Child 2021): a bottom-up
+# pass turns x into features a_r at every resolution r; one top-down pass then carries a state
+# h_l, from which group l forms its prior p(z_l | h_l) and, with a_r, its posterior
+# q(z_l | h_l, a_r) (Kingma et al. 2016's bidirectional inference, as VD-VAE uses it).
+# Prior sampling is the same top-down pass with z_l drawn from the prior and no encoder at all.
+# A model here is a callable `model(x, k, generator) -> (log p(x|z) (k, B), KL per group
+# (k, B, L), log q(z|x) - log p(z) (k, B))`, HierarchicalVAE.forward; tests pass oracles.
+
+def gaussian_kl_between(mu_q, logvar_q, mu_p, logvar_p):
+    """KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(logvar_p))) elementwise:
+    1/2 (log s_p^2 / s_q^2 + (s_q^2 + (mu_q - mu_p)^2) / s_p^2 - 1) (the KL between the diagonal
+    Gaussians of each group of Child 2021; `gaussian_kl_per_dim` is the case mu_p = 0, s_p = 1)."""
+    d = logvar_q - logvar_p
+    # s_q^2 / s_p^2 - 1 - log(s_q^2 / s_p^2) as expm1(d) - d: exact to the last bit at q = p
+    return 0.5 * ((mu_q - mu_p).pow(2) * (-logvar_p).exp() + torch.expm1(d) - d)
+
+
+def residual_normal_kl(d_mu, d_logvar, logvar_p):
+    """KL(q || p) for NVAE's residual normal q = N(mu_p + dmu, (s_p ds)^2), p = N(mu_p, s_p^2)
+    (Vahdat & Kautz Eq. 2): 1/2 (dmu^2 / s_p^2 + ds^2 - log ds^2 - 1), elementwise; the encoder
+    gives (dmu, log ds^2) relative to the prior, so q = p exactly when both are 0."""
+    return 0.5 * (d_mu.pow(2) * (-logvar_p).exp() + torch.expm1(d_logvar) - d_logvar)
+
+
+def hierarchical_elbo(model, x, k=1, generator=None):
+    """(L(x) (B,), E_q KL per group (B, L)): L = E_q[log p(x|z)] - sum_l E_q[KL(q(z_l|z_<l, x) ||
+    p(z_l|z_<l))] (Child 2021; Vahdat & Kautz 2020), each KL in closed form given the sampled
+    z_<l, averaged over k samples."""
+    log_lik, kl, _ = model(x, k, generator)
+    return log_lik.mean(0) - kl.sum(-1).mean(0), kl.mean(0)
+
+
+def hierarchical_iwae(model, x, k, chunk=None, generator=None):
+    """L_k(x) = log 1/k sum_i p(x, z_i) / q(z_i|x) (Burda et al. Eq. 8) for the hierarchical model,
+    log w = log p(x|z) - (log q(z|x) - log p(z)), in chunks of samples as `iwae_bound`. -> (B,)."""
+    chunk = k if chunk is None else chunk
+    partial = []
+    for start in range(0, k, chunk):
+        log_lik, _, log_ratio = model(x, min(chunk, k - start), generator)
+        partial.append(torch.logsumexp(log_lik - log_ratio, dim=0))
+    return torch.logsumexp(torch.stack(partial), dim=0) - math.log(k)
+
+
+def hierarchical_loss(model, x):
+    """-L(x) / dims averaged over the batch (VD-VAE trains on nats per dimension, the scale its
+    gradient-norm thresholds refer to), and detached statistics: the ELBO and the KL in nats."""
+    log_lik, kl, _ = model(x)
+    rec, kl = log_lik.mean(), kl.sum(-1).mean()
+    elbo = rec - kl
+    return -elbo / x[0].numel(), {"elbo": elbo.detach(), "kl": kl.detach(), "recon": rec.detach()}
+
+
+class GradientSkipping:
+    """VD-VAE's update (Child 2021, gradient skipping): clip the gradient norm at `clip`, and skip the update
+    altogether when the norm before clipping is at least `threshold` or not finite; a skipped step
+    leaves the weights and the optimiser state as they were, and is counted (`skipped`, kept in
+    the checkpoint). 0 turns either off."""
+
+    def __init__(self, clip=0.0, threshold=0.0):
+        self.clip, self.threshold, self.skipped = clip, threshold, 0
+
+    def step(self, params, opt):
+        """opt.step() unless skipped; -> {"grad_norm", "skipped": 1.0 or 0.0} for the log."""
+        params = [p for p in params if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else math.inf).item()
+        skip = not math.isfinite(norm) or 0 < self.threshold <= norm
+        if skip:
+            self.skipped += 1
+            opt.zero_grad(set_to_none=True)
+        else:
+            opt.step()
+        return {"grad_norm": norm, "skipped": float(skip)}
+
+    def state_dict(self):
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state):
+        self.skipped = state["skipped"]
+
+
+def parse_blocks(spec, kind):
+    """VD-VAE's block strings (the enc_blocks / dec_blocks of openai/vdvae): comma-separated
+    "RxN" (N blocks at resolution R), "R" (one), and "RdK" (encoder: one block at R, then
+    average-pooling by K) or "RmS" (decoder: one group at R whose state starts from the state at
+    resolution S upsampled). -> [(R, K or S or None)], one entry per block or latent group."""
+    tag = {"encoder": "d", "decoder": "m"}[kind]
+    blocks = []
+    for item in spec.split(","):
+        item = item.strip()
+        try:
+            if "x" in item:
+                res, n = map(int, item.split("x"))
+                if n < 1:
+                    raise ValueError
+                blocks += [(res, None)] * n
+            elif tag in item:
+                res, other = map(int, item.split(tag))
+                blocks.append((res, other))
+            else:
+                blocks.append((int(item), None))
+        except ValueError:
+            raise ValueError(f"{item!r} is not RxN, R or R{tag}K with positive integers") from None
+    if not blocks or any(r < 1 or (o is not None and o < 1) for r, o in blocks):
+        raise ValueError(f"{spec!r}: resolutions and counts must be positive integers")
+    return blocks
+
+
+def check_blocks(enc, dec, side):
+    """That the block strings fit an image of side `side` (1 for points): the encoder starts at the
+    side and pools by rates that divide; the decoder ends at the side, reads features at
+    resolutions the encoder has, and upsamples from a lower resolution it has already reached
+    by an integer factor. ValueError otherwise."""
+    res, have = side, {side}
+    for r, down in enc:
+        if r != res:
+            raise ValueError(f"encoder block at {r} follows resolution {res}")
+        if down is not None:
+            if res % down:
+                raise ValueError(f"pooling {res} by {down} does not divide")
+            res //= down
+            have.add(res)
+    seen = set()
+    for r, mixin in dec:
+        if r not in have:
+            raise ValueError(f"decoder group at {r}: the encoder has no features there (it has {sorted(have)})")
+        if mixin is not None and (mixin not in seen or mixin >= r or r % mixin):
+            raise ValueError(f"decoder group {r}m{mixin} needs the lower resolution {mixin}, reached before "
+                             f"and dividing {r}")
+        if seen and r not in seen and mixin is None:
+            raise ValueError(f"decoder reaches resolution {r} without RmS saying where its state comes from")
+        seen.add(r)
+    if dec[-1][0] != side:
+        raise ValueError(f"the decoder ends at {dec[-1][0]}, not at the data's side {side}")
+
+
+def _conv(c_in, c_out, res, scale=1.0):
+    """A 3x3 convolution above resolution 2, else a 1x1 (a linear map per position: at resolution 1,
+    the MLP variant used for 2D points); the weight scaled by `scale` at initialisation."""
+    conv = nn.Conv2d(c_in, c_out, 3 if res > 2 else 1, padding=1 if res > 2 else 0)
+    with torch.no_grad():
+        conv.weight.mul_(scale)
+        if scale == 0:
+            conv.bias.zero_()
+    return conv
+
+
+class Bottleneck(nn.Module):
+    """VD-VAE's residual bottleneck block (Child 2021): GELU then 1x1, 3x3, 3x3, 1x1 convolutions through a width
+    `mid` (a quarter of the width), optionally around a residual connection; the last layer's
+    weight is scaled by `last_scale` at initialisation (1/sqrt(depth), Child 2021; 0 for the
+    prior's output, which starts every group at p = N(0, I) plus its bias)."""
+
+    def __init__(self, c_in, mid, c_out, res, residual=False, last_scale=1.0):
+        super().__init__()
+        self.residual = residual
+        self.layers = nn.ModuleList([nn.Conv2d(c_in, mid, 1), _conv(mid, mid, res), _conv(mid, mid, res),
+                                     _conv(mid, c_out, 1, last_scale)])
+
+    def forward(self, x):
+        h = x
+        for layer in self.layers:
+            h = layer(F.gelu(h))
+        return x + h if self.residual else h
+
+
+class HierarchicalEncoder(nn.Module):
+    """The bottom-up pass: x (B, C, side, side) -> {r: a_r (B, width, r, r)}, the features after the
+    last block at each resolution; residual bottleneck blocks, average-pooled where the block
+    string says (Child 2021)."""
+
+    def __init__(self, channels, side, width, mid, blocks):
+        super().__init__()
+        self.blocks_spec = blocks
+        self.stem = _conv(channels, width, side)
+        scale = 1 / math.sqrt(len(blocks))
+        self.blocks = nn.ModuleList(Bottleneck(width, mid, width, r, residual=True, last_scale=scale)
+                                    for r, _ in blocks)
+
+    def forward(self, x):
+        h = self.stem(x)
+        acts = {h.shape[-1]: h}
+        for block, (_, down) in zip(self.blocks, self.blocks_spec):
+            h = block(h)
+            if down is not None:
+                h = F.avg_pool2d(h, down)
+            acts[h.shape[-1]] = h
+        return acts
+
+
+class TopDownGroup(nn.Module):
+    """One latent group of the top-down pass (VD-VAE's "top-down block"): from the state h,
+    the prior p(z_l | z_<l) = N(mu_p, s_p^2) and a residual update of h; with features a, the
+    posterior q(z_l | z_<l, x) from [h, a] (NVAE's residual normal with `residual`); then
+    h <- h + h_p + W z_l and a residual bottleneck block."""
+
+    def __init__(self, width, mid, zdim, res, depth, residual):
+        super().__init__()
+        self.zdim, self.residual = zdim, residual
+        scale = 1 / math.sqrt(depth)
+        self.prior = Bottleneck(width, mid, 2 * zdim + width, res, last_scale=0.0)
+        self.posterior = Bottleneck(2 * width, mid, 2 * zdim, res)
+        self.z_proj = _conv(zdim, width, 1, scale)
+        self.block = Bottleneck(width, mid, width, res, residual=True, last_scale=scale)
+
+    def forward(self, h, a=None, temperature=1.0, generator=None, record=None):
+        """-> (next state, z_l, KL(q || p) (B,) and log q(z_l) - log p(z_l) (B,), both None without
+        a: then z_l ~ N(mu_p, (t s_p)^2), temperature t). `record`, a list, receives a dict of h,
+        z_l and the parameters of p and q (tests)."""
+        mu_p, logvar_p, h_p = self.prior(h).split([self.zdim, self.zdim, h.shape[1]], dim=1)
+        mu_p, logvar_p = _full(mu_p), _full(logvar_p)
+        eps = torch.randn(mu_p.shape, generator=generator, device=mu_p.device, dtype=mu_p.dtype)
+        mu_q = logvar_q = kl = log_ratio = None
+        if a is None:
+            z = mu_p + temperature * (0.5 * logvar_p).exp() * eps
+        else:
+            mu_q, logvar_q = _full(self.posterior(torch.cat([h, a], dim=1))).chunk(2, dim=1)
+            if self.residual:  # Vahdat & Kautz Eq. 2: q relative to p
+                kl = residual_normal_kl(mu_q, logvar_q, logvar_p)
+                mu_q, logvar_q = mu_p + mu_q, logvar_p + logvar_q
+            else:
+                kl = gaussian_kl_between(mu_q, logvar_q, mu_p, logvar_p)
+            z = mu_q + (0.5 * logvar_q).exp() * eps
+            log_ratio = (log_normal(z.flatten(1), mu_q.flatten(1), logvar_q.flatten(1))
+                         - log_normal(z.flatten(1), mu_p.flatten(1), logvar_p.flatten(1)))
+            kl = kl.flatten(1).sum(1)
+        if record is not None:
+            record.append(dict(h=h, z=z, mu_p=mu_p, logvar_p=logvar_p, mu_q=mu_q, logvar_q=logvar_q))
+        h = self.block(h + h_p + self.z_proj(z.to(h.dtype)))
+        return h, z, kl, log_ratio
+
+
+class HierarchicalVAE(nn.Module):
+    """The top-down VAE of Child 2021 (VD-VAE): an encoder pass, a decoder of latent groups at the
+    resolutions of `dec_blocks` starting from learned states, and the likelihood's parameters from
+    the last state by a 1x1 convolution. 2D points are 2-channel 1x1 images, so every layer is a
+    linear map per group of latent vectors (the MLP variant). `forward(x, k)` is what the bounds
+    take; `top_down` draws from the prior without the encoder."""
+
+    def __init__(self, shape, likelihood, width, enc_blocks, dec_blocks, zdim, bottleneck=0.25,
+                 residual=False, in_scale=1.0, centre=True):
+        super().__init__()
+        self.data_shape = tuple(shape)
+        c, side = (shape[0], shape[-1]) if len(shape) == 3 else (shape[0], 1)
+        enc, dec = parse_blocks(enc_blocks, "encoder"), parse_blocks(dec_blocks, "decoder")
+        check_blocks(enc, dec, side)
+        self.likelihood, self.channels, self.side, self.in_scale, self.centre = likelihood, c, side, in_scale, centre
+        mid = max(1, int(width * bottleneck))
+        self.encoder = HierarchicalEncoder(c, side, width, mid, enc)
+        self.dec_spec = dec
+        self.groups = nn.ModuleList(TopDownGroup(width, mid, zdim, r, len(dec), residual) for r, _ in dec)
+        self.start = nn.ParameterDict({str(r): nn.Parameter(torch.zeros(1, width, r, r)) for r in {r for r, _ in dec}})
+        self.gain, self.bias = nn.Parameter(torch.ones(1, width, 1, 1)), nn.Parameter(torch.zeros(1, width, 1, 1))
+        self.out = nn.Conv2d(width, likelihood.n_params * c, 1)
+        self.register_buffer("ref", torch.zeros(()), persistent=False)
+
+    @property
+    def n_groups(self):
+        return len(self.groups)
+
+    def encode(self, x):
+        """The bottom-up features {r: a_r} of x (B, *shape), the input centred on [-1, 1] for images."""
+        x = x.to(self.out.weight.dtype).reshape(x.shape[0], self.channels, self.side, self.side) * self.in_scale
+        return self.encoder(2 * x - 1 if self.centre else x)
+
+    def top_down(self, n, acts=None, temperature=(1.0,), generator=None, record=None):
+        """The top-down pass for n examples: with acts, z_l ~ q(z_l | z_<l, x); without, z_l ~ the
+        prior at temperature t_l (one value for all groups or one per group). -> (the likelihood's
+        parameters (n, n_params, *shape), KL per group (n, L) and log q/p (n,), both None without
+        acts). `record`, a list, receives each group's h_l, z_l and parameters (TopDownGroup)."""
+        if len(temperature) not in (1, self.n_groups):
+            raise ValueError(f"{len(temperature)} temperatures for {self.n_groups} groups: give 1 or {self.n_groups}")
+        states, kls, log_ratio = {}, [], 0
+        for l, (group, (r, mixin)) in enumerate(zip(self.groups, self.dec_spec)):
+            if r not in states:
+                h = self.start[str(r)].expand(n, -1, -1, -1)
+                if mixin is not None:
+                    h = h + F.interpolate(states[mixin], scale_factor=r // mixin, mode="nearest")
+            else:
+                h = states[r]
+            t = temperature[l if len(temperature) > 1 else 0]
+            h, z, kl, lr = group(h, None if acts is None else acts[r], t, generator, record)
+            states[r] = h
+            if acts is not None:
+                kls.append(kl)
+                log_ratio = log_ratio + lr
+        out = _full(self.out(states[self.side] * self.gain + self.bias))
+        out = out.view(n, self.likelihood.n_params, *self.data_shape)
+        return (out, None, None) if acts is None else (out, torch.stack(kls, -1), log_ratio)
+
+    def forward(self, x, k=1, generator=None):
+        """x (B, *shape) -> (log p(x|z) (k, B), KL per group (k, B, L), log q(z|x) - log p(z) (k, B)):
+        one encoder pass, k top-down passes with z ~ q."""
+        b = x.shape[0]
+        acts = {r: a.repeat(k, 1, 1, 1) for r, a in self.encode(x).items()}
+        out, kl, log_ratio = self.top_down(k * b, acts, generator=generator)
+        log_lik = self.likelihood.log_prob(x.repeat(k, *[1] * (x.dim() - 1)), out)
+        return log_lik.view(k, b), kl.view(k, b, -1), log_ratio.view(k, b)
+
+
+@torch.inference_mode()
+def sample_top_down(net, n, temperature=(1.0,), mean=False, generator=None):
+    """x ~ p(x|z), z_l ~ p(z_l | z_<l) at temperature t_l, top-down (Child 2021): n samples
+    (n, *shape); mean=True returns E[x|z]. The encoder never runs."""
+    out, _, _ = net.top_down(n, None, tuple(temperature), generator)
+    return net.likelihood.mean(out) if mean else net.likelihood.sample(out, generator)
+
+
+def hierarchical_dataset_bounds(net, x, k, rows):
+    """(ELBO, L_k, KL per group) per example of x (float64, CPU), as `dataset_bounds`."""
+    b = max(1, min(len(x), rows // min(k, rows)))
+    chunk = max(1, rows // b)
+    elbos, bounds, kls = [], [], []
+    for xb in x.split(b):
+        e, kl = hierarchical_elbo(net, xb)
+        elbos.append(e.double().cpu())
+        kls.append(kl.double().cpu())
+        bounds.append(hierarchical_iwae(net, xb, k, chunk=chunk).double().cpu())
+    return torch.cat(elbos), torch.cat(bounds), torch.cat(kls)
+
+
+@torch.no_grad()
+def hierarchical_diagnostics(net, x):
+    """The KL of each group in nats (mean over the fixed batch x): how much each layer carries."""
+    _, kl = hierarchical_elbo(net, x)
+    kl = kl.mean(0)
+    return {"kl": kl.sum().item(), "kl_per_group": [round(v, 4) for v in kl.tolist()]}
+
+
+
+# ----------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------
 
@@ -753,8 +1101,9 @@ class Config(RunConfig):
     steps: int = flag(2000, "training steps")
     log_every: int = flag(100, "steps between metric lines and diagnostics (KL per dimension, active units)")
     save_every: int = flag(1000, "steps between checkpoints and sample pictures")
-    latent: int = flag(16, "latent dimensions")
-    arch: str = flag("mlp", "encoder/decoder network", choices=("mlp", "conv"))
+    latent: int = flag(16, "latent dimensions (--arch hierarchical: channels of each group, VD-VAE's zdim)")
+    arch: str = flag("mlp", "encoder/decoder network; hierarchical: VD-VAE's top-down groups of latents "
+                     "(Child 2021), with its own presets", choices=("mlp", "conv", "hierarchical"))
     hidden: tuple = flag((256, 256), "MLP hidden widths, e.g. 200,200")
     channels: tuple = flag((64, 128, 256), "conv channels, one stride-2 layer each")
     activation: str = flag("relu", "hidden non-linearity", choices=("relu", "tanh", "elu", "silu"))
@@ -782,6 +1131,23 @@ class Config(RunConfig):
     svi_lr: float = flag(0.02, "SA-VAE: the step size alpha of those steps")
     svi_max_grad_norm: float = flag(5.0, "SA-VAE: each example's gradient with respect to mu, and to logvar, "
                                     "clipped to this norm before the step (Kim et al.'s code: 5); 0: no clipping")
+    # --arch hierarchical (Child 2021; Vahdat & Kautz 2020); --latent is the channels of each group
+    width: int = flag(32, "hierarchical: channels of the encoder's and decoder's states")
+    bottleneck: float = flag(0.25, "hierarchical: the bottleneck blocks' inner width as a fraction of --width")
+    enc_blocks: str = flag("8x1,8d2,4x1,4d2,2x1,2d2,1x1", "hierarchical: encoder blocks, RxN (N blocks at "
+                           "resolution R) or RdK (a block, then pooling by K), comma-separated (VD-VAE's strings)")
+    dec_blocks: str = flag("1x1,2m1,2x1,4m2,4x1,8m4,8x1", "hierarchical: decoder latent groups, RxN or RmS (a "
+                           "group at R starting from the state at S upsampled), comma-separated")
+    residual_posterior: bool = flag(False, "hierarchical: NVAE's residual normal q = N(mu_p + dmu, (s_p ds)^2)")
+    grad_clip: float = flag(0.0, "hierarchical: clip the gradient norm at this value (0: off)")
+    skip_threshold: float = flag(0.0, "hierarchical: skip (and count) an update whose gradient norm before "
+                                 "clipping is at least this (0: off)")
+    warmup: int = flag(0, "hierarchical: steps of linear learning-rate warm-up")
+    weight_decay: float = flag(0.0, "hierarchical: AdamW's decoupled weight decay")
+    adam_beta2: float = flag(0.999, "hierarchical: Adam's beta2")
+    ema_rate: float = flag(0.0, "hierarchical: EMA of the weights used for --eval and --sample (0: off)")
+    temperature: tuple = flag((1.0,), "hierarchical --sample: prior temperature, one for every group or one "
+                              "per group, e.g. 1,1,0.8")
 
 
 PRESETS = {
@@ -820,6 +1186,41 @@ PRESETS = {
 }
 
 
+ARCH_PRESETS = {"hierarchical": {
+    # Ours: a few minutes on one CPU core; 7 latent groups at 1, 2, 4, 8 (the default block strings).
+    "digits": dict(arch="hierarchical", width=32, latent=4, likelihood="logistic", batch_size=64, lr=2e-3,
+                   steps=3000, warmup=100, grad_clip=200.0, skip_threshold=400.0, adam_beta2=0.9,
+                   ema_rate=0.999, log_every=100, save_every=1000),
+    "digits-binary": dict(arch="hierarchical", width=32, latent=4, likelihood="bernoulli", batch_size=64, lr=2e-3,
+                          steps=3000, warmup=100, grad_clip=200.0, skip_threshold=400.0, adam_beta2=0.9,
+                          ema_rate=0.999, log_every=100, save_every=1000),
+    # VD-VAE has no MNIST model: ours, a small one on Burda et al.'s binarised MNIST (NVAE's 78.01 nats).
+    "mnist": dict(arch="hierarchical", width=128, latent=8, likelihood="bernoulli", batch_size=64, lr=5e-4,
+                  enc_blocks="28x3,28d2,14x3,14d2,7x3,7d7,1x2", dec_blocks="1x1,7m1,7x2,14m7,14x3,28m14,28x3",
+                  steps=200_000, warmup=100, grad_clip=200.0, skip_threshold=400.0, adam_beta2=0.9,
+                  weight_decay=0.01, ema_rate=0.9999, log_every=1000, save_every=10000),
+    # VD-VAE's CIFAR-10 model (openai/vdvae hps.py "cifar10" and its defaults): width
+    # 384, zdim 16, bottleneck 1/4, these block strings, AdamW lr 2e-4, betas (0.9, 0.9), weight
+    # decay 0.01, 100 warm-up steps, clip 200, skip 400, EMA 0.9999, 16 images per GPU (here the
+    # whole batch). Ours: one discretized logistic, not a mixture of 10; the step count.
+    "cifar10": dict(arch="hierarchical", width=384, latent=16, likelihood="logistic", batch_size=16, lr=2e-4,
+                    enc_blocks="32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3",
+                    dec_blocks="1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21",
+                    steps=1_000_000, warmup=100, grad_clip=200.0, skip_threshold=400.0, adam_beta2=0.9,
+                    weight_decay=0.01, ema_rate=0.9999, log_every=1000, save_every=10000),
+    # Other 28x28 sets (fashion-mnist): the mnist network with the discretized logistic.
+    "image": dict(arch="hierarchical", width=128, latent=8, likelihood="logistic", batch_size=64, lr=5e-4,
+                  enc_blocks="28x3,28d2,14x3,14d2,7x3,7d7,1x2", dec_blocks="1x1,7m1,7x2,14m7,14x3,28m14,28x3",
+                  steps=100_000, warmup=100, grad_clip=200.0, skip_threshold=400.0, adam_beta2=0.9,
+                  ema_rate=0.999, log_every=1000, save_every=10000),
+    # Ours, 2D points: 1x1 "images", three groups of 2D latent vectors, every layer linear (the MLP variant).
+    "points": dict(arch="hierarchical", width=64, bottleneck=0.5, latent=2, likelihood="gaussian",
+                   enc_blocks="1x3", dec_blocks="1x3", batch_size=256, lr=1e-3, steps=3000, warmup=100,
+                   grad_clip=200.0, skip_threshold=400.0, adam_beta2=0.9, ema_rate=0.999,
+                   log_every=250, save_every=2500),
+}}
+
+
 def check_config(cfg):
     """The flags' values that their types let through; what depends on the data (the likelihood
     against the kind of data, the image side against --channels) is checked in build."""
@@ -837,6 +1238,7 @@ def check_config(cfg):
     check_range(cfg, "svi_steps", 0)
     check_range(cfg, "svi_lr", 0, open_low=True)
     check_range(cfg, "svi_max_grad_norm", 0)
+    check_hierarchical(cfg)
     if cfg.eval or cfg.sample:  # the checkpoint's own configuration decides the rest
         return
     if cfg.objective == "iwae" and (cfg.kl_warmup or cfg.free_bits):
@@ -855,6 +1257,47 @@ def check_config(cfg):
     if cfg.svi_steps and cfg.compile:
         raise UserError("--svi-steps differentiates through gradient steps inside the forward pass, which "
                         "torch.compile does not support; drop --compile")
+
+
+HIERARCHICAL_FLAGS = ("width", "bottleneck", "enc_blocks", "dec_blocks", "residual_posterior", "grad_clip",
+                      "skip_threshold", "warmup", "weight_decay", "adam_beta2", "ema_rate")
+
+
+def check_hierarchical(cfg):
+    """The --arch hierarchical flags: their ranges, the block strings' syntax (their fit to the
+    data is checked in build), and the flags of the other systems that do not combine with it."""
+    check_range(cfg, "width", 1)
+    check_range(cfg, "bottleneck", 0, 1, open_low=True)
+    for name in ("grad_clip", "skip_threshold", "warmup", "weight_decay"):
+        check_range(cfg, name, 0)
+    check_range(cfg, "ema_rate", 0, 1, open_high=True)
+    check_range(cfg, "adam_beta2", 0, 1, open_high=True)
+    if not cfg.temperature or any(not t >= 0 for t in cfg.temperature):
+        raise UserError(f"--temperature {','.join(map(str, cfg.temperature))}: accepted: values >= 0, one for "
+                        "every group or one per group, e.g. 1 or 1,1,0.8")
+    for name, kind in (("enc_blocks", "encoder"), ("dec_blocks", "decoder")):
+        try:
+            parse_blocks(getattr(cfg, name), kind)
+        except ValueError as e:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: {e}; accepted: e.g. "
+                            f"{Config.enc_blocks if kind == 'encoder' else Config.dec_blocks}") from None
+    if cfg.eval or cfg.sample:
+        return
+    if cfg.arch != "hierarchical":
+        changed = [f"--{n.replace('_', '-')}" for n in HIERARCHICAL_FLAGS if getattr(cfg, n) != getattr(Config, n)]
+        if changed:
+            raise UserError(f"{' '.join(changed)} configure the hierarchical VAE; accepted with them: --arch "
+                            "hierarchical")
+        return
+    others = [f for f, on in (("--posterior " + cfg.posterior, cfg.posterior != "gaussian"),
+                              (f"--svi-steps {cfg.svi_steps}", cfg.svi_steps > 0),
+                              ("--objective iwae", cfg.objective != "elbo"), (f"--k {cfg.k}", cfg.k != 1),
+                              (f"--free-bits {cfg.free_bits}", cfg.free_bits > 0),
+                              (f"--kl-warmup {cfg.kl_warmup}", cfg.kl_warmup > 0),
+                              ("--lr-schedule burda", cfg.lr_schedule != "constant")) if on]
+    if others:
+        raise UserError(f"--arch hierarchical trains on its ELBO with a Gaussian q per group; {' '.join(others)} "
+                        "belong to the one-layer VAE (accepted: their defaults; --residual-posterior for NVAE's q)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -982,6 +1425,13 @@ def build(cfg, info):
                         "bernoulli, categorical or logistic for images")
     likelihood = make_likelihood(name, info)
     in_scale = 1.0 if likelihood.levels is None else 1.0 / (likelihood.levels - 1)
+    if cfg.arch == "hierarchical":
+        try:
+            return HierarchicalVAE(info.shape, likelihood, cfg.width, cfg.enc_blocks, cfg.dec_blocks, cfg.latent,
+                                   cfg.bottleneck, cfg.residual_posterior, in_scale, centre=info.kind == "image")
+        except ValueError as e:
+            raise UserError(f"--enc-blocks {cfg.enc_blocks} --dec-blocks {cfg.dec_blocks} do not fit {info.name} "
+                            f"(shape {list(info.shape)}; points count as 1x1): {e}") from None
     flow = make_flow(cfg)
     extra = 0 if flow is None else flow.n_context
     if cfg.arch == "conv":
@@ -1012,42 +1462,65 @@ def make_flow(cfg):
 def train(cfg):
     """Adam on the negative ELBO (Kingma & Welling Eq. 10; Rezende & Mohamed Eq. 15 with a flow;
     at the refined lambda_K with SA-VAE, Kim et al. Alg. 1) or the IWAE objective (Burda et al.
-    Eq. 8), with KL warm-up and free bits; under torchrun every process trains on its slice of the
-    global batch (DDP)."""
+    Eq. 8), with KL warm-up and free bits; --arch hierarchical: AdamW on its ELBO per dimension with
+    learning-rate warm-up, gradient clipping and skipping and an EMA of the weights (VD-VAE); under
+    torchrun every process trains on its slice of the global batch (DDP)."""
     with Training(cfg, MODEL) as run:
         ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
         info = ds.info
         seed_everything(cfg.seed)  # the same initial weights on every process
         net = build(cfg, info).to(run.device)
-        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
         batches = Batches(ds, cfg.batch_size, run.dist, seed=cfg.seed)
-        step = run.start(info, model=net, opt=opt, batches=batches)
+        hier, parts = cfg.arch == "hierarchical", {}
+        if hier:  # VD-VAE's optimiser and stabilisers (Child 2021; openai/vdvae hps.py)
+            opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
+                                    weight_decay=cfg.weight_decay)
+            parts = dict(skips=GradientSkipping(cfg.grad_clip, cfg.skip_threshold))
+            if cfg.ema_rate:
+                parts["ema"] = EMA(net, cfg.ema_rate)
+        else:
+            opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+        step = run.start(info, model=net, opt=opt, batches=batches, **parts)
         model = wrap_ddp(net, run.dist, cfg.compile)
+        shown = parts["ema"].model if "ema" in parts else net  # the weights --eval and --sample use
         # A fixed batch for the diagnostics and the final pictures, binarised once with a fixed seed.
         fixed = prepare(ds.data[:DIAGNOSTIC_BATCH], info, net.likelihood,
                         torch.Generator().manual_seed(EVAL_BINARIZATION_SEED)).to(run.device)
         bound = "iwae_bound" if cfg.objective == "iwae" else "elbo"
 
         def samples(step):
-            save_samples(net, run.out / f"samples_{step}.png", info, cfg.n_samples, cfg.seed)
+            save_samples(shown, run.out / f"samples_{step}.png", info, cfg.n_samples, cfg.seed)
 
         for step in run.steps(step, samples):
             x = prepare(next(batches)[0], info, net.likelihood)
             lr = burda_lr(step, len(ds.data) / cfg.batch_size, cfg.lr) if cfg.lr_schedule == "burda" else cfg.lr
+            lr = lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else lr
             for group in opt.param_groups:
                 group["lr"] = lr
             with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                loss, stats = training_loss(model, x, cfg.objective, cfg.k, kl_weight(step, cfg.kl_warmup),
-                                            cfg.free_bits)
+                if hier:
+                    loss, stats = hierarchical_loss(model, x)
+                else:
+                    loss, stats = training_loss(model, x, cfg.objective, cfg.k, kl_weight(step, cfg.kl_warmup),
+                                                cfg.free_bits)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            if hier:
+                stats.update(parts["skips"].step(net.parameters(), opt))
+                if "ema" in parts and not stats["skipped"]:
+                    parts["ema"].update(net)
+            else:
+                opt.step()
             if info.kind == "image":  # the training bound (ELBO or L_k) in bits/dim
                 stats["bound_bits_per_dim"] = bits_per_dim(-stats[bound], info.dims)
             run.log(loss=loss.detach(), **stats)
             if run.dist.is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-                run.logger.event("diagnostics", at_step=step + 1, **diagnostics(net, fixed))
-        run.draw(save_final_pictures, net, run.out, info, fixed)
+                run.logger.event("diagnostics", at_step=step + 1,
+                                 **(hierarchical_diagnostics(shown, fixed) if hier else diagnostics(net, fixed)))
+                if hier:
+                    run.logger.event("skipped", at_step=step + 1, total=parts["skips"].skipped)
+        if not hier:
+            run.draw(save_final_pictures, net, run.out, info, fixed)
     run.report(["ckpt.pt", f"samples_{run.step}.png", "recon.png", "interp.png", "latent.png", "metrics.jsonl",
                 "loss.png"])
 
@@ -1065,10 +1538,14 @@ def evaluate(cfg):
     x = prepare(ds.data, info, net.likelihood, torch.Generator().manual_seed(EVAL_BINARIZATION_SEED))
     x = x.to(net.ref.device)
     torch.manual_seed(cfg.seed)
-    rows = 2 ** 16 if saved.arch == "mlp" else 2 ** 9
+    hier = saved.arch == "hierarchical"
+    rows = 2 ** 16 if saved.arch == "mlp" or (hier and info.kind == "points") else 2 ** 9
     t0 = time.perf_counter()
     with torch.no_grad():  # not inference_mode: SA-VAE's steps take gradients (svi_refine)
-        elbos, bounds = dataset_bounds(net, x, cfg.k_eval, rows)
+        if hier:
+            elbos, bounds, group_kl = hierarchical_dataset_bounds(net, x, cfg.k_eval, rows)
+        else:
+            elbos, bounds = dataset_bounds(net, x, cfg.k_eval, rows)
         if saved.svi_steps:
             refined = elbos
             amortized = functools.partial(net, svi_steps=0)  # the encoder's lambda_0
@@ -1077,6 +1554,8 @@ def evaluate(cfg):
     fields = {"dataset": info.name, "k": cfg.k_eval, "n": n,
               "nll": -bounds.mean().item(), "nll_se": bounds.std().item() / math.sqrt(n),
               "elbo": elbos.mean().item(), "elbo_se": elbos.std().item() / math.sqrt(n)}
+    if hier:
+        fields["kl_per_group"] = group_kl.mean(0).tolist()
     if saved.svi_steps:
         gap = refined - elbos
         fields.update(svi_elbo=refined.mean().item(), svi_elbo_se=refined.std().item() / math.sqrt(n),
@@ -1087,7 +1566,9 @@ def evaluate(cfg):
     else:
         if ds.log_prob is not None:
             fields["true_entropy"], fields["true_entropy_se"] = entropy_estimate(info.name)
-        grid = density_on_grid(iwae_log_density(net, cfg.k_density, rows), info.lim, n=128,
+        log_density = (torch.no_grad()(lambda pts: hierarchical_iwae(net, pts.to(net.ref), cfg.k_density))
+                       if hier else iwae_log_density(net, cfg.k_density, rows))
+        grid = density_on_grid(log_density, info.lim, n=128,
                                chunk=max(1, rows // cfg.k_density))
         np.savez(out / "density.npz", log_density=grid, lim=info.lim)
         truth = density_on_grid(ds.log_prob, info.lim) if ds.log_prob else ds.data
@@ -1109,7 +1590,16 @@ def draw_samples(cfg):
     out = output_dir(cfg, cfg.sample)
     g = torch.Generator(device=net.ref.device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    x = sample(net, cfg.n_samples, mean=info.kind == "image", generator=g)
+    if saved.arch == "hierarchical":
+        if len(cfg.temperature) not in (1, net.n_groups):
+            raise UserError(f"--temperature takes 1 value or {net.n_groups}, one per group of {cfg.sample}; got "
+                            f"{len(cfg.temperature)}")
+        x = sample_top_down(net, cfg.n_samples, cfg.temperature, mean=info.kind == "image", generator=g)
+    elif cfg.temperature != Config.temperature:
+        raise UserError(f"--temperature scales the prior of each group of --arch hierarchical; {cfg.sample} is "
+                        f"--arch {saved.arch}")
+    else:
+        x = sample(net, cfg.n_samples, mean=info.kind == "image", generator=g)
     seconds = time.perf_counter() - t0
     if info.kind == "points":
         save_scatter(x.cpu(), out / "samples.png", lim=info.lim, title="VAE samples")
@@ -1128,14 +1618,14 @@ def load(path, device="cpu"):
     ckpt = load_checkpoint(path, MODEL)
     cfg, info = saved_config(Config, ckpt)
     net = build(cfg, info)
-    load_weights(net, ckpt["model"], path)
+    load_weights(net, ckpt["ema"]["model"] if "ema" in ckpt else ckpt["model"], path)
     return net.to(device).eval(), cfg, info
 
 
 def main(argv=None):
     """Train (default), or --eval CKPT, or --sample CKPT; a user's mistake exits with one line."""
     with user_errors():
-        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"))
+        cfg = parse_config(Config, PRESETS, argv, doc=__doc__, kinds=("image", "points"), arch_presets=ARCH_PRESETS)
         check_config(cfg)
         return dispatch(cfg, train, evaluate, draw_samples)
 

@@ -32,6 +32,7 @@ SYSTEMS = {
     "vae --posterior iaf": ("vae", ["--posterior", "iaf", "--free-bits", "0", "--kl-warmup", "1000"]),
     # SA-VAE with the preset's free bits, --svi-lr 0.02 and each example's SVI gradients clipped to norm 5
     "vae --svi-steps 5": ("vae", ["--svi-steps", "5"]),
+    "vae --arch hierarchical": ("vae", ["--arch", "hierarchical"]),
     "vqvae": ("vqvae", []),
     "vqvae --levels 2": ("vqvae", ["--levels", "2"]),
     "realnvp": ("realnvp", []),
