@@ -270,6 +270,16 @@ def test_jem_flag_applies_jems_settings_over_the_preset(tmp_path):
     assert ebm.Config(**ebm.PRESETS["digits"]).alpha == 0.1  # without --jem, the digits preset is unchanged
 
 
+def test_learning_rate_is_a_tenth_from_lr_drop_after_the_warm_up():
+    cfg = ebm.Config(lr=1e-3, lr_drop=1500)
+    assert [ebm.learning_rate(s, cfg) for s in (0, 1499, 1500, 5000)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+    cfg = ebm.Config(lr=1e-3, warmup=1000, lr_drop=1500)
+    assert [ebm.learning_rate(s, cfg) for s in (500, 1000, 1500)] == pytest.approx([5e-4, 1e-3, 1e-4])
+    points = ebm.Config(**ebm.PRESETS["points"])
+    assert (points.buffer_size, points.restart, points.lr_drop) == (1000, 0.01, 1500)
+    assert ebm.Config(**ebm.PRESETS["digits"]).lr_drop == 0  # images keep a constant rate
+
+
 @given(c=st.floats(-50, 50), k=st.integers(1, 12), seed=st.integers(0, 1000))
 def test_jem_a_constant_added_to_every_logit_leaves_p_y_given_x_and_shifts_the_energy(c, k, seed):
     g = torch.Generator().manual_seed(seed)
@@ -551,6 +561,7 @@ def test_cli_digits_train_sample_eval(tmp_path, jem):
     (["--step-size", "0"], "--step-size"),
     (["--dataset", "digits", "--ch-mult", "1,2,2,2"], "--ch-mult"),
     (["--quad-n", "0"], "--quad-n"),
+    (["--lr-drop", "-1"], "--lr-drop"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, words):
     with pytest.raises(SystemExit) as e:
