@@ -429,9 +429,9 @@ PRESETS = {
     # where restarts from uniform noise land, and contrastive divergence then biases the modes'
     # masses (measured on rings, 2000 steps: model masses 0.18 / 0.48 / 0.33 on the rings of true
     # mass 1/6, 1/3, 1/2, 15% of the chains stuck in the box's corners; NLL 2.910 against the
-    # entropy 2.744). A buffer of 1000 chains restarted with probability 0.01 lives 10 times
-    # longer per restart and runs 10 times more steps per chain: 0.23 / 0.29 / 0.48, 5% in the
-    # corners, NLL 2.823; with the learning rate a tenth from step 1500, 2.795 (our choices).
+    # entropy 2.744). With 1000 chains restarted with probability 0.01 each chain runs 10 times
+    # more Langevin steps over training and 5 times more between restarts: 0.23 / 0.29 / 0.48, 5%
+    # in the corners, NLL 2.823; with the learning rate a tenth from step 1500, 2.795 (our choices).
     "points": dict(sampler="sgld", sgld_steps=20, step_size=0.005, alpha=0.1, buffer_size=1000, restart=0.01,
                    lr_drop=1500),
     # 8x8 digits (17 levels, dequantised into [0, 1]): the decoupled sampler with JEM's code's
