@@ -710,11 +710,16 @@ class Config(RunConfig):
 
 
 PRESETS = {
-    # The Config defaults: 8x8 -> 4x4 codes of K = 32; a 2-layer prior over 16 positions. With
-    # --levels 2 the bottom map stays 4x4 (1/2 of the side) under a 2x2 top map (1/4): the paper's
-    # ratio of 2 between the maps (1/4 and 1/8 of 256), one level up, since 1/8 of 8 leaves a
-    # single top code and 1/4 a bottom map of 2x2, too coarse to carry the strokes.
-    "digits": dict(),
+    # The Config defaults but --ae-fraction (below): 8x8 -> 4x4 codes of K = 32; a 2-layer prior
+    # over 16 positions. With --levels 2 the bottom map stays 4x4 (1/2 of the side) under a 2x2
+    # top map (1/4): the paper's ratio of 2 between the maps (1/4 and 1/8 of 256), one level up,
+    # since 1/8 of 8 leaves a single top code and 1/4 a bottom map of 2x2, too coarse to carry the
+    # strokes. A third of the steps trains the autoencoder and two thirds the prior: the samples
+    # are limited by the prior, not the decoder (measured 2026-12-06: decoded training codes score
+    # a Frechet distance of 6.95 after 1000 autoencoder steps, against 7.12 for training images;
+    # prior samples 36.7 after 1000 prior steps, 23.3 after 2000, 22.8 after 3000; the test bound
+    # 2.316 -> 2.292 bits/dim).
+    "digits": dict(ae_fraction=1 / 3),
     # 2D points: one code per point, a Gaussian per code; K = 64 codes (our choice).
     "points": dict(steps=4000, batch_size=256, lr=2e-3, codes=64, code_dim=8, hidden=128,
                    prior_layers=1, prior_width=32, prior_heads=2, prior_dropout=0.0, restart_after=20,

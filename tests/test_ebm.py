@@ -270,6 +270,16 @@ def test_jem_flag_applies_jems_settings_over_the_preset(tmp_path):
     assert ebm.Config(**ebm.PRESETS["digits"]).alpha == 0.1  # without --jem, the digits preset is unchanged
 
 
+def test_learning_rate_is_a_tenth_from_lr_drop_after_the_warm_up():
+    cfg = ebm.Config(lr=1e-3, lr_drop=1500)
+    assert [ebm.learning_rate(s, cfg) for s in (0, 1499, 1500, 5000)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+    cfg = ebm.Config(lr=1e-3, warmup=1000, lr_drop=1500)
+    assert [ebm.learning_rate(s, cfg) for s in (500, 1000, 1500)] == pytest.approx([5e-4, 1e-3, 1e-4])
+    points = ebm.Config(**ebm.PRESETS["points"])
+    assert (points.buffer_size, points.restart, points.lr_drop) == (1000, 0.01, 1500)
+    assert ebm.Config(**ebm.PRESETS["digits"]).lr_drop == 0  # images keep a constant rate
+
+
 @given(c=st.floats(-50, 50), k=st.integers(1, 12), seed=st.integers(0, 1000))
 def test_jem_a_constant_added_to_every_logit_leaves_p_y_given_x_and_shifts_the_energy(c, k, seed):
     g = torch.Generator().manual_seed(seed)
@@ -367,6 +377,48 @@ def test_normalised_2d_density_integrates_to_one_by_independent_quadrature():
     assert total == pytest.approx(1.0, abs=1e-4)
     outside = torch.tensor([[4.01, 0.0], [0.0, -5.0], [9.0, 9.0]], dtype=f64)
     assert torch.isneginf(log_prob_2d(energy, outside, log_z, -4.0, 4.0)).all()
+
+
+@pytest.mark.parametrize("t", [1.0, 0.4])
+def test_oracle_mixture_energy_reproduces_the_mixture_log_density(t):
+    """The oracle: a network whose energy is E(x) = -t log p(x) + 3, p a Gaussian mixture (the
+    8 Gaussians of 8gaussians, std 0.3, and two anisotropic ones), goes through the likelihood
+    code (scaled_energy_fn at temperature t, log_partition_2d, log_prob_2d) and gives back
+    log p(x) - log M, M = p's mass in the box [-4, 4]^2 from normal CDFs (the density restricted
+    to the box). Tolerance from the midpoint rule's error bound on the n x n grid,
+    |Z - Z_h| <= A h^2 / 24 (sup |f_xx| + sup |f_yy|), A = 64, with sup |f_xx| <= sum_k w_k /
+    (2 pi sx_k^3 sy_k) for f = sum_k w_k N(mu_k, diag(sx_k^2, sy_k^2)); relative to Z = M it bounds
+    the error of log Z. The offset 3 makes log Z = log M - 3 / t, so a wrong sign of log Z fails."""
+    angles = np.arange(8) * np.pi / 4
+    means = np.concatenate([2.5 * np.stack([np.cos(angles), np.sin(angles)], 1), [[0.0, 0.5], [-0.5, -1.0]]])
+    stds = np.concatenate([np.full((8, 2), 0.3), [[0.4, 0.7], [0.9, 0.35]]])
+    w = np.concatenate([np.full(8, 0.6 / 8), [0.25, 0.15]])
+    mu, sd, lw = torch.tensor(means), torch.tensor(stds), torch.tensor(np.log(w))
+
+    def log_p(x):
+        return torch.logsumexp(lw + torch.distributions.Normal(mu, sd).log_prob(x.double()[:, None]).sum(2), 1)
+
+    class Oracle(torch.nn.Module):  # logits f(x) = -E(x)
+        def forward(self, x):
+            return (t * log_p(x) - 3.0)[:, None]
+
+    n, lim = 1024, 4.0
+    fn = ebm.scaled_energy_fn(Oracle(), t)
+    log_z = log_partition_2d(fn, -lim, lim, n=n, chunk=2 ** 18)
+    mass = float((w * np.prod(stats.norm.cdf((lim - means) / stds) - stats.norm.cdf((-lim - means) / stds), 1)).sum())
+    sx, sy = stds[:, 0], stds[:, 1]
+    bound = (2 * lim) ** 2 * (2 * lim / n) ** 2 / 24 * (w / (2 * np.pi * sx ** 3 * sy)
+                                                          + w / (2 * np.pi * sx * sy ** 3)).sum()
+    tol = -math.log(1 - bound / mass)
+    assert 0 < tol < 0.01  # the bound is informative at this n
+    assert abs(log_z.item() - (math.log(mass) - 3.0 / t)) < tol
+    x = torch.cat([torch.tensor(means, dtype=torch.float32),
+                   common.load_dataset("8gaussians", "test").data[:500], torch.tensor([[4.5, 0.0]])])
+    lp = log_prob_2d(fn, x, log_z, -lim, lim)
+    # log p is computed in float32 by the network path (energy_fn): an error of ~1e-6 |log p| more
+    expected = log_p(x) - math.log(mass)
+    assert ((lp[:-1] - expected[:-1]).abs() < tol + 1e-5 * (1 + expected[:-1].abs())).all()
+    assert torch.isneginf(lp[-1])
 
 
 def test_the_true_2d_densities_put_less_than_1e6_of_their_mass_outside_the_box():
@@ -509,6 +561,7 @@ def test_cli_digits_train_sample_eval(tmp_path, jem):
     (["--step-size", "0"], "--step-size"),
     (["--dataset", "digits", "--ch-mult", "1,2,2,2"], "--ch-mult"),
     (["--quad-n", "0"], "--quad-n"),
+    (["--lr-drop", "-1"], "--lr-drop"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, words):
     with pytest.raises(SystemExit) as e:

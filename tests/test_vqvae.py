@@ -601,16 +601,17 @@ TINY = ["--hidden", "8", "--code-dim", "4", "--codes", "8", "--res-blocks", "1",
 
 def test_cli_digits_trains_both_stages_samples_and_evaluates(tmp_path):
     out = tmp_path / "run"
-    run_main("vqvae", ["--out", str(out), "--steps", "4", "--save-every", "2", *TINY])
+    run_main("vqvae", ["--out", str(out), "--steps", "6", "--save-every", "2", *TINY])
     for name in ["ckpt.pt", "samples_2.png", "samples_4.png", "recon_2.png", "recon_4.png", "codes.png",
                  "metrics.jsonl", "loss.png"]:
         assert (out / name).is_file(), name
+    # the digits preset trains the autoencoder for a third of the steps, then the prior
     assert [(e["trains"], e["from_step"]) for e in events(out, "stage")] == [("autoencoder", 0), ("prior", 2)]
     lines = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
-    assert [("perplexity" in r) for r in lines] == [True, True, False, False]
+    assert [("perplexity" in r) for r in lines] == [True, True, False, False, False, False]
     result = run_main("vqvae", ["--eval", str(out / "ckpt.pt"), "--eval-n", "20", "--batch-size", "7"])
     ev = events(out, "eval")[-1]
-    assert ev["n"] == 20 and ev["prior_updates"] == 2 and result["nll"] == ev["nll"]
+    assert ev["n"] == 20 and ev["prior_updates"] == 4 and result["nll"] == ev["nll"]
     assert ev["bits_per_dim"] == pytest.approx(ev["nll"] / (64 * math.log(2)))
     assert ev["nll"] == pytest.approx(ev["recon_nll"] + ev["prior_nll"])
     assert ev["uniform_prior_nll"] == pytest.approx(ev["recon_nll"] + 16 * math.log(8))
@@ -626,12 +627,12 @@ def test_cli_two_levels_trains_evaluates_and_samples_without_the_flag(tmp_path):
     """--levels 2 end to end on digits: both maps' codebooks move, the prior's two NLLs are
     logged and evaluated, and --eval and --sample read the choice from the checkpoint."""
     out = tmp_path / "run"
-    run_main("vqvae", ["--out", out, "--steps", "4", "--save-every", "2", "--levels", "2", *TINY])
+    run_main("vqvae", ["--out", out, "--steps", "6", "--save-every", "2", "--levels", "2", *TINY])
     lines = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
-    assert [("perplexity_top" in r, "prior_top" in r) for r in lines] == [(True, False)] * 2 + [(False, True)] * 2
+    assert [("perplexity_top" in r, "prior_top" in r) for r in lines] == [(True, False)] * 2 + [(False, True)] * 4
     (net, prior), cfg, info = vqvae.load(out / "ckpt.pt")
     assert isinstance(net, VQVAE2) and isinstance(prior, HierarchicalPrior) and cfg.levels == 2
-    assert int(prior.updates) == 2 and all(int(book.unused.max()) < cfg.restart_after for book in net.codebooks())
+    assert int(prior.updates) == 4 and all(int(book.unused.max()) < cfg.restart_after for book in net.codebooks())
     result = run_main("vqvae", ["--eval", out / "ckpt.pt", "--eval-n", "20", "--batch-size", "7"])
     ev = events(out, "eval")[-1]
     assert ev["n"] == 20 and result["nll"] == ev["nll"]
@@ -716,13 +717,13 @@ def test_resume_is_bit_exact_in_either_stage(tmp_path, levels):
     """Stopped and resumed inside either stage, across the stage boundary (test_cli.py's shared
     resume test stays inside the autoencoder's stage)."""
     flags = [*TINY, "--restart-after", "1", "--prior-dropout", "0.2",  # restarts and dropout draw random numbers
-             "--levels", levels]
+             "--levels", levels, "--ae-fraction", "0.5"]
     run_main("vqvae", ["--out", str(tmp_path / "a"), "--steps", "6", *flags])
     # the same stage boundary (step 3): stopped in the autoencoder's stage, then in the prior's
     for stop, first in ((2, ["--stage", "ae"]), (4, ["--ae-fraction", "0.75"])):
         b = tmp_path / f"b{stop}"
         run_main("vqvae", ["--out", str(b), "--steps", str(stop), *flags, *first])
-        # --resume keeps the checkpoint's flags: name the stage schedule of run a (its defaults)
+        # --resume keeps the checkpoint's flags: name the stage schedule of run a
         run_main("vqvae", ["--out", str(b), "--steps", "6", "--resume", *flags,
                            "--stage", "both", "--ae-fraction", "0.5"])
         ca, cb = (torch.load(p / "ckpt.pt", weights_only=True) for p in (tmp_path / "a", b))
