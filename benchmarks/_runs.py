@@ -132,7 +132,10 @@ def machine():
 
 
 def stamp(command):
-    return f"`{command}` on {machine()}, {datetime.date.today().isoformat()}"
+    """Command, machine, date and the load at the end of the measurement (times under load are
+    longer than a quiet machine's; the other columns are not affected)."""
+    return (f"`{command}` on {machine()}, {datetime.date.today().isoformat()}, "
+            f"load average {os.getloadavg()[0]:.0f} at the end")
 
 
 def merge_rows(table, rows, command):
