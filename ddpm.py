@@ -348,18 +348,21 @@ class GaussianDiffusion:
             loss = loss + self.lambda_vlb * self.T * self._vb_term(p, x0, x_t, t) / x0[0].numel()
         return loss
 
-    def nll(self, model, x0, y=None, generator=None):
+    def nll(self, model, x0, y=None, generator=None, shared_noise=False):
         """The full variational bound -log p(x_0) <= L_T + sum_{t>1} L_{t-1} + L_0, per example
         in nats: (B,) (Ho et al. Eq. 5, Sohl-Dickstein et al. Eq. 14).
 
         Every one of the T terms is evaluated (one network call each) on x_t ~ q(x_t | x_0)
-        with fresh noise, so the result is an unbiased one-sample estimate of the bound.
-        y: labels for a conditional bound, None for the unconditional (null-label) model.
+        with fresh noise, so the result is an unbiased one-sample estimate of the bound (L_T is
+        exact). y: labels for a conditional bound, None for the unconditional (null-label) model.
+        shared_noise: every example gets the same noise at each t (common random numbers): each
+        estimate is as unbiased, and their errors vary smoothly with x_0 (a density grid).
         """
         total = self.prior_kl(x0)
         for i in reversed(range(self.T)):
             t = torch.full((x0.shape[0],), i, dtype=torch.long, device=x0.device)
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            shape = (1, *x0.shape[1:]) if shared_noise else x0.shape
+            noise = torch.randn(shape, generator=generator, device=x0.device, dtype=x0.dtype).expand_as(x0)
             x_t = self.q_sample(x0, t, noise)
             total = total + self._vb_term(self.p_mean_variance(model, x_t, t, y), x0, x_t, t)
         return total
@@ -616,6 +619,8 @@ class Config(RunConfig):
     guidance: float = flag(0.0, "guidance weight w of Ho & Salimans Eq. 6 (0 = plain conditional)")
     sample_steps: int = flag(0, "sampling steps on a respaced subsequence (0 = all T)")
     eval_n: int = flag(0, "evaluate the bound on the first N test examples (0 = all)")
+    density_draws: int = flag(8, "--eval on 2D sets: draws K of the bound averaged per point of the density grid "
+                              "(each draw's noise shared by every point)")
 
 
 PRESETS = {
@@ -641,7 +646,7 @@ PRESETS = {
 def check_config(cfg):
     """The flags' values that their types let through; those that depend on the data are
     checked in build, and --sample-steps against a checkpoint's T in draw_samples."""
-    for name in ("timesteps", "ch", "num_res_blocks", "hidden"):
+    for name in ("timesteps", "ch", "num_res_blocks", "hidden", "density_draws"):
         check_range(cfg, name, 1)
     for name in ("warmup", "grad_clip", "lambda_vlb", "guidance", "eval_n"):
         check_range(cfg, name, 0)
@@ -827,26 +832,42 @@ def evaluate(cfg):
     ds = load_dataset(info.name, "test", cfg.data_dir)
     x_all = ds.data if not cfg.eval_n else ds.data[:cfg.eval_n]
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    total, count, start = 0.0, 0, time.time()
+    values, start = [], time.time()
     with torch.inference_mode():
         for i in range(0, len(x_all), cfg.batch_size):
             x0 = to_model_space(x_all[i:i + cfg.batch_size].to(device), info)
-            total += diffusion.nll(net, x0, None, g).double().sum().item()
-            count += x0.shape[0]
-    nll = total / count
-    extra = dict(n=count, timesteps=diffusion.T, seconds=round(time.time() - start, 1))
+            values.append(diffusion.nll(net, x0, None, g).double().cpu())
+    values = torch.cat(values)
+    nll, count = values.mean().item(), len(values)
+    # the standard error over the test examples (each bound one draw: the draws' noise included)
+    extra = dict(n=count, nll_se=values.std().item() / math.sqrt(count) if count > 1 else 0.0, timesteps=diffusion.T,
+                 seconds=round(time.time() - start, 1))
     if info.kind == "image":
         extra["bits_per_dim"] = bits_per_dim(nll, info.dims)
     else:
         if ds.log_prob is not None:
             extra["entropy"], extra["entropy_se"] = entropy_estimate(info.name)
 
-        def log_density(points):  # -bound, averaged over 4 noise draws to tame its variance
-            with torch.inference_mode():
-                return -torch.stack([diffusion.nll(net, points.to(device), None, g) for _ in range(4)]).mean(0).cpu()
+        K, se = cfg.density_draws, []
 
+        def log_density(points):
+            """-bound at each point, the mean of K draws; draw k's noise is the same at every point
+            of the grid (common random numbers, every chunk re-seeded alike), so that the picture
+            shows the bound, smooth in x_0, and not independent noise from point to point."""
+            with torch.inference_mode():
+                draws = torch.stack([diffusion.nll(net, points.to(device), None, torch.Generator(device).manual_seed(
+                    cfg.seed + 1 + k), shared_noise=True) for k in range(K)]).double().cpu()
+            se.append(draws.std(0) / math.sqrt(K) if K > 1 else torch.zeros_like(draws[0]))
+            return -draws.mean(0)
+
+        start = time.time()
         grid = density_on_grid(log_density, info.lim, n=128)
         np.savez(out / "density.npz", log_density=grid, lim=info.lim)
+        se = torch.cat(se)
+        # the standard error of each point's mean over the K draws (their spread / sqrt K), in nats
+        extra.update(density_draws=K, density_seconds=round(time.time() - start, 1))
+        if K > 1:
+            extra.update(density_se_median=se.median().item(), density_se_max=se.max().item())
         truth = density_on_grid(ds.log_prob, info.lim, n=128) if ds.log_prob is not None else ds.data
         save_density({"data": truth, "ddpm (exp -bound)": grid}, out / "density.png", info.lim)
     Logger(out, 0).event("eval", split="test", nll=nll, **extra)
