@@ -1179,6 +1179,8 @@ class Config(RunConfig):
     dropout: float = flag(0.0, "dropout in the U-Net's residual blocks")
     # optimisation
     warmup: int = flag(100, "linear learning-rate warm-up steps")
+    lr_schedule: str = flag("constant", "learning rate after the warm-up: constant (the official code) or cosine "
+                            "(half a cosine from --lr down to 0 at the last step)", choices=("constant", "cosine"))
     grad_clip: float = flag(1.0, "gradient-norm clip (0 = off)")
     ema_decay: float = flag(0.999, "EMA decay of the weights used for sampling and --eval")
     flip: bool = flag(False, "random horizontal flips of training images")
@@ -1284,8 +1286,13 @@ def check_config(cfg):
 
 def learning_rate(step, cfg):
     """The learning rate of step `step` (0-based): linear warm-up over cfg.warmup steps, then
-    constant (the official score_sde code's optimization_manager: lr min(step / warmup, 1))."""
-    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+    constant (the official score_sde code's optimization_manager: lr min(step / warmup, 1)) or,
+    with --lr-schedule cosine, lr (1 + cos(pi p)) / 2 at the fraction p of the steps after it."""
+    warm = min(1.0, (step + 1) / max(cfg.warmup, 1))
+    if cfg.lr_schedule == "constant" or step < cfg.warmup:
+        return cfg.lr * warm
+    p = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
 
 
 # ----------------------------------------------------------------------------------------

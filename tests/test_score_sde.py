@@ -1178,6 +1178,14 @@ def test_learning_rate_warms_up_linearly_then_stays():
         pytest.approx([2e-4 / 5000, 2e-4 / 2, 2e-4, 2e-4])
 
 
+def test_cosine_learning_rate_falls_from_lr_to_zero_after_the_warm_up():
+    """--lr-schedule cosine: the warm-up as before, then lr (1 + cos(pi p)) / 2, p the fraction of
+    the 1000 steps after it: lr at p = 0, lr / 2 halfway, 0 at the end."""
+    cfg = S.Config(lr=1e-3, warmup=100, steps=1100, lr_schedule="cosine")
+    assert [S.learning_rate(s, cfg) for s in (49, 100, 350, 600, 1100)] == \
+        pytest.approx([5e-4, 1e-3, 1e-3 * (1 + math.cos(math.pi / 4)) / 2, 5e-4, 0.0], abs=1e-12)
+
+
 # ---------------------------------------------------------------------------- command line
 
 POINTS = ["--dataset", "8gaussians", "--hidden", "8", "--depth", "1", "--batch-size", "16", "--n-samples", "8",
