@@ -1005,6 +1005,30 @@ def test_networks_treat_examples_independently_and_depend_on_time():
         assert not torch.allclose(out, net(x, torch.tensor([0.5, 0.2], dtype=f64)))
 
 
+@pytest.mark.parametrize("name", SDE_NAMES)
+def test_log_sigma_time_is_uniform_in_the_noise_level(name):
+    """c(t) = (log sigma(t) - log sigma(eps)) / (log sigma(1) - log sigma(eps)), sigma typed from
+    the paper's kernels: 0 at eps, 1 at T, increasing; for VE (t - eps) / (1 - eps), its t; and
+    the MLP given it embeds c(t) where the plain one embeds t."""
+    sde = make_sde(name)
+    t = torch.tensor([1e-5, 1e-3, 0.01, 0.3, 1.0], dtype=f64)
+    sigma = paper_kernel(name, t)[1]
+    expected = (sigma.log() - sigma[0].log()) / (sigma[-1].log() - sigma[0].log())
+    torch.testing.assert_close(S.log_sigma_time(sde)(t), expected)
+    assert (expected.diff() > 0).all() and expected[0] == 0 and abs(expected[-1] - 1) < 1e-12
+    if name == "ve":
+        torch.testing.assert_close(expected, (t - 1e-5) / (1 - 1e-5))
+    torch.manual_seed(0)
+    plain = S.ScoreMLP(2, 16, 1).double()
+    mapped = S.ScoreMLP(2, 16, 1, S.log_sigma_time(sde)).double()
+    mapped.load_state_dict(plain.state_dict())
+    for p in plain.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    mapped.load_state_dict(plain.state_dict())
+    x = torch.randn(5, 2, dtype=f64)
+    torch.testing.assert_close(mapped(x, t), plain(x, S.log_sigma_time(sde)(t)))
+
+
 def test_fresh_networks_output_zero():
     """DDPM++'s zero initialisation: a new network predicts eps = 0 (score 0) everywhere."""
     x, t = torch.randn(3, 1, 8, 8), torch.rand(3)
@@ -1390,6 +1414,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
                         (["--weighting", "likelihood", "--loss", "ssm"], "--loss dsm"),
                         (["--weighting", "likelihood", "--sde", "ncsn"], "--sde vp, subvp or ve"),
                         (["--importance-sampling"], "--weighting likelihood"),
+                        (["--dataset", "digits", "--time-input", "log-sigma"], "--time-input"),
                         (["--eval-repeats", "0"], "--eval-repeats")]:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
