@@ -348,7 +348,7 @@ class GaussianDiffusion:
             loss = loss + self.lambda_vlb * self.T * self._vb_term(p, x0, x_t, t) / x0[0].numel()
         return loss
 
-    def nll(self, model, x0, y=None, generator=None, shared_noise=False):
+    def nll(self, model, x0, y=None, generator=None, shared_noise=False, sign=1.0):
         """The full variational bound -log p(x_0) <= L_T + sum_{t>1} L_{t-1} + L_0, per example
         in nats: (B,) (Ho et al. Eq. 5, Sohl-Dickstein et al. Eq. 14).
 
@@ -356,13 +356,14 @@ class GaussianDiffusion:
         with fresh noise, so the result is an unbiased one-sample estimate of the bound (L_T is
         exact). y: labels for a conditional bound, None for the unconditional (null-label) model.
         shared_noise: every example gets the same noise at each t (common random numbers): each
-        estimate is as unbiased, and their errors vary smoothly with x_0 (a density grid).
+        estimate is as unbiased, and their errors vary smoothly with x_0 (a density grid). sign -1
+        uses minus the generator's noise (the antithetic draw, as unbiased: the noise is symmetric).
         """
         total = self.prior_kl(x0)
         for i in reversed(range(self.T)):
             t = torch.full((x0.shape[0],), i, dtype=torch.long, device=x0.device)
             shape = (1, *x0.shape[1:]) if shared_noise else x0.shape
-            noise = torch.randn(shape, generator=generator, device=x0.device, dtype=x0.dtype).expand_as(x0)
+            noise = sign * torch.randn(shape, generator=generator, device=x0.device, dtype=x0.dtype).expand_as(x0)
             x_t = self.q_sample(x0, t, noise)
             total = total + self._vb_term(self.p_mean_variance(model, x_t, t, y), x0, x_t, t)
         return total
@@ -619,8 +620,8 @@ class Config(RunConfig):
     guidance: float = flag(0.0, "guidance weight w of Ho & Salimans Eq. 6 (0 = plain conditional)")
     sample_steps: int = flag(0, "sampling steps on a respaced subsequence (0 = all T)")
     eval_n: int = flag(0, "evaluate the bound on the first N test examples (0 = all)")
-    density_draws: int = flag(8, "--eval on 2D sets: draws K of the bound averaged per point of the density grid "
-                              "(each draw's noise shared by every point)")
+    density_draws: int = flag(8, "--eval on 2D sets: draws K (even: K/2 antithetic pairs) of the bound averaged per "
+                              "point of the density grid, each draw's noise shared by every point")
 
 
 PRESETS = {
@@ -646,8 +647,11 @@ PRESETS = {
 def check_config(cfg):
     """The flags' values that their types let through; those that depend on the data are
     checked in build, and --sample-steps against a checkpoint's T in draw_samples."""
-    for name in ("timesteps", "ch", "num_res_blocks", "hidden", "density_draws"):
+    for name in ("timesteps", "ch", "num_res_blocks", "hidden"):
         check_range(cfg, name, 1)
+    check_range(cfg, "density_draws", 2)
+    if cfg.density_draws % 2:
+        raise UserError(f"--density-draws {cfg.density_draws} makes antithetic pairs; accepted: an even number >= 2")
     for name in ("warmup", "grad_clip", "lambda_vlb", "guidance", "eval_n"):
         check_range(cfg, name, 0)
     for name in ("p_uncond", "dropout", "ema_decay"):
@@ -851,14 +855,17 @@ def evaluate(cfg):
         K, se = cfg.density_draws, []
 
         def log_density(points):
-            """-bound at each point, the mean of K draws; draw k's noise is the same at every point
-            of the grid (common random numbers, every chunk re-seeded alike), so that the picture
-            shows the bound, smooth in x_0, and not independent noise from point to point."""
+            """-bound at each point, the mean of K draws in K/2 antithetic pairs (noise and minus
+            it); pair k's noise is the same at every point of the grid (common random numbers, every
+            chunk re-seeded alike), so that the picture shows the bound, smooth in x_0, and not
+            independent noise from point to point."""
+            def draw(k, sign):
+                g_k = torch.Generator(device).manual_seed(cfg.seed + 1 + k)
+                return diffusion.nll(net, points.to(device), None, g_k, shared_noise=True, sign=sign).double().cpu()
             with torch.inference_mode():
-                draws = torch.stack([diffusion.nll(net, points.to(device), None, torch.Generator(device).manual_seed(
-                    cfg.seed + 1 + k), shared_noise=True) for k in range(K)]).double().cpu()
-            se.append(draws.std(0) / math.sqrt(K) if K > 1 else torch.zeros_like(draws[0]))
-            return -draws.mean(0)
+                pairs = torch.stack([(draw(k, 1.0) + draw(k, -1.0)) / 2 for k in range(K // 2)])
+            se.append(pairs.std(0) / math.sqrt(K // 2) if K > 2 else torch.zeros_like(pairs[0]))
+            return -pairs.mean(0)
 
         start = time.time()
         grid = density_on_grid(log_density, info.lim, n=128)
@@ -866,7 +873,7 @@ def evaluate(cfg):
         se = torch.cat(se)
         # the standard error of each point's mean over the K draws (their spread / sqrt K), in nats
         extra.update(density_draws=K, density_seconds=round(time.time() - start, 1))
-        if K > 1:
+        if K > 2:
             extra.update(density_se_median=se.median().item(), density_se_max=se.max().item())
         truth = density_on_grid(ds.log_prob, info.lim, n=128) if ds.log_prob is not None else ds.data
         save_density({"data": truth, "ddpm (exp -bound)": grid}, out / "density.png", info.lim)

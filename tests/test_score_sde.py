@@ -1368,12 +1368,15 @@ def test_points_train_and_eval_with_exact_score_matching(tmp_path):
 
 
 def test_points_train_with_likelihood_weighting_and_eval_without_the_flags(tmp_path):
-    """--weighting likelihood --importance-sampling: the checkpoint remembers both (so --resume
-    draws t as it did) and --eval needs neither."""
-    run_main("score_sde", POINTS + ["--steps", "3", "--weighting", "likelihood", "--importance-sampling", "--out",
-                                    str(tmp_path)])
+    """--weighting likelihood --importance-sampling --lr-schedule cosine --time-input log-sigma: the
+    checkpoint remembers them (so --resume trains as it did, and the network is rebuilt with its
+    time input) and --eval needs none of them."""
+    run_main("score_sde", POINTS + ["--steps", "3", "--weighting", "likelihood", "--importance-sampling",
+                                    "--lr-schedule", "cosine", "--time-input", "log-sigma", "--out", str(tmp_path)])
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)["config"]
     assert saved["weighting"] == "likelihood" and saved["importance_sampling"] is True
+    (net, sde), cfg, _ = S.load(tmp_path / "ckpt.pt")
+    assert cfg.time_input == "log-sigma" and net.time_map is not None and cfg.lr_schedule == "cosine"
     result = run_main("score_sde", ["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "10", "--density-tol", "1e-1",
                                     "--device", "cpu"])
     assert math.isfinite(result["nll"])
