@@ -417,22 +417,27 @@ def training_loss(model, sde, x0, loss="dsm", eps=1e-5, generator=None, sigmas=N
     gradient hooks fire."""
     if weighting not in ("sigma2", "likelihood"):
         raise ValueError(f"weighting {weighting!r} is unknown; accepted: 'sigma2', 'likelihood'")
-    if (weighting == "likelihood" and loss != "dsm") or (importance_sampling and weighting != "likelihood"):
-        raise ValueError(f"likelihood weighting is for loss 'dsm' and importance sampling for it; got loss {loss!r}, "
-                         f"weighting {weighting!r}, importance_sampling {importance_sampling}")
+    if (weighting == "likelihood" and sigmas is not None) or (importance_sampling and weighting != "likelihood"):
+        raise ValueError(f"likelihood weighting is for the SDEs' losses and importance sampling for it; got NCSN "
+                         f"levels {sigmas is not None}, weighting {weighting!r}, importance_sampling {importance_sampling}")
     if sigmas is not None:
         return ncsn_loss(make_ncsn_score_fn(model, sde), sigmas, x0, generator=generator) / x0[0].numel()
+    if loss not in LOSSES:
+        raise ValueError(f"loss {loss!r} is unknown; accepted: {', '.join(LOSSES)}")
     score_fn = make_score_fn(model, sde)
     if loss == "dsm" and weighting == "likelihood":
         return likelihood_weighted_dsm_loss(score_fn, sde, x0, importance_sampling, eps=eps, generator=generator)
     if loss == "dsm":
         return dsm_loss(score_fn, sde, x0, eps=eps, generator=generator)
+    t = likelihood_time(sde, x0, importance_sampling, eps, generator) if weighting == "likelihood" else None
     if loss in ("ssm", "ssm-vr"):
-        return sliced_score_matching_loss(score_fn, sde, x0, eps=eps, variance_reduction=loss == "ssm-vr",
-                                          generator=generator)
-    if loss == "sm":
-        return score_matching_loss(score_fn, sde, x0, eps=eps, generator=generator)
-    raise ValueError(f"loss {loss!r} is unknown; accepted: {', '.join(LOSSES)}")
+        value = sliced_score_matching_loss(score_fn, sde, x0, t, eps=eps, variance_reduction=loss == "ssm-vr",
+                                           generator=generator)
+    else:
+        value = score_matching_loss(score_fn, sde, x0, t, eps=eps, generator=generator)
+    if weighting == "likelihood" and not importance_sampling:
+        value = likelihood_factor(sde, t, eps).to(value.dtype) * value
+    return value
 
 
 # ----------------------------------------------------------------------------------------
@@ -809,18 +814,27 @@ def likelihood_weighted_dsm_loss(score_fn, sde, x0, importance_sampling=False, t
         t ~ g^2 / (Z sigma^2) (importance):                 ||sigma s + z||^2 / D
 
     Both estimate (T - eps) / Z E_{t ~ U} [g^2 ||s - grad log p_0t||^2] / D; the second with the
-    variance of the weight removed. t and z are drawn unless given."""
-    Z = (likelihood_weight_integral(sde, sde.T) - likelihood_weight_integral(sde, eps)).item()
+    variance of the weight removed. t and z are drawn unless given. (The same reweighting of the
+    sliced and exact losses, whose lambda = sigma^2 too: `training_loss`.)"""
     if t is None:
-        if importance_sampling:
-            u = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=torch.float64)
-            t = likelihood_importance_time(sde, u, eps).to(x0.dtype)
-        else:
-            t = _sample_t(x0, eps, sde.T, generator)
+        t = likelihood_time(sde, x0, importance_sampling, eps, generator)
     loss = dsm_loss(score_fn, sde, x0, t, z, eps, generator)   # ||sigma s + z||^2 / D
-    if importance_sampling:
-        return loss
-    return likelihood_weight(sde, t).to(loss.dtype) * (sde.T - eps) / Z * loss
+    return loss if importance_sampling else likelihood_factor(sde, t, eps).to(loss.dtype) * loss
+
+
+def likelihood_time(sde, x0, importance_sampling, eps=1e-5, generator=None):
+    """t (B,) for the likelihood-weighted losses: importance-sampled (`likelihood_importance_time`)
+    or uniform on [eps, T]."""
+    if not importance_sampling:
+        return _sample_t(x0, eps, sde.T, generator)
+    u = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=torch.float64)
+    return likelihood_importance_time(sde, u, eps).to(x0.dtype)
+
+
+def likelihood_factor(sde, t, eps=1e-5):
+    """g^2 / (c sigma^2), c = Z / (T - eps): what turns lambda = sigma^2 into g^2 / c at uniform t."""
+    Z = (likelihood_weight_integral(sde, sde.T) - likelihood_weight_integral(sde, eps)).item()
+    return likelihood_weight(sde, t) * (sde.T - eps) / Z
 
 
 # ----------------------------------------------------------------------------------------
@@ -1169,7 +1183,7 @@ class Config(RunConfig):
                             "(Song & Ermon 2020, Technique 1)")
     loss: str = flag("dsm", "objective: dsm (denoising score matching, Eq. 7), ssm or ssm-vr (sliced score "
                      "matching), sm (exact score matching, 2D points); --sde ncsn: its Eqs. 5-6 (dsm)", choices=LOSSES)
-    weighting: str = flag("sigma2", "lambda(t) of --loss dsm: sigma2 (lambda = sigma^2, Eq. 7) or likelihood "
+    weighting: str = flag("sigma2", "lambda(t) of the loss: sigma2 (lambda = sigma^2, Eq. 7) or likelihood "
                           "(lambda = g^2, Song et al. 2021b: the loss bounds the NLL; on the VE SDE the same up to "
                           "a constant)", choices=("sigma2", "likelihood"))
     importance_sampling: bool = flag(False, "--weighting likelihood: draw t with density g^2 / sigma^2 instead of "
@@ -1219,8 +1233,17 @@ _MNIST = dict(steps=50_000, batch_size=128, lr=2e-4, warmup=1000, ema_decay=0.99
               ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(14,), dropout=0.1, sample_steps=1000,
               save_every=5000, n_samples=64)
 
+# Thin structure (rings: std 0.1; checkerboard: sharp edges): the likelihood weighting with importance-
+# sampled t (Song et al. 2021b), which spends the steps where the NLL bound weighs the score error (g^2 /
+# sigma^2 ~ 1/t as t -> 0 for VP), and 3x the steps, about 3 minutes on one CPU thread. Measured on rings
+# at 5000 steps (NLL of the first 2000 test points, whose entropy is 2.725): 3.282 with the default
+# weighting, 3.022 with this one.
+_THIN = dict(weighting="likelihood", importance_sampling=True, steps=15_000, save_every=5000)
+
 PRESETS = {
     "points": dict(),  # the Config defaults: ScoreMLP 128 wide, 3 blocks
+    "rings": _THIN,
+    "checkerboard": _THIN,
     # 8x8 digits: the Config's small U-Net (748,737 parameters); sigma_max 10 by Technique 1 (the
     # largest distance between two digits in model space is 9.6, between two 2D points 6.7 to 11.1).
     "digits": dict(steps=2000, batch_size=128, save_every=1000, n_samples=64),
@@ -1283,9 +1306,9 @@ def check_config(cfg):
         raise UserError(f"--sde ncsn is trained by its Eqs. 5-6 on {cfg.n_levels} levels and sampled by annealed "
                         f"Langevin dynamics (--loss {cfg.loss}, --sampler {cfg.sampler} given); accepted: --loss dsm, "
                         "--sampler auto or ald")
-    if cfg.weighting == "likelihood" and (cfg.loss != "dsm" or cfg.sde == "ncsn"):
-        raise UserError(f"--weighting likelihood weights the denoising loss of an SDE (--loss {cfg.loss}, --sde "
-                        f"{cfg.sde} given); accepted: --loss dsm with --sde vp, subvp or ve")
+    if cfg.weighting == "likelihood" and cfg.sde == "ncsn":
+        raise UserError("--weighting likelihood weights the loss of an SDE (--sde ncsn given; the rings and "
+                        "checkerboard presets set it); accepted: --sde vp, subvp or ve, or --weighting sigma2")
     if cfg.importance_sampling and cfg.weighting != "likelihood":
         raise UserError("--importance-sampling draws t for the likelihood weighting; accepted: with --weighting "
                         "likelihood")

@@ -692,6 +692,30 @@ def test_importance_sampling_leaves_the_likelihood_weighted_loss_unbiased(name):
     assert important.std() < uniform.std()
 
 
+@pytest.mark.parametrize("loss", ["ssm-vr", "sm"])
+def test_likelihood_weighting_of_the_sliced_and_exact_losses(loss):
+    """training_loss with --weighting likelihood on the sliced and exact losses: the lambda = sigma^2
+    loss at the drawn t times g^2 / (c sigma^2) (t uniform; the typed weight), or unweighted at t
+    drawn by g^2 / sigma^2 (importance sampling), with the same random numbers (t first)."""
+    torch.manual_seed(0)
+    net, sde, x0 = S.ScoreMLP(2, 16, 1).double(), config_sde("vp"), torch.randn(6, 2, dtype=f64)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ref = {"ssm-vr": S.sliced_score_matching_loss, "sm": S.score_matching_loss}[loss]
+    sf = S.make_score_fn(net, sde)
+    Z = (S.likelihood_weight_integral(sde, 1.0) - S.likelihood_weight_integral(sde, 1e-5)).item()
+    torch.manual_seed(1)
+    ours = S.training_loss(net, sde, x0, loss, weighting="likelihood")
+    torch.manual_seed(1)
+    t = 1e-5 + (1 - 1e-5) * torch.rand(6, dtype=f64)
+    torch.testing.assert_close(ours, ref(sf, sde, x0, t) * weight_typed("vp", t) * (1 - 1e-5) / Z)
+    torch.manual_seed(1)
+    ours = S.training_loss(net, sde, x0, loss, weighting="likelihood", importance_sampling=True)
+    torch.manual_seed(1)
+    t = S.likelihood_importance_time(sde, torch.rand(6, dtype=f64))
+    torch.testing.assert_close(ours, ref(sf, sde, x0, t))
+
+
 def test_likelihood_weighting_of_the_ve_sde_is_its_default_weighting():
     """VE: g^2 = 2 log(sigma_max / sigma_min) sigma^2, so lambda = g^2 / c is lambda = sigma^2 and
     the two losses agree draw for draw; importance-sampled t is uniform."""
@@ -1414,8 +1438,8 @@ def test_user_errors_are_one_line(tmp_path, capsys):
                         (["--progressive", "output_skip"], "--arch ncsnpp"),
                         (["--dataset", "digits", "--loss", "sm"], "--loss ssm-vr"),
                         (["--n-levels", "1"], "--n-levels"),
-                        (["--weighting", "likelihood", "--loss", "ssm"], "--loss dsm"),
                         (["--weighting", "likelihood", "--sde", "ncsn"], "--sde vp, subvp or ve"),
+                        (["--dataset", "rings", "--sde", "ncsn"], "--weighting sigma2"),
                         (["--importance-sampling"], "--weighting likelihood"),
                         (["--dataset", "digits", "--time-input", "log-sigma"], "--time-input"),
                         (["--eval-repeats", "0"], "--eval-repeats")]:
