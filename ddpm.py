@@ -349,18 +349,22 @@ class GaussianDiffusion:
             loss = loss + self.lambda_vlb * self.T * self._vb_term(p, x0, x_t, t) / x0[0].numel()
         return loss
 
-    def nll(self, model, x0, y=None, generator=None):
+    def nll(self, model, x0, y=None, generator=None, shared_noise=False, sign=1.0):
         """The full variational bound -log p(x_0) <= L_T + sum_{t>1} L_{t-1} + L_0, per example
         in nats: (B,) (Ho et al. Eq. 5, Sohl-Dickstein et al. Eq. 14).
 
         Every one of the T terms is evaluated (one network call each) on x_t ~ q(x_t | x_0)
-        with fresh noise, so the result is an unbiased one-sample estimate of the bound.
-        y: labels for a conditional bound, None for the unconditional (null-label) model.
+        with fresh noise, so the result is an unbiased one-sample estimate of the bound (L_T is
+        exact). y: labels for a conditional bound, None for the unconditional (null-label) model.
+        shared_noise: every example gets the same noise at each t (common random numbers): each
+        estimate is as unbiased, and their errors vary smoothly with x_0 (a density grid). sign -1
+        uses minus the generator's noise (the antithetic draw, as unbiased: the noise is symmetric).
         """
         total = self.prior_kl(x0)
         for i in reversed(range(self.T)):
             t = torch.full((x0.shape[0],), i, dtype=torch.long, device=x0.device)
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            shape = (1, *x0.shape[1:]) if shared_noise else x0.shape
+            noise = sign * torch.randn(shape, generator=generator, device=x0.device, dtype=x0.dtype).expand_as(x0)
             x_t = self.q_sample(x0, t, noise)
             total = total + self._vb_term(self.p_mean_variance(model, x_t, t, y), x0, x_t, t)
         return total
@@ -617,6 +621,8 @@ class Config(RunConfig):
     guidance: float = flag(0.0, "guidance weight w of Ho & Salimans Eq. 6 (0 = plain conditional)")
     sample_steps: int = flag(0, "sampling steps on a respaced subsequence (0 = all T)")
     eval_n: int = flag(0, "evaluate the bound on the first N test examples (0 = all)")
+    density_draws: int = flag(8, "--eval on 2D sets: draws K (even: K/2 antithetic pairs) of the bound averaged per "
+                              "point of the density grid, each draw's noise shared by every point")
 
 
 PRESETS = {
@@ -633,9 +639,13 @@ PRESETS = {
                           ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(14,),
                           dropout=0.1, save_every=5000),
     "digits": dict(),  # the Config defaults
-    # 2D point sets: MLP network; T = 200 keeps the bound on a 128x128 grid to seconds.
+    # 2D point sets: MLP network; T = 200 keeps the bound on a 128x128 grid to seconds. Learned variances
+    # (Nichol & Dhariwal's hybrid loss): measured on 8gaussians (batch 256, the first 2000 test points,
+    # entropy 2.508), the bound is 2.783 with them against 2.937 with beta_t (fixedlarge) and 4.113 with
+    # beta-tilde_t (fixedsmall) on the same network's mean, and 2.964 for a network trained with fixedlarge.
     "points": dict(steps=5000, batch_size=512, lr=1e-3, warmup=100, ema_decay=0.995,
-                   timesteps=200, schedule="cosine", hidden=128, save_every=2500, n_samples=2000),
+                   timesteps=200, schedule="cosine", var_type="learned", hidden=128, save_every=2500,
+                   n_samples=2000),
 }
 
 
@@ -644,6 +654,9 @@ def check_config(cfg):
     checked in build, and --sample-steps against a checkpoint's T in draw_samples."""
     for name in ("timesteps", "ch", "num_res_blocks", "hidden"):
         check_range(cfg, name, 1)
+    check_range(cfg, "density_draws", 2)
+    if cfg.density_draws % 2:
+        raise UserError(f"--density-draws {cfg.density_draws} makes antithetic pairs; accepted: an even number >= 2")
     for name in ("warmup", "grad_clip", "lambda_vlb", "guidance", "eval_n"):
         check_range(cfg, name, 0)
     for name in ("p_uncond", "dropout", "ema_decay"):
@@ -833,26 +846,45 @@ def evaluate(cfg):
     ds = load_dataset(info.name, "test", cfg.data_dir)
     x_all = ds.data if not cfg.eval_n else ds.data[:cfg.eval_n]
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    total, count, start = 0.0, 0, time.time()
+    values, start = [], time.time()
     with torch.inference_mode():
         for i in range(0, len(x_all), cfg.batch_size):
             x0 = to_model_space(x_all[i:i + cfg.batch_size].to(device), info)
-            total += diffusion.nll(net, x0, None, g).double().sum().item()
-            count += x0.shape[0]
-    nll = total / count
-    extra = dict(n=count, timesteps=diffusion.T, seconds=round(time.time() - start, 1))
+            values.append(diffusion.nll(net, x0, None, g).double().cpu())
+    values = torch.cat(values)
+    nll, count = values.mean().item(), len(values)
+    # the standard error over the test examples (each bound one draw: the draws' noise included)
+    extra = dict(n=count, nll_se=values.std().item() / math.sqrt(count) if count > 1 else 0.0, timesteps=diffusion.T,
+                 seconds=round(time.time() - start, 1))
     if info.kind == "image":
         extra["bits_per_dim"] = bits_per_dim(nll, info.dims)
     else:
         if ds.log_prob is not None:
             extra["entropy"], extra["entropy_se"] = entropy_estimate(info.name)
 
-        def log_density(points):  # -bound, averaged over 4 noise draws to tame its variance
-            with torch.inference_mode():
-                return -torch.stack([diffusion.nll(net, points.to(device), None, g) for _ in range(4)]).mean(0).cpu()
+        K, se = cfg.density_draws, []
 
+        def log_density(points):
+            """-bound at each point, the mean of K draws in K/2 antithetic pairs (noise and minus
+            it); pair k's noise is the same at every point of the grid (common random numbers, every
+            chunk re-seeded alike), so that the picture shows the bound, smooth in x_0, and not
+            independent noise from point to point."""
+            def draw(k, sign):
+                g_k = torch.Generator(device).manual_seed(cfg.seed + 1 + k)
+                return diffusion.nll(net, points.to(device), None, g_k, shared_noise=True, sign=sign).double().cpu()
+            with torch.inference_mode():
+                pairs = torch.stack([(draw(k, 1.0) + draw(k, -1.0)) / 2 for k in range(K // 2)])
+            se.append(pairs.std(0) / math.sqrt(K // 2) if K > 2 else torch.zeros_like(pairs[0]))
+            return -pairs.mean(0)
+
+        start = time.time()
         grid = density_on_grid(log_density, info.lim, n=128)
         np.savez(out / "density.npz", log_density=grid, lim=info.lim)
+        se = torch.cat(se)
+        # the standard error of each point's mean over the K draws (their spread / sqrt K), in nats
+        extra.update(density_draws=K, density_seconds=round(time.time() - start, 1))
+        if K > 2:
+            extra.update(density_se_median=se.median().item(), density_se_max=se.max().item())
         truth = density_on_grid(ds.log_prob, info.lim, n=128) if ds.log_prob is not None else ds.data
         save_density({"data": truth, "ddpm (exp -bound)": grid}, out / "density.png", info.lim)
     Logger(out, 0).event("eval", split="test", nll=nll, **extra)

@@ -663,11 +663,54 @@ def test_cli_points_learned_variance_and_density(tmp_path):
     ddpm.main(["--dataset", "8gaussians", "--out", str(tmp_path), "--steps", "3", "--hidden", "16",
                "--var-type", "learned", "--save-every", "3"] + TINY)
     assert (tmp_path / "samples_3.png").is_file() and (tmp_path / "forward.png").is_file()
-    result = ddpm.main(["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "20", "--device", "cpu"])
+    result = ddpm.main(["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "20", "--density-draws", "4",
+                        "--device", "cpu"])
     d = np.load(tmp_path / "density.npz")
     assert d["log_density"].shape == (128, 128) and float(d["lim"]) == 4.0
     assert np.isfinite(d["log_density"]).all() and (tmp_path / "density.png").is_file()
-    assert math.isfinite(result["nll"]) and "entropy" in result
+    assert math.isfinite(result["nll"]) and "entropy" in result and result["nll_se"] > 0
+    # the grid: at cell (i, j), minus the mean of 2 antithetic pairs of draws of the bound, pair k
+    # seeded 1 + k for every point, its second draw with the noise negated (recomputed point by point)
+    (net, diffusion), _, _ = ddpm.load(str(tmp_path / "ckpt.pt"))
+    cells = [(0, 0), (64, 31), (127, 100)]
+    centre = lambda i: -4 + (i + 0.5) * 8 / 128  # noqa: E731
+    points = torch.tensor([[centre(j), centre(i)] for i, j in cells])
+    with torch.inference_mode():
+        draws = torch.stack([torch.cat([diffusion.nll(net, p[None], None, torch.Generator().manual_seed(1 + k),
+                                                      sign=sign) for p in points]) for k in range(2)
+                             for sign in (1.0, -1.0)]).double()
+    np.testing.assert_allclose([d["log_density"][i, j] for i, j in cells], -draws.mean(0).numpy(), rtol=1e-5)
+    assert result["density_draws"] == 4 and 0 < result["density_se_median"] <= result["density_se_max"]
+
+
+def test_shared_noise_gives_each_example_the_bound_it_has_alone():
+    """nll(..., shared_noise=True) draws one noise per t for the whole batch: each example's bound
+    is then the one it gets alone with the same generator (so it is as unbiased), and the bound
+    is unchanged by the batch it sits in."""
+    torch.manual_seed(0)
+    net = ddpm.PointMLP(hidden=16)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    diffusion = ddpm.GaussianDiffusion(ddpm.make_betas("cosine", 20), levels=None)
+    x0 = torch.randn(5, 2)
+    with torch.inference_mode():
+        together = diffusion.nll(net, x0, None, torch.Generator().manual_seed(3), shared_noise=True)
+        alone = torch.cat([diffusion.nll(net, x[None], None, torch.Generator().manual_seed(3)) for x in x0])
+        independent = diffusion.nll(net, x0, None, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(together, alone)
+    assert not torch.allclose(independent[1:], alone[1:])
+    # sign -1: the antithetic draw, x_t from minus the same noise (checked on the first term's x_t
+    # through a network that records its input)
+    seen = []
+
+    def recording(x, t, y=None):
+        seen.append(x.clone())
+        return net(x, t, y)
+    for sign in (1.0, -1.0):
+        with torch.inference_mode():
+            diffusion.nll(recording, x0[:1], None, torch.Generator().manual_seed(3), sign=sign)
+    mean = diffusion.sqrt_alphas_cumprod[-1].item() * x0[:1]
+    torch.testing.assert_close(seen[0] - mean, -(seen[20] - mean))
 
 
 def test_resume_is_bit_exact_with_labels_and_flips(tmp_path):
@@ -706,6 +749,7 @@ def test_torchrun_two_processes_resume_a_conditional_model(tmp_path):
     (["--sample-steps", "5000", "--steps", "1", "--timesteps", "10"], "--sample-steps"),
     (["--ch-mult", "1,2,2,2,2"], "--ch-mult"),
     (["--timesteps", "0"], "--timesteps"),
+    (["--density-draws", "3"], "--density-draws"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, words):
     with pytest.raises(SystemExit) as e:

@@ -528,6 +528,70 @@ def test_ode_likelihood_with_the_oracle_equals_the_true_log_density(name):
     assert (log_p_prior - true).abs().max() < 0.05
 
 
+EIGHT_CENTRES = 2.5 * torch.stack([torch.cos(torch.arange(8) * math.pi / 4),
+                                    torch.sin(torch.arange(8) * math.pi / 4)], 1).to(f64)
+
+
+def eight_gaussians_log_prob(sde, x, t):
+    """log p_t of 8gaussians (8 equal isotropic Gaussians of std 0.3 on a circle of radius 2.5,
+    typed from the data set's definition) under the SDE's kernel: each component N(m mu_k,
+    (m^2 0.3^2 + sigma^2) I), m and sigma from score_sde's marginal (tested above)."""
+    t = torch.as_tensor(t, dtype=f64).reshape(-1, 1)
+    m, sigma = torch.exp(sde.log_mean_coeff(t)), sde.std(t)
+    var = m ** 2 * 0.09 + sigma ** 2
+    d2 = ((x[:, None, :] - m[..., None] * EIGHT_CENTRES[None]) ** 2).sum(-1)
+    return torch.logsumexp(-d2 / (2 * var) - torch.log(2 * math.pi * var), 1) - math.log(8)
+
+
+def eight_gaussians_score(sde):
+    """Its exact score grad_x log p_t, by autograd (differentiable, for the exact divergence)."""
+    def score_fn(x, t):
+        with torch.enable_grad():
+            x_in = x if x.requires_grad else x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(eight_gaussians_log_prob(sde, x_in, t).sum(), x_in, create_graph=True)
+        return grad
+    return score_fn
+
+
+def _oracle_likelihood_errors(sde, x, tol):
+    """(|log p - log p_eps| per example, the bound on it derived from the solver's tolerance)."""
+    log_p, z, nfe = S.ode_log_likelihood(sde, eight_gaussians_score(sde), x, rtol=tol, atol=tol,
+                                         prior_log_prob=lambda z: eight_gaussians_log_prob(sde, z, sde.T))
+    steps, D = (nfe - 2) / 6, x.shape[1]
+    # dopri5 holds each step's error estimate to sqrt(D + 1) (atol + rtol |y|) in every component of
+    # y = (x, delta); summed over its steps (at most (nfe - 2) / 6, 6 evaluations each and 2 for the
+    # first step) that bounds the error of delta and of every coordinate of z = x(T), which log p_T
+    # turns into nats through its gradient.
+    delta = log_p - eight_gaussians_log_prob(sde, z, sde.T)
+    y_max = max(x.abs().max().item(), z.abs().max().item(), delta.abs().max().item())
+    zz = z.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(eight_gaussians_log_prob(sde, zz, sde.T).sum(), zz)
+    bound = steps * math.sqrt(D + 1) * (tol + tol * y_max) * (1 + grad.abs().sum(1).max().item())
+    return (log_p - eight_gaussians_log_prob(sde, x, 1e-5)).abs(), bound
+
+
+@pytest.mark.parametrize("name", SDE_NAMES)
+def test_ode_likelihood_of_the_8gaussians_oracle_at_the_files_settings(name, monkeypatch):
+    """Issue 28's evidence for the 2D panels: the likelihood code as --eval runs it (the Config's
+    SDEs: beta 0.1..20, sigma 0.01..10; eps 1e-5; --rtol = --atol 1e-5) reproduces the log-density
+    of the 8gaussians data itself when given its exact score, to within the error bound derived
+    from the solver's tolerance (measured on these 8 points: at most 1.6e-4 nats against bounds
+    of 0.005 to 0.008; on the first 2000 test points the mean NLL is 2.5079 for 2.5079, with the
+    SDE's own prior too). The same check fails when a bug is planted, the divergence's sign
+    flipped: then the errors are O(1) nats."""
+    cfg, tol = S.Config(), S.Config().rtol
+    sde = S.VESDE(cfg.sigma_min, cfg.sigma_max) if name == "ve" else S.SDES[name](cfg.beta_min, cfg.beta_max)
+    x = common.load_dataset("8gaussians", "test").data[:8].to(f64)
+    torch.testing.assert_close(eight_gaussians_log_prob(S.VPSDE(), x, 0.0),   # m = 1, sigma = 0: the data
+                               common.load_dataset("8gaussians", "test").log_prob(x))
+    error, bound = _oracle_likelihood_errors(sde, x, tol)
+    assert error.max() < bound < 0.02, (error.max(), bound)
+    exact = S.divergence_exact
+    monkeypatch.setattr(S, "divergence_exact", lambda f_x, x, create_graph=False: -exact(f_x, x, create_graph))
+    error, bound = _oracle_likelihood_errors(sde, x, tol)
+    assert error.max() > 3 * bound
+
+
 def test_hutchinson_likelihood_is_unbiased_with_noise_fixed_per_solve():
     """One 2D point repeated 400 times: each copy gets its own probe v, fixed along its solve, so
     the copies are 400 independent unbiased estimates of the same exact log-likelihood; their
@@ -551,6 +615,117 @@ def test_ode_sampler_inverts_the_likelihood_map(name):
     x, _ = S.ode_sample(sde, mixture_score(name), (8, 2), rtol=1e-8, atol=1e-8, eps=1e-5, z=z)
     _, z_back, _ = S.ode_log_likelihood(sde, mixture_score(name), x, eps=1e-5, rtol=1e-8, atol=1e-8)
     assert ((z_back - z).abs() / (1 + z.abs())).max() < 1e-5
+
+
+# ---------------------------------------------------------------------------- likelihood weighting
+
+def weight_typed(name, t):
+    """g^2 / sigma^2 typed from the SDE paper's drift, diffusion and kernels (App. B) with the
+    Config's settings: VE 2 log(10 / 0.01); VP beta / (1 - e^-B); sub-VP beta (1 - e^-2B) / (1 - e^-B)^2."""
+    t = torch.as_tensor(t, dtype=f64)
+    if name == "ve":
+        return torch.full_like(t, 2 * math.log(1000.0))
+    beta, B = 0.1 + 19.9 * t, 0.1 * t + 19.9 * t ** 2 / 2
+    return beta / (1 - torch.exp(-B)) if name == "vp" else beta * (1 - torch.exp(-2 * B)) / (1 - torch.exp(-B)) ** 2
+
+
+def config_sde(name):
+    cfg = S.Config()
+    return S.VESDE(cfg.sigma_min, cfg.sigma_max) if name == "ve" else S.SDES[name](cfg.beta_min, cfg.beta_max)
+
+
+@pytest.mark.parametrize("name", SDE_NAMES)
+@SETTINGS
+@given(t=st.floats(1e-4, 0.999))
+def test_likelihood_weight_and_its_integral_are_the_papers(name, t):
+    """lambda / sigma^2 = g^2 / sigma^2 against the closed forms typed from the SDE paper, and W' =
+    g^2 / sigma^2 by a central difference (relative error O(h^2))."""
+    sde, tt = config_sde(name), torch.tensor([t], dtype=f64)
+    torch.testing.assert_close(S.likelihood_weight(sde, tt), weight_typed(name, tt), rtol=1e-10, atol=0)
+    h = 1e-6 * t
+    slope = (S.likelihood_weight_integral(sde, t + h) - S.likelihood_weight_integral(sde, t - h)) / (2 * h)
+    assert slope.item() == pytest.approx(weight_typed(name, t).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", SDE_NAMES)
+def test_importance_sampled_times_have_density_g2_over_sigma2(name):
+    """t = W^-1(W(eps) + u Z) inverts W exactly (W(t) = W(eps) + u Z), and 200 000 draws put in
+    each of 8 intervals the mass int w / Z given by quadrature of the typed weight, within 5
+    binomial standard errors (a uniform t would put 0.9 of its mass where these put 0.01)."""
+    sde, eps = config_sde(name), 1e-5
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(0), dtype=f64)
+    t = S.likelihood_importance_time(sde, u, eps)
+    W = lambda t: S.likelihood_weight_integral(sde, t)  # noqa: E731
+    Z = (W(1.0) - W(eps)).item()
+    torch.testing.assert_close((W(t) - W(eps)) / Z, u, rtol=0, atol=1e-9)
+    edges = [eps, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.3, 0.6, 1.0]
+    for a, b in zip(edges[:-1], edges[1:]):
+        mass = integrate.quad(lambda s: weight_typed(name, s).item(), a, b, limit=200)[0] / Z
+        frac = ((t >= a) & (t < b)).double().mean().item()
+        assert abs(frac - mass) < 5 * math.sqrt(mass * (1 - mass) / len(t)) + 1e-12, (a, b, frac, mass)
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp"])
+def test_importance_sampling_leaves_the_likelihood_weighted_loss_unbiased(name):
+    """Song et al. 2021b: with t ~ g^2 / (Z sigma^2) the loss ||sigma s + z||^2 / D estimates
+    what g^2 / (c sigma^2) ||sigma s + z||^2 / D estimates with t ~ U(eps, 1): the two means agree
+    within 5 standard errors (n = 200 000 each, a wrong score: the mixture's x 1.3; both 0.59 for
+    VP, as quadrature over t gives), and differ from the sigma^2-weighted loss of the same score
+    (0.32) by far more, so the weights matter; the importance-sampled draws have the smaller spread."""
+    sde, n = config_sde(name), 200_000
+    g = torch.Generator().manual_seed(0)
+    k = torch.multinomial(MIX_W, n, replacement=True, generator=g)
+    x0 = MIX_M[k] + MIX_S[k, None] * torch.randn(n, 2, generator=g, dtype=f64)
+
+    def kernel_score(x, t):   # the score of the mixture under this SDE's kernel, times 1.3
+        m, sigma = torch.exp(sde.log_mean_coeff(t))[:, None], sde.std(t)[:, None]
+        var = m ** 2 * MIX_S[None] ** 2 + sigma ** 2
+        diff = x[:, None, :] - m[:, :, None] * MIX_M[None]
+        logits = torch.log(MIX_W) - (diff ** 2).sum(-1) / (2 * var) - torch.log(var)
+        return -1.3 * (torch.softmax(logits, 1)[:, :, None] * diff / var[:, :, None]).sum(1)
+    uniform = S.likelihood_weighted_dsm_loss(kernel_score, sde, x0, False, generator=g)
+    important = S.likelihood_weighted_dsm_loss(kernel_score, sde, x0, True, generator=g)
+    plain = S.dsm_loss(kernel_score, sde, x0, generator=g)
+    se = math.sqrt(uniform.var() / n + important.var() / n)
+    assert abs(uniform.mean() - important.mean()) < 5 * se
+    assert abs(important.mean() - plain.mean()) > 20 * math.sqrt(important.var() / n + plain.var() / n)
+    assert important.std() < uniform.std()
+
+
+@pytest.mark.parametrize("loss", ["ssm-vr", "sm"])
+def test_likelihood_weighting_of_the_sliced_and_exact_losses(loss):
+    """training_loss with --weighting likelihood on the sliced and exact losses: the lambda = sigma^2
+    loss at the drawn t times g^2 / (c sigma^2) (t uniform; the typed weight), or unweighted at t
+    drawn by g^2 / sigma^2 (importance sampling), with the same random numbers (t first)."""
+    torch.manual_seed(0)
+    net, sde, x0 = S.ScoreMLP(2, 16, 1).double(), config_sde("vp"), torch.randn(6, 2, dtype=f64)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ref = {"ssm-vr": S.sliced_score_matching_loss, "sm": S.score_matching_loss}[loss]
+    sf = S.make_score_fn(net, sde)
+    Z = (S.likelihood_weight_integral(sde, 1.0) - S.likelihood_weight_integral(sde, 1e-5)).item()
+    torch.manual_seed(1)
+    ours = S.training_loss(net, sde, x0, loss, weighting="likelihood")
+    torch.manual_seed(1)
+    t = 1e-5 + (1 - 1e-5) * torch.rand(6, dtype=f64)
+    torch.testing.assert_close(ours, ref(sf, sde, x0, t) * weight_typed("vp", t) * (1 - 1e-5) / Z)
+    torch.manual_seed(1)
+    ours = S.training_loss(net, sde, x0, loss, weighting="likelihood", importance_sampling=True)
+    torch.manual_seed(1)
+    t = S.likelihood_importance_time(sde, torch.rand(6, dtype=f64))
+    torch.testing.assert_close(ours, ref(sf, sde, x0, t))
+
+
+def test_likelihood_weighting_of_the_ve_sde_is_its_default_weighting():
+    """VE: g^2 = 2 log(sigma_max / sigma_min) sigma^2, so lambda = g^2 / c is lambda = sigma^2 and
+    the two losses agree draw for draw; importance-sampled t is uniform."""
+    sde, x0 = config_sde("ve"), torch.randn(6, 2, dtype=f64)
+    t, z = torch.rand(6, dtype=f64) * 0.9 + 0.05, torch.randn(6, 2, dtype=f64)
+    score = lambda x, t: -x / 3  # noqa: E731
+    torch.testing.assert_close(S.likelihood_weighted_dsm_loss(score, sde, x0, False, t, z),
+                               S.dsm_loss(score, sde, x0, t, z), rtol=1e-12, atol=0)
+    u = torch.linspace(0, 1, 11, dtype=f64)
+    torch.testing.assert_close(S.likelihood_importance_time(sde, u), 1e-5 + (1 - 1e-5) * u)
 
 
 # ---------------------------------------------------------------------------- divergence estimators
@@ -854,6 +1029,30 @@ def test_networks_treat_examples_independently_and_depend_on_time():
         assert not torch.allclose(out, net(x, torch.tensor([0.5, 0.2], dtype=f64)))
 
 
+@pytest.mark.parametrize("name", SDE_NAMES)
+def test_log_sigma_time_is_uniform_in_the_noise_level(name):
+    """c(t) = (log sigma(t) - log sigma(eps)) / (log sigma(1) - log sigma(eps)), sigma typed from
+    the paper's kernels: 0 at eps, 1 at T, increasing; for VE (t - eps) / (1 - eps), its t; and
+    the MLP given it embeds c(t) where the plain one embeds t."""
+    sde = make_sde(name)
+    t = torch.tensor([1e-5, 1e-3, 0.01, 0.3, 1.0], dtype=f64)
+    sigma = paper_kernel(name, t)[1]
+    expected = (sigma.log() - sigma[0].log()) / (sigma[-1].log() - sigma[0].log())
+    torch.testing.assert_close(S.log_sigma_time(sde)(t), expected)
+    assert (expected.diff() > 0).all() and expected[0] == 0 and abs(expected[-1] - 1) < 1e-12
+    if name == "ve":
+        torch.testing.assert_close(expected, (t - 1e-5) / (1 - 1e-5))
+    torch.manual_seed(0)
+    plain = S.ScoreMLP(2, 16, 1).double()
+    mapped = S.ScoreMLP(2, 16, 1, S.log_sigma_time(sde)).double()
+    mapped.load_state_dict(plain.state_dict())
+    for p in plain.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    mapped.load_state_dict(plain.state_dict())
+    x = torch.randn(5, 2, dtype=f64)
+    torch.testing.assert_close(mapped(x, t), plain(x, S.log_sigma_time(sde)(t)))
+
+
 def test_fresh_networks_output_zero():
     """DDPM++'s zero initialisation: a new network predicts eps = 0 (score 0) everywhere."""
     x, t = torch.randn(3, 1, 8, 8), torch.rand(3)
@@ -1027,6 +1226,14 @@ def test_learning_rate_warms_up_linearly_then_stays():
         pytest.approx([2e-4 / 5000, 2e-4 / 2, 2e-4, 2e-4])
 
 
+def test_cosine_learning_rate_falls_from_lr_to_zero_after_the_warm_up():
+    """--lr-schedule cosine: the warm-up as before, then lr (1 + cos(pi p)) / 2, p the fraction of
+    the 1000 steps after it: lr at p = 0, lr / 2 halfway, 0 at the end."""
+    cfg = S.Config(lr=1e-3, warmup=100, steps=1100, lr_schedule="cosine")
+    assert [S.learning_rate(s, cfg) for s in (49, 100, 350, 600, 1100)] == \
+        pytest.approx([5e-4, 1e-3, 1e-3 * (1 + math.cos(math.pi / 4)) / 2, 5e-4, 0.0], abs=1e-12)
+
+
 # ---------------------------------------------------------------------------- command line
 
 POINTS = ["--dataset", "8gaussians", "--hidden", "8", "--depth", "1", "--batch-size", "16", "--n-samples", "8",
@@ -1184,6 +1391,21 @@ def test_points_train_and_eval_with_exact_score_matching(tmp_path):
     assert math.isfinite(result["nll"])
 
 
+def test_points_train_with_likelihood_weighting_and_eval_without_the_flags(tmp_path):
+    """--weighting likelihood --importance-sampling --lr-schedule cosine --time-input log-sigma: the
+    checkpoint remembers them (so --resume trains as it did, and the network is rebuilt with its
+    time input) and --eval needs none of them."""
+    run_main("score_sde", POINTS + ["--steps", "3", "--weighting", "likelihood", "--importance-sampling",
+                                    "--lr-schedule", "cosine", "--time-input", "log-sigma", "--out", str(tmp_path)])
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)["config"]
+    assert saved["weighting"] == "likelihood" and saved["importance_sampling"] is True
+    (net, sde), cfg, _ = S.load(tmp_path / "ckpt.pt")
+    assert cfg.time_input == "log-sigma" and net.time_map is not None and cfg.lr_schedule == "cosine"
+    result = run_main("score_sde", ["--eval", str(tmp_path / "ckpt.pt"), "--eval-n", "10", "--density-tol", "1e-1",
+                                    "--device", "cpu"])
+    assert math.isfinite(result["nll"])
+
+
 def test_resume_is_bit_exact(tmp_path):
     """Dequantisation noise, flips, dropout, t and z all come from the saved random state."""
     flags = DIGITS + ["--save-every", "2", "--flip", "--dropout", "0.1", "--sample-steps", "2"]
@@ -1216,6 +1438,10 @@ def test_user_errors_are_one_line(tmp_path, capsys):
                         (["--progressive", "output_skip"], "--arch ncsnpp"),
                         (["--dataset", "digits", "--loss", "sm"], "--loss ssm-vr"),
                         (["--n-levels", "1"], "--n-levels"),
+                        (["--weighting", "likelihood", "--sde", "ncsn"], "--sde vp, subvp or ve"),
+                        (["--dataset", "rings", "--sde", "ncsn"], "--weighting sigma2"),
+                        (["--importance-sampling"], "--weighting likelihood"),
+                        (["--dataset", "digits", "--time-input", "log-sigma"], "--time-input"),
                         (["--eval-repeats", "0"], "--eval-repeats")]:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
