@@ -1,6 +1,7 @@
 """What the benchmark scripts share: running a model file through its command line, reading
 the metrics it writes, and writing a generated table into README.md between markers."""
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -103,7 +104,10 @@ def train(label, dataset, steps, extra=(), fresh=False):
     out = RUNS / f"{re.sub(r'[^A-Za-z0-9_.]+', '-', label)}-{dataset}-{steps or 'default'}"
     ckpt = out / "ckpt.pt"
     stamp = out / "command.json"
-    command = {"model": model, "dataset": dataset, "steps": steps, "extra": list(map(str, [*flags, *extra]))}
+    # the model file's text is part of the command: a run made before its presets changed is not reused
+    source = hashlib.sha256((ROOT / f"{model}.py").read_bytes()).hexdigest()[:16]
+    command = {"model": model, "dataset": dataset, "steps": steps, "extra": list(map(str, [*flags, *extra])),
+               "source": source}
     if not fresh and ckpt.exists() and stamp.exists() and json.loads(stamp.read_text()) == command:
         return out
     out.mkdir(parents=True, exist_ok=True)

@@ -861,7 +861,7 @@ def ddpm_style_checkpoint(path, net, info, **config):
                   p_uncond=0.1, guidance=0.0, sample_steps=0, eval_n=0)
     fields.update(config)
     state = net.state_dict()
-    common.save_checkpoint(path, dict(model_name="ddpm", step=0, config=fields, data=info.as_dict(),
+    common._save_checkpoint(path, dict(model_name="ddpm", step=0, config=fields, data=info.as_dict(),
                                       rng=[{"cpu": torch.get_rng_state(), "cuda": None}], model=state,
                                       ema={"model": state, "num_updates": 0}))
 

@@ -697,7 +697,7 @@ def test_torchrun_logs_each_loss_once_averaged_over_the_processes(tmp_path):
     for rank in (0, 1):  # train's order: seed, build, batches; then seed + rank for the noise
         common.seed_everything(cfg.seed)
         net = vae.build(cfg, info)
-        x, _ = next(common.Batches(ds, cfg.batch_size, common.Dist(rank=rank, world_size=2), seed=cfg.seed))
+        x, _ = next(common.Batches(ds, cfg.batch_size, common._Dist(rank=rank, world_size=2), seed=cfg.seed))
         common.seed_everything(cfg.seed + rank)
         loss, stats_ = vae.training_loss(net, vae.prepare(x, info, net.likelihood), cfg.objective, cfg.k)
         losses.append(loss.item())

@@ -692,7 +692,7 @@ def test_colour_images_bits_per_dim_divide_by_every_sub_pixel(tmp_path, monkeypa
     here from the networks, and bits/dim divides it by C*H*W."""
     g = torch.Generator().manual_seed(0)
     info = common.DataInfo("cifar10", "image", (3, 4, 4), levels=256, num_classes=10)
-    sets = {split: common.Dataset(info, split, torch.randint(0, 256, (n, 3, 4, 4), generator=g, dtype=torch.uint8),
+    sets = {split: common._Dataset(info, split, torch.randint(0, 256, (n, 3, 4, 4), generator=g, dtype=torch.uint8),
                                   torch.zeros(n, dtype=torch.long)) for split, n in (("train", 64), ("test", 6))}
     monkeypatch.setattr(vqvae, "load_dataset", lambda name, split="train", root=None: sets[split])
     out = tmp_path / "run"
