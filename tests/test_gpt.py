@@ -555,7 +555,7 @@ def test_arch_gpt2_is_usable_and_help_lists_only_usable_presets(monkeypatch, cap
     with torch.device("meta"):
         net = gpt.build(cfg, info)
     assert sum(p.numel() for p in net.parameters()) == 124_439_808  # GPT-2 small
-    cfg = gpt.main(["--arch", "gpt2", "--n-layer", "2", "--dropout", "0.1"])  # digits: no preset of its own
+    cfg = gpt.main(["--arch", "gpt2", "--n-layer", "2", "--dropout", "0.1"])  # digits: its preset sets steps only
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout) == (2, 12, 768, 0.1)
     assert gpt.main(["--dataset", "shakespeare"]).n_layer == 6 and gpt.main([]).n_layer == 4
     for name in gpt.PRESETS:

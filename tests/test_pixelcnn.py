@@ -296,6 +296,22 @@ def test_diagonal_lstm_column_state_follows_left_and_upper_neighbours():
     assert torch.equal(g, (rows < i) & (cols >= j))     # shifted: rows above, columns >= c
 
 
+@pytest.mark.parametrize("H,num_classes", [(1, 0), (5, 0), (4, 3)])
+def test_bilstm_layer_is_both_full_directions_with_the_mirrored_one_shifted_down(H, num_classes):
+    """The layer runs its mirrored direction on the rows the shift keeps (rows 0 .. H - 2): the same
+    output as both directions run on the whole image, the mirrored one then shifted down a row."""
+    layer = tiny("diagonal-bilstm", 1, 4, num_classes=num_classes, h=4, n_layers=1).blocks[0]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, H, 5, generator=g, dtype=f64)
+    y = torch.tensor([0, 2]) if num_classes else None
+    bias = P._label_bias(layer.cond, y)
+    b_lr, b_rl = bias.chunk(2, dim=1) if torch.is_tensor(bias) else (bias, bias)
+    left_to_right = layer.lstm[0](layer.input_to_state[0](x) + b_lr)
+    right_to_left = layer.lstm[1](layer.input_to_state[1](x.flip(3)) + b_rl).flip(3)
+    expect = x + layer.out(left_to_right + P.down_shift(right_to_left))
+    torch.testing.assert_close(layer(x, y), expect, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("arch,colors", [("rowlstm", 3), ("diagonal-bilstm", 3), ("diagonal-bilstm", 1)])
 def test_every_value_of_one_pixel_has_total_probability_one(arch, colors):
     """sum over the L^C values v of a pixel of prod_c p(v_c | v_<c, earlier pixels) = 1, the
