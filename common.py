@@ -1001,7 +1001,6 @@ class _Dataset:
     sample: typing.Optional[typing.Callable] = None
 
 
-Dataset, Dist, save_checkpoint = _Dataset, _Dist, _save_checkpoint  # former names, for tests not yet renamed
 POINTS_LIM = 4.0  # every 2D set lies in [-4, 4]^2
 
 

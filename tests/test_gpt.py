@@ -199,9 +199,9 @@ def test_text_windows_predict_each_character_once():
 def test_text_windows_for_training_are_slices_split_over_processes_and_resumable():
     info = common.DataInfo("t", "text", (), vocab=tuple("abcdefgh"))
     data = torch.randint(0, 8, (300,), generator=torch.Generator().manual_seed(0))
-    ds = common.Dataset(info, "train", data)
-    whole = gpt.TextWindows(ds, 6, 16, common.Dist(), seed=3)
-    halves = [gpt.TextWindows(ds, 6, 16, dataclasses.replace(common.Dist(), rank=r, world_size=2), seed=3)
+    ds = common._Dataset(info, "train", data)
+    whole = gpt.TextWindows(ds, 6, 16, common._Dist(), seed=3)
+    halves = [gpt.TextWindows(ds, 6, 16, dataclasses.replace(common._Dist(), rank=r, world_size=2), seed=3)
               for r in range(2)]
     for _ in range(3):
         x, y = next(whole)
@@ -210,7 +210,7 @@ def test_text_windows_for_training_are_slices_split_over_processes_and_resumable
             starts = [s for s in range(300 - 16) if torch.equal(data[s:s + 17], row)]
             assert starts
         assert torch.equal(torch.cat([next(h)[0] for h in halves]), x)  # the global batch, sliced
-    again = gpt.TextWindows(ds, 6, 16, common.Dist(), seed=3)
+    again = gpt.TextWindows(ds, 6, 16, common._Dist(), seed=3)
     again.load_state_dict(whole.state_dict())
     assert torch.equal(next(again)[0], next(whole)[0])
 
@@ -266,7 +266,7 @@ def colour_set(monkeypatch):
     """gpt.load_dataset serves a made-up 3-channel 8-bit set of cifar10's kind (no download)."""
     g = torch.Generator().manual_seed(0)
     info = common.DataInfo("cifar10", "image", (3, 4, 4), levels=256, num_classes=10)
-    sets = {split: common.Dataset(info, split, torch.randint(0, 256, (n, 3, 4, 4), generator=g, dtype=torch.uint8),
+    sets = {split: common._Dataset(info, split, torch.randint(0, 256, (n, 3, 4, 4), generator=g, dtype=torch.uint8),
                                   torch.zeros(n, dtype=torch.long)) for split, n in (("train", 64), ("test", 6))}
     monkeypatch.setattr(gpt, "load_dataset", lambda name, split="train", root=None: sets[split])
     return sets
@@ -491,7 +491,7 @@ def test_resume_equals_uninterrupted_training_on_text(tmp_path):
                                        (["--palette-size", "64"], "--palette-size")])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, flag, monkeypatch):
     if flag == "--image-bits":  # no download: a tiny 8-bit colour set in place of cifar10
-        fake = common.Dataset(common.DataInfo("cifar10", "image", (3, 2, 2), levels=256, num_classes=10), "train",
+        fake = common._Dataset(common.DataInfo("cifar10", "image", (3, 2, 2), levels=256, num_classes=10), "train",
                               torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
         monkeypatch.setattr(gpt, "load_dataset", lambda *a, **k: fake)
     with pytest.raises(SystemExit) as e:
@@ -576,7 +576,7 @@ def test_completion_grid_says_which_columns_are_which(tmp_path, monkeypatch):
     monkeypatch.setattr(gpt, "save_image_grid", lambda x, path, levels=None, nrow=None, title=None:
                         titles.__setitem__(path.name, (title, nrow)))
     info = common.DataInfo("digits", "image", (1, 4, 4), levels=17)
-    test = common.Dataset(info, "test", torch.randint(0, 17, (8, 1, 4, 4), dtype=torch.uint8))
+    test = common._Dataset(info, "test", torch.randint(0, 17, (8, 1, 4, 4), dtype=torch.uint8))
     net = tiny(vocab=17, block=16, start_token=True).float()
     gpt.write_samples(net, gpt.Config(n_samples=2), info, tmp_path, 7, common.Logger(tmp_path, 0), test)
     assert titles["samples_7.png"] == (None, None)

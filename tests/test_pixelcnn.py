@@ -1023,7 +1023,7 @@ def test_completion_grid_says_which_columns_are_which(tmp_path, monkeypatch):
     monkeypatch.setattr(P, "save_image_grid", lambda x, path, levels=None, nrow=None, title=None:
                         grids.__setitem__(path.name, (x, title, nrow)))
     info = common.DataInfo("digits", "image", (1, 4, 4), levels=5, num_classes=10)
-    test = common.Dataset(info, "test", torch.randint(0, 5, (8, 1, 4, 4), dtype=torch.uint8),
+    test = common._Dataset(info, "test", torch.randint(0, 5, (8, 1, 4, 4), dtype=torch.uint8),
                           torch.arange(8) % 10)
     net = P.GatedPixelCNN(1, 5, p=4, n_layers=2, out_hidden=8).eval()
     P.write_pictures(net, P.Config(n_samples=2), info, tmp_path, 7, common.Logger(tmp_path, 0), test)
@@ -1052,7 +1052,7 @@ def test_completion_grid_says_which_columns_are_which(tmp_path, monkeypatch):
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, flag, monkeypatch):
     if "cifar10" in argv:  # no download: a tiny 8-bit colour set in place of cifar10
-        fake = common.Dataset(common.DataInfo("cifar10", "image", (3, 4, 4), levels=256, num_classes=10), "train",
+        fake = common._Dataset(common.DataInfo("cifar10", "image", (3, 4, 4), levels=256, num_classes=10), "train",
                               torch.zeros(4, 3, 4, 4, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
         monkeypatch.setattr(P, "load_dataset", lambda *a, **k: fake)
     with pytest.raises(SystemExit) as e:
