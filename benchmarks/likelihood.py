@@ -145,7 +145,9 @@ def main():
                     "![learned densities, recent rows](benchmarks/results/likelihood_density_recent.png)")
     md = (f"### Likelihood\n\nTest-set NLL after training with each model's preset (batch {BATCH['8gaussians']} on the "
           f"2D sets, {BATCH['digits']} on digits); the last column gives the training steps and wall time "
-          "(2D sets, the slowest of the three / digits). The 2D values are continuous "
+          "(2D sets, the slowest of the three / digits), which depends on the machine's load (rows measured "
+          "beside other jobs name the load where it was recorded; the 2026-12-06 rows without it ran at load "
+          "averages of 20-55 on 2 cores, many times a quiet machine's time). The 2D values are continuous "
           "NLLs (or their upper bounds, for models with a variational bound), to be read against the true "
           "entropy; digits bits/dim are of the 17-level data; n/a where the model file reports no likelihood "
           "(its `--eval` says why). In the figure each panel's colour scale ends at "
