@@ -856,6 +856,7 @@ class DiagonalBiLSTMLayer(nn.Module):
         self.cond = nn.Embedding(num_classes, 8 * h) if num_classes else None
 
     def forward(self, x, y=None):
+        """x (B, 2h, H, W) + the 1x1 convolution of both directions' states (the class docstring)."""
         bias = _label_bias(self.cond, y)
         b_lr, b_rl = bias.chunk(2, dim=1) if torch.is_tensor(bias) else (bias, bias)
         left_to_right = self.lstm[0](self.input_to_state[0](x) + b_lr)

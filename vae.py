@@ -8,20 +8,13 @@ Kim et al. 2018, arXiv 1802.02550 (SA-VAE); Salimans et al. 2017, arXiv 1701.055
 Child 2021, arXiv 2011.10650 (VD-VAE); Vahdat & Kautz 2020, arXiv 2007.03898 (NVAE, residual normal).
 
 Implemented: a diagonal-Gaussian q0(z|x), N(0, I) prior, Bernoulli / Gaussian / categorical /
-discretized-logistic decoders; the ELBO (closed-form KL), L_k in chunks (k = 5000 fits), the IWAE
-objective, KL warm-up, free bits, active units; `--posterior planar|radial` (flow parameters from
-the encoder per example) and `--posterior iaf` (MADE steps with the encoder's context h), whose
-bounds use the flow's density q_K; `--svi-steps K`: SA-VAE, K gradient steps on (mu, logvar) per
-example, differentiated exactly by autograd (Kim et al. use finite differences), each example's
-gradients clipped to norm 5 (--svi-max-grad-norm; Kim et al.'s code clips the whole batch's, which
-would tie an example's refinement to its batch; no momentum); `--arch hierarchical`: VD-VAE, groups
-of latents at several resolutions formed top-down, a closed-form KL per group, gradient skipping,
-`--residual-posterior` (NVAE's q), prior samples at a temperature per group (2D points: the same
-blocks on 1x1 "images", i.e. MLPs). Not implemented: Burda et al.'s two stochastic layers,
-Sylvester and Householder flows, IAF with ResNet blocks (Kingma et al.'s CIFAR-10 model), SVI on
-flow parameters, logistic mixtures (also VD-VAE's), free bits with a flow (its KL has no
-per-dimension terms; --kl-warmup keeps its latents alive), NVAE's cells, flows in q and spectral
-regularisation.
+discretized-logistic decoders; the ELBO, L_k (k = 5000 in chunks), the IWAE objective, KL warm-up,
+free bits, active units; flows in q, `--posterior planar|radial|iaf` (parameters or context h from
+the encoder; the bounds use q_K); SA-VAE, `--svi-steps K` (exact autograd through the steps, each
+example's SVI gradients clipped); `--arch hierarchical`, VD-VAE's top-down latent groups with
+gradient skipping and `--residual-posterior` (NVAE's q). Not implemented: two stochastic layers,
+Sylvester and Householder flows, IAF with ResNet blocks, SVI on flow parameters or with momentum,
+logistic mixtures, free bits with a flow, NVAE's cells and spectral regularisation.
 Data: digits, a discretized logistic over 17 levels (bits/dim = -log2 p(x) / 64); mnist, binarised
 afresh every batch (the test set once, EVAL_BINARIZATION_SEED); 2D points, a Gaussian decoder, nats.
 
@@ -555,6 +548,7 @@ class IAF(nn.Module):
                 made.out.bias[dim:].fill_(1.0)
 
     def forward(self, z, h):
+        """z_K and sum_k sum_i log sigma_k,i: the K steps of Eqs. 10-14, context h (B, H)."""
         log_det = 0
         for made in self.steps:
             m, s = made(z, h)
@@ -779,6 +773,7 @@ class HierarchicalEncoder(nn.Module):
                                     for r, _ in blocks)
 
     def forward(self, x):
+        """The bottom-up pass: {resolution: the last activation at that resolution}."""
         h = self.stem(x)
         acts = {h.shape[-1]: h}
         for block, (_, down) in zip(self.blocks, self.blocks_spec):
