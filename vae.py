@@ -51,6 +51,7 @@ Paper -> code
 References (binarised MNIST, test -log p(x), nats): Burda et al. Table 1, 784-200-200-50 tanh: VAE
 86.76, IWAE (k = 50) 84.78; Rezende & Mohamed Table 2 (bound): diagonal Gaussian 89.9, planar K = 10
 / 20 / 40 / 80: 87.5 / 86.5 / 85.7 / 85.1. `--dataset mnist` is Burda et al.'s model and optimiser.
+IAF: Kingma et al. 2016, CIFAR-10 3.11 bits/dim with their ResNet VAE (not this file's MLP).
 Hierarchical (PAPERS.md): VD-VAE CIFAR-10 2.87 bits/dim with 39M parameters (`--arch hierarchical
 --dataset cifar10` builds that network, 39.1M with one logistic); NVAE CIFAR-10 2.91, binarised MNIST 78.01.
 """
