@@ -440,7 +440,7 @@ def parse_config(cls, presets, argv=None, doc=None, kinds=("image", "points", "t
     `arch_presets[arch]` replaces `presets` where given), then the typed flags."""
     parser = _build_parser(cls, presets, doc, arch_presets or {})
     typed = vars(parser.parse_args(argv))
-    default = {f.name: _field_default(f) for f in dataclasses.fields(cls)}
+    default = {f.name: f.default for f in dataclasses.fields(cls)}
     dataset = typed.get("dataset", default["dataset"])
     try:
         kind = _dataset_kind(dataset)
@@ -483,7 +483,7 @@ def _build_parser(cls, presets, doc, arch_presets):
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        name, default = "--" + f.name.replace("_", "-"), _field_default(f)
+        name, default = "--" + f.name.replace("_", "-"), f.default
         help_text = f.metadata.get("help", "") + ("" if default is None else f" (default: {_show(default)})")
         if hints[f.name] is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
@@ -511,10 +511,6 @@ def _converter(tp, default):
         parse_tuple.__name__ = f"comma-separated {item.__name__}"
         return parse_tuple
     return tp
-
-
-def _field_default(f):
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def _show(v):
