@@ -1374,7 +1374,7 @@ FID_WEIGHTS_ENV = "GENMODELS_INCEPTION_WEIGHTS"  # a local weights file in torch
 _FID_MAX_N = 50_000  # samples by default; a smaller training split (digits: 1497) gives its size
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2):
+def _frechet_distance(mu1, sigma1, mu2, sigma2):
     """d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between N(mu1, S1) and N(mu2, S2)
     (Heusel et al. 2017, arXiv 1706.08500, Eq. 6), in float64; Tr (S1 S2)^(1/2) is taken as
     Tr (S1^(1/2) S2 S1^(1/2))^(1/2), the square root of a symmetric PSD matrix (by eigh)."""
@@ -1383,13 +1383,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     cross = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ s2 @ root1), 0, None)).sum()
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
-
-
-def gaussian_stats(features):
-    """(mean, covariance) of feature rows (N, D) in float64; the covariance unbiased, as np.cov."""
-    moments = _Moments()
-    moments.add(torch.as_tensor(np.asarray(features)))
-    return moments.stats()
 
 
 class _Moments:
@@ -1404,6 +1397,7 @@ class _Moments:
         self.n, self.sum, self.outer = self.n + len(f), self.sum + f.sum(0), self.outer + f.T @ f
 
     def stats(self):
+        """(mean, covariance) in float64; the covariance unbiased, as np.cov."""
         mu = self.sum / self.n
         return mu.numpy(), ((self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)).numpy()
 
@@ -1498,7 +1492,7 @@ def fid_evaluate(cfg, info, sample, levels=None):
         if info.name == "cifar10":  # the Inception Score's classes are ImageNet's: natural images only
             logits.append(logit)
         _fid_progress("samples", done + m, n, t0)
-    fields = dict(split="train", fid=frechet_distance(*moments.stats(), mu_ref, sigma_ref), n=n,
+    fields = dict(split="train", fid=_frechet_distance(*moments.stats(), mu_ref, sigma_ref), n=n,
                   reference_n=len(train_set.data), extractor=extractor)
     if logits:  # exp E_x KL(p(y|x) || p(y)) over 10 parts (Salimans et al. 2016, arXiv 1606.03498): the library's
         from torch_fidelity.metric_isc import isc_features_to_metric

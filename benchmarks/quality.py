@@ -17,6 +17,7 @@ import argparse
 import re
 import sys
 
+import numpy as np
 import torch
 
 from _runs import (RESULTS, ROOT, Unsupported, merge_rows, model_of, present_systems, provenance, run, shown, train,
@@ -28,9 +29,10 @@ import common  # noqa: E402
 
 
 def frechet_distance(a, b):
-    """Frechet distance between Gaussians fitted to feature sets a (N, D) and b (M, D): common.py's,
-    the one --fid computes in Inception features."""
-    return common.frechet_distance(*common.gaussian_stats(a), *common.gaussian_stats(b))
+    """Frechet distance between Gaussians fitted to feature sets a (N, D) and b (M, D) (mean and
+    unbiased covariance): common.py's formula, the one --fid computes in Inception features."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return common._frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ def test_frechet_distance_equals_the_formula_with_scipys_sqrtm(seed):
     d = 6
     mu1, mu2, s1, s2 = rng.normal(size=d), rng.normal(size=d), _spd(rng, d), _spd(rng, d)
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
-    assert common.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert common._frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
 
 
 def test_frechet_distance_closed_forms_and_zero_for_identical_statistics():
@@ -40,18 +40,21 @@ def test_frechet_distance_closed_forms_and_zero_for_identical_statistics():
     mu1, mu2, s = rng.normal(size=d), rng.normal(size=d), _spd(rng, d)
     # commuting covariances S and c S: Tr(S + cS - 2 sqrt(c) S) = (1 - sqrt c)^2 Tr S
     c = 2.5
-    assert common.frechet_distance(mu1, s, mu2, c * s) == pytest.approx(
+    assert common._frechet_distance(mu1, s, mu2, c * s) == pytest.approx(
         ((mu1 - mu2) ** 2).sum() + (1 - np.sqrt(c)) ** 2 * np.trace(s), rel=1e-10)
     # diagonal covariances: the 1D distances (mu1 - mu2)^2 + (sigma1 - sigma2)^2 summed
     v1, v2 = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
-    assert common.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(
+    assert common._frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(
         ((mu1 - mu2) ** 2 + (np.sqrt(v1) - np.sqrt(v2)) ** 2).sum(), rel=1e-10)
-    assert abs(common.frechet_distance(mu1, s, mu1, s)) < 1e-10 * np.trace(s)
+    assert abs(common._frechet_distance(mu1, s, mu1, s)) < 1e-10 * np.trace(s)
 
 
-def test_gaussian_stats_are_the_mean_and_unbiased_covariance():
+def test_running_moments_over_batches_are_the_mean_and_unbiased_covariance():
     f = np.random.default_rng(1).normal(3.0, 2.0, size=(50, 4))
-    mu, sigma = common.gaussian_stats(f)
+    moments = common._Moments()
+    for part in np.array_split(f, [7, 8, 30]):  # batches of 7, 1, 22 and 20 rows
+        moments.add(torch.as_tensor(part))
+    mu, sigma = moments.stats()
     np.testing.assert_allclose(mu, f.mean(0), rtol=1e-12)
     np.testing.assert_allclose(sigma, np.cov(f, rowvar=False), rtol=1e-10)
 
@@ -170,16 +173,16 @@ def test_an_interrupted_run_reuses_the_cached_statistics(digits_checkpoints, tmp
     """Stopped (Ctrl-C) after the statistics were written: the run again passes only its samples."""
     ckpt = _checkpoint("realnvp", digits_checkpoints["realnvp"])
     argv = ["--eval", ckpt, "--fid", 4, "--out", tmp_path, "--data-dir", tmp_path / "data"]
-    frechet_distance = common.frechet_distance
+    frechet_distance = common._frechet_distance
 
     def interrupted(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(common, "frechet_distance", interrupted)
+    monkeypatch.setattr(common, "_frechet_distance", interrupted)
     with pytest.raises(SystemExit) as e:
         run_main("realnvp", argv)
     assert e.value.code == 130 and not (tmp_path / "metrics.jsonl").exists()
     seen = len(fake_inception.batches)
-    monkeypatch.setattr(common, "frechet_distance", frechet_distance)
+    monkeypatch.setattr(common, "_frechet_distance", frechet_distance)
     run_main("realnvp", argv)
     assert sum(len(b) for b in fake_inception.batches[seen:]) == 4  # the samples only
 
