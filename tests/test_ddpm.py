@@ -248,6 +248,16 @@ def test_cosine_schedule_against_formula(T):
     assert betas[-1] == pytest.approx(min(0.999, 1 - f(T) / f(T - 1)), abs=1e-12)
 
 
+@given(T=st.integers(2, 400), max_beta=st.floats(0.5, 0.999))
+def test_max_beta_clips_only_the_betas_above_it(T, max_beta):
+    """make_betas(..., max_beta) = min(beta_t, max_beta) of the unclipped formula, for both schedules."""
+    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    raw = torch.tensor([1 - f(t) / f(t - 1) for t in range(1, T + 1)], dtype=torch.float64)
+    torch.testing.assert_close(ddpm.make_betas("cosine", T, max_beta), raw.clamp(max=max_beta), rtol=0, atol=1e-12)
+    linear = torch.linspace(0.1 / T, 20 / T, T, dtype=torch.float64)
+    torch.testing.assert_close(ddpm.make_betas("linear", T, max_beta), linear.clamp(max=max_beta), rtol=0, atol=1e-12)
+
+
 def test_linear_schedule_endpoints():
     b = linear_beta_schedule(1000)
     assert b[0] == 1e-4 and abs(b[-1] - 0.02) < 1e-15 and len(b) == 1000
