@@ -17,7 +17,8 @@ ddpm.py: diffusion.nll's own evaluation (one draw of x_t per t and point), each 
 L_T = KL(q(x_T | x_0) || N(0, I)), the KLs L_t = KL(q(x_t | x_{t+1}, x_0) || p(x_t | x_{t+1})) for
 t = 1 .. T-1 in bands of t, and the decoder L_0 = -log p(x_0 | x_1) (Ho et al. Eq. 5; ddpm.py's
 index t holds L_t). Against each term its value for the true reverse process q(x_t | x_{t+1}) (each
-expectation split by adding and subtracting log q(x_t | x_{t+1}); x_0 -> x_t -> x_{t+1} is Markov): E[L_t] = I(x_0; x_t) - I(x_0; x_{t+1}) + E KL(q(x_t | x_{t+1}) || p(x_t | x_{t+1})),
+expectation split by adding and subtracting log q(x_t | x_{t+1}); x_0 -> x_t -> x_{t+1} is Markov):
+E[L_t] = I(x_0; x_t) - I(x_0; x_{t+1}) + E KL(q(x_t | x_{t+1}) || p(x_t | x_{t+1})),
 E[L_0] = H(x_0) - I(x_0; x_1) + E KL(q(x_0 | x_1) || p(x_0 | x_1)), E[L_T] = I(x_0; x_T) + KL(q(x_T) || N),
 so bound - H = KL(q(x_T) || N) + the sum of each step's KL between the true and the model's reverse
 kernel, and a band's excess over its mutual-information term is that band's share of the gap.
