@@ -133,7 +133,8 @@ def vqvae_section(results, entropy, cmd):
     }
     sets = [d for d in POINTS if d in results]
     table = ("| | " + " | ".join(sets) + " |\n" + "|---" * (len(sets) + 1) + "|\n"
-             + "\n".join(f"| {name} | " + " | ".join(f(results[d], d) for d in sets) + " |" for name, f in rows.items()))
+             + "\n".join(f"| {name} | " + " | ".join(f(results[d], d) for d in sets) + " |"
+                         for name, f in rows.items()))
     e = results
     fmt = lambda f: " / ".join(f(e[d], d) for d in sets)
     reading = (
@@ -147,16 +148,19 @@ def vqvae_section(results, entropy, cmd):
     check = max(e[d]["joint_check"] for d in sets)
     return (
         "### The bound's gap to the entropy on the 2D sets, measured (issue 28)\n\n"
-        "The points preset's runs of `benchmarks/likelihood.py` (4000 steps, batch 256, K = 64 codes), on the "
+        f"The points preset's runs of `benchmarks/likelihood.py` ({e[sets[0]]['steps']} steps, batch 256, "
+        f"K = {e[sets[0]]['K']} codes), on the "
         "10000 test points: the bound B = -log p(x | z(x)) - log p(z(x)) (`vqvae.nll_bound`, the encoder's code "
         "only), the model's exact -log p(x) = -log sum_k p(k) p(x | e_k) (`vqvae.exact_log_likelihood`; the "
         "prior on points is a categorical over the K codes), their difference, the looseness, which is "
         "-log p(z(x) | x) point by point, and the misfit KL(p_true || p_model) as the mean of "
         "log p_true(x) - log p(x) over the same points (paired, ± a standard error); B - H is their sum plus the "
         "test points' own error, their mean -log p_true(x) - H ("
-        + " / ".join(f"{e[d]['test_entropy'][0] - entropy[d][0]:.3f}" for d in sets) + "). The posterior p(k | x) from each code's "
+        + " / ".join(f"{e[d]['test_entropy'][0] - entropy[d][0]:.3f}" for d in sets)
+        + "). The posterior p(k | x) from each code's "
         f"joint log p(k) + log p(x | e_k) (`vqvae.log_marginal` with that code alone; its logsumexp equals the "
-        f"exact log p(x){'' if check == 0 else f' to {check:.0e}'}). Produced by {stamp(cmd)}.\n\n" + table + "\n\n" + reading)
+        f"exact log p(x){'' if check == 0 else f' to {check:.0e}'}). Produced by {stamp(cmd)}.\n\n"
+        + table + "\n\n" + reading)
 
 
 # ----------------------------------------------------------------------------------------
