@@ -647,7 +647,8 @@ PRESETS = {
     # beta_T clipped at 0.99, not 0.999 (ours): the first reverse step's mean multiplies the network's
     # error in eps by beta_T / sqrt(alpha_T (1 - alpha_bar_T)), 31.6 at 0.999, and that one step held
     # 0.26 / 0.56 / 0.43 nats of the bound's 0.31 / 0.73 / 0.75 above the entropy on 8gaussians /
-    # checkerboard / rings (benchmarks/bound_gaps.py); at 0.99 the bound fell by 0.24 / 0.50 / 0.38.
+    # checkerboard / rings (benchmarks/bound_gaps.py, run when the preset clipped at 0.999); at 0.99 the
+    # bound fell by 0.24 / 0.50 / 0.38, the other terms unchanged.
     "points": dict(steps=5000, batch_size=512, lr=1e-3, warmup=100, ema_decay=0.995, max_beta=0.99,
                    timesteps=200, schedule="cosine", var_type="learned", hidden=128, save_every=2500,
                    n_samples=2000),
