@@ -38,16 +38,15 @@ def main():
     p.add_argument("--dataset", default="rings", help="the 2D set (default rings, the longest presets)")
     p.add_argument("--models", nargs="*", default=None, help="systems to time now; the others keep their stored rows")
     args = p.parse_args()
-    rows = {}
+    cmd = "python benchmarks/points_time.py" + (f" --dataset {args.dataset}" if args.dataset != "rings" else "") + \
+        (" --models " + " ".join(f"'{m}'" for m in args.models) if args.models else "")
+    merged = merge_rows("points_time", {}, cmd)
     for label in present_systems() if args.models is None else args.models:
         print(f"{label} ...", flush=True)
         r = default_run(label, args.dataset)
-        if r:
-            rows[label] = [args.dataset, str(r[1]), f"{r[0] / 60:.1f}"]
+        if r:  # stored at once: an interrupted run keeps the rows it measured
+            merged = merge_rows("points_time", {label: [args.dataset, str(r[1]), f"{r[0] / 60:.1f}"]}, cmd)
             print(f"  {r[1]} steps, {r[0]:.0f} s", flush=True)
-    cmd = "python benchmarks/points_time.py" + (f" --dataset {args.dataset}" if args.dataset != "rings" else "") + \
-        (" --models " + " ".join(f"'{m}'" for m in args.models) if args.models else "")
-    merged = merge_rows("points_time", rows, cmd)
     lines = ["| system | dataset | steps | minutes |", "|---|---|---|---|"]
     lines += [f"| {shown(m)} | " + " | ".join(cells) + " |" for m, cells, _ in merged]
     md = ("### Default runs on a 2D set\n\nWall time of the whole command `python <model>.py --dataset <set>` with "
