@@ -14,10 +14,15 @@ Every Frechet distance is quality.py's: `--n` images against the 300 test images
 - vae, vqvae, vqvae --levels 2: the decoder's reconstructions of the floor's `--n` training images
   (vae: the decoder mean at the posterior mean, vae.reconstruct; vqvae: the decoder's mode at the
   encoder's codes, as --sample decodes) against the prior samples: the decoder's limit against the
-  prior's.
+  prior's. vae also: decoder means at z from the full-covariance Gaussian fitted to the posterior
+  means of the 1497 training images (whether a better Gaussian prior would do).
 - realnvp (--arch glow, maf), ffjord (--arch residual): samples at the prior temperature T = 0.7,
   0.85 and 1, z ~ N(0, T^2 I) (Kingma & Dhariwal 2018, arXiv 1807.03039, Sec. 6), from one shared
-  draw: whether the samples' error sits in the tails of the base distribution.
+  draw: whether the samples' error sits in the tails of the base distribution; and samples
+  f^{-1}(z) at z from the Gaussian fitted to the latents f(x + u) of the 1497 training images,
+  whether it sits in the base's shape; with the dequantised bound in bits/dim on the training and
+  the test images (computed on the same pass) and the fitted Gaussian's mean norm and covariance
+  eigenvalues.
 - ddim: the sampling steps S and eta (Song et al. 2021, arXiv 2010.02502, Eqs. 12 and 16; the
   file's tau, x0_hat clipped, as --sample), from one shared x_T: the sampler's share.
 - pixelcnn, gpt: the checkpoint against a run of `--long-steps` steps (the preset's cosine schedule
@@ -40,7 +45,8 @@ import time
 
 import torch
 
-from _runs import RESULTS, ROOT, RUNS, SYSTEMS, merge_rows, provenance, shown, train, write_section
+from _runs import (RESULTS, ROOT, RUNS, SYSTEMS, last_event, merge_rows, model_of, provenance, read_metrics, run, shown,
+                   train, training_length as training_time, write_section)
 from quality import features, frechet_distance, reference, samples_of
 
 sys.path.insert(0, str(ROOT))
@@ -55,6 +61,7 @@ import vqvae  # noqa: E402
 STEPS = 2000                                       # the table's runs
 TEMPERATURES = (0.7, 0.85, 1.0)
 DDIM = ((20, 0.0), (50, 0.0), (100, 0.0), (200, 0.0), (1000, 1.0))   # (S, eta); the table: S = 50, eta 0
+DDPM_NET = ((50, 0.0), (200, 0.0))                 # the same sampler on ddpm.py's run
 TARGET = {"ar": 2, "latent": 4, "flow": 4, "diffusion": 2, "energy": 4}            # times the floor (issue 28)
 FAMILY = {"pixelcnn": "ar", "gpt": "ar", "vae": "latent", "vqvae": "latent", "realnvp": "flow", "ffjord": "flow",
           "ddim": "diffusion", "ebm": "energy"}
@@ -110,10 +117,11 @@ def decoder_against_prior(label, out, fd):
         fitted = vae.as_image(net.likelihood.mean(net.decode(z.float())), net)
         return {"reconstructions": fd(recon), "z ~ N(m, S) of the posterior means": fd(fitted),
                 "prior samples": fd(samples_of(label, out, fd.n))}
-    (vq, _), cfg, info = vqvae.load(out / "ckpt.pt")
+    (vq, prior), cfg, info = vqvae.load(out / "ckpt.pt")
     logits = vq(vqvae.to_model_space(fd.real, info))[0]
     recon = vqvae.decoder_sample(logits, vqvae.decoder_levels(info), mode=cfg.decode == "mode")
-    return {"reconstructions": fd(recon), "prior samples": fd(samples_of(label, out, fd.n))}
+    return ({"reconstructions": fd(recon), "prior samples": fd(samples_of(label, out, fd.n))},
+            {"prior_updates": int(prior.updates)})
 
 
 def flow_latents(model, net, cfg, info, x, generator, chunk=500):
@@ -159,30 +167,55 @@ def temperatures(label, out, fd):
     fitted = m + torch.randn(fd.n, len(m), generator=torch.Generator().manual_seed(0), dtype=L.dtype) @ L.T
     result["z ~ N(m, S) of f(train)"] = fd(flow_inverse(model, net, cfg, info, fitted.float().reshape(z0.shape)))
     eig = torch.linalg.eigvalsh(L @ L.T)
-    return result, {"train_bits_per_dim": train_bits, "test_bits_per_dim": test_bits, "latent_mean_norm": m.norm().item(),
-                    "latent_var_mean": eig.mean().item(),
+    return result, {"train_bits_per_dim": train_bits, "test_bits_per_dim": test_bits,
+                    "latent_mean_norm": m.norm().item(), "latent_var_mean": eig.mean().item(),
                     "latent_cov_eig_min": eig[0].item(), "latent_cov_eig_max": eig[-1].item()}
 
 
 def sampler_steps(label, out, fd):
-    """ddim: S and eta from one shared x_T (the seed of --sample), the file's tau, x0_hat clipped."""
-    (net, alphas_cumprod), cfg, info = ddim.load(out / "ckpt.pt")
-    x_T = torch.randn((fd.n, *info.shape), generator=torch.Generator().manual_seed(0))
-    skip = cfg.skip or ddim.paper_skip(info)
+    """ddim: S and eta from one shared x_T (the seed of --sample), the file's tau, x0_hat clipped; the
+    same for the network of ddpm.py's run (the same configuration trained again: a second network)."""
     result = {}
-    for S, eta in DDIM:
-        x = ddim.ddim_sample(net, alphas_cumprod, x_T=x_T, steps=S, eta=eta, skip=skip, clip_x0=True,
-                             generator=torch.Generator().manual_seed(1))
-        result[f"S = {S}, eta = {eta:g}"] = fd(ddim.to_levels(x, info))
-        print(f"  S = {S}, eta = {eta:g}: {result[f'S = {S}, eta = {eta:g}']:.2f}", flush=True)
+    for name, folder, settings in (("", out, DDIM), ("ddpm.py's network: ", run_of("ddpm", STEPS)[0], DDPM_NET)):
+        (net, alphas_cumprod), cfg, info = ddim.load(folder / "ckpt.pt")
+        x_T = torch.randn((fd.n, *info.shape), generator=torch.Generator().manual_seed(0))
+        for S, eta in settings:
+            x = ddim.ddim_sample(net, alphas_cumprod, x_T=x_T, steps=S, eta=eta, skip=cfg.skip or ddim.paper_skip(info),
+                                 clip_x0=True, generator=torch.Generator().manual_seed(1))
+            key = f"{name}S = {S}, eta = {eta:g}"
+            result[key] = fd(ddim.to_levels(x, info))
+            print(f"  {key}: {result[key]:.2f}", flush=True)
     return result
 
 
+def bits(label, out):
+    """(the last logged training loss, the test NLL by the model file's --eval; run once, then read
+    from metrics.jsonl), both in bits/dim, of the run in `out`."""
+    if not any(r.get("event") == "eval" for r in read_metrics(out)):
+        run(model_of(label), ["--eval", out / "ckpt.pt", "--out", out], out / "log.txt")
+    train_bits = [r["bits_per_dim"] for r in read_metrics(out) if "step" in r and "event" not in r][-1]
+    return train_bits, last_event(out, "eval")["bits_per_dim"]
+
+
 def training_length(label, out, fd, long_steps):
-    """AR: the checkpoint's samples against those of a run of long_steps steps (trained here once)."""
+    """AR: the checkpoint's samples against those of a run of long_steps steps (trained here once),
+    with each run's training and test bits/dim."""
     longer, _ = run_of(label, long_steps)
-    return {f"{STEPS} steps": fd(samples_of(label, out, fd.n)),
-            f"{long_steps} steps": fd(samples_of(label, longer, fd.n))}
+    (train0, test0), (train1, test1) = bits(label, out), bits(label, longer)
+    x0, x1 = samples_of(label, out, fd.n), samples_of(label, longer, fd.n)
+    return ({f"{STEPS} steps": fd(x0), f"{long_steps} steps": fd(x1)},
+            {"long_run_training_seconds": training_time(longer)[1] or float("nan"), "train_bits_per_dim": train0,
+             "test_bits_per_dim": test0, "long_train_bits_per_dim": train1, "long_test_bits_per_dim": test1,
+             "nearest_train_l1": nearest_training_distance(x0), "long_nearest_train_l1": nearest_training_distance(x1),
+             "test_nearest_train_l1": nearest_training_distance(common.load_dataset("digits", "test").data)})
+
+
+def nearest_training_distance(images):
+    """The mean over images of the L1 distance (in levels, over the 64 pixels) to the nearest of the
+    1497 training images: a sample that copies one scores 0; the test images score the typical
+    distance of a new digit."""
+    train_set = common.load_dataset("digits", "train").data.reshape(-1, 64).float()
+    return torch.cdist(images.reshape(-1, 64).float(), train_set, p=1).min(1).values.mean().item()
 
 
 def chains(label, out, fd):
@@ -216,11 +249,13 @@ def reading(label, r, floor):
     if kind is decoder_against_prior:
         rec, pri = d["reconstructions"], d["prior samples"]
         text = (f"the decoder's reconstructions score {rec:.2f} ({meets(rec)} the target {target:.1f}), its prior "
-                f"samples {pri:.2f}: {pri - rec:.1f} of the distance is the prior's, {rec - floor:.1f} the decoder's")
+                + (f"(after {r['prior_updates']} updates) " if "prior_updates" in r else "")
+                + f"samples {pri:.2f}: {pri - rec:.1f} of the distance is the prior's, {rec - floor:.1f} the decoder's")
         if "z ~ N(m, S) of the posterior means" in d:
             fit = d["z ~ N(m, S) of the posterior means"]
             text += (f"; even a full-covariance Gaussian fitted to the training images' posterior means decodes to "
-                     f"{fit:.2f}, so the aggregate posterior is not Gaussian and N(0, I) puts mass between its clusters")
+                     f"{fit:.2f}, so the aggregate posterior is not Gaussian and N(0, I) puts mass between its "
+                     "clusters")
         return text + ("; the prior limits it" if pri - rec > rec - floor else "; the decoder limits it")
     if kind is temperatures:
         fit, one = d["z ~ N(m, S) of f(train)"], d["T = 1"]
@@ -237,20 +272,34 @@ def reading(label, r, floor):
                 f"{r['test_bits_per_dim']:.2f} bits/dim, {gap:.2f} above its training bound"
                 + (", an overfit map)" if gap > 0.3 else ")"))
     if kind is sampler_steps:
-        det = {k: v for k, v in d.items() if k.endswith("eta = 0")}
-        anc = {k: v for k, v in d.items() if not k.endswith("eta = 0")}
-        (k0, v0), (k1, v1) = next(iter(det.items())), list(det.items())[-1]
-        (ka, va), = list(anc.items())[-1:]
+        own = {k: v for k, v in d.items() if not k.startswith("ddpm")}
+        det = [(k, v) for k, v in own.items() if k.endswith("eta = 0")]
+        (k0, v0), (k1, v1) = det[0], det[-1]
+        ka, va = [(k, v) for k, v in own.items() if not k.endswith("eta = 0")][-1]
+        other = {k.split(": ")[1]: v for k, v in d.items() if k.startswith("ddpm")}
+        same = [(k, v, own[k]) for k, v in other.items() if k in own]
         return (f"deterministic DDIM goes from {v0:.2f} ({k0.split(',')[0]}) to {v1:.2f} ({k1.split(',')[0]}), "
-                f"the stochastic sampler at {ka} scores {va:.2f} ({meets(va)} the target {target:.1f}): "
-                + ("the sampler, not the network, sets the remaining distance" if va <= target or v1 <= target
-                   else "the network, not the number of sampling steps, limits it"))
+                f"the stochastic sampler at {ka} scores {va:.2f} ({meets(va)} the target {target:.1f}); the same "
+                "configuration trained again (ddpm.py's run) scores "
+                + ", ".join(f"{v:.2f} at {k}" for k, v, _ in same)
+                + (" under the same sampler, within the target: the miss is this training run's network, within the "
+                   "spread between two runs" if min(v for _, v, _ in same) <= target else
+                   " under the same sampler, also above the target: the deterministic sampler on a network of this "
+                   "budget stops near " + f"{min(v for _, v, _ in same):.1f}"))
     if kind is training_length:
         (k0, v0), (k1, v1) = d.items()
-        return (f"{k0} {v0:.2f}, {k1} {v1:.2f}: the longer run "
-                + (f"lowers it by {v0 - v1:.1f}" if v1 < v0 else f"raises it by {v1 - v0:.1f}")
-                + (f", within the target {target:.1f}: the training budget limits it" if v1 <= target else
-                   f", still above the target {target:.1f}"))
+        return (f"{k0} {v0:.2f}, {k1} {v1:.2f} (trained in {r['long_run_training_seconds'] / 60:.1f} min): the "
+                "longer run " + (f"lowers it by {v0 - v1:.1f}" if v1 < v0 else f"raises it by {v1 - v0:.1f}")
+                + (f", within the target {target:.1f}" if v1 <= target else f", still above the target {target:.1f}")
+                + f"; meanwhile its training loss falls from {r['train_bits_per_dim']:.2f} to "
+                f"{r['long_train_bits_per_dim']:.2f} bits/dim and its test NLL rises from {r['test_bits_per_dim']:.2f} "
+                f"to {r['long_test_bits_per_dim']:.2f}, yet its samples are no copies (mean L1 distance to the nearest "
+                f"training image {r['nearest_train_l1']:.0f} then {r['long_nearest_train_l1']:.0f} levels, test "
+                f"images' {r['test_nearest_train_l1']:.0f})"
+                + (": the samples are limited by the training length, which the test likelihood pays for"
+                   if v1 < v0 else ": more steps do not help"))
+
+
     (k0, v0), (k1, v1), (k2, v2) = d.items()
     return (f"the samples are the replay buffer's, not the energy's: chains from uniform noise score {v2:.2f} "
             f"after {k2.split('+ ')[1]}, and continuing the buffer's chains moves them away from the digits "
@@ -276,7 +325,7 @@ def main():
         d = kind(label, out, fd, args.long_steps) if kind is training_length else kind(label, out, fd)
         d, extra = d if isinstance(d, tuple) else (d, {})
         rows[label] = {"fd": {k: round(v, 2) for k, v in d.items()}, **{k: round(v, 4) for k, v in extra.items()},
-                       "floor": round(fd.floor, 2),
+                       "floor": round(fd.floor, 2), "n": args.n,
                        "table": round(fd(samples_of(label, out, fd.n)), 2), "run": out.name,
                        "trained_by_current_file": current, "seconds": round(time.perf_counter() - start, 1),
                        "quality_table": table.get(label, {}).get("cells")}
@@ -292,8 +341,10 @@ def main():
         cells = r["quality_table"]
         other = (f" (the table's {cells[0]} is another run: {cells[1] if len(cells) > 1 else '2000 steps'})"
                  if cells and abs(float(cells[0]) - r["table"]) > 0.005 else "")
-        lines.append(f"| {shown(label)} | {r['table']:.2f}{other} | {target}x = {target * r['floor']:.1f} | {measured} | "
-                     f"{r['seconds']:.0f} s | {reading(label, r, r['floor'])} |")
+        lines.append(f"| {shown(label)} | {r['table']:.2f}{other} | {target}x = {target * r['floor']:.1f} | "
+                     f"{measured} | {r['seconds']:.0f} s"
+                     + (f" + {r['long_run_training_seconds'] / 60:.1f} min training" if "long_run_training_seconds" in r
+                        else "") + f" | {reading(label, r, r['floor'])} |")
     old = [label for label, r, _ in merged if not r["trained_by_current_file"]]
     md = ("### What limits each Frechet distance\n\n"
           f"For every system above its target (issue 28: at most 4x the floor of {fd.floor:.2f}, diffusion, score and "
@@ -308,7 +359,8 @@ def main():
           "(Kingma & Dhariwal 2018). S, eta: DDIM's steps and noise (Song et al. 2021 Eq. 16) from one shared x_T, "
           "x0_hat clipped as `ddim.py --sample`. Steps: the table's run against one of twice the steps (the "
           "preset's cosine schedule stretched). ebm: replay-buffer chains as stored, continued, and fresh chains "
-          f"from uniform noise. Time: this script's wall time per system. {provenance(merged)}\n\n"
+          "from uniform noise. Time: this script's wall time per system (with the longer run's training, made "
+          f"once). {provenance(merged)}\n\n"
           "| system | table | target | measured | time | reading |\n|---|---|---|---|---|---|\n" + "\n".join(lines))
     write_section("quality-limits", md, RESULTS / "quality.md")
     print(md)
