@@ -52,6 +52,34 @@ def reused_samples(out, n):
     return samples if len(samples) == n else None
 
 
+def reference(n):
+    """(classifier, its test accuracy, features of the 300 test images, `n` training images drawn
+    with seed 0, the floor: the Frechet distance of their features to the test features)."""
+    net, accuracy = load_classifier()
+    train_set, test = common.load_dataset("digits", "train"), common.load_dataset("digits", "test")
+    test_features = features(net, test.data, 17)
+    g = torch.Generator().manual_seed(0)
+    real = train_set.data[torch.randperm(len(train_set.data), generator=g)[:n]]
+    return net, accuracy, test_features, real, frechet_distance(features(net, real, 17), test_features)
+
+
+def samples_of(label, out, n):
+    """`n` samples (N, 1, 8, 8) of the checkpoint in `out` through its model file's `--sample`
+    (reused when an earlier run drew them after the checkpoint)."""
+    samples = reused_samples(out, n)
+    if samples is None:
+        run(model_of(label), ["--sample", out / "ckpt.pt", "--n-samples", n, "--out", out], out / "log.txt")
+        samples = torch.load(out / "samples.pt", weights_only=True)
+    return samples.reshape(-1, 1, 8, 8)
+
+
+def marked_sections(page):
+    """The `<!-- name:start -->` ... `<!-- name:end -->` blocks of a results page: other scripts'
+    sections (quality_limits.py's), which redrawing the table keeps."""
+    text = page.read_text() if page.exists() else ""
+    return [m.group(0) for m in re.finditer(r"<!-- ([\w-]+):start -->.*?<!-- \1:end -->", text, flags=re.S)]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=None, help="the same steps for every model (default: each file's own)")
@@ -60,12 +88,7 @@ def main():
                         "stored rows (with no label: redraw the table from the stored rows)")
     p.add_argument("--fresh", action="store_true")
     args = p.parse_args()
-    net, accuracy = load_classifier()
-    train_set, test = common.load_dataset("digits", "train"), common.load_dataset("digits", "test")
-    test_features = features(net, test.data, 17)
-    g = torch.Generator().manual_seed(0)
-    real = train_set.data[torch.randperm(len(train_set.data), generator=g)[: args.n]]
-    floor = frechet_distance(features(net, real, 17), test_features)
+    net, accuracy, test_features, _, floor = reference(args.n)
     rows = {}
     for m in present_systems() if args.models is None else args.models:
         print(f"{m} ...", flush=True)
@@ -73,11 +96,7 @@ def main():
             out = train(m, "digits", args.steps, ["--batch-size", 64], args.fresh)
         except Unsupported:
             continue
-        samples = reused_samples(out, args.n)
-        if samples is None:
-            run(model_of(m), ["--sample", out / "ckpt.pt", "--n-samples", args.n, "--out", out], out / "log.txt")
-            samples = torch.load(out / "samples.pt", weights_only=True)
-        samples = samples.reshape(-1, 1, 8, 8)
+        samples = samples_of(m, out, args.n)
         gallery = RESULTS / "gallery" / f"{re.sub(r'[^A-Za-z0-9_.]+', '-', m)}.png"
         gallery.parent.mkdir(parents=True, exist_ok=True)
         common.save_image_grid(samples[:36].float() / 16 if not samples.is_floating_point() else samples[:36],
@@ -95,7 +114,10 @@ def main():
           f"on the test split. {provenance(merged)}\n\n| samples from | Frechet distance | training |\n|---|---|---|\n"
           f"| training images (floor) | {floor:.2f} | |\n"
           + "\n".join(f"| {shown(m)} | {c[0]} | {c[1] if len(c) > 1 else '2000 steps'} |" for m, c, _ in merged))
+    kept = marked_sections(RESULTS / "quality.md")
     write_section("quality", md)
+    if kept:
+        (RESULTS / "quality.md").write_text(md + "\n\n" + "\n\n".join(kept) + "\n")
     print(md)
 
 
