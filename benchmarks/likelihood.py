@@ -32,7 +32,22 @@ BATCH = {"digits": 64, **{d: 256 for d in POINTS}}
 # is an upper bound on -log p(x) instead (their gaps are explained in their results pages)
 TARGET = {"8gaussians": 0.05, "checkerboard": 0.05, "rings": 0.10}
 BOUNDS = ("vae", "vqvae", "ddpm")
-WHY = ""  # the reading of the unmet cells, filled in below the table
+WHY = (  # the reading of the gaps; the measurements behind it are in the results pages it links
+    "Each density evaluator is exact for an exact model (oracle tests: a Gaussian mixture's exact score, "
+    "velocity or energy reproduces its log-density), so the gaps are the trained models'. A flow is a smooth "
+    "bijection of a Gaussian: it thins the gaps between the rings and between the checkerboard's cells but "
+    "cannot empty them, and what it leaves there falls with capacity and steps ([realnvp](benchmarks/results/"
+    "realnvp.md); FFJORD trained 2.5x its preset's steps comes within reach of the rings' target, "
+    "[ffjord](benchmarks/results/ffjord.md)). score_sde.py's gap is its learned score's error: it fell with "
+    "the steps and with the likelihood weighting (measured in the comment on score_sde.py's rings preset). "
+    "ebm.py's Langevin chains do "
+    "not carry mass between modes while it trains, so the modes' masses stay uneven "
+    "([ebm](benchmarks/results/ebm.md)). The bounds: vae.py's gap is its model's misfit, a decoder noise wider "
+    "than the modes, not the bound's looseness ([vae](benchmarks/results/vae.md)); vqvae.py's is mostly the "
+    "bound's, which counts only the encoder's code of a mixture over the codes "
+    "([vqvae](benchmarks/results/vqvae.md)); ddpm.py's is the low-noise steps that must resolve sharp edges "
+    "and thin rings ([ddpm](benchmarks/results/ddpm.md), by term)."
+)
 
 
 def gaps(merged, entropy):
