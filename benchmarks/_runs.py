@@ -168,11 +168,14 @@ def provenance(rows):
 def write_section(name, markdown, page=None):
     """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` in `page` (README.md,
     or a model's benchmarks/results/<model>.md), adding the pair at its end the first time (in the
-    README, before `<!-- results-end -->`). README sections are also saved as results/<name>.md."""
+    README, before `<!-- results-end -->`). README sections are also saved as results/<name>.md, after
+    which the marked sections other scripts wrote into that page are kept."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     page = Path(page) if page else ROOT / "README.md"
     if page.name == "README.md":
-        (RESULTS / f"{name}.md").write_text(markdown + "\n")
+        copy = RESULTS / f"{name}.md"
+        kept = re.finditer(r"<!-- ([\w-]+):start -->.*?<!-- \1:end -->", copy.read_text() if copy.exists() else "", re.S)
+        copy.write_text("\n\n".join([markdown, *(m.group(0) for m in kept)]) + "\n")
     text = page.read_text() if page.exists() else f"# {page.stem}.py: measured results\n"
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{markdown}\n{end}"

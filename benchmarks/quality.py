@@ -73,13 +73,6 @@ def samples_of(label, out, n):
     return samples.reshape(-1, 1, 8, 8)
 
 
-def marked_sections(page):
-    """The `<!-- name:start -->` ... `<!-- name:end -->` blocks of a results page: other scripts'
-    sections (quality_limits.py's), which redrawing the table keeps."""
-    text = page.read_text() if page.exists() else ""
-    return [m.group(0) for m in re.finditer(r"<!-- ([\w-]+):start -->.*?<!-- \1:end -->", text, flags=re.S)]
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=None, help="the same steps for every model (default: each file's own)")
@@ -114,10 +107,7 @@ def main():
           f"on the test split. {provenance(merged)}\n\n| samples from | Frechet distance | training |\n|---|---|---|\n"
           f"| training images (floor) | {floor:.2f} | |\n"
           + "\n".join(f"| {shown(m)} | {c[0]} | {c[1] if len(c) > 1 else '2000 steps'} |" for m, c, _ in merged))
-    kept = marked_sections(RESULTS / "quality.md")
     write_section("quality", md)
-    if kept:
-        (RESULTS / "quality.md").write_text(md + "\n\n" + "\n\n".join(kept) + "\n")
     print(md)
 
 
