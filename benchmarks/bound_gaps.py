@@ -345,7 +345,7 @@ def ddpm_section(results, ideal, entropy, check, cmd):
     reading = (
         f"Reading (one run each): of the gaps {fmt(lambda d: f'{gap[d]:.2f}')} nats, the first reverse step "
         f"L_{T - 1} alone holds {fmt(lambda d: f'{first[d]:.2f}')}: with beta_T clipped at {last['beta']:g} "
-        f"(Nichol & Dhariwal Sec. 3.2) its mean is mu~ - c (eps_theta - eps) with c = {last['c']:.1f}, so an error "
+        f"(`--max-beta`; Nichol & Dhariwal Sec. 3.2 clip at 0.999) its mean is mu~ - c (eps_theta - eps) with c = {last['c']:.1f}, so an error "
         f"of eps_theta's of {fmt(lambda d: '%.1e' % results[d]['last']['eps_err'][0])} in square costs "
         f"{fmt(lambda d: '%.2f' % results[d]['last']['mean_part'][0])} nats, and the true eps there is all but "
         f"x_T itself (with it the bound is {fmt(lambda d: '%.3f' % results[d]['last']['oracle'][0])}); the rest is "
