@@ -72,25 +72,25 @@ def linear_beta_schedule(T, beta_start=1e-4, beta_end=0.02):
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64, device="cpu")
 
 
-def cosine_beta_schedule(T, s=0.008):
+def cosine_beta_schedule(T, s=0.008, max_beta=0.999):
     """beta_t = 1 - alpha_bar(t) / alpha_bar(t - 1), (T,) float64, with alpha_bar(t) = f(t) / f(0),
-    f(t) = cos((t/T + s)/(1 + s) * pi/2)^2 (Nichol & Dhariwal Eq. 17), clipped at 0.999 (their Sec. 3.2)."""
+    f(t) = cos((t/T + s)/(1 + s) * pi/2)^2 (Nichol & Dhariwal Eq. 17), clipped at max_beta (0.999 in their Sec. 3.2)."""
     steps = torch.arange(T + 1, dtype=torch.float64, device="cpu")
     f = torch.cos((steps / T + s) / (1 + s) * math.pi / 2) ** 2
     alpha_bar = f / f[0]
-    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
 
 
-def make_betas(schedule, T):
-    """The betas of ddpm.py for T steps: "linear" (scaled by 1000 / T, clipped at 0.999 for
-    T < 20) or "cosine". Returns (T,) float64."""
+def make_betas(schedule, T, max_beta=0.999):
+    """The betas of ddpm.py for T steps, every beta_t at most max_beta: "linear" (scaled by 1000 / T;
+    it reaches 0.999 only for T < 20) or "cosine". Returns (T,) float64."""
     if T < 1:
         raise ValueError(f"T = {T} diffusion steps; accepted: T >= 1")
     if schedule == "cosine":
-        return cosine_beta_schedule(T)
+        return cosine_beta_schedule(T, max_beta=max_beta)
     if schedule != "linear":
         raise ValueError(f"unknown schedule {schedule!r}; accepted: linear, cosine")
-    return linear_beta_schedule(T, 1e-4 * 1000 / T, 0.02 * 1000 / T).clamp(max=0.999)
+    return linear_beta_schedule(T, 1e-4 * 1000 / T, 0.02 * 1000 / T).clamp(max=max_beta)
 
 
 def make_alphas_cumprod(betas):
@@ -609,6 +609,7 @@ class Config(RunConfig):
     timesteps: int = flag(1000, "number of diffusion steps T the network is trained on")
     schedule: str = flag("linear", "beta schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)",
                          choices=("linear", "cosine"))
+    max_beta: float = flag(0.999, "the largest beta_t: the schedule is clipped there (Nichol & Dhariwal: 0.999)")
     # network (as ddpm.py)
     ch: int = flag(32, "U-Net base channels")
     ch_mult: tuple = flag((1, 2), "U-Net channel multiplier per resolution")
@@ -685,6 +686,7 @@ def check_config(cfg):
     for name in ("p_uncond", "dropout", "ema_decay"):
         check_range(cfg, name, 0, 1, open_high=True)
     check_range(cfg, "eta", 0, 1)
+    check_range(cfg, "max_beta", 0, 1, open_low=True, open_high=True)
     check_range(cfg, "sample_steps", 0, None if cfg.sample or cfg.eval else cfg.timesteps)
     if not cfg.ch_mult or min(cfg.ch_mult) < 1:
         raise UserError(f"--ch-mult {','.join(map(str, cfg.ch_mult))} is out of range; accepted: positive "
@@ -888,7 +890,7 @@ def build(cfg, info):
         if wanted and not info.num_classes:
             raise UserError(f"{flag_name} needs labelled images (digits, mnist, fashion-mnist, cifar10); "
                             f"{info.name} has no labels")
-    alphas_cumprod = make_alphas_cumprod(make_betas(cfg.schedule, cfg.timesteps))
+    alphas_cumprod = make_alphas_cumprod(make_betas(cfg.schedule, cfg.timesteps, cfg.max_beta))
     if info.kind == "points":
         return PointMLP(info.shape[0], cfg.hidden), alphas_cumprod
     c, h, w = info.shape
@@ -1043,8 +1045,9 @@ def draw_samples(cfg):
                             f"{info.name}; train a classifier on {info.name}")
         if not torch.equal(classifier_alphas, alphas_cumprod):
             raise UserError(f"--classifier {cfg.classifier} was trained with --timesteps {classifier_cfg.timesteps} "
-                            f"--schedule {classifier_cfg.schedule}, the network with --timesteps {saved.timesteps} "
-                            f"--schedule {saved.schedule}; train the classifier with the network's")
+                            f"--schedule {classifier_cfg.schedule} --max-beta {classifier_cfg.max_beta}, the network "
+                            f"with --timesteps {saved.timesteps} --schedule {saved.schedule} --max-beta "
+                            f"{saved.max_beta}; train the classifier with the network's")
         classifier.requires_grad_(False)  # guidance differentiates with respect to x_t only
     out = output_dir(cfg, cfg.sample)
     steps, skip = cfg.sample_steps or T, cfg.skip or saved.skip or paper_skip(info)

@@ -139,8 +139,9 @@ def ddpm():
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("T", [1, 5, 19, 20, 200, 1000])
-def test_schedules_equal_ddpm_py(ddpm, schedule, T):
-    assert torch.equal(ddim.make_betas(schedule, T), ddpm.make_betas(schedule, T))
+@pytest.mark.parametrize("max_beta", [0.999, 0.99])
+def test_schedules_equal_ddpm_py(ddpm, schedule, T, max_beta):
+    assert torch.equal(ddim.make_betas(schedule, T, max_beta), ddpm.make_betas(schedule, T, max_beta))
 
 
 def test_schedule_formulas_and_timestep_convention():
