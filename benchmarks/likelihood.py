@@ -37,7 +37,7 @@ WHY = (  # the reading of the gaps; the measurements behind it are in the result
     "velocity or energy reproduces its log-density), so the gaps are the trained models'. A flow is a smooth "
     "bijection of a Gaussian: it thins the gaps between the rings and between the checkerboard's cells but "
     "cannot empty them, and what it leaves there falls with capacity and steps ([realnvp](benchmarks/results/"
-    "realnvp.md); FFJORD trained 2.5x its preset's steps comes within reach of the rings' target, "
+    "realnvp.md); FFJORD trained longer than its preset comes within reach of the rings' target, "
     "[ffjord](benchmarks/results/ffjord.md)). score_sde.py's gap is its learned score's error: it fell with "
     "the steps and with the likelihood weighting (measured in the comment on score_sde.py's rings preset). "
     "ebm.py's Langevin chains do "
